@@ -1,0 +1,14 @@
+"""Gemma 3 12b text (48 layers, D=3840). gemma3-train --config=configs/12b.py --workdir=gs://B/run"""
+
+from configs import base
+from gemma3_train import config as config_lib
+
+
+def get_config():
+  c = base.get_config()
+  c.model.preset = '12b'
+  c.model.update(config_lib.PRESETS['12b'])
+  c.model.remat_policy = 'full'
+  c.data.seq_len = 8192
+  c.train.global_batch_size = 32
+  return c

@@ -1,0 +1,14 @@
+"""Gemma 3 1b (26 layers, D=1152). gemma3-train --config=configs/1b.py --workdir=gs://B/run"""
+
+from configs import base
+from gemma3_train import config as config_lib
+
+
+def get_config():
+  c = base.get_config()
+  c.model.preset = '1b'
+  c.model.update(config_lib.PRESETS['1b'])
+  c.model.remat_policy = 'minimal'
+  c.data.seq_len = 4096
+  c.train.global_batch_size = 16
+  return c

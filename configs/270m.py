@@ -1,0 +1,13 @@
+"""Gemma 3 270m (18 layers, D=640). gemma3-train --config=configs/270m.py --workdir=gs://B/run"""
+
+from configs import base
+from gemma3_train import config as config_lib
+
+
+def get_config():
+  c = base.get_config()
+  c.model.preset = '270m'
+  c.model.update(config_lib.PRESETS['270m'])
+  c.data.seq_len = 4096
+  c.train.global_batch_size = 16
+  return c

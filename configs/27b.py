@@ -1,0 +1,19 @@
+"""Gemma 3 27b text (62 layers, D=5376). gemma3-train --config=configs/27b.py --workdir=gs://B/run
+
+Sized for a v5p-128 slice (64 chips): sequence 8192, one row per chip, FSDP over every chip.
+"""
+
+from configs import base
+from gemma3_train import config as config_lib
+
+
+def get_config():
+  c = base.get_config()
+  c.model.preset = '27b'
+  c.model.update(config_lib.PRESETS['27b'])
+  c.model.remat_policy = 'full'
+  c.model.param_dtype = 'float32'
+  c.model.dtype = 'bfloat16'
+  c.data.seq_len = 8192
+  c.train.global_batch_size = 64
+  return c

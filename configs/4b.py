@@ -1,0 +1,14 @@
+"""Gemma 3 4b text (34 layers, D=2560). gemma3-train --config=configs/4b.py --workdir=gs://B/run"""
+
+from configs import base
+from gemma3_train import config as config_lib
+
+
+def get_config():
+  c = base.get_config()
+  c.model.preset = '4b'
+  c.model.update(config_lib.PRESETS['4b'])
+  c.model.remat_policy = 'minimal'
+  c.data.seq_len = 4096
+  c.train.global_batch_size = 32
+  return c

@@ -1,0 +1,28 @@
+"""A few-million-parameter Gemma-3-shaped model that trains on CPU in minutes.
+
+gemma3-train --config=configs/tiny.py --workdir=/tmp/run
+
+Real Gemma 3 vocabulary and tokenizer (so the bundled text trains as is), 8 layers: one scanned
+block of six (five local, one global) plus a two-layer tail, GQA 4:1, window 32 < seq_len.
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model.preset = 'tiny'
+  c.model.update(num_layers=8, embed_dim=64, mlp_dim=256, num_heads=4, num_kv_heads=1,
+                 head_dim=16, query_pre_attn_scalar=16.0, sliding_window=32)
+  c.data.seq_len = 128
+  c.train.global_batch_size = 8
+  c.train.num_steps = 300
+  c.train.eval_every = 100
+  c.train.eval_steps = 4
+  c.train.loss_chunk_size = 256
+  c.optim.lr = 3e-3
+  c.optim.warmup_steps = 20
+  c.optim.b2 = 0.99
+  c.checkpoint.every = 100
+  c.logging.log_every = 10
+  return c

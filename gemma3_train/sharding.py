@@ -1,0 +1,148 @@
+"""Device mesh, logical axis names and the one rules table that maps them to mesh axes.
+
+The model names every parameter axis (`nnx.Param(..., logical_axes=('vocab', 'embed'))`) and
+constrains key activations with `constrain(x, ('act_batch', 'act_len', 'act_embed'))`. This
+module alone decides which mesh axes those names land on, so a new parallelism layout is a
+change of the table (or of `--config.mesh.rules`), never of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gemma3_train import config as config_lib
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both (FSDP = ZeRO-3 DP)
+
+# logical name -> mesh axes. FSDP shards every weight's embed dimension over all chips;
+# tensor parallelism (mesh.tensor > 1) splits heads and the MLP hidden dimension.
+DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+    'layers': (),
+    'vocab': ('tensor',),
+    'embed': ('fsdp',),
+    'mlp': ('tensor',),
+    'heads': ('tensor',),
+    'kv_heads': ('tensor',),
+    'head_dim': (),
+    'norm': (),
+    'act_batch': BATCH_AXES,
+    'act_len': (),
+    'act_embed': (),
+    'act_heads': ('tensor',),
+    'act_kv_heads': ('tensor',),
+    'act_mlp': ('tensor',),
+    'act_vocab': ('tensor',),
+}
+
+
+def parse_rules(overrides: str) -> dict[str, tuple[str, ...]]:
+  """DEFAULT_RULES updated by 'name=axis[+axis],...' (an empty axis means replicated)."""
+  rules = dict(DEFAULT_RULES)
+  for item in filter(None, overrides.split(',')):
+    name, axes = item.split('=')
+    if name not in rules:
+      raise config_lib.ConfigError(f'mesh.rules: unknown logical axis {name!r}; expected one '
+                                   f'of {", ".join(rules)}')
+    bad = [a for a in axes.split('+') if a and a not in MESH_AXES]
+    if bad:
+      raise config_lib.ConfigError(f'mesh.rules: {name}={axes}: unknown mesh axis {bad[0]!r}; '
+                                   f'expected {" | ".join(MESH_AXES)}')
+    rules[name] = tuple(a for a in axes.split('+') if a)
+  return rules
+
+
+def make_mesh(c: config_lib.Config, devices: Sequence[Any] | None = None) -> Mesh:
+  """Mesh ('data', 'fsdp', 'tensor') over all devices; DCN degrees multiply in across slices."""
+  devices = list(jax.devices() if devices is None else devices)
+  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  shape = config_lib.mesh_shape(c, len(devices), num_slices)
+  ici = (shape['data'], shape['fsdp'], shape['tensor'])
+  dcn = (shape['dcn_data'], shape['dcn_fsdp'], shape['dcn_tensor'])
+  if num_slices > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  else:
+    try:
+      grid = mesh_utils.create_device_mesh(ici, devices)
+    except (ValueError, NotImplementedError, AssertionError):
+      # Topology-aware placement is not known for every device kind (e.g. CPU); order is fine.
+      grid = np.asarray(devices).reshape(ici)
+  return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(names: Sequence[str | None] | None,
+                    rules: dict[str, tuple[str, ...]],
+                    shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> P:
+  """PartitionSpec for logical axis names. A mesh axis is used once, on the first name wanting
+  it, and only where it divides the dimension (so a 1-kv-head model stays unsplit on tensor)."""
+  if names is None:
+    return P()
+  used: set[str] = set()
+  out = []
+  for i, name in enumerate(names):
+    axes = [a for a in (rules.get(name, ()) if name else ()) if a not in used]
+    if mesh is not None:
+      axes = [a for a in axes if mesh.shape[a] > 1]
+      if shape is not None:
+        size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if shape[i] % size:
+          axes = []
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return P(*out)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> Any:
+  """NamedShardings for a pytree of nnx Variables / arrays carrying `logical_axes` metadata.
+
+  Optimizer moments inherit the metadata of the parameter they track (nnx.Optimizer copies it),
+  so the same table places them. Leaves without names are replicated.
+  """
+  def one(leaf):
+    if isinstance(leaf, nnx.Variable):
+      names = leaf.get_metadata().get('logical_axes')
+      value = leaf.get_value() if hasattr(leaf, 'get_value') else leaf.value
+      spec = logical_to_spec(names, rules, getattr(value, 'shape', None), mesh)
+      return leaf.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# --- activation constraints ---------------------------------------------------
+
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
+    'gemma3_sharding', default=None)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: dict[str, tuple[str, ...]]):
+  """Activates `constrain` while tracing model code (no-op outside this context)."""
+  token = _CONTEXT.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names, when a mesh is active; identity otherwise."""
+  context = _CONTEXT.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  spec = logical_to_spec(names, rules, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of [B, L] input arrays: rows over the data-parallel axes."""
+  return NamedSharding(mesh, P(BATCH_AXES))
