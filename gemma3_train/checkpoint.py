@@ -1,0 +1,160 @@
+"""One orbax CheckpointManager under WORKDIR/checkpoints, and the restore order.
+
+Restore order (train.py calls `restore_or_init`):
+  (1) the newest complete checkpoint in this workdir: train state, data iterator, step.
+      A checkpoint whose write was interrupted is never listed (orbax writes to a temporary
+      directory and renames it when complete). One that fails to read is skipped with a
+      warning naming it, and the previous one is tried; nothing is deleted.
+  (2) `checkpoint.init_from`: params only, from one of our checkpoints, a Hugging Face
+      directory or a Kaggle/Flax checkpoint, placed straight into the current mesh's shardings;
+      the optimizer starts fresh.
+  (3) random init, born sharded.
+Every restore reads straight into the sharded abstract state, so no host ever holds the whole
+model, and a different mesh (8 devices -> 4) reshards on read.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from gemma3_train import config as config_lib
+
+_MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_heads',
+                       'num_kv_heads', 'head_dim')
+
+
+class Checkpointer:
+  """Saves {state, data iterator, config} every N steps; restores per the order above."""
+
+  def __init__(self, workdir: str, c: config_lib.Config):
+    self.config = c
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    k = c.checkpoint
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=k.keep, keep_period=k.keep_period or None,
+        enable_async_checkpointing=k.async_save, create=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler(),
+                       'config': ocp.JsonCheckpointHandler()})
+    self._preempted = threading.Event()
+
+  # --- preemption --------------------------------------------------------------
+
+  def install_signal_handlers(self) -> None:
+    """SIGTERM (what GKE and TPU VMs send) asks for a save at the next step boundary."""
+    def on_sigterm(signum, frame):
+      del frame
+      logging.warning('Received signal %d: will checkpoint at the next step and exit.', signum)
+      self._preempted.set()
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, on_sigterm)
+
+  def should_stop(self, step: int) -> bool:
+    """True on every process once any process saw SIGTERM or orbax's preemption notice."""
+    flag = self._preempted.is_set()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+    return flag or self.manager.reached_preemption(step)
+
+  # --- save --------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> bool:
+    items = {'state': ocp.args.StandardSave(state),
+             'config': ocp.args.JsonSave(json.loads(self.config.to_json()))}
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info('Checkpoint for step %d %s to %s', step,
+                   'being written' if self.config.checkpoint.async_save else 'written',
+                   self.directory)
+    return saved
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  # --- restore -----------------------------------------------------------------
+
+  def _check_compatible(self, step: int) -> None:
+    """A checkpoint of another model shape is a config mistake, never a reason to reinit."""
+    path = self.directory / str(step) / 'config'
+    files = list(path.glob('*')) if path.exists() else []
+    if not files:
+      return
+    saved = json.loads(files[0].read_text()).get('model', {})
+    for k in _MODEL_SHAPE_FIELDS:
+      ours = getattr(self.config.model, k)
+      if k in saved and saved[k] != ours:
+        raise config_lib.ConfigError(
+            f'model.{k}={ours}: expected {saved[k]} to resume the checkpoint at '
+            f'{self.directory / str(step)} (use a new --workdir for a different model)')
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[Any, int] | None:
+    """(state, step) from the newest readable checkpoint, or None when there is none."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      self._check_compatible(step)
+      items = {'state': ocp.args.StandardRestore(abstract_state)}
+      has_data = (self.directory / str(step) / 'data').exists()
+      if data_iter is not None and has_data:
+        items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Checkpoint %s is unreadable (%s: %s); trying the previous one.',
+                        self.directory / str(step), type(e).__name__, str(e)[:200])
+        continue
+      if data_iter is not None and not has_data:
+        logging.warning('Checkpoint %d has no data iterator state; data restarts.', step)
+      logging.info('Resumed from %s', self.directory / str(step))
+      return restored['state'], step
+    if steps:
+      raise RuntimeError(f'{self.directory}: no readable checkpoint among steps {steps}; '
+                         'refusing to start over in a workdir that has checkpoints')
+    return None
+
+
+def _place(abstract: Any, value: np.ndarray, name: str) -> jax.Array:
+  """Puts one host array into its sharding (each device takes only its slice)."""
+  if tuple(value.shape) != tuple(abstract.shape):
+    raise config_lib.ConfigError(f'checkpoint.init_from: {name} has shape {value.shape}, '
+                                 f'the model expects {abstract.shape}')
+  value = np.asarray(value).astype(abstract.dtype)
+  return jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda idx: value[idx])
+
+
+def load_init_params(path: str, c: config_lib.Config, abstract_params: Any) -> Any:
+  """Params-only init from our checkpoint, a HF directory or a Kaggle checkpoint (order (2))."""
+  from gemma3_train import convert  # pylint: disable=g-import-not-at-top
+  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg, top, layers = convert.load_canonical(path)
+  for k in _MODEL_SHAPE_FIELDS:
+    if getattr(cfg, k) != getattr(c.model, k):
+      raise config_lib.ConfigError(
+          f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has {getattr(cfg, k)}')
+  host_state = model_lib.canonical_to_state(c.model, top, layers)
+  flat_host = dict(nnx.to_flat_state(host_state))
+  out = []
+  for key, abstract in nnx.to_flat_state(abstract_params):
+    value = flat_host[key]
+    value = value.get_value() if isinstance(value, nnx.Variable) else value
+    out.append((key, abstract.replace(_place(abstract.get_value(), value, '/'.join(map(str, key))))))
+  return nnx.from_flat_state(out)

@@ -1,0 +1,307 @@
+"""Train state, the jitted train/eval steps and the loop: `train_and_evaluate(config, workdir)`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gemma3_train import config as config_lib
+from gemma3_train import loss as loss_lib
+from gemma3_train import model as model_lib
+from gemma3_train import optimizer as optimizer_lib
+from gemma3_train import sharding
+
+BATCH_KEYS = {'inputs': jnp.int32, 'targets': jnp.int32, 'positions': jnp.int32,
+              'segment_ids': jnp.int32, 'weights': jnp.float32}
+
+# A train state is a plain dict pytree: {'step': int32[], 'params': nnx.State of Params,
+# 'opt_state': optax state}. Params keep their nnx.Variable wrappers so that the logical axis
+# metadata travels with them (and with the Adam moments optax builds from them).
+State = dict[str, Any]
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """jax.distributed for multi-process runs: explicit flags, else auto-detect on TPU/GKE."""
+  if coordinator:
+    if jax.default_backend() == 'cpu' or 'cpu' in str(jax.config.jax_platforms or ''):
+      # Cross-process collectives on CPU go through gloo (DESIGN.md, multi-host).
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif _on_cloud_tpu():
+    jax.distributed.initialize()
+
+
+def _on_cloud_tpu() -> bool:
+  import os  # pylint: disable=g-import-not-at-top
+  return bool(os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
+
+
+# --- setup: abstract state, shardings, jitted steps ---------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  config: config_lib.Config
+  mesh: Mesh
+  rules: dict[str, tuple[str, ...]]
+  graphdef: Any
+  abstract_state: State  # ShapeDtypeStructs with shardings; nothing allocated
+  state_shardings: State
+  batch_sharding: dict[str, NamedSharding]
+  schedule: optax.Schedule
+  init_state: Callable[[], State]  # jitted, born sharded
+  train_step: Callable[[State, dict], tuple[State, dict]]  # jitted, state donated
+  eval_step: Callable[[State, dict], dict]
+  state: State | None = None
+
+
+def _new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
+  model = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
+  params = nnx.state(model, nnx.Param)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+
+def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config) -> tuple[jax.Array, dict]:
+  """Summed (not averaged) loss over the batch's weighted targets, and its parts."""
+  model = nnx.merge(graphdef, params)
+  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
+  sums = loss_lib.chunked_cross_entropy(
+      x_BLD, model.embedder.embedding.value, batch['targets'], batch['weights'],
+      chunk_size=c.train.loss_chunk_size, z_loss=c.train.z_loss)
+  total = sums['loss_sum'] + c.train.z_loss * sums['z_loss_sum']
+  return total, sums
+
+
+def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_lib.Config,
+                mesh: Mesh, rules) -> tuple[State, dict]:
+  """One optimizer step over the global batch, accumulated over microbatches by a scan."""
+  with sharding.use_mesh(mesh, rules):
+    grad_fn = jax.grad(_loss_sums, has_aux=True)
+    params = state['params']
+    A = c.optim.grad_accum_steps
+    if A == 1:
+      grads, sums = grad_fn(params, graphdef, batch, c)
+    else:
+      # Strided microbatches (row j*A + a goes to microbatch a) keep every device's rows local.
+      def split(x):
+        x = x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, 'act_batch', 'act_len'))
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, mb):
+        g, s = grad_fn(params, graphdef, mb, c)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      zero_sums = jax.eval_shape(lambda: grad_fn(params, graphdef, jax.tree.map(
+          lambda x: x[0], micro), c)[1])
+      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
+      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
+    weight = jnp.maximum(sums['weight_sum'], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
+                 'opt_state': opt_state}
+    metrics = {'loss': sums['loss_sum'] / weight,
+               'z_loss': sums['z_loss_sum'] / weight,
+               'accuracy': sums['correct_sum'] / weight,
+               'grad_norm': optax.global_norm(grads),
+               'learning_rate': schedule(state['step']),
+               'tokens': sums['weight_sum']}
+  return new_state, metrics
+
+
+def _eval_step(state: State, batch: dict, *, graphdef, c: config_lib.Config, mesh, rules):
+  with sharding.use_mesh(mesh, rules):
+    _, sums = _loss_sums(state['params'], graphdef, batch, c)
+  return sums
+
+
+def abstract_batch(c: config_lib.Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (c.train.global_batch_size, c.data.seq_len)
+  s = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for k, dtype in BATCH_KEYS.items()}
+
+
+def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
+  """Builds the jitted steps and (unless abstract) the initialized, sharded state."""
+  rules = sharding.parse_rules(c.mesh.rules)
+  tx, schedule = optimizer_lib.make_optimizer(c)
+  new_state = functools.partial(_new_state, c, tx)
+  abstract_state = jax.eval_shape(new_state)
+  state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_shardings)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Gemma3(c.model, rngs=nnx.Rngs(0))))
+  batch_sharding = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  replicated = NamedSharding(mesh, P())
+  train_step = jax.jit(
+      functools.partial(_train_step, graphdef=graphdef, tx=tx, schedule=schedule, c=c,
+                        mesh=mesh, rules=rules),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  eval_step = jax.jit(
+      functools.partial(_eval_step, graphdef=graphdef, c=c, mesh=mesh, rules=rules),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
+  init_state = jax.jit(new_state, out_shardings=state_shardings)
+  s = Setup(config=c, mesh=mesh, rules=rules, graphdef=graphdef, abstract_state=abstract_state,
+            state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
+            init_state=init_state, train_step=train_step, eval_step=eval_step)
+  if not abstract:
+    s.state = init_state()
+  return s
+
+
+def model_from_state(s: Setup, state: State) -> nnx.Module:
+  """The live NNX model view of a state's params (for sampling, export, tests)."""
+  return nnx.merge(s.graphdef, state['params'])
+
+
+# --- the loop ----------------------------------------------------------------
+
+
+def _to_host(metrics: dict) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_finite(step: int, m: dict[str, float], workdir: str) -> None:
+  if not (math.isfinite(m['loss']) and math.isfinite(m['grad_norm'])):
+    raise FloatingPointError(
+        f'step {step}: loss={m["loss"]} grad_norm={m["grad_norm"]} is not finite; stopping. '
+        f'The last good checkpoint in {workdir}/checkpoints is intact (lower optim.lr or '
+        f'raise optim.warmup_steps, then rerun to resume from it).')
+
+
+def evaluate(s: Setup, state: State, eval_iter: Iterator[dict], num_batches: int) -> dict:
+  from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
+  totals: dict[str, float] = {}
+  for _ in range(num_batches):
+    try:
+      local = next(eval_iter)
+    except StopIteration:
+      break
+    sums = s.eval_step(state, data_lib.global_batch(local, s.batch_sharding['inputs']))
+    for k, v in _to_host(sums).items():
+      totals[k] = totals.get(k, 0.0) + v
+  weight = max(totals.get('weight_sum', 0.0), 1.0)
+  loss = totals.get('loss_sum', float('nan')) / weight
+  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
+          'accuracy': totals.get('correct_sum', 0.0) / weight, 'tokens': weight}
+
+
+def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
+  """Trains to c.train.num_steps, resuming from workdir; returns the last logged metrics."""
+  from gemma3_train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+
+  # Everything that can reject the config runs before the workdir is touched.
+  mesh = sharding.make_mesh(c)
+  pid, nproc = jax.process_index(), jax.process_count()
+  logging.info('Process %d/%d, %d devices, mesh %s', pid, nproc, jax.device_count(),
+               dict(mesh.shape))
+  train_iter = data_lib.make_train_iterator(c, process_index=pid, process_count=nproc)
+  s = setup(c, mesh, abstract=True)
+
+  ckpt = checkpoint_lib.Checkpointer(workdir, c)
+  restored = ckpt.restore_latest(s.abstract_state, train_iter)
+  if restored is not None:
+    state, start_step = restored
+  elif c.checkpoint.init_from:
+    logging.info('Initializing params from %s', c.checkpoint.init_from)
+    state = s.init_state()
+    state['params'] = checkpoint_lib.load_init_params(
+        c.checkpoint.init_from, c, s.abstract_state['params'])
+    start_step = 0
+  else:
+    state, start_step = s.init_state(), 0
+  ckpt.install_signal_handlers()
+
+  seq_tokens = c.train.global_batch_size * c.data.seq_len
+  flops = metrics_lib.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
+  chip = metrics_lib.chip_for_device(jax.devices()[0])
+  peak = c.logging.peak_tflops or (chip.peak_bf16_tflops if chip else None)
+  writer = metrics_lib.MetricWriter(workdir, total_steps=c.train.num_steps,
+                                    enable_tensorboard=c.logging.tensorboard, is_chief=pid == 0)
+  profile_at = metrics_lib.profile_steps(c.logging.profile_steps)
+  logging.info('Training steps %d..%d: %d tokens/step, %.3g model FLOPs/step', start_step,
+               c.train.num_steps, seq_tokens, flops)
+
+  # Metrics of step N are fetched after step N+1 is dispatched, so the host never stalls
+  # the device; a checkpoint step fetches its own metrics first, so a NaN is never saved.
+  pending: tuple[int, dict] | None = None
+  last: dict[str, float] = {}
+  last_log: tuple[int, float] | None = None  # (step, time) of the previous progress line
+  step = start_step
+
+  def log(at_step: int, host: dict[str, float]) -> None:
+    nonlocal last_log
+    now = time.perf_counter()
+    if last_log is not None:  # the first line's interval includes compilation: no throughput
+      host.update(metrics_lib.throughput((now - last_log[1]) / (at_step - last_log[0]),
+                                         seq_tokens, flops, jax.device_count(), peak))
+    last_log = (at_step, now)
+    writer.write(at_step, host)
+
+  try:
+    while step < c.train.num_steps:
+      if step in profile_at:
+        jax.profiler.start_trace(f'{workdir}/profile')
+      batch = data_lib.global_batch(next(train_iter), s.batch_sharding['inputs'])
+      state, metrics = s.train_step(state, batch)
+      step += 1
+      if step - 1 in profile_at:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      if pending is not None:
+        prev_step, prev = pending
+        host = _to_host(prev)
+        _check_finite(prev_step, host, workdir)
+        if prev_step % c.logging.log_every == 0 or prev_step == start_step + 1:
+          log(prev_step, host)
+          last = host
+      pending = (step, metrics)
+      stop = ckpt.should_stop(step)
+      save_due = stop or step == c.train.num_steps or (
+          c.checkpoint.every and step % c.checkpoint.every == 0)
+      eval_due = c.train.eval_every and step % c.train.eval_every == 0 and c.train.eval_steps
+      if save_due or eval_due:
+        host = _to_host(metrics)
+        _check_finite(step, host, workdir)
+      if eval_due:
+        eval_iter = data_lib.make_eval_iterator(c, process_index=pid, process_count=nproc)
+        result = evaluate(s, state, eval_iter, c.train.eval_steps)
+        writer.write_eval(step, {'eval_loss': result['loss'],
+                                 'eval_perplexity': result['perplexity'],
+                                 'eval_accuracy': result['accuracy']})
+      if save_due:
+        ckpt.save(step, state, train_iter, force=True)
+        if stop and step < c.train.num_steps:
+          ckpt.wait()
+          logging.warning('Preempted: checkpoint at step %d written; exiting 0. Rerun the same '
+                          'command to resume.', step)
+          break
+    if pending is not None:
+      prev_step, prev = pending
+      host = _to_host(prev)
+      _check_finite(prev_step, host, workdir)
+      if prev_step % c.logging.log_every == 0 or prev_step == c.train.num_steps:
+        log(prev_step, host)
+      last = host
+  finally:
+    ckpt.close()
+    writer.close()
+  return last
