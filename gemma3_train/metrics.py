@@ -1,0 +1,341 @@
+"""Model FLOPs, MFU against a per-chip peak, and the metric writers (stdout, JSONL, TensorBoard).
+
+MFU = achieved model FLOP/s per device / the device's peak dense bf16 FLOP/s. "Model FLOPs" are
+the matmul FLOPs the math needs (fwd + bwd = 3 x fwd), never the remat recompute.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import tensorboardX
+from etils import epath
+
+from gemma3_train import config as config_lib
+
+
+# --- chips -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  peak_bf16_tflops: float  # dense (no 2:4 sparsity), per chip
+  hbm_gib: float  # per chip, as the vendor states it
+
+
+# Sources (checked 2026): cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} "Peak compute per chip
+# (bf16)" and HBM capacity (v5e/v5p/v6e pages say GB); NVIDIA H100/H200 SXM datasheets:
+# BF16 Tensor Core 1,979 TFLOPS *with sparsity*, i.e. 989 dense; H100 80 GB, H200 141 GB.
+CHIPS: dict[str, Chip] = {
+    'v4': Chip('TPU v4', 275.0, 32.0),
+    'v5e': Chip('TPU v5e', 197.0, 16.0),
+    'v5p': Chip('TPU v5p', 459.0, 95.0),
+    'v6e': Chip('TPU v6e', 918.0, 32.0),
+    'h100': Chip('NVIDIA H100 SXM', 989.0, 80.0),
+    'h200': Chip('NVIDIA H200 SXM', 989.0, 141.0),
+}
+
+# jax device_kind (lowercased) substrings -> CHIPS key; first match wins, so order matters.
+_KINDS = (
+    ('tpu v4', 'v4'),
+    ('tpu v5 lite', 'v5e'), ('tpu v5e', 'v5e'),
+    ('tpu v5p', 'v5p'), ('tpu v5', 'v5p'),  # a bare 'TPU v5' is the v5p
+    ('tpu v6 lite', 'v6e'), ('tpu v6e', 'v6e'),
+    ('h200', 'h200'),
+    ('h100', 'h100'),
+)
+
+
+def chip_for_device(device: Any) -> Chip | None:
+  """The CHIPS entry for a jax device, or None (CPU, unknown kinds, H100 PCIe/NVL)."""
+  kind = str(getattr(device, 'device_kind', '')).lower()
+  if 'h100' in kind and ('pcie' in kind or 'nvl' in kind):
+    return None  # 756/835 TFLOP/s parts; the SXM peak would understate their MFU
+  for needle, key in _KINDS:
+    if needle in kind:
+      return CHIPS[key]
+  return None
+
+
+# --- FLOPs -------------------------------------------------------------------
+
+
+def _mean_keys(seq_len: int, window: int | None) -> float:
+  """Mean over query positions p in [0, seq_len) of the keys attended: min(W, p + 1)."""
+  if window is None or window >= seq_len:
+    return (seq_len + 1) / 2
+  # p < W: p + 1 keys (sum W(W+1)/2); the remaining seq_len - W queries see W keys each.
+  return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def model_flops_per_token(m: config_lib.ModelConfig, seq_len: int) -> float:
+  """Training matmul FLOPs per token (fwd + bwd = 3 x fwd), averaged over a row of seq_len.
+
+  With D embed, F mlp, N/K q/kv heads, H head_dim, V vocab, and per layer c(p) keys seen by the
+  query at position p (global: p + 1; local: min(W, p + 1)), a token's forward costs
+    per layer: 2D(NH + 2KH) [q, k, v]  + 2NHD [out]  + 3 * 2DF [GeGLU gate, up, down]
+               + 4NH * mean_p c(p)  [scores QK^T and probs @ V]
+    once:      2DV  [tied LM head]
+  and training is 3x that. The embedding gather, norms, RoPE and softmax are not counted.
+  """
+  d, n, k, h = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
+  dense = 2 * d * (n * h + 2 * k * h) + 2 * n * h * d + 3 * 2 * d * m.mlp_dim
+  local_keys = _mean_keys(seq_len, m.sliding_window)
+  global_keys = _mean_keys(seq_len, None)
+  attn = sum(4 * n * h * (global_keys if m.is_global(i) else local_keys)
+             for i in range(m.num_layers))
+  forward = m.num_layers * dense + attn + 2 * d * m.vocab_size
+  return 3 * forward
+
+
+def model_flops_per_step(m: config_lib.ModelConfig, seq_len: int, global_batch: int) -> float:
+  """Training FLOPs of one optimizer step over global_batch rows of seq_len tokens."""
+  return model_flops_per_token(m, seq_len) * seq_len * global_batch
+
+
+# --- peaks and throughput ----------------------------------------------------
+
+
+def measure_cpu_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int = 10) -> float:
+  """TFLOP/s of a jitted n x n jnp.dot on the CPU backend (median of repeats after warm-up)."""
+  cpu = jax.devices('cpu')[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), cpu)
+  b = jax.device_put(jnp.full((n, n), 0.5, dtype), cpu)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()  # compile + warm caches
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def peak_tflops(device: Any, override: float = 0.0) -> float | None:
+  """Per-device peak for MFU: the config override, else the chip table (None when unknown)."""
+  if override > 0:
+    return override
+  chip = chip_for_device(device)
+  return chip.peak_bf16_tflops if chip else None
+
+
+def throughput(step_time_s: float, tokens_per_step: float, flops_per_step: float,
+               num_devices: int, peak_tflops: float | None) -> dict[str, float | None]:
+  """tokens/s, achieved model TFLOP/s per device and MFU (None when the peak is unknown)."""
+  if step_time_s <= 0:
+    raise ValueError(f'step_time_s={step_time_s!r}: expected a positive duration')
+  tflops_per_device = flops_per_step / step_time_s / num_devices / 1e12
+  mfu = tflops_per_device / peak_tflops if peak_tflops else None
+  return dict(tokens_per_sec=tokens_per_step / step_time_s,
+              tflops_per_device=tflops_per_device, mfu=mfu)
+
+
+@dataclasses.dataclass
+class StepTimer:
+  """Turns wall time between logged steps into throughput; the per-run constants live here."""
+  tokens_per_step: float
+  flops_per_step: float
+  num_devices: int
+  peak_tflops: float | None
+  _last: tuple[int, float] | None = None
+
+  def update(self, step: int, now: float | None = None) -> dict[str, float | None]:
+    """Throughput since the previous call (empty on the first), for steps completed by now."""
+    now = time.perf_counter() if now is None else now
+    last, self._last = self._last, (step, now)
+    if last is None or step <= last[0] or now <= last[1]:
+      return {}
+    step_time = (now - last[1]) / (step - last[0])
+    return dict(step_time_s=step_time, **throughput(
+        step_time, self.tokens_per_step, self.flops_per_step, self.num_devices,
+        self.peak_tflops))
+
+
+# --- writers -----------------------------------------------------------------
+
+_REQUIRED = ('step', 'loss', 'grad_norm', 'learning_rate', 'tokens_per_sec',
+             'tflops_per_device', 'mfu')
+
+
+def _scalar(value: Any) -> float | int | None:
+  """A JSON-safe Python scalar: arrays become floats, NaN/Inf become None."""
+  if value is None or isinstance(value, (bool, str)):
+    return value
+  if isinstance(value, int):
+    return value
+  value = float(value)
+  return value if math.isfinite(value) else None
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  m, s = divmod(rest, 60)
+  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
+
+
+def _rate(tokens_per_sec: float) -> str:
+  for scale, suffix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if tokens_per_sec >= scale:
+      return f'{tokens_per_sec / scale:.1f}{suffix}'
+  return f'{tokens_per_sec:.1f}'
+
+
+class MetricWriter:
+  """Writes WORKDIR/metrics.jsonl, TensorBoard scalars and a progress line (chief only)."""
+
+  def __init__(self, workdir: str, *, total_steps: int, enable_tensorboard: bool = True,
+               is_chief: bool = True, ema_window: int = 10):
+    self._total = total_steps
+    self._chief = is_chief
+    self._step_times: collections.deque[float] = collections.deque(maxlen=ema_window)
+    self._last: tuple[int, float] | None = None
+    self._tb = None
+    self._path = epath.Path(workdir) / 'metrics.jsonl'
+    # Object stores cannot append: keep the lines and rewrite the file (it stays small).
+    self._local = not str(workdir).startswith(('gs://', 's3://'))
+    self._lines: list[str] = []
+    if not is_chief:
+      return
+    self._path.parent.mkdir(parents=True, exist_ok=True)
+    if not self._local and self._path.exists():
+      self._lines = self._path.read_text().splitlines()
+    if enable_tensorboard:
+      self._tb = tensorboardX.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+
+  def _append(self, record: dict[str, Any]) -> None:
+    line = json.dumps(record, allow_nan=False)
+    if self._local:
+      with self._path.open('a') as f:
+        f.write(line + '\n')
+    else:
+      self._lines.append(line)
+      self._path.write_text('\n'.join(self._lines) + '\n')
+
+  def _scalars(self, step: int, record: dict[str, Any]) -> None:
+    if self._tb is None:
+      return
+    for key, value in record.items():
+      if key != 'step' and isinstance(value, (int, float)) and not isinstance(value, bool):
+        self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+
+  def _eta(self, step: int) -> float | None:
+    """Seconds left, from a moving average of the wall time per step between write() calls."""
+    now = time.perf_counter()
+    if self._last is not None and step > self._last[0]:
+      self._step_times.append((now - self._last[1]) / (step - self._last[0]))
+    self._last = (step, now)
+    if not self._step_times:
+      return None
+    return statistics.fmean(self._step_times) * max(self._total - step, 0)
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Logs one training step: a JSONL row (required keys, null if absent), TB, stdout."""
+    record = {key: None for key in _REQUIRED}
+    record.update({k: _scalar(v) for k, v in metrics.items()})
+    record['step'] = int(step)
+    eta = self._eta(step)
+    if not self._chief:
+      return
+    self._append(record)
+    self._scalars(step, record)
+    print(self._progress_line(step, record, eta), flush=True)
+
+  def _progress_line(self, step: int, r: dict[str, Any], eta: float | None) -> str:
+    pct = 100 * step / self._total if self._total else 0.0
+    parts = [f'step {step}/{self._total} ({pct:.0f}%)']
+    fmt = (('loss', 'loss {:.3f}'), ('grad_norm', 'grad_norm {:.2f}'),
+           ('learning_rate', 'lr {:.1e}'))
+    parts += [f.format(r[k]) for k, f in fmt if r.get(k) is not None]
+    if r.get('tokens_per_sec') is not None:
+      parts.append(f'{_rate(r["tokens_per_sec"])} tok/s')
+    if r.get('tflops_per_device') is not None:
+      parts.append(f'{r["tflops_per_device"]:.3g} TFLOP/s/dev')
+    if r.get('mfu') is not None:
+      parts.append(f'MFU {100 * r["mfu"]:.1f}%')
+    if eta is not None:
+      parts.append(f'ETA {_duration(eta)}')
+    return ' | '.join(parts)
+
+  def write_eval(self, step: int, metrics: dict[str, Any]) -> None:
+    """Logs eval metrics with an eval_ prefix (eval_loss, eval_perplexity) to the same sinks."""
+    record = {'step': int(step)}
+    for key, value in metrics.items():
+      record[key if key.startswith('eval_') else f'eval_{key}'] = _scalar(value)
+    if not self._chief:
+      return
+    self._append(record)
+    self._scalars(step, record)
+    shown = ' | '.join(f'{k} {v:.4g}' for k, v in record.items()
+                       if k != 'step' and isinstance(v, float))
+    print(f'eval @ step {step} | {shown}', flush=True)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+# --- profiling ---------------------------------------------------------------
+
+
+def profile_steps(spec: str) -> set[int]:
+  """Parses logging.profile_steps ('5,6' -> {5, 6}; '' -> empty)."""
+  steps = set()
+  for item in filter(None, (s.strip() for s in spec.split(','))):
+    if not item.isdigit():
+      raise config_lib.ConfigError(
+          f"logging.profile_steps={spec!r}: expected a comma list of steps, e.g. '5,6'")
+    steps.add(int(item))
+  return steps
+
+
+class Profiler:
+  """Traces the chosen steps with jax.profiler into WORKDIR/profile (consecutive steps share one trace).
+
+  with profiler.step(step) as trace:
+    state, metrics = train_step(state, batch)
+    trace.wait_for = metrics  # blocked on before the trace stops, so device work is captured
+  """
+
+  def __init__(self, workdir: str, steps: set[int], is_chief: bool = True):
+    self._dir = str(epath.Path(workdir) / 'profile')
+    self._steps = steps if is_chief else set()
+    self._active = False
+    self.wait_for: Any = None
+
+  @contextlib.contextmanager
+  def step(self, step: int) -> Iterator['Profiler']:
+    if step not in self._steps:
+      yield self
+      return
+    if not self._active:
+      jax.profiler.start_trace(self._dir)
+      self._active = True
+    try:
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        yield self
+    except BaseException:
+      self.stop()  # an interrupted trace would otherwise stay open
+      raise
+    if step + 1 not in self._steps:
+      self.stop()
+
+  def stop(self) -> None:
+    if self._active:
+      jax.block_until_ready(self.wait_for)
+      jax.profiler.stop_trace()
+      self._active = False
+    self.wait_for = None

@@ -1,0 +1,172 @@
+"""FLOPs model vs a brute-force count, MFU arithmetic, the writers and profile-step parsing."""
+
+import dataclasses
+import json
+import math
+import re
+import struct
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from gemma3_train import config as config_lib
+from gemma3_train import metrics
+
+TINY = config_lib.ModelConfig(
+    preset='t', vocab_size=97, num_layers=8, embed_dim=24, mlp_dim=40, num_heads=4,
+    num_kv_heads=2, head_dim=6, sliding_window=5)
+
+
+def _brute_force_flops(m, seq_len):
+  """Training FLOPs of one row, listing every matmul's (M, K, N) and masking keys explicitly."""
+  d, n, k, h = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
+  q_pos, k_pos = np.arange(seq_len)[:, None], np.arange(seq_len)[None, :]
+  causal = k_pos <= q_pos
+  local = causal & (k_pos > q_pos - m.sliding_window)  # W keys including itself
+  matmuls = []  # (rows, contraction, cols)
+  for layer in range(m.num_layers):
+    matmuls += [(seq_len, d, n * h), (seq_len, d, k * h), (seq_len, d, k * h),  # q, k, v
+                (seq_len, n * h, d),  # out
+                (seq_len, d, m.mlp_dim), (seq_len, d, m.mlp_dim), (seq_len, m.mlp_dim, d)]
+    mask = causal if layer % 6 == 5 else local
+    for row in mask:  # one query position: scores over its keys, then probs @ V
+      keys = int(row.sum())
+      matmuls += [(n, h, keys), (n, keys, h)]
+  matmuls.append((seq_len, d, m.vocab_size))  # tied LM head
+  return 3 * sum(2 * a * b * c for a, b, c in matmuls)
+
+
+@pytest.mark.parametrize('seq_len', [1, 4, 5, 6, 13, 32])
+def test_flops_match_brute_force(seq_len):
+  expected = _brute_force_flops(TINY, seq_len)
+  assert metrics.model_flops_per_token(TINY, seq_len) * seq_len == pytest.approx(expected, 1e-12)
+  assert metrics.model_flops_per_step(TINY, seq_len, 3) == pytest.approx(3 * expected, 1e-12)
+
+
+def test_flops_local_layers_cheaper_than_global_beyond_window():
+  full = dataclasses.replace(TINY, sliding_window=10_000)
+  assert metrics.model_flops_per_token(TINY, 64) < metrics.model_flops_per_token(full, 64)
+  assert metrics.model_flops_per_token(TINY, 5) == metrics.model_flops_per_token(full, 5)
+
+
+def test_flops_near_six_n_for_1b():
+  # Short rows: attention is < 1% of the work, so FLOPs/token ~ 6 x params (tied head counted
+  # once as the V x D matmul). Params from the Gemma 3 report: 697.9M + 302.0M embedding.
+  m = config_lib.ModelConfig.from_preset('1b')
+  ratio = metrics.model_flops_per_token(m, 128) / (6 * (697.9e6 + 302.0e6))
+  assert 1.0 < ratio < 1.01
+
+
+def test_chip_table_and_device_kinds():
+  kinds = {'TPU v4': 'v4', 'TPU v5 lite': 'v5e', 'TPU v5p': 'v5p', 'TPU v5': 'v5p',
+           'TPU v6 lite': 'v6e', 'NVIDIA H100 80GB HBM3': 'h100', 'NVIDIA H200': 'h200'}
+  for kind, key in kinds.items():
+    assert metrics.chip_for_device(types.SimpleNamespace(device_kind=kind)) is metrics.CHIPS[key]
+  assert metrics.chip_for_device(jax.devices('cpu')[0]) is None
+  assert metrics.chip_for_device(types.SimpleNamespace(device_kind='NVIDIA H100 PCIe')) is None
+  assert metrics.CHIPS['v5p'].peak_bf16_tflops == 459.0
+  assert metrics.peak_tflops(jax.devices('cpu')[0]) is None
+  assert metrics.peak_tflops(jax.devices('cpu')[0], override=0.07) == 0.07
+
+
+def test_throughput_arithmetic():
+  # 8e12 FLOPs in 2 s on 4 devices = 1 TFLOP/s each; peak 2.5 -> 40%.
+  out = metrics.throughput(2.0, 4096, 8e12, 4, 2.5)
+  assert out == pytest.approx(dict(tokens_per_sec=2048.0, tflops_per_device=1.0, mfu=0.4))
+  assert metrics.throughput(2.0, 4096, 8e12, 4, None)['mfu'] is None
+  with pytest.raises(ValueError, match='step_time_s'):
+    metrics.throughput(0.0, 1, 1, 1, 1.0)
+
+
+def test_step_timer():
+  timer = metrics.StepTimer(tokens_per_step=100, flops_per_step=3e12, num_devices=1,
+                            peak_tflops=2.0)
+  assert timer.update(10, now=5.0) == {}
+  out = timer.update(20, now=35.0)  # 10 steps in 30 s
+  assert out['step_time_s'] == pytest.approx(3.0)
+  assert out['tokens_per_sec'] == pytest.approx(100 / 3)
+  assert out['mfu'] == pytest.approx(0.5)
+
+
+def test_measure_cpu_matmul_peak_is_positive():
+  peak = metrics.measure_cpu_matmul_peak('float32', n=128, repeats=3)
+  assert math.isfinite(peak) and peak > 0
+
+
+def _events(logdir):
+  """(tag, step, value) of every scalar in the TensorBoard event files (TFRecord framing)."""
+  out = []
+  for path in sorted(logdir.rglob('events.out.tfevents.*')):
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  return out
+
+
+def test_metric_writer(tmp_path, capsys, monkeypatch):
+  clock = iter([100.0, 110.0, 120.0])
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+  writer = metrics.MetricWriter(str(tmp_path), total_steps=300)
+  writer.write(100, dict(loss=jnp.float32(3.5), grad_norm=0.9, learning_rate=3e-3,
+                         tokens_per_sec=41200.0, tflops_per_device=1.23, mfu=None))
+  writer.write(120, dict(loss=3.412, grad_norm=0.91, learning_rate=3e-3, tokens_per_sec=41234.0,
+                         tflops_per_device=1.234, mfu=0.381, extra=7))
+  writer.write_eval(120, dict(loss=3.3, perplexity=math.exp(3.3)))
+  writer.close()
+
+  rows = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert len(rows) == 3
+  for row in rows[:2]:
+    assert {'step', 'loss', 'grad_norm', 'learning_rate', 'tokens_per_sec',
+            'tflops_per_device', 'mfu'} <= set(row)
+  assert rows[0]['mfu'] is None and rows[0]['loss'] == 3.5
+  assert rows[1]['extra'] == 7 and rows[1]['step'] == 120
+  assert rows[2] == dict(step=120, eval_loss=3.3, eval_perplexity=pytest.approx(math.exp(3.3)))
+
+  lines = capsys.readouterr().out.splitlines()
+  # 20 steps took 10 s -> 0.5 s/step, 180 steps left -> 90 s.
+  assert lines[1] == ('step 120/300 (40%) | loss 3.412 | grad_norm 0.91 | lr 3.0e-03 | '
+                      '41.2k tok/s | 1.23 TFLOP/s/dev | MFU 38.1% | ETA 1m30s')
+  assert 'MFU' not in lines[0] and 'ETA' not in lines[0]
+  assert re.match(r'eval @ step 120 \| eval_loss 3\.3 \| eval_perplexity 27\.1', lines[2])
+
+  scalars = _events(tmp_path / 'tensorboard')
+  assert ('loss', 120, pytest.approx(3.412)) in scalars
+  assert ('eval_loss', 120, pytest.approx(3.3)) in scalars
+  assert not any(tag == 'mfu' and step == 100 for tag, step, _ in scalars)  # None skipped
+
+
+def test_metric_writer_non_chief_writes_nothing(tmp_path, capsys):
+  writer = metrics.MetricWriter(str(tmp_path / 'w'), total_steps=10, is_chief=False)
+  writer.write(1, dict(loss=1.0))
+  writer.write_eval(1, dict(loss=1.0))
+  writer.close()
+  assert not (tmp_path / 'w').exists()
+  assert capsys.readouterr().out == ''
+
+
+def test_profile_steps_parsing():
+  assert metrics.profile_steps('') == set()
+  assert metrics.profile_steps('5,6') == {5, 6}
+  assert metrics.profile_steps(' 7 ,9') == {7, 9}
+  with pytest.raises(config_lib.ConfigError, match='logging.profile_steps'):
+    metrics.profile_steps('5-6')
+
+
+def test_profiler_traces_chosen_steps(tmp_path):
+  profiler = metrics.Profiler(str(tmp_path), {1, 2})
+  f = jax.jit(lambda x: x @ x)
+  x = jnp.ones((64, 64))
+  for step in range(4):
+    with profiler.step(step) as trace:
+      trace.wait_for = f(x)
+    assert profiler._active == (step == 1)  # one trace spans steps 1-2, closed after 2
+  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
