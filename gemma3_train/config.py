@@ -334,8 +334,6 @@ def mesh_shape(c: Config, num_devices: int, num_slices: int = 1) -> dict[str, in
   _require(micro % batch_degree == 0, 'train.global_batch_size', c.train.global_batch_size,
            f'a batch (per microbatch: {micro}) divisible by the data-parallel degree '
            f'{batch_degree} (data x fsdp x dcn)')
-  _require(c.model.num_kv_heads % shape['tensor'] == 0 or shape['tensor'] == 1, 'mesh.tensor',
-           shape['tensor'], f'a divisor of model.num_kv_heads={c.model.num_kv_heads}')
   return shape
 
 

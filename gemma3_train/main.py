@@ -88,6 +88,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag or override is one line on stderr and exit code 2."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:  # absl exits 1 after printing --help/--helpfull; that is a success
+    if any(a.startswith(('--help', '-h', '-?')) for a in argv[1:]) and e.code == 1:
+      sys.exit(0)
+    raise
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
