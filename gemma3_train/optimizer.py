@@ -45,6 +45,8 @@ def decay_mask(o: config_lib.OptimConfig):
   """
   def mask(params):
     def one(v):
+      if not _is_variable(v):  # a bare array (no names): a matrix unless it is a vector
+        return getattr(v, 'ndim', 0) > 1
       names = v.get_metadata().get('logical_axes') or ()
       if 'norm' in names:
         keep = o.decay_norms
