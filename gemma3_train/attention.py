@@ -1,0 +1,146 @@
+"""Attention kernels with one mask semantics, chosen by ModelConfig.attention_impl.
+
+A query at position q sees a key at position k when both are in the same segment and
+k <= q (causal), and on sliding-window (local) layers also q - W < k: W keys including itself
+(shared/GEMMA3.md A.7). Kernels that take an inclusive left distance get W - 1.
+
+The reference works on *positions*; the cudnn and splash kernels work on *indices* within the
+row. The two agree for packed rows whose positions count up by one inside each segment, which is
+what the data pipeline produces. Segment 0 (padding) is treated as one more segment, so no row of
+the mask is empty; padded outputs are garbage that the loss mask ignores.
+
+Queries arrive already scaled (by query_pre_attn_scalar ** -0.5), so every kernel uses scale 1.
+Shapes: q [B, T, N, H], k and v [B, S, K, H] with N = K * G; query head n uses kv head n // G.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from gemma3_train import sharding
+
+MASK_VALUE = -2.3819763e38  # the gemma library's K_MASK: large but finite, so no inf - inf NaNs
+
+
+def make_mask(positions_BL: jax.Array, segment_ids_BL: jax.Array, window: int | None
+              ) -> jax.Array:
+  """Boolean [B, T, S] mask: same segment, causal on positions, and the window if given."""
+  q_BT1 = positions_BL[:, :, None]
+  k_B1S = positions_BL[:, None, :]
+  mask_BTS = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]) & (k_B1S <= q_BT1)
+  if window is not None:
+    mask_BTS &= k_B1S > q_BT1 - window
+  return mask_BTS
+
+
+def reference(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """Einsum attention with an explicit mask; logits and softmax in float32."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32)
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None, :, :], logits_BKGTS, MASK_VALUE)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(B, T, N, H)
+
+
+def dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None,
+                implementation: str = 'cudnn'):
+  """jax.nn.dot_product_attention (cuDNN flash attention on GPU) with our mask semantics.
+
+  implementation='xla' runs the same arguments on any backend; tests use it to check the
+  window translation (W keys including self -> left window W - 1).
+  """
+  B, T = segment_ids_BL.shape
+  mask_B1TS = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=1.0, is_causal=True,
+      local_window_size=None if window is None else (window - 1, 0),
+      implementation=implementation)
+
+
+def _splash_kernel(T: int, G: int, window: int | None, block: int, interpret: bool):
+  """A single-device splash MQA kernel over G query heads sharing one kv head."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as splash, splash_attention_mask as mask_lib)
+  if window is None:
+    one = mask_lib.CausalMask((T, T))
+  else:
+    # LocalMask keeps q - left <= k <= q + right (indices); left = W - 1 gives W keys.
+    one = mask_lib.LocalMask((T, T), window_size=(window - 1, 0), offset=0)
+  blocks = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+      block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mqa_single_device(
+      mask_lib.MultiHeadMask([one] * G), block_sizes=blocks, interpret=interpret), splash
+
+
+def splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None, *,
+           block_size: int = 512, interpret: bool = False):
+  """Pallas splash attention (TPU; interpret=True runs anywhere, slowly).
+
+  One MQA kernel per (row, kv head), vmapped. Under an active mesh (sharding.use_mesh) the
+  kernel runs inside shard_map with rows on the batch axes and kv heads on the tensor axis.
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  G = N // K
+  block = min(block_size, T)
+  if T % block:
+    raise ValueError(f'model.attention_block_size={block_size}: splash attention needs a block '
+                     f'size dividing the sequence length {T}')
+  kernel, splash_lib = _splash_kernel(T, G, window, block, interpret)
+  q_BKGTH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+  k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
+  v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
+
+  def run(q_BKGTH, k_BKSH, v_BKSH, seg_BL):
+    def one_row(q_KGTH, k_KSH, v_KSH, seg_L):
+      ids = splash_lib.SegmentIds(q=seg_L, kv=seg_L)
+      return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_KGTH, k_KSH, v_KSH)
+    return jax.vmap(one_row)(q_BKGTH, k_BKSH, v_BKSH, seg_BL)
+
+  context = sharding._CONTEXT.get()  # pylint: disable=protected-access
+  if context is not None:
+    mesh, rules = context
+    batch, heads = sharding.logical_to_spec(('act_batch', 'act_kv_heads'), rules, (B, K), mesh)
+    spec_q = P(batch, heads, None, None, None)
+    spec_kv = P(batch, heads, None, None)
+    run = jax.shard_map(run, mesh=mesh, in_specs=(spec_q, spec_kv, spec_kv, P(batch, None)),
+                        out_specs=spec_q, check_vma=False)
+  out_BKGTH = run(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BL)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def resolve(impl: str, dtype) -> str:
+  """'auto' -> splash on TPU, cudnn on GPU with 16-bit compute, else the reference."""
+  if impl != 'auto':
+    return impl
+  backend = jax.default_backend()
+  if backend == 'tpu':
+    return 'splash'
+  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return 'cudnn'
+  return 'reference'
+
+
+def attend(q_BTNH, k_BSKH, v_BSKH, positions_BL, segment_ids_BL, *, window: int | None,
+           impl: str, block_size: int = 512):
+  """Dispatches to the implementation named by ModelConfig.attention_impl."""
+  impl = resolve(impl, q_BTNH.dtype)
+  if impl == 'reference':
+    return reference(q_BTNH, k_BSKH, v_BSKH, make_mask(positions_BL, segment_ids_BL, window))
+  if impl == 'cudnn':
+    return dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, 'cudnn')
+  if impl == 'splash':
+    return splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, block_size=block_size)
+  raise ValueError(f'model.attention_impl={impl!r}: expected reference | cudnn | splash | auto')
+
+
+splash_interpret = functools.partial(splash, interpret=True)

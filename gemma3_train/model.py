@@ -1,0 +1,361 @@
+"""Gemma 3 text decoder in Flax NNX (shared/GEMMA3.md A): exact, scanned, rematerialized.
+
+Layers run as scanned blocks of six (five sliding-window layers, then one global layer) plus an
+unscanned tail for the remainder; scan_layers=False keeps one module per layer and computes the
+same function. Every parameter carries `logical_axes` metadata that sharding.py maps to mesh axes;
+stacked block parameters carry a leading 'layers' axis.
+
+Parameters are stored in ModelConfig.param_dtype and cast to ModelConfig.dtype for matmuls;
+norms, RoPE, attention logits/softmax and the output logits run in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from gemma3_train import attention
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+
+ACT = ('act_batch', 'act_len', 'act_embed')
+
+# Names saved by each remat policy ('none' = no remat, 'full' = save nothing but block inputs).
+_SAVED = {
+    'minimal': ('query_proj', 'key_proj', 'value_proj', 'attention_out', 'out_proj',
+                'mlp_gate', 'mlp_up', 'mlp_out'),
+    'save_decoder_layer_input': ('decoder_layer_input',),
+    'save_qkv_proj': ('query_proj', 'key_proj', 'value_proj'),
+}
+
+
+def _param(rngs: nnx.Rngs, shape, fan_in: int | None, dtype, names) -> nnx.Param:
+  """A parameter: zeros when fan_in is None (norm scales), else normal(0, 1/fan_in)."""
+  if fan_in is None:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in ** -0.5).astype(dtype)
+  return nnx.Param(value, logical_axes=names)
+
+
+class RMSNorm(nnx.Module):
+  """Gemma RMSNorm: x / rms(x) * (1 + scale), computed in float32 and cast back."""
+
+  def __init__(self, dim: int, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.scale = _param(rngs, (dim,), None, cfg.param_dtype, ('norm',))
+    self.eps = cfg.rms_norm_eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+  """Token embedding scaled by sqrt(D) (rounded to the table dtype); tied output logits."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.embedding = _param(rngs, (cfg.vocab_size, cfg.embed_dim), cfg.embed_dim,
+                            cfg.param_dtype, ('vocab', 'embed'))
+    self.dtype = cfg.dtype
+
+  def encode(self, tokens_BL):
+    table_VD = self.embedding[...]
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0)
+    # As HF: sqrt(D) as a float32 tensor, cast to the weight dtype (bf16: 50.596 -> 50.5).
+    scale = jnp.asarray(np.float32(x_BLD.shape[-1] ** 0.5)).astype(table_VD.dtype)
+    return (x_BLD * scale).astype(self.dtype)
+
+  def decode(self, x_BLD):
+    table_VD = self.embedding[...].astype(self.dtype)
+    logits_BLV = jnp.einsum('BLD,VD->BLV', x_BLD, table_VD, preferred_element_type=jnp.float32)
+    return sharding.constrain(logits_BLV, ('act_batch', 'act_len', 'act_vocab'))
+
+
+def apply_rope(x_BLNH, positions_BL, base: float, scale: float):
+  """Rotate-half RoPE over the full head dim; angle = pos * base^(-2i/H) / scale, in float32."""
+  H = x_BLNH.shape[-1]
+  inv_freq = 1.0 / (base ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)) / scale
+  angle_BLh = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+  sin, cos = jnp.sin(angle_BLh)[:, :, None, :], jnp.cos(angle_BLh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLNH.dtype)
+
+
+class Attention(nnx.Module):
+  """GQA with QK-norm before RoPE, per-layer RoPE and window, query_pre_attn_scalar scaling."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, is_global: bool, *, rngs: nnx.Rngs):
+    N, K, D, H = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
+    pd = cfg.param_dtype
+    self.q_einsum = _param(rngs, (N, D, H), D, pd, ('heads', 'embed', 'head_dim'))
+    self.k_einsum = _param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
+    self.v_einsum = _param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
+    self.attn_vec_einsum = _param(rngs, (N, H, D), N * H, pd, ('heads', 'head_dim', 'embed'))
+    self.query_norm = RMSNorm(H, cfg, rngs=rngs)
+    self.key_norm = RMSNorm(H, cfg, rngs=rngs)
+    self.is_global = is_global
+    self.window = None if is_global else cfg.sliding_window
+    self.rope_base = cfg.global_rope_base if is_global else cfg.local_rope_base
+    self.rope_scale = cfg.global_rope_scale if is_global else 1.0
+    self.query_scale = cfg.query_pre_attn_scalar ** -0.5
+    self.impl = cfg.attention_impl
+    self.block_size = cfg.attention_block_size
+    self.dtype = cfg.dtype
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    dt = self.dtype
+    q_BLNH = jnp.einsum('BLD,NDH->BLNH', x_BLD, self.q_einsum[...].astype(dt))
+    k_BLKH = jnp.einsum('BLD,KDH->BLKH', x_BLD, self.k_einsum[...].astype(dt))
+    v_BLKH = jnp.einsum('BLD,KDH->BLKH', x_BLD, self.v_einsum[...].astype(dt))
+    q_BLNH = checkpoint_name(q_BLNH, 'query_proj')
+    k_BLKH = checkpoint_name(k_BLKH, 'key_proj')
+    v_BLKH = checkpoint_name(v_BLKH, 'value_proj')
+    q_BLNH = sharding.constrain(q_BLNH, ('act_batch', 'act_len', 'act_heads', None))
+    k_BLKH = sharding.constrain(k_BLKH, ('act_batch', 'act_len', 'act_kv_heads', None))
+    v_BLKH = sharding.constrain(v_BLKH, ('act_batch', 'act_len', 'act_kv_heads', None))
+    q_BLNH = apply_rope(self.query_norm(q_BLNH), positions_BL, self.rope_base, self.rope_scale)
+    k_BLKH = apply_rope(self.key_norm(k_BLKH), positions_BL, self.rope_base, self.rope_scale)
+    q_BLNH = (q_BLNH.astype(jnp.float32) * self.query_scale).astype(dt)
+    out_BLNH = attention.attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL,
+                                window=self.window, impl=self.impl, block_size=self.block_size)
+    out_BLNH = checkpoint_name(out_BLNH, 'attention_out')
+    y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, self.attn_vec_einsum[...].astype(dt))
+    return checkpoint_name(y_BLD, 'out_proj')
+
+
+class MLP(nnx.Module):
+  """GeGLU: gelu_tanh(x W_gate) * (x W_up), then W_linear; weights [F, D] as in the checkpoints."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    D, F, pd = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype
+    self.gate = _param(rngs, (F, D), D, pd, ('mlp', 'embed'))
+    self.up = _param(rngs, (F, D), D, pd, ('mlp', 'embed'))
+    self.linear = _param(rngs, (F, D), F, pd, ('mlp', 'embed'))
+    self.dtype = cfg.dtype
+
+  def __call__(self, x_BLD):
+    dt = self.dtype
+    gate_BLF = checkpoint_name(jnp.einsum('BLD,FD->BLF', x_BLD, self.gate[...].astype(dt)),
+                               'mlp_gate')
+    up_BLF = checkpoint_name(jnp.einsum('BLD,FD->BLF', x_BLD, self.up[...].astype(dt)), 'mlp_up')
+    h_BLF = jax.nn.gelu(gate_BLF, approximate=True) * up_BLF
+    h_BLF = sharding.constrain(h_BLF, ('act_batch', 'act_len', 'act_mlp'))
+    out_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, self.linear[...].astype(dt))
+    return checkpoint_name(out_BLD, 'mlp_out')
+
+
+class DecoderLayer(nnx.Module):
+  """Sandwich-norm block: x + post_norm(attn(pre_norm(x))), then the same around the MLP."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    D = cfg.embed_dim
+    self.pre_attention_norm = RMSNorm(D, cfg, rngs=rngs)
+    self.attn = Attention(cfg, cfg.is_global(layer), rngs=rngs)
+    self.post_attention_norm = RMSNorm(D, cfg, rngs=rngs)
+    self.pre_ffw_norm = RMSNorm(D, cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.post_ffw_norm = RMSNorm(D, cfg, rngs=rngs)
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    x_BLD = checkpoint_name(sharding.constrain(x_BLD, ACT), 'decoder_layer_input')
+    h_BLD = self.attn(self.pre_attention_norm(x_BLD), positions_BL, segment_ids_BL)
+    x_BLD = x_BLD + self.post_attention_norm(h_BLD)
+    h_BLD = self.mlp(self.pre_ffw_norm(x_BLD))
+    return x_BLD + self.post_ffw_norm(h_BLD)
+
+
+class Block(nnx.Module):
+  """Six consecutive layers (five local, one global): the unit the scan repeats."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.layers = nnx.List([DecoderLayer(cfg, j, rngs=rngs)
+                            for j in range(config_lib.GLOBAL_EVERY)])
+
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    for layer in self.layers:
+      x_BLD = layer(x_BLD, positions_BL, segment_ids_BL)
+    return x_BLD
+
+
+def _remat(fn, policy: str):
+  """fn wrapped in jax.checkpoint for a named policy (config.REMAT_POLICIES)."""
+  if policy == 'none':
+    return fn
+  if policy == 'full':
+    return jax.checkpoint(fn, prevent_cse=False)
+  if policy not in _SAVED:
+    raise ValueError(f'model.remat_policy={policy!r}: expected one of '
+                     f'{" | ".join(config_lib.REMAT_POLICIES)}')
+  saved = jax.checkpoint_policies.save_only_these_names(*_SAVED[policy])
+  return jax.checkpoint(fn, policy=saved, prevent_cse=False)
+
+
+def _stack_names(module: nnx.Module) -> None:
+  """Prefixes every parameter's logical axes with 'layers' (the stacked scan axis)."""
+  for _, var in nnx.iter_graph(module):
+    if isinstance(var, nnx.Variable):
+      var.set_metadata('logical_axes', ('layers',) + tuple(var.get_metadata()['logical_axes']))
+
+
+class Gemma3(nnx.Module):
+  """The Gemma 3 decoder: tokens [B, L] -> float32 logits [B, L, V] (tied embedding)."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embedder = Embedder(cfg, rngs=rngs)
+    num_blocks, num_tail = divmod(cfg.num_layers, config_lib.GLOBAL_EVERY)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=max(num_blocks, 1))
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make_blocks(rngs):
+        return Block(cfg, rngs=rngs)
+      blocks = make_blocks(rngs) if num_blocks else None
+      if blocks is not None:
+        _stack_names(blocks)
+      self.blocks = nnx.data(blocks)
+      first = num_blocks * config_lib.GLOBAL_EVERY
+      self.tail = nnx.List([DecoderLayer(cfg, first + j, rngs=rngs) for j in range(num_tail)])
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs=rngs)
+
+  def _run(self, modules, x_BLD, positions_BL, segment_ids_BL):
+    """Applies modules in order under the remat policy (one checkpoint around all of them)."""
+    graphdef, state = nnx.split(modules)
+
+    def fn(state, x_BLD):
+      for module in nnx.merge(graphdef, state):
+        x_BLD = module(x_BLD, positions_BL, segment_ids_BL)
+      return x_BLD
+    return _remat(fn, self.cfg.remat_policy)(state, x_BLD)
+
+  def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
+    """Final-normed hidden states [B, L, D] in the compute dtype."""
+    B, L = tokens_BL.shape
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones((B, L), jnp.int32)
+    x_BLD = sharding.constrain(self.embedder.encode(tokens_BL), ACT)
+    six = config_lib.GLOBAL_EVERY
+    if self.cfg.scan_layers:
+      if self.blocks is not None:
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(x_BLD, block_state):
+          return self._run([nnx.merge(graphdef, block_state)], x_BLD, positions_BL,
+                           segment_ids_BL), None
+        x_BLD, _ = jax.lax.scan(body, x_BLD, state)
+      for layer in self.tail:
+        x_BLD = self._run([layer], x_BLD, positions_BL, segment_ids_BL)
+    else:
+      # Same checkpoint granularity as the scan: one per block of six, one per tail layer.
+      num_blocks = self.cfg.num_layers // six
+      groups = [list(self.layers[b * six:(b + 1) * six]) for b in range(num_blocks)]
+      groups += [[layer] for layer in list(self.layers)[num_blocks * six:]]
+      for group in groups:
+        x_BLD = self._run(group, x_BLD, positions_BL, segment_ids_BL)
+    return sharding.constrain(self.final_norm(x_BLD), ACT)
+
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
+    return self.embedder.decode(self.hidden(tokens_BL, positions_BL, segment_ids_BL))
+
+
+# --- canonical checkpoint layout <-> NNX state ----------------------------------------------
+
+_NORMS = ('pre_attention_norm', 'post_attention_norm', 'pre_ffw_norm', 'post_ffw_norm')
+_ATTN = ('q_einsum', 'k_einsum', 'v_einsum', 'attn_vec_einsum')
+
+
+def _layer_to_leaves(layer: dict) -> dict[tuple, np.ndarray]:
+  """Canonical layer dict (convert.py) -> {path inside a DecoderLayer: array}."""
+  out = {(n, 'scale'): layer[n] for n in _NORMS}
+  out.update({('attn', n): layer[n] for n in _ATTN})
+  out[('attn', 'query_norm', 'scale')] = layer['query_norm']
+  out[('attn', 'key_norm', 'scale')] = layer['key_norm']
+  out[('mlp', 'gate')] = layer['gating_einsum'][0]
+  out[('mlp', 'up')] = layer['gating_einsum'][1]
+  out[('mlp', 'linear')] = layer['linear']
+  return out
+
+
+def _leaves_to_layer(get) -> dict[str, np.ndarray]:
+  """Inverse of _layer_to_leaves; get(path) returns the array at a DecoderLayer path."""
+  layer = {n: get((n, 'scale')) for n in _NORMS}
+  layer.update({n: get(('attn', n)) for n in _ATTN})
+  layer['query_norm'] = get(('attn', 'query_norm', 'scale'))
+  layer['key_norm'] = get(('attn', 'key_norm', 'scale'))
+  layer['gating_einsum'] = np.stack([get(('mlp', 'gate')), get(('mlp', 'up'))])
+  layer['linear'] = get(('mlp', 'linear'))
+  return layer
+
+
+def _layer_prefix(cfg: config_lib.ModelConfig, i: int) -> tuple[tuple, int | None]:
+  """(state path prefix, stacked block index or None) of decoder layer i."""
+  six = config_lib.GLOBAL_EVERY
+  if not cfg.scan_layers:
+    return ('layers', i), None
+  num_blocks = cfg.num_layers // six
+  if i < num_blocks * six:
+    return ('blocks', 'layers', i % six), i // six
+  return ('tail', i - num_blocks * six), None
+
+
+def abstract_state(cfg: config_lib.ModelConfig) -> nnx.State:
+  """nnx.state(model, nnx.Param) of an abstract (shape-only) model."""
+  return nnx.state(nnx.eval_shape(lambda: Gemma3(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def canonical_to_state(cfg: config_lib.ModelConfig, top: dict, layers: list[dict]) -> nnx.State:
+  """Canonical numpy (top, layers) -> Param state for nnx.update; values numpy, param dtype."""
+  if len(layers) != cfg.num_layers:
+    raise ValueError(f'layers: {len(layers)} decoder layers, expected model.num_layers='
+                     f'{cfg.num_layers}')
+  values: dict[tuple, object] = {('embedder', 'embedding'): top['embedding'],
+                                 ('final_norm', 'scale'): top['final_norm']}
+  stacked: dict[tuple, list] = {}
+  for i, layer in enumerate(layers):
+    prefix, block = _layer_prefix(cfg, i)
+    for path, x in _layer_to_leaves(layer).items():
+      if block is None:
+        values[prefix + path] = x
+      else:
+        stacked.setdefault(prefix + path, []).append(x)
+  values.update({path: np.stack(xs) for path, xs in stacked.items()})
+  state = abstract_state(cfg)
+  dtype = jnp.dtype(cfg.param_dtype)
+  flat = []
+  for path, var in state.flat_state():
+    x = np.asarray(values.pop(path)).astype(dtype)
+    if x.shape != var.shape:
+      raise ValueError(f'{"/".join(map(str, path))}: shape {x.shape}, expected {var.shape}')
+    flat.append((path, var.replace(x)))
+  if values:
+    raise ValueError(f'{"/".join(map(str, next(iter(values))))}: no such model parameter')
+  return nnx.State.from_flat_path(flat)
+
+
+def state_to_canonical(cfg: config_lib.ModelConfig, state: nnx.State
+                       ) -> tuple[dict, list[dict]]:
+  """Param state (of our module structure) -> canonical numpy (top, layers)."""
+  flat = {path: np.asarray(jax.device_get(var[...] if isinstance(var, nnx.Variable) else var))
+          for path, var in nnx.to_flat_state(state)}
+  top = {'embedding': flat[('embedder', 'embedding')], 'final_norm': flat[('final_norm', 'scale')]}
+  layers = []
+  for i in range(cfg.num_layers):
+    prefix, block = _layer_prefix(cfg, i)
+    get = lambda p: flat[prefix + p] if block is None else flat[prefix + p][block]  # pylint: disable=cell-var-from-loop
+    layers.append(_leaves_to_layer(get))
+  return top, layers
+
+
+def param_count(cfg: config_lib.ModelConfig) -> tuple[int, int]:
+  """(non-embedding, embedding) parameter counts, from shapes only."""
+  total = sum(int(np.prod(v.shape)) for _, v in abstract_state(cfg).flat_state())
+  embedding = cfg.vocab_size * cfg.embed_dim
+  return total - embedding, embedding
