@@ -1,0 +1,188 @@
+"""The grain pipeline: shard -> shuffle(seed, epoch) -> tokenize -> split -> pack -> batch.
+
+Batches are dicts of numpy arrays [B, L] (B = global batch / process count, L = data.seq_len):
+  inputs, targets int32   targets[j] is the token after inputs[j] in the same document
+  positions int32          0 at each document (or split piece) start
+  segment_ids int32        1, 2, ... per document within a row; 0 on padding
+  weights float32          1 where the target counts in the loss (chat: model turns only)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import logging
+import grain
+import jax
+import numpy as np
+
+from gemma3_train import config as config_lib
+from gemma3_train.data import documents
+from gemma3_train.data import sources
+from gemma3_train.data import tokenizer as tokenizer_lib
+
+KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'weights')
+
+
+class SplitRows(grain.experimental.FlatMapTransform):
+  """Document -> pieces of at most seq_len (inputs, targets, weights) = (t[:-1], t[1:], m[1:])."""
+
+  max_fan_out = 1 << 16
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def flat_map(self, doc):
+    t, m = doc['tokens'], doc['mask']
+    L = self.seq_len
+    return [{'inputs': t[s:s + L], 'targets': t[s + 1:s + 1 + L], 'weights': m[s + 1:s + 1 + L]}
+            for s in range(0, len(t) - 1, L)]
+
+
+def _rename_packed(row):
+  """grain's packer names its outputs '<feature>_segment_ids'/'_positions'."""
+  return {'inputs': row['inputs'], 'targets': row['targets'], 'weights': row['weights'],
+          'positions': row['inputs_positions'], 'segment_ids': row['inputs_segment_ids']}
+
+
+class _PadRow(grain.transforms.Map):
+  """data.packing=False: one piece per row, right-padded."""
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+
+  def map(self, piece):
+    n, L = len(piece['inputs']), self.seq_len
+    pad = lambda x: np.pad(x, (0, L - n))
+    return {'inputs': pad(piece['inputs']), 'targets': pad(piece['targets']),
+            'weights': pad(piece['weights']),
+            'positions': pad(np.arange(n, dtype=np.int32)),
+            'segment_ids': pad(np.ones(n, np.int32))}
+
+
+def local_batch_size(c: config_lib.Config, process_count: int) -> int:
+  if c.train.global_batch_size % process_count:
+    raise config_lib.ConfigError(
+        f'train.global_batch_size={c.train.global_batch_size}: expected a multiple of the '
+        f'process count {process_count}')
+  return c.train.global_batch_size // process_count
+
+
+def _tokenizer(c: config_lib.Config) -> tokenizer_lib.Tokenizer | None:
+  if c.data.source == 'synthetic':
+    return None
+  tok = tokenizer_lib.Tokenizer(c.data.tokenizer_path)
+  tokenizer_lib.check_vocab(tok, c)
+  return tok
+
+
+def _probe(to_doc: documents.ToDocument, indices) -> None:
+  """Start-up check that a systematic mistake (wrong field, format) is an error, not skips."""
+  before = dict(sources.COUNTS)
+  for i in indices[:sources.PROBE_ROWS]:
+    if to_doc.document(int(i)) is not None:
+      return
+  new = [k for k, n in sources.COUNTS.items() if n > before.get(k, 0)]
+  if new:
+    reasons = '; '.join(new)
+    raise config_lib.ConfigError(
+        f'data.source={to_doc.source.__class__.__name__}: no usable record among the first '
+        f'{min(len(indices), sources.PROBE_ROWS)} of {to_doc.source.where(int(indices[0]))}... '
+        f'({reasons}; check data.text_field / data.messages_field / data.format)')
+
+
+def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: int = 0,
+                 process_count: int = 1, num_epochs: int | None = None,
+                 batch_size: int | None = None) -> grain.IterDataset:
+  """The batch pipeline for this process's shard; num_epochs None repeats forever."""
+  d = c.data
+  if not 0 <= process_index < process_count:
+    raise config_lib.ConfigError(f'process_index={process_index}: expected 0 <= index < '
+                                 f'process_count={process_count}')
+  B = batch_size or local_batch_size(c, process_count)
+  tok = _tokenizer(c)
+  source = sources.make_source(c, split)
+  field = d.messages_field if d.format == 'chat' else d.text_field
+  to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len)
+
+  # Each process sees only the documents i % process_count == process_index, shuffled
+  # per epoch with seed + epoch (grain's MapDataset shuffle then repeat).
+  ids = grain.MapDataset.range(len(source))[process_index::process_count]
+  if len(ids) == 0:  # pylint: disable=g-explicit-length-test
+    raise config_lib.ConfigError(f'data: {len(source)} documents cannot feed '
+                                 f'{process_count} processes')
+  if source.record != 'tokens':
+    _probe(to_doc, ids)
+  if d.shuffle and split == 'train':
+    ids = ids.shuffle(seed=d.seed)
+  docs = ids.repeat(num_epochs).map(to_doc)
+  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.num_workers else 4,
+                                              prefetch_buffer_size=64))
+  ds = grain.experimental.FlatMapIterDataset(ds, SplitRows(d.seq_len))
+  if d.packing:
+    L = d.seq_len
+    ds = grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct={'inputs': L, 'targets': L, 'weights': L},
+        num_packing_bins=max(B, 16), seed=d.seed, shuffle_bins=True)
+    ds = ds.map(_rename_packed)
+  else:
+    ds = ds.map(_PadRow(d.seq_len))
+  ds = ds.batch(B, drop_remainder=num_epochs is None)
+  if d.num_workers:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)))
+  elif d.prefetch:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+  return ds
+
+
+def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Endless checkpointable iterator (get_state/set_state) of host-local train batches."""
+  it = iter(make_dataset(c, 'train', process_index=process_index,
+                         process_count=process_count))
+  logging.info('data: %s train batches of %s x %d for process %d/%d', c.data.source,
+               local_batch_size(c, process_count), c.data.seq_len, process_index, process_count)
+  return it
+
+
+def make_eval_iterator(c: config_lib.Config, *, process_index: int = 0,
+                       process_count: int = 1) -> grain.DatasetIterator:
+  """A fresh, repeating, unshuffled iterator over the eval split (same batch format)."""
+  return iter(make_dataset(c, 'eval', process_index=process_index,
+                           process_count=process_count))
+
+
+def global_batch(local_batch: dict[str, np.ndarray],
+                 sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """Host-local rows -> global jax.Arrays laid out by `sharding` (batch axis over processes)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local_batch.items()}
+
+
+@dataclasses.dataclass
+class PackingStats:
+  """Running packing efficiency: real tokens / row slots over the batches seen."""
+
+  real: int = 0
+  slots: int = 0
+  documents: int = 0
+
+  def update(self, batch: dict[str, np.ndarray]) -> 'PackingStats':
+    seg = np.asarray(batch['segment_ids'])
+    self.real += int(np.count_nonzero(seg))
+    self.slots += seg.size
+    self.documents += int(seg.max(axis=-1).sum())
+    return self
+
+  @property
+  def efficiency(self) -> float:
+    return self.real / max(self.slots, 1)
+
+
+def packing_efficiency(*batches: dict[str, np.ndarray]) -> float:
+  """Real (non-padding) token slots / all slots over the given batches."""
+  stats = PackingStats()
+  for b in batches:
+    stats.update(b)
+  return stats.efficiency

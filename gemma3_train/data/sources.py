@@ -1,0 +1,257 @@
+"""Random-access record sources selected by data.source, and bad-record accounting.
+
+Every source is a picklable sequence: `len(src)`, `src[i] -> raw record` (bytes, str, dict or
+a token array) and `src.where(i) -> 'FILE row N'` for messages. What is an error and what is
+skipped-and-counted:
+
+  error (ConfigError at start-up): missing file, a glob matching nothing, no records at all,
+    no usable record among the first PROBE_ROWS rows (e.g. data.text_field absent everywhere),
+    a Parquet file without the field's column, tensorflow_datasets not installed;
+  error (DataError while reading): a chat whose roles do not alternate user/model, an unknown
+    role, a message without role/content (these are systematic formatting mistakes);
+  skip-and-count (absl warning naming file and row; counts per process): an empty file among
+    others, a row that is not JSON, lacks the field, is null or empty, or is not valid UTF-8,
+    a chat longer than data.seq_len + 1 tokens;
+  count only: a text document longer than a row is split into seq_len pieces.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import gzip
+import importlib.resources
+import json
+import re
+from typing import Any
+
+from absl import logging
+from etils import epath
+import numpy as np
+
+from gemma3_train import config as config_lib
+
+PROBE_ROWS = 64  # start-up check: at least one usable record among the first rows
+_WARN_FIRST = 5  # warnings naming the file and row per reason, then only counts
+
+COUNTS: collections.Counter[str] = collections.Counter()  # event -> rows, in this process
+
+
+class DataError(ValueError):
+  """A record that must not be silently skipped; the message names the file and row."""
+
+
+def note(reason: str, where: str, *, skipped: bool = True) -> None:
+  """Counts a skipped (or split) record; logs the first few by location, then the counts."""
+  key = f'{"skipped" if skipped else "split"}: {reason}'
+  COUNTS[key] += 1
+  n = COUNTS[key]
+  if n <= _WARN_FIRST:
+    logging.log(logging.WARNING if skipped else logging.INFO, 'data: %s at %s (%d so far)',
+                key, where, n)
+  elif n & (n - 1) == 0 or n % 10_000 == 0:
+    logging.log(logging.WARNING if skipped else logging.INFO, 'data: %d rows so far: %s',
+                n, key)
+
+
+# --- paths --------------------------------------------------------------------
+
+_GLOB = re.compile(r'[*?\[]')
+
+
+def expand_paths(spec: str, field: str) -> list[epath.Path]:
+  """'a.jsonl,gs://b/dir/*.jsonl' -> sorted files. Missing file / empty glob: ConfigError."""
+  files = []
+  for part in (p.strip() for p in spec.split(',')):
+    if not part:
+      continue
+    if _GLOB.search(part):
+      parts = part.split('/')
+      k = next(i for i, s in enumerate(parts) if _GLOB.search(s))
+      base = '/'.join(parts[:k]) or '.'
+      matches = sorted(epath.Path(base).glob('/'.join(parts[k:])))
+      if not matches:
+        raise config_lib.ConfigError(f'{field}={spec!r}: no file matches {part!r}')
+      files += matches
+    else:
+      p = epath.Path(part)
+      if not p.exists():
+        raise config_lib.ConfigError(f'{field}={spec!r}: file not found: {part}')
+      files.append(p)
+  if not files:
+    raise config_lib.ConfigError(f'{field}={spec!r}: expected a file, glob or comma list')
+  return files
+
+
+# --- sources ------------------------------------------------------------------
+
+
+class _Files:
+  """Concatenation of per-file record lists with file/row bookkeeping."""
+
+  kind = 'row'  # how a message counts rows: line, row or record
+  record = 'json'  # what src[i] is: json | json_or_text | value | dict | tokens
+
+  def __init__(self, names: list[str], per_file: list[Any], field: str, spec: str):
+    for name, rows in zip(names, per_file):
+      if len(rows) == 0:  # pylint: disable=g-explicit-length-test
+        note('empty file', name)
+    self.names = names
+    self._rows = per_file
+    self._ends = np.cumsum([len(r) for r in per_file]).tolist()
+    if not self._ends or self._ends[-1] == 0:
+      raise config_lib.ConfigError(f'{field}={spec!r}: no records in {", ".join(names)}')
+
+  def __len__(self) -> int:
+    return self._ends[-1]
+
+  def _locate(self, i: int) -> tuple[int, int]:
+    f = bisect.bisect_right(self._ends, i)
+    return f, i - (self._ends[f - 1] if f else 0)
+
+  def __getitem__(self, i: int):
+    f, r = self._locate(i)
+    return self._rows[f][r]
+
+  def where(self, i: int) -> str:
+    f, r = self._locate(i)
+    return f'{self.names[f]} {self.kind} {r + 1}'
+
+
+class JsonlSource(_Files):
+  """JSON Lines (optionally .gz), kept as raw bytes per line; parsed on access."""
+
+  kind = 'line'
+
+  def __init__(self, spec: str, field: str):
+    files = expand_paths(spec, field)
+    per_file = []
+    for p in files:
+      data = p.read_bytes()
+      if str(p).endswith('.gz'):
+        data = gzip.decompress(data)
+      lines = data.split(b'\n')
+      if lines and not lines[-1].strip():
+        lines.pop()
+      per_file.append(lines)
+    super().__init__([str(p) for p in files], per_file, field, spec)
+
+
+class ParquetSource(_Files):
+  """One column of Parquet files (pyarrow), kept as Arrow arrays."""
+
+  record = 'value'
+
+  def __init__(self, spec: str, field: str, column: str, column_field: str):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    files = expand_paths(spec, field)
+    per_file = []
+    for p in files:
+      with p.open('rb') as f:
+        schema = pq.read_schema(f)
+        if column not in schema.names:
+          raise config_lib.ConfigError(f'{column_field}={column!r}: no such column in {p} '
+                                       f'(columns: {", ".join(schema.names)})')
+        f.seek(0)
+        per_file.append(pq.read_table(f, columns=[column]).column(column).combine_chunks())
+    super().__init__([str(p) for p in files], per_file, field, spec)
+
+  def __getitem__(self, i: int):
+    return super().__getitem__(i).as_py()
+
+
+class ArrayRecordSource(_Files):
+  """ArrayRecord files; each record is a JSON object or raw UTF-8 text."""
+
+  kind = 'record'
+  record = 'json_or_text'
+
+  def __init__(self, spec: str, field: str):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    import grain  # pylint: disable=g-import-not-at-top
+    files = expand_paths(spec, field)
+    counts = []
+    for p in files:
+      reader = array_record_module.ArrayRecordReader(str(p))
+      counts.append(range(reader.num_records()))
+      reader.close()
+    super().__init__([str(p) for p in files], counts, field, spec)
+    self._source = grain.sources.ArrayRecordDataSource([str(p) for p in files])
+
+  def __getitem__(self, i: int):
+    return self._source[i]
+
+
+class TfdsSource:
+  """A TFDS split through tfds.data_source (random access, ArrayRecord-backed)."""
+
+  record = 'dict'
+
+  def __init__(self, name: str, split: str):
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise config_lib.ConfigError(
+          f"data.source='tfds' (data.tfds_name={name!r}): tensorflow_datasets is not "
+          "installed; pip install 'gemma3-train[tfds]'") from None
+    self.name, self.split = name, split
+    self._source = tfds.data_source(name, split=split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int):
+    return self._source[i]
+
+  def where(self, i: int) -> str:
+    return f'tfds {self.name}[{self.split}] row {i + 1}'
+
+
+class SyntheticSource:
+  """Random-token documents, a pure function of (seed, index); for benchmarks, no tokenizer."""
+
+  record = 'tokens'
+
+  def __init__(self, num_docs: int, seed: int, vocab_size: int, seq_len: int):
+    self._n, self._seed, self._vocab, self._seq_len = num_docs, seed, vocab_size, seq_len
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    rng = np.random.default_rng([self._seed, i])
+    n = int(rng.integers(self._seq_len // 8 + 2, 2 * self._seq_len))
+    return rng.integers(3, self._vocab, size=n, dtype=np.int32)  # 0..2 are PAD/EOS/BOS
+
+  def where(self, i: int) -> str:
+    return f'synthetic row {i + 1}'
+
+
+def bundled_path(split: str) -> str:
+  """The shipped Shakespeare corpus (assets/corpus/README.md)."""
+  name = 'train.jsonl.gz' if split == 'train' else 'eval.jsonl.gz'
+  return str(importlib.resources.files('gemma3_train') / 'assets' / 'corpus' / name)
+
+
+def make_source(c: config_lib.Config, split: str):
+  """The record source for split 'train' or 'eval' of data.source."""
+  d = c.data
+  field = d.messages_field if d.format == 'chat' else d.text_field
+  if d.source == 'synthetic':
+    return SyntheticSource(1 << 20 if split == 'train' else 1 << 10, d.seed + (split == 'eval'),
+                           c.model.vocab_size, d.seq_len)
+  if d.source == 'bundled':
+    return JsonlSource(bundled_path(split), 'data.source')
+  if d.source == 'tfds':
+    return TfdsSource(d.tfds_name, 'train' if split == 'train' else d.tfds_eval_split)
+  spec = d.train_path if split == 'train' else d.eval_path
+  name = 'data.train_path' if split == 'train' else 'data.eval_path'
+  if not spec:
+    raise config_lib.ConfigError(f'{name}={spec!r}: expected a file or glob for eval with '
+                                 f'data.source={d.source!r} (or set train.eval_every=0)')
+  if d.source == 'jsonl':
+    return JsonlSource(spec, name)
+  if d.source == 'parquet':
+    column_field = 'data.messages_field' if d.format == 'chat' else 'data.text_field'
+    return ParquetSource(spec, name, field, column_field)
+  return ArrayRecordSource(spec, name)
