@@ -51,7 +51,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * (1.0 + scale)).astype(x.dtype)
 
 
 class Embedder(nnx.Module):
@@ -330,14 +331,14 @@ def canonical_to_state(cfg: config_lib.ModelConfig, top: dict, layers: list[dict
   state = abstract_state(cfg)
   dtype = jnp.dtype(cfg.param_dtype)
   flat = []
-  for path, var in state.flat_state():
+  for path, var in nnx.to_flat_state(state):
     x = np.asarray(values.pop(path)).astype(dtype)
     if x.shape != var.shape:
       raise ValueError(f'{"/".join(map(str, path))}: shape {x.shape}, expected {var.shape}')
     flat.append((path, var.replace(x)))
   if values:
     raise ValueError(f'{"/".join(map(str, next(iter(values))))}: no such model parameter')
-  return nnx.State.from_flat_path(flat)
+  return nnx.from_flat_state(flat)
 
 
 def state_to_canonical(cfg: config_lib.ModelConfig, state: nnx.State
@@ -356,6 +357,6 @@ def state_to_canonical(cfg: config_lib.ModelConfig, state: nnx.State
 
 def param_count(cfg: config_lib.ModelConfig) -> tuple[int, int]:
   """(non-embedding, embedding) parameter counts, from shapes only."""
-  total = sum(int(np.prod(v.shape)) for _, v in abstract_state(cfg).flat_state())
+  total = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(abstract_state(cfg)))
   embedding = cfg.vocab_size * cfg.embed_dim
   return total - embedding, embedding
