@@ -1,0 +1,534 @@
+"""Ahead-of-time compile of the real train step for a TPU topology, on any machine with libtpu.
+
+`gemma3-train --config=configs/27b.py --aot_topology=v5p-128` builds the same mesh, shardings and
+jitted train step as a run on that slice, over libtpu's compile-only devices (no TPU needed), and
+reports per-chip memory from the compiler, whether it fits the chip's HBM, the model FLOPs and an
+estimated step time and MFU. `--aot_plan` searches remat x batch x (fsdp, tensor) for what fits.
+
+Figures and where they come from:
+  memory        the TPU compiler's memory_analysis() (exact for the compiled program);
+  model FLOPs   metrics.model_flops_per_step (3 x forward matmuls, no recompute);
+  XLA time      cost_analysis()['optimal_seconds'] when the compiler gives one, else a roofline
+                max(flops / peak, bytes accessed / HBM bandwidth) of its per-chip counts;
+  splash time   cost analysis does not see Pallas kernels, so the splash attention FLOPs are
+                counted here from the kernel's block grid (forward, dq and dkv kernels, plus the
+                remat replay of the forward) and added at the chip's peak.
+The estimate ignores collective time that XLA does not overlap with compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from gemma3_train import config as config_lib
+from gemma3_train import metrics
+from gemma3_train import sharding
+
+GIB = 2**30
+HEADROOM = 0.10  # shipped configs must leave this fraction of HBM free
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuKind:
+  chip: str  # key of metrics.CHIPS
+  cores_per_chip: int  # what the -N suffix of a slice name counts per chip
+  hbm_gbps: float  # HBM bandwidth per chip, GB/s (cloud.google.com/tpu/docs/<kind>)
+  shapes: dict[int, str]  # chips in a slice -> libtpu's physical topology
+  chip_config: str  # libtpu chip_config_name: 'megacore' makes one device per v4/v5p chip
+
+
+_PLANAR = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
+           256: '16x16'}
+_CUBE = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
+         256: '4x8x8', 512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16', 4096: '16x16x16'}
+
+TPU_KINDS: dict[str, TpuKind] = {
+    'v4': TpuKind('v4', 2, 1200.0, _CUBE, 'megacore'),
+    'v5e': TpuKind('v5e', 1, 819.0, _PLANAR, 'default'),
+    'v5p': TpuKind('v5p', 2, 2765.0, _CUBE, 'megacore'),
+    'v6e': TpuKind('v6e', 1, 1640.0, _PLANAR, 'default'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # as given, e.g. 'v5p-128'
+  kind: str  # v4 | v5e | v5p | v6e
+  chips: int  # per slice
+  num_slices: int
+
+  @property
+  def spec(self) -> TpuKind:
+    return TPU_KINDS[self.kind]
+
+  @property
+  def chip(self) -> metrics.Chip:
+    return metrics.CHIPS[self.spec.chip]
+
+  @property
+  def total_chips(self) -> int:
+    return self.chips * self.num_slices
+
+
+def topology_names(kind: str) -> list[str]:
+  k = TPU_KINDS[kind]
+  return [f'{kind}-{n * k.cores_per_chip}' for n in k.shapes]
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+  """'v5p-128' -> 64 v5p chips per slice; a one-line ConfigError for anything else."""
+  match = re.fullmatch(r'(v4|v5e|v5p|v6e)-(\d+)', name.strip().lower())
+  kind = match and TPU_KINDS[match.group(1)]
+  if not match or int(match.group(2)) % kind.cores_per_chip or (
+      int(match.group(2)) // kind.cores_per_chip not in kind.shapes):
+    known = '; '.join(f'{k}: {", ".join(topology_names(k))}' for k in TPU_KINDS)
+    raise config_lib.ConfigError(
+        f'--aot_topology={name}: unknown TPU slice; expected KIND-N ({known}; v4/v5p count '
+        f'TensorCores, 2 per chip, v5e/v6e count chips)')
+  return Topology(name, match.group(1), int(match.group(2)) // kind.cores_per_chip, num_slices)
+
+
+def num_slices(c: config_lib.Config) -> int:
+  """Slices implied by the DCN degrees (multi-slice runs set --config.mesh.dcn_*)."""
+  dcn = (c.mesh.dcn_data, c.mesh.dcn_fsdp, c.mesh.dcn_tensor)
+  if min(dcn) < 1:
+    raise config_lib.ConfigError(f'mesh.dcn_*={dcn}: AOT needs explicit DCN degrees >= 1 '
+                                 '(their product is the number of slices)')
+  return math.prod(dcn)
+
+
+# --- libtpu's compile-only devices ---------------------------------------------
+
+
+def libtpu_available() -> bool:
+  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+  return cloud_tpu_init.get_tpu_library_path() is not None
+
+
+@contextlib.contextmanager
+def _libtpu_env(accelerator: str) -> Iterator[None]:
+  """Env for initializing libtpu on a host without TPUs; restored afterwards.
+
+  Several processes may load libtpu at once (pytest-xdist, a trainer beside us); without TPUs
+  there is no metadata server to ask; the host name and accelerator type silence its warnings.
+  Restoring matters: train.py reads TPU_WORKER_HOSTNAMES to detect a Cloud TPU VM.
+  """
+  env = dict(ALLOW_MULTIPLE_LIBTPU_LOAD='1', TPU_SKIP_MDS_QUERY='1',
+             TPU_WORKER_HOSTNAMES='localhost', TPU_ACCELERATOR_TYPE=accelerator)
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update({k: v for k, v in env.items() if saved[k] is None})
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+
+
+def _prefer_cpu_backend() -> None:
+  """Makes the host default backend CPU unless jax already chose one (AOT needs no TPU)."""
+  if jax.config.jax_platforms is None:
+    try:
+      jax.config.update('jax_platforms', 'cpu')
+    except RuntimeError:  # backends already initialized: keep what the process has
+      pass
+
+
+def devices(topo: Topology) -> list[Any]:
+  """libtpu's compile-only devices for the slice(s); one device per chip."""
+  if not libtpu_available():
+    raise config_lib.ConfigError(
+        f'--aot_topology={topo.name}: needs libtpu (pip install "gemma3-train[tpu]", which '
+        'pins the libtpu release matching jax); no TPU is needed')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  _prefer_cpu_backend()
+  spec = topo.spec
+  kwargs: dict[str, Any] = dict(chip_config_name=spec.chip_config)
+  if topo.chips == 1:
+    kwargs['chips_per_host_bounds'] = (1, 1, 1)
+  if topo.num_slices > 1:
+    kwargs['num_slices'] = topo.num_slices
+  accelerator = topo.name.replace('v5e-', 'v5litepod-')
+  with _libtpu_env(accelerator):
+    desc = topologies.get_topology_desc(
+        platform='tpu', topology_name=f'{topo.kind}:{spec.shapes[topo.chips]}', **kwargs)
+  return list(desc.devices)
+
+
+# --- splash attention FLOPs (invisible to the compiler's cost analysis) ----------
+
+
+def _kernel_blocks(seq_len: int, block: int, window: int | None) -> int:
+  """(q block, kv block) pairs a splash kernel visits for a causal or sliding-window mask."""
+  n = seq_len // block
+  count = 0
+  for i in range(n):
+    q_lo, q_hi = i * block, (i + 1) * block - 1
+    lo = 0 if window is None else max(q_lo - window + 1, 0)
+    count += q_hi // block - lo // block + 1
+  return count
+
+
+def splash_flops_per_step(c: config_lib.Config) -> float:
+  """Hardware FLOPs of the splash kernels over one step (all chips, all microbatches).
+
+  Per visited block pair and query head, with block sizes bq = bk = b and head width H:
+  forward 2 matmuls (QK^T, PV), dq kernel 3, dkv kernel 4, each 2 b^2 H; remat policies that
+  do not save the attention output replay the forward once more in the backward pass.
+  """
+  m = c.model
+  T = c.data.seq_len
+  b = min(m.attention_block_size, T)
+  per_block = 2 * b * b * m.head_dim
+  matmuls = 2 + 3 + 4 + (2 if _replays_attention(m.remat_policy) else 0)
+  blocks = sum(_kernel_blocks(T, b, None if m.is_global(i) else m.sliding_window)
+               for i in range(m.num_layers))
+  return blocks * per_block * matmuls * m.num_heads * c.train.global_batch_size
+
+
+def _replays_attention(policy: str) -> bool:
+  """Whether the backward pass reruns the forward kernel (the policy drops attention_out)."""
+  from gemma3_train import model  # pylint: disable=g-import-not-at-top
+  saved = model._SAVED.get(policy, ())  # pylint: disable=protected-access
+  return policy != 'none' and 'attention_out' not in saved
+
+
+def _attention_shards(c: config_lib.Config, mesh_shape: dict[str, int]) -> int:
+  """Chips sharing the attention work: batch rows over data/fsdp, kv heads over tensor."""
+  rows = math.prod(mesh_shape[k] for k in ('data', 'fsdp', 'dcn_data', 'dcn_fsdp'))
+  heads = mesh_shape['tensor'] * mesh_shape['dcn_tensor']
+  if c.model.num_kv_heads % heads:
+    heads = 1  # sharding.logical_to_spec leaves kv heads unsplit when the degree does not divide
+  return rows * heads
+
+
+# --- the report --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+  """One compile: every figure per chip unless the name says otherwise."""
+  config: str
+  topology: str
+  chip: str
+  chips: int  # all slices
+  num_slices: int
+  mesh: dict[str, int]
+  remat_policy: str
+  seq_len: int
+  global_batch: int
+  per_chip_batch: float
+  param_dtype: str
+  dtype: str
+  attention: str
+  hbm_gib: float
+  fits: bool
+  total_gib: float | None = None  # arguments + outputs - aliased + temporaries + code
+  argument_gib: float | None = None
+  output_gib: float | None = None
+  alias_gib: float | None = None
+  temp_gib: float | None = None
+  code_gib: float | None = None
+  headroom: float | None = None  # 1 - total / HBM
+  state_gib: float | None = None  # parameters + optimizer state, from the shardings alone
+  model_flops_per_step: float | None = None
+  compiler_flops: float | None = None  # per chip, XLA ops only (no Pallas kernels)
+  compiler_bytes: float | None = None
+  compiler_seconds: float | None = None  # cost_analysis optimal_seconds, None when not given
+  splash_flops: float | None = None  # per chip, counted here
+  xla_seconds: float | None = None
+  splash_seconds: float | None = None
+  step_seconds: float | None = None
+  step_source: str = ''
+  tokens_per_sec: float | None = None
+  mfu: float | None = None
+  compile_seconds: float | None = None
+  error: str = ''  # the compiler's out-of-memory message when it refused
+
+
+def _gib(n: float) -> float:
+  return n / GIB
+
+
+def _state_bytes(abstract_state: Any) -> int:
+  """Bytes of one chip's shard of every state leaf (the shardings are exact, no compile)."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_state):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _parse_oom(message: str) -> float | None:
+  """GiB the compiler said it needed, from a RESOURCE_EXHAUSTED message (None if absent)."""
+  units = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
+  for pattern in (r'Used ([\d.]+)([KMGT]) of', r'required for [\w ]+ \(([\d.]+)([KMGT])\)'):
+    match = re.search(pattern, message)
+    if match:
+      return float(match.group(1)) * units[match.group(2)] / GIB
+  return None
+
+
+def _aot_config(c: config_lib.Config) -> config_lib.Config:
+  """The config as a TPU run would see it: the splash kernel, whatever the host backend."""
+  return dataclasses.replace(c, model=dataclasses.replace(c.model, attention_impl='splash'))
+
+
+def _base_report(c: config_lib.Config, topo: Topology, shape: dict[str, int]) -> Report:
+  return Report(
+      config=c.model.preset, topology=topo.name, chip=topo.chip.name, chips=topo.total_chips,
+      num_slices=topo.num_slices, mesh=shape, remat_policy=c.model.remat_policy,
+      seq_len=c.data.seq_len, global_batch=c.train.global_batch_size,
+      per_chip_batch=c.train.global_batch_size / topo.total_chips,
+      param_dtype=c.model.param_dtype, dtype=c.model.dtype, attention=c.model.attention_impl,
+      hbm_gib=topo.chip.hbm_gib, fits=False)
+
+
+StepBuilder = Callable[[config_lib.Config, Any], tuple[Any, tuple[Any, ...], Any]]
+
+
+def train_step_builder(c: config_lib.Config, mesh) -> tuple[Any, tuple[Any, ...], Any]:
+  """(jitted train step, abstract arguments, abstract state) exactly as train.py builds them."""
+  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  s = train.setup(c, mesh, abstract=True)
+  return s.train_step, (s.abstract_state, train.abstract_batch(c, mesh)), s.abstract_state
+
+
+def compile_report(c: config_lib.Config, topo: Topology, *, device_list: Sequence[Any] | None = None,
+                   builder: StepBuilder = train_step_builder) -> Report:
+  """Compiles c's train step for topo and fills a Report (fits=False on a compiler OOM)."""
+  c = _aot_config(c)
+  device_list = devices(topo) if device_list is None else device_list
+  mesh = sharding.make_mesh(c, device_list)
+  shape = config_lib.mesh_shape(c, len(device_list), topo.num_slices)
+  r = _base_report(c, topo, shape)
+  step, args, state = builder(c, mesh)
+  r.state_gib = _gib(_state_bytes(state))
+  r.model_flops_per_step = metrics.model_flops_per_step(c.model, c.data.seq_len,
+                                                         c.train.global_batch_size)
+  if r.state_gib > r.hbm_gib:  # hopeless: skip a compile that can only fail
+    r.total_gib = r.state_gib
+    r.error = 'parameters and optimizer state alone exceed HBM'
+    return r
+  start = time.perf_counter()
+  try:
+    compiled = step.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    r.compile_seconds = time.perf_counter() - start
+    r.error = ' '.join(str(e).split())[:300]
+    r.total_gib = _parse_oom(str(e))
+    return r
+  r.compile_seconds = time.perf_counter() - start
+  _fill_memory(r, compiled.memory_analysis())
+  _fill_time(r, c, topo, compiled.cost_analysis())
+  return r
+
+
+def _fill_memory(r: Report, mem: Any) -> None:
+  r.argument_gib = _gib(mem.argument_size_in_bytes)
+  r.output_gib = _gib(mem.output_size_in_bytes)
+  r.alias_gib = _gib(mem.alias_size_in_bytes)
+  r.temp_gib = _gib(mem.temp_size_in_bytes)
+  r.code_gib = _gib(mem.generated_code_size_in_bytes)
+  r.total_gib = r.argument_gib + r.output_gib - r.alias_gib + r.temp_gib + r.code_gib
+  r.headroom = 1 - r.total_gib / r.hbm_gib
+  r.fits = r.total_gib <= r.hbm_gib
+
+
+def _fill_time(r: Report, c: config_lib.Config, topo: Topology, cost: Any) -> None:
+  if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
+    cost = cost[0]
+  peak = topo.chip.peak_bf16_tflops * 1e12
+  r.compiler_flops = float(cost.get('flops', 0.0))
+  r.compiler_bytes = float(cost.get('bytes accessed', 0.0))
+  optimal = float(cost.get('optimal_seconds', -1.0))
+  r.compiler_seconds = optimal if optimal > 0 else None
+  if c.model.attention_impl == 'splash':
+    r.splash_flops = splash_flops_per_step(c) / _attention_shards(c, r.mesh)
+  else:
+    r.splash_flops = 0.0
+  if r.compiler_seconds is not None:
+    r.xla_seconds = r.compiler_seconds
+    source = 'XLA: compiler optimal_seconds'
+  else:
+    r.xla_seconds = max(r.compiler_flops / peak, r.compiler_bytes / (topo.spec.hbm_gbps * 1e9))
+    source = ('XLA: roofline max(compiler flops / peak, compiler bytes / HBM bandwidth); the '
+              'compiler gave no time (it does not with Pallas kernels in the program)')
+  r.splash_seconds = r.splash_flops / peak
+  r.step_seconds = r.xla_seconds + r.splash_seconds
+  r.step_source = source + '; splash: counted kernel FLOPs at peak'
+  r.tokens_per_sec = c.train.global_batch_size * c.data.seq_len / r.step_seconds
+  r.mfu = r.model_flops_per_step / r.chips / r.step_seconds / peak
+
+
+def format_report(r: Report) -> str:
+  m = r.mesh
+  mesh = ' '.join(f'{k}={v}' for k, v in m.items() if v != 1 or k in ('fsdp', 'tensor'))
+  lines = [
+      f'AOT compile of {r.config} for {r.topology} ({r.chips} {r.chip} chips, '
+      f'{r.num_slices} slice{"s" * (r.num_slices > 1)}; mesh {mesh})',
+      f'  batch {r.global_batch} x {r.seq_len} tokens ({r.per_chip_batch:g} rows per chip), '
+      f'remat {r.remat_policy}, params {r.param_dtype}, compute {r.dtype}, attention {r.attention}',
+  ]
+  if r.error and r.argument_gib is None:
+    need = f'{r.total_gib:.2f} GiB' if r.total_gib is not None else 'more than HBM'
+    lines.append(f'  DOES NOT FIT: needs {need} per chip of {r.hbm_gib:g} GiB HBM '
+                 f'({r.error})')
+    return '\n'.join(lines)
+  verdict = 'fits' if r.fits else 'DOES NOT FIT'
+  lines += [
+      '  per-chip memory (compiler memory_analysis):',
+      f'    arguments    {r.argument_gib:8.2f} GiB  (parameters + optimizer state '
+      f'{r.state_gib:.2f} GiB, batch)',
+      f'    outputs      {r.output_gib:8.2f} GiB  ({r.alias_gib:.2f} GiB aliased to the donated '
+      'arguments)',
+      f'    temporaries  {r.temp_gib:8.2f} GiB',
+      f'    code         {r.code_gib:8.2f} GiB',
+      f'    total        {r.total_gib:8.2f} GiB of {r.hbm_gib:g} GiB HBM: {verdict}, '
+      f'{100 * r.headroom:.1f}% headroom',
+      f'  model FLOPs per step {r.model_flops_per_step:.3e} (3 x forward matmuls, '
+      'metrics.model_flops_per_step)',
+      f'  per chip: compiler FLOPs {r.compiler_flops:.3e} (XLA ops; Pallas not counted), '
+      f'splash attention {r.splash_flops:.3e} (counted from the kernel block grid)',
+      f'  estimated step {r.step_seconds:.3f} s = XLA {r.xla_seconds:.3f} s + splash '
+      f'{r.splash_seconds:.3f} s -> {r.tokens_per_sec:,.0f} tokens/s, MFU {100 * r.mfu:.1f}%',
+      f'    ({r.step_source}; collectives not overlapped with compute are not included)',
+      f'  compiled in {r.compile_seconds:.1f} s',
+  ]
+  return '\n'.join(lines)
+
+
+# --- the planner -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSpace:
+  remat_policies: tuple[str, ...] = config_lib.REMAT_POLICIES
+  rows_per_shard: tuple[int, ...] = (1, 2, 4, 8)  # rows per batch shard (fsdp x data x dcn)
+  tensor_degrees: tuple[int, ...] = (1, 2, 4, 8)
+
+
+def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int
+          ) -> config_lib.Config:
+  return dataclasses.replace(
+      c, model=dataclasses.replace(c.model, remat_policy=remat),
+      mesh=dataclasses.replace(c.mesh, data=1, fsdp=fsdp, tensor=tensor),
+      train=dataclasses.replace(c.train, global_batch_size=batch * c.optim.grad_accum_steps))
+
+
+def minimum_state_gib(c: config_lib.Config, topo: Topology) -> float:
+  """Parameters + optimizer state per chip when fully sharded over every chip (no compile)."""
+  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  cpu = jax.devices('cpu')[:1]
+  mesh = sharding.make_mesh(dataclasses.replace(
+      c, mesh=config_lib.MeshConfig(data=1, fsdp=1, tensor=1),
+      train=dataclasses.replace(c.train, global_batch_size=c.optim.grad_accum_steps)), cpu)
+  state = train.setup(_aot_config(c), mesh, abstract=True).abstract_state
+  total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+  return _gib(total / topo.total_chips)
+
+
+def _refuse_if_hopeless(c: config_lib.Config, topo: Topology) -> None:
+  need = minimum_state_gib(c, topo)
+  if need <= topo.chip.hbm_gib * (1 - HEADROOM):
+    return
+  total = need * topo.total_chips
+  sizes = [n for n in topo.spec.shapes
+           if total / (n * topo.num_slices) <= topo.chip.hbm_gib * (1 - HEADROOM) / 2]
+  hint = (f'; try {topo.kind}-{sizes[0] * topo.spec.cores_per_chip} or larger' if sizes
+          else f'; no single {topo.kind} slice size in the table is large enough')
+  raise config_lib.ConfigError(
+      f'--aot_topology={topo.name}: {c.model.preset} cannot fit: its parameters and optimizer '
+      f'state ({c.model.param_dtype}) alone need {need:.1f} GiB per chip over {topo.total_chips} '
+      f'chips, more than the {topo.chip.hbm_gib:g} GiB HBM of a {topo.kind} chip less '
+      f'{100 * HEADROOM:.0f}% headroom{hint}')
+
+
+def search_plans(c: config_lib.Config, topo: Topology, space: PlanSpace = PlanSpace(), *,
+         log: Callable[[str], None] = print) -> list[Report]:
+  """Compiles each candidate and returns the fitting ones, best estimated throughput first.
+
+  Memory grows with the batch, so for each (split, remat) the batch stops growing at the first
+  candidate that does not fit. Raises ConfigError when nothing can fit.
+  """
+  _refuse_if_hopeless(c, topo)
+  device_list = devices(topo)
+  per_slice = topo.chips
+  results = []
+  for tensor in space.tensor_degrees:
+    if per_slice % tensor or (tensor > 1 and c.model.num_kv_heads % tensor):
+      continue
+    fsdp = per_slice // tensor
+    shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
+    for remat in space.remat_policies:
+      for rows in space.rows_per_shard:
+        trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards)
+        r = compile_report(trial, topo, device_list=device_list)
+        status = (f'{r.total_gib:.1f} GiB' if r.total_gib is not None else 'OOM') + (
+            '' if r.fits else ' (does not fit)')
+        log(f'  plan fsdp={fsdp} tensor={tensor} remat={remat} batch={r.global_batch}: {status}')
+        if not r.fits:
+          break
+        results.append(r)
+  if not results:
+    raise config_lib.ConfigError(
+        f'--aot_topology={topo.name}: no plan fits {c.model.preset} at seq_len '
+        f'{c.data.seq_len} (tried remat {"/".join(space.remat_policies)}, tensor '
+        f'{"/".join(map(str, space.tensor_degrees))}); try a larger slice or a shorter '
+        'data.seq_len')
+  return sorted(results, key=lambda r: -r.tokens_per_sec)
+
+
+def format_plan(results: Sequence[Report]) -> str:
+  lines = [f'{len(results)} fitting plan(s) for {results[0].config} on {results[0].topology}, '
+           'best estimated throughput first:',
+           f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"batch":>6} {"rows/chip":>9} '
+           f'{"GiB/chip":>9} {"headroom":>8} {"tokens/s":>12} {"MFU":>6}  flags']
+  for r in results:
+    flags = (f'--config.mesh.fsdp={r.mesh["fsdp"]} --config.mesh.tensor={r.mesh["tensor"]} '
+             f'--config.model.remat_policy={r.remat_policy} '
+             f'--config.train.global_batch_size={r.global_batch}')
+    lines.append(f'  {r.mesh["fsdp"]:>5} {r.mesh["tensor"]:>6} {r.remat_policy:<26} '
+                 f'{r.global_batch:>6} {r.per_chip_batch:>9g} {r.total_gib:>9.2f} '
+                 f'{100 * r.headroom:>7.1f}% {r.tokens_per_sec:>12,.0f} {100 * r.mfu:>5.1f}%  '
+                 f'{flags}')
+  return '\n'.join(lines)
+
+
+# --- entrypoint --------------------------------------------------------------------
+
+
+def main(c: config_lib.Config, topology: str, *, report_path: str | None = None,
+         plan: bool = False) -> list[Report]:
+  """`gemma3-train --aot_topology=NAME [--aot_report=FILE.json] [--aot_plan]`."""
+  topo = parse_topology(topology, num_slices(c))
+  if plan:
+    results = search_plans(c, topo)
+    print(format_plan(results))
+  else:
+    results = [compile_report(c, topo)]
+    print(format_report(results[0]))
+  if report_path:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    payload = [dataclasses.asdict(r) for r in results]
+    epath.Path(report_path).write_text(json.dumps(payload if plan else payload[0], indent=2))
+  r = results[0]
+  if not plan and not r.fits:
+    raise config_lib.ConfigError(
+        f'--aot_topology={topology}: {r.config} does not fit: '
+        f'{"%.2f GiB" % r.total_gib if r.total_gib else "more than HBM"} per chip of '
+        f'{r.hbm_gib:g} GiB HBM; try --aot_plan, another model.remat_policy, a smaller '
+        'train.global_batch_size or a larger slice')
+  return results
