@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -33,10 +34,10 @@ class SplitRows(grain.experimental.FlatMapTransform):
     self.seq_len = seq_len
 
   def flat_map(self, doc):
-    t, m = doc['tokens'], doc['mask']
+    x, y, w = doc['tokens'][:-1], doc['tokens'][1:], doc['mask'][1:]
     L = self.seq_len
-    return [{'inputs': t[s:s + L], 'targets': t[s + 1:s + 1 + L], 'weights': m[s + 1:s + 1 + L]}
-            for s in range(0, len(t) - 1, L)]
+    return [{'inputs': x[s:s + L], 'targets': y[s:s + L], 'weights': w[s:s + L]}
+            for s in range(0, len(x), L)]
 
 
 def _rename_packed(row):
@@ -129,6 +130,8 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     ds = ds.map(_PadRow(d.seq_len))
   ds = ds.batch(B, drop_remainder=num_epochs is None)
   if d.num_workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app too
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)))
   elif d.prefetch:

@@ -17,7 +17,7 @@ BUNDLED = 'tokenizer_gemma3.model'
 
 def _read_model(path: str) -> bytes:
   if not path:
-    return importlib.resources.files('gemma3_train.assets').joinpath(BUNDLED).read_bytes()
+    return (importlib.resources.files('gemma3_train') / 'assets' / BUNDLED).read_bytes()
   p = epath.Path(path)
   if not p.exists():
     raise config_lib.ConfigError(f'data.tokenizer_path={path!r}: file not found')
