@@ -1,0 +1,96 @@
+"""gemma3-convert: Hugging Face / Kaggle Gemma 3 weights <-> this project's checkpoints.
+
+  gemma3-convert import --src=HF_OR_KAGGLE_DIR --dst=OUR_DIR
+  gemma3-convert export --src=OUR_DIR --dst=HF_DIR [--dtype=bfloat16]
+  gemma3-convert info --src=DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+
+from gemma3_train import config as config_lib
+from gemma3_train import convert
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='gemma3-convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest='command', required=True, metavar='{import,export,info}')
+  imp = sub.add_parser('import', help='HF safetensors or Kaggle/Flax Orbax -> our checkpoint.')
+  imp.add_argument('--src', required=True, help='A Hugging Face directory (config.json + '
+                   '*.safetensors, sharded or not) or a Kaggle/Flax Orbax checkpoint directory.')
+  imp.add_argument('--dst', required=True, help='New directory for our params-only checkpoint '
+                   '(usable as --config.checkpoint.init_from and by gemma3_train.load).')
+  imp.add_argument('--config', default=None, help='A configs/*.py file whose model section '
+                   'describes the source; needed only for an Orbax checkpoint whose shapes match '
+                   'no Gemma 3 size (HF directories carry their own config.json).')
+  exp = sub.add_parser('export', help='Our checkpoint (or any readable one) -> a Hugging Face '
+                       'Gemma3ForCausalLM directory.')
+  exp.add_argument('--src', required=True, help='Our params-only checkpoint directory (a HF or '
+                   'Kaggle directory also works).')
+  exp.add_argument('--dst', required=True, help='New directory for config.json and the '
+                   'safetensors shards (+ model.safetensors.index.json when sharded).')
+  exp.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
+                   help='dtype of the written tensors (default: bfloat16, as released).')
+  exp.add_argument('--shard_size', default='5GB', help='Largest shard, e.g. 5GB, 500MB '
+                   '(a single tensor larger than this gets a shard of its own).')
+  info = sub.add_parser('info', help='Print the kind of a checkpoint and its model config.')
+  info.add_argument('--src', required=True, help='Any checkpoint directory gemma3-convert reads.')
+  return p
+
+
+def _size(text: str) -> int:
+  units = {'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12, 'B': 1}
+  for unit, scale in units.items():
+    if text.upper().endswith(unit):
+      try:
+        return int(float(text[:-len(unit)]) * scale)
+      except ValueError:
+        break
+  raise convert.ConversionError(f'--shard_size={text}: expected a size like 5GB or 500MB')
+
+
+def _model_config(path: str) -> config_lib.ModelConfig:
+  """The model section of a configs/*.py file."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise convert.ConversionError(f'--config={path}: no such file')
+  sys.path.insert(0, str(file.resolve().parent.parent))  # config files import `configs.base`
+  spec = importlib.util.spec_from_file_location('_gemma3_convert_config', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return config_lib.from_config_dict(module.get_config()).model
+
+
+def main(argv: list[str]) -> None:
+  args = _parser().parse_args(argv)
+  if args.command == 'import':
+    cfg = _model_config(args.config) if args.config else None
+    cfg = convert.import_checkpoint(args.src, args.dst, cfg)
+    print(f'{args.dst}: {cfg.preset} model, {cfg.num_layers} layers, vocab {cfg.vocab_size}')
+  elif args.command == 'export':
+    cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype, shard_size=_size(args.shard_size))
+    print(f'{args.dst}: Gemma3ForCausalLM ({cfg.preset}), {args.dtype}')
+  else:
+    src = convert.open_source(args.src)
+    print(json.dumps({'kind': convert.checkpoint_kind(args.src),
+                      'model': dataclasses.asdict(src.cfg)}, indent=2))
+
+
+def run() -> None:
+  try:
+    main(sys.argv[1:])
+  except (convert.ConversionError, config_lib.ConfigError, OSError) as e:
+    print(f'gemma3-convert: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}',
+          file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  run()
