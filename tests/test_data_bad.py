@@ -86,7 +86,8 @@ def test_row_without_text_field_is_skipped_and_counted(tmp_path, absl_log):
 def test_field_missing_on_every_row_is_an_error(tmp_path):
   path = write_lines(tmp_path / 'd.jsonl', rows([{'body': 'x'}] * 5))
   with pytest.raises(config_lib.ConfigError,
-                     match=rf"no usable record .*{path} line 1.*no field 'text'.*data.text_field"):
+                     match=rf"data.text_field='text': none of the first 5 records from {path} "
+                     r"line 1 is usable \(skipped: no field 'text'\)"):
     pipeline.make_dataset(make_config(train_path=path))
 
 

@@ -77,7 +77,7 @@ def _tokenizer(c: config_lib.Config) -> tokenizer_lib.Tokenizer | None:
   return tok
 
 
-def _probe(to_doc: documents.ToDocument, indices) -> None:
+def _probe(to_doc: documents.ToDocument, indices, field_name: str) -> None:
   """Start-up check that a systematic mistake (wrong field, format) is an error, not skips."""
   before = dict(sources.COUNTS)
   for i in indices[:sources.PROBE_ROWS]:
@@ -85,11 +85,11 @@ def _probe(to_doc: documents.ToDocument, indices) -> None:
       return
   new = [k for k, n in sources.COUNTS.items() if n > before.get(k, 0)]
   if new:
-    reasons = '; '.join(new)
+    n = min(len(indices), sources.PROBE_ROWS)
     raise config_lib.ConfigError(
-        f'data.source={to_doc.source.__class__.__name__}: no usable record among the first '
-        f'{min(len(indices), sources.PROBE_ROWS)} of {to_doc.source.where(int(indices[0]))}... '
-        f'({reasons}; check data.text_field / data.messages_field / data.format)')
+        f'{field_name}={to_doc.field!r}: none of the first {n} records from '
+        f'{to_doc.source.where(int(indices[0]))} is usable ({"; ".join(new)}); check the '
+        'field name and data.format')
 
 
 def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: int = 0,
@@ -113,7 +113,7 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     raise config_lib.ConfigError(f'data: {len(source)} documents cannot feed '
                                  f'{process_count} processes')
   if source.record != 'tokens':
-    _probe(to_doc, ids)
+    _probe(to_doc, ids, 'data.messages_field' if d.format == 'chat' else 'data.text_field')
   if d.shuffle and split == 'train':
     ids = ids.shuffle(seed=d.seed)
   docs = ids.repeat(num_epochs).map(to_doc)
@@ -151,7 +151,12 @@ def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,
 
 def make_eval_iterator(c: config_lib.Config, *, process_index: int = 0,
                        process_count: int = 1) -> grain.DatasetIterator:
-  """A fresh, repeating, unshuffled iterator over the eval split (same batch format)."""
+  """A fresh, repeating, unshuffled iterator over the eval split (same batch format).
+
+  Runs in the main process (threads only): an eval takes a few batches, and starting grain
+  worker processes per eval would cost more than it saves.
+  """
+  c = c.replace(data=dict(num_workers=0))
   return iter(make_dataset(c, 'eval', process_index=process_index,
                            process_count=process_count))
 
