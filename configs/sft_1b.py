@@ -1,7 +1,8 @@
 """Supervised fine-tuning of Gemma 3 1b on chat data (Gemma chat format, loss on model turns).
 
 gemma3-train --config=configs/sft_1b.py --workdir=gs://B/sft \
-  --config.data.train_path=gs://B/chats/train-*.jsonl --config.data.eval_path=gs://B/chats/eval.jsonl \
+  --config.data.train_path='gs://B/chats/train-*.jsonl' \
+  --config.data.eval_path=gs://B/chats/eval.jsonl \
   --config.checkpoint.init_from=/path/to/gemma-3-1b-it
 
 Each JSONL row holds data.messages_field = [{"role": "system"|"user"|"assistant"|"model",

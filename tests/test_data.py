@@ -15,7 +15,6 @@ from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import data
 from gemma3_train.data import pipeline
-from gemma3_train.data import sources
 
 KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'weights')
 
@@ -69,7 +68,8 @@ def expected_pieces(token_docs, L):
 
 def test_tokenizer_round_trip_and_special_ids(tok, sp):
   assert tok.vocab_size == sp.get_piece_size() == 262144
-  for text in ['Hello world', '  To be,\n\nor not to be.  ', 'Füße, 日本語, émoji 🎭', 'x' * 300]:
+  texts = ['Hello world', '  To be,\n\nor not to be.  ', 'Füße, 日本語, 🎭', 'x' * 300]
+  for text in texts:
     ids = tok.encode(text)
     assert ids == sp.encode(text)
     assert data.tokenizer.BOS not in ids and data.tokenizer.EOS not in ids

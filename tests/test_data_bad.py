@@ -166,5 +166,6 @@ def test_parquet_without_the_column_is_an_error(tmp_path):
   pq.write_table(pa.table({'body': ['a', 'b']}), tmp_path / 'x.parquet')
   c = make_config(source='parquet', train_path=str(tmp_path / 'x.parquet'))
   with pytest.raises(config_lib.ConfigError,
-                     match=r"data.text_field='text': no such column in .*x.parquet \(columns: body\)"):
+                     match=r"data.text_field='text': no such column in .*x.parquet "
+                     r"\(columns: body\)"):
     pipeline.make_dataset(c)

@@ -9,10 +9,12 @@ skipped-and-counted:
     a Parquet file without the field's column, tensorflow_datasets not installed;
   error (DataError while reading): a chat whose roles do not alternate user/model, an unknown
     role, a message without role/content (these are systematic formatting mistakes);
-  skip-and-count (absl warning naming file and row; counts per process): an empty file among
-    others, a row that is not JSON, lacks the field, is null or empty, or is not valid UTF-8,
-    a chat longer than data.seq_len + 1 tokens;
-  count only: a text document longer than a row is split into seq_len pieces.
+  skip-and-count (absl WARNING naming file and row for the first few, then running counts in
+    COUNTS, per process and per grain worker): an empty file among others, a row that is not
+    JSON, lacks the field, is null or empty, or is not valid UTF-8, a chat longer than
+    data.seq_len + 1 tokens (split, it would train replies without their prompt);
+  count only (absl INFO, same format): a text document longer than a row is split into
+    seq_len pieces, each starting at position 0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import bisect
 import collections
 import gzip
 import importlib.resources
-import json
 import re
 from typing import Any
 
