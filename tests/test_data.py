@@ -280,6 +280,7 @@ def test_restored_iterator_yields_the_same_batches(fields):
   _assert_same([next(restored) for _ in range(6)], want)
 
 
+@pytest.mark.slow  # starting grain worker processes takes 10-25 s here
 def test_restore_with_worker_processes():
   c = make_config(num_workers=2, seq_len=64)
   it = data.make_train_iterator(c)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 _WORKER = textwrap.dedent('''
     import os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
@@ -41,6 +43,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two jax processes start in about 12 s here
 def test_global_batch_across_two_processes(tmp_path):
   script = tmp_path / 'worker.py'
   script.write_text(_WORKER)
