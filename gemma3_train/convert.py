@@ -253,7 +253,10 @@ def model_to_hf_config(cfg: config_lib.ModelConfig, dtype: str) -> dict[str, Any
       'num_attention_heads': cfg.num_heads,
       'num_key_value_heads': cfg.num_kv_heads,
       'head_dim': cfg.head_dim,
-      'query_pre_attn_scalar': cfg.query_pre_attn_scalar,
+      # transformers' strict config wants an int here; every Gemma 3 scalar is integral.
+      'query_pre_attn_scalar': (int(cfg.query_pre_attn_scalar)
+                                if float(cfg.query_pre_attn_scalar).is_integer()
+                                else cfg.query_pre_attn_scalar),
       'sliding_window': cfg.sliding_window,
       'layer_types': ['full_attention' if cfg.is_global(i) else 'sliding_attention'
                       for i in range(cfg.num_layers)],
@@ -461,6 +464,8 @@ class KaggleSource(Source):
 
   def _read(self, names: list[str]) -> dict[str, np.ndarray]:
     """Restores just these leaves (orbax partial restore), in their stored dtype."""
+    if not names:
+      return {}
     item: dict = {}
     for name in names:
       keys, leaf = self._leaves[name]
