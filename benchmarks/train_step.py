@@ -6,7 +6,8 @@ python benchmarks/train_step.py --config=configs/1b.py --dtypes=bfloat16 \
     --set=model.attention_impl=cudnn --batch=8 --seq_len=4096  # on a GPU
 
 On CPU the peak is the XLA matmul rate of this machine measured in the same run, per dtype;
-on TPU/GPU it is the chip's dense bf16 peak (gemma3_train.metrics.CHIPS).
+it is re-measured after each case's timed steps, since this box may be shared. On TPU/GPU
+it is the chip's dense bf16 peak (gemma3_train.metrics.CHIPS).
 """
 
 from __future__ import annotations
@@ -141,7 +142,11 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
   platform = jax.devices()[0].platform
   if platform == 'cpu':
     # Simulated CPU devices share the same cores: the whole machine is the one "device".
-    peak, mfu_devices = peaks[dtype], 1
+    # The peak is re-measured right after the timed steps: this box may be shared, and the
+    # ratio is only meaningful under the same load.
+    peak = metrics.measure_cpu_matmul_peak(dtype, n=args.peak_n)
+    peaks.setdefault(dtype, []).append(peak)
+    mfu_devices = 1
   else:
     peak, mfu_devices = metrics.peak_tflops(jax.devices()[0], c.logging.peak_tflops), devices
   tokens = c.train.global_batch_size * c.data.seq_len
@@ -183,18 +188,11 @@ def main(argv=None) -> list[dict]:
                                f' --xla_dump_to={args.hlo_dump} --xla_dump_hlo_as_text')
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import jax
-  from gemma3_train import metrics
-
+  import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   dtypes = [d for d in args.dtypes.split(',') if d]
-  peaks = {}
-  if jax.devices()[0].platform == 'cpu':
-    for dtype in dtypes:
-      peaks[dtype] = metrics.measure_cpu_matmul_peak(dtype, n=args.peak_n)
-      print(f'CPU XLA matmul peak ({dtype}, n={args.peak_n}): {peaks[dtype]:.4f} TFLOP/s',
-            flush=True)
-  print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}',
-        flush=True)
+  peaks: dict[str, list[float]] = {}  # CPU matmul peaks measured so far, per dtype
+  print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
+        f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores', flush=True)
   results = []
   for name, values in _case_configs(args):
     for dtype in dtypes:
@@ -203,6 +201,9 @@ def main(argv=None) -> list[dict]:
       print(_line(r), flush=True)
       if 'profile' in r:
         print(r['profile'], flush=True)
+  for dtype, values in peaks.items():
+    print(f'CPU XLA matmul peak ({dtype}, n={args.peak_n}): '
+          f'{", ".join(f"{v:.4f}" for v in values)} TFLOP/s', flush=True)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=2)

@@ -170,3 +170,27 @@ def test_profiler_traces_chosen_steps(tmp_path):
       trace.wait_for = f(x)
     assert profiler._active == (step == 1)  # one trace spans steps 1-2, closed after 2
   assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
+
+
+def test_hlo_profile_counts_matmul_flops_and_times_ops():
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  import hlo_profile  # pylint: disable=g-import-not-at-top
+
+  def loss(w, x_BD):
+    h_BF = jnp.tanh(x_BD @ w['in_DF'])
+    return jnp.mean((h_BF @ w['out_FD']) ** 2)
+  b, d, f = 16, 32, 48
+  w = {'in_DF': jnp.ones((d, f)) / d, 'out_FD': jnp.ones((f, d)) / f}
+  x = jnp.ones((b, d))
+  step = jax.jit(jax.grad(loss))
+  hlo = hlo_profile.HloModule(step.lower(w, x).compile().as_text())
+  entry = hlo.computations[hlo.entry].values()
+  # fwd: 2 matmuls; bwd: dW and dX for the second, dW for the first (dX of x is not needed).
+  assert sum(hlo.matmul_flops(i) for i in entry) == 2 * b * d * f * (2 + 3)
+  step(w, x)
+  times = hlo_profile.trace_op_times(lambda: step(w, x), 2, hlo)
+  assert times and all(t >= 0 for t in times.values())
+  assert set(times) <= {i.name for c in hlo.computations.values() for i in c.values()}
+  assert 'matmul' in hlo_profile.breakdown(hlo, times, 1e-3, 0.05)
