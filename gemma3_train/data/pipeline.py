@@ -9,7 +9,9 @@ Batches are dicts of numpy arrays [B, L] (B = global batch / process count, L = 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import weakref
 
 from absl import flags
 from absl import logging
@@ -23,6 +25,16 @@ from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
 
 KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'weights')
+_LIVE_ITERATORS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  """Closes our iterators while modules still exist (grain 0.2.18's prefetch iterators raise
+  from __del__ once interpreter teardown has cleared module globals); later __del__ is moot."""
+  for it in list(_LIVE_ITERATORS):
+    it.close()
+  grain.DatasetIterator.__del__ = lambda self: None
 
 
 class SplitRows(grain.experimental.FlatMapTransform):
@@ -144,6 +156,7 @@ def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,
   """Endless checkpointable iterator (get_state/set_state) of host-local train batches."""
   it = iter(make_dataset(c, 'train', process_index=process_index,
                          process_count=process_count))
+  _LIVE_ITERATORS.add(it)
   logging.info('data: %s train batches of %s x %d for process %d/%d', c.data.source,
                local_batch_size(c, process_count), c.data.seq_len, process_index, process_count)
   return it
@@ -157,8 +170,9 @@ def make_eval_iterator(c: config_lib.Config, *, process_index: int = 0,
   worker processes per eval would cost more than it saves.
   """
   c = c.replace(data=dict(num_workers=0))
-  return iter(make_dataset(c, 'eval', process_index=process_index,
-                           process_count=process_count))
+  it = iter(make_dataset(c, 'eval', process_index=process_index, process_count=process_count))
+  _LIVE_ITERATORS.add(it)
+  return it
 
 
 def global_batch(local_batch: dict[str, np.ndarray],
