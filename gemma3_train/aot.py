@@ -45,6 +45,8 @@ class TpuKind:
   hbm_gbps: float  # HBM bandwidth per chip, GB/s (cloud.google.com/tpu/docs/<kind>)
   shapes: dict[int, str]  # chips in a slice -> libtpu's physical topology
   chip_config: str  # libtpu chip_config_name: 'megacore' makes one device per v4/v5p chip
+  gke_accelerator: str  # GKE node label cloud.google.com/gke-tpu-accelerator
+  xpk_prefix: str  # xpk --tpu-type spelling (v5e slices are 'v5litepod-N')
 
 
 _PLANAR = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
@@ -53,10 +55,10 @@ _CUBE = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x
          256: '4x8x8', 512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16', 4096: '16x16x16'}
 
 TPU_KINDS: dict[str, TpuKind] = {
-    'v4': TpuKind('v4', 2, 1200.0, _CUBE, 'megacore'),
-    'v5e': TpuKind('v5e', 1, 819.0, _PLANAR, 'default'),
-    'v5p': TpuKind('v5p', 2, 2765.0, _CUBE, 'megacore'),
-    'v6e': TpuKind('v6e', 1, 1640.0, _PLANAR, 'default'),
+    'v4': TpuKind('v4', 2, 1200.0, _CUBE, 'megacore', 'tpu-v4-podslice', 'v4'),
+    'v5e': TpuKind('v5e', 1, 819.0, _PLANAR, 'default', 'tpu-v5-lite-podslice', 'v5litepod'),
+    'v5p': TpuKind('v5p', 2, 2765.0, _CUBE, 'megacore', 'tpu-v5p-slice', 'v5p'),
+    'v6e': TpuKind('v6e', 1, 1640.0, _PLANAR, 'default', 'tpu-v6e-slice', 'v6e'),
 }
 
 
@@ -78,6 +80,15 @@ class Topology:
   @property
   def total_chips(self) -> int:
     return self.chips * self.num_slices
+
+
+  def gke(self) -> dict[str, str | int]:
+    """What a GKE JobSet / xpk needs: node labels, hosts per slice, chips per host."""
+    per_host = 8 if self.kind in ('v5e', 'v6e') and self.chips == 8 else min(self.chips, 4)
+    n = self.chips * self.spec.cores_per_chip
+    return dict(accelerator=self.spec.gke_accelerator, topology=self.spec.shapes[self.chips],
+                hosts=self.chips // per_host, chips_per_host=per_host,
+                xpk_tpu_type=f'{self.spec.xpk_prefix}-{n}')
 
 
 def topology_names(kind: str) -> list[str]:
@@ -532,3 +543,16 @@ def main(c: config_lib.Config, topology: str, *, report_path: str | None = None,
         f'{r.hbm_gib:g} GiB HBM; try --aot_plan, another model.remat_policy, a smaller '
         'train.global_batch_size or a larger slice')
   return results
+
+
+if __name__ == '__main__':
+  # `python -m gemma3_train.aot gke v5p-128`: the slice facts the launch scripts need, as
+  # shell assignments (ACCELERATOR=tpu-v5p-slice TOPOLOGY=4x4x4 HOSTS=16 ...).
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) != 3 or sys.argv[1] != 'gke':
+    sys.exit('usage: python -m gemma3_train.aot gke TOPOLOGY  (e.g. v5p-128)')
+  try:
+    facts = parse_topology(sys.argv[2]).gke()
+  except config_lib.ConfigError as e:
+    sys.exit(f'error: {e}')
+  print(' '.join(f'{k.upper()}={v}' for k, v in facts.items()))
