@@ -261,6 +261,12 @@ def model_to_hf_config(cfg: config_lib.ModelConfig, dtype: str) -> dict[str, Any
       'layer_types': ['full_attention' if cfg.is_global(i) else 'sliding_attention'
                       for i in range(cfg.num_layers)],
       'rope_parameters': rope,
+      # The same RoPE in the pre-v5 flat fields, for older readers; v5 reads the same values.
+      'rope_theta': cfg.global_rope_base,
+      'rope_local_base_freq': cfg.local_rope_base,
+      'rope_scaling': ({'rope_type': 'linear', 'factor': cfg.global_rope_scale}
+                       if cfg.global_rope_scale != 1.0 else None),
+      'sliding_window_pattern': config_lib.GLOBAL_EVERY,
       # 270m/1b were trained to 32k; the RoPE-scaled 4b+ to 128k (GEMMA3.md A.1).
       'max_position_embeddings': 32768 if cfg.global_rope_scale == 1.0 else 131072,
       'rms_norm_eps': cfg.rms_norm_eps,
@@ -313,14 +319,13 @@ class _SafetensorsDir(Mapping):
       for f in files:
         with safetensors.safe_open(str(f), 'np') as h:
           self._files.update({name: f for name in h.keys()})
-    self._open: dict[epath.Path, Any] = {}
 
   def __getitem__(self, name: str) -> np.ndarray:
     f = self._files[name]
-    if f not in self._open:
-      self._open[f] = safetensors.safe_open(str(f), 'np')
     try:
-      return self._open[f].get_tensor(name)
+      # Opened per tensor: a handle kept open keeps every page read so far mapped (and counted).
+      with safetensors.safe_open(str(f), 'np') as h:
+        return h.get_tensor(name)
     except Exception as e:  # a truncated or inconsistent shard
       raise ConversionError(f'{f}: cannot read tensor {name} ({e})') from None
 
@@ -400,7 +405,7 @@ class KaggleSource(Source):
   """
 
   def __init__(self, path, cfg: config_lib.ModelConfig | None = None):
-    self.path = epath.Path(path)
+    self.path = epath.Path(path).absolute()
     try:
       meta = ocp.PyTreeCheckpointer().metadata(self.path)
     except Exception as e:  # pylint: disable=broad-except
@@ -527,7 +532,7 @@ def save_params(path, cfg: config_lib.ModelConfig, top: Mapping[str, np.ndarray]
   `layers` may be a generator: each layer is written (an Orbax partial save) before the next
   is read, so host memory holds the embedding and one layer, never the whole model.
   """
-  path = epath.Path(path)
+  path = epath.Path(path).absolute()  # orbax wants absolute paths
   if path.exists() and any(path.iterdir()):
     raise ConversionError(f'{path}: destination exists and is not empty')
   path.mkdir(parents=True, exist_ok=True)
@@ -561,7 +566,7 @@ class ParamsSource(Source):
   """One of our params-only checkpoints (save_params)."""
 
   def __init__(self, path):
-    self.path = epath.Path(path)
+    self.path = epath.Path(path).absolute()
     self.cfg = _model_config_from_json(self.path / PARAMS_CONFIG)
     self._tree = self.path / _PARAMS_TREE
     self._meta = ocp_v1.metadata(self._tree).metadata

@@ -16,6 +16,7 @@ from flax import nnx
 import gemma3_train
 from gemma3_train import config as config_lib
 from gemma3_train import convert
+from gemma3_train import convert_cli
 
 V, D, L, N, K, H, F, W = 512, 64, 8, 4, 2, 16, 128, 8
 TOKENS = np.random.default_rng(0).integers(0, V, size=(2, 24)).astype(np.int32)
@@ -294,3 +295,55 @@ def test_non_gemma_config_names_the_file(hf_text, tmp_path):
     convert.load_canonical(tmp_path)
   assert str(e.value) == (f"{tmp_path / 'config.json'}: model_type='llama' is not Gemma 3 "
                           '(expected gemma3 or gemma3_text)')
+
+
+# --- gemma3-convert -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('command,flags', [
+    ('import', ['--src', '--dst', '--config']),
+    ('export', ['--src', '--dst', '--dtype', '--shard_size']),
+    ('info', ['--src'])])
+def test_cli_help_documents_every_flag(command, flags, capsys):
+  with pytest.raises(SystemExit) as e:
+    convert_cli.main([command, '--help'])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for flag in flags:
+    assert flag in out
+
+
+def test_cli_import_kaggle_with_config_then_export(hf_text, tmp_path, capsys):
+  cfg, top, layers = convert.load_canonical(hf_text[0])
+  _save_orbax(tmp_path / 'kaggle', _kaggle_flat(top, layers))
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'tiny_test.py').write_text(
+      'from configs import base\n\n\ndef get_config():\n  c = base.get_config()\n'
+      f'  c.model.update(vocab_size={V}, num_layers={L}, embed_dim={D}, mlp_dim={F}, '
+      f'num_heads={N}, num_kv_heads={K}, head_dim={H}, query_pre_attn_scalar={H}.0, '
+      f'sliding_window={W}, global_rope_scale=8.0)\n  return c\n')
+  convert_cli.main(['import', f'--src={tmp_path / "kaggle"}', f'--dst={tmp_path / "ours"}',
+                    f'--config={tmp_path / "configs" / "tiny_test.py"}'])
+  convert_cli.main(['export', f'--src={tmp_path / "ours"}', f'--dst={tmp_path / "hf"}',
+                    '--dtype=float32', '--shard_size=50KB'])
+  a, b = _tensors(hf_text[0]), _tensors(tmp_path / 'hf')
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  convert_cli.main(['info', f'--src={tmp_path / "ours"}'])
+  info = json.loads(capsys.readouterr().out.split('\n', 2)[-1])
+  assert info['kind'] == 'params' and info['model']['embed_dim'] == D
+
+
+def test_cli_errors_are_one_line_and_exit_2(hf_text, tmp_path, monkeypatch, capsys):
+  config = json.loads((hf_text[0] / 'config.json').read_text())
+  config['model_type'] = 'mistral'
+  (tmp_path / 'src').mkdir()
+  (tmp_path / 'src' / 'config.json').write_text(json.dumps(config))
+  for argv in (['import', f'--src={tmp_path / "src"}', f'--dst={tmp_path / "out"}'],
+               ['export', f'--src={tmp_path / "nowhere"}', f'--dst={tmp_path / "out"}']):
+    monkeypatch.setattr('sys.argv', ['gemma3-convert', *argv])
+    with pytest.raises(SystemExit) as e:
+      convert_cli.run()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('gemma3-convert: error: ') and err.count('\n') == 1, err
+  assert "model_type='mistral' is not Gemma 3" in err or 'nowhere: not a directory' in err
