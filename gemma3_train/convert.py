@@ -103,17 +103,24 @@ def hf_layer_to_canonical(tensors: Mapping[str, np.ndarray], prefix: str, i: int
   return layer
 
 
+def hf_top_to_canonical(tensors: Mapping[str, np.ndarray], prefix: str,
+                        m: config_lib.ModelConfig) -> dict[str, np.ndarray]:
+  """Embedding (sliced to m.vocab_size rows) and final norm."""
+  name = f'{prefix}embed_tokens.weight'
+  embedding = np.asarray(tensors[name])
+  if embedding.ndim != 2 or embedding.shape[1] != m.embed_dim or embedding.shape[0] < m.vocab_size:
+    raise ConversionError(f'{name}: shape {embedding.shape}, expected ({m.vocab_size} or more, '
+                          f'{m.embed_dim})')
+  # Multimodal checkpoints append 64 rows (image soft token etc.) the text model never emits.
+  return {'embedding': embedding[:m.vocab_size],
+          'final_norm': _take(tensors, f'{prefix}norm.weight', (m.embed_dim,))}
+
+
 def hf_to_canonical(tensors: Mapping[str, np.ndarray], m: config_lib.ModelConfig
                     ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
   """HF text-decoder tensors (any of the three layouts) -> (top, layers) canonical."""
   prefix = hf_prefix(tensors.keys())
-  embedding = np.asarray(tensors[f'{prefix}embed_tokens.weight'])
-  if embedding.shape[1] != m.embed_dim or embedding.shape[0] < m.vocab_size:
-    raise ConversionError(f'{prefix}embed_tokens.weight: shape {embedding.shape}, expected '
-                          f'({m.vocab_size} or more, {m.embed_dim})')
-  # Multimodal checkpoints append 64 rows (image soft token etc.) the text model never emits.
-  top = {'embedding': embedding[:m.vocab_size],
-         'final_norm': _take(tensors, f'{prefix}norm.weight', (m.embed_dim,))}
+  top = hf_top_to_canonical(tensors, prefix, m)
   layers = [hf_layer_to_canonical(tensors, prefix, i, m) for i in range(m.num_layers)]
   return top, layers
 
@@ -356,14 +363,7 @@ class HfSource(Source):
     self.prefix = hf_prefix(self.tensors.keys())
 
   def top(self):
-    m, name = self.cfg, f'{self.prefix}embed_tokens.weight'
-    embedding = self.tensors[name]
-    if embedding.ndim != 2 or embedding.shape[1] != m.embed_dim or embedding.shape[0] < m.vocab_size:
-      raise ConversionError(f'{name}: shape {embedding.shape}, expected ({m.vocab_size} or more, '
-                            f'{m.embed_dim})')
-    # Multimodal checkpoints append 64 rows (image soft token etc.) the text model never emits.
-    return {'embedding': embedding[:m.vocab_size],
-            'final_norm': _take(self.tensors, f'{self.prefix}norm.weight', (m.embed_dim,))}
+    return hf_top_to_canonical(self.tensors, self.prefix, self.cfg)
 
   def layer(self, i):
     return hf_layer_to_canonical(self.tensors, self.prefix, i, self.cfg)
@@ -594,7 +594,10 @@ class ParamsSource(Source):
 
 
 def checkpoint_kind(path) -> str:
-  """'params' (ours), 'hf' (config.json + safetensors) or 'kaggle' (an Orbax tree)."""
+  """'params' (ours), 'hf' (config.json + safetensors) or 'kaggle' (an Orbax tree).
+
+  A new kind (e.g. our training checkpoints) needs a test here and a Source in open_source.
+  """
   path = epath.Path(path)
   if not path.is_dir():
     raise ConversionError(f'{path}: not a directory')
