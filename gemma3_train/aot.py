@@ -83,7 +83,7 @@ class Topology:
 
 
   def gke(self) -> dict[str, str | int]:
-    """What a GKE JobSet / xpk needs: node labels, hosts per slice, chips per host."""
+    """What a GKE JobSet / xpk needs (scripts/tpu_slice.sh mirrors this for the launchers)."""
     per_host = 8 if self.kind in ('v5e', 'v6e') and self.chips == 8 else min(self.chips, 4)
     n = self.chips * self.spec.cores_per_chip
     return dict(accelerator=self.spec.gke_accelerator, topology=self.spec.shapes[self.chips],
@@ -544,15 +544,3 @@ def main(c: config_lib.Config, topology: str, *, report_path: str | None = None,
         'train.global_batch_size or a larger slice')
   return results
 
-
-if __name__ == '__main__':
-  # `python -m gemma3_train.aot gke v5p-128`: the slice facts the launch scripts need, as
-  # shell assignments (ACCELERATOR=tpu-v5p-slice TOPOLOGY=4x4x4 HOSTS=16 ...).
-  import sys  # pylint: disable=g-import-not-at-top
-  if len(sys.argv) != 3 or sys.argv[1] != 'gke':
-    sys.exit('usage: python -m gemma3_train.aot gke TOPOLOGY  (e.g. v5p-128)')
-  try:
-    facts = parse_topology(sys.argv[2]).gke()
-  except config_lib.ConfigError as e:
-    sys.exit(f'error: {e}')
-  print(' '.join(f'{k.upper()}={v}' for k, v in facts.items()))

@@ -18,7 +18,6 @@ export IMAGE
 export NUM_SLICES="${NUM_SLICES:-1}"
 export NAME="${NAME:-gemma3-$(date +%m%d-%H%M%S)}"
 export MAX_RESTARTS="${MAX_RESTARTS:-10}"
-PYTHON="${PYTHON:-python3}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 args=("--config=${CONFIG}" "--workdir=${WORKDIR}")
@@ -32,15 +31,17 @@ done
 if [[ "${NUM_SLICES}" -gt 1 && "${dcn_set}" -eq 0 ]]; then
   args+=("--config.mesh.dcn_data=${NUM_SLICES}")
 fi
-# A JSON list is a YAML flow sequence, with every argument quoted whatever it holds.
-ARGS="$("${PYTHON}" -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "${args[@]}")"
-export ARGS
-
-# ACCELERATOR, TOPOLOGY, HOSTS, CHIPS_PER_HOST from the table the AOT compile uses.
-facts="$("${PYTHON}" -m gemma3_train.aot gke "${TPU_TYPE}")"
-for fact in ${facts}; do
-  export "${fact?}"
+# A YAML flow sequence of double-quoted strings: every argument stays one string, whatever it holds.
+ARGS=""
+for arg in "${args[@]}"; do
+  arg="${arg//\\/\\\\}"
+  ARGS+="${ARGS:+, }\"${arg//\"/\\\"}\""
 done
+export ARGS="[${ARGS}]"
+
+# shellcheck source=scripts/tpu_slice.sh
+source "${here}/tpu_slice.sh"
+tpu_slice "${TPU_TYPE}"  # sets ACCELERATOR, TOPOLOGY, HOSTS, CHIPS_PER_HOST
 
 # shellcheck disable=SC2016  # envsubst takes the literal names of the variables it may replace
 manifest="$(envsubst '${NAME} ${MAX_RESTARTS} ${NUM_SLICES} ${HOSTS} ${ACCELERATOR} ${TOPOLOGY} ${IMAGE} ${ARGS} ${CHIPS_PER_HOST}' \

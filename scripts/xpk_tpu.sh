@@ -21,7 +21,6 @@ set -euo pipefail
 NUM_SLICES="${NUM_SLICES:-1}"
 WORKLOAD="${WORKLOAD:-gemma3-$(date +%m%d-%H%M%S)}"
 MAX_RESTARTS="${MAX_RESTARTS:-10}"  # xpk restarts the whole workload after a preemption
-PYTHON="${PYTHON:-python3}"
 
 args=("--config=${CONFIG}" "--workdir=${WORKDIR}")
 dcn_set=0
@@ -35,9 +34,9 @@ if [[ "${NUM_SLICES}" -gt 1 && "${dcn_set}" -eq 0 ]]; then
   args+=("--config.mesh.dcn_data=${NUM_SLICES}")
 fi
 
-# The slice facts (xpk's spelling of the TPU type) come from the same table as the AOT compile.
-facts="$("${PYTHON}" -m gemma3_train.aot gke "${TPU_TYPE}")"
-xpk_tpu_type="$(tr ' ' '\n' <<<"${facts}" | sed -n 's/^XPK_TPU_TYPE=//p')"
+# shellcheck source=scripts/tpu_slice.sh
+source "$(dirname "${BASH_SOURCE[0]}")/tpu_slice.sh"
+tpu_slice "${TPU_TYPE}"  # sets XPK_TPU_TYPE (xpk spells v5e slices v5litepod-N)
 
 if [[ "${SKIP_AOT:-0}" != 1 ]]; then
   echo "Compiling for ${TPU_TYPE} x ${NUM_SLICES} with libtpu (SKIP_AOT=1 skips)..." >&2
@@ -53,7 +52,7 @@ done
 xpk_args=(workload create
   --cluster "${CLUSTER}"
   --workload "${WORKLOAD}"
-  --tpu-type "${xpk_tpu_type}"
+  --tpu-type "${XPK_TPU_TYPE}"
   --num-slices "${NUM_SLICES}"
   --docker-image "${IMAGE}"
   --max-restarts "${MAX_RESTARTS}"
