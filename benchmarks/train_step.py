@@ -43,6 +43,8 @@ def _parse_args(argv):
   p.add_argument('--peak_n', type=int, default=2048, help='matmul size for the CPU peak')
   p.add_argument('--profile', action='store_true',
                  help='trace 3 steps and print where the time goes (CPU runtime)')
+  p.add_argument('--hlo_text', default='',
+                 help='with --profile: write each case\'s optimized HLO to PREFIX_<case>_<dtype>.txt')
   p.add_argument('--hlo_dump', default='', help='XLA_FLAGS --xla_dump_to directory')
   p.add_argument('--json', default='', help='also write the results to this JSON file')
   return p.parse_args(argv)
@@ -166,7 +168,11 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
     def one_step():
       holder['state'], metrics_ = s.train_step(holder['state'], batch)
       return metrics_['loss']
-    hlo = hlo_profile.HloModule(s.train_step.lower(state, batch).compile().as_text())
+    text = s.train_step.lower(state, batch).compile().as_text()
+    if args.hlo_text:
+      with open(f'{args.hlo_text}_{name}_{dtype}.txt', 'w') as f:
+        f.write(text)
+    hlo = hlo_profile.HloModule(text)
     op_times = hlo_profile.trace_op_times(one_step, 3, hlo)
     result['profile'] = hlo_profile.breakdown(hlo, op_times, step_s, peak)
   return result
