@@ -8,6 +8,7 @@ def get_config():
   c = base.get_config()
   c.model.preset = '1b'
   c.model.update(config_lib.PRESETS['1b'])
+  c.model.dtype = 'bfloat16'  # bf16 matmuls on accelerators; params stay float32
   c.model.remat_policy = 'minimal'
   c.data.seq_len = 4096
   c.train.global_batch_size = 16
