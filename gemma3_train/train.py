@@ -78,7 +78,7 @@ def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config) -> tuple[jax
   model = nnx.merge(graphdef, params)
   x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
   sums = loss_lib.chunked_cross_entropy(
-      x_BLD, model.embedder.embedding.value, batch['targets'], batch['weights'],
+      x_BLD, model.embedder.embedding[...], batch['targets'], batch['weights'],
       chunk_size=c.train.loss_chunk_size, z_loss=c.train.z_loss)
   total = sums['loss_sum'] + c.train.z_loss * sums['z_loss_sum']
   return total, sums
@@ -116,7 +116,7 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
     metrics = {'loss': sums['loss_sum'] / weight,
                'z_loss': sums['z_loss_sum'] / weight,
                'accuracy': sums['correct_sum'] / weight,
-               'grad_norm': optax.global_norm(grads),
+               'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state['step']),
                'tokens': sums['weight_sum']}
   return new_state, metrics

@@ -1,0 +1,36 @@
+"""Runs a few train steps in one of N processes (or alone) and prints the losses as JSON.
+
+usage: python multiprocess_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.json
+Each process feeds only its rows of the global batch (make_array_from_process_local_data).
+"""
+
+import json
+import sys
+
+import jax
+
+pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if nproc > 1:
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(f'localhost:{port}', nproc, pid)
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, __file__.rsplit('/', 2)[0])
+from tests import test_train  # pylint: disable=g-import-not-at-top
+from gemma3_train import sharding, train  # pylint: disable=g-import-not-at-top
+
+c = test_train._config(mesh=dict(fsdp=-1))
+mesh = sharding.make_mesh(c)
+s = train.setup(c, mesh)
+state, losses = s.state, []
+rows = c.train.global_batch_size // nproc
+for i in range(3):
+  full = test_train._batch(c, i)
+  local = {k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}
+  batch = {k: jax.make_array_from_process_local_data(s.batch_sharding[k], v)
+           for k, v in local.items()}
+  state, m = s.train_step(state, batch)
+  losses.append(float(m['loss']))
+with open(out, 'w') as f:
+  json.dump({'losses': losses, 'devices': jax.device_count()}, f)
