@@ -15,8 +15,6 @@ Shapes: q [B, T, N, H], k and v [B, S, K, H] with N = K * G; query head n uses k
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -57,7 +55,6 @@ def dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None,
   implementation='xla' runs the same arguments on any backend; tests use it to check the
   window translation (W keys including self -> left window W - 1).
   """
-  B, T = segment_ids_BL.shape
   mask_B1TS = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
   return jax.nn.dot_product_attention(
       q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=1.0, is_causal=True,
@@ -139,8 +136,8 @@ def attend(q_BTNH, k_BSKH, v_BSKH, positions_BL, segment_ids_BL, *, window: int 
   if impl == 'cudnn':
     return dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, 'cudnn')
   if impl == 'splash':
-    return splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, block_size=block_size)
+    # Off TPU the Pallas kernel can only be interpreted (slow; for tests).
+    return splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, block_size=block_size,
+                  interpret=jax.default_backend() != 'tpu')
   raise ValueError(f'model.attention_impl={impl!r}: expected reference | cudnn | splash | auto')
 
-
-splash_interpret = functools.partial(splash, interpret=True)

@@ -240,3 +240,19 @@ def test_bad_canonical_input():
   layers[3]['q_einsum'] = layers[3]['q_einsum'][:, :, :4]
   with pytest.raises(ValueError, match='q_einsum'):
     model_lib.canonical_to_state(TINY, top, layers)
+
+
+@pytest.mark.slow
+def test_splash_model_equals_reference_model():
+  """attention_impl='splash' (interpreted off TPU) through the whole model, packed rows."""
+  cfg = dataclasses.replace(TINY, num_layers=7, sliding_window=20)
+  L = 128
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, L)), jnp.int32)
+  segments = jnp.asarray((np.arange(L) >= 50).astype(np.int32) + 1)[None]
+  positions = jnp.asarray(np.where(np.arange(L) >= 50, np.arange(L) - 50, np.arange(L)),
+                          jnp.int32)[None]
+  want = _logits(_model(cfg), tokens, positions, segments)
+  got = _logits(_model(dataclasses.replace(cfg, attention_impl='splash',
+                                           attention_block_size=128)),
+                tokens, positions, segments)
+  _close(got, want)
