@@ -167,25 +167,17 @@ def _param_count(m: config_lib.ModelConfig) -> int:
   return m.vocab_size * d + m.num_layers * per_layer + d
 
 
-@needs_libtpu
-def test_cli_compiles_tiny_for_v5e_4(tmp_path):
-  report = tmp_path / 'aot.json'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  out = subprocess.run(
-      [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
-       '--aot_topology=v5e-4', f'--aot_report={report}'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert 'fits' in out.stdout and 'v5e-4' in out.stdout
-  r = json.loads(report.read_text())
-  c = _config('tiny')
+def _check_tiny_report(r: dict, c: config_lib.Config):
+  """Checks a tiny-config report on v5e-4 against figures computed from the shapes alone."""
   assert (r['chips'], r['mesh']['fsdp'], r['attention']) == (4, 4, 'splash')
   assert r['fits'] and r['headroom'] > 0.9 and r['hbm_gib'] == 16.0
   # float32 params + two float32 Adam moments, split over 4 chips (norm scales replicated).
   state = 12 * _param_count(c.model) / 4 / 2**30
   assert r['state_gib'] == pytest.approx(state, rel=0.01)
   batch = 5 * 4 * c.train.global_batch_size * c.data.seq_len / 4 / 2**30
-  assert r['argument_gib'] == pytest.approx(r['state_gib'] + batch, rel=1e-6)
+  # TPU layouts pad arrays to whole (8, 128) tiles, which for tiny's 16- and 64-wide tensors
+  # is a lot: the compiler's argument bytes are at least the shards' bytes, at most twice.
+  assert r['state_gib'] + batch <= r['argument_gib'] <= 2 * (r['state_gib'] + batch)
   assert r['total_gib'] == pytest.approx(r['argument_gib'] + r['output_gib'] - r['alias_gib'] +
                                          r['temp_gib'] + r['code_gib'])
   # The compiler sees every matmul but the splash kernels: at least the model's non-attention
@@ -197,6 +189,31 @@ def test_cli_compiles_tiny_for_v5e_4(tmp_path):
   assert r['splash_flops'] == pytest.approx(aot.splash_flops_per_step(c) / 4)
   assert r['step_seconds'] == pytest.approx(r['xla_seconds'] + r['splash_seconds'])
   assert 0 < r['mfu'] < 1
+
+
+@needs_libtpu
+def test_compiles_trimmed_tiny_for_v5e_4():
+  # The TPU compiler is slow even for small programs (~1 min here for the shipped tiny config,
+  # mostly its 262k vocabulary), so the default suite compiles tiny trimmed to one scanned block
+  # of six layers (local and global splash kernels, chunked loss, AdamW) and 4096 vocabulary rows.
+  c = _config('tiny', model=dict(num_layers=6, vocab_size=4096))
+  r = aot.compile_report(c, aot.parse_topology('v5e-4'))
+  _check_tiny_report(dataclasses.asdict(r), aot._aot_config(c))
+  assert jax.default_backend() == 'cpu'
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_cli_compiles_tiny_for_v5e_4(tmp_path):
+  report = tmp_path / 'aot.json'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run(
+      [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+       '--aot_topology=v5e-4', f'--aot_report={report}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'fits' in out.stdout and 'v5e-4' in out.stdout
+  _check_tiny_report(json.loads(report.read_text()), _config('tiny'))
 
 
 def test_planner_refuses_27b_on_v5e_4():
