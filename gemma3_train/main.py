@@ -102,9 +102,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(' '.join(text.split()))
 
 
+class _OurInfoOnly:
+  """Shows our INFO lines; libraries (orbax, grain, jax) only reach the log at WARNING."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or 'gemma3_train' in record.pathname
+
+
 def run() -> None:
   _add_config_root_to_path(sys.argv)
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_OurInfoOnly())
   app.run(main, flags_parser=_parse_flags)
 
 

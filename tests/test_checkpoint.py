@@ -1,0 +1,160 @@
+"""Stopping and resuming: SIGKILL mid-run, SIGTERM, a corrupt newest checkpoint, another mesh.
+
+Each test drives the real CLI in subprocesses (a real kill, not a mocked exception) on a small
+Gemma-3-shaped model with synthetic data, and reads the per-step losses from metrics.jsonl.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+SMALL = ['--config=configs/tiny.py', '--config.data.source=synthetic',
+         '--config.model.vocab_size=512', '--config.model.num_layers=7',
+         '--config.data.seq_len=32', '--config.train.global_batch_size=8',
+         '--config.train.eval_every=0', '--config.logging.log_every=1',
+         '--config.logging.tensorboard=False', '--config.checkpoint.every=5',
+         '--config.optim.warmup_steps=5']
+
+
+def _env(devices=8):
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def _cmd(workdir, steps, *extra):
+  return [sys.executable, '-m', 'gemma3_train.main', *SMALL, f'--workdir={workdir}',
+          f'--config.train.num_steps={steps}', *extra]
+
+
+def _train(workdir, steps, *extra, devices=8):
+  r = subprocess.run(_cmd(workdir, steps, *extra), cwd=ROOT, env=_env(devices),
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+def _losses(workdir) -> dict[int, float]:
+  """step -> loss; a step logged twice (before a crash and after the resume) keeps the last."""
+  out = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    if 'loss' in row and row['loss'] is not None:
+      out[row['step']] = row['loss']
+  return out
+
+
+def _wait_for_step(path, step, proc, timeout=600):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    assert proc.poll() is None, 'training ended before it could be interrupted'
+    if path.exists() and any(json.loads(l).get('step', 0) >= step
+                             for l in path.read_text().splitlines() if l.strip()):
+      return
+    time.sleep(0.2)
+  raise TimeoutError(step)
+
+
+def _params(workdir):
+  """The final params as numpy, read with the trainer's own restore."""
+  code = f'''
+import sys, numpy as np, jax
+sys.argv = ['x']
+from configs import tiny
+from gemma3_train import config as C, sharding, train, checkpoint
+from flax import nnx
+c = C.from_config_dict(tiny.get_config())
+c = c.replace(data=dict(source='synthetic', seq_len=32), model=dict(vocab_size=512, num_layers=7),
+              train=dict(global_batch_size=8))
+s = train.setup(c, sharding.make_mesh(c), abstract=True)
+state, step = checkpoint.Checkpointer({str(workdir)!r}, c).restore_latest(s.abstract_state, None)
+flat = jax.tree.leaves(nnx.to_pure_dict(state['params']))
+np.savez({str(workdir / 'params.npz')!r}, *[np.asarray(x) for x in flat])
+'''
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=_env(), check=True, timeout=600)
+  return list(np.load(workdir / 'params.npz').values())
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_exactly(tmp_path):
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  _train(straight, 40)
+  proc = subprocess.Popen(_cmd(killed, 40), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  _wait_for_step(killed / 'metrics.jsonl', 23, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  seen_before = max(_losses(killed))
+  assert seen_before < 40
+  r = _train(killed, 40)
+  assert 'Resumed from' in r.stderr
+  a, b = _losses(straight), _losses(killed)
+  assert sorted(a) == sorted(b) == list(range(1, 41))
+  assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
+  for x, y in zip(_params(straight), _params(killed)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_rerun_continues(tmp_path):
+  proc = subprocess.Popen(_cmd(tmp_path, 1000, '--config.checkpoint.every=0'), cwd=ROOT,
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(tmp_path / 'metrics.jsonl', 8, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 8 <= saved[0] < 1000
+  r = _train(tmp_path, saved[0] + 3, '--config.checkpoint.every=0')
+  assert f'checkpoints/{saved[0]}' in r.stderr
+  steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert steps[-3:] == [saved[0] + 1, saved[0] + 2, saved[0] + 3]
+
+
+def _corrupt(step_dir: pathlib.Path):
+  """Truncates every data file of the state item, as a half-copied or damaged disk would."""
+  files = [p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.stat().st_size > 0]
+  assert files
+  for p in files:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
+  _train(tmp_path, 10)
+  _corrupt(tmp_path / 'checkpoints' / '10')
+  r = _train(tmp_path, 12)
+  assert 'checkpoints/10 is unreadable' in r.stderr
+  assert 'Resumed from' in r.stderr and 'checkpoints/5' in r.stderr
+  steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert steps[-7:] == list(range(6, 13))
+  assert (tmp_path / 'checkpoints' / '10').exists() or (tmp_path / 'checkpoints' / '12').exists()
+
+
+@pytest.mark.slow
+def test_resume_on_fewer_devices(tmp_path):
+  straight, moved = tmp_path / 'straight', tmp_path / 'moved'
+  _train(straight, 15)
+  _train(moved, 10)
+  _train(moved, 15, devices=4)
+  a, b = _losses(straight), _losses(moved)
+  np.testing.assert_allclose([b[s] for s in range(11, 16)], [a[s] for s in range(11, 16)],
+                             rtol=1e-5)
+
+
+def test_other_model_shape_refuses_to_resume(tmp_path):
+  _train(tmp_path, 5)
+  before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  r = subprocess.run(_cmd(tmp_path, 10, '--config.model.embed_dim=32'), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2
+  assert 'model.embed_dim=32: expected 64 to resume' in r.stderr
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
