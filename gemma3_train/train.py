@@ -232,8 +232,13 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
 
   seq_tokens = c.train.global_batch_size * c.data.seq_len
   flops = metrics_lib.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
-  chip = metrics_lib.chip_for_device(jax.devices()[0])
-  peak = c.logging.peak_tflops or (chip.peak_bf16_tflops if chip else None)
+  peak = metrics_lib.peak_tflops(jax.devices()[0], c.logging.peak_tflops)
+  if peak is None and jax.devices()[0].platform == 'cpu':
+    # No datasheet for a CPU: MFU against the XLA matmul peak measured here and now, shared by
+    # the simulated devices (they run on the same cores).
+    peak = metrics_lib.measure_cpu_matmul_peak(c.model.dtype, n=1024, repeats=5)
+    peak /= jax.local_device_count()
+    logging.info('CPU matmul peak (%s): %.4f TFLOP/s per device', c.model.dtype, peak)
   writer = metrics_lib.MetricWriter(workdir, total_steps=c.train.num_steps,
                                     enable_tensorboard=c.logging.tensorboard, is_chief=pid == 0)
   profile_at = metrics_lib.profile_steps(c.logging.profile_steps)
