@@ -437,7 +437,7 @@ def format_report(r: Report) -> str:
   lines = [
       f'AOT compile of {r.config} for {r.topology} ({r.chips} {r.chip} chips, '
       f'{r.num_slices} slice{"s" * (r.num_slices > 1)}; mesh {mesh})',
-      f'  batch {r.global_batch} x {r.seq_len} tokens ({r.per_chip_batch:g} rows per chip), '
+      f'  batch {r.global_batch} x {r.seq_len} tokens ({r.per_chip_batch:g} per chip), '
       f'remat {r.remat_policy}, params {r.param_dtype}, compute {r.dtype}, attention {r.attention}',
   ]
   if r.error and r.argument_gib is None:

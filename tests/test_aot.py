@@ -118,6 +118,19 @@ def test_topology_devices(name, slices, count, kind):
   assert 'TPU_WORKER_HOSTNAMES' not in os.environ  # train.py reads it to detect a TPU VM
 
 
+@needs_libtpu
+def test_multi_slice_mesh_puts_dcn_axis_across_slices():
+  from gemma3_train import sharding
+  c = _config('tiny', mesh=dict(dcn_data=2), train=dict(global_batch_size=16))
+  topo = aot.parse_topology('v5e-4', aot.num_slices(c))
+  mesh = sharding.make_mesh(c, aot.devices(topo))
+  assert mesh.devices.size == 8 and dict(mesh.shape)['fsdp'] == 8 // dict(mesh.shape)['data']
+  # Data parallelism over DCN: each slice holds one contiguous half of the 'data' axis.
+  slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert dict(mesh.shape)['data'] == 2
+  assert (slices[0] == 0).all() and (slices[1] == 1).all()
+
+
 def _mlp_builder(B=64, D=512, F=2048):
   """A stand-in train step: a two-matrix MLP with FSDP-sharded f32 weights and an SGD update."""
   def build(c, mesh):
