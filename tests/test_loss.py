@@ -21,14 +21,14 @@ def _full(x_BLD, table_VD, targets_BL, weights_BL, z_loss):
 
 
 def _inputs(B=3, L=10, D=8, V=50, seed=0):
-  k = jax.random.split(jax.random.key(seed), 4)
-  x = jax.random.normal(k[0], (B, L, D))
-  table = jax.random.normal(k[1], (V, D))
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
   # Half the targets are the argmax so that correct_sum is exercised.
-  best = jnp.argmax(jnp.einsum('BLD,VD->BLV', x, table), axis=-1)
-  targets = jnp.where(jnp.arange(L)[None, :] % 2 == 0, best, jax.random.randint(k[2], (B, L), 0, V))
-  weights = (jax.random.uniform(k[3], (B, L)) > 0.3).astype(jnp.float32)
-  return x, table, targets, weights
+  best = np.argmax(np.einsum('BLD,VD->BLV', np.asarray(x), np.asarray(table)), axis=-1)
+  targets = np.where(np.arange(L)[None, :] % 2 == 0, best, rng.integers(0, V, (B, L)))
+  weights = (rng.uniform(size=(B, L)) > 0.3).astype(np.float32)
+  return x, table, jnp.asarray(targets, jnp.int32), jnp.asarray(weights)
 
 
 @pytest.mark.parametrize('chunk_size,z_loss', [(1, 0.0), (3, 1e-2), (10, 0.0), (64, 1e-2)])
