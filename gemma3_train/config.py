@@ -325,7 +325,7 @@ def mesh_shape(c: Config, num_devices: int, num_slices: int = 1) -> dict[str, in
     _require(rem == 0 and fill >= 1, 'mesh', tuple(ici),
              f'degrees whose product divides the {per_slice} devices per slice')
     ici = [fill if v == -1 else v for v in ici]
-  _require(math.prod(ici) == per_slice, 'mesh', f'data={ici[0]} fsdp={ici[1]} tensor={ici[2]}',
+  _require(math.prod(ici) == per_slice, 'mesh.(data, fsdp, tensor)', tuple(ici),
            f'a product equal to the device count ({per_slice} per slice)')
   shape = dict(dcn_data=dcn[0], dcn_fsdp=dcn[1], dcn_tensor=dcn[2],
                data=ici[0], fsdp=ici[1], tensor=ici[2])

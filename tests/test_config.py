@@ -90,7 +90,7 @@ def test_mesh_shape_fill_and_errors():
   c2 = c.replace(mesh=dict(fsdp=4, tensor=2))
   assert config_lib.mesh_shape(c2, 8) == dict(dcn_data=1, dcn_fsdp=1, dcn_tensor=1, data=1,
                                               fsdp=4, tensor=2)
-  with pytest.raises(config_lib.ConfigError, match=r'^mesh=.*product equal to the device count'):
+  with pytest.raises(config_lib.ConfigError, match=r'^mesh.*=\(1, 2, 2\): expected a product equal to the device count'):
     config_lib.mesh_shape(c.replace(mesh=dict(fsdp=2, tensor=2)), 8)
   with pytest.raises(config_lib.ConfigError,
                      match=r'^train.global_batch_size=6: .*divisible by the data-parallel degree 4'):
@@ -113,7 +113,7 @@ def _cli(*args, cwd=None):
     ('--config.optim.lrr=1', '--config.optim.lrr: unknown config field'),
     ('--config.model.num_kv_heads=3', 'model.num_kv_heads=3: expected a divisor'),
     ('--config.model.sliding_window=-1', 'model.sliding_window=-1: expected a window > 0'),
-    ('--config.mesh.fsdp=3', 'mesh=data=1 fsdp=3 tensor=1: expected a product equal to the device'),
+    ('--config.mesh.fsdp=3', 'mesh.(data, fsdp, tensor)=(1, 3, 1): expected a product equal to the device'),
     ('--config.train.global_batch_size=3', 'train.global_batch_size=3: expected a batch'),
 ])
 def test_bad_override_is_one_line_and_exit_2(tmp_path, override, expected):
