@@ -103,7 +103,7 @@ def splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None, *,
       return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_KGTH, k_KSH, v_KSH)
     return jax.vmap(one_row)(q_BKGTH, k_BKSH, v_BKSH, seg_BL)
 
-  context = sharding._CONTEXT.get()  # pylint: disable=protected-access
+  context = sharding.active()
   if context is not None:
     mesh, rules = context
     batch, heads = sharding.logical_to_spec(('act_batch', 'act_kv_heads'), rules, (B, K), mesh)

@@ -133,6 +133,11 @@ def use_mesh(mesh: Mesh, rules: dict[str, tuple[str, ...]]):
     _CONTEXT.reset(token)
 
 
+def active() -> tuple[Mesh, dict[str, tuple[str, ...]]] | None:
+  """(mesh, rules) of the enclosing use_mesh, or None (kernels that need shard_map ask)."""
+  return _CONTEXT.get()
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names, when a mesh is active; identity otherwise."""
   context = _CONTEXT.get()
