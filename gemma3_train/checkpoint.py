@@ -107,6 +107,16 @@ class Checkpointer:
             f'model.{k}={ours}: expected {saved[k]} to resume the checkpoint at '
             f'{self.directory / str(step)} (use a new --workdir for a different model)')
 
+  def _set_aside(self, step: int, aside: epath.Path) -> None:
+    """Renames an unreadable step out of orbax's way (kept for inspection, never deleted), so
+    that the resumed run can write that step number again."""
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'set_aside_{step}')
+    self.manager.reload()
+
   def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[Any, int] | None:
     """(state, step) from the newest readable checkpoint, or None when there is none."""
     steps = sorted(self.manager.all_steps(), reverse=True)
@@ -119,8 +129,10 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Checkpoint %s is unreadable (%s: %s); trying the previous one.',
-                        self.directory / str(step), type(e).__name__, str(e)[:200])
+        aside = self.directory / f'unreadable_{step}'
+        logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous '
+                        'one.', self.directory / str(step), type(e).__name__, str(e)[:200], aside)
+        self._set_aside(step, aside)
         continue
       if data_iter is not None and not has_data:
         logging.warning('Checkpoint %d has no data iterator state; data restarts.', step)
@@ -141,11 +153,23 @@ def _place(abstract: Any, value: np.ndarray, name: str) -> jax.Array:
   return jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda idx: value[idx])
 
 
-def load_init_params(path: str, c: config_lib.Config, abstract_params: Any) -> Any:
-  """Params-only init from our checkpoint, a HF directory or a Kaggle checkpoint (order (2))."""
+def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> Any:
+  """Params only (order (2)) from one of our training workdirs (its newest checkpoint), our
+  params-only checkpoint (gemma3-convert import), a HF directory or a Kaggle checkpoint."""
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top
   from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
-  cfg, top, layers = convert.load_canonical(path)
+  if (epath.Path(path) / 'checkpoints').is_dir():
+    restored = Checkpointer(path, c).restore_latest(abstract_state, None)
+    if restored is None:
+      raise config_lib.ConfigError(f'checkpoint.init_from={path!r}: expected a workdir with a '
+                                   'checkpoint; its checkpoints/ folder is empty')
+    logging.info('Took params from step %d of %s', restored[1], path)
+    return restored[0]['params']
+  abstract_params = abstract_state['params']
+  try:
+    cfg, top, layers = convert.load_canonical(path, c.model)
+  except convert.ConversionError as e:
+    raise config_lib.ConfigError(f'checkpoint.init_from={path!r}: {e}') from e
   for k in _MODEL_SHAPE_FIELDS:
     if getattr(cfg, k) != getattr(c.model, k):
       raise config_lib.ConfigError(

@@ -223,8 +223,8 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   elif c.checkpoint.init_from:
     logging.info('Initializing params from %s', c.checkpoint.init_from)
     state = s.init_state()
-    state['params'] = checkpoint_lib.load_init_params(
-        c.checkpoint.init_from, c, s.abstract_state['params'])
+    state['params'] = checkpoint_lib.load_init_params(c.checkpoint.init_from, c,
+                                                      s.abstract_state)
     start_step = 0
   else:
     state, start_step = s.init_state(), 0

@@ -1,0 +1,47 @@
+"""checkpoint.init_from: a fine-tune starts from released (HF) weights, sharded on the mesh."""
+
+import jax
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from configs import tiny
+from gemma3_train import checkpoint
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train import train
+from tests import test_convert as tc
+
+
+def test_init_from_hf_directory_gives_hf_logits(tmp_path):
+  hf = tc._randomize(transformers.Gemma3ForCausalLM(tc._text_config(attn_implementation='eager')),
+                     3)
+  hf.save_pretrained(tmp_path, max_shard_size='100KB')
+  c = config_lib.from_config_dict(tiny.get_config()).replace(
+      model=dict(vocab_size=tc.V, embed_dim=tc.D, num_layers=tc.L, num_heads=tc.N,
+                 num_kv_heads=tc.K, head_dim=tc.H, mlp_dim=tc.F, sliding_window=tc.W,
+                 query_pre_attn_scalar=float(tc.H), global_rope_scale=8.0),
+      mesh=dict(fsdp=4, tensor=2), checkpoint=dict(init_from=str(tmp_path)))
+  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  params = checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+  emb = params['embedder']['embedding'].get_value()
+  assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')  # born sharded
+  model = nnx.merge(s.graphdef, params)
+  ours = np.asarray(jax.jit(lambda t: model(t))(tc.TOKENS))
+  ref = tc._hf_logits(hf, tc.TOKENS)
+  assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5
+
+
+def test_init_from_wrong_shape_names_the_field(tmp_path):
+  hf = transformers.Gemma3ForCausalLM(tc._text_config(attn_implementation='eager'))
+  hf.save_pretrained(tmp_path)
+  c = config_lib.from_config_dict(tiny.get_config()).replace(
+      model=dict(vocab_size=tc.V, embed_dim=tc.D * 2, num_layers=tc.L))
+  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  try:
+    checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+  except config_lib.ConfigError as e:
+    assert str(e).startswith(f'model.embed_dim={tc.D * 2}: checkpoint.init_from=')
+  else:
+    raise AssertionError('no error')
