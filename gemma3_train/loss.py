@@ -1,31 +1,142 @@
-"""Next-token cross-entropy over the tied embedding, in sequence chunks.
+"""Next-token cross-entropy over the tied embedding, in sequence chunks, with a fused gradient.
 
 With a 262k vocabulary the [B, L, V] logits are the largest tensor of a step (17 GB in fp32 for
 8 x 2048), so they are never materialized: a scan walks the sequence in chunks, computes each
-chunk's float32 logits from x @ embedding.T, reduces them to sums, and is rematerialized so the
-backward pass recomputes one chunk at a time instead of keeping all of them.
+chunk's float32 logits from x @ embedding.T and reduces them to per-position sums.
+
+The gradient is a jax.custom_vjp whose forward pass (used only under differentiation) also forms
+the chunk's softmax p once and runs the two gradient matmuls p @ E and p^T @ (w x) while the
+logits are still fresh, so the LM head costs the three matmuls the model FLOP count assumes, one
+exp pass and no scatter-add over the logits. The backward pass only scales those saved products
+by the incoming cotangents. It is exact for any cotangents, not only the trainer's, because
+d loss_sum / d logits = w (p - onehot) and d z_loss_sum / d logits = 2 w lse p are both linear
+in p; the one-hot part is a gather of E rows (for dx) and a T-row scatter into dE (for dE),
+applied in float32 so it is not rounded with p in bfloat16.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from gemma3_train import sharding
 
+_LOGITS = ('act_batch', 'act_len', 'act_vocab')
+_SUM_KEYS = ('loss_sum', 'z_loss_sum', 'weight_sum', 'correct_sum')
 
-def _chunk_sums(x_BCD, table_VD, targets_BC, weights_BC, z_loss: float):
-  """Sums of the weighted loss, z-loss, weights and correct predictions for one chunk."""
+
+def _chunk_logits(x_BCD, table_VD):
   logits_BCV = jnp.einsum('BCD,VD->BCV', x_BCD, table_VD.astype(x_BCD.dtype),
                           preferred_element_type=jnp.float32)
-  logits_BCV = sharding.constrain(logits_BCV, ('act_batch', 'act_len', 'act_vocab'))
-  lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-  target_BC = jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+  return sharding.constrain(logits_BCV, _LOGITS)
+
+
+def _chunk_stats(logits_BCV, targets_BC):
+  """(logsumexp, target logit, max logit) per position, float32."""
+  max_BC = jnp.max(logits_BCV, axis=-1)
+  lse_BC = max_BC + jnp.log(jnp.sum(jnp.exp(logits_BCV - max_BC[..., None]), axis=-1))
+  # A masked sum, not a gather: it shards over the vocabulary like the reductions above.
+  vocab_BCV = jax.lax.broadcasted_iota(jnp.int32, logits_BCV.shape, 2)
+  target_BC = jnp.sum(jnp.where(vocab_BCV == targets_BC[..., None], logits_BCV, 0.0), axis=-1)
+  return lse_BC, target_BC, max_BC
+
+
+def _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss: float) -> dict[str, jax.Array]:
   w_BC = weights_BC.astype(jnp.float32)
-  correct_BC = (jnp.argmax(logits_BCV, axis=-1) == targets_BC).astype(jnp.float32)
+  # Correct when the target's logit is the largest; a tie with another token counts as correct
+  # (argmax would pick the lower index). Reusing the max saves an argmax pass over the logits.
+  correct_BC = (target_BC >= max_BC).astype(jnp.float32)
   z_sum = jnp.sum(w_BC * jnp.square(lse_BC)) if z_loss else jnp.zeros((), jnp.float32)
   return {'loss_sum': jnp.sum(w_BC * (lse_BC - target_BC)), 'z_loss_sum': z_sum,
           'weight_sum': jnp.sum(w_BC), 'correct_sum': jnp.sum(w_BC * correct_BC)}
+
+
+def _scan_chunks(body, init, xs, num_chunks: int):
+  """lax.scan, or one direct call when there is one chunk (no loop-carried copies)."""
+  if num_chunks == 1:
+    carry, ys = body(init, jax.tree.map(lambda a: a[0], xs))
+    return carry, jax.tree.map(lambda a: a[None], ys)
+  return jax.lax.scan(body, init, xs)
+
+
+def _zero_sums():
+  return {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _sums_nBC(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
+  """Summed loss terms over chunks [n, B, C]; no gradient work (eval, or the primal)."""
+
+  def body(totals, chunk):
+    x_BCD, targets_BC, weights_BC = chunk
+    logits_BCV = _chunk_logits(x_BCD, table_VD)
+    sums = _chunk_sums(*_chunk_stats(logits_BCV, targets_BC), weights_BC, z_loss)
+    return jax.tree.map(jnp.add, totals, sums), None
+
+  totals, _ = _scan_chunks(body, _zero_sums(), (x_nBCD, targets_nBC, weights_nBC),
+                           x_nBCD.shape[0])
+  return totals
+
+
+def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
+  """The sums, plus p @ E per position and p^T @ (w x) [, p^T @ (2 w lse x)] over the table."""
+  D = x_nBCD.shape[-1]
+  dt = x_nBCD.dtype
+  table_c = table_VD.astype(dt)
+
+  def body(carry, chunk):
+    totals, pX_VK = carry
+    x_BCD, targets_BC, weights_BC = chunk
+    logits_BCV = _chunk_logits(x_BCD, table_VD)
+    lse_BC, target_BC, max_BC = _chunk_stats(logits_BCV, targets_BC)
+    sums = _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss)
+    p_BCV = sharding.constrain(jnp.exp(logits_BCV - lse_BC[..., None]).astype(dt), _LOGITS)
+    pE_BCD = jnp.einsum('BCV,VD->BCD', p_BCV, table_c, preferred_element_type=jnp.float32)
+    w_BC = weights_BC.astype(jnp.float32)
+    # The right operand of p^T @ (.): the per-position scales of each term's dlogits.
+    xs_BCK = x_BCD.astype(jnp.float32) * w_BC[..., None]
+    if z_loss:
+      xs_BCK = jnp.concatenate([xs_BCK, xs_BCK * (2.0 * lse_BC[..., None])], axis=-1)
+    contrib_VK = jnp.einsum('BCV,BCK->VK', p_BCV, xs_BCK.astype(dt),
+                            preferred_element_type=jnp.float32)
+    pX_VK = contrib_VK if pX_VK is None else pX_VK + contrib_VK
+    # dx of loss_sum: w (p @ E - E[target]); of z_loss_sum: 2 w lse (p @ E).
+    target_rows_BCD = jnp.take(table_VD, targets_BC, axis=0).astype(dt).astype(jnp.float32)
+    dx_loss_BCD = w_BC[..., None] * (pE_BCD - target_rows_BCD)
+    dx_z_BCD = (2.0 * w_BC * lse_BC)[..., None] * pE_BCD if z_loss else None
+    return (jax.tree.map(jnp.add, totals, sums), pX_VK), (dx_loss_BCD, dx_z_BCD)
+
+  n = x_nBCD.shape[0]
+  xs = (x_nBCD, targets_nBC, weights_nBC)
+  if n == 1:
+    (totals, pX_VK), ys = _scan_chunks(body, (_zero_sums(), None), xs, 1)
+  else:
+    K = 2 * D if z_loss else D
+    pX_VK = sharding.constrain(jnp.zeros((table_VD.shape[0], K), jnp.float32), ('vocab', None))
+    (totals, pX_VK), ys = _scan_chunks(body, (_zero_sums(), pX_VK), xs, n)
+  # A zero-size array carries the table's dtype (residuals must be arrays).
+  return totals, (ys, pX_VK, x_nBCD, targets_nBC, weights_nBC, jnp.zeros((0,), table_VD.dtype))
+
+
+def _sums_bwd(z_loss: float, res, g):
+  (dx_loss_nBCD, dx_z_nBCD), pX_VK, x_nBCD, targets_nBC, weights_nBC, table_dtype = res
+  D = x_nBCD.shape[-1]
+  g_loss, g_z = g['loss_sum'], g['z_loss_sum']
+  dx_nBCD = g_loss * dx_loss_nBCD
+  dE_VD = g_loss * pX_VK[:, :D]
+  if z_loss:
+    dx_nBCD = dx_nBCD + g_z * dx_z_nBCD
+    dE_VD = dE_VD + g_z * pX_VK[:, D:]
+  # The one-hot part of dlogits: row target of dE loses w x (T rows, not a pass over the logits).
+  w_nBC = weights_nBC.astype(jnp.float32)
+  rows_TD = (x_nBCD.astype(jnp.float32) * (g_loss * w_nBC)[..., None]).reshape(-1, D)
+  dE_VD = dE_VD.at[targets_nBC.reshape(-1)].add(-rows_TD)
+  return dx_nBCD.astype(x_nBCD.dtype), dE_VD.astype(table_dtype.dtype), None, None
+
+
+_sums_nBC.defvjp(_sums_fwd, _sums_bwd)
 
 
 def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_size: int,
@@ -36,7 +147,8 @@ def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_
   tokens and weights_BL the loss mask. Chunks are chunk_size positions of every row, so the batch
   dimension keeps its sharding; a ragged last chunk is padded with weight 0. z_loss_sum is the
   unscaled sum(w * logsumexp^2), computed only when z_loss > 0 (the trainer adds
-  z_loss * z_loss_sum to the objective).
+  z_loss * z_loss_sum to the objective). correct_sum counts positions whose target logit equals
+  the maximum logit (ties count as correct). Gradients flow to x_BLD and embedding_VD.
   """
   B, L, D = x_BLD.shape
   if chunk_size < 1:
@@ -52,14 +164,4 @@ def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_
   x_nBCD = x_BLD.reshape(B, num_chunks, C, D).swapaxes(0, 1)
   targets_nBC = targets_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
   weights_nBC = weights_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def body(totals, chunk):
-    x_BCD, targets_BC, weights_BC = chunk
-    sums = _chunk_sums(x_BCD, embedding_VD, targets_BC, weights_BC, z_loss)
-    return jax.tree.map(jnp.add, totals, sums), None
-
-  zero = jnp.zeros((), jnp.float32)
-  totals = {'loss_sum': zero, 'z_loss_sum': zero, 'weight_sum': zero, 'correct_sum': zero}
-  totals, _ = jax.lax.scan(body, totals, (x_nBCD, targets_nBC, weights_nBC))
-  return totals
+  return _sums_nBC(x_nBCD, embedding_VD, targets_nBC, weights_nBC, float(z_loss))

@@ -1,4 +1,8 @@
-"""Chunked cross-entropy equals the plain full-logits computation (values and gradients)."""
+"""Chunked cross-entropy equals the plain full-logits computation (values and gradients).
+
+The reference differentiates the full [B, L, V] logits with ordinary autodiff, so these tests
+also check loss.py's hand-written custom_vjp (forward-formed p @ E and p^T @ (w x) products).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +19,8 @@ def _full(x_BLD, table_VD, targets_BL, weights_BL, z_loss):
   nll = -jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
   lse = jax.nn.logsumexp(logits, axis=-1)
   w = weights_BL.astype(jnp.float32)
-  return {'loss_sum': jnp.sum(w * nll), 'z_loss_sum': jnp.sum(w * lse ** 2) if z_loss else 0.0,
+  return {'loss_sum': jnp.sum(w * nll),
+          'z_loss_sum': jnp.sum(w * lse ** 2) if z_loss else jnp.zeros((), jnp.float32),
           'weight_sum': jnp.sum(w),
           'correct_sum': jnp.sum(w * (jnp.argmax(logits, -1) == targets_BL))}
 
@@ -71,8 +76,62 @@ def test_bf16_hidden_states_accumulate_in_f32():
   np.testing.assert_allclose(got['loss_sum'], want['loss_sum'], rtol=1e-5)
 
 
+@pytest.mark.parametrize('chunk_size,z_loss', [(3, 0.0), (4, 0.05), (10, 0.05)])
+def test_vjp_any_cotangents(chunk_size, z_loss):
+  """The custom vjp is exact for arbitrary cotangents of every sum, not only the trainer's."""
+  x, table, targets, weights = _inputs(seed=3)
+  cot = {'loss_sum': jnp.float32(0.7), 'z_loss_sum': jnp.float32(-1.9),
+         'weight_sum': jnp.float32(0.3), 'correct_sum': jnp.float32(2.0)}
+  got, vjp_got = jax.vjp(lambda x, t: loss_lib.chunked_cross_entropy(
+      x, t, targets, weights, chunk_size=chunk_size, z_loss=z_loss), x, table)
+  want, vjp_want = jax.vjp(lambda x, t: _full(x, t, targets, weights, z_loss), x, table)
+  for k in want:  # the differentiated forward returns the same sums as the plain one
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
+  for a, b in zip(vjp_got(cot), vjp_want(cot)):
+    # Entries near zero are differences of O(max) float32 terms: absolute error ~ eps * max.
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+
+
+def test_bf16_gradients():
+  """bf16 hidden states: gradients match the f32 reference on the rounded inputs to bf16
+  precision (p is a bf16 matmul operand), keep x's dtype, and do not depend on chunking."""
+  x, table, targets, weights = _inputs(seed=4)
+  x16 = x.astype(jnp.bfloat16)
+  z = 1e-2
+
+  def objective(x, t, chunk_size):
+    s = loss_lib.chunked_cross_entropy(x, t, targets, weights, chunk_size=chunk_size, z_loss=z)
+    return s['loss_sum'] + z * s['z_loss_sum']
+
+  def ref(x, t):
+    s = _full(x, t, targets, weights, z)
+    return s['loss_sum'] + z * s['z_loss_sum']
+  rounded = (x16.astype(jnp.float32), table.astype(jnp.bfloat16).astype(jnp.float32))
+  want = jax.grad(ref, argnums=(0, 1))(*rounded)
+  by_chunk = [jax.grad(objective, argnums=(0, 1))(x16, table, c) for c in (3, 10)]
+  for dx, dt in by_chunk:
+    assert dx.dtype == jnp.bfloat16 and dt.dtype == jnp.float32
+    for a, b in zip((dx, dt), want):
+      np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=1e-2 * np.abs(b).max())
+  for a, b in zip(*by_chunk):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=1e-2 * np.abs(np.asarray(b, np.float32)).max())
+
+
+def test_ties_count_as_correct():
+  """correct_sum is target_logit >= max_logit: a target tied with a lower index is correct."""
+  x, table, _, _ = _inputs(B=1, L=4, V=6, seed=5)
+  table = table.at[2].set(table[2] + 10 * x[0, 0])  # row 2 wins at position 0 ...
+  table = table.at[5].set(table[2])  # ... tied with row 5, the target (argmax would say 2)
+  targets = jnp.asarray([[5, 0, 0, 0]], jnp.int32)
+  s = loss_lib.chunked_cross_entropy(x, table, targets, jnp.asarray([[1.0, 0, 0, 0]]),
+                                     chunk_size=2)
+  assert float(s['correct_sum']) == 1.0
+
+
 def test_full_logits_never_materialized():
-  """The jitted backward holds no [B, L, V] array: the largest logits buffer is one chunk."""
+  """The jitted gradient holds no [B, L, V] array (the largest logits buffer is one chunk),
+  runs the LM head as exactly three matmuls, and scatters nothing logits-shaped."""
   B, L, D, V, C = 2, 64, 8, 1000, 8
   x, table, targets, weights = _inputs(B, L, D, V)
 
@@ -80,6 +139,10 @@ def test_full_logits_never_materialized():
     return loss_lib.chunked_cross_entropy(x, t, targets, weights, chunk_size=C)['loss_sum']
   hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, table).compile().as_text()
   assert f'f32[{B},{L},{V}]' not in hlo and f'f32[{B},{C},{V}]' in hlo
+  lines = hlo.splitlines()
+  assert sum(' dot(' in line for line in lines) == 3, 'LM head: x E^T, p E, p^T x'
+  scatters = [line for line in lines if ' scatter(' in line]
+  assert all(f'[{V},{D}]' in line.split('=')[1].split(' ')[1] for line in scatters), scatters
 
 
 def test_bad_chunk_size():
