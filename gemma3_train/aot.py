@@ -268,6 +268,7 @@ class Report:
   tokens_per_sec: float | None = None
   mfu: float | None = None
   compile_seconds: float | None = None
+  tpu_kernels: int | None = None  # Mosaic (Pallas TPU) custom calls in the compiled program
   error: str = ''  # the compiler's out-of-memory message when it refused
 
 
@@ -346,6 +347,12 @@ def compile_report(c: config_lib.Config, topo: Topology, *, device_list: Sequenc
     r.total_gib = _parse_oom(str(e))
     return r
   r.compile_seconds = time.perf_counter() - start
+  # 0 with attention 'splash' means the kernel was interpreted (as XLA ops), not the TPU kernel
+  # a real run uses: then memory and time describe the wrong program.
+  r.tpu_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  if c.model.attention_impl == 'splash' and not r.tpu_kernels:
+    r.error = ('splash attention was interpreted, not compiled as the TPU kernel (attention.py '
+               'must choose interpret from the mesh devices, not jax.default_backend())')
   _fill_memory(r, compiled.memory_analysis())
   _fill_time(r, c, topo, compiled.cost_analysis())
   return r
@@ -465,8 +472,10 @@ def format_report(r: Report) -> str:
       f'  estimated step {r.step_seconds:.3f} s = XLA {r.xla_seconds:.3f} s + splash '
       f'{r.splash_seconds:.3f} s -> {r.tokens_per_sec:,.0f} tokens/s, MFU {100 * r.mfu:.1f}%',
       f'    ({r.step_source}; collectives not overlapped with compute are not included)',
-      f'  compiled in {r.compile_seconds:.1f} s',
+      f'  compiled in {r.compile_seconds:.1f} s, {r.tpu_kernels} Pallas TPU kernel calls',
   ]
+  if r.error:
+    lines.append(f'  WARNING: {r.error}')
   return '\n'.join(lines)
 
 

@@ -213,6 +213,7 @@ def test_compiles_trimmed_tiny_for_v5e_4():
   r = aot.compile_report(c, aot.parse_topology('v5e-4'))
   _check_tiny_report(dataclasses.asdict(r), aot._aot_config(c))
   assert jax.default_backend() == 'cpu'
+  assert r.tpu_kernels > 0 and not r.error  # the splash TPU kernel, not its interpreter
 
 
 @needs_libtpu
@@ -292,6 +293,7 @@ def test_shipped_config_fits_with_headroom(name, topology):
   r = aot.compile_report(c, aot.parse_topology(topology))
   print(aot.format_report(r))
   assert r.fits and r.headroom >= aot.HEADROOM, aot.format_report(r)
+  assert r.tpu_kernels > 0 and not r.error, r.error
   assert r.model_flops_per_step == metrics.model_flops_per_step(
       c.model, c.data.seq_len, c.train.global_batch_size)
   assert 0 < r.mfu < 1
