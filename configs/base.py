@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype of matmuls (bfloat16 on accelerators)
   c.model.scan_layers = True  # scan over blocks of six layers (compile time O(1) in depth)
   c.model.remat_policy = 'none'  # none | full | minimal | save_decoder_layer_input | save_qkv_proj
-  c.model.attention_impl = 'reference'  # reference | cudnn | splash | auto (best for the backend)
+  c.model.attention_impl = 'auto'  # auto (splash on TPU, cudnn on GPU, else reference) | reference | cudnn | splash
   c.model.attention_block_size = 512  # splash attention q/kv block size (TPU)
 
   # --- mesh: device mesh and sharding --------------------------------------

@@ -115,11 +115,20 @@ def splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None, *,
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def target_platform() -> str:
+  """The platform being compiled for: the active mesh's devices (a TPU topology when compiling
+  ahead of time on a CPU host), else the default backend."""
+  context = sharding.active()
+  if context is not None:
+    return context[0].devices.flat[0].platform
+  return jax.default_backend()
+
+
 def resolve(impl: str, dtype) -> str:
   """'auto' -> splash on TPU, cudnn on GPU with 16-bit compute, else the reference."""
   if impl != 'auto':
     return impl
-  backend = jax.default_backend()
+  backend = target_platform()
   if backend == 'tpu':
     return 'splash'
   if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
@@ -138,6 +147,6 @@ def attend(q_BTNH, k_BSKH, v_BSKH, positions_BL, segment_ids_BL, *, window: int 
   if impl == 'splash':
     # Off TPU the Pallas kernel can only be interpreted (slow; for tests).
     return splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, block_size=block_size,
-                  interpret=jax.default_backend() != 'tpu')
+                  interpret=target_platform() != 'tpu')
   raise ValueError(f'model.attention_impl={impl!r}: expected reference | cudnn | splash | auto')
 

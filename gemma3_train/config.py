@@ -68,7 +68,7 @@ class ModelConfig:
   dtype: str = 'float32'
   scan_layers: bool = True
   remat_policy: str = 'none'
-  attention_impl: str = 'reference'
+  attention_impl: str = 'auto'
   attention_block_size: int = 512
 
   @classmethod

@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-import tensorboardX
 from etils import epath
 
 from gemma3_train import config as config_lib
@@ -212,6 +211,7 @@ class MetricWriter:
     if not self._local and self._path.exists():
       self._lines = self._path.read_text().splitlines()
     if enable_tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top  (lazy: it imports torch, ~10 s)
       self._tb = tensorboardX.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
 
   def _append(self, record: dict[str, Any]) -> None:
