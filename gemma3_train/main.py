@@ -71,6 +71,9 @@ def main(argv) -> None:
     train.train_and_evaluate(config, _WORKDIR.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
+  except FloatingPointError as e:  # a diverged run: say so plainly, exit non-zero
+    print(f'gemma3-train: error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 def _add_config_root_to_path(argv: list[str]) -> None:

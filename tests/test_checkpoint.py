@@ -143,9 +143,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
 @pytest.mark.slow
 def test_resume_on_fewer_devices(tmp_path):
   straight, moved = tmp_path / 'straight', tmp_path / 'moved'
-  _train(straight, 15)
-  _train(moved, 10)
-  _train(moved, 15, devices=4)
+  flat = '--config.optim.schedule=constant'  # the run lengths differ; the lr must not
+  _train(straight, 15, flat)
+  _train(moved, 10, flat)
+  _train(moved, 15, flat, devices=4)
   a, b = _losses(straight), _losses(moved)
   np.testing.assert_allclose([b[s] for s in range(11, 16)], [a[s] for s in range(11, 16)],
                              rtol=1e-5)
@@ -171,3 +172,14 @@ def test_init_from_our_workdir_takes_params_only(tmp_path):
   # Same data order as `first` began with, but trained params: lower loss on the same batch.
   assert b[1] < a[1] - 0.05
   assert sorted(b) == [1, 2]  # a fresh run: step counter and optimizer start over
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  _train(tmp_path, 5)
+  r = subprocess.run(_cmd(tmp_path, 10, '--config.optim.lr=1e30', '--config.optim.clip_norm=0'),
+                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1
+  assert 'is not finite; stopping' in r.stderr and 'checkpoints is intact' in r.stderr
+  saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved == ['5']
