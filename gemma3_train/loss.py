@@ -4,14 +4,17 @@ With a 262k vocabulary the [B, L, V] logits are the largest tensor of a step (17
 8 x 2048), so they are never materialized: a scan walks the sequence in chunks, computes each
 chunk's float32 logits from x @ embedding.T and reduces them to per-position sums.
 
-The gradient is a jax.custom_vjp whose forward pass (used only under differentiation) also forms
-the chunk's softmax p once and runs the two gradient matmuls p @ E and p^T @ (w x) while the
-logits are still fresh, so the LM head costs the three matmuls the model FLOP count assumes, one
-exp pass and no scatter-add over the logits. The backward pass only scales those saved products
+The gradient is a jax.custom_vjp whose forward pass (used only under differentiation) also writes
+the chunk's unnormalized softmax e = exp(logits - max) once and runs the two gradient matmuls
+p @ E and p^T @ (w x) on it (p = e / sum(e); the 1/sum(e) scales [B, C, D] arrays instead), so
+the LM head costs the three matmuls the model FLOP count assumes, one exp pass, and no argmax,
+recompute or scatter-add over the logits. The backward pass only scales those saved products
 by the incoming cotangents. It is exact for any cotangents, not only the trainer's, because
 d loss_sum / d logits = w (p - onehot) and d z_loss_sum / d logits = 2 w lse p are both linear
 in p; the one-hot part is a gather of E rows (for dx) and a T-row scatter into dE (for dE),
-applied in float32 so it is not rounded with p in bfloat16.
+applied in float32 so it is not rounded with p in bfloat16. With bfloat16 compute e is stored in
+bfloat16 and the differentiated forward's sum(e) adds those rounded values (in float32), so its
+loss differs from the plain forward's by ~1e-4 relative; float32 compute is unaffected.
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ def _chunk_stats(logits_BCV, targets_BC):
   """(logsumexp, target logit, max logit) per position, float32."""
   max_BC = jnp.max(logits_BCV, axis=-1)
   lse_BC = max_BC + jnp.log(jnp.sum(jnp.exp(logits_BCV - max_BC[..., None]), axis=-1))
-  # A masked sum, not a gather: it shards over the vocabulary like the reductions above.
-  vocab_BCV = jax.lax.broadcasted_iota(jnp.int32, logits_BCV.shape, 2)
-  target_BC = jnp.sum(jnp.where(vocab_BCV == targets_BC[..., None], logits_BCV, 0.0), axis=-1)
-  return lse_BC, target_BC, max_BC
+  return lse_BC, _target_logit(logits_BCV, targets_BC), max_BC
+
+
+def _target_logit(logits_BCV, targets_BC):
+  # A gather of B*C values; a masked sum over the vocabulary would be one more full pass.
+  return jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
 
 
 def _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss: float) -> dict[str, jax.Array]:
@@ -90,20 +95,34 @@ def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
     totals, pX_VK = carry
     x_BCD, targets_BC, weights_BC = chunk
     logits_BCV = _chunk_logits(x_BCD, table_VD)
-    lse_BC, target_BC, max_BC = _chunk_stats(logits_BCV, targets_BC)
-    sums = _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss)
-    p_BCV = sharding.constrain(jnp.exp(logits_BCV - lse_BC[..., None]).astype(dt), _LOGITS)
-    pE_BCD = jnp.einsum('BCV,VD->BCD', p_BCV, table_c, preferred_element_type=jnp.float32)
+    max_BC = jnp.max(logits_BCV, axis=-1)
+    # e = exp(logits - max) is written once, in the matmul dtype, and both the normalizer and
+    # the matmuls read it; p = e / sum(e) is never formed: 1/sum(e) scales the [B, C, D]
+    # operands and results instead of a [B, C, V] array. The barrier keeps XLA from fusing the
+    # exp into the sum's reduction (on CPU that recomputed it in a slow reduction kernel).
+    e_BCV = jax.lax.optimization_barrier(jnp.exp(logits_BCV - max_BC[..., None]).astype(dt))
+    e_BCV = sharding.constrain(e_BCV, _LOGITS)
+    sum_BC = jnp.sum(e_BCV.astype(jnp.float32), axis=-1)
+    lse_BC = max_BC + jnp.log(sum_BC)
+    sums = _chunk_sums(lse_BC, _target_logit(logits_BCV, targets_BC), max_BC, weights_BC,
+                       z_loss)
+    inv_BC = 1.0 / sum_BC
+    pE_BCD = inv_BC[..., None] * jnp.einsum('BCV,VD->BCD', e_BCV, table_c,
+                                            preferred_element_type=jnp.float32)
     w_BC = weights_BC.astype(jnp.float32)
-    # The right operand of p^T @ (.): the per-position scales of each term's dlogits.
-    xs_BCK = x_BCD.astype(jnp.float32) * w_BC[..., None]
+    # The [B, C, K] operand of p^T @ (.): each term's per-position dlogits scale, over sum(e).
+    xs_BCK = x_BCD.astype(jnp.float32) * (w_BC * inv_BC)[..., None]
     if z_loss:
       xs_BCK = jnp.concatenate([xs_BCK, xs_BCK * (2.0 * lse_BC[..., None])], axis=-1)
-    contrib_VK = jnp.einsum('BCV,BCK->VK', p_BCV, xs_BCK.astype(dt),
+    # (x^T e)^T rather than e^T x: the [K, V] result is transposed, not the [B, C, V] operand.
+    # The barrier stops XLA from folding the transpose back into the dot (which then needs
+    # e transposed, and as a plain bf16 x bf16 -> f32 dot is not supported by XLA:CPU).
+    contrib_KV = jnp.einsum('BCK,BCV->KV', xs_BCK.astype(dt), e_BCV,
                             preferred_element_type=jnp.float32)
+    contrib_VK = jax.lax.optimization_barrier(contrib_KV).T
     pX_VK = contrib_VK if pX_VK is None else pX_VK + contrib_VK
     # dx of loss_sum: w (p @ E - E[target]); of z_loss_sum: 2 w lse (p @ E).
-    target_rows_BCD = jnp.take(table_VD, targets_BC, axis=0).astype(dt).astype(jnp.float32)
+    target_rows_BCD = jnp.take(table_c, targets_BC, axis=0).astype(jnp.float32)
     dx_loss_BCD = w_BC[..., None] * (pE_BCD - target_rows_BCD)
     dx_z_BCD = (2.0 * w_BC * lse_BC)[..., None] * pE_BCD if z_loss else None
     return (jax.tree.map(jnp.add, totals, sums), pX_VK), (dx_loss_BCD, dx_z_BCD)
