@@ -590,25 +590,121 @@ class ParamsSource(Source):
     return {k: np.asarray(v) for k, v in self._read([f'layer_{i}'])[f'layer_{i}'].items()}
 
 
+# --- our training checkpoints (checkpoint.py) -------------------------------------------
+
+
+def train_step_dir(path) -> epath.Path:
+  """WORKDIR -> its newest complete WORKDIR/checkpoints/<step>; a step directory as it is."""
+  path = epath.Path(path).absolute()
+  if not (path / 'checkpoints').is_dir():
+    return path
+  # Orbax lists only finalized steps; it also parses a set-aside 'unreadable_5' as step 5.
+  steps = [p for p in ocp.step.checkpoint_steps_paths(path / 'checkpoints') if p.name.isdigit()]
+  if not steps:
+    raise ConversionError(f'{path / "checkpoints"}: no complete checkpoint (expected '
+                          'checkpoints/<step>/ written by training)')
+  return max(steps, key=lambda p: int(p.name))
+
+
+class TrainSource(Source):
+  """One of our training checkpoints: a workdir (its newest step) or WORKDIR/checkpoints/<step>.
+
+  Reads only the params of the 'state' item (an Orbax partial restore to host numpy; the
+  optimizer moments, twice their size, stay on disk) and the model config saved beside them.
+  The whole params tree is read on first use, so host memory holds the model once.
+  """
+
+  def __init__(self, path):
+    from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+    self.path = train_step_dir(path)
+    if not ocp.step.is_path_finalized(self.path):
+      raise ConversionError(f'{self.path}: checkpoint write did not complete')
+    config_file = self.path / 'config' / 'metadata'  # JsonCheckpointHandler's file name
+    if not config_file.exists():
+      raise ConversionError(f'{config_file}: missing (a training checkpoint saves its config)')
+    self.cfg = _model_config_from_json(config_file)
+    self._state_dir = self.path / 'state'
+    try:
+      meta = ocp.PyTreeCheckpointer().metadata(self._state_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ConversionError(f'{self._state_dir}: not a readable Orbax checkpoint ({e})') from None
+    tree = getattr(meta, 'item_metadata', meta)
+    tree = getattr(tree, 'tree', tree)
+    if not isinstance(tree, Mapping) or 'params' not in tree:
+      raise ConversionError(f'{self._state_dir}: no params in the train state')
+    # Stored keys are strings, with a trailing 'value' level per nnx.Variable.
+    stored = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree['params'])[0]:
+      keys = tuple(str(getattr(k, 'key', k)) for k in key_path)
+      stored[keys[:-1] if keys[-1] == 'value' else keys] = (keys, leaf)
+    self._leaves = []  # (nnx path, stored keys, abstract var, stored metadata)
+    for path_, var in nnx.to_flat_state(model_lib.abstract_state(self.cfg)):
+      name = tuple(str(k) for k in path_)
+      if name not in stored:
+        raise ConversionError(f'{self._state_dir}: params/{"/".join(name)} missing from the '
+                              'checkpoint')
+      keys, leaf = stored[name]
+      if tuple(leaf.shape) != tuple(var.shape):
+        raise ConversionError(f'{self._state_dir}: params/{"/".join(name)} has shape '
+                              f'{tuple(leaf.shape)}, expected {tuple(var.shape)}')
+      self._leaves.append((path_, keys, var, leaf))
+    self._canonical = None
+
+  def _load(self) -> tuple[dict, list[dict]]:
+    from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+    if self._canonical is None:
+      item: dict = {}
+      for _, keys, _, leaf in self._leaves:
+        node = item.setdefault('params', {})
+        for k in keys[:-1]:
+          node = node.setdefault(k, {})
+        node[keys[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+      out = ocp.PyTreeCheckpointer().restore(self._state_dir, args=ocp.args.PyTreeRestore(
+          item=item, restore_args=args, partial_restore=True))
+      flat = []
+      for path_, keys, var, _ in self._leaves:
+        node = out['params']
+        for k in keys:
+          node = node[k]
+        flat.append((path_, var.replace(np.asarray(node))))
+      self._canonical = model_lib.state_to_canonical(self.cfg, nnx.from_flat_state(flat))
+    return self._canonical
+
+  def top(self):
+    return self._load()[0]
+
+  def layer(self, i):
+    return self._load()[1][i]
+
+
 # --- reading any checkpoint ---------------------------------------------------------------
 
 
 def checkpoint_kind(path) -> str:
-  """'params' (ours), 'hf' (config.json + safetensors) or 'kaggle' (an Orbax tree).
+  """'params' (ours), 'train' (our training workdir or one of its steps), 'hf' (config.json +
+  safetensors) or 'kaggle' (an Orbax tree).
 
-  A new kind (e.g. our training checkpoints) needs a test here and a Source in open_source.
+  A new kind needs a test here and a Source in open_source.
   """
   path = epath.Path(path)
   if not path.is_dir():
+    if path.parent.name == 'checkpoints' and path.parent.is_dir():
+      steps = sorted(int(p.name) for p in path.parent.iterdir() if p.name.isdigit())
+      raise ConversionError(f'{path}: no such checkpoint step (steps here: {steps})')
     raise ConversionError(f'{path}: not a directory')
   if (path / PARAMS_CONFIG).exists():
     return 'params'
+  if (path / 'checkpoints').is_dir() or ((path / 'state').is_dir() and
+                                         (path / 'config').is_dir()):
+    return 'train'
   if (path / 'config.json').exists():
     return 'hf'
   if (path / '_METADATA').exists() or (path / 'checkpoint').exists():
     return 'kaggle'
   raise ConversionError(f'{path}: neither a Hugging Face directory (config.json), a Kaggle/Flax '
-                        f'Orbax checkpoint (_METADATA) nor one of ours ({PARAMS_CONFIG})')
+                        f'Orbax checkpoint (_METADATA), one of ours ({PARAMS_CONFIG}) nor a '
+                        'training workdir (checkpoints/)')
 
 
 def open_source(path, cfg: config_lib.ModelConfig | None = None,
@@ -617,6 +713,8 @@ def open_source(path, cfg: config_lib.ModelConfig | None = None,
   kind = checkpoint_kind(path)
   if kind == 'params':
     return ParamsSource(path)
+  if kind == 'train':
+    return TrainSource(path)
   if kind == 'hf':
     return HfSource(path, vocab_size)
   return KaggleSource(path, cfg)
@@ -624,7 +722,8 @@ def open_source(path, cfg: config_lib.ModelConfig | None = None,
 
 def load_canonical(path, cfg: config_lib.ModelConfig | None = None
                    ) -> tuple[config_lib.ModelConfig, dict, list[dict]]:
-  """(ModelConfig, top, layers) of a HF directory, a Kaggle checkpoint or one of ours."""
+  """(ModelConfig, top, layers) of a HF directory, a Kaggle checkpoint or one of ours
+  (params-only, or a training workdir / step)."""
   src = open_source(path, cfg)
   return src.cfg, src.top(), [src.layer(i) for i in range(src.cfg.num_layers)]
 
@@ -705,7 +804,8 @@ def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 *
               progress: bool = True) -> config_lib.ModelConfig:
   """Any checkpoint we read -> a Gemma3ForCausalLM HF directory (safetensors shards + index).
 
-  Streams: host memory holds one shard being filled and one layer.
+  Streams: host memory holds one shard being filled and one layer (a training checkpoint: its
+  params, once).
   """
   if dtype not in ('float32', 'bfloat16'):
     raise ConversionError(f'dtype={dtype!r}: expected float32 | bfloat16')
@@ -734,7 +834,8 @@ def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 *
 
 
 def load(path, **model_overrides):
-  """A model.Gemma3 with the weights of a HF directory, a Kaggle checkpoint or one of ours.
+  """A model.Gemma3 with the weights of a HF directory, a Kaggle checkpoint or one of ours
+  (params-only, or a training workdir: its newest complete step).
 
   `model_overrides` change non-shape ModelConfig fields, e.g. dtype='bfloat16'.
   """
