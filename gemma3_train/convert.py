@@ -611,7 +611,7 @@ class TrainSource(Source):
 
   Reads only the params of the 'state' item (an Orbax partial restore to host numpy; the
   optimizer moments, twice their size, stay on disk) and the model config saved beside them.
-  The whole params tree is read on first use, so host memory holds the model once.
+  The params are read whole on first use and kept; the canonical gate/up stacks copy the MLP.
   """
 
   def __init__(self, path):
@@ -804,8 +804,8 @@ def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 *
               progress: bool = True) -> config_lib.ModelConfig:
   """Any checkpoint we read -> a Gemma3ForCausalLM HF directory (safetensors shards + index).
 
-  Streams: host memory holds one shard being filled and one layer (a training checkpoint: its
-  params, once).
+  Streams: host memory holds one shard being filled and one layer (a training checkpoint: all
+  its params, see TrainSource).
   """
   if dtype not in ('float32', 'bfloat16'):
     raise ConversionError(f'dtype={dtype!r}: expected float32 | bfloat16')
