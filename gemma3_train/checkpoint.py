@@ -129,6 +129,13 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
+        if 'tree structures do not match' in str(e):
+          # Readable, but a different state layout: the config changed (e.g. optim.clip_norm
+          # switched on/off, scan_layers). A config mistake, not damage: touch nothing.
+          raise config_lib.ConfigError(
+              f'--config: the train state layout differs from the checkpoint at '
+              f'{self.directory / str(step)} (a changed model or optim setting?); rerun with '
+              f'the config it was written with, or use a new --workdir') from e
         aside = self.directory / f'unreadable_{step}'
         logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous '
                         'one.', self.directory / str(step), type(e).__name__, str(e)[:200], aside)

@@ -177,9 +177,19 @@ def test_init_from_our_workdir_takes_params_only(tmp_path):
 @pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   _train(tmp_path, 5)
-  r = subprocess.run(_cmd(tmp_path, 10, '--config.optim.lr=1e30', '--config.optim.clip_norm=0'),
+  r = subprocess.run(_cmd(tmp_path, 10, '--config.optim.lr=1e30'),
                      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert r.returncode == 1
   assert 'is not finite; stopping' in r.stderr and 'checkpoints is intact' in r.stderr
   saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert saved == ['5']
+
+
+def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
+  _train(tmp_path, 5)
+  before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  r = subprocess.run(_cmd(tmp_path, 10, '--config.optim.clip_norm=0'), cwd=ROOT, env=_env(),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 2
+  assert 'train state layout differs from the checkpoint' in r.stderr.splitlines()[-1]
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
