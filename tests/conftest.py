@@ -1,6 +1,13 @@
-"""Test setup: eight simulated CPU devices (unless the caller chose XLA_FLAGS) before jax loads."""
+"""Test setup before jax loads: the CPU backend, with eight simulated devices (unless the caller
+chose JAX_PLATFORMS or XLA_FLAGS)."""
 
 import os
+
+# The tests run on CPU. Without this, jax probes every installed plugin at start-up, and
+# libtpu (the test extra installs it) logs its TPU search and takes /tmp/libtpu_lockfile in each
+# xdist worker. The AOT tests still get libtpu's compile-only TPU devices: get_topology_desc
+# loads the plugin itself, whatever the default backend (tests/test_aot.py checks both).
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
