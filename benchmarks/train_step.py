@@ -159,7 +159,8 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
                 seq_len=c.data.seq_len, attention_impl=c.model.attention_impl,
                 remat_policy=c.model.remat_policy, step_s=step_s, min_step_s=min(times),
                 compile_s=compile_s, init_s=init_s, model_flops_per_step=flops,
-                peak_tflops=peak, first_loss=first_loss, last_loss=float(m['loss']), **out)
+                peak_tflops=peak, first_loss=first_loss, last_loss=float(m['loss']),
+                load_average=os.getloadavg()[0], **out)
 
   if args.profile:
     import hlo_profile  # pylint: disable=g-import-not-at-top
@@ -184,7 +185,7 @@ def _line(r: dict) -> str:
           f'step {1e3 * r["step_s"]:8.1f} ms  {r["tokens_per_sec"]:9.0f} tok/s  '
           f'{r["tflops_per_device"]:8.4f} TFLOP/s/dev  peak {r["peak_tflops"] or 0:.4f}  '
           f'MFU {mfu}  (compile {r["compile_s"]:.0f}s, loss {r["first_loss"]:.3f}'
-          f'->{r["last_loss"]:.3f})')
+          f'->{r["last_loss"]:.3f}, load {r["load_average"]:.1f})')
 
 
 def main(argv=None) -> list[dict]:
