@@ -35,9 +35,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """jax.distributed for multi-process runs: explicit flags, else auto-detect on TPU/GKE."""
   if coordinator:
-    if jax.default_backend() == 'cpu' or 'cpu' in str(jax.config.jax_platforms or ''):
-      # Cross-process collectives on CPU go through gloo (DESIGN.md, multi-host).
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # Cross-process collectives on CPU go through gloo (DESIGN.md, multi-host); the setting only
+    # concerns the CPU backend. Nothing may touch a backend before initialize().
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator, num_processes, process_id)
   elif _on_cloud_tpu():
     jax.distributed.initialize()
