@@ -194,25 +194,3 @@ def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
   assert 'train state layout differs from the checkpoint' in r.stderr.splitlines()[-1]
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
 
-
-@pytest.mark.slow
-def test_two_processes_save_and_resume_together(tmp_path):
-  from tests.test_train import _free_port
-
-  def run_pair(steps):
-    port = _free_port()
-    procs = [subprocess.Popen(_cmd(tmp_path, steps, f'--coordinator_address=localhost:{port}',
-                                   '--num_processes=2', f'--process_id={i}'),
-                              cwd=ROOT, env=_env(4), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    return [err for _, err in outs]
-
-  run_pair(5)
-  data = tmp_path / 'checkpoints' / '5' / 'data'
-  assert sorted(p.name for p in data.iterdir()) == ['process_0-of-2.json', 'process_1-of-2.json']
-  errs = run_pair(8)
-  assert all('checkpoints/5' in e and 'Resumed from' in e for e in errs)
-  steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  assert steps[-3:] == [6, 7, 8]
