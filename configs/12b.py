@@ -9,7 +9,7 @@ def get_config():
   c.model.preset = '12b'
   c.model.update(config_lib.PRESETS['12b'])
   c.model.dtype = 'bfloat16'  # bf16 matmuls on accelerators; params stay float32
-  c.model.remat_policy = 'full'
+  c.model.remat_policy = 'full'  # fits v5p-64 with >10% HBM free: docs/aot/12b_v5p-64.json
   c.data.seq_len = 8192
   c.train.global_batch_size = 32
   return c

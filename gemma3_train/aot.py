@@ -158,6 +158,20 @@ def _prefer_cpu_backend() -> None:
       pass
 
 
+@contextlib.contextmanager
+def _no_persistent_cache() -> Iterator[None]:
+  """Turns off jax's persistent compilation cache for a compile-only program.
+
+  A compile-only client cannot load a cached executable: each read fails with a warning.
+  """
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_compilation_cache', enabled)
+
+
 def devices(topo: Topology) -> list[Any]:
   """libtpu's compile-only devices for the slice(s); one device per chip."""
   if not libtpu_available():
@@ -338,7 +352,8 @@ def compile_report(c: config_lib.Config, topo: Topology, *, device_list: Sequenc
     return r
   start = time.perf_counter()
   try:
-    compiled = step.lower(*args).compile()
+    with _no_persistent_cache():
+      compiled = step.lower(*args).compile()
   except Exception as e:  # pylint: disable=broad-except
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
