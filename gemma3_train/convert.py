@@ -396,6 +396,16 @@ def _kaggle_name(keys: tuple[str, ...]) -> str:
   return name[:-2] if name.endswith('/w') else name
 
 
+def _orbax_metadata_tree(path: epath.Path):
+  """The tree of an Orbax PyTree checkpoint's metadata (shapes, dtypes), without reading arrays."""
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f'{path}: not a readable Orbax checkpoint ({e})') from None
+  tree = getattr(meta, 'item_metadata', meta)
+  return getattr(tree, 'tree', tree)
+
+
 class KaggleSource(Source):
   """A released Flax/Orbax checkpoint (FLAT, NESTED, STACKED or KAULDRON layout, GEMMA3.md B.1).
 
@@ -406,12 +416,7 @@ class KaggleSource(Source):
 
   def __init__(self, path, cfg: config_lib.ModelConfig | None = None):
     self.path = epath.Path(path).absolute()
-    try:
-      meta = ocp.PyTreeCheckpointer().metadata(self.path)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f'{self.path}: not a readable Orbax checkpoint ({e})') from None
-    tree = getattr(meta, 'item_metadata', meta)
-    tree = getattr(tree, 'tree', tree)
+    tree = _orbax_metadata_tree(self.path)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     self._leaves = {}  # normalized name -> (original key path, metadata)
     for key_path, leaf in leaves:
@@ -624,12 +629,7 @@ class TrainSource(Source):
       raise ConversionError(f'{config_file}: missing (a training checkpoint saves its config)')
     self.cfg = _model_config_from_json(config_file)
     self._state_dir = self.path / 'state'
-    try:
-      meta = ocp.PyTreeCheckpointer().metadata(self._state_dir)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f'{self._state_dir}: not a readable Orbax checkpoint ({e})') from None
-    tree = getattr(meta, 'item_metadata', meta)
-    tree = getattr(tree, 'tree', tree)
+    tree = _orbax_metadata_tree(self._state_dir)
     if not isinstance(tree, Mapping) or 'params' not in tree:
       raise ConversionError(f'{self._state_dir}: no params in the train state')
     # Stored keys are strings, with a trailing 'value' level per nnx.Variable.

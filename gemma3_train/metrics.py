@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import statistics
-import sys
 import time
 from typing import Any, Iterator
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -44,7 +44,6 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
 
 
 def _on_cloud_tpu() -> bool:
-  import os  # pylint: disable=g-import-not-at-top
   return bool(os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
 
 
@@ -163,11 +162,6 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   if not abstract:
     s.state = init_state()
   return s
-
-
-def model_from_state(s: Setup, state: State) -> nnx.Module:
-  """The live NNX model view of a state's params (for sampling, export, tests)."""
-  return nnx.merge(s.graphdef, state['params'])
 
 
 # --- the loop ----------------------------------------------------------------

@@ -35,9 +35,13 @@ def _cmd(workdir, steps, *extra):
           f'--config.train.num_steps={steps}', *extra]
 
 
+def _run(workdir, steps, *extra, devices=8):
+  return subprocess.run(_cmd(workdir, steps, *extra), cwd=ROOT, env=_env(devices),
+                        capture_output=True, text=True, timeout=900)
+
+
 def _train(workdir, steps, *extra, devices=8):
-  r = subprocess.run(_cmd(workdir, steps, *extra), cwd=ROOT, env=_env(devices),
-                     capture_output=True, text=True, timeout=900)
+  r = _run(workdir, steps, *extra, devices=devices)
   assert r.returncode == 0, r.stderr[-3000:]
   return r
 
@@ -155,8 +159,7 @@ def test_resume_on_fewer_devices(tmp_path):
 def test_other_model_shape_refuses_to_resume(tmp_path):
   _train(tmp_path, 5)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
-  r = subprocess.run(_cmd(tmp_path, 10, '--config.model.embed_dim=32'), cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=600)
+  r = _run(tmp_path, 10, '--config.model.embed_dim=32')
   assert r.returncode == 2
   assert 'model.embed_dim=32: expected 64 to resume' in r.stderr
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
@@ -177,8 +180,7 @@ def test_init_from_our_workdir_takes_params_only(tmp_path):
 @pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   _train(tmp_path, 5)
-  r = subprocess.run(_cmd(tmp_path, 10, '--config.optim.lr=1e30'),
-                     cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  r = _run(tmp_path, 10, '--config.optim.lr=1e30')
   assert r.returncode == 1
   assert 'is not finite; stopping' in r.stderr and 'checkpoints is intact' in r.stderr
   saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
@@ -188,8 +190,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
   _train(tmp_path, 5)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
-  r = subprocess.run(_cmd(tmp_path, 10, '--config.optim.clip_norm=0'), cwd=ROOT, env=_env(),
-                     capture_output=True, text=True, timeout=600)
+  r = _run(tmp_path, 10, '--config.optim.clip_norm=0')
   assert r.returncode == 2
   assert 'train state layout differs from the checkpoint' in r.stderr.splitlines()[-1]
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
