@@ -54,7 +54,15 @@ class Checkpointer:
   # --- preemption --------------------------------------------------------------
 
   def install_signal_handlers(self) -> None:
-    """SIGTERM (what GKE and TPU VMs send) asks for a save at the next step boundary."""
+    """SIGTERM (what GKE and TPU VMs send) asks for a save at the next step boundary.
+
+    One process: a Python handler sets a flag. Several processes: jax.distributed.initialize
+    already installed the preemption sync manager's SIGTERM notifier, which tells every process
+    and has them agree on one step to save at (`reached_preemption` below). A Python handler
+    would replace that notifier, so none is installed; and no per-step collective is needed.
+    """
+    if jax.process_count() > 1:
+      return
     def on_sigterm(signum, frame):
       del frame
       logging.warning('Received signal %d: will checkpoint at the next step and exit.', signum)
@@ -63,12 +71,11 @@ class Checkpointer:
       signal.signal(signal.SIGTERM, on_sigterm)
 
   def should_stop(self, step: int) -> bool:
-    """True on every process once any process saw SIGTERM or orbax's preemption notice."""
-    flag = self._preempted.is_set()
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-    return flag or self.manager.reached_preemption(step)
+    """True (on every process at the same step) once SIGTERM or a preemption notice arrived.
+
+    Called once per step on every process: the sync manager needs each step reported.
+    """
+    return self._preempted.is_set() or self.manager.reached_preemption(step)
 
   # --- save --------------------------------------------------------------------
 
