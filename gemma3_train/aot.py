@@ -504,6 +504,29 @@ class PlanSpace:
   tensor_degrees: tuple[int, ...] = (1, 2, 4, 8)
 
 
+def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '') -> PlanSpace:
+  """PlanSpace from the --aot_plan_* flags (comma lists; empty keeps the default)."""
+  def ints(flag: str, text: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    if not text:
+      return default
+    try:
+      values = tuple(int(v) for v in text.split(','))
+    except ValueError:
+      values = ()
+    if not values or min(values) < 1:
+      raise config_lib.ConfigError(f'--{flag}={text!r}: expected positive integers separated '
+                                   'by commas, e.g. 1,2,4')
+    return values
+  policies = tuple(remat.split(',')) if remat else PlanSpace.remat_policies
+  unknown = [p for p in policies if p not in config_lib.REMAT_POLICIES]
+  if unknown:
+    raise config_lib.ConfigError(f'--aot_plan_remat={remat!r}: unknown policy {unknown[0]!r}; '
+                                 f'expected some of {",".join(config_lib.REMAT_POLICIES)}')
+  return PlanSpace(remat_policies=policies,
+                   rows_per_shard=ints('aot_plan_rows', rows, PlanSpace.rows_per_shard),
+                   tensor_degrees=ints('aot_plan_tensor', tensor, PlanSpace.tensor_degrees))
+
+
 def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int
           ) -> config_lib.Config:
   return dataclasses.replace(
@@ -551,18 +574,24 @@ def search_plans(c: config_lib.Config, topo: Topology, space: PlanSpace = PlanSp
   device_list = devices(topo)
   per_slice = topo.chips
   results = []
-  for tensor in space.tensor_degrees:
-    if per_slice % tensor or (tensor > 1 and c.model.num_kv_heads % tensor):
-      continue
+  splits = [t for t in space.tensor_degrees
+            if not per_slice % t and (t == 1 or not c.model.num_kv_heads % t)]
+  log(f'Planning {c.model.preset} on {topo.name}: up to '
+      f'{len(splits) * len(space.remat_policies) * len(space.rows_per_shard)} compiles '
+      f'(tensor {"/".join(map(str, splits))} x remat {"/".join(space.remat_policies)} x rows per '
+      f'batch shard {"/".join(map(str, space.rows_per_shard))}; a batch stops growing at its first '
+      'misfit). Each can take minutes; narrow the search with --aot_plan_remat/_rows/_tensor.')
+  for tensor in splits:
     fsdp = per_slice // tensor
     shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
     for remat in space.remat_policies:
-      for rows in space.rows_per_shard:
+      for rows in sorted(space.rows_per_shard):  # ascending: the first misfit ends the row
         trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards)
         r = compile_report(trial, topo, device_list=device_list)
         status = (f'{r.total_gib:.1f} GiB' if r.total_gib is not None else 'OOM') + (
             '' if r.fits else ' (does not fit)')
-        log(f'  plan fsdp={fsdp} tensor={tensor} remat={remat} batch={r.global_batch}: {status}')
+        log(f'  plan fsdp={fsdp} tensor={tensor} remat={remat} batch={r.global_batch}: {status}'
+            f' (compiled in {r.compile_seconds or 0:.0f} s)')
         if not r.fits:
           break
         results.append(r)
@@ -595,11 +624,11 @@ def format_plan(results: Sequence[Report]) -> str:
 
 
 def main(c: config_lib.Config, topology: str, *, report_path: str | None = None,
-         plan: bool = False) -> list[Report]:
-  """`gemma3-train --aot_topology=NAME [--aot_report=FILE.json] [--aot_plan]`."""
+         plan: bool = False, space: PlanSpace = PlanSpace()) -> list[Report]:
+  """`gemma3-train --aot_topology=NAME [--aot_report=FILE.json] [--aot_plan [--aot_plan_*]]`."""
   topo = parse_topology(topology, num_slices(c))
   if plan:
-    results = search_plans(c, topo)
+    results = search_plans(c, topo, space)
     print(format_plan(results))
   else:
     results = [compile_report(c, topo)]

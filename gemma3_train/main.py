@@ -33,6 +33,12 @@ _AOT_REPORT = flags.DEFINE_string('aot_report', None, 'With --aot_topology: also
                                   'report as JSON to this file.')
 _AOT_PLAN = flags.DEFINE_bool('aot_plan', False, 'With --aot_topology: try remat policy x '
                               'per-chip batch x (fsdp, tensor) and rank the plans that fit.')
+_AOT_PLAN_REMAT = flags.DEFINE_string('aot_plan_remat', '', 'With --aot_plan: comma list of '
+                                      'remat policies to try (default: all).')
+_AOT_PLAN_ROWS = flags.DEFINE_string('aot_plan_rows', '', 'With --aot_plan: comma list of rows '
+                                     'per batch shard to try (default: 1,2,4,8).')
+_AOT_PLAN_TENSOR = flags.DEFINE_string('aot_plan_tensor', '', 'With --aot_plan: comma list of '
+                                       'tensor-parallel degrees to try (default: 1,2,4,8).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for '
                                    'multi-process runs off TPU/GKE (auto-detected there).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
@@ -59,7 +65,10 @@ def main(argv) -> None:
   if _AOT_TOPOLOGY.value:
     from gemma3_train import aot  # pylint: disable=g-import-not-at-top
     try:
-      aot.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, plan=_AOT_PLAN.value)
+      space = aot.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
+                                   _AOT_PLAN_TENSOR.value)
+      aot.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, plan=_AOT_PLAN.value,
+               space=space)
     except config_lib.ConfigError as e:
       _fail(str(e))
     return

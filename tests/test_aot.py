@@ -293,6 +293,28 @@ def test_planner_ranks_and_prunes(monkeypatch):
     aot.search_plans(c, topo, tight, log=lambda _: None)
 
 
+def test_plan_space_flags():
+  space = aot.parse_plan_space('full,minimal', '2,1', '1')
+  assert space == aot.PlanSpace(remat_policies=('full', 'minimal'), rows_per_shard=(2, 1),
+                                tensor_degrees=(1,))
+  assert aot.parse_plan_space() == aot.PlanSpace()
+  for args, flag in ((('fulll',), '--aot_plan_remat'), (('', '0'), '--aot_plan_rows'),
+                     (('', '', 'two'), '--aot_plan_tensor')):
+    with pytest.raises(config_lib.ConfigError) as e:
+      aot.parse_plan_space(*args)
+    assert str(e.value).startswith(flag) and '\n' not in str(e.value)
+
+
+def test_cli_bad_plan_flag_is_one_line(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+       '--aot_topology=v5e-4', '--aot_plan', '--aot_plan_rows=1,x'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "gemma3-train: error: --aot_plan_rows='1,x': expected positive integers")
+
+
 # --- shipped configs fit their slices ------------------------------------------------------
 #
 # A shipped config's compile takes 10 to 30 minutes on a 2-core machine, more than CI can spend
