@@ -167,11 +167,68 @@ def _place(abstract: Any, value: np.ndarray, name: str) -> jax.Array:
   return jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda idx: value[idx])
 
 
+def _per_layer(abstract: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  """The abstract of one layer's slice of a scanned [blocks, ...] leaf, sharded the same way."""
+  spec = tuple(abstract.sharding.spec)
+  spec += (None,) * (len(abstract.shape) - len(spec))
+  sharding = jax.sharding.NamedSharding(abstract.sharding.mesh,
+                                        jax.sharding.PartitionSpec(*spec[1:]))
+  return jax.ShapeDtypeStruct(abstract.shape[1:], abstract.dtype, sharding=sharding)
+
+
+def _place_streamed(src: Any, cfg: config_lib.ModelConfig, abstract_params: Any) -> Any:
+  """Reads src one decoder layer at a time and puts each leaf on its devices at once.
+
+  Host memory holds the embedding, then one layer (a 27b layer is 1.7 GB in float32, the
+  model 108 GB). A scanned leaf's per-layer pieces wait on the devices, already sharded, and
+  are stacked there into the leaf's sharding when its last layer has arrived.
+  """
+  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+  abstract = {key: var.get_value() for key, var in nnx.to_flat_state(abstract_params)}
+  placed: dict[tuple, jax.Array] = {}
+  pieces: dict[tuple, list[jax.Array]] = {}
+
+  def put(key: tuple, value: np.ndarray, block: int | None) -> None:
+    name = '/'.join(map(str, key))
+    if key not in abstract:
+      raise config_lib.ConfigError(f'checkpoint.init_from: {name} is not a parameter of this '
+                                   'model (model.scan_layers or a shape field differs?)')
+    if block is None:
+      placed[key] = _place(abstract[key], value, name)
+    else:
+      piece = _place(_per_layer(abstract[key]), value, f'{name}[{block}]')
+      pieces.setdefault(key, []).append(piece)
+
+  top = src.top()
+  put(('embedder', 'embedding'), top['embedding'], None)
+  put(('final_norm', 'scale'), top['final_norm'], None)
+  del top
+  for i in range(cfg.num_layers):
+    # pylint: disable=protected-access
+    prefix, block = model_lib._layer_prefix(cfg, i)
+    for sub, value in model_lib._layer_to_leaves(src.layer(i)).items():
+      put(prefix + sub, value, block)
+  stack = {}
+  for key in list(pieces):
+    target = abstract[key]
+    if key not in stack:
+      stack[key] = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=target.sharding)
+    placed[key] = stack[key](*pieces.pop(key))
+  missing = [k for k in abstract if k not in placed]
+  if missing:
+    raise config_lib.ConfigError(
+        f'checkpoint.init_from: no value for {"/".join(map(str, missing[0]))}')
+  flat = [(key, var.replace(placed[key])) for key, var in nnx.to_flat_state(abstract_params)]
+  return nnx.from_flat_state(flat)
+
+
 def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> Any:
   """Params only (order (2)) from one of our training workdirs (its newest checkpoint), our
-  params-only checkpoint (gemma3-convert import), a HF directory or a Kaggle checkpoint."""
+  params-only checkpoint (gemma3-convert import), a HF directory or a Kaggle checkpoint.
+
+  A training workdir is restored by orbax straight into the shardings; the other kinds are read
+  one decoder layer at a time (_place_streamed), so no host holds the whole model."""
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top
-  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
   if (epath.Path(path) / 'checkpoints').is_dir():
     restored = Checkpointer(path, c).restore_latest(abstract_state, None)
     if restored is None:
@@ -179,20 +236,13 @@ def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> An
                                    'checkpoint; its checkpoints/ folder is empty')
     logging.info('Took params from step %d of %s', restored[1], path)
     return restored[0]['params']
-  abstract_params = abstract_state['params']
   try:
-    cfg, top, layers = convert.load_canonical(path, c.model)
+    src = convert.open_source(path, c.model)
+    for k in _MODEL_SHAPE_FIELDS:
+      if getattr(src.cfg, k) != getattr(c.model, k):
+        raise config_lib.ConfigError(
+            f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has '
+            f'{getattr(src.cfg, k)}')
+    return _place_streamed(src, c.model, abstract_state['params'])
   except convert.ConversionError as e:
     raise config_lib.ConfigError(f'checkpoint.init_from={path!r}: {e}') from e
-  for k in _MODEL_SHAPE_FIELDS:
-    if getattr(cfg, k) != getattr(c.model, k):
-      raise config_lib.ConfigError(
-          f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has {getattr(cfg, k)}')
-  host_state = model_lib.canonical_to_state(c.model, top, layers)
-  flat_host = dict(nnx.to_flat_state(host_state))
-  out = []
-  for key, abstract in nnx.to_flat_state(abstract_params):
-    value = flat_host[key]
-    value = value.get_value() if isinstance(value, nnx.Variable) else value
-    out.append((key, abstract.replace(_place(abstract.get_value(), value, '/'.join(map(str, key))))))
-  return nnx.from_flat_state(out)

@@ -45,3 +45,41 @@ def test_init_from_wrong_shape_names_the_field(tmp_path):
     assert str(e).startswith(f'model.embed_dim={tc.D * 2}: checkpoint.init_from=')
   else:
     raise AssertionError('no error')
+
+
+def test_init_from_reads_one_layer_at_a_time(tmp_path):
+  # 26 layers (4 scanned blocks of six + 2 unscanned) whose MLPs dwarf the embedding; the
+  # params must equal the whole-model conversion bitwise, and the host must never have held
+  # more than a few layers (tracemalloc sees every numpy buffer).
+  import tracemalloc
+  from gemma3_train import convert
+  from gemma3_train import model as model_lib
+  layers, wide = 26, 1024
+  config = tc._text_config(attn_implementation='eager')
+  config.num_hidden_layers, config.intermediate_size = layers, wide
+  config.layer_types = ['full_attention' if (i + 1) % 6 == 0 else 'sliding_attention'
+                        for i in range(layers)]
+  hf = transformers.Gemma3ForCausalLM(config)
+  hf.save_pretrained(tmp_path, max_shard_size='2MB')
+  c = config_lib.from_config_dict(tiny.get_config()).replace(
+      model=dict(vocab_size=tc.V, embed_dim=tc.D, num_layers=layers, num_heads=tc.N,
+                 num_kv_heads=tc.K, head_dim=tc.H, mlp_dim=wide, sliding_window=tc.W,
+                 query_pre_attn_scalar=float(tc.H), global_rope_scale=8.0),
+      mesh=dict(fsdp=4, tensor=2))
+  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  tracemalloc.start()
+  params = checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+
+  _, top, canon = convert.load_canonical(str(tmp_path), c.model)
+  whole = model_lib.canonical_to_state(c.model, top, canon)
+  got = dict(nnx.to_flat_state(params))
+  total = 0
+  for key, var in nnx.to_flat_state(whole):
+    want = var.get_value()
+    total += want.nbytes
+    np.testing.assert_array_equal(np.asarray(got[key].get_value()), want, err_msg=str(key))
+  layer_bytes = 3 * tc.D * wide * 4
+  assert total > layers * layer_bytes
+  assert peak < 4 * layer_bytes + total / 10, (peak, total)
