@@ -601,7 +601,8 @@ def search_plans(c: config_lib.Config, topo: Topology, space: PlanSpace = PlanSp
         f'{c.data.seq_len} (tried remat {"/".join(space.remat_policies)}, tensor '
         f'{"/".join(map(str, space.tensor_degrees))}); try a larger slice or a shorter '
         'data.seq_len')
-  return sorted(results, key=lambda r: -r.tokens_per_sec)
+  # Ties (the estimate is compute-bound per token, so batch sizes often tie): most headroom first.
+  return sorted(results, key=lambda r: (-r.tokens_per_sec, -r.headroom))
 
 
 def format_plan(results: Sequence[Report]) -> str:
