@@ -167,6 +167,22 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
 # --- the loop ----------------------------------------------------------------
 
 
+def compile_train_step(s: Setup) -> Callable[[State, dict], tuple[State, dict]]:
+  """s.train_step compiled for s's abstract state and batch, before the first step.
+
+  In a multi-process run every process then waits until all have compiled: gloo (the CPU
+  collectives) gives a peer only 30 s to join the first collective, and processes finish
+  compiling at different times. The barrier is the coordination service's, not a collective.
+  """
+  start = time.perf_counter()
+  compiled = s.train_step.lower(s.abstract_state, abstract_batch(s.config, s.mesh)).compile()
+  logging.info('Compiled the train step in %.1f s', time.perf_counter() - start)
+  if jax.process_count() > 1:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    distributed.global_state.client.wait_at_barrier('gemma3_train_compiled', 3_600_000)
+  return compiled
+
+
 def _to_host(metrics: dict) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -239,6 +255,8 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   logging.info('Training steps %d..%d: %d tokens/step, %.3g model FLOPs/step', start_step,
                c.train.num_steps, seq_tokens, flops)
 
+  train_step = compile_train_step(s)
+
   # Metrics of step N are fetched after step N+1 is dispatched, so the host never stalls
   # the device; a checkpoint step fetches its own metrics first, so a NaN is never saved.
   pending: tuple[int, dict] | None = None
@@ -260,7 +278,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
       if step in profile_at:
         jax.profiler.start_trace(f'{workdir}/profile')
       batch = data_lib.global_batch(next(train_iter), s.batch_sharding['inputs'])
-      state, metrics = s.train_step(state, batch)
+      state, metrics = train_step(state, batch)
       step += 1
       if step - 1 in profile_at:
         jax.block_until_ready(state)

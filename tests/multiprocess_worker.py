@@ -14,7 +14,6 @@ if nproc > 1:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(f'localhost:{port}', nproc, pid)
 
-import numpy as np  # pylint: disable=g-import-not-at-top
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 from tests import test_train  # pylint: disable=g-import-not-at-top
@@ -23,6 +22,7 @@ from gemma3_train import sharding, train  # pylint: disable=g-import-not-at-top
 c = test_train._config(mesh=dict(fsdp=-1))
 mesh = sharding.make_mesh(c)
 s = train.setup(c, mesh)
+step = train.compile_train_step(s)  # as the trainer does: compile, then wait for all processes
 state, losses = s.state, []
 rows = c.train.global_batch_size // nproc
 for i in range(3):
@@ -30,7 +30,7 @@ for i in range(3):
   local = {k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}
   batch = {k: jax.make_array_from_process_local_data(s.batch_sharding[k], v)
            for k, v in local.items()}
-  state, m = s.train_step(state, batch)
+  state, m = step(state, batch)
   losses.append(float(m['loss']))
 with open(out, 'w') as f:
   json.dump({'losses': losses, 'devices': jax.device_count()}, f)
