@@ -177,9 +177,10 @@ def compile_train_step(s: Setup) -> Callable[[State, dict], tuple[State, dict]]:
   start = time.perf_counter()
   compiled = s.train_step.lower(s.abstract_state, abstract_batch(s.config, s.mesh)).compile()
   logging.info('Compiled the train step in %.1f s', time.perf_counter() - start)
-  if jax.process_count() > 1:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    distributed.global_state.client.wait_at_barrier('gemma3_train_compiled', 3_600_000)
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client  # None unless jax.distributed.initialize ran
+  if jax.process_count() > 1 and client is not None:
+    client.wait_at_barrier('gemma3_train_compiled', 3_600_000)
   return compiled
 
 
