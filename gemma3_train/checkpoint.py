@@ -208,12 +208,9 @@ def _place_streamed(src: Any, cfg: config_lib.ModelConfig, abstract_params: Any)
     prefix, block = model_lib._layer_prefix(cfg, i)
     for sub, value in model_lib._layer_to_leaves(src.layer(i)).items():
       put(prefix + sub, value, block)
-  stack = {}
   for key in list(pieces):
-    target = abstract[key]
-    if key not in stack:
-      stack[key] = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=target.sharding)
-    placed[key] = stack[key](*pieces.pop(key))
+    stack = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=abstract[key].sharding)
+    placed[key] = stack(*pieces.pop(key))  # pop: each leaf's pieces are freed once stacked
   missing = [k for k in abstract if k not in placed]
   if missing:
     raise config_lib.ConfigError(

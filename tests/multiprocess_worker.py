@@ -14,7 +14,6 @@ if nproc > 1:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(f'localhost:{port}', nproc, pid)
 
-
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 from tests import test_train  # pylint: disable=g-import-not-at-top
 from gemma3_train import sharding, train  # pylint: disable=g-import-not-at-top

@@ -196,29 +196,24 @@ def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
 
 
-class _Pair(list):
-  log_prefix = ''
-
-
 def _start_pair(workdir, steps, log_prefix, *extra):
   """Two CLI processes x 4 devices joined by jax.distributed on localhost. Their output goes
   to files: two pipes read one after the other would deadlock once the unread one fills."""
   from tests.test_train import _free_port
   port = _free_port()
-  procs = _Pair()
+  procs = []
   for i in range(2):
     with open(f'{log_prefix}_{i}.log', 'wb') as log:
       procs.append(subprocess.Popen(
           _cmd(workdir, steps, f'--coordinator_address=localhost:{port}', '--num_processes=2',
                f'--process_id={i}', *extra),
           cwd=ROOT, env=_env(4), stdout=log, stderr=subprocess.STDOUT))
-  procs.log_prefix = log_prefix
   return procs
 
 
-def _finish_pair(procs, timeout=900):
+def _finish_pair(procs, log_prefix, timeout=900):
   rcs = [p.wait(timeout=timeout) for p in procs]
-  texts = [pathlib.Path(f'{procs.log_prefix}_{i}.log').read_text() for i in range(2)]
+  texts = [pathlib.Path(f'{log_prefix}_{i}.log').read_text() for i in range(2)]
   assert rcs == [0, 0], texts[0][-2000:] + texts[1][-2000:]
   return texts
 
@@ -232,7 +227,7 @@ def test_two_processes_preempt_save_and_resume_together(tmp_path):
   procs = _start_pair(run, 1000, tmp_path / 'preempted', *flags)
   _wait_for_step(run / 'metrics.jsonl', 6, procs[0])
   procs[1].send_signal(signal.SIGTERM)
-  _finish_pair(procs, timeout=300)
+  _finish_pair(procs, tmp_path / 'preempted', timeout=300)
   saved = sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit())
   assert len(saved) == 1 and 6 <= saved[0] < 1000
   stop = saved[0]
@@ -240,10 +235,12 @@ def test_two_processes_preempt_save_and_resume_together(tmp_path):
   assert sorted(p.name for p in data.glob('process_*')) == ['process_0-of-2.json',
                                                             'process_1-of-2.json']
 
-  texts = _finish_pair(_start_pair(run, stop + 3, tmp_path / 'resumed', *flags))
+  texts = _finish_pair(_start_pair(run, stop + 3, tmp_path / 'resumed', *flags),
+                       tmp_path / 'resumed')
   assert all(f'Resumed from {run}/checkpoints/{stop}' in t for t in texts)
 
-  _finish_pair(_start_pair(straight, stop + 3, tmp_path / 'straight', *flags))
+  _finish_pair(_start_pair(straight, stop + 3, tmp_path / 'straight', *flags),
+               tmp_path / 'straight')
   a, b = _losses(straight), _losses(run)
   assert sorted(a) == sorted(b) == list(range(1, stop + 4))
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
