@@ -7,7 +7,7 @@ python benchmarks/train_step.py --config=configs/1b.py --dtypes=bfloat16 \
 
 On CPU the peak is the XLA matmul rate of this machine measured in the same run, per dtype;
 it is re-measured after each case's timed steps, since this box may be shared. On TPU/GPU
-it is the chip's dense bf16 peak (gemma3_train.metrics.CHIPS).
+it is the chip's dense bf16 peak (gemma3_train.hardware.CHIPS).
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ def _synthetic_batch(c, batch_sharding, seed=0):
 def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
   import jax
   from gemma3_train import config as config_lib
+  from gemma3_train import flops as flops_lib
+  from gemma3_train import hardware
   from gemma3_train import metrics
   from gemma3_train import sharding
   from gemma3_train import train
@@ -150,9 +152,9 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
     peaks.setdefault(dtype, []).append(peak)
     mfu_devices = 1
   else:
-    peak, mfu_devices = metrics.peak_tflops(jax.devices()[0], c.logging.peak_tflops), devices
+    peak, mfu_devices = hardware.peak_tflops(jax.devices()[0], c.logging.peak_tflops), devices
   tokens = c.train.global_batch_size * c.data.seq_len
-  flops = metrics.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
+  flops = flops_lib.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
   out = metrics.throughput(step_s, tokens, flops, mfu_devices, peak)
   result = dict(case=name, dtype=dtype, platform=platform, devices=devices,
                 device_kind=jax.devices()[0].device_kind, batch=c.train.global_batch_size,

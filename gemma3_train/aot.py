@@ -7,7 +7,7 @@ estimated step time and MFU. `--aot_plan` searches remat x batch x (fsdp, tensor
 
 Figures and where they come from:
   memory        the TPU compiler's memory_analysis() (exact for the compiled program);
-  model FLOPs   metrics.model_flops_per_step (3 x forward matmuls, no recompute);
+  model FLOPs   flops.model_flops_per_step (3 x forward matmuls, no recompute);
   XLA time      the larger of the compiler's figure (cost_analysis optimal_seconds, else a
                 roofline of its per-chip flops and bytes) and the executed matmul FLOPs from
                 the shapes (model FLOPs less attention, plus the remat replay) at peak: XLA's
@@ -34,35 +34,12 @@ import jax
 import numpy as np
 
 from gemma3_train import config as config_lib
-from gemma3_train import metrics
+from gemma3_train import flops
+from gemma3_train import hardware
 from gemma3_train import sharding
 
 GIB = 2**30
 HEADROOM = 0.10  # shipped configs must leave this fraction of HBM free
-
-
-@dataclasses.dataclass(frozen=True)
-class TpuKind:
-  chip: str  # key of metrics.CHIPS
-  cores_per_chip: int  # what the -N suffix of a slice name counts per chip
-  hbm_gbps: float  # HBM bandwidth per chip, GB/s (cloud.google.com/tpu/docs/<kind>)
-  shapes: dict[int, str]  # chips in a slice -> libtpu's physical topology
-  chip_config: str  # libtpu chip_config_name: 'megacore' makes one device per v4/v5p chip
-  gke_accelerator: str  # GKE node label cloud.google.com/gke-tpu-accelerator
-  xpk_prefix: str  # xpk --tpu-type spelling (v5e slices are 'v5litepod-N')
-
-
-_PLANAR = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
-           256: '16x16'}
-_CUBE = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
-         256: '4x8x8', 512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16', 4096: '16x16x16'}
-
-TPU_KINDS: dict[str, TpuKind] = {
-    'v4': TpuKind('v4', 2, 1200.0, _CUBE, 'megacore', 'tpu-v4-podslice', 'v4'),
-    'v5e': TpuKind('v5e', 1, 819.0, _PLANAR, 'default', 'tpu-v5-lite-podslice', 'v5litepod'),
-    'v5p': TpuKind('v5p', 2, 2765.0, _CUBE, 'megacore', 'tpu-v5p-slice', 'v5p'),
-    'v6e': TpuKind('v6e', 1, 1640.0, _PLANAR, 'default', 'tpu-v6e-slice', 'v6e'),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +50,12 @@ class Topology:
   num_slices: int
 
   @property
-  def spec(self) -> TpuKind:
-    return TPU_KINDS[self.kind]
+  def spec(self) -> hardware.TpuKind:
+    return hardware.TPU_KINDS[self.kind]
 
   @property
-  def chip(self) -> metrics.Chip:
-    return metrics.CHIPS[self.spec.chip]
+  def chip(self) -> hardware.Chip:
+    return hardware.CHIPS[self.spec.chip]
 
   @property
   def total_chips(self) -> int:
@@ -95,17 +72,17 @@ class Topology:
 
 
 def topology_names(kind: str) -> list[str]:
-  k = TPU_KINDS[kind]
+  k = hardware.TPU_KINDS[kind]
   return [f'{kind}-{n * k.cores_per_chip}' for n in k.shapes]
 
 
 def parse_topology(name: str, num_slices: int = 1) -> Topology:
   """'v5p-128' -> 64 v5p chips per slice; a one-line ConfigError for anything else."""
   match = re.fullmatch(r'(v4|v5e|v5p|v6e)-(\d+)', name.strip().lower())
-  kind = match and TPU_KINDS[match.group(1)]
+  kind = match and hardware.TPU_KINDS[match.group(1)]
   if not match or int(match.group(2)) % kind.cores_per_chip or (
       int(match.group(2)) // kind.cores_per_chip not in kind.shapes):
-    known = '; '.join(f'{k}: {", ".join(topology_names(k))}' for k in TPU_KINDS)
+    known = '; '.join(f'{k}: {", ".join(topology_names(k))}' for k in hardware.TPU_KINDS)
     raise config_lib.ConfigError(
         f'--aot_topology={name}: unknown TPU slice; expected KIND-N ({known}; v4/v5p count '
         f'TensorCores, 2 per chip, v5e/v6e count chips)')
@@ -227,7 +204,7 @@ def splash_flops_per_step(c: config_lib.Config) -> float:
 def _replays_attention(policy: str) -> bool:
   """Whether the backward pass reruns the forward kernel (the policy drops attention_out)."""
   from gemma3_train import model  # pylint: disable=g-import-not-at-top
-  saved = model._SAVED.get(policy, ())  # pylint: disable=protected-access
+  saved = model.REMAT_SAVED_NAMES.get(policy, ())
   return policy != 'none' and 'attention_out' not in saved
 
 
@@ -344,7 +321,7 @@ def compile_report(c: config_lib.Config, topo: Topology, *, device_list: Sequenc
   r = _base_report(c, topo, shape)
   step, args, state = builder(c, mesh)
   r.state_gib = _gib(_state_bytes(state))
-  r.model_flops_per_step = metrics.model_flops_per_step(c.model, c.data.seq_len,
+  r.model_flops_per_step = flops.model_flops_per_step(c.model, c.data.seq_len,
                                                          c.train.global_batch_size)
   if r.state_gib > r.hbm_gib:  # hopeless: skip a compile that can only fail
     r.total_gib = r.state_gib
@@ -399,7 +376,7 @@ def _replay_fraction(m: config_lib.ModelConfig) -> float:
   d, n, k, h, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
   flops = dict(query_proj=d * n * h, key_proj=d * k * h, value_proj=d * k * h, out_proj=n * h * d,
                mlp_gate=d * f, mlp_up=d * f, mlp_out=f * d)
-  saved = set(model._SAVED.get(m.remat_policy, ()))  # pylint: disable=protected-access
+  saved = set(model.REMAT_SAVED_NAMES.get(m.remat_policy, ()))
   return sum(v for name, v in flops.items() if name not in saved) / sum(flops.values())
 
 
@@ -410,7 +387,7 @@ def executed_flops_per_step(c: config_lib.Config) -> tuple[float, float]:
   remat policy replays. Splash part: splash_flops_per_step (block-granular, with its replay).
   """
   m, T, B = c.model, c.data.seq_len, c.train.global_batch_size
-  model = metrics.model_flops_per_step(m, T, B)
+  model = flops.model_flops_per_step(m, T, B)
   pairs = sum(_pairs(T, None if m.is_global(i) else m.sliding_window)
               for i in range(m.num_layers))
   attention = 3 * 4 * m.num_heads * m.head_dim * pairs * B
@@ -479,7 +456,7 @@ def format_report(r: Report) -> str:
       f'    total        {r.total_gib:8.2f} GiB of {r.hbm_gib:g} GiB HBM: {verdict}, '
       f'{100 * r.headroom:.1f}% headroom',
       f'  model FLOPs per step {r.model_flops_per_step:.3e} (3 x forward matmuls, '
-      'metrics.model_flops_per_step)',
+      'flops.model_flops_per_step)',
       f'  per chip: compiler FLOPs {r.compiler_flops:.3e} (cost analysis: no Pallas kernels, '
       'scanned loop bodies once), executed XLA matmuls',
       f'    {r.executed_flops:.3e} (from the shapes, with remat replay), splash attention '

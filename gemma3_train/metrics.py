@@ -22,86 +22,6 @@ from etils import epath
 from gemma3_train import config as config_lib
 
 
-# --- chips -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  name: str
-  peak_bf16_tflops: float  # dense (no 2:4 sparsity), per chip
-  hbm_gib: float  # per chip, as the vendor states it
-
-
-# Sources (checked 2026): cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} "Peak compute per chip
-# (bf16)" and HBM capacity (v5e/v5p/v6e pages say GB); NVIDIA H100/H200 SXM datasheets:
-# BF16 Tensor Core 1,979 TFLOPS *with sparsity*, i.e. 989 dense; H100 80 GB, H200 141 GB.
-CHIPS: dict[str, Chip] = {
-    'v4': Chip('TPU v4', 275.0, 32.0),
-    'v5e': Chip('TPU v5e', 197.0, 16.0),
-    'v5p': Chip('TPU v5p', 459.0, 95.0),
-    'v6e': Chip('TPU v6e', 918.0, 32.0),
-    'h100': Chip('NVIDIA H100 SXM', 989.0, 80.0),
-    'h200': Chip('NVIDIA H200 SXM', 989.0, 141.0),
-}
-
-# jax device_kind (lowercased) substrings -> CHIPS key; first match wins, so order matters.
-_KINDS = (
-    ('tpu v4', 'v4'),
-    ('tpu v5 lite', 'v5e'), ('tpu v5e', 'v5e'),
-    ('tpu v5p', 'v5p'), ('tpu v5', 'v5p'),  # a bare 'TPU v5' is the v5p
-    ('tpu v6 lite', 'v6e'), ('tpu v6e', 'v6e'),
-    ('h200', 'h200'),
-    ('h100', 'h100'),
-)
-
-
-def chip_for_device(device: Any) -> Chip | None:
-  """The CHIPS entry for a jax device, or None (CPU, unknown kinds, H100 PCIe/NVL)."""
-  kind = str(getattr(device, 'device_kind', '')).lower()
-  if 'h100' in kind and ('pcie' in kind or 'nvl' in kind):
-    return None  # 756/835 TFLOP/s parts; the SXM peak would understate their MFU
-  for needle, key in _KINDS:
-    if needle in kind:
-      return CHIPS[key]
-  return None
-
-
-# --- FLOPs -------------------------------------------------------------------
-
-
-def _mean_keys(seq_len: int, window: int | None) -> float:
-  """Mean over query positions p in [0, seq_len) of the keys attended: min(W, p + 1)."""
-  if window is None or window >= seq_len:
-    return (seq_len + 1) / 2
-  # p < W: p + 1 keys (sum W(W+1)/2); the remaining seq_len - W queries see W keys each.
-  return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
-
-
-def model_flops_per_token(m: config_lib.ModelConfig, seq_len: int) -> float:
-  """Training matmul FLOPs per token (fwd + bwd = 3 x fwd), averaged over a row of seq_len.
-
-  With D embed, F mlp, N/K q/kv heads, H head_dim, V vocab, and per layer c(p) keys seen by the
-  query at position p (global: p + 1; local: min(W, p + 1)), a token's forward costs
-    per layer: 2D(NH + 2KH) [q, k, v]  + 2NHD [out]  + 3 * 2DF [GeGLU gate, up, down]
-               + 4NH * mean_p c(p)  [scores QK^T and probs @ V]
-    once:      2DV  [tied LM head]
-  and training is 3x that. The embedding gather, norms, RoPE and softmax are not counted.
-  """
-  d, n, k, h = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
-  dense = 2 * d * (n * h + 2 * k * h) + 2 * n * h * d + 3 * 2 * d * m.mlp_dim
-  local_keys = _mean_keys(seq_len, m.sliding_window)
-  global_keys = _mean_keys(seq_len, None)
-  attn = sum(4 * n * h * (global_keys if m.is_global(i) else local_keys)
-             for i in range(m.num_layers))
-  forward = m.num_layers * dense + attn + 2 * d * m.vocab_size
-  return 3 * forward
-
-
-def model_flops_per_step(m: config_lib.ModelConfig, seq_len: int, global_batch: int) -> float:
-  """Training FLOPs of one optimizer step over global_batch rows of seq_len tokens."""
-  return model_flops_per_token(m, seq_len) * seq_len * global_batch
-
-
 # --- peaks and throughput ----------------------------------------------------
 
 
@@ -118,14 +38,6 @@ def measure_cpu_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int 
     dot(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2 * n**3 / statistics.median(times) / 1e12
-
-
-def peak_tflops(device: Any, override: float = 0.0) -> float | None:
-  """Per-device peak for MFU: the config override, else the chip table (None when unknown)."""
-  if override > 0:
-    return override
-  chip = chip_for_device(device)
-  return chip.peak_bf16_tflops if chip else None
 
 
 def throughput(step_time_s: float, tokens_per_step: float, flops_per_step: float,

@@ -24,7 +24,7 @@ from gemma3_train import sharding
 ACT = ('act_batch', 'act_len', 'act_embed')
 
 # Names saved by each remat policy ('none' = no remat, 'full' = save nothing but block inputs).
-_SAVED = {
+REMAT_SAVED_NAMES = {
     'minimal': ('query_proj', 'key_proj', 'value_proj', 'attention_out', 'out_proj',
                 'mlp_gate', 'mlp_up', 'mlp_out'),
     'save_decoder_layer_input': ('decoder_layer_input',),
@@ -189,10 +189,10 @@ def _remat(fn, policy: str):
     return fn
   if policy == 'full':
     return jax.checkpoint(fn, prevent_cse=False)
-  if policy not in _SAVED:
+  if policy not in REMAT_SAVED_NAMES:
     raise ValueError(f'model.remat_policy={policy!r}: expected one of '
                      f'{" | ".join(config_lib.REMAT_POLICIES)}')
-  saved = jax.checkpoint_policies.save_only_these_names(*_SAVED[policy])
+  saved = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED_NAMES[policy])
   return jax.checkpoint(fn, policy=saved, prevent_cse=False)
 
 

@@ -17,6 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma3_train import config as config_lib
+from gemma3_train import flops
+from gemma3_train import hardware
 from gemma3_train import loss as loss_lib
 from gemma3_train import model as model_lib
 from gemma3_train import optimizer as optimizer_lib
@@ -242,8 +244,8 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   ckpt.install_signal_handlers()
 
   seq_tokens = c.train.global_batch_size * c.data.seq_len
-  flops = metrics_lib.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
-  peak = metrics_lib.peak_tflops(jax.devices()[0], c.logging.peak_tflops)
+  flops = flops.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
+  peak = hardware.peak_tflops(jax.devices()[0], c.logging.peak_tflops)
   if peak is None and jax.devices()[0].platform == 'cpu':
     # No datasheet for a CPU: MFU against the XLA matmul peak measured here and now, shared by
     # the simulated devices (they run on the same cores).

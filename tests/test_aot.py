@@ -20,6 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gemma3_train import aot
 from gemma3_train import config as config_lib
+from gemma3_train import flops
+from gemma3_train import hardware
 from gemma3_train import metrics
 from gemma3_train import sharding
 
@@ -46,7 +48,7 @@ def _config(name: str, **sections) -> config_lib.Config:
 def test_parse_topology(name, kind, chips):
   topo = aot.parse_topology(name)
   assert (topo.kind, topo.chips, topo.num_slices) == (kind, chips, 1)
-  assert topo.chip is metrics.CHIPS[kind]
+  assert topo.chip is hardware.CHIPS[kind]
 
 
 @pytest.mark.parametrize('name', ['v5p-7', 'v5p-6', 'v5e-2', 'v7-8', 'v5litepod-16', 'tpu', ''])
@@ -209,7 +211,7 @@ def _check_tiny_report(r: dict, c: config_lib.Config):
                                          r['temp_gib'] + r['code_gib'])
   # The compiler sees every matmul but the splash kernels: at least the model's non-attention
   # FLOPs per chip, and not wildly more (the chunked loss recomputes its logits).
-  model = metrics.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
+  model = flops.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
   attention = aot.splash_flops_per_step(
       dataclasses.replace(c, model=dataclasses.replace(c.model, attention_block_size=1))) * 6 / 9
   assert (model - attention) / 4 <= r['compiler_flops'] <= 2 * model / 4
@@ -333,7 +335,7 @@ def _check_shipped_report(r: dict, c: config_lib.Config, name: str):
   assert r['fits'] and r['headroom'] >= aot.HEADROOM, r
   assert r['tpu_kernels'] > 0 and not r['error'], r['error']  # the TPU kernel, not interpreted
   assert r['attention'] == 'splash' and 0 < r['mfu'] < 1
-  assert r['model_flops_per_step'] == pytest.approx(metrics.model_flops_per_step(
+  assert r['model_flops_per_step'] == pytest.approx(flops.model_flops_per_step(
       c.model, c.data.seq_len, c.train.global_batch_size), rel=1e-12)
   if name == '27b':  # the target: sequence 8192, one row per chip
     assert (r['seq_len'], r['per_chip_batch']) == (8192, 1)

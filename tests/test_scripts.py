@@ -40,7 +40,8 @@ def test_there_are_scripts_and_images():
 def test_tpu_slice_table_matches_aot():
   # The launchers' bash table and the AOT compile's table must agree on every slice name.
   from gemma3_train import aot
-  names = [n for kind in aot.TPU_KINDS for n in aot.topology_names(kind)]
+  from gemma3_train import hardware
+  names = [n for kind in hardware.TPU_KINDS for n in aot.topology_names(kind)]
   loop = ('source scripts/tpu_slice.sh; for n in "$@"; do tpu_slice "$n"; '
           'echo "$ACCELERATOR $TOPOLOGY $HOSTS $CHIPS_PER_HOST $XPK_TPU_TYPE"; done')
   out = subprocess.run(['bash', '-c', loop, 'bash', *names], cwd=ROOT, capture_output=True,

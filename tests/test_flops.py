@@ -1,0 +1,53 @@
+"""The FLOPs model against a brute-force count of every matmul."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from gemma3_train import config as config_lib
+from gemma3_train import flops
+
+TINY = config_lib.ModelConfig(
+    preset='t', vocab_size=97, num_layers=8, embed_dim=24, mlp_dim=40, num_heads=4,
+    num_kv_heads=2, head_dim=6, sliding_window=5)
+
+
+def _brute_force_flops(m, seq_len):
+  """Training FLOPs of one row, listing every matmul's (M, K, N) and masking keys explicitly."""
+  d, n, k, h = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
+  q_pos, k_pos = np.arange(seq_len)[:, None], np.arange(seq_len)[None, :]
+  causal = k_pos <= q_pos
+  local = causal & (k_pos > q_pos - m.sliding_window)  # W keys including itself
+  matmuls = []  # (rows, contraction, cols)
+  for layer in range(m.num_layers):
+    matmuls += [(seq_len, d, n * h), (seq_len, d, k * h), (seq_len, d, k * h),  # q, k, v
+                (seq_len, n * h, d),  # out
+                (seq_len, d, m.mlp_dim), (seq_len, d, m.mlp_dim), (seq_len, m.mlp_dim, d)]
+    mask = causal if layer % 6 == 5 else local
+    for row in mask:  # one query position: scores over its keys, then probs @ V
+      keys = int(row.sum())
+      matmuls += [(n, h, keys), (n, keys, h)]
+  matmuls.append((seq_len, d, m.vocab_size))  # tied LM head
+  return 3 * sum(2 * a * b * c for a, b, c in matmuls)
+
+
+@pytest.mark.parametrize('seq_len', [1, 4, 5, 6, 13, 32])
+def test_flops_match_brute_force(seq_len):
+  expected = _brute_force_flops(TINY, seq_len)
+  assert flops.model_flops_per_token(TINY, seq_len) * seq_len == pytest.approx(expected, 1e-12)
+  assert flops.model_flops_per_step(TINY, seq_len, 3) == pytest.approx(3 * expected, 1e-12)
+
+
+def test_flops_local_layers_cheaper_than_global_beyond_window():
+  full = dataclasses.replace(TINY, sliding_window=10_000)
+  assert flops.model_flops_per_token(TINY, 64) < flops.model_flops_per_token(full, 64)
+  assert flops.model_flops_per_token(TINY, 5) == flops.model_flops_per_token(full, 5)
+
+
+def test_flops_near_six_n_for_1b():
+  # Short rows: attention is < 1% of the work, so FLOPs/token ~ 6 x params (tied head counted
+  # once as the V x D matmul). Params from the Gemma 3 report: 697.9M + 302.0M embedding.
+  m = config_lib.ModelConfig.from_preset('1b')
+  ratio = flops.model_flops_per_token(m, 128) / (6 * (697.9e6 + 302.0e6))
+  assert 1.0 < ratio < 1.01
