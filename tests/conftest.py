@@ -22,3 +22,14 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+
+def pytest_collection_modifyitems(config, items):
+  """Leaves out the tpu_proof compiles (tens of minutes each) unless a -m expression names them,
+  so that `-m "not slow"` and the default run both skip them."""
+  if 'tpu_proof' in (config.option.markexpr or ''):
+    return
+  kept = [item for item in items if item.get_closest_marker('tpu_proof') is None]
+  if len(kept) != len(items):
+    config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+    items[:] = kept
