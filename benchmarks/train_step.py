@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
+
+from gemma3_train import config as config_lib  # no jax: safe before XLA_FLAGS is set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,12 +51,11 @@ def _parse_args(argv):
   return p.parse_args(argv)
 
 
-def _load_config_file(path: str):
-  sys.path.insert(0, ROOT)  # configs/*.py import `configs.base`
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config().to_dict()
+def _load_config_file(path: str) -> dict:
+  try:
+    return config_lib.load_config_dict(path).to_dict()
+  except config_lib.ConfigError as e:
+    raise SystemExit(f'train_step.py: error: --config={e}') from None
 
 
 def _set(values: dict, dotted: str) -> None:
@@ -87,8 +87,8 @@ def _case_configs(args) -> list[tuple[str, dict]]:
 
 
 def _synthetic_batch(c, batch_sharding, seed=0):
-  import jax
-  import numpy as np
+  import jax  # pylint: disable=g-import-not-at-top  (jax loads after main() sets XLA_FLAGS)
+  import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   b, l = c.train.global_batch_size, c.data.seq_len
   tokens = rng.integers(0, c.model.vocab_size, size=(b, l + 1), dtype=np.int32)
@@ -99,9 +99,9 @@ def _synthetic_batch(c, batch_sharding, seed=0):
 
 
 def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
-  import jax
-  from gemma3_train import config as config_lib
-  from gemma3_train import flops as flops_lib
+  # jax, and our modules that import it, load after main() has set XLA_FLAGS.
+  import jax  # pylint: disable=g-import-not-at-top
+  from gemma3_train import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from gemma3_train import hardware
   from gemma3_train import metrics
   from gemma3_train import sharding
@@ -195,8 +195,7 @@ def main(argv=None) -> list[dict]:
   if args.hlo_dump:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_dump_to={args.hlo_dump} --xla_dump_hlo_as_text')
-  sys.path.insert(0, ROOT)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hlo_profile, beside us
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   dtypes = [d for d in args.dtypes.split(',') if d]
   peaks: dict[str, list[float]] = {}  # CPU matmul peaks measured so far, per dtype

@@ -3,7 +3,8 @@
 `gemma3-train --config=configs/27b.py --aot_topology=v5p-128` builds the same mesh, shardings and
 jitted train step as a run on that slice, over libtpu's compile-only devices (no TPU needed), and
 reports per-chip memory from the compiler, whether it fits the chip's HBM, the model FLOPs and an
-estimated step time and MFU. `--aot_plan` searches remat x batch x (fsdp, tensor) for what fits.
+estimated step time and MFU. `--aot_plan` (plan.py) searches remat x batch x (fsdp, tensor)
+for what fits.
 
 Figures and where they come from:
   memory        the TPU compiler's memory_analysis() (exact for the compiled program);
@@ -23,70 +24,39 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import re
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+from etils import epath
+from jax.experimental import topologies
 
 from gemma3_train import config as config_lib
 from gemma3_train import flops
 from gemma3_train import hardware
+from gemma3_train import model
 from gemma3_train import sharding
+from gemma3_train import train
+
+if TYPE_CHECKING:
+  from gemma3_train import plan as plan_lib
 
 GIB = 2**30
 HEADROOM = 0.10  # shipped configs must leave this fraction of HBM free
 
 
-@dataclasses.dataclass(frozen=True)
-class Topology:
-  name: str  # as given, e.g. 'v5p-128'
-  kind: str  # v4 | v5e | v5p | v6e
-  chips: int  # per slice
-  num_slices: int
-
-  @property
-  def spec(self) -> hardware.TpuKind:
-    return hardware.TPU_KINDS[self.kind]
-
-  @property
-  def chip(self) -> hardware.Chip:
-    return hardware.CHIPS[self.spec.chip]
-
-  @property
-  def total_chips(self) -> int:
-    return self.chips * self.num_slices
-
-
-  def gke(self) -> dict[str, str | int]:
-    """What a GKE JobSet / xpk needs (scripts/tpu_slice.sh mirrors this for the launchers)."""
-    per_host = 8 if self.kind in ('v5e', 'v6e') and self.chips == 8 else min(self.chips, 4)
-    n = self.chips * self.spec.cores_per_chip
-    return dict(accelerator=self.spec.gke_accelerator, topology=self.spec.shapes[self.chips],
-                hosts=self.chips // per_host, chips_per_host=per_host,
-                xpk_tpu_type=f'{self.spec.xpk_prefix}-{n}')
-
-
-def topology_names(kind: str) -> list[str]:
-  k = hardware.TPU_KINDS[kind]
-  return [f'{kind}-{n * k.cores_per_chip}' for n in k.shapes]
-
-
-def parse_topology(name: str, num_slices: int = 1) -> Topology:
-  """'v5p-128' -> 64 v5p chips per slice; a one-line ConfigError for anything else."""
-  match = re.fullmatch(r'(v4|v5e|v5p|v6e)-(\d+)', name.strip().lower())
-  kind = match and hardware.TPU_KINDS[match.group(1)]
-  if not match or int(match.group(2)) % kind.cores_per_chip or (
-      int(match.group(2)) // kind.cores_per_chip not in kind.shapes):
-    known = '; '.join(f'{k}: {", ".join(topology_names(k))}' for k in hardware.TPU_KINDS)
-    raise config_lib.ConfigError(
-        f'--aot_topology={name}: unknown TPU slice; expected KIND-N ({known}; v4/v5p count '
-        f'TensorCores, 2 per chip, v5e/v6e count chips)')
-  return Topology(name, match.group(1), int(match.group(2)) // kind.cores_per_chip, num_slices)
+def parse_topology(name: str, num_slices: int = 1) -> hardware.Topology:
+  """hardware.parse_topology, its error as a one-line `--aot_topology=...` ConfigError."""
+  try:
+    return hardware.parse_topology(name, num_slices)
+  except ValueError as e:
+    raise config_lib.ConfigError(f'--aot_topology={e}') from None
 
 
 def num_slices(c: config_lib.Config) -> int:
@@ -102,8 +72,9 @@ def num_slices(c: config_lib.Config) -> int:
 
 
 def libtpu_available() -> bool:
-  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
-  return cloud_tpu_init.get_tpu_library_path() is not None
+  """Whether jax can load libtpu: jax looks at TPU_LIBRARY_PATH, then the libtpu package."""
+  path = os.environ.get('TPU_LIBRARY_PATH')
+  return bool(path and os.path.isfile(path)) or importlib.util.find_spec('libtpu') is not None
 
 
 @contextlib.contextmanager
@@ -149,13 +120,12 @@ def _no_persistent_cache() -> Iterator[None]:
     jax.config.update('jax_enable_compilation_cache', enabled)
 
 
-def devices(topo: Topology) -> list[Any]:
+def devices(topo: hardware.Topology) -> list[Any]:
   """libtpu's compile-only devices for the slice(s); one device per chip."""
   if not libtpu_available():
     raise config_lib.ConfigError(
         f'--aot_topology={topo.name}: needs libtpu (pip install "gemma3-train[tpu]", which '
         'pins the libtpu release matching jax); no TPU is needed')
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   _prefer_cpu_backend()
   spec = topo.spec
   kwargs: dict[str, Any] = dict(chip_config_name=spec.chip_config)
@@ -163,8 +133,7 @@ def devices(topo: Topology) -> list[Any]:
     kwargs['chips_per_host_bounds'] = (1, 1, 1)
   if topo.num_slices > 1:
     kwargs['num_slices'] = topo.num_slices
-  accelerator = topo.name.replace('v5e-', 'v5litepod-')
-  with _libtpu_env(accelerator):
+  with _libtpu_env(topo.accelerator_type):
     desc = topologies.get_topology_desc(
         platform='tpu', topology_name=f'{topo.kind}:{spec.shapes[topo.chips]}', **kwargs)
   return list(desc.devices)
@@ -203,7 +172,6 @@ def splash_flops_per_step(c: config_lib.Config) -> float:
 
 def _replays_attention(policy: str) -> bool:
   """Whether the backward pass reruns the forward kernel (the policy drops attention_out)."""
-  from gemma3_train import model  # pylint: disable=g-import-not-at-top
   saved = model.REMAT_SAVED_NAMES.get(policy, ())
   return policy != 'none' and 'attention_out' not in saved
 
@@ -286,12 +254,12 @@ def _parse_oom(message: str) -> float | None:
   return None
 
 
-def _aot_config(c: config_lib.Config) -> config_lib.Config:
+def tpu_run_config(c: config_lib.Config) -> config_lib.Config:
   """The config as a TPU run would see it: the splash kernel, whatever the host backend."""
   return dataclasses.replace(c, model=dataclasses.replace(c.model, attention_impl='splash'))
 
 
-def _base_report(c: config_lib.Config, topo: Topology, shape: dict[str, int]) -> Report:
+def _base_report(c: config_lib.Config, topo: hardware.Topology, shape: dict[str, int]) -> Report:
   return Report(
       config=c.model.preset, topology=topo.name, chip=topo.chip.name, chips=topo.total_chips,
       num_slices=topo.num_slices, mesh=shape, remat_policy=c.model.remat_policy,
@@ -306,15 +274,15 @@ StepBuilder = Callable[[config_lib.Config, Any], tuple[Any, tuple[Any, ...], Any
 
 def train_step_builder(c: config_lib.Config, mesh) -> tuple[Any, tuple[Any, ...], Any]:
   """(jitted train step, abstract arguments, abstract state) exactly as train.py builds them."""
-  from gemma3_train import train  # pylint: disable=g-import-not-at-top
   s = train.setup(c, mesh, abstract=True)
   return s.train_step, (s.abstract_state, train.abstract_batch(c, mesh)), s.abstract_state
 
 
-def compile_report(c: config_lib.Config, topo: Topology, *, device_list: Sequence[Any] | None = None,
+def compile_report(c: config_lib.Config, topo: hardware.Topology, *,
+                   device_list: Sequence[Any] | None = None,
                    builder: StepBuilder = train_step_builder) -> Report:
   """Compiles c's train step for topo and fills a Report (fits=False on a compiler OOM)."""
-  c = _aot_config(c)
+  c = tpu_run_config(c)
   device_list = devices(topo) if device_list is None else device_list
   mesh = sharding.make_mesh(c, device_list)
   shape = config_lib.mesh_shape(c, len(device_list), topo.num_slices)
@@ -361,23 +329,13 @@ def _fill_memory(r: Report, mem: Any) -> None:
   r.fits = r.total_gib <= r.hbm_gib
 
 
-def _pairs(T: int, window: int | None) -> int:
-  """(query, key) pairs a row of T tokens attends: sum over p of min(W, p + 1)."""
-  if window is None or window >= T:
-    return T * (T + 1) // 2
-  return window * (window + 1) // 2 + (T - window) * window
-
-
-def _replay_fraction(m: config_lib.ModelConfig) -> float:
-  """Share of a layer's projection/MLP forward FLOPs that the remat policy recomputes."""
-  from gemma3_train import model  # pylint: disable=g-import-not-at-top
+def _replayed_flops_per_token(m: config_lib.ModelConfig) -> int:
+  """Forward projection/MLP FLOPs per token that the remat policy recomputes in the backward."""
   if m.remat_policy == 'none':
-    return 0.0
-  d, n, k, h, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
-  flops = dict(query_proj=d * n * h, key_proj=d * k * h, value_proj=d * k * h, out_proj=n * h * d,
-               mlp_gate=d * f, mlp_up=d * f, mlp_out=f * d)
+    return 0
   saved = set(model.REMAT_SAVED_NAMES.get(m.remat_policy, ()))
-  return sum(v for name, v in flops.items() if name not in saved) / sum(flops.values())
+  per_layer = sum(v for name, v in flops.layer_matmul_flops(m).items() if name not in saved)
+  return m.num_layers * per_layer
 
 
 def executed_flops_per_step(c: config_lib.Config) -> tuple[float, float]:
@@ -387,20 +345,14 @@ def executed_flops_per_step(c: config_lib.Config) -> tuple[float, float]:
   remat policy replays. Splash part: splash_flops_per_step (block-granular, with its replay).
   """
   m, T, B = c.model, c.data.seq_len, c.train.global_batch_size
-  model = flops.model_flops_per_step(m, T, B)
-  pairs = sum(_pairs(T, None if m.is_global(i) else m.sliding_window)
-              for i in range(m.num_layers))
-  attention = 3 * 4 * m.num_heads * m.head_dim * pairs * B
-  d, n, k, h = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
-  layer = 2 * d * (n * h + 2 * k * h) + 2 * n * h * d + 3 * 2 * d * m.mlp_dim
-  replay = _replay_fraction(m) * m.num_layers * layer * T * B
+  attention = 3 * flops.attention_flops_per_row(m, T) * B  # fwd + bwd, run by splash, not XLA
+  replay = _replayed_flops_per_token(m) * T * B
   splash = splash_flops_per_step(c) if m.attention_impl == 'splash' else 0.0
-  return model - attention + replay, splash
+  return flops.model_flops_per_step(m, T, B) - attention + replay, splash
 
 
-def _fill_time(r: Report, c: config_lib.Config, topo: Topology, cost: Any) -> None:
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
-    cost = cost[0]
+def _fill_time(r: Report, c: config_lib.Config, topo: hardware.Topology,
+               cost: dict[str, float]) -> None:
   peak = topo.chip.peak_bf16_tflops * 1e12
   r.compiler_flops = float(cost.get('flops', 0.0))
   r.compiler_bytes = float(cost.get('bytes accessed', 0.0))
@@ -471,148 +423,34 @@ def format_report(r: Report) -> str:
   return '\n'.join(lines)
 
 
-# --- the planner -------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PlanSpace:
-  remat_policies: tuple[str, ...] = config_lib.REMAT_POLICIES
-  rows_per_shard: tuple[int, ...] = (1, 2, 4, 8)  # rows per batch shard (fsdp x data x dcn)
-  tensor_degrees: tuple[int, ...] = (1, 2, 4, 8)
-
-
-def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '') -> PlanSpace:
-  """PlanSpace from the --aot_plan_* flags (comma lists; empty keeps the default)."""
-  def ints(flag: str, text: str, default: tuple[int, ...]) -> tuple[int, ...]:
-    if not text:
-      return default
-    try:
-      values = tuple(int(v) for v in text.split(','))
-    except ValueError:
-      values = ()
-    if not values or min(values) < 1:
-      raise config_lib.ConfigError(f'--{flag}={text!r}: expected positive integers separated '
-                                   'by commas, e.g. 1,2,4')
-    return values
-  policies = tuple(remat.split(',')) if remat else PlanSpace.remat_policies
-  unknown = [p for p in policies if p not in config_lib.REMAT_POLICIES]
-  if unknown:
-    raise config_lib.ConfigError(f'--aot_plan_remat={remat!r}: unknown policy {unknown[0]!r}; '
-                                 f'expected some of {",".join(config_lib.REMAT_POLICIES)}')
-  return PlanSpace(remat_policies=policies,
-                   rows_per_shard=ints('aot_plan_rows', rows, PlanSpace.rows_per_shard),
-                   tensor_degrees=ints('aot_plan_tensor', tensor, PlanSpace.tensor_degrees))
-
-
-def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int
-          ) -> config_lib.Config:
-  return dataclasses.replace(
-      c, model=dataclasses.replace(c.model, remat_policy=remat),
-      mesh=dataclasses.replace(c.mesh, data=1, fsdp=fsdp, tensor=tensor),
-      train=dataclasses.replace(c.train, global_batch_size=batch * c.optim.grad_accum_steps))
-
-
-def minimum_state_gib(c: config_lib.Config, topo: Topology) -> float:
-  """Parameters + optimizer state per chip when fully sharded over every chip (no compile)."""
-  from gemma3_train import train  # pylint: disable=g-import-not-at-top
-  cpu = jax.devices('cpu')[:1]
-  mesh = sharding.make_mesh(dataclasses.replace(
-      c, mesh=config_lib.MeshConfig(data=1, fsdp=1, tensor=1),
-      train=dataclasses.replace(c.train, global_batch_size=c.optim.grad_accum_steps)), cpu)
-  state = train.setup(_aot_config(c), mesh, abstract=True).abstract_state
-  total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
-  return _gib(total / topo.total_chips)
-
-
-def _refuse_if_hopeless(c: config_lib.Config, topo: Topology) -> None:
-  need = minimum_state_gib(c, topo)
-  if need <= topo.chip.hbm_gib * (1 - HEADROOM):
-    return
-  total = need * topo.total_chips
-  sizes = [n for n in topo.spec.shapes
-           if total / (n * topo.num_slices) <= topo.chip.hbm_gib * (1 - HEADROOM) / 2]
-  hint = (f'; try {topo.kind}-{sizes[0] * topo.spec.cores_per_chip} or larger' if sizes
-          else f'; no single {topo.kind} slice size in the table is large enough')
-  raise config_lib.ConfigError(
-      f'--aot_topology={topo.name}: {c.model.preset} cannot fit: its parameters and optimizer '
-      f'state ({c.model.param_dtype}) alone need {need:.1f} GiB per chip over {topo.total_chips} '
-      f'chips, more than the {topo.chip.hbm_gib:g} GiB HBM of a {topo.kind} chip less '
-      f'{100 * HEADROOM:.0f}% headroom{hint}')
-
-
-def search_plans(c: config_lib.Config, topo: Topology, space: PlanSpace = PlanSpace(), *,
-         log: Callable[[str], None] = print) -> list[Report]:
-  """Compiles each candidate and returns the fitting ones, best estimated throughput first.
-
-  Memory grows with the batch, so for each (split, remat) the batch stops growing at the first
-  candidate that does not fit. Raises ConfigError when nothing can fit.
-  """
-  _refuse_if_hopeless(c, topo)
-  device_list = devices(topo)
-  per_slice = topo.chips
-  results = []
-  splits = [t for t in space.tensor_degrees
-            if not per_slice % t and (t == 1 or not c.model.num_kv_heads % t)]
-  log(f'Planning {c.model.preset} on {topo.name}: up to '
-      f'{len(splits) * len(space.remat_policies) * len(space.rows_per_shard)} compiles '
-      f'(tensor {"/".join(map(str, splits))} x remat {"/".join(space.remat_policies)} x rows per '
-      f'batch shard {"/".join(map(str, space.rows_per_shard))}; a batch stops growing at its first '
-      'misfit). Each can take minutes; narrow the search with --aot_plan_remat/_rows/_tensor.')
-  for tensor in splits:
-    fsdp = per_slice // tensor
-    shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
-    for remat in space.remat_policies:
-      for rows in sorted(space.rows_per_shard):  # ascending: the first misfit ends the row
-        trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards)
-        r = compile_report(trial, topo, device_list=device_list)
-        status = (f'{r.total_gib:.1f} GiB' if r.total_gib is not None else 'OOM') + (
-            '' if r.fits else ' (does not fit)')
-        log(f'  plan fsdp={fsdp} tensor={tensor} remat={remat} batch={r.global_batch}: {status}'
-            f' (compiled in {r.compile_seconds or 0:.0f} s)')
-        if not r.fits:
-          break
-        results.append(r)
-  if not results:
-    raise config_lib.ConfigError(
-        f'--aot_topology={topo.name}: no plan fits {c.model.preset} at seq_len '
-        f'{c.data.seq_len} (tried remat {"/".join(space.remat_policies)}, tensor '
-        f'{"/".join(map(str, space.tensor_degrees))}); try a larger slice or a shorter '
-        'data.seq_len')
-  # Ties (the estimate is compute-bound per token, so batch sizes often tie): most headroom first.
-  return sorted(results, key=lambda r: (-r.tokens_per_sec, -r.headroom))
-
-
-def format_plan(results: Sequence[Report]) -> str:
-  lines = [f'{len(results)} fitting plan(s) for {results[0].config} on {results[0].topology}, '
-           'best estimated throughput first:',
-           f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"batch":>6} {"rows/chip":>9} '
-           f'{"GiB/chip":>9} {"headroom":>8} {"tokens/s":>12} {"MFU":>6}  flags']
-  for r in results:
-    flags = (f'--config.mesh.fsdp={r.mesh["fsdp"]} --config.mesh.tensor={r.mesh["tensor"]} '
-             f'--config.model.remat_policy={r.remat_policy} '
-             f'--config.train.global_batch_size={r.global_batch}')
-    lines.append(f'  {r.mesh["fsdp"]:>5} {r.mesh["tensor"]:>6} {r.remat_policy:<26} '
-                 f'{r.global_batch:>6} {r.per_chip_batch:>9g} {r.total_gib:>9.2f} '
-                 f'{100 * r.headroom:>7.1f}% {r.tokens_per_sec:>12,.0f} {100 * r.mfu:>5.1f}%  '
-                 f'{flags}')
-  return '\n'.join(lines)
-
-
 # --- entrypoint --------------------------------------------------------------------
 
 
+# plan builds on this module (compile_report, devices): it is imported inside the two functions
+# below, which main.py calls, because a top-level import would be a cycle.
+
+
+def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '') -> plan_lib.PlanSpace:
+  """plan.parse_plan_space: a plan.PlanSpace from the --aot_plan_* flags."""
+  from gemma3_train import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  return plan_lib.parse_plan_space(remat, rows, tensor)
+
+
 def main(c: config_lib.Config, topology: str, *, report_path: str | None = None,
-         plan: bool = False, space: PlanSpace = PlanSpace()) -> list[Report]:
-  """`gemma3-train --aot_topology=NAME [--aot_report=FILE.json] [--aot_plan [--aot_plan_*]]`."""
+         plan: bool = False, space: plan_lib.PlanSpace | None = None) -> list[Report]:
+  """`gemma3-train --aot_topology=NAME [--aot_report=FILE.json] [--aot_plan [--aot_plan_*]]`.
+
+  space: what plan=True searches (None: all of plan.PlanSpace()).
+  """
+  from gemma3_train import plan as plan_lib  # pylint: disable=g-import-not-at-top
   topo = parse_topology(topology, num_slices(c))
   if plan:
-    results = search_plans(c, topo, space)
-    print(format_plan(results))
+    results = plan_lib.search_plans(c, topo, space or plan_lib.PlanSpace())
+    print(plan_lib.format_plan(results))
   else:
     results = [compile_report(c, topo)]
     print(format_report(results[0]))
   if report_path:
-    from etils import epath  # pylint: disable=g-import-not-at-top
     payload = [dataclasses.asdict(r) for r in results]
     epath.Path(report_path).write_text(json.dumps(payload if plan else payload[0], indent=2))
   r = results[0]

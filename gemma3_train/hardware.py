@@ -1,13 +1,18 @@
-"""Accelerator facts: peak FLOP/s, HBM and bandwidth per chip, TPU slice topologies.
+"""Accelerator facts: peak FLOP/s and HBM per chip, TPU slice names and topologies.
 
-The one table that metrics (MFU), aot (fit and step time) and the launch scripts read.
-Standard library only, so the scripts can ask it without jax installed:
-  python3 gemma3_train/hardware.py v5p-128   (prints the slice's GKE/xpk fields as shell words)
+The one table that metrics (MFU), aot (fit and step time) and the launch scripts read. Standard
+library only, so that the launchers can ask it on a workstation without jax:
+  python3 gemma3_train/hardware.py v5p-128
+prints the slice's GKE/xpk facts (ACCELERATOR, TOPOLOGY, HOSTS, CHIPS_PER_HOST, XPK_TPU_TYPE) as
+shell assignments (scripts/tpu_slice.sh evaluates them), or one error line and exits 1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
+import sys
 from typing import Any
 
 
@@ -55,6 +60,17 @@ def chip_for_device(device: Any) -> Chip | None:
   return None
 
 
+def peak_tflops(device: Any, override: float = 0.0) -> float | None:
+  """Per-device peak for MFU: the config override, else the chip table (None when unknown)."""
+  if override > 0:
+    return override
+  chip = chip_for_device(device)
+  return chip.peak_bf16_tflops if chip else None
+
+
+# --- TPU slices ----------------------------------------------------------------
+
+
 @dataclasses.dataclass(frozen=True)
 class TpuKind:
   chip: str  # key of CHIPS
@@ -63,9 +79,11 @@ class TpuKind:
   shapes: dict[int, str]  # chips in a slice -> libtpu's physical topology
   chip_config: str  # libtpu chip_config_name: 'megacore' makes one device per v4/v5p chip
   gke_accelerator: str  # GKE node label cloud.google.com/gke-tpu-accelerator
-  xpk_prefix: str  # xpk --tpu-type spelling (v5e slices are 'v5litepod-N')
+  type_prefix: str  # Cloud TPU accelerator type / xpk --tpu-type spelling (v5e: 'v5litepod')
 
 
+# Slice sizes GKE offers: v5e/v6e are 2-D tori, v4/v5p 3-D (cloud.google.com/kubernetes-engine/
+# docs/concepts/plan-tpus, "TPU topology" tables).
 _PLANAR = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
            256: '16x16'}
 _CUBE = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
@@ -79,12 +97,78 @@ TPU_KINDS: dict[str, TpuKind] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice (or num_slices identical ones joined over DCN)."""
+  name: str  # as given, e.g. 'v5p-128'
+  kind: str  # key of TPU_KINDS
+  chips: int  # per slice
+  num_slices: int = 1
 
-def peak_tflops(device: Any, override: float = 0.0) -> float | None:
-  """Per-device peak for MFU: the config override, else the chip table (None when unknown)."""
-  if override > 0:
-    return override
-  chip = chip_for_device(device)
-  return chip.peak_bf16_tflops if chip else None
+  @property
+  def spec(self) -> TpuKind:
+    return TPU_KINDS[self.kind]
+
+  @property
+  def chip(self) -> Chip:
+    return CHIPS[self.spec.chip]
+
+  @property
+  def total_chips(self) -> int:
+    return self.chips * self.num_slices
+
+  @property
+  def accelerator_type(self) -> str:
+    """The Cloud TPU accelerator type, e.g. 'v5litepod-16' for v5e-16 (what xpk and libtpu use)."""
+    return f'{self.spec.type_prefix}-{self.chips * self.spec.cores_per_chip}'
+
+  def gke(self) -> dict[str, str | int]:
+    """What a GKE JobSet or xpk needs for one slice; its keys, upper-cased, are the script's."""
+    # A TPU VM has 4 chips, but an 8-chip v5e/v6e (1 core per chip) slice is one 8-chip VM.
+    per_host = 8 if self.spec.cores_per_chip == 1 and self.chips == 8 else min(self.chips, 4)
+    return dict(accelerator=self.spec.gke_accelerator, topology=self.spec.shapes[self.chips],
+                hosts=self.chips // per_host, chips_per_host=per_host,
+                xpk_tpu_type=self.accelerator_type)
 
 
+def slice_name(kind: str, chips: int) -> str:
+  """'v5p', 64 -> 'v5p-128': v4/v5p names count TensorCores (2 per chip), v5e/v6e chips."""
+  return f'{kind}-{chips * TPU_KINDS[kind].cores_per_chip}'
+
+
+def topology_names(kind: str) -> list[str]:
+  """Every slice name of a kind that the table knows, smallest first."""
+  return [slice_name(kind, n) for n in TPU_KINDS[kind].shapes]
+
+
+def parse_topology(name: str, num_slices: int = 1) -> Topology:
+  """'v5p-128' -> 64 v5p chips per slice; a one-line ValueError '<name>: unknown ...' otherwise."""
+  match = re.fullmatch(r'(v4|v5e|v5p|v6e)-(\d+)', name.strip().lower())
+  if match:
+    kind = TPU_KINDS[match.group(1)]
+    chips, rest = divmod(int(match.group(2)), kind.cores_per_chip)
+    if not rest and chips in kind.shapes:
+      return Topology(name, match.group(1), chips, num_slices)
+  known = '; '.join(f'{k}: {", ".join(topology_names(k))}' for k in TPU_KINDS)
+  raise ValueError(f'{name}: unknown TPU slice; expected KIND-N ({known}; v4/v5p count '
+                   'TensorCores, 2 per chip, v5e/v6e count chips)')
+
+
+def main(argv: list[str]) -> int:
+  """`python3 gemma3_train/hardware.py TPU_TYPE`: the slice's facts as shell assignments."""
+  if len(argv) != 2 or argv[1].startswith('-'):
+    print('usage: python3 gemma3_train/hardware.py TPU_TYPE (e.g. v5p-128): prints ACCELERATOR, '
+          'TOPOLOGY, HOSTS, CHIPS_PER_HOST and XPK_TPU_TYPE as shell assignments', file=sys.stderr)
+    return 2
+  try:
+    topo = parse_topology(argv[1])
+  except ValueError as e:
+    print(f'error: TPU_TYPE={e}', file=sys.stderr)
+    return 1
+  for key, value in topo.gke().items():
+    print(f'{key.upper()}={shlex.quote(str(value))}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

@@ -6,6 +6,7 @@ Needs libtpu (the `test` extra installs it). Without it these tests skip locally
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -22,7 +23,7 @@ from gemma3_train import aot
 from gemma3_train import config as config_lib
 from gemma3_train import flops
 from gemma3_train import hardware
-from gemma3_train import metrics
+from gemma3_train import plan
 from gemma3_train import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -39,23 +40,16 @@ def _config(name: str, **sections) -> config_lib.Config:
   return c
 
 
-# --- topology names (pure Python) ------------------------------------------------
+# --- topology names (the table and its parser are tested in test_hardware.py) ----------
 
 
-@pytest.mark.parametrize('name,kind,chips', [
-    ('v4-8', 'v4', 4), ('v5p-128', 'v5p', 64), ('v5p-8', 'v5p', 4), ('v5e-16', 'v5e', 16),
-    ('v5e-1', 'v5e', 1), ('v6e-256', 'v6e', 256), ('V6E-8', 'v6e', 8)])
-def test_parse_topology(name, kind, chips):
-  topo = aot.parse_topology(name)
-  assert (topo.kind, topo.chips, topo.num_slices) == (kind, chips, 1)
-  assert topo.chip is hardware.CHIPS[kind]
-
-
-@pytest.mark.parametrize('name', ['v5p-7', 'v5p-6', 'v5e-2', 'v7-8', 'v5litepod-16', 'tpu', ''])
-def test_unknown_topology_is_one_line(name):
-  with pytest.raises(config_lib.ConfigError) as e:
-    aot.parse_topology(name)
-  assert str(e.value).startswith(f'--aot_topology={name}:') and '\n' not in str(e.value)
+def test_topology_is_the_tables_and_its_error_a_config_error():
+  assert aot.parse_topology('v5p-128', 2) == hardware.parse_topology('v5p-128', 2)
+  for name in ('v5p-7', ''):
+    with pytest.raises(config_lib.ConfigError) as e:
+      aot.parse_topology(name)
+    message = str(e.value)
+    assert message.startswith(f'--aot_topology={name}: unknown TPU slice') and '\n' not in message
 
 
 def test_num_slices_from_dcn():
@@ -97,6 +91,29 @@ def test_splash_flops_equal_model_attention_flops_at_block_one():
   assert aot.splash_flops_per_step(minimal) == pytest.approx(forward * 9 / 2)
 
 
+@pytest.mark.parametrize('policy,replayed', [
+    ('none', ()), ('minimal', ()), ('full', ('qkv', 'rest')),
+    ('save_decoder_layer_input', ('qkv', 'rest')), ('save_qkv_proj', ('rest',))])
+def test_executed_flops_from_the_shapes(policy, replayed):
+  # XLA runs the model FLOPs less attention (the splash kernels run that), plus the forward
+  # matmuls of each layer that the remat policy does not save and so replays in the backward.
+  T, B = 64, 2
+  c = _config('tiny', model=dict(remat_policy=policy), data=dict(seq_len=T),
+              train=dict(global_batch_size=B))
+  m = c.model
+  d, n, k, h, f = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
+  per_token = dict(qkv=2 * d * (n + 2 * k) * h, rest=2 * n * h * d + 3 * 2 * d * f)
+  pairs = sum(_visited_blocks_brute(T, 1, None if m.is_global(i) else m.sliding_window)
+              for i in range(m.num_layers))
+  attention = 3 * 4 * n * h * pairs * B
+  replay = m.num_layers * sum(per_token[p] for p in replayed) * T * B
+  model_flops = flops.model_flops_per_step(m, T, B)
+  xla, splash = aot.executed_flops_per_step(c)
+  assert xla == pytest.approx(model_flops - attention + replay, rel=1e-12)
+  assert splash == (aot.splash_flops_per_step(c) if m.attention_impl == 'splash' else 0)
+  assert aot.executed_flops_per_step(aot.tpu_run_config(c))[1] == aot.splash_flops_per_step(c)
+
+
 def test_parse_oom_messages():
   assert aot._parse_oom('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
                         'required for HLO temporaries (37.29G) exceeds available HBM (15.75G).'
@@ -107,6 +124,20 @@ def test_parse_oom_messages():
 
 
 # --- libtpu devices and the compile mechanism --------------------------------------
+
+
+def test_without_libtpu_devices_is_a_one_line_error(monkeypatch, tmp_path):
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'libtpu' else real_find_spec(name, *a))
+  monkeypatch.delenv('TPU_LIBRARY_PATH', raising=False)
+  assert not aot.libtpu_available()
+  with pytest.raises(config_lib.ConfigError, match=r'^--aot_topology=v5e-4: needs libtpu \('):
+    aot.devices(aot.parse_topology('v5e-4'))
+  library = tmp_path / 'libtpu.so'
+  library.write_bytes(b'')
+  monkeypatch.setenv('TPU_LIBRARY_PATH', str(library))  # jax loads this one first
+  assert aot.libtpu_available()
 
 
 @needs_libtpu
@@ -189,8 +220,8 @@ def test_mechanism_with_a_stand_in_step():
 
 
 def _param_count(m: config_lib.ModelConfig) -> int:
-  """Gemma 3 parameters from the shapes (shared/GEMMA3.md A): tied embedding, 4 norms per layer,
-  QK-norm scales, no biases."""
+  """Gemma 3 parameters from the shapes: tied embedding, 4 norms per layer, QK-norm scales, no
+  biases."""
   d, n, k, h = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
   per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * m.mlp_dim + 4 * d + 2 * h
   return m.vocab_size * d + m.num_layers * per_layer + d
@@ -221,13 +252,14 @@ def _check_tiny_report(r: dict, c: config_lib.Config):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_compiles_trimmed_tiny_for_v5e_4():
   # The TPU compiler is slow even for small programs (~1 min here for the shipped tiny config,
   # mostly its 262k vocabulary), so the default suite compiles tiny trimmed to one scanned block
   # of six layers (local and global splash kernels, chunked loss, AdamW) and 4096 vocabulary rows.
   c = _config('tiny', model=dict(num_layers=6, vocab_size=4096))
   r = aot.compile_report(c, aot.parse_topology('v5e-4'))
-  _check_tiny_report(dataclasses.asdict(r), aot._aot_config(c))
+  _check_tiny_report(dataclasses.asdict(r), aot.tpu_run_config(c))
   assert jax.default_backend() == 'cpu'
   assert r.tpu_kernels > 0 and not r.error  # the splash TPU kernel, not its interpreter
 
@@ -277,9 +309,9 @@ def test_planner_ranks_and_prunes(monkeypatch):
     return r
   monkeypatch.setattr(aot, 'compile_report', fake)
   monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
-  space = aot.PlanSpace(remat_policies=('none', 'full', 'minimal'), rows_per_shard=(1, 2, 4),
+  space = plan.PlanSpace(remat_policies=('none', 'full', 'minimal'), rows_per_shard=(1, 2, 4),
                         tensor_degrees=(1, 2, 3))
-  plans = aot.search_plans(c, topo, space, log=lambda _: None)
+  plans = plan.search_plans(c, topo, space)
   # tensor=3 does not divide 4 chips; tensor=2 does not divide tiny's single kv head.
   assert {t for t, _, _ in calls} == {1}
   # GiB = batch x (4 - saves): none fits batch 4 only, full 4/8/16, minimal 4; after the first
@@ -289,21 +321,25 @@ def test_planner_ranks_and_prunes(monkeypatch):
   assert len(calls) == 7
   rates = [p.tokens_per_sec for p in plans]
   assert rates == sorted(rates, reverse=True)
-  assert 'fsdp' in aot.format_plan(plans)
-  tight = aot.PlanSpace(remat_policies=('none',), rows_per_shard=(8, 16), tensor_degrees=(1,))
+  table = plan.format_plan(plans).splitlines()
+  assert len(table) == 2 + len(plans)
+  assert table[2].endswith(f'--config.model.remat_policy={plans[0].remat_policy} '
+                           f'--config.train.global_batch_size={plans[0].global_batch}')
+  tight = plan.PlanSpace(remat_policies=('none',), rows_per_shard=(8, 16), tensor_degrees=(1,))
   with pytest.raises(config_lib.ConfigError, match='no plan fits'):
-    aot.search_plans(c, topo, tight, log=lambda _: None)
+    plan.search_plans(c, topo, tight)
 
 
 def test_plan_space_flags():
-  space = aot.parse_plan_space('full,minimal', '2,1', '1')
-  assert space == aot.PlanSpace(remat_policies=('full', 'minimal'), rows_per_shard=(2, 1),
-                                tensor_degrees=(1,))
-  assert aot.parse_plan_space() == aot.PlanSpace()
+  space = plan.parse_plan_space('full,minimal', '2,1', '1')
+  assert space == plan.PlanSpace(remat_policies=('full', 'minimal'), rows_per_shard=(2, 1),
+                                 tensor_degrees=(1,))
+  assert plan.parse_plan_space() == plan.PlanSpace()
+  assert aot.parse_plan_space('full', '', '2') == plan.parse_plan_space('full', '', '2')  # main.py's
   for args, flag in ((('fulll',), '--aot_plan_remat'), (('', '0'), '--aot_plan_rows'),
                      (('', '', 'two'), '--aot_plan_tensor')):
     with pytest.raises(config_lib.ConfigError) as e:
-      aot.parse_plan_space(*args)
+      plan.parse_plan_space(*args)
     assert str(e.value).startswith(flag) and '\n' not in str(e.value)
 
 
@@ -350,7 +386,7 @@ def test_shipped_config_is_the_one_its_proof_compiled(name, topology):
   c = _config(name)
   _check_shipped_report(r, c, name)
   topo = aot.parse_topology(topology)
-  ac = aot._aot_config(c)
+  ac = aot.tpu_run_config(c)
   want = dict(config=name, topology=topology, chips=topo.total_chips,
               mesh=config_lib.mesh_shape(c, topo.total_chips, topo.num_slices),
               remat_policy=c.model.remat_policy, seq_len=c.data.seq_len,
@@ -385,10 +421,10 @@ def test_planner_finds_a_plan_for_27b_on_v5p_128():
   # Each 27b compile takes about half an hour on 2 cores: the search space here is the
   # shipped plan and the one above it in batch.
   c = _config('27b')
-  space = aot.PlanSpace(remat_policies=(c.model.remat_policy,), rows_per_shard=(1, 2),
-                        tensor_degrees=(1,))
-  plans = aot.search_plans(c, aot.parse_topology('v5p-128'), space)
-  print(aot.format_plan(plans))
+  space = plan.PlanSpace(remat_policies=(c.model.remat_policy,), rows_per_shard=(1, 2),
+                         tensor_degrees=(1,))
+  plans = plan.search_plans(c, aot.parse_topology('v5p-128'), space)
+  print(plan.format_plan(plans))
   assert plans and all(p.fits for p in plans)
   assert [p.tokens_per_sec for p in plans] == sorted((p.tokens_per_sec for p in plans),
                                                      reverse=True)

@@ -1,12 +1,18 @@
 """The FLOPs model against a brute-force count of every matmul."""
 
 import dataclasses
+import math
 
+import jax
+import jax.extend
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train import flops
+from gemma3_train import model
 
 TINY = config_lib.ModelConfig(
     preset='t', vocab_size=97, num_layers=8, embed_dim=24, mlp_dim=40, num_heads=4,
@@ -51,3 +57,49 @@ def test_flops_near_six_n_for_1b():
   m = config_lib.ModelConfig.from_preset('1b')
   ratio = flops.model_flops_per_token(m, 128) / (6 * (697.9e6 + 302.0e6))
   assert 1.0 < ratio < 1.01
+
+
+@pytest.mark.parametrize('seq_len,window', [(1, None), (9, None), (9, 5), (5, 5), (4, 5), (64, 7)])
+def test_attention_pairs_count_the_mask(seq_len, window):
+  q, k = np.arange(seq_len)[:, None], np.arange(seq_len)[None, :]
+  allowed = (k <= q) & (k > q - (window or seq_len))
+  assert flops.attention_pairs(seq_len, window) == allowed.sum()
+
+
+def _named_matmul_flops(m, seq_len):
+  """{checkpoint name: FLOPs per token of the dot_general it names} from a traced DecoderLayer."""
+  # Abstract parameters: tracing needs their shapes only (eager init would compile every op).
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model.DecoderLayer(m, 0, rngs=nnx.Rngs(0))))
+  x = jax.ShapeDtypeStruct((1, seq_len, m.embed_dim), m.dtype)
+  positions, segments = jnp.arange(seq_len)[None], jnp.ones((1, seq_len), jnp.int32)
+  producer, named = {}, {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      producer.update({v: eqn for v in eqn.outvars})
+      if eqn.primitive.name == 'name':  # jax.ad_checkpoint.checkpoint_name
+        named[eqn.params['name']] = eqn.invars[0]
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  def layer(state, x):
+    return nnx.merge(graphdef, state)(x, positions, segments)
+  walk(jax.make_jaxpr(layer)(state, x).jaxpr)
+  out = {}
+  for name, var in named.items():
+    while var in producer and producer[var].primitive.name != 'dot_general':
+      var = producer[var].invars[0]  # through casts, transposes and sharding constraints
+    if var in producer:
+      dot = producer[var]
+      (contract, _), _ = dot.params['dimension_numbers']
+      k = math.prod(dot.invars[0].aval.shape[i] for i in contract)
+      out[name] = 2 * math.prod(dot.outvars[0].aval.shape) * k / seq_len
+  return out
+
+
+def test_layer_matmul_flops_are_the_model_checkpoint_names():
+  # aot counts the remat replay by these names: each must name the model's matmul of that cost.
+  m = dataclasses.replace(TINY, attention_impl='reference')
+  named = _named_matmul_flops(m, seq_len=7)
+  assert flops.layer_matmul_flops(m) == {k: v for k, v in named.items() if k != 'attention_out'}
+  assert 'attention_out' in named  # probs @ V: attention, counted by attention_flops_per_row
