@@ -1,11 +1,10 @@
 """Gemma 3 1b (26 layers, D=1152). gemma3-train --config=configs/1b.py --workdir=gs://B/run"""
 
-from configs import base
 from gemma3_train import config as config_lib
 
 
 def get_config():
-  c = base.get_config()
+  c = config_lib.default_config_dict()
   c.model.preset = '1b'
   c.model.update(config_lib.PRESETS['1b'])
   c.model.dtype = 'bfloat16'  # bf16 matmuls on accelerators; params stay float32

@@ -3,12 +3,11 @@
 Sized for a v5p-128 slice (64 chips): sequence 8192, one row per chip, FSDP over every chip.
 """
 
-from configs import base
 from gemma3_train import config as config_lib
 
 
 def get_config():
-  c = base.get_config()
+  c = config_lib.default_config_dict()
   c.model.preset = '27b'
   c.model.update(config_lib.PRESETS['27b'])
   c.model.remat_policy = 'full'  # fits v5p-128 with >10% HBM free: docs/aot/27b_v5p-128.json

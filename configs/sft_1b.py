@@ -9,12 +9,11 @@ Each JSONL row holds data.messages_field = [{"role": "system"|"user"|"assistant"
 "content": "..."}, ...]; roles alternate user/model after an optional system message.
 """
 
-from configs import base
 from gemma3_train import config as config_lib
 
 
 def get_config():
-  c = base.get_config()
+  c = config_lib.default_config_dict()
   c.model.preset = '1b'
   c.model.update(config_lib.PRESETS['1b'])
   c.model.remat_policy = 'minimal'

@@ -6,11 +6,11 @@ Real Gemma 3 vocabulary and tokenizer (so the bundled text trains as is), 8 laye
 block of six (five local, one global) plus a two-layer tail, GQA 4:1, window 32 < seq_len.
 """
 
-from configs import base
+from gemma3_train import config as config_lib
 
 
 def get_config():
-  c = base.get_config()
+  c = config_lib.default_config_dict()
   c.model.preset = 'tiny'
   c.model.update(num_layers=8, embed_dim=64, mlp_dim=256, num_heads=4, num_kv_heads=1,
                  head_dim=16, query_pre_attn_scalar=16.0, sliding_window=32)

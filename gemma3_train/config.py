@@ -1,15 +1,20 @@
-"""ConfigDict -> frozen dataclasses at the boundary, validation, Gemma 3 size presets.
+"""Every config field with its default and help text; ConfigDict <-> frozen dataclasses.
 
-Library code only sees the dataclasses below. `from_config_dict` rejects unknown keys, wrong
-types and impossible combinations with a ConfigError whose message is one line naming the
-field, its value and what was expected; main.py turns it into exit code 2.
+The dataclasses below are the one declaration of the config: `default_config_dict()` turns them
+into the ml_collections ConfigDict that config files start from (configs/base.py returns it),
+`gemma3-train --helpfull` lists each field with its default and help text, and library code
+only sees the frozen dataclasses. `from_config_dict` rejects unknown keys, wrong types and
+impossible combinations with a ConfigError whose message is one line naming the field, its
+value and what was expected; main.py turns it into exit code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import pathlib
 import re
 from typing import Any
 
@@ -28,7 +33,8 @@ class ConfigError(ValueError):
   """A one-line, user-facing configuration error."""
 
 
-# Exact Gemma 3 shapes (shared/GEMMA3.md A.1). Configs apply these with `model.update(...)`.
+# The published Gemma 3 text-model sizes (the 270m, 1b, 4b, 12b and 27b checkpoints' shapes).
+# Configs apply these with `model.update(...)`; ModelConfig's defaults are the 1b row.
 PRESETS: dict[str, dict[str, Any]] = {
     '270m': dict(num_layers=18, embed_dim=640, mlp_dim=2048, num_heads=4, num_kv_heads=1,
                  head_dim=256, query_pre_attn_scalar=256.0, sliding_window=512,
@@ -46,30 +52,40 @@ PRESETS: dict[str, dict[str, Any]] = {
                 head_dim=128, query_pre_attn_scalar=168.0, sliding_window=1024,
                 global_rope_scale=8.0),
 }
+_1B = PRESETS['1b']
+
+
+def _f(default: Any, help_text: str) -> Any:
+  """A field's default and the help text `gemma3-train --helpfull` prints for it."""
+  return dataclasses.field(default=default, metadata={'help': help_text})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  preset: str = '1b'
-  vocab_size: int = 262144
-  num_layers: int = 26
-  embed_dim: int = 1152
-  mlp_dim: int = 6912
-  num_heads: int = 4
-  num_kv_heads: int = 1
-  head_dim: int = 256
-  query_pre_attn_scalar: float = 256.0
-  sliding_window: int = 512
-  local_rope_base: float = 10_000.0
-  global_rope_base: float = 1_000_000.0
-  global_rope_scale: float = 1.0
-  rms_norm_eps: float = 1e-6
-  param_dtype: str = 'float32'
-  dtype: str = 'float32'
-  scan_layers: bool = True
-  remat_policy: str = 'none'
-  attention_impl: str = 'auto'
-  attention_block_size: int = 512
+  preset: str = _f('1b', 'name of the size this config describes (informational; shapes rule)')
+  vocab_size: int = _f(262144, 'embedding rows; the Gemma 3 tokenizer has 262144 pieces')
+  num_layers: int = _f(_1B['num_layers'], 'decoder layers; layer i is global when i % 6 == 5')
+  embed_dim: int = _f(_1B['embed_dim'], 'd_model D')
+  mlp_dim: int = _f(_1B['mlp_dim'], 'GeGLU hidden size F (per branch)')
+  num_heads: int = _f(_1B['num_heads'], 'query heads N')
+  num_kv_heads: int = _f(_1B['num_kv_heads'], 'key/value heads K (GQA); must divide num_heads')
+  head_dim: int = _f(_1B['head_dim'], 'H, per-head width')
+  query_pre_attn_scalar: float = _f(_1B['query_pre_attn_scalar'],
+                                    'queries are scaled by this ** -0.5 (27b: 168)')
+  sliding_window: int = _f(_1B['sliding_window'],
+                           'a local-layer query sees this many keys, itself included')
+  local_rope_base: float = _f(10_000.0, 'RoPE base on sliding-window layers')
+  global_rope_base: float = _f(1_000_000.0, 'RoPE base on global layers')
+  global_rope_scale: float = _f(_1B['global_rope_scale'],
+                                'linear RoPE scaling factor on global layers (8.0 on 4b+)')
+  rms_norm_eps: float = _f(1e-6, 'RMSNorm epsilon')
+  param_dtype: str = _f('float32', 'dtype of the stored (master) parameters')
+  dtype: str = _f('float32', 'compute dtype of matmuls (bfloat16 on accelerators)')
+  scan_layers: bool = _f(True, 'scan over blocks of six layers (compile time O(1) in depth)')
+  remat_policy: str = _f('none', ' | '.join(REMAT_POLICIES))
+  attention_impl: str = _f('auto', 'auto (splash on TPU, cudnn on GPU, else reference) | '
+                           'reference | cudnn | splash')
+  attention_block_size: int = _f(512, 'splash attention q/kv block size (TPU)')
 
   @classmethod
   def from_preset(cls, name: str, **overrides) -> 'ModelConfig':
@@ -81,88 +97,88 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  data: int = 1
-  fsdp: int = -1
-  tensor: int = 1
-  dcn_data: int = 1
-  dcn_fsdp: int = 1
-  dcn_tensor: int = 1
-  rules: str = ''
+  data: int = _f(1, 'data-parallel degree within a slice (-1 = fill)')
+  fsdp: int = _f(-1, 'fully-sharded data-parallel degree within a slice (-1 = fill)')
+  tensor: int = _f(1, 'tensor-parallel degree within a slice (-1 = fill)')
+  dcn_data: int = _f(1, 'data-parallel degree across slices (multi-slice over DCN)')
+  dcn_fsdp: int = _f(1, 'fsdp degree across slices')
+  dcn_tensor: int = _f(1, 'tensor degree across slices')
+  rules: str = _f('', "logical->mesh overrides, e.g. 'mlp=tensor,vocab=tensor,embed=fsdp'")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = 'bundled'
-  train_path: str = ''
-  eval_path: str = ''
-  format: str = 'text'
-  text_field: str = 'text'
-  messages_field: str = 'messages'
-  tfds_name: str = ''
-  tfds_eval_split: str = 'test'
-  tokenizer_path: str = ''
-  seq_len: int = 1024
-  packing: bool = True
-  shuffle: bool = True
-  seed: int = 0
-  num_workers: int = 0
-  prefetch: int = 2
+  source: str = _f('bundled', ' | '.join(SOURCES))
+  train_path: str = _f('', 'file, glob or comma list (local or gs://) for train data')
+  eval_path: str = _f('', "same for the held-out eval split ('' = source's own eval split)")
+  format: str = _f('text', 'text (pretraining) | chat (SFT with Gemma chat format)')
+  text_field: str = _f('text', 'field holding the document text (jsonl, parquet, tfds)')
+  messages_field: str = _f('messages', 'field holding chat messages [{role, content}, ...]')
+  tfds_name: str = _f('', "TFDS dataset name, e.g. 'lm1b' (needs the tfds extra)")
+  tfds_eval_split: str = _f('test', 'TFDS split used for eval')
+  tokenizer_path: str = _f('', "SentencePiece model ('' = the bundled Gemma 3 tokenizer)")
+  seq_len: int = _f(1024, 'tokens per packed row')
+  packing: bool = _f(True, 'pack documents into rows (segment_ids, positions); else pad')
+  shuffle: bool = _f(True, 'shuffle documents by (seed, epoch)')
+  seed: int = _f(0, 'data shuffling seed')
+  num_workers: int = _f(0, 'grain worker processes (0 = in the main process)')
+  prefetch: int = _f(2, 'batches prefetched ahead of the train step')
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  lr: float = 3e-4
-  schedule: str = 'cosine'
-  warmup_steps: int = 100
-  decay_fraction: float = 0.2
-  min_lr_ratio: float = 0.1
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  weight_decay: float = 0.1
-  decay_norms: bool = False
-  decay_embedding: bool = False
-  clip_norm: float = 1.0
-  grad_accum_steps: int = 1
+  lr: float = _f(3e-4, 'peak learning rate')
+  schedule: str = _f('cosine', ' | '.join(SCHEDULES) + ' (all after linear warmup)')
+  warmup_steps: int = _f(100, 'linear warmup from 0 to lr')
+  decay_fraction: float = _f(0.2, 'wsd only: fraction of steps spent in the final decay')
+  min_lr_ratio: float = _f(0.1, 'final lr as a fraction of peak (cosine, linear, wsd)')
+  b1: float = _f(0.9, 'Adam beta1')
+  b2: float = _f(0.95, 'Adam beta2')
+  eps: float = _f(1e-8, 'Adam epsilon')
+  weight_decay: float = _f(0.1, 'decoupled weight decay on matrices')
+  decay_norms: bool = _f(False, 'also apply weight decay to norm scales')
+  decay_embedding: bool = _f(False, 'also apply weight decay to the embedding table')
+  clip_norm: float = _f(1.0, 'global gradient-norm clip (0 = off)')
+  grad_accum_steps: int = _f(1, 'microbatches per step (a scan inside the step)')
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  seed: int = 0
-  num_steps: int = 1000
-  global_batch_size: int = 8
-  eval_every: int = 200
-  eval_steps: int = 10
-  loss_chunk_size: int = 1024
-  z_loss: float = 0.0
+  seed: int = _f(0, 'parameter init seed')
+  num_steps: int = _f(1000, 'optimizer steps in the whole run')
+  global_batch_size: int = _f(8, 'rows per optimizer step over all processes')
+  eval_every: int = _f(200, 'run eval every N steps (0 = never)')
+  eval_steps: int = _f(10, 'eval batches per eval')
+  loss_chunk_size: int = _f(1024, 'tokens per chunk of the chunked cross-entropy')
+  z_loss: float = _f(0.0, 'weight of the z-loss (log Z)^2 term (0 = off)')
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every: int = 200
-  keep: int = 3
-  keep_period: int = 0
-  async_save: bool = True
-  init_from: str = ''
+  every: int = _f(200, 'save every N steps (0 = only at the end and on SIGTERM)')
+  keep: int = _f(3, 'keep the newest K checkpoints')
+  keep_period: int = _f(0, 'also keep every M-th step forever (0 = off)')
+  async_save: bool = _f(True, 'write checkpoints in the background')
+  init_from: str = _f('', 'params-only init: our checkpoint, HF dir or Kaggle dir')
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-  log_every: int = 10
-  tensorboard: bool = True
-  profile_steps: str = ''
-  peak_tflops: float = 0.0
+  log_every: int = _f(10, 'progress line and metrics.jsonl row every N steps')
+  tensorboard: bool = _f(True, 'write TensorBoard event files under workdir')
+  profile_steps: str = _f('', "comma list of steps to trace with jax.profiler, e.g. '5,6'")
+  peak_tflops: float = _f(0.0, 'per-device peak for MFU (0 = from the chip table)')
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  model: ModelConfig = ModelConfig()
-  mesh: MeshConfig = MeshConfig()
-  data: DataConfig = DataConfig()
-  optim: OptimConfig = OptimConfig()
-  train: TrainConfig = TrainConfig()
-  checkpoint: CheckpointConfig = CheckpointConfig()
-  logging: LoggingConfig = LoggingConfig()
+  model: ModelConfig = _f(ModelConfig(), 'Gemma 3 decoder shape (defaults: the 1b preset)')
+  mesh: MeshConfig = _f(MeshConfig(), 'device mesh and sharding')
+  data: DataConfig = _f(DataConfig(), 'sources, tokenizer, packing')
+  optim: OptimConfig = _f(OptimConfig(), 'optax AdamW, schedule, clipping, accumulation')
+  train: TrainConfig = _f(TrainConfig(), 'loop lengths, batch, loss')
+  checkpoint: CheckpointConfig = _f(CheckpointConfig(), 'orbax saves and fine-tune init')
+  logging: LoggingConfig = _f(LoggingConfig(), 'metrics, TensorBoard, profiles')
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -171,6 +187,69 @@ class Config:
     """Returns a copy with fields changed, e.g. replace(train=dict(num_steps=5))."""
     new = {k: dataclasses.replace(getattr(self, k), **v) for k, v in sections.items()}
     return dataclasses.replace(self, **new)
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldDoc:
+  name: str  # dotted, e.g. 'optim.lr'
+  default: Any
+  help: str
+
+
+def sections() -> list[tuple[str, str]]:
+  """(section name, help text) in declaration order."""
+  return [(s.name, s.metadata['help']) for s in dataclasses.fields(Config)]
+
+
+def field_docs() -> list[FieldDoc]:
+  """Every field of every section, in declaration order."""
+  return [FieldDoc(f'{s.name}.{f.name}', f.default, f.metadata['help'])
+          for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default)]
+
+
+def default_config_dict() -> ml_collections.ConfigDict:
+  """The defaults as the ConfigDict that config files change (configs/base.py returns it)."""
+  return ml_collections.ConfigDict(dataclasses.asdict(Config()))
+
+
+# --- config files ------------------------------------------------------------
+
+
+def load_config_dict(path: str) -> ml_collections.ConfigDict:
+  """Runs a config file's get_config(); 'file.py:arg' calls get_config('arg') (config_flags').
+
+  Raises ConfigError (one line naming the file) when the file is missing, fails to run, has no
+  get_config or does not return a ConfigDict.
+  """
+  file, sep, arg = path.partition(':')
+  if not pathlib.Path(file).is_file():
+    raise ConfigError(f'{file}: no such config file')
+  spec = importlib.util.spec_from_file_location(f'_gemma3_config_{pathlib.Path(file).stem}', file)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    get_config = getattr(module, 'get_config', None)
+    config = get_config(*([arg] if sep else [])) if get_config else None
+  except Exception as e:  # pylint: disable=broad-except  # any error in the file: name the file
+    hint = ''
+    if isinstance(e, ModuleNotFoundError) and (e.name or '').split('.')[0] == 'configs':
+      # Written as `from configs import base`, run where the repository root is not importable.
+      hint = ('; start from `config_lib.default_config_dict()` (from gemma3_train import config '
+              'as config_lib), or run with the repository root on PYTHONPATH')
+    message = ' '.join(str(e).split())
+    raise ConfigError(f'{file}: cannot load the config file ({type(e).__name__}: {message})'
+                      f'{hint}') from e
+  if get_config is None:
+    raise ConfigError(f'{file}: defines no get_config()')
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f'{file}: get_config() returned {type(config).__name__}, '
+                      'expected an ml_collections.ConfigDict')
+  return config
+
+
+def load_config_file(path: str) -> Config:
+  """The validated Config of a config file (see load_config_dict); raises ConfigError."""
+  return from_config_dict(load_config_dict(path))
 
 
 # --- conversion --------------------------------------------------------------
@@ -335,19 +414,3 @@ def mesh_shape(c: Config, num_devices: int, num_slices: int = 1) -> dict[str, in
            f'a batch (per microbatch: {micro}) divisible by the data-parallel degree '
            f'{batch_degree} (data x fsdp x dcn)')
   return shape
-
-
-# --- documentation -----------------------------------------------------------
-
-_FIELD_LINE = re.compile(r"^\s*c\.(\w+)\.(\w+)\s*=\s*(.+?)\s*#\s*(.+)$")
-
-
-def field_docs(base_source: str) -> list[tuple[str, str, str]]:
-  """(dotted name, default, comment) for every field line of configs/base.py."""
-  out = []
-  for line in base_source.splitlines():
-    match = _FIELD_LINE.match(line)
-    if match:
-      section, key, default, doc = match.groups()
-      out.append((f'{section}.{key}', default, doc))
-  return out

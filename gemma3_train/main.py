@@ -1,25 +1,33 @@
-"""gemma3-train: train (or AOT-compile for a TPU topology) a Gemma 3 model from a config file."""
+"""gemma3-train: train (or AOT-compile for a TPU topology) a Gemma 3 model from a config file.
 
-import pathlib
+A bad command line (a missing or broken config file, an unknown or mistyped --config.SECTION.KEY
+override, an invalid config) prints one line, `gemma3-train: error: ...`, and exits with status 2.
+Our modules log through the standard library under the `gemma3_train` logger, shown at INFO in
+absl's format; the libraries (orbax and grain log through absl's logger, jax through its own)
+stay at absl's default WARNING. `--verbosity` and `--logger_levels` change either.
+"""
+
+import difflib
+import logging
+import re
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from gemma3_train import config as config_lib
 
-_REPO_CONFIGS = pathlib.Path(__file__).resolve().parent.parent / 'configs'
-
 
 def _config_help() -> str:
-  base = _REPO_CONFIGS / 'base.py'
-  lines = ['Path to a config file (configs/*.py). Override any field with --config.SECTION.KEY=V.']
-  if base.exists():
-    lines.append('Fields (default  # meaning):')
-    for name, default, doc in config_lib.field_docs(base.read_text()):
-      lines.append(f'  --config.{name}={default}  # {doc}')
+  lines = ['Path to a config file (configs/*.py). Override any field with --config.SECTION.KEY=V.',
+           'Fields (default  # meaning):']
+  docs = config_lib.field_docs()
+  for section, section_help in config_lib.sections():
+    lines.append(f'  # {section}: {section_help}')
+    lines += [f'    --config.{d.name}={d.default!r}  # {d.help}' for d in docs
+              if d.name.startswith(f'{section}.')]
   return '\n'.join(lines)
 
 
@@ -27,8 +35,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, _config_help(), lock_c
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (local or gs://): checkpoints, '
                                'metrics.jsonl, TensorBoard events. Rerunning resumes from it.')
 _AOT_TOPOLOGY = flags.DEFINE_string('aot_topology', None, 'Compile the train step for this TPU '
-                                    'topology (e.g. v5p-128, v5e-16) without TPUs and report memory '
-                                    'and estimated step time instead of training.')
+                                    'topology (e.g. v5p-128, v5e-16) without TPUs and report '
+                                    'memory and estimated step time instead of training.')
 _AOT_REPORT = flags.DEFINE_string('aot_report', None, 'With --aot_topology: also write the '
                                   'report as JSON to this file.')
 _AOT_PLAN = flags.DEFINE_bool('aot_plan', False, 'With --aot_topology: try remat policy x '
@@ -43,6 +51,9 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
                                    'multi-process runs off TPU/GKE (auto-detected there).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-based).')
+
+_HELP_FLAGS = ('-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+_OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]*)')
 
 
 def _fail(message: str) -> None:
@@ -59,9 +70,8 @@ def main(argv) -> None:
     config = config_lib.from_config_dict(_CONFIG.value)
   except config_lib.ConfigError as e:
     _fail(str(e))
-  except OSError as e:  # config_flags defers a missing/broken config file to first access
-    path = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '?')
-    _fail(f'--config={path}: cannot load the config file ({e.__class__.__name__})')
+  # aot and train load jax, flax and orbax (~5 s): imported here so that --help and a bad
+  # command line answer at once.
   if _AOT_TOPOLOGY.value:
     from gemma3_train import aot  # pylint: disable=g-import-not-at-top
     try:
@@ -85,46 +95,51 @@ def main(argv) -> None:
     sys.exit(1)
 
 
-def _add_config_root_to_path(argv: list[str]) -> None:
-  """Config files say `from configs import base`: make their parent importable."""
-  for arg in argv:
-    if arg.startswith('--config='):
-      root = pathlib.Path(arg.split('=', 1)[1].split(':')[0]).resolve().parent.parent
-      if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-  if str(_REPO_CONFIGS.parent) not in sys.path:
-    sys.path.append(str(_REPO_CONFIGS.parent))
+def _check_command_line(args: list[str]) -> None:
+  """Fails (exit 2) on an unknown override field or a config file that does not load.
+
+  absl reports both later, in text that names neither the whole field nor the file's path.
+  """
+  fields = [d.name for d in config_lib.field_docs()]
+  path = None
+  for i, arg in enumerate(args):
+    if arg == '--':
+      break
+    if arg.split('=', 1)[0] in ('--config', '-config'):
+      path = arg.split('=', 1)[1] if '=' in arg else (args[i + 1] if i + 1 < len(args) else '')
+    elif match := _OVERRIDE.match(arg):
+      name = match.group(1)
+      if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1)
+        _fail(f'--config.{name}: unknown config field' +
+              (f'; did you mean --config.{close[0]}?' if close else ''))
+  if path:
+    try:
+      config_lib.load_config_dict(path)
+    except config_lib.ConfigError as e:
+      _fail(f'--config={e}')
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag or override is one line on stderr and exit code 2."""
+  asks_help = any(a.split('=', 1)[0] in _HELP_FLAGS for a in argv[1:])
+  if not asks_help:
+    _check_command_line(argv[1:])
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl exits 1 after printing --help/--helpfull; that is a success
-    if any(a.startswith(('--help', '-h', '-?')) for a in argv[1:]) and e.code == 1:
+    if asks_help and e.code == 1:
       sys.exit(0)
     raise
-  except Exception as e:  # pylint: disable=broad-except
-    text = str(e)
-    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    if 'Did you mean' in text or isinstance(e, (KeyError, AttributeError)):
-      hint = text.split('Did you mean')[-1].strip(' \'"\n') if 'Did you mean' in text else ''
-      where = overrides[-1] if overrides else '--config'
-      _fail(f'{where}: unknown config field' + (f'; did you mean {hint}' if hint else ''))
-    _fail(' '.join(text.split()))
-
-
-class _OurInfoOnly:
-  """Shows our INFO lines; libraries (orbax, grain, jax) only reach the log at WARNING."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or 'gemma3_train' in record.pathname
+  except Exception as e:  # pylint: disable=broad-except  # e.g. `could not convert to float`
+    _fail(' '.join(str(e).split()))
 
 
 def run() -> None:
-  _add_config_root_to_path(sys.argv)
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_OurInfoOnly())
+  # Before app.run, so that --verbosity and --logger_levels on the command line still win.
+  # Without an explicit verbosity, app.run raises absl's (the root logger's) level to INFO.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('gemma3_train').setLevel(logging.INFO)
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -1,11 +1,13 @@
-"""Config loading, command-line overrides and every validation error (one line, exit code 2)."""
+"""Config declaration, config files and every validation error (one line, naming the field)."""
 
 import dataclasses
+import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import base, tiny
@@ -13,24 +15,22 @@ from gemma3_train import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZE_CONFIGS = ['tiny', '270m', '1b', '4b', '12b', '27b']
-
-
-def _load(name):
-  import importlib
-  return importlib.import_module(f'configs.{name}').get_config()
+SHIPPED = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')
 
 
 @pytest.mark.parametrize('name', SIZE_CONFIGS)
 def test_shipped_configs_validate(name):
-  c = config_lib.from_config_dict(_load(name))
+  c = config_lib.load_config_file(str(ROOT / 'configs' / f'{name}.py'))
   if name in config_lib.PRESETS:
+    assert c.model.preset == name
     for k, v in config_lib.PRESETS[name].items():
       assert getattr(c.model, k) == v, k
 
 
 def test_presets_match_gemma3_table():
-  # shared/GEMMA3.md A.1, column by column.
+  # The published Gemma 3 text models (their config.json files), column by column.
   p = config_lib.PRESETS
+  assert list(p) == ['270m', '1b', '4b', '12b', '27b']
   assert [p[s]['num_layers'] for s in p] == [18, 26, 34, 48, 62]
   assert [p[s]['embed_dim'] for s in p] == [640, 1152, 2560, 3840, 5376]
   assert [p[s]['mlp_dim'] for s in p] == [2048, 6912, 10240, 15360, 21504]
@@ -42,22 +42,116 @@ def test_presets_match_gemma3_table():
   assert [p[s]['global_rope_scale'] for s in p] == [1, 1, 8, 8, 8]
 
 
-def test_every_base_field_is_documented_and_declared_once():
-  source = (ROOT / 'configs' / 'base.py').read_text()
-  docs = config_lib.field_docs(source)
-  names = [n for n, _, _ in docs]
-  assert len(names) == len(set(names))
-  declared = {f'{s}.{k}' for s, d in base.get_config().items() for k in d}
-  assert set(names) == declared
-  dataclass_fields = {f'{s.name}.{f.name}' for s in dataclasses.fields(config_lib.Config)
-                      for f in dataclasses.fields(s.default.__class__)}
-  assert declared == dataclass_fields
+# --- one declaration: dataclasses -> ConfigDict, help ---------------------------------------
+
+
+def _dataclass_defaults():
+  """{dotted name: (annotation, default, help)} read off the dataclasses themselves."""
+  out = {}
+  for s in dataclasses.fields(config_lib.Config):
+    for f in dataclasses.fields(type(s.default)):
+      out[f'{s.name}.{f.name}'] = (f.type, f.default, f.metadata.get('help', ''))
+  return out
+
+
+def test_config_dict_holds_every_dataclass_default():
+  declared = _dataclass_defaults()
+  cd = config_lib.default_config_dict()
+  flat = {f'{s}.{k}': v for s, section in cd.items() for k, v in section.items()}
+  assert set(flat) == set(declared)
+  for name, (annotation, default, _) in declared.items():
+    assert type(default).__name__ == annotation, name  # 1.0 for a float, not 1
+    assert flat[name] == default and type(flat[name]) is type(default), name
+  assert config_lib.from_config_dict(cd) == config_lib.Config()
+  assert base.get_config() == cd  # configs/base.py is the defaults, nothing else
+
+
+def test_every_field_and_section_has_help():
+  docs = config_lib.field_docs()
+  assert [d.name for d in docs] == list(_dataclass_defaults())
+  for d in docs:
+    assert d.help.strip() and '\n' not in d.help, d.name
+    assert d.default == _dataclass_defaults()[d.name][1]
+  assert [s for s, _ in config_lib.sections()] == [f.name for f in
+                                                    dataclasses.fields(config_lib.Config)]
+  assert all(h for _, h in config_lib.sections())
+  by_name = {d.name: d for d in docs}
+  assert by_name['optim.lr'].default == 3e-4 and by_name['optim.lr'].help == 'peak learning rate'
+
+
+def test_model_defaults_are_the_1b_preset():
+  assert config_lib.ModelConfig() == config_lib.ModelConfig.from_preset('1b')
 
 
 def test_round_trip_json():
   c = config_lib.from_config_dict(tiny.get_config())
-  import json
   assert config_lib.from_dict(json.loads(c.to_json())) == c
+
+
+# --- config files -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', SHIPPED)
+def test_shipped_configs_load_without_the_repository_on_sys_path(name, tmp_path):
+  # A fresh interpreter started outside the repository: `configs` is not importable there, so
+  # a shipped config must take everything from the installed package.
+  code = (f'import sys; from gemma3_train import config as c\n'
+          f'preset = c.load_config_file({str(ROOT / "configs" / f"{name}.py")!r}).model.preset\n'
+          f'assert "configs" not in sys.modules\n'
+          f'print(preset)')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  r = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                     env=env, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.strip() == config_lib.load_config_file(
+      str(ROOT / 'configs' / f'{name}.py')).model.preset
+
+
+def test_load_config_file_with_an_argument(tmp_path):
+  path = tmp_path / 'sized.py'
+  path.write_text('from gemma3_train import config as config_lib\n\n\n'
+                  'def get_config(size):\n  c = config_lib.default_config_dict()\n'
+                  '  c.model.update(config_lib.PRESETS[size])\n  c.model.preset = size\n'
+                  '  return c\n')
+  c = config_lib.load_config_file(f'{path}:4b')
+  assert c.model == config_lib.ModelConfig.from_preset('4b')
+
+
+@pytest.mark.parametrize('source,expected', [
+    (None, 'no such config file'),
+    ('x = (\n', "cannot load the config file (SyntaxError: '(' was never closed"),
+    ('x = 1\n', 'defines no get_config()'),
+    ('def get_config():\n  return {}\n', 'get_config() returned dict, expected an ml_collections'),
+    ('def get_config():\n  raise RuntimeError("bad\\nthing")\n',
+     'cannot load the config file (RuntimeError: bad thing)'),
+    ('import no_such_module_xyz\n', "(ModuleNotFoundError: No module named 'no_such_module_xyz')"),
+    ('from configs import base\n', 'start from `config_lib.default_config_dict()`'),
+])
+def test_broken_config_file_is_one_line_naming_the_file(tmp_path, monkeypatch, source, expected):
+  path = tmp_path / 'my_config.py'
+  if source is not None:
+    path.write_text(source)
+  if source and 'configs' in source:  # an older config, run where `configs` is not importable
+    monkeypatch.delitem(sys.modules, 'configs', raising=False)
+    monkeypatch.setattr(sys, 'path', [p for p in sys.path
+                                      if pathlib.Path(p or '.').resolve() != ROOT])
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load_config_file(str(path))
+  message = str(e.value)
+  assert message.startswith(f'{path}: ') and '\n' not in message, message
+  assert expected in message, message
+
+
+def test_config_file_errors_validate_too(tmp_path):
+  path = tmp_path / 'bad.py'
+  path.write_text('from gemma3_train import config as config_lib\n\n\ndef get_config():\n'
+                  '  c = config_lib.default_config_dict()\n  c.optim.b1 = 1.5\n  return c\n')
+  with pytest.raises(config_lib.ConfigError, match=r'^optim\.b1=1\.5: expected in \[0, 1\)$'):
+    config_lib.load_config_file(str(path))
+  assert isinstance(config_lib.load_config_dict(str(path)), ml_collections.ConfigDict)
+
+
+# --- validation -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize('section,key,value,expected', [
@@ -90,54 +184,13 @@ def test_mesh_shape_fill_and_errors():
   c2 = c.replace(mesh=dict(fsdp=4, tensor=2))
   assert config_lib.mesh_shape(c2, 8) == dict(dcn_data=1, dcn_fsdp=1, dcn_tensor=1, data=1,
                                               fsdp=4, tensor=2)
-  with pytest.raises(config_lib.ConfigError, match=r'^mesh.*=\(1, 2, 2\): expected a product equal to the device count'):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'^mesh.*=\(1, 2, 2\): expected a product equal to the device count'):
     config_lib.mesh_shape(c.replace(mesh=dict(fsdp=2, tensor=2)), 8)
   with pytest.raises(config_lib.ConfigError,
-                     match=r'^train.global_batch_size=6: .*divisible by the data-parallel degree 4'):
-    config_lib.mesh_shape(c.replace(mesh=dict(fsdp=4, tensor=2), train=dict(global_batch_size=6)), 8)
+                     match=(r'^train.global_batch_size=6: .*divisible by '
+                            r'the data-parallel degree 4')):
+    config_lib.mesh_shape(
+        c.replace(mesh=dict(fsdp=4, tensor=2), train=dict(global_batch_size=6)), 8)
   with pytest.raises(config_lib.ConfigError, match=r'^mesh.dcn_\*'):
     config_lib.mesh_shape(c.replace(mesh=dict(dcn_data=2)), 8, num_slices=1)
-
-
-# --- the command line ------------------------------------------------------------
-
-
-def _cli(*args, cwd=None):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'gemma3_train.main', *args], cwd=cwd or ROOT,
-                        capture_output=True, text=True, env=env, timeout=120)
-
-
-@pytest.mark.parametrize('override,expected', [
-    ('--config.optim.lr=abc', "--config.optim.lr=abc: could not convert string to float"),
-    ('--config.optim.lrr=1', '--config.optim.lrr: unknown config field'),
-    ('--config.model.num_kv_heads=3', 'model.num_kv_heads=3: expected a divisor'),
-    ('--config.model.sliding_window=-1', 'model.sliding_window=-1: expected a window > 0'),
-    ('--config.mesh.fsdp=3', 'mesh.(data, fsdp, tensor)=(1, 3, 1): expected a product equal to the device'),
-    ('--config.train.global_batch_size=3', 'train.global_batch_size=3: expected a batch'),
-])
-def test_bad_override_is_one_line_and_exit_2(tmp_path, override, expected):
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
-  (workdir / 'keep.txt').write_text('precious')
-  env_devices = ['--config.mesh.fsdp=-1'] if 'mesh' not in override else []
-  r = _cli('--config=configs/tiny.py', f'--workdir={workdir}', *env_devices, override)
-  assert r.returncode == 2, r.stderr
-  lines = [l for l in r.stderr.splitlines() if l.strip()]
-  assert len(lines) == 1, r.stderr
-  assert expected in lines[0], lines[0]
-  assert sorted(p.name for p in workdir.iterdir()) == ['keep.txt']  # nothing written
-
-
-def test_missing_config_file_exit_2():
-  r = _cli('--config=configs/nope.py', '--workdir=/tmp/unused')
-  assert r.returncode == 2
-  assert 'configs/nope.py' in r.stderr
-
-
-def test_helpfull_lists_every_field():
-  r = _cli('--helpfull')
-  assert r.returncode == 0
-  for name, _, doc in config_lib.field_docs((ROOT / 'configs' / 'base.py').read_text()):
-    assert f'--config.{name}=' in r.stdout, name
-  assert 'peak learning rate' in r.stdout
