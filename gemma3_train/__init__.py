@@ -8,5 +8,7 @@ def load(path, **kwargs):
 
   `model(tokens)` on int32 [B, L] returns float logits [B, L, V].
   """
+  # Imported here: `import gemma3_train` (e.g. for config) should not load jax, orbax and
+  # safetensors.
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top
   return convert.load(path, **kwargs)

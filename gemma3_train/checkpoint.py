@@ -5,30 +5,40 @@ Restore order (train.py calls `restore_or_init`):
       A checkpoint whose write was interrupted is never listed (orbax writes to a temporary
       directory and renames it when complete). One that fails to read is skipped with a
       warning naming it, and the previous one is tried; nothing is deleted.
-  (2) `checkpoint.init_from`: params only, from one of our checkpoints, a Hugging Face
-      directory or a Kaggle/Flax checkpoint, placed straight into the current mesh's shardings;
+  (2) `checkpoint.init_from`: params only, from one of our checkpoints (a training workdir, a
+      step of one, or a params-only checkpoint), a Hugging Face directory or a Kaggle/Flax
+      checkpoint: read one decoder layer at a time in the canonical layout (convert), mapped to
+      this model's state paths (layout) and placed straight into the current mesh's shardings;
       the optimizer starts fresh.
   (3) random init, born sharded.
 Every restore reads straight into the sharded abstract state, so no host ever holds the whole
-model, and a different mesh (8 devices -> 4) reshards on read.
+model, and a different mesh (8 devices -> 4) reshards on read (init_from: a different
+model.scan_layers too).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from gemma3_train import config as config_lib
+from gemma3_train import convert
+from gemma3_train import layout
+from gemma3_train.convert import ours
+
+log = logging.getLogger(__name__)
 
 _MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_heads',
                        'num_kv_heads', 'head_dim')
@@ -65,7 +75,7 @@ class Checkpointer:
       return
     def on_sigterm(signum, frame):
       del frame
-      logging.warning('Received signal %d: will checkpoint at the next step and exit.', signum)
+      log.warning('Received signal %d: will checkpoint at the next step and exit.', signum)
       self._preempted.set()
     if threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, on_sigterm)
@@ -86,7 +96,7 @@ class Checkpointer:
       items['data'] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
-      logging.info('Checkpoint for step %d %s to %s', step,
+      log.info('Checkpoint for step %d %s to %s', step,
                    'being written' if self.config.checkpoint.async_save else 'written',
                    self.directory)
     return saved
@@ -120,13 +130,12 @@ class Checkpointer:
     if jax.process_index() == 0:
       (self.directory / str(step)).rename(aside)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f'set_aside_{step}')
     self.manager.reload()
 
   def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[Any, int] | None:
     """(state, step) from the newest readable checkpoint, or None when there is none."""
-    steps = sorted(self.manager.all_steps(), reverse=True)
+    steps = ours.complete_steps(self.directory)[::-1]
     for step in steps:
       self._check_compatible(step)
       items = {'state': ocp.args.StandardRestore(abstract_state)}
@@ -144,13 +153,13 @@ class Checkpointer:
               f'{self.directory / str(step)} (a changed model or optim setting?); rerun with '
               f'the config it was written with, or use a new --workdir') from e
         aside = self.directory / f'unreadable_{step}'
-        logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous '
+        log.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, trying the previous '
                         'one.', self.directory / str(step), type(e).__name__, str(e)[:200], aside)
         self._set_aside(step, aside)
         continue
       if data_iter is not None and not has_data:
-        logging.warning('Checkpoint %d has no data iterator state; data restarts.', step)
-      logging.info('Resumed from %s', self.directory / str(step))
+        log.warning('Checkpoint %d has no data iterator state; data restarts.', step)
+      log.info('Resumed from %s', self.directory / str(step))
       return restored['state'], step
     if steps:
       raise RuntimeError(f'{self.directory}: no readable checkpoint among steps {steps}; '
@@ -176,41 +185,42 @@ def _per_layer(abstract: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(abstract.shape[1:], abstract.dtype, sharding=sharding)
 
 
-def _place_streamed(src: Any, cfg: config_lib.ModelConfig, abstract_params: Any) -> Any:
+def _place_streamed(src: convert.Source, cfg: config_lib.ModelConfig,
+                    abstract_params: Any) -> Any:
   """Reads src one decoder layer at a time and puts each leaf on its devices at once.
 
-  Host memory holds the embedding, then one layer (a 27b layer is 1.7 GB in float32, the
-  model 108 GB). A scanned leaf's per-layer pieces wait on the devices, already sharded, and
-  are stacked there into the leaf's sharding when its last layer has arrived.
+  Host memory holds the embedding, then what src holds to give a layer (one layer for HF and
+  params-only checkpoints; a 27b layer is 1.7 GB in float32, the model 108 GB). A scanned
+  leaf's per-layer pieces wait on the devices, already sharded, and are stacked there into the
+  leaf's sharding as soon as its last layer has arrived.
   """
-  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
   abstract = {key: var.get_value() for key, var in nnx.to_flat_state(abstract_params)}
   placed: dict[tuple, jax.Array] = {}
-  pieces: dict[tuple, list[jax.Array]] = {}
+  pieces: dict[tuple, dict[int, jax.Array]] = {}
+  num_blocks = layout.num_blocks(cfg)
 
-  def put(key: tuple, value: np.ndarray, block: int | None) -> None:
+  def put(key: tuple, block: int | None, value: np.ndarray) -> None:
     name = '/'.join(map(str, key))
     if key not in abstract:
       raise config_lib.ConfigError(f'checkpoint.init_from: {name} is not a parameter of this '
                                    'model (model.scan_layers or a shape field differs?)')
     if block is None:
       placed[key] = _place(abstract[key], value, name)
-    else:
-      piece = _place(_per_layer(abstract[key]), value, f'{name}[{block}]')
-      pieces.setdefault(key, []).append(piece)
+      return
+    pieces.setdefault(key, {})[block] = _place(_per_layer(abstract[key]), value,
+                                               f'{name}[{block}]')
+    if len(pieces[key]) == num_blocks:  # each leaf's pieces are freed once stacked
+      stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=abstract[key].sharding)
+      by_block = pieces.pop(key)
+      placed[key] = stack(*(by_block[b] for b in range(num_blocks)))
 
   top = src.top()
-  put(('embedder', 'embedding'), top['embedding'], None)
-  put(('final_norm', 'scale'), top['final_norm'], None)
+  for name, key in layout.TOP_PATHS.items():
+    put(key, None, top[name])
   del top
-  for i in range(cfg.num_layers):
-    # pylint: disable=protected-access
-    prefix, block = model_lib._layer_prefix(cfg, i)
-    for sub, value in model_lib._layer_to_leaves(src.layer(i)).items():
-      put(prefix + sub, value, block)
-  for key in list(pieces):
-    stack = jax.jit(lambda *xs: jax.numpy.stack(xs), out_shardings=abstract[key].sharding)
-    placed[key] = stack(*pieces.pop(key))  # pop: each leaf's pieces are freed once stacked
+  for i, layer in convert.layers(src):
+    for key, block, value in layout.layer_state_leaves(cfg, i, layer):
+      put(key, block, value)
   missing = [k for k in abstract if k not in placed]
   if missing:
     raise config_lib.ConfigError(
@@ -220,19 +230,12 @@ def _place_streamed(src: Any, cfg: config_lib.ModelConfig, abstract_params: Any)
 
 
 def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> Any:
-  """Params only (order (2)) from one of our training workdirs (its newest checkpoint), our
+  """Params only (order (2)), placed in abstract_state['params'] shardings, from any checkpoint
+  convert reads: one of our training workdirs (its newest complete step) or steps, our
   params-only checkpoint (gemma3-convert import), a HF directory or a Kaggle checkpoint.
 
-  A training workdir is restored by orbax straight into the shardings; the other kinds are read
-  one decoder layer at a time (_place_streamed), so no host holds the whole model."""
-  from gemma3_train import convert  # pylint: disable=g-import-not-at-top
-  if (epath.Path(path) / 'checkpoints').is_dir():
-    restored = Checkpointer(path, c).restore_latest(abstract_state, None)
-    if restored is None:
-      raise config_lib.ConfigError(f'checkpoint.init_from={path!r}: expected a workdir with a '
-                                   'checkpoint; its checkpoints/ folder is empty')
-    logging.info('Took params from step %d of %s', restored[1], path)
-    return restored[0]['params']
+  Read one decoder layer at a time (_place_streamed), so no host holds the whole model; the
+  optimizer moments of a training checkpoint are never read."""
   try:
     src = convert.open_source(path, c.model)
     for k in _MODEL_SHAPE_FIELDS:
@@ -240,6 +243,11 @@ def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> An
         raise config_lib.ConfigError(
             f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has '
             f'{getattr(src.cfg, k)}')
-    return _place_streamed(src, c.model, abstract_state['params'])
+    params = _place_streamed(src, c.model, abstract_state['params'])
   except convert.ConversionError as e:
     raise config_lib.ConfigError(f'checkpoint.init_from={path!r}: {e}') from e
+  if isinstance(src, convert.TrainSource):
+    log.info('Took params from step %s of %s', src.path.name, path)
+  else:
+    log.info('Took params from %s', path)
+  return params

@@ -1,9 +1,11 @@
-"""Gemma 3 text decoder in Flax NNX (shared/GEMMA3.md A): exact, scanned, rematerialized.
+"""Gemma 3 text decoder in Flax NNX: exact (equal to Hugging Face's Gemma3ForCausalLM), scanned,
+rematerialized.
 
 Layers run as scanned blocks of six (five sliding-window layers, then one global layer) plus an
 unscanned tail for the remainder; scan_layers=False keeps one module per layer and computes the
-same function. Every parameter carries `logical_axes` metadata that sharding.py maps to mesh axes;
-stacked block parameters carry a leading 'layers' axis.
+same function (layout.py maps both to the released checkpoints' layout). Every parameter carries
+`logical_axes` metadata that sharding.py maps to mesh axes; stacked block parameters carry a
+leading 'layers' axis.
 
 Parameters are stored in ModelConfig.param_dtype and cast to ModelConfig.dtype for matmuls;
 norms, RoPE, attention logits/softmax and the output logits run in float32.
@@ -267,92 +269,9 @@ class Gemma3(nnx.Module):
     return self.embedder.decode(self.hidden(tokens_BL, positions_BL, segment_ids_BL))
 
 
-# --- canonical checkpoint layout <-> NNX state ----------------------------------------------
-
-_NORMS = ('pre_attention_norm', 'post_attention_norm', 'pre_ffw_norm', 'post_ffw_norm')
-_ATTN = ('q_einsum', 'k_einsum', 'v_einsum', 'attn_vec_einsum')
-
-
-def _layer_to_leaves(layer: dict) -> dict[tuple, np.ndarray]:
-  """Canonical layer dict (convert.py) -> {path inside a DecoderLayer: array}."""
-  out = {(n, 'scale'): layer[n] for n in _NORMS}
-  out.update({('attn', n): layer[n] for n in _ATTN})
-  out[('attn', 'query_norm', 'scale')] = layer['query_norm']
-  out[('attn', 'key_norm', 'scale')] = layer['key_norm']
-  out[('mlp', 'gate')] = layer['gating_einsum'][0]
-  out[('mlp', 'up')] = layer['gating_einsum'][1]
-  out[('mlp', 'linear')] = layer['linear']
-  return out
-
-
-def _leaves_to_layer(get) -> dict[str, np.ndarray]:
-  """Inverse of _layer_to_leaves; get(path) returns the array at a DecoderLayer path."""
-  layer = {n: get((n, 'scale')) for n in _NORMS}
-  layer.update({n: get(('attn', n)) for n in _ATTN})
-  layer['query_norm'] = get(('attn', 'query_norm', 'scale'))
-  layer['key_norm'] = get(('attn', 'key_norm', 'scale'))
-  layer['gating_einsum'] = np.stack([get(('mlp', 'gate')), get(('mlp', 'up'))])
-  layer['linear'] = get(('mlp', 'linear'))
-  return layer
-
-
-def _layer_prefix(cfg: config_lib.ModelConfig, i: int) -> tuple[tuple, int | None]:
-  """(state path prefix, stacked block index or None) of decoder layer i."""
-  six = config_lib.GLOBAL_EVERY
-  if not cfg.scan_layers:
-    return ('layers', i), None
-  num_blocks = cfg.num_layers // six
-  if i < num_blocks * six:
-    return ('blocks', 'layers', i % six), i // six
-  return ('tail', i - num_blocks * six), None
-
-
 def abstract_state(cfg: config_lib.ModelConfig) -> nnx.State:
   """nnx.state(model, nnx.Param) of an abstract (shape-only) model."""
   return nnx.state(nnx.eval_shape(lambda: Gemma3(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-
-
-def canonical_to_state(cfg: config_lib.ModelConfig, top: dict, layers: list[dict]) -> nnx.State:
-  """Canonical numpy (top, layers) -> Param state for nnx.update; values numpy, param dtype."""
-  if len(layers) != cfg.num_layers:
-    raise ValueError(f'layers: {len(layers)} decoder layers, expected model.num_layers='
-                     f'{cfg.num_layers}')
-  values: dict[tuple, object] = {('embedder', 'embedding'): top['embedding'],
-                                 ('final_norm', 'scale'): top['final_norm']}
-  stacked: dict[tuple, list] = {}
-  for i, layer in enumerate(layers):
-    prefix, block = _layer_prefix(cfg, i)
-    for path, x in _layer_to_leaves(layer).items():
-      if block is None:
-        values[prefix + path] = x
-      else:
-        stacked.setdefault(prefix + path, []).append(x)
-  values.update({path: np.stack(xs) for path, xs in stacked.items()})
-  state = abstract_state(cfg)
-  dtype = jnp.dtype(cfg.param_dtype)
-  flat = []
-  for path, var in nnx.to_flat_state(state):
-    x = np.asarray(values.pop(path)).astype(dtype)
-    if x.shape != var.shape:
-      raise ValueError(f'{"/".join(map(str, path))}: shape {x.shape}, expected {var.shape}')
-    flat.append((path, var.replace(x)))
-  if values:
-    raise ValueError(f'{"/".join(map(str, next(iter(values))))}: no such model parameter')
-  return nnx.from_flat_state(flat)
-
-
-def state_to_canonical(cfg: config_lib.ModelConfig, state: nnx.State
-                       ) -> tuple[dict, list[dict]]:
-  """Param state (of our module structure) -> canonical numpy (top, layers)."""
-  flat = {path: np.asarray(jax.device_get(var[...] if isinstance(var, nnx.Variable) else var))
-          for path, var in nnx.to_flat_state(state)}
-  top = {'embedding': flat[('embedder', 'embedding')], 'final_norm': flat[('final_norm', 'scale')]}
-  layers = []
-  for i in range(cfg.num_layers):
-    prefix, block = _layer_prefix(cfg, i)
-    get = lambda p: flat[prefix + p] if block is None else flat[prefix + p][block]  # pylint: disable=cell-var-from-loop
-    layers.append(_leaves_to_layer(get))
-  return top, layers
 
 
 def param_count(cfg: config_lib.ModelConfig) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from flax import nnx
 import gemma3_train
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train import convert_cli
+from gemma3_train.convert import cli as convert_cli
 
 V, D, L, N, K, H, F, W = 512, 64, 8, 4, 2, 16, 128, 8
 TOKENS = np.random.default_rng(0).integers(0, V, size=(2, 24)).astype(np.int32)
@@ -178,7 +178,7 @@ def test_hf_ours_hf_round_trip_is_bit_exact(hf_text, tmp_path, dtype):
 
 
 def _kaggle_flat(top, layers):
-  """The released FLAT layout (GEMMA3.md B.1) built from canonical arrays."""
+  """The released FLAT layout (the Kaggle checkpoints) built from canonical arrays."""
   tree = {'transformer/embedder': {'input_embedding': top['embedding']},
           'transformer/final_norm': {'scale': top['final_norm']}}
   for i, x in enumerate(layers):
@@ -318,7 +318,8 @@ def test_cli_import_kaggle_with_config_then_export(hf_text, tmp_path, capsys):
   _save_orbax(tmp_path / 'kaggle', _kaggle_flat(top, layers))
   (tmp_path / 'configs').mkdir()
   (tmp_path / 'configs' / 'tiny_test.py').write_text(
-      'from configs import base\n\n\ndef get_config():\n  c = base.get_config()\n'
+      'from gemma3_train import config as config_lib\n\n\ndef get_config():\n'
+      '  c = config_lib.default_config_dict()\n'
       f'  c.model.update(vocab_size={V}, num_layers={L}, embed_dim={D}, mlp_dim={F}, '
       f'num_heads={N}, num_kv_heads={K}, head_dim={H}, query_pre_attn_scalar={H}.0, '
       f'sliding_window={W}, global_rope_scale=8.0)\n  return c\n')

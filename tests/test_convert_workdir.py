@@ -13,7 +13,7 @@ from configs import tiny
 from gemma3_train import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train import convert_cli
+from gemma3_train.convert import cli as convert_cli
 from gemma3_train import sharding
 from gemma3_train import train
 
@@ -66,7 +66,9 @@ def test_load_workdir_and_step_equal_training_logits_exactly(run, monkeypatch):
   assert src.path == workdir / 'checkpoints' / '2'  # newest complete step
   assert src.cfg == c.model
   ours = np.asarray(_forward(gemma3_train.load(workdir), TOKENS))
-  assert restored == [['params']]  # the optimizer moments are never read
+  # One partial read per leaf group (streamed), each of params only: the optimizer moments
+  # are never read.
+  assert len(restored) > 1 and all(r == ['params'] for r in restored), restored
   assert ours.dtype == np.float32 and ours.shape == (2, 48, V)
   np.testing.assert_array_equal(ours, _logits(graphdef, params2))
   step1 = workdir / 'checkpoints' / '1'

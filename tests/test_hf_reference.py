@@ -1,6 +1,6 @@
 """Our Gemma 3 against Hugging Face transformers' Gemma3ForCausalLM on small random models.
 
-Weights go HF state_dict -> convert.hf_to_canonical -> model.canonical_to_state; logits are
+Weights go HF state_dict -> convert.hf_to_canonical -> layout.canonical_to_state; logits are
 compared in float32 (max |ours - HF| / max |HF| <= 1e-5).
 """
 
@@ -15,6 +15,7 @@ from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train import convert
+from gemma3_train import layout
 from gemma3_train import model as model_lib
 
 VOCAB = 512
@@ -81,7 +82,7 @@ def _ours(cfg, hf_model):
   tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
   top, layers = convert.hf_to_canonical(tensors, cfg)
   ours = nnx.eval_shape(lambda: model_lib.Gemma3(cfg, rngs=nnx.Rngs(0)))
-  nnx.update(ours, model_lib.canonical_to_state(cfg, top, layers))
+  nnx.update(ours, layout.canonical_to_state(cfg, top, layers))
   return ours
 
 
@@ -146,7 +147,7 @@ def test_canonical_round_trip():
   top, layers = convert.hf_to_canonical(tensors, cfg)
   for scan in (True, False):
     c = dataclasses.replace(cfg, scan_layers=scan)
-    top2, layers2 = model_lib.state_to_canonical(c, model_lib.canonical_to_state(c, top, layers))
+    top2, layers2 = layout.state_to_canonical(c, layout.canonical_to_state(c, top, layers))
     for k in top:
       np.testing.assert_array_equal(top2[k], top[k])
     for a, b in zip(layers2, layers, strict=True):

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax import nnx
@@ -47,13 +48,14 @@ def test_init_from_wrong_shape_names_the_field(tmp_path):
     raise AssertionError('no error')
 
 
+@pytest.mark.slow
 def test_init_from_reads_one_layer_at_a_time(tmp_path):
   # 26 layers (4 scanned blocks of six + 2 unscanned) whose MLPs dwarf the embedding; the
   # params must equal the whole-model conversion bitwise, and the host must never have held
   # more than a few layers (tracemalloc sees every numpy buffer).
   import tracemalloc
   from gemma3_train import convert
-  from gemma3_train import model as model_lib
+  from gemma3_train import layout
   layers, wide = 26, 1024
   config = tc._text_config(attn_implementation='eager')
   config.num_hidden_layers, config.intermediate_size = layers, wide
@@ -73,7 +75,7 @@ def test_init_from_reads_one_layer_at_a_time(tmp_path):
   tracemalloc.stop()
 
   _, top, canon = convert.load_canonical(str(tmp_path), c.model)
-  whole = model_lib.canonical_to_state(c.model, top, canon)
+  whole = layout.canonical_to_state(c.model, top, canon)
   got = dict(nnx.to_flat_state(params))
   total = 0
   for key, var in nnx.to_flat_state(whole):
@@ -83,3 +85,46 @@ def test_init_from_reads_one_layer_at_a_time(tmp_path):
   layer_bytes = 3 * tc.D * wide * 4
   assert total > layers * layer_bytes
   assert peak < 4 * layer_bytes + total / 10, (peak, total)
+
+
+@pytest.mark.slow
+def test_training_workdir_source_streams(tmp_path):
+  # A training checkpoint (scanned: 4 blocks of six + 2 tail layers, MLPs that dwarf the
+  # embedding): read layer by layer, the host holds one position's stacked leaves (4 layers)
+  # and the layer being built, never the model; init_from from it equals the saved params.
+  import tracemalloc
+  from gemma3_train import convert
+  from gemma3_train import layout
+  layers, wide = 26, 1024
+  c = config_lib.from_config_dict(tiny.get_config()).replace(
+      model=dict(vocab_size=tc.V, embed_dim=tc.D, num_layers=layers, mlp_dim=wide),
+      mesh=dict(fsdp=4, tensor=2))
+  s = train.setup(c, sharding.make_mesh(c))
+  rng = np.random.default_rng(0)
+  rand = lambda x: jax.device_put(rng.standard_normal(x.shape).astype(x.dtype), x.sharding)
+  saved = jax.tree.map(rand, s.state['params'])
+  ckpt = checkpoint.Checkpointer(str(tmp_path), c)
+  ckpt.save(1, {**s.state, 'params': saved}, None, force=True)
+  ckpt.close()
+
+  src = convert.open_source(tmp_path)
+  tracemalloc.start()
+  got = {}
+  for i, layer in convert.layers(src):
+    got[i] = {k: float(np.sum(v)) for k, v in layer.items()}  # keep nothing of the layer
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  top, want = layout.state_to_canonical(c.model, saved)
+  assert sorted(got) == list(range(layers))
+  for i in range(layers):
+    assert got[i] == {k: float(np.sum(v)) for k, v in want[i].items()}, i
+  layer_bytes = 3 * tc.D * wide * 4
+  total = sum(x.nbytes for x in jax.tree.leaves(top)) + sum(
+      x.nbytes for layer in want for x in layer.values())
+  assert total > layers * layer_bytes
+  assert peak < 6 * layer_bytes, (peak, total)
+
+  params = checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+  for (key, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(saved), strict=True):
+    np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
+                                  err_msg=str(key))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import pathlib
 import sys
 
 from gemma3_train import config as config_lib
@@ -58,14 +56,10 @@ def _size(text: str) -> int:
 
 def _model_config(path: str) -> config_lib.ModelConfig:
   """The model section of a configs/*.py file."""
-  file = pathlib.Path(path)
-  if not file.is_file():
-    raise convert.ConversionError(f'--config={path}: no such file')
-  sys.path.insert(0, str(file.resolve().parent.parent))  # config files import `configs.base`
-  spec = importlib.util.spec_from_file_location('_gemma3_convert_config', file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return config_lib.from_config_dict(module.get_config()).model
+  try:
+    return config_lib.load_config_file(path).model
+  except config_lib.ConfigError as e:
+    raise convert.ConversionError(f'--config: {e}') from None
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,120 @@
+"""Checkpoint conversion: Hugging Face safetensors, Kaggle/Flax Orbax and our own checkpoints.
+
+Every reader is a Source (source.py) giving the canonical layout (layout.py) one layer at a
+time: hf.py, kaggle.py, ours.py (params-only and training checkpoints). Writers: ours.save_params
+(our params-only checkpoint) and hf.write (a Gemma3ForCausalLM directory). cli.py is
+gemma3-convert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from flax import nnx
+
+from gemma3_train import config as config_lib
+from gemma3_train import layout
+from gemma3_train import model as model_lib
+from gemma3_train.convert import hf
+from gemma3_train.convert import ours
+from gemma3_train.convert.hf import HfSource
+from gemma3_train.convert.hf import hf_config_to_model
+from gemma3_train.convert.hf import hf_to_canonical
+from gemma3_train.convert.hf import model_to_hf_config
+from gemma3_train.convert.kaggle import KaggleSource
+from gemma3_train.convert.ours import PARAMS_CONFIG
+from gemma3_train.convert.ours import ParamsSource
+from gemma3_train.convert.ours import TrainSource
+from gemma3_train.convert.source import ConversionError
+from gemma3_train.convert.source import Source
+from gemma3_train.convert.source import layers
+
+
+def checkpoint_kind(path) -> str:
+  """'params' (ours), 'train' (our training workdir or one of its steps), 'hf' (config.json +
+  safetensors) or 'kaggle' (an Orbax tree).
+
+  A new kind needs a test here and a Source in open_source.
+  """
+  path = epath.Path(path)
+  if not path.is_dir():
+    if path.parent.name == 'checkpoints' and path.parent.is_dir():
+      steps = sorted(int(p.name) for p in path.parent.iterdir() if p.name.isdigit())
+      raise ConversionError(f'{path}: no such checkpoint step (steps here: {steps})')
+    raise ConversionError(f'{path}: not a directory')
+  if (path / PARAMS_CONFIG).exists():
+    return 'params'
+  if (path / 'checkpoints').is_dir() or ((path / 'state').is_dir() and
+                                         (path / 'config').is_dir()):
+    return 'train'
+  if (path / 'config.json').exists():
+    return 'hf'
+  if (path / '_METADATA').exists() or (path / 'checkpoint').exists():
+    return 'kaggle'
+  raise ConversionError(f'{path}: neither a Hugging Face directory (config.json), a Kaggle/Flax '
+                        f'Orbax checkpoint (_METADATA), one of ours ({PARAMS_CONFIG}) nor a '
+                        'training workdir (checkpoints/)')
+
+
+def open_source(path, cfg: config_lib.ModelConfig | None = None,
+                vocab_size: int | None = None) -> Source:
+  """Opens any supported checkpoint for layer-by-layer reading (see checkpoint_kind).
+
+  `cfg` describes a Kaggle checkpoint whose shapes match no preset; `vocab_size` keeps that
+  many rows of a HF embedding. Our checkpoints and HF directories carry their own config.
+  """
+  kind = checkpoint_kind(path)
+  if kind == 'params':
+    return ParamsSource(path)
+  if kind == 'train':
+    return TrainSource(path)
+  if kind == 'hf':
+    return HfSource(path, vocab_size)
+  return KaggleSource(path, cfg)
+
+
+def load_canonical(path, cfg: config_lib.ModelConfig | None = None
+                   ) -> tuple[config_lib.ModelConfig, dict, list[dict]]:
+  """(ModelConfig, top, layers) of any checkpoint open_source reads, all in memory."""
+  src = open_source(path, cfg)
+  by_index = dict(layers(src))
+  return src.cfg, src.top(), [by_index[i] for i in range(src.cfg.num_layers)]
+
+
+def import_checkpoint(src_path, dst_path, cfg: config_lib.ModelConfig | None = None,
+                      progress: bool = True) -> config_lib.ModelConfig:
+  """HF / Kaggle (or ours) -> our params-only checkpoint, streamed (see each Source)."""
+  src = open_source(src_path, cfg)
+  dst = epath.Path(dst_path).absolute()
+  ours.save_params(dst, src.cfg, src.top(), layers(src, f'writing {dst}' if progress else None))
+  return src.cfg
+
+
+def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 10**9,
+              progress: bool = True) -> config_lib.ModelConfig:
+  """Any checkpoint we read -> a Gemma3ForCausalLM HF directory (safetensors shards + index)."""
+  src = open_source(src_path)
+  hf.write(src, dst_path, dtype, shard_size, progress)
+  return src.cfg
+
+
+def load(path, **model_overrides) -> model_lib.Gemma3:
+  """A model.Gemma3 with the weights of a HF directory, a Kaggle checkpoint or one of ours
+  (params-only, or a training workdir: its newest complete step).
+
+  `model_overrides` change non-shape ModelConfig fields, e.g. dtype='bfloat16'.
+  """
+  cfg, top, canonical = load_canonical(path)
+  cfg = dataclasses.replace(cfg, **model_overrides)
+  model = nnx.eval_shape(lambda: model_lib.Gemma3(cfg, rngs=nnx.Rngs(0)))
+  nnx.update(model, jax.tree.map(jnp.asarray, layout.canonical_to_state(cfg, top, canonical)))
+  return model
+
+
+__all__ = ['ConversionError', 'HfSource', 'KaggleSource', 'PARAMS_CONFIG', 'ParamsSource',
+           'Source', 'TrainSource', 'checkpoint_kind', 'export_hf', 'hf_config_to_model',
+           'hf_to_canonical', 'import_checkpoint', 'layers', 'load', 'load_canonical',
+           'model_to_hf_config', 'open_source']

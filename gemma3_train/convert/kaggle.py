@@ -1,0 +1,145 @@
+"""Google's released Flax/Orbax Gemma 3 checkpoints (Kaggle, gemma-lib, Kauldron), read.
+
+Four layouts hold the same arrays under different names:
+  FLAT      {'transformer/layer_3/attn/q_einsum': {'w': ...}, ...} (the Kaggle releases)
+  NESTED    {'layer_3': {'attn': {'q_einsum': {'w': ...}}}} (gemma-lib model.init(); the MLP
+            leaves drop the 'w' level)
+  KAULDRON  NESTED under 'params'
+  STACKED   'stacked_layers/attention_type_{i % P}/...' with a leading axis indexed by i // P
+The arrays are the canonical layout (layout.py) except that k and v are one kv_einsum
+[2, K, D, H] and the QK norms are attn/_query_norm, attn/_key_norm.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from etils import epath
+
+from gemma3_train import config as config_lib
+from gemma3_train import layout
+from gemma3_train.convert import orbax_tree
+from gemma3_train.convert.source import ConversionError
+from gemma3_train.convert.source import Source
+from gemma3_train.convert.source import check
+from gemma3_train.convert.source import preset_name
+
+_LAYER = {  # canonical name -> (path under layer_i, index into the stacked kv leaf)
+    'pre_attention_norm': ('pre_attention_norm/scale', None),
+    'post_attention_norm': ('post_attention_norm/scale', None),
+    'pre_ffw_norm': ('pre_ffw_norm/scale', None),
+    'post_ffw_norm': ('post_ffw_norm/scale', None),
+    'q_einsum': ('attn/q_einsum', None),
+    'k_einsum': ('attn/kv_einsum', 0),
+    'v_einsum': ('attn/kv_einsum', 1),
+    'attn_vec_einsum': ('attn/attn_vec_einsum', None),
+    'query_norm': ('attn/_query_norm/scale', None),
+    'key_norm': ('attn/_key_norm/scale', None),
+    'gating_einsum': ('mlp/gating_einsum', None),
+    'linear': ('mlp/linear', None),
+}
+
+
+def _name(keys: tuple[str, ...]) -> str:
+  """A leaf path in any of the FLAT / NESTED / KAULDRON layouts -> 'layer_3/attn/q_einsum'."""
+  name = '/'.join(keys)
+  for prefix in ('params/', 'transformer/'):
+    name = name[len(prefix):] if name.startswith(prefix) else name
+  # Einsum weights are {'w': ...} in the flat layout; NESTED drops the level for the MLP.
+  return name[:-2] if name.endswith('/w') else name
+
+
+class KaggleSource(Source):
+  """A released Flax/Orbax checkpoint in any of the layouts above.
+
+  With no `cfg`, the shapes give L, D, N, K, H, F and the PRESETS entry with those shapes gives
+  the rest (query scalar, window, RoPE scale). Holds in memory the leaves of the layer being
+  read; a STACKED leaf is kept until its last layer has been taken (order() takes them in turn).
+  """
+
+  def __init__(self, path, cfg: config_lib.ModelConfig | None = None):
+    self.path = epath.Path(path).absolute()
+    self._meta = orbax_tree.leaves(self.path)
+    self._keys = {_name(keys): keys for keys in self._meta}  # normalized name -> stored keys
+    self._stack = self._stacking()
+    self._cache: dict[str, np.ndarray] = {}
+    self.cfg = cfg or self._infer_config()
+    self._check_shapes()
+
+  def _stacking(self) -> int:
+    types = {re.match(r'.*stacked_layers/attention_type_(\d+)/', n) for n in self._keys}
+    return len({int(t.group(1)) for t in types if t})
+
+  def _shape(self, name: str) -> tuple[int, ...]:
+    if name not in self._keys:
+      raise ConversionError(f'{self.path}: tensor {name} missing from the checkpoint')
+    return tuple(self._meta[self._keys[name]].shape)
+
+  def _layer_leaf(self, i: int, sub: str) -> tuple[str, int | None]:
+    """The leaf name holding layer i's `sub`, and its index along a stack axis (or None)."""
+    if not self._stack:
+      return f'layer_{i}/{sub}', None
+    return f'stacked_layers/attention_type_{i % self._stack}/{sub}', i // self._stack
+
+  def _num_layers(self) -> int:
+    if not self._stack:
+      return len({n.split('/')[0] for n in self._keys if re.match(r'layer_\d+/', n)})
+    return sum(self._shape(self._layer_leaf(p, 'attn/q_einsum')[0])[0]
+               for p in range(self._stack))
+
+  def _infer_config(self) -> config_lib.ModelConfig:
+    V, D = self._shape('embedder/input_embedding')
+    q = self._shape(self._layer_leaf(0, 'attn/q_einsum')[0])[-3:]
+    kv = self._shape(self._layer_leaf(0, 'attn/kv_einsum')[0])[-4:]
+    gating = self._shape(self._layer_leaf(0, 'mlp/gating_einsum')[0])[-3:]
+    fields = dict(num_layers=self._num_layers(), embed_dim=D, num_heads=q[0], head_dim=q[2],
+                  num_kv_heads=kv[1], mlp_dim=gating[1])
+    name = preset_name(fields)
+    if name == 'custom':
+      raise ConversionError(f'{self.path}: shapes {fields} match no Gemma 3 preset; pass the '
+                            'model config (--config) to import it')
+    return config_lib.ModelConfig.from_preset(name, vocab_size=V)
+
+  def _check_shapes(self) -> None:
+    m = self.cfg
+    if self._num_layers() != m.num_layers:
+      raise ConversionError(f'{self.path}: {self._num_layers()} layers, expected '
+                            f'model.num_layers={m.num_layers}')
+    V, D = self._shape('embedder/input_embedding')
+    if D != m.embed_dim or V < m.vocab_size:
+      raise ConversionError(f'{self.path}: embedder/input_embedding shape {(V, D)}, expected '
+                            f'({m.vocab_size}, {m.embed_dim})')
+
+  def _read(self, names: list[str]) -> dict[str, np.ndarray]:
+    """Restores just these leaves, in their stored dtype."""
+    values = orbax_tree.read(self.path, [self._keys[n] for n in names], self._meta)
+    return {n: values[self._keys[n]] for n in names}
+
+  def top(self):
+    m = self.cfg
+    x = self._read(['embedder/input_embedding', 'final_norm/scale'])
+    return {'embedding': x['embedder/input_embedding'][:m.vocab_size],
+            'final_norm': check(x['final_norm/scale'], 'final_norm/scale', (m.embed_dim,))}
+
+  def order(self):
+    return layout.stacked_order(self.cfg.num_layers, max(self._stack, 1),
+                                self.cfg.num_layers if self._stack else 0)
+
+  def layer(self, i):
+    shapes = layout.layer_shapes(self.cfg)
+    where = {ours: self._layer_leaf(i, sub) + (kv,) for ours, (sub, kv) in _LAYER.items()}
+    wanted = sorted({leaf for leaf, _, _ in where.values()})
+    for leaf in wanted:
+      if leaf not in self._keys:
+        raise ConversionError(f'{self.path}: tensor {leaf} missing from the checkpoint')
+    self._cache.update(self._read([n for n in wanted if n not in self._cache]))
+    layer = {}
+    for ours, (leaf, s, kv) in where.items():
+      x = self._cache[leaf] if s is None else self._cache[leaf][s]
+      x = x if kv is None else x[kv]
+      layer[ours] = check(x, f'{leaf}[{s}]' if s is not None else leaf, shapes[ours])
+    if not self._stack or i // self._stack == self._shape(wanted[0])[0] - 1:
+      for leaf in wanted:  # a stacked leaf is dropped once its last layer has been taken
+        self._cache.pop(leaf, None)
+    return layer

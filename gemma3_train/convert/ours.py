@@ -1,0 +1,184 @@
+"""This project's checkpoints as conversion sources: params-only (written here) and training.
+
+Params-only (gemma3-convert import): PATH/gemma3_config.json ({'format', 'version', 'model': the
+ModelConfig fields}) and PATH/params, an Orbax tree in the canonical layout (layout.py):
+{'embedding', 'final_norm', 'layer_0': {...}, ...}.
+
+Training (checkpoint.py): WORKDIR/checkpoints/<step>/ with the items 'state' (an Orbax tree:
+'params' is the NNX Param state, each Variable's array under a trailing 'value' key, next to
+the optimizer state), 'config' (the whole Config as JSON, file 'metadata') and 'data'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterable, Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
+from etils import epath
+from flax import nnx
+
+from gemma3_train import config as config_lib
+from gemma3_train import layout
+from gemma3_train import model as model_lib
+from gemma3_train.convert import orbax_tree
+from gemma3_train.convert.source import ConversionError
+from gemma3_train.convert.source import Source
+from gemma3_train.convert.source import check
+
+PARAMS_CONFIG = 'gemma3_config.json'  # marks one of our params-only checkpoints
+_PARAMS_TREE = 'params'
+# The folder inside PARAMS_TREE that orbax v1's partial save writes the PyTree to.
+_PARAMS_ITEM = 'state'
+
+
+def save_params(path, cfg: config_lib.ModelConfig, top: Mapping[str, np.ndarray],
+                layers: Iterable[tuple[int, Mapping[str, np.ndarray]]]) -> None:
+  """Writes our params-only checkpoint from `top` and (i, layer) pairs, in any order.
+
+  `layers` may be a generator: each layer is written (an Orbax partial save) before the next
+  is read, so host memory holds the embedding and one layer, never the whole model.
+  """
+  path = epath.Path(path).absolute()  # orbax wants absolute paths
+  if path.exists() and any(path.iterdir()):
+    raise ConversionError(f'{path}: destination exists and is not empty')
+  path.mkdir(parents=True, exist_ok=True)
+  tree = path / _PARAMS_TREE
+  ocp_v1.partial.save(tree, {'embedding': np.asarray(top['embedding']),
+                             'final_norm': np.asarray(top['final_norm'])})
+  n = 0
+  for i, layer in layers:
+    ocp_v1.partial.save(tree, {f'layer_{i}': {k: np.asarray(v) for k, v in layer.items()}})
+    n += 1
+  if n != cfg.num_layers:
+    raise ConversionError(f'{path}: got {n} layers, expected model.num_layers={cfg.num_layers}')
+  ocp_v1.partial.finalize(tree)
+  (path / PARAMS_CONFIG).write_text(json.dumps(
+      {'format': 'gemma3-train params', 'version': 1, 'model': dataclasses.asdict(cfg)},
+      indent=2, sort_keys=True))
+
+
+def _model_config_from_json(file: epath.Path) -> config_lib.ModelConfig:
+  try:
+    d = json.loads(file.read_text())['model']
+    return config_lib.from_dict({'model': d}).model
+  except (json.JSONDecodeError, KeyError, config_lib.ConfigError) as e:
+    raise ConversionError(f'{file}: not a gemma3-train model config ({e})') from None
+
+
+class ParamsSource(Source):
+  """One of our params-only checkpoints (save_params). Holds in memory one layer."""
+
+  def __init__(self, path):
+    self.path = epath.Path(path).absolute()
+    self.cfg = _model_config_from_json(self.path / PARAMS_CONFIG)
+    self._tree = self.path / _PARAMS_TREE / _PARAMS_ITEM
+    self._meta = orbax_tree.leaves(self._tree)
+
+  def _read(self, prefix: str) -> dict[str, np.ndarray]:
+    keys = [k for k in self._meta if k[0] == prefix]
+    if not keys:
+      raise ConversionError(f'{self._tree}: {prefix} missing from the checkpoint')
+    return {k[-1]: v for k, v in orbax_tree.read(self._tree, keys, self._meta).items()}
+
+  def top(self):
+    m = self.cfg
+    return {'embedding': check(self._read('embedding')['embedding'], 'embedding',
+                               (m.vocab_size, m.embed_dim)),
+            'final_norm': check(self._read('final_norm')['final_norm'], 'final_norm',
+                                (m.embed_dim,))}
+
+  def layer(self, i):
+    return self._read(f'layer_{i}')
+
+
+def complete_steps(directory) -> list[int]:
+  """The steps under WORKDIR/checkpoints whose write completed, oldest first."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return []
+  # Orbax lists only finalized steps; it also parses a set-aside 'unreadable_5' as step 5.
+  return sorted(int(p.name) for p in ocp.step.checkpoint_steps_paths(directory)
+                if p.name.isdigit())
+
+
+def train_step_dir(path) -> epath.Path:
+  """WORKDIR -> its newest complete WORKDIR/checkpoints/<step>; a step directory as it is."""
+  path = epath.Path(path).absolute()
+  if not (path / 'checkpoints').is_dir():
+    return path
+  steps = complete_steps(path / 'checkpoints')
+  if not steps:
+    raise ConversionError(f'{path / "checkpoints"}: no complete checkpoint (expected '
+                          'checkpoints/<step>/ written by training)')
+  return path / 'checkpoints' / str(steps[-1])
+
+
+class TrainSource(Source):
+  """One of our training checkpoints: a workdir (its newest step) or WORKDIR/checkpoints/<step>.
+
+  Reads only params of the 'state' item, one leaf at a time (Orbax partial restores to host
+  numpy; the optimizer moments, twice their size, stay on disk), and the model config saved
+  beside them. Holds in memory one layer's leaves; with scan_layers a leaf is stacked over the
+  blocks of six ([num_layers // 6, ...]) and is kept until its last layer has been taken, and
+  order() takes those layers in turn: at most num_layers // 6 layers' worth at once.
+  """
+
+  def __init__(self, path):
+    self.path = train_step_dir(path)
+    if not ocp.step.is_path_finalized(self.path):
+      raise ConversionError(f'{self.path}: checkpoint write did not complete')
+    config_file = self.path / 'config' / 'metadata'  # JsonCheckpointHandler's file name
+    if not config_file.exists():
+      raise ConversionError(f'{config_file}: missing (a training checkpoint saves its config)')
+    self.cfg = _model_config_from_json(config_file)
+    self._state_dir = self.path / 'state'
+    self._meta = orbax_tree.leaves(self._state_dir)
+    stored = {(k[1:-1] if k[-1] == 'value' else k[1:]): k for k in self._meta if k[0] == 'params'}
+    if not stored:
+      raise ConversionError(f'{self._state_dir}: no params in the train state')
+    self._keys = {}  # nnx path -> stored key path
+    for path_, var in nnx.to_flat_state(model_lib.abstract_state(self.cfg)):
+      name = tuple(str(k) for k in path_)
+      if name not in stored:
+        raise ConversionError(f'{self._state_dir}: params/{"/".join(name)} missing from the '
+                              'checkpoint')
+      shape = tuple(self._meta[stored[name]].shape)
+      if shape != tuple(var.shape):
+        raise ConversionError(f'{self._state_dir}: params/{"/".join(name)} has shape '
+                              f'{shape}, expected {tuple(var.shape)}')
+      self._keys[path_] = stored[name]
+    self._cache: dict[tuple, np.ndarray] = {}
+
+  def _read(self, paths: list[tuple]) -> None:
+    """Reads the leaves at these nnx paths into the cache (those not there yet)."""
+    paths = [p for p in paths if p not in self._cache]
+    values = orbax_tree.read(self._state_dir, [self._keys[p] for p in paths], self._meta)
+    self._cache.update({p: values[self._keys[p]] for p in paths})
+
+  def top(self):
+    paths = list(layout.TOP_PATHS.values())
+    self._read(paths)
+    top = {name: self._cache[p] for name, p in layout.TOP_PATHS.items()}
+    for p in paths:
+      del self._cache[p]
+    return top
+
+  def order(self):
+    six = config_lib.GLOBAL_EVERY
+    return layout.stacked_order(self.cfg.num_layers, six, layout.num_blocks(self.cfg) * six)
+
+  def layer(self, i):
+    prefix, block = layout.layer_prefix(self.cfg, i)
+    paths = [prefix + sub for sub in layout.LAYER_LEAVES]
+    self._read(paths)
+    leaf = lambda sub: self._cache[prefix + sub]
+    layer = layout.leaves_to_layer(lambda sub: leaf(sub) if block is None else leaf(sub)[block])
+    if block is None or block == layout.num_blocks(self.cfg) - 1:
+      for p in paths:  # a stacked leaf is dropped once its last layer has been taken
+        del self._cache[p]
+    return layer
+
