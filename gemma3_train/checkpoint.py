@@ -40,9 +40,6 @@ from gemma3_train.convert import ours
 
 log = logging.getLogger(__name__)
 
-_MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_heads',
-                       'num_kv_heads', 'head_dim')
-
 
 class Checkpointer:
   """Saves {state, data iterator, config} every N steps; restores per the order above."""
@@ -117,7 +114,7 @@ class Checkpointer:
     if not files:
       return
     saved = json.loads(files[0].read_text()).get('model', {})
-    for k in _MODEL_SHAPE_FIELDS:
+    for k in config_lib.MODEL_SHAPE_FIELDS:
       ours = getattr(self.config.model, k)
       if k in saved and saved[k] != ours:
         raise config_lib.ConfigError(
@@ -238,7 +235,7 @@ def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> An
   optimizer moments of a training checkpoint are never read."""
   try:
     src = convert.open_source(path, c.model)
-    for k in _MODEL_SHAPE_FIELDS:
+    for k in config_lib.MODEL_SHAPE_FIELDS:
       if getattr(src.cfg, k) != getattr(c.model, k):
         raise config_lib.ConfigError(
             f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has '

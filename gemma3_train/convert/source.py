@@ -23,13 +23,10 @@ def check(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
   return x
 
 
-SHAPE_FIELDS = ('num_layers', 'embed_dim', 'mlp_dim', 'num_heads', 'num_kv_heads', 'head_dim')
-
-
 def preset_name(fields: Mapping[str, Any]) -> str:
-  """The PRESETS entry whose shapes match, else 'custom'."""
+  """The PRESETS entry whose shapes match (the vocabulary aside), else 'custom'."""
   for name, p in config_lib.PRESETS.items():
-    if all(p[k] == fields[k] for k in SHAPE_FIELDS):
+    if all(p[k] == fields[k] for k in config_lib.MODEL_SHAPE_FIELDS if k != 'vocab_size'):
       return name
   return 'custom'
 
