@@ -39,6 +39,7 @@ class ConfigError(ValueError):
 
 
 # The published Gemma 3 text-model sizes (the 270m, 1b, 4b, 12b and 27b checkpoints' shapes).
+# docs/gemma3.md section 1 tabulates them with their parameter counts.
 # Configs apply these with `model.update(...)`; ModelConfig's defaults are the 1b row.
 PRESETS: dict[str, dict[str, Any]] = {
     '270m': dict(num_layers=18, embed_dim=640, mlp_dim=2048, num_heads=4, num_kv_heads=1,

@@ -16,6 +16,7 @@ or write, and are copied as they are.
 Our NNX state (model.Gemma3) holds layer i either at ('layers', i) (scan_layers=False) or, with
 scan_layers, in the scanned blocks of six: ('blocks', 'layers', i % 6) with a leading stacked
 axis indexed by i // 6, for the first num_layers // 6 * 6 layers, and at ('tail', j) for the rest.
+The released formats and their names for each array: docs/gemma3.md section 5.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ same function (layout.py maps both to the released checkpoints' layout). Every p
 leading 'layers' axis.
 
 Parameters are stored in ModelConfig.param_dtype and cast to ModelConfig.dtype for matmuls;
-norms, RoPE, attention logits/softmax and the output logits run in float32.
+norms, RoPE, attention logits/softmax and the output logits run in float32. The architecture
+facts (norms, embedding scale, QK-norm, RoPE, window, GeGLU) are in docs/gemma3.md sections 1-3.
 """
 
 from __future__ import annotations

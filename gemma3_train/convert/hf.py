@@ -3,7 +3,8 @@
 HF stores Linear weights [out, in]: q_proj [N*H, D], k_proj/v_proj [K*H, D], o_proj [D, N*H],
 gate_proj/up_proj [F, D], down_proj [D, F]; norms [D] (q_norm/k_norm [H]) with the same
 "scale without the +1" convention as the canonical layout (layout.py). The text decoder's tensors
-sit under one of HF_PREFIXES, depending on the class that saved them.
+sit under one of HF_PREFIXES, depending on the class that saved them. The full tensor and
+config.json mapping: docs/gemma3.md section 5.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Four layouts hold the same arrays under different names:
   KAULDRON  NESTED under 'params'
   STACKED   'stacked_layers/attention_type_{i % P}/...' with a leading axis indexed by i // P
 The arrays are the canonical layout (layout.py) except that k and v are one kv_einsum
-[2, K, D, H] and the QK norms are attn/_query_norm, attn/_key_norm.
+[2, K, D, H] and the QK norms are attn/_query_norm, attn/_key_norm (docs/gemma3.md section 5).
 """
 
 from __future__ import annotations
