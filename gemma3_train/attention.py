@@ -2,7 +2,8 @@
 
 A query at position q sees a key at position k when both are in the same segment and
 k <= q (causal), and on sliding-window (local) layers also q - W < k: W keys including itself
-(shared/GEMMA3.md A.7). Kernels that take an inclusive left distance get W - 1.
+(Gemma 3's sliding_window counts the query's own key). Kernels that take an inclusive left
+distance get W - 1.
 
 The reference works on *positions*; the cudnn and splash kernels work on *indices* within the
 row. The two agree for packed rows whose positions count up by one inside each segment, which is
@@ -64,6 +65,7 @@ def dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None,
 
 def _splash_kernel(T: int, G: int, window: int | None, block: int, interpret: bool):
   """A single-device splash MQA kernel over G query heads sharing one kv head."""
+  # Imported here: Pallas's TPU kernels load Mosaic, which only attention_impl='splash' needs.
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as splash, splash_attention_mask as mask_lib)
   if window is None:

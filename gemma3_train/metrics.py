@@ -1,12 +1,13 @@
-"""Model FLOPs, MFU against a per-chip peak, and the metric writers (stdout, JSONL, TensorBoard).
+"""Throughput and MFU, the step timer, the metric writers (stdout, JSONL, TensorBoard), profiling.
 
-MFU = achieved model FLOP/s per device / the device's peak dense bf16 FLOP/s. "Model FLOPs" are
-the matmul FLOPs the math needs (fwd + bwd = 3 x fwd), never the remat recompute.
+MFU = achieved model FLOP/s per device / the device's peak dense bf16 FLOP/s. "Model FLOPs"
+(flops.py) are the matmul FLOPs the math needs (fwd + bwd = 3 x fwd), never the remat recompute.
+The loop's one clock is StepTimer: it gives the step time and throughput of each logged interval,
+and the writer's ETA is that step time times the steps left.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -53,7 +54,8 @@ def throughput(step_time_s: float, tokens_per_step: float, flops_per_step: float
 
 @dataclasses.dataclass
 class StepTimer:
-  """Turns wall time between logged steps into throughput; the per-run constants live here."""
+  """Turns wall time between logged steps into step time and throughput (the per-run constants
+  live here); the first call only starts the clock."""
   tokens_per_step: float
   flops_per_step: float
   num_devices: int
@@ -106,11 +108,9 @@ class MetricWriter:
   """Writes WORKDIR/metrics.jsonl, TensorBoard scalars and a progress line (chief only)."""
 
   def __init__(self, workdir: str, *, total_steps: int, enable_tensorboard: bool = True,
-               is_chief: bool = True, ema_window: int = 10):
+               is_chief: bool = True):
     self._total = total_steps
     self._chief = is_chief
-    self._step_times: collections.deque[float] = collections.deque(maxlen=ema_window)
-    self._last: tuple[int, float] | None = None
     self._tb = None
     self._path = epath.Path(workdir) / 'metrics.jsonl'
     # Object stores cannot append: keep the lines and rewrite the file (it stays small).
@@ -142,24 +142,18 @@ class MetricWriter:
         self._tb.add_scalar(key, value, step)
     self._tb.flush()
 
-  def _eta(self, step: int) -> float | None:
-    """Seconds left, from a moving average of the wall time per step between write() calls."""
-    now = time.perf_counter()
-    if self._last is not None and step > self._last[0]:
-      self._step_times.append((now - self._last[1]) / (step - self._last[0]))
-    self._last = (step, now)
-    if not self._step_times:
-      return None
-    return statistics.fmean(self._step_times) * max(self._total - step, 0)
+  def write(self, step: int, metrics: dict[str, Any], *,
+            step_time_s: float | None = None) -> None:
+    """Logs one training step: a JSONL row (required keys, null if absent), TB, stdout.
 
-  def write(self, step: int, metrics: dict[str, Any]) -> None:
-    """Logs one training step: a JSONL row (required keys, null if absent), TB, stdout."""
+    step_time_s (the recent seconds per step, e.g. StepTimer's) gives the progress line an ETA.
+    """
+    if not self._chief:
+      return
     record = {key: None for key in _REQUIRED}
     record.update({k: _scalar(v) for k, v in metrics.items()})
     record['step'] = int(step)
-    eta = self._eta(step)
-    if not self._chief:
-      return
+    eta = None if step_time_s is None else step_time_s * max(self._total - step, 0)
     self._append(record)
     self._scalars(step, record)
     print(self._progress_line(step, record, eta), flush=True)
@@ -214,7 +208,9 @@ def profile_steps(spec: str) -> set[int]:
 
 
 class Profiler:
-  """Traces the chosen steps with jax.profiler into WORKDIR/profile (consecutive steps share one trace).
+  """Traces the chosen steps with jax.profiler into WORKDIR/profile; consecutive steps share one
+  trace. Only the chief traces. A step is the train state's step before the update (the trace's
+  step_num), as logging.profile_steps counts.
 
   with profiler.step(step) as trace:
     state, metrics = train_step(state, batch)

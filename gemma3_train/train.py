@@ -1,9 +1,20 @@
-"""Train state, the jitted train/eval steps and the loop: `train_and_evaluate(config, workdir)`."""
+"""Train state, the jitted train/eval steps and the loop: `train_and_evaluate(config, workdir)`.
+
+`train_and_evaluate` runs four sections, each a function below:
+  restore or init  the newest checkpoint in the workdir, else checkpoint.init_from (params only;
+                   the optimizer state is built from them), else a random init born sharded;
+  compile          the train step, before the first batch; processes then wait for each other;
+  the loop         step N+1 is dispatched before step N's metrics are fetched, so the host never
+                   stalls the device; checkpoints, evals, preemption and profiling;
+  flush            fetches one step's metrics, stops on NaN, logs the due steps with throughput.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import time
@@ -12,20 +23,22 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 import optax
-from absl import logging
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gemma3_train import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
-from gemma3_train import flops
+from gemma3_train import data as data_lib
+from gemma3_train import flops as flops_lib
 from gemma3_train import hardware
 from gemma3_train import loss as loss_lib
+from gemma3_train import metrics as metrics_lib
 from gemma3_train import model as model_lib
 from gemma3_train import optimizer as optimizer_lib
 from gemma3_train import sharding
 
-BATCH_KEYS = {'inputs': jnp.int32, 'targets': jnp.int32, 'positions': jnp.int32,
-              'segment_ids': jnp.int32, 'weights': jnp.float32}
+log = logging.getLogger(__name__)
 
 # A train state is a plain dict pytree: {'step': int32[], 'params': nnx.State of Params,
 # 'opt_state': optax state}. Params keep their nnx.Variable wrappers so that the logical axis
@@ -37,8 +50,8 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
                            process_id: int | None) -> None:
   """jax.distributed for multi-process runs: explicit flags, else auto-detect on TPU/GKE."""
   if coordinator:
-    # Cross-process collectives on CPU go through gloo (DESIGN.md, multi-host); the setting only
-    # concerns the CPU backend. Nothing may touch a backend before initialize().
+    # XLA's CPU backend has no cross-process collectives of its own; gloo provides them. The
+    # setting only concerns the CPU backend, and nothing may touch a backend before initialize().
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator, num_processes, process_id)
   elif _on_cloud_tpu():
@@ -46,7 +59,8 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
 
 
 def _on_cloud_tpu() -> bool:
-  return bool(os.environ.get('TPU_WORKER_HOSTNAMES') or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
+  return bool(os.environ.get('TPU_WORKER_HOSTNAMES')
+              or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
 
 
 # --- setup: abstract state, shardings, jitted steps ---------------------------
@@ -62,7 +76,8 @@ class Setup:
   state_shardings: State
   batch_sharding: dict[str, NamedSharding]
   schedule: optax.Schedule
-  init_state: Callable[[], State]  # jitted, born sharded
+  init_state: Callable[[], State]  # jitted random init, born sharded
+  init_opt_state: Callable[[Any], Any]  # jitted tx.init: params -> sharded optimizer state
   train_step: Callable[[State, dict], tuple[State, dict]]  # jitted, state donated
   eval_step: Callable[[State, dict], dict]
   state: State | None = None
@@ -129,10 +144,12 @@ def _eval_step(state: State, batch: dict, *, graphdef, c: config_lib.Config, mes
   return sums
 
 
+
 def abstract_batch(c: config_lib.Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   shape = (c.train.global_batch_size, c.data.seq_len)
   s = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for k, dtype in BATCH_KEYS.items()}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+          for k, dtype in data_lib.BATCH_DTYPES.items()}
 
 
 def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
@@ -146,7 +163,7 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Gemma3(c.model, rngs=nnx.Rngs(0))))
-  batch_sharding = {k: sharding.batch_sharding(mesh) for k in BATCH_KEYS}
+  batch_sharding = {k: sharding.batch_sharding(mesh) for k in data_lib.BATCH_DTYPES}
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
       functools.partial(_train_step, graphdef=graphdef, tx=tx, schedule=schedule, c=c,
@@ -158,15 +175,35 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
       functools.partial(_eval_step, graphdef=graphdef, c=c, mesh=mesh, rules=rules),
       in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
   init_state = jax.jit(new_state, out_shardings=state_shardings)
+  init_opt_state = jax.jit(tx.init, out_shardings=state_shardings['opt_state'])
   s = Setup(config=c, mesh=mesh, rules=rules, graphdef=graphdef, abstract_state=abstract_state,
             state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
-            init_state=init_state, train_step=train_step, eval_step=eval_step)
+            init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
+            eval_step=eval_step)
   if not abstract:
     s.state = init_state()
   return s
 
 
-# --- the loop ----------------------------------------------------------------
+# --- restore or init -----------------------------------------------------------
+
+
+def restore_or_init(s: Setup, ckpt: checkpoint_lib.Checkpointer,
+                    train_iter: Iterator[dict] | None) -> tuple[State, int]:
+  """(state, first step) in the order checkpoint.py documents: resume, init_from, random."""
+  c = s.config
+  restored = ckpt.restore_latest(s.abstract_state, train_iter)
+  if restored is not None:
+    return restored
+  if c.checkpoint.init_from:
+    log.info('Initializing params from %s', c.checkpoint.init_from)
+    params = checkpoint_lib.load_init_params(c.checkpoint.init_from, c, s.abstract_state)
+    step = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step'])
+    return {'step': step, 'params': params, 'opt_state': s.init_opt_state(params)}, 0
+  return s.init_state(), 0
+
+
+# --- compile -------------------------------------------------------------------
 
 
 def compile_train_step(s: Setup) -> Callable[[State, dict], tuple[State, dict]]:
@@ -174,16 +211,33 @@ def compile_train_step(s: Setup) -> Callable[[State, dict], tuple[State, dict]]:
 
   In a multi-process run every process then waits until all have compiled: gloo (the CPU
   collectives) gives a peer only 30 s to join the first collective, and processes finish
-  compiling at different times. The barrier is the coordination service's, not a collective.
+  compiling at different times. The barrier is the coordination service's, not a collective
+  (jax.experimental.multihost_utils.sync_global_devices is one, with gloo's 30 s).
   """
   start = time.perf_counter()
   compiled = s.train_step.lower(s.abstract_state, abstract_batch(s.config, s.mesh)).compile()
-  logging.info('Compiled the train step in %.1f s', time.perf_counter() - start)
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  client = distributed.global_state.client  # None unless jax.distributed.initialize ran
-  if jax.process_count() > 1 and client is not None:
-    client.wait_at_barrier('gemma3_train_compiled', 3_600_000)
+  log.info('Compiled the train step in %.1f s', time.perf_counter() - start)
+  if jax.process_count() > 1 and jax.distributed.is_initialized():
+    # jax exposes its coordination client only privately; orbax wraps it in a public barrier.
+    wait = ocp.multihost.get_barrier_sync_fn()
+    wait(key='gemma3_train_compiled', timeout_ms=3_600_000)
   return compiled
+
+
+def _peak_tflops(c: config_lib.Config) -> float | None:
+  """The per-device peak MFU is measured against (None: unknown, no MFU)."""
+  device = jax.devices()[0]
+  peak = hardware.peak_tflops(device, c.logging.peak_tflops)
+  if peak is None and device.platform == 'cpu':
+    # No datasheet for a CPU: the XLA matmul peak measured here and now, shared by the
+    # simulated devices (they run on the same cores).
+    peak = metrics_lib.measure_cpu_matmul_peak(c.model.dtype, n=1024, repeats=5)
+    peak /= jax.local_device_count()
+    log.info('CPU matmul peak (%s): %.4f TFLOP/s per device', c.model.dtype, peak)
+  return peak
+
+
+# --- flush ---------------------------------------------------------------------
 
 
 def _to_host(metrics: dict) -> dict[str, float]:
@@ -198,8 +252,32 @@ def _check_finite(step: int, m: dict[str, float], workdir: str) -> None:
         f'raise optim.warmup_steps, then rerun to resume from it).')
 
 
+@dataclasses.dataclass
+class _Flush:
+  """Fetches one step's metrics, stops on NaN, and logs every log_every-th step, the first and
+  the last, with the throughput since the previous logged step (none on the first: its
+  interval includes compilation)."""
+  writer: metrics_lib.MetricWriter
+  timer: metrics_lib.StepTimer
+  workdir: str
+  log_every: int
+  always: tuple[int, int]  # the run's first and last step
+
+  def __call__(self, step: int, metrics: dict) -> dict[str, float]:
+    host = _to_host(metrics)
+    _check_finite(step, host, self.workdir)
+    if step % self.log_every == 0 or step in self.always:
+      timing = self.timer.update(step)
+      step_time = timing.pop('step_time_s', None)
+      host.update(timing)
+      self.writer.write(step, host, step_time_s=step_time)
+    return host
+
+
+# --- the loop ------------------------------------------------------------------
+
+
 def evaluate(s: Setup, state: State, eval_iter: Iterator[dict], num_batches: int) -> dict:
-  from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
   totals: dict[str, float] = {}
   for _ in range(num_batches):
     try:
@@ -215,113 +293,83 @@ def evaluate(s: Setup, state: State, eval_iter: Iterator[dict], num_batches: int
           'accuracy': totals.get('correct_sum', 0.0) / weight, 'tokens': weight}
 
 
-def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
-  """Trains to c.train.num_steps, resuming from workdir; returns the last logged metrics."""
-  from gemma3_train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
-  from gemma3_train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+def _run_eval(s: Setup, state: State, step: int, writer: metrics_lib.MetricWriter) -> None:
+  c = s.config
+  eval_iter = data_lib.make_eval_iterator(c, process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+  with contextlib.closing(eval_iter):
+    result = evaluate(s, state, eval_iter, c.train.eval_steps)
+  writer.write_eval(step, {'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
+                           'eval_accuracy': result['accuracy']})
 
+
+def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Iterator[dict],
+          ckpt: checkpoint_lib.Checkpointer, writer: metrics_lib.MetricWriter,
+          profiler: metrics_lib.Profiler, flush: _Flush) -> dict[str, float]:
+  """Steps start_step..num_steps; returns the last step's metrics."""
+  c = s.config
+  pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
+  last: dict[str, float] = {}
+  step = start_step
+  while step < c.train.num_steps:
+    with profiler.step(step) as trace:
+      batch = data_lib.global_batch(next(train_iter), s.batch_sharding['inputs'])
+      state, metrics = train_step(state, batch)
+      trace.wait_for = metrics
+    step += 1
+    if pending is not None:
+      last = flush(*pending)
+    pending = (step, metrics)
+    stop = ckpt.should_stop(step)
+    save_due = stop or step == c.train.num_steps or bool(
+        c.checkpoint.every and step % c.checkpoint.every == 0)
+    eval_due = bool(c.train.eval_every and step % c.train.eval_every == 0 and c.train.eval_steps)
+    if save_due or eval_due:  # fetched now, so that a NaN is never saved or evaluated
+      last, pending = flush(*pending), None
+    if eval_due:
+      _run_eval(s, state, step, writer)
+    if save_due:
+      ckpt.save(step, state, train_iter, force=True)
+      if stop and step < c.train.num_steps:
+        ckpt.wait()
+        log.warning('Preempted: checkpoint at step %d written; exiting 0. Rerun the same '
+                    'command to resume.', step)
+        break
+  if pending is not None:
+    last = flush(*pending)
+  return last
+
+
+def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
+  """Trains to c.train.num_steps, resuming from workdir; returns the last step's metrics."""
   # Everything that can reject the config runs before the workdir is touched.
   mesh = sharding.make_mesh(c)
   pid, nproc = jax.process_index(), jax.process_count()
-  logging.info('Process %d/%d, %d devices, mesh %s', pid, nproc, jax.device_count(),
-               dict(mesh.shape))
-  train_iter = data_lib.make_train_iterator(c, process_index=pid, process_count=nproc)
-  s = setup(c, mesh, abstract=True)
+  log.info('Process %d/%d, %d devices, mesh %s', pid, nproc, jax.device_count(),
+           dict(mesh.shape))
+  with contextlib.ExitStack() as cleanup:
+    train_iter = cleanup.enter_context(contextlib.closing(
+        data_lib.make_train_iterator(c, process_index=pid, process_count=nproc)))
+    s = setup(c, mesh, abstract=True)
+    ckpt = checkpoint_lib.Checkpointer(workdir, c)
+    state, start_step = restore_or_init(s, ckpt, train_iter)
+    cleanup.callback(ckpt.close)
+    ckpt.install_signal_handlers()
 
-  ckpt = checkpoint_lib.Checkpointer(workdir, c)
-  restored = ckpt.restore_latest(s.abstract_state, train_iter)
-  if restored is not None:
-    state, start_step = restored
-  elif c.checkpoint.init_from:
-    logging.info('Initializing params from %s', c.checkpoint.init_from)
-    state = s.init_state()
-    state['params'] = checkpoint_lib.load_init_params(c.checkpoint.init_from, c,
-                                                      s.abstract_state)
-    start_step = 0
-  else:
-    state, start_step = s.init_state(), 0
-  ckpt.install_signal_handlers()
+    tokens = c.train.global_batch_size * c.data.seq_len
+    flops = flops_lib.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
+    writer = metrics_lib.MetricWriter(workdir, total_steps=c.train.num_steps,
+                                      enable_tensorboard=c.logging.tensorboard,
+                                      is_chief=pid == 0)
+    cleanup.callback(writer.close)
+    timer = metrics_lib.StepTimer(tokens, flops, jax.device_count(), _peak_tflops(c))
+    profiler = metrics_lib.Profiler(workdir, metrics_lib.profile_steps(c.logging.profile_steps),
+                                    is_chief=pid == 0)
+    cleanup.callback(profiler.stop)  # a trace still open when the run ends
+    flush = _Flush(writer, timer, workdir, c.logging.log_every,
+                   always=(start_step + 1, c.train.num_steps))
+    log.info('Training steps %d..%d: %d tokens/step, %.3g model FLOPs/step', start_step,
+             c.train.num_steps, tokens, flops)
 
-  seq_tokens = c.train.global_batch_size * c.data.seq_len
-  flops = flops.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
-  peak = hardware.peak_tflops(jax.devices()[0], c.logging.peak_tflops)
-  if peak is None and jax.devices()[0].platform == 'cpu':
-    # No datasheet for a CPU: MFU against the XLA matmul peak measured here and now, shared by
-    # the simulated devices (they run on the same cores).
-    peak = metrics_lib.measure_cpu_matmul_peak(c.model.dtype, n=1024, repeats=5)
-    peak /= jax.local_device_count()
-    logging.info('CPU matmul peak (%s): %.4f TFLOP/s per device', c.model.dtype, peak)
-  writer = metrics_lib.MetricWriter(workdir, total_steps=c.train.num_steps,
-                                    enable_tensorboard=c.logging.tensorboard, is_chief=pid == 0)
-  profile_at = metrics_lib.profile_steps(c.logging.profile_steps)
-  logging.info('Training steps %d..%d: %d tokens/step, %.3g model FLOPs/step', start_step,
-               c.train.num_steps, seq_tokens, flops)
-
-  train_step = compile_train_step(s)
-
-  # Metrics of step N are fetched after step N+1 is dispatched, so the host never stalls
-  # the device; a checkpoint step fetches its own metrics first, so a NaN is never saved.
-  pending: tuple[int, dict] | None = None
-  last: dict[str, float] = {}
-  last_log: tuple[int, float] | None = None  # (step, time) of the previous progress line
-  step = start_step
-
-  def log(at_step: int, host: dict[str, float]) -> None:
-    nonlocal last_log
-    now = time.perf_counter()
-    if last_log is not None:  # the first line's interval includes compilation: no throughput
-      host.update(metrics_lib.throughput((now - last_log[1]) / (at_step - last_log[0]),
-                                         seq_tokens, flops, jax.device_count(), peak))
-    last_log = (at_step, now)
-    writer.write(at_step, host)
-
-  try:
-    while step < c.train.num_steps:
-      if step in profile_at:
-        jax.profiler.start_trace(f'{workdir}/profile')
-      batch = data_lib.global_batch(next(train_iter), s.batch_sharding['inputs'])
-      state, metrics = train_step(state, batch)
-      step += 1
-      if step - 1 in profile_at:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-      if pending is not None:
-        prev_step, prev = pending
-        host = _to_host(prev)
-        _check_finite(prev_step, host, workdir)
-        if prev_step % c.logging.log_every == 0 or prev_step == start_step + 1:
-          log(prev_step, host)
-          last = host
-      pending = (step, metrics)
-      stop = ckpt.should_stop(step)
-      save_due = stop or step == c.train.num_steps or (
-          c.checkpoint.every and step % c.checkpoint.every == 0)
-      eval_due = c.train.eval_every and step % c.train.eval_every == 0 and c.train.eval_steps
-      if save_due or eval_due:
-        host = _to_host(metrics)
-        _check_finite(step, host, workdir)
-      if eval_due:
-        eval_iter = data_lib.make_eval_iterator(c, process_index=pid, process_count=nproc)
-        result = evaluate(s, state, eval_iter, c.train.eval_steps)
-        writer.write_eval(step, {'eval_loss': result['loss'],
-                                 'eval_perplexity': result['perplexity'],
-                                 'eval_accuracy': result['accuracy']})
-      if save_due:
-        ckpt.save(step, state, train_iter, force=True)
-        if stop and step < c.train.num_steps:
-          ckpt.wait()
-          logging.warning('Preempted: checkpoint at step %d written; exiting 0. Rerun the same '
-                          'command to resume.', step)
-          break
-    if pending is not None:
-      prev_step, prev = pending
-      host = _to_host(prev)
-      _check_finite(prev_step, host, workdir)
-      if prev_step % c.logging.log_every == 0 or prev_step == c.train.num_steps:
-        log(prev_step, host)
-      last = host
-  finally:
-    ckpt.close()
-    writer.close()
-  return last
+    train_step = compile_train_step(s)
+    return _loop(s, state, start_step, train_step, train_iter, ckpt, writer, profiler, flush)

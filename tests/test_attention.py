@@ -12,7 +12,7 @@ from gemma3_train import sharding
 
 
 def _brute_mask(positions, segments, window):
-  """The rule of shared/GEMMA3.md A.7 written as loops: same segment, q - W < k <= q."""
+  """The rule of module docstring written as loops: same segment, q - W < k <= q."""
   B, L = positions.shape
   out = np.zeros((B, L, L), bool)
   for b in range(B):

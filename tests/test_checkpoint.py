@@ -12,8 +12,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
+
+from gemma3_train import checkpoint
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train import train
+from tests import test_train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -156,6 +163,7 @@ def test_resume_on_fewer_devices(tmp_path):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_other_model_shape_refuses_to_resume(tmp_path):
   _train(tmp_path, 5)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
@@ -187,6 +195,24 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
   assert saved == ['5']
 
 
+def test_other_shape_or_layout_is_a_config_error_in_process(tmp_path):
+  """The two refusals above without the CLI: a saved step, then configs it cannot resume."""
+  c = test_train._config(model=dict(num_layers=2))
+  mesh = sharding.make_mesh(c, jax.devices()[:1])
+  ckpt = checkpoint.Checkpointer(str(tmp_path), c)
+  ckpt.save(5, train.setup(c, mesh).state, None, force=True)
+  ckpt.close()
+  before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  for change, error in ((dict(optim=dict(clip_norm=0.0)), 'train state layout differs'),
+                        (dict(model=dict(embed_dim=32)), 'model.embed_dim=32: expected 64')):
+    other = c.replace(**change)
+    with pytest.raises(config_lib.ConfigError, match=error):
+      checkpoint.Checkpointer(str(tmp_path), other).restore_latest(
+          train.setup(other, mesh, abstract=True).abstract_state, None)
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
+
+
+@pytest.mark.slow
 def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
   _train(tmp_path, 5)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
@@ -199,8 +225,7 @@ def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
 def _start_pair(workdir, steps, log_prefix, *extra):
   """Two CLI processes x 4 devices joined by jax.distributed on localhost. Their output goes
   to files: two pipes read one after the other would deadlock once the unread one fills."""
-  from tests.test_train import _free_port
-  port = _free_port()
+  port = test_train._free_port()
   procs = []
   for i in range(2):
     with open(f'{log_prefix}_{i}.log', 'wb') as log:

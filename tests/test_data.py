@@ -16,7 +16,7 @@ from gemma3_train import config as config_lib
 from gemma3_train import data
 from gemma3_train.data import pipeline
 
-KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'weights')
+KEYS = tuple(data.BATCH_DTYPES)
 
 
 @pytest.fixture(scope='module')
@@ -113,7 +113,7 @@ def test_packing_invariants(tmp_path, sp, packing):
                   prefetch=0)
   batches = list(pipeline.make_dataset(c, num_epochs=1, batch_size=4))
   for b in batches:
-    assert set(b) == set(KEYS)
+    assert {k: v.dtype for k, v in b.items()} == data.BATCH_DTYPES  # what train.py compiles for
     assert b['inputs'].dtype == b['targets'].dtype == np.int32
     assert b['positions'].dtype == b['segment_ids'].dtype == np.int32
     assert b['weights'].dtype == np.float32
@@ -146,6 +146,7 @@ def test_bundled_tiny_batches(tok):
   it = data.make_train_iterator(c)
   b = next(it)
   assert {k: v.shape for k, v in b.items()} == {k: (8, 128) for k in KEYS}
+  assert {k: v.dtype for k, v in b.items()} == data.BATCH_DTYPES
   assert data.packing_efficiency(b) > 0.9
   seg = b['segment_ids']
   starts = (b['positions'] == 0) & (seg > 0)

@@ -41,8 +41,8 @@ def counted(key_part, before):
 
 
 @pytest.fixture
-def absl_log(caplog):
-  caplog.set_level(logging.INFO, logger='absl')
+def data_log(caplog):
+  caplog.set_level(logging.INFO, logger='gemma3_train.data')
   return caplog
 
 
@@ -65,22 +65,22 @@ def test_empty_file_alone_is_an_error(tmp_path):
     pipeline.make_dataset(c)
 
 
-def test_empty_file_among_others_is_skipped_and_counted(tmp_path, absl_log):
+def test_empty_file_among_others_is_skipped_and_counted(tmp_path, data_log):
   (tmp_path / 'a.jsonl').write_bytes(b'')
   write_lines(tmp_path / 'b.jsonl', rows(GOOD))
   before = dict(sources.COUNTS)
   c = make_config(train_path=str(tmp_path / '*.jsonl'))
   assert read_all(c) == len(GOOD)
   assert counted('empty file', before) == 1
-  assert 'a.jsonl' in absl_log.text and 'empty file' in absl_log.text
+  assert 'a.jsonl' in data_log.text and 'empty file' in data_log.text
 
 
-def test_row_without_text_field_is_skipped_and_counted(tmp_path, absl_log):
+def test_row_without_text_field_is_skipped_and_counted(tmp_path, data_log):
   path = write_lines(tmp_path / 'd.jsonl', rows(GOOD[:3] + [{'body': 'no text'}] + GOOD[3:]))
   before = dict(sources.COUNTS)
   assert read_all(make_config(train_path=path)) == len(GOOD)
   assert counted("no field 'text'", before) == 1
-  assert f'{path} line 4' in absl_log.text
+  assert f'{path} line 4' in data_log.text
 
 
 def test_field_missing_on_every_row_is_an_error(tmp_path):
@@ -91,17 +91,17 @@ def test_field_missing_on_every_row_is_an_error(tmp_path):
     pipeline.make_dataset(make_config(train_path=path))
 
 
-def test_invalid_utf8_and_invalid_json_are_skipped_and_counted(tmp_path, absl_log):
+def test_invalid_utf8_and_invalid_json_are_skipped_and_counted(tmp_path, data_log):
   lines = rows(GOOD[:2]) + [b'{"text": "caf\xe9"}', b'{"text": broken'] + rows(GOOD[2:])
   path = write_lines(tmp_path / 'd.jsonl', lines)
   before = dict(sources.COUNTS)
   assert read_all(make_config(train_path=path)) == len(GOOD)
   assert counted('invalid UTF-8', before) == 1
   assert counted('not valid JSON', before) == 1
-  assert f'{path} line 3' in absl_log.text and f'{path} line 4' in absl_log.text
+  assert f'{path} line 3' in data_log.text and f'{path} line 4' in data_log.text
 
 
-def test_invalid_utf8_arrayrecord_record_is_skipped(tmp_path, absl_log):
+def test_invalid_utf8_arrayrecord_record_is_skipped(tmp_path, data_log):
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   path = str(tmp_path / 'x.array_record')
   w = array_record_module.ArrayRecordWriter(path, 'group_size:1')
@@ -111,7 +111,7 @@ def test_invalid_utf8_arrayrecord_record_is_skipped(tmp_path, absl_log):
   before = dict(sources.COUNTS)
   assert read_all(make_config(source='arrayrecord', train_path=path)) == 2
   assert counted('invalid UTF-8', before) == 1
-  assert f'{path} record 2' in absl_log.text
+  assert f'{path} record 2' in data_log.text
 
 
 CHAT = [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello.'}]
@@ -141,23 +141,23 @@ def test_unknown_role_is_an_error(tmp_path):
     read_all(make_config(train_path=path, format='chat'))
 
 
-def test_long_document_is_split_and_counted(tmp_path, absl_log):
+def test_long_document_is_split_and_counted(tmp_path, data_log):
   long_text = ' '.join(['word'] * 200)
   path = write_lines(tmp_path / 'd.jsonl', rows(GOOD[:2] + [{'text': long_text}]))
   before = dict(sources.COUNTS)
   n = read_all(make_config(train_path=path, seq_len=32))
   assert n > 2 + 200 // 32  # the long document became several row pieces
   assert counted('split: longer than data.seq_len=32', before) == 1
-  assert f'{path} line 3' in absl_log.text
+  assert f'{path} line 3' in data_log.text
 
 
-def test_long_chat_is_skipped_and_counted(tmp_path, absl_log):
+def test_long_chat_is_skipped_and_counted(tmp_path, data_log):
   long_chat = [{'role': 'user', 'content': 'word ' * 100}, {'role': 'model', 'content': 'ok'}]
   path = write_lines(tmp_path / 'c.jsonl', rows([{'messages': CHAT}, {'messages': long_chat}]))
   before = dict(sources.COUNTS)
   assert read_all(make_config(train_path=path, format='chat', seq_len=64)) == 1
   assert counted('skipped: chat longer than data.seq_len=64', before) == 1
-  assert f'{path} line 2' in absl_log.text
+  assert f'{path} line 2' in data_log.text
 
 
 def test_parquet_without_the_column_is_an_error(tmp_path):

@@ -1,11 +1,12 @@
 """MFU arithmetic, the writers and profile-step parsing."""
 
-import dataclasses
 import json
 import math
+import pathlib
 import re
 import struct
-import types
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,36 @@ def test_step_timer():
   assert out['mfu'] == pytest.approx(0.5)
 
 
-def test_measure_cpu_matmul_peak_is_positive():
-  peak = metrics.measure_cpu_matmul_peak('float32', n=128, repeats=3)
-  assert math.isfinite(peak) and peak > 0
+def test_cpu_matmul_peak_is_2n3_over_the_median_time(monkeypatch):
+  # Three timed runs of 1, 5 and 2 ms: the median is 2 ms.
+  clock = iter([0.0, 0.001, 1.0, 1.005, 2.0, 2.002])
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+  peak = metrics.measure_cpu_matmul_peak('float32', n=100, repeats=3)
+  assert peak == pytest.approx(2 * 100**3 / 0.002 / 1e12)
+
+
+def _matmul_times(n, repeats):
+  a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def test_cpu_matmul_peak_agrees_with_a_timed_matmul():
+  """The measured peak matches a matmul of the same size timed here (before and after it),
+  within 2x of the fastest and slowest run: a wrong FLOP count, unit or an unawaited (merely
+  dispatched) matmul would be off by far more."""
+  n = 512
+  times = _matmul_times(n, 5)
+  peak = metrics.measure_cpu_matmul_peak('float32', n=n, repeats=5)
+  times += _matmul_times(n, 5)
+  fastest, slowest = (2 * n**3 / t / 1e12 for t in (min(times), max(times)))
+  assert slowest / 2 <= peak <= fastest * 2, (peak, slowest, fastest)
 
 
 def _events(logdir):
@@ -55,14 +83,12 @@ def _events(logdir):
   return out
 
 
-def test_metric_writer(tmp_path, capsys, monkeypatch):
-  clock = iter([100.0, 110.0, 120.0])
-  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+def test_metric_writer(tmp_path, capsys):
   writer = metrics.MetricWriter(str(tmp_path), total_steps=300)
   writer.write(100, dict(loss=jnp.float32(3.5), grad_norm=0.9, learning_rate=3e-3,
                          tokens_per_sec=41200.0, tflops_per_device=1.23, mfu=None))
   writer.write(120, dict(loss=3.412, grad_norm=0.91, learning_rate=3e-3, tokens_per_sec=41234.0,
-                         tflops_per_device=1.234, mfu=0.381, extra=7))
+                         tflops_per_device=1.234, mfu=0.381, extra=7), step_time_s=0.5)
   writer.write_eval(120, dict(loss=3.3, perplexity=math.exp(3.3)))
   writer.close()
 
@@ -76,7 +102,7 @@ def test_metric_writer(tmp_path, capsys, monkeypatch):
   assert rows[2] == dict(step=120, eval_loss=3.3, eval_perplexity=pytest.approx(math.exp(3.3)))
 
   lines = capsys.readouterr().out.splitlines()
-  # 20 steps took 10 s -> 0.5 s/step, 180 steps left -> 90 s.
+  # 0.5 s/step, 180 steps left -> 90 s.
   assert lines[1] == ('step 120/300 (40%) | loss 3.412 | grad_norm 0.91 | lr 3.0e-03 | '
                       '41.2k tok/s | 1.23 TFLOP/s/dev | MFU 38.1% | ETA 1m30s')
   assert 'MFU' not in lines[0] and 'ETA' not in lines[0]
@@ -105,21 +131,41 @@ def test_profile_steps_parsing():
     metrics.profile_steps('5-6')
 
 
+def traced_steps(workdir) -> list[list[int]]:
+  """Per trace file under WORKDIR/profile: the step_num of its 'train' step annotations."""
+  out = []
+  for path in sorted(pathlib.Path(workdir, 'profile').rglob('*.xplane.pb')):
+    data = jax.profiler.ProfileData.from_file(str(path))
+    out.append(sorted(dict(e.stats)['step_num'] for p in data.planes for line in p.lines
+                      for e in line.events if e.name == 'train'))
+  return out
+
+
 def test_profiler_traces_chosen_steps(tmp_path):
-  profiler = metrics.Profiler(str(tmp_path), {1, 2})
+  profiler = metrics.Profiler(str(tmp_path), {1, 2, 5})
   f = jax.jit(lambda x: x @ x)
   x = jnp.ones((64, 64))
-  for step in range(4):
+  for step in range(7):
     with profiler.step(step) as trace:
       trace.wait_for = f(x)
-    assert profiler._active == (step == 1)  # one trace spans steps 1-2, closed after 2
-  assert list((tmp_path / 'profile').rglob('*.xplane.pb'))
+    if step == 3:
+      time.sleep(1.1)  # jax names a trace directory by the second it starts
+  # Consecutive steps share one trace; a gap starts another.
+  runs = sorted(p.name for p in (tmp_path / 'profile' / 'plugins' / 'profile').iterdir())
+  assert len(runs) == 2, runs
+  assert traced_steps(tmp_path) == [[1, 2], [5]]
+
+
+def test_profiler_non_chief_traces_nothing(tmp_path):
+  profiler = metrics.Profiler(str(tmp_path), {0}, is_chief=False)
+  with profiler.step(0):
+    pass
+  assert not (tmp_path / 'profile').exists()
 
 
 def test_hlo_profile_counts_matmul_flops_and_times_ops():
-  import os
-  import sys
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  # benchmarks/ is scripts, not a package: on sys.path for this test only.
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'))
   import hlo_profile  # pylint: disable=g-import-not-at-top
 
   def loss(w, x_BD):

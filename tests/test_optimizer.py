@@ -5,7 +5,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -64,16 +63,36 @@ def test_weight_decay_mask(decay_norms, decay_embedding):
   np.testing.assert_allclose(u['table'], -0.05 * np.ones((4, 2)) if decay_embedding else 0)
 
 
+def _adam_by_hand(grads, lr, b1, b2, eps):
+  """Per-step Adam updates (bias-corrected, no weight decay), written out in numpy."""
+  m = v = 0.0
+  out = []
+  for t, g in enumerate(grads, start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
+    out.append(-lr * m_hat / (np.sqrt(v_hat) + eps))
+  return out
+
+
 def test_global_norm_clipping():
-  c = config_lib.Config().replace(optim=dict(lr=1.0, warmup_steps=0, schedule='constant',
-                                             clip_norm=1.0, weight_decay=0.0, b1=0.0, b2=0.0,
-                                             eps=1e-30))
+  o = dict(lr=1.0, warmup_steps=0, schedule='constant', weight_decay=0.0, b1=0.9, b2=0.99,
+           eps=1e-8)
+  c = config_lib.Config().replace(optim=dict(o, clip_norm=1.0))
   tx, _ = optimizer_lib.make_optimizer(c)
   params = {'a': jnp.zeros((1, 2))}
-  # With b1=b2=0 Adam's direction is sign(g): clipping must not change it, only its input.
-  g = {'a': jnp.array([[30.0, 40.0]])}
-  clip = optax.clip_by_global_norm(1.0)
-  clipped, _ = clip.update(g, clip.init(params))
-  np.testing.assert_allclose(clipped['a'], [[0.6, 0.8]], rtol=1e-6)
-  updates, _ = tx.update(g, tx.init(params), params)
-  np.testing.assert_allclose(updates['a'], [[-1.0, -1.0]], rtol=1e-5)
+  # A step with norm 50 (clipped to 1), then one with norm 0.5 (kept). Adam's first update is
+  # sign(g) whatever the scale; the second depends on the first step's scale, so it tells
+  # whether the gradients were clipped before they reached Adam.
+  grads = [np.array([[30.0, 40.0]]), np.array([[0.3, -0.4]])]
+  clipped = [g * min(1.0, 1.0 / np.linalg.norm(g)) for g in grads]
+  np.testing.assert_allclose(clipped[0], [[0.6, 0.8]])
+  state, got = tx.init(params), []
+  for g in grads:
+    u, state = tx.update({'a': jnp.asarray(g)}, state, params)
+    got.append(np.asarray(u['a']))
+  want = _adam_by_hand(clipped, 1.0, 0.9, 0.99, 1e-8)
+  unclipped = _adam_by_hand(grads, 1.0, 0.9, 0.99, 1e-8)
+  assert np.abs(want[1] - unclipped[1]).max() > 0.1  # the check below can tell them apart
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -12,9 +13,11 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from gemma3_train import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
 from gemma3_train import train
+from tests.test_metrics import traced_steps
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -51,14 +54,16 @@ def _put(batch, s):
 
 
 def _run(c, devices, batches):
+  """(losses, grad norms, final params) of c's train step over the batches."""
   mesh = sharding.make_mesh(c, devices)
   s = train.setup(c, mesh)
-  state, losses = s.state, []
+  state, losses, norms = s.state, [], []
   for b in batches:
     state, m = s.train_step(state, _put(b, s))
     losses.append(float(m['loss']))
+    norms.append(float(m['grad_norm']))
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(state['params']))
-  return losses, params
+  return losses, norms, params
 
 
 def _rel_err(a, b):
@@ -86,9 +91,14 @@ def _grads(c, devices, batch):
   return jax.tree.map(np.asarray, nnx.to_pure_dict(g))
 
 
-def test_sharded_gradients_match_one_device():
-  c1 = _config(mesh=dict(fsdp=-1))
-  c8 = _config(mesh=dict(fsdp=4, tensor=2))
+# 2 layers: the unscanned tail only (fast); 7: a scanned block of six and the tail (slow).
+LAYERS = [2, pytest.param(7, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize('num_layers', LAYERS)
+def test_sharded_gradients_match_one_device(num_layers):
+  c1 = _config(mesh=dict(fsdp=-1), model=dict(num_layers=num_layers))
+  c8 = _config(mesh=dict(fsdp=4, tensor=2), model=dict(num_layers=num_layers))
   batch = _batch(c1, 0)
   g1 = _grads(c1, jax.devices()[:1], batch)
   g8 = _grads(c8, jax.devices(), batch)
@@ -106,23 +116,94 @@ def test_params_and_moments_are_sharded():
   assert any('fsdp' in x for x in specs) and any('tensor' in x for x in specs)
 
 
-def test_gradient_accumulation_equals_big_batch():
-  big = _config(mesh=dict(fsdp=4, tensor=2))
-  acc = _config(mesh=dict(fsdp=4, tensor=2), optim=dict(grad_accum_steps=4),
+def _accumulation_runs(num_layers):
+  """(big batch, 4 microbatches) runs of 2 steps on the same 32 rows."""
+  big = _config(mesh=dict(fsdp=4, tensor=2), model=dict(num_layers=num_layers),
                 train=dict(global_batch_size=32))
-  big = big.replace(train=dict(global_batch_size=32))
+  acc = big.replace(optim=dict(grad_accum_steps=4))
   batches = [_batch(big, i) for i in range(2)]
   # Make the padding differ across rows so per-microbatch weights differ.
   for b in batches:
     b['weights'][::3, :10] = 0.0
-  losses_big, params_big = _run(big, jax.devices(), batches)
-  losses_acc, params_acc = _run(acc, jax.devices(), batches)
+  return _run(big, jax.devices(), batches), _run(acc, jax.devices(), batches)
+
+
+def test_gradient_accumulation_equals_big_batch_losses_and_grad_norms():
+  """The fast lane's check on a 2-layer model: per-step loss and gradient norm."""
+  (losses_big, norms_big, _), (losses_acc, norms_acc, _) = _accumulation_runs(2)
   np.testing.assert_allclose(losses_acc, losses_big, rtol=1e-5)
+  np.testing.assert_allclose(norms_acc, norms_big, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_big_batch():
+  (losses_big, norms_big, params_big), (losses_acc, norms_acc, params_acc) = (
+      _accumulation_runs(7))
+  np.testing.assert_allclose(losses_acc, losses_big, rtol=1e-5)
+  np.testing.assert_allclose(norms_acc, norms_big, rtol=1e-5)
   _assert_params_close(params_acc, params_big, 1e-5)
 
 
+def test_init_from_builds_the_optimizer_state_from_the_loaded_params(tmp_path, monkeypatch):
+  c = _config(mesh=dict(fsdp=2, tensor=2), model=dict(num_layers=2),
+              checkpoint=dict(init_from='/loaded'))
+  s = train.setup(c, sharding.make_mesh(c, jax.devices()[:4]), abstract=True)
+  other = train.setup(c.replace(train=dict(seed=7)), s.mesh).state['params']
+  want = jax.tree.map(np.asarray, nnx.to_pure_dict(other))
+  monkeypatch.setattr(checkpoint_lib, 'load_init_params', lambda path, cfg, abstract: other)
+  def no_random_init():
+    raise AssertionError('random init ran')
+  s.init_state = no_random_init
+  state, start = train.restore_or_init(s, checkpoint_lib.Checkpointer(str(tmp_path), c), None)
+  assert start == 0 and int(state['step']) == 0
+  got = jax.tree.map(np.asarray, nnx.to_pure_dict(state['params']))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  # Fresh Adam moments shaped and sharded like the params they track.
+  moments = [x for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0]
+  assert moments and not any(np.asarray(m).any() for m in moments)
+  for x, sh in zip(jax.tree.leaves(state), jax.tree.leaves(s.state_shardings)):
+    assert x.sharding.is_equivalent_to(sh, x.ndim)
+
+
+def _loop_config():
+  return _config(data=dict(source='synthetic'), model=dict(num_layers=2),
+                 train=dict(num_steps=7, eval_every=4, eval_steps=1),
+                 logging=dict(log_every=3, tensorboard=False, peak_tflops=1.0,
+                              profile_steps='2,3'),
+                 checkpoint=dict(every=5))
+
+
+def test_loop_logs_evaluates_saves_and_profiles(tmp_path, capsys):
+  train.train_and_evaluate(_loop_config(), str(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  steps = [(r['step'], 'eval_loss' in r) for r in rows]
+  # The first and the last step, every log_every-th, and an eval row at eval_every.
+  assert steps == [(1, False), (3, False), (4, True), (6, False), (7, False)]
+  train_rows = [r for r in rows if 'loss' in r]
+  keys = {'step', 'loss', 'grad_norm', 'learning_rate', 'tokens_per_sec', 'tflops_per_device',
+          'mfu'}
+  assert all(keys <= set(r) for r in train_rows)
+  # The first interval includes compilation: no throughput.
+  assert train_rows[0]['tokens_per_sec'] is None and train_rows[0]['mfu'] is None
+  assert all(r['tokens_per_sec'] > 0 and r['mfu'] > 0 for r in train_rows[1:])
+  assert train_rows[-1]['loss'] < train_rows[0]['loss']
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['5', '7']
+  assert traced_steps(tmp_path) == [[2, 3]]  # both profiled steps in one trace
+  out = capsys.readouterr().out
+  assert 'ETA' not in out.splitlines()[0] and 'ETA' in out.splitlines()[1]
+
+
+@pytest.mark.slow
+def test_resumed_loop_continues_after_the_checkpoint(tmp_path):
+  c = _loop_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  train.train_and_evaluate(c.replace(train=dict(num_steps=9)), str(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['step'], 'eval_loss' in r) for r in rows[5:]] == [(8, False), (8, True), (9, False)]
+  assert rows[5]['tokens_per_sec'] is None  # resumed after 7; its first interval compiles
+
+
 def _free_port():
-  import socket
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     return sock.getsockname()[1]

@@ -2,7 +2,8 @@
 
 A document is {'tokens': int32[n], 'mask': float32[n]}: tokens = [BOS, ..., EOS] and mask[j] = 1
 when token j counts as a training target (all tokens after BOS for text; for chats only the
-model's reply tokens and its <end_of_turn>, shared/GEMMA3.md A.12).
+model's reply tokens and its <end_of_turn>: the user turn, the model-turn header and BOS are
+context, not targets).
 """
 
 from __future__ import annotations

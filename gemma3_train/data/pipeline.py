@@ -1,6 +1,7 @@
 """The grain pipeline: shard -> shuffle(seed, epoch) -> tokenize -> split -> pack -> batch.
 
-Batches are dicts of numpy arrays [B, L] (B = global batch / process count, L = data.seq_len):
+Batches are dicts of numpy arrays [B, L] (B = global batch / process count, L = data.seq_len),
+with the keys and dtypes of BATCH_DTYPES:
   inputs, targets int32   targets[j] is the token after inputs[j] in the same document
   positions int32          0 at each document (or split piece) start
   segment_ids int32        1, 2, ... per document within a row; 0 on padding
@@ -9,12 +10,10 @@ Batches are dicts of numpy arrays [B, L] (B = global batch / process count, L = 
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import weakref
+import logging
 
 from absl import flags
-from absl import logging
 import grain
 import jax
 import numpy as np
@@ -24,17 +23,10 @@ from gemma3_train.data import documents
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
 
-KEYS = ('inputs', 'targets', 'positions', 'segment_ids', 'weights')
-_LIVE_ITERATORS = weakref.WeakSet()
+log = logging.getLogger(__name__)
 
-
-@atexit.register
-def _close_live_iterators() -> None:
-  """Closes our iterators while modules still exist (grain 0.2.18's prefetch iterators raise
-  from __del__ once interpreter teardown has cleared module globals); later __del__ is moot."""
-  for it in list(_LIVE_ITERATORS):
-    it.close()
-  grain.DatasetIterator.__del__ = lambda self: None
+BATCH_DTYPES = {'inputs': np.int32, 'targets': np.int32, 'positions': np.int32,
+                'segment_ids': np.int32, 'weights': np.float32}
 
 
 class SplitRows(grain.experimental.FlatMapTransform):
@@ -142,7 +134,9 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     ds = ds.map(_PadRow(d.seq_len))
   ds = ds.batch(B, drop_remainder=num_epochs is None)
   if d.num_workers:
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app too
+    # grain 0.2.18's mp_prefetch reads its --grain_* absl flags, which raise until parsed; a
+    # caller outside absl.app (tests, notebooks) has not parsed them.
+    if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)))
@@ -153,12 +147,16 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
 
 def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
-  """Endless checkpointable iterator (get_state/set_state) of host-local train batches."""
+  """Endless checkpointable iterator (get_state/set_state) of host-local train batches.
+
+  Close and drop it before the interpreter exits (train.py does): grain 0.2.18's prefetch
+  iterators close again from __del__, which fails during interpreter teardown (an ignored
+  AttributeError on stderr).
+  """
   it = iter(make_dataset(c, 'train', process_index=process_index,
                          process_count=process_count))
-  _LIVE_ITERATORS.add(it)
-  logging.info('data: %s train batches of %s x %d for process %d/%d', c.data.source,
-               local_batch_size(c, process_count), c.data.seq_len, process_index, process_count)
+  log.info('data: %s train batches of %s x %d for process %d/%d', c.data.source,
+           local_batch_size(c, process_count), c.data.seq_len, process_index, process_count)
   return it
 
 
@@ -170,9 +168,7 @@ def make_eval_iterator(c: config_lib.Config, *, process_index: int = 0,
   worker processes per eval would cost more than it saves.
   """
   c = c.replace(data=dict(num_workers=0))
-  it = iter(make_dataset(c, 'eval', process_index=process_index, process_count=process_count))
-  _LIVE_ITERATORS.add(it)
-  return it
+  return iter(make_dataset(c, 'eval', process_index=process_index, process_count=process_count))
 
 
 def global_batch(local_batch: dict[str, np.ndarray],

@@ -9,11 +9,11 @@ skipped-and-counted:
     a Parquet file without the field's column, tensorflow_datasets not installed;
   error (DataError while reading): a chat whose roles do not alternate user/model, an unknown
     role, a message without role/content (these are systematic formatting mistakes);
-  skip-and-count (absl WARNING naming file and row for the first few, then running counts in
+  skip-and-count (a WARNING naming file and row for the first few, then running counts in
     COUNTS, per process and per grain worker): an empty file among others, a row that is not
     JSON, lacks the field, is null or empty, or is not valid UTF-8, a chat longer than
     data.seq_len + 1 tokens (split, it would train replies without their prompt);
-  count only (absl INFO, same format): a text document longer than a row is split into
+  count only (INFO, same format): a text document longer than a row is split into
     seq_len pieces, each starting at position 0.
 """
 
@@ -23,17 +23,21 @@ import bisect
 import collections
 import gzip
 import importlib.resources
+import logging
 import re
 from typing import Any
 
-from absl import logging
+from array_record.python import array_record_module
 from etils import epath
+import grain
 import numpy as np
 
 from gemma3_train import config as config_lib
 
 PROBE_ROWS = 64  # start-up check: at least one usable record among the first rows
 _WARN_FIRST = 5  # warnings naming the file and row per reason, then only counts
+
+log = logging.getLogger(__name__)
 
 COUNTS: collections.Counter[str] = collections.Counter()  # event -> rows, in this process
 
@@ -48,11 +52,11 @@ def note(reason: str, where: str, *, skipped: bool = True) -> None:
   COUNTS[key] += 1
   n = COUNTS[key]
   if n <= _WARN_FIRST:
-    logging.log(logging.WARNING if skipped else logging.INFO, 'data: %s at %s (%d so far)',
-                key, where, n)
+    log.log(logging.WARNING if skipped else logging.INFO, 'data: %s at %s (%d so far)',
+            key, where, n)
   elif n & (n - 1) == 0 or n % 10_000 == 0:
-    logging.log(logging.WARNING if skipped else logging.INFO, 'data: %d rows so far: %s',
-                n, key)
+    log.log(logging.WARNING if skipped else logging.INFO, 'data: %d rows so far: %s',
+            n, key)
 
 
 # --- paths --------------------------------------------------------------------
@@ -168,8 +172,6 @@ class ArrayRecordSource(_Files):
   record = 'json_or_text'
 
   def __init__(self, spec: str, field: str):
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    import grain  # pylint: disable=g-import-not-at-top
     files = expand_paths(spec, field)
     counts = []
     for p in files:

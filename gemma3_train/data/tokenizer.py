@@ -9,7 +9,7 @@ import sentencepiece as spm
 
 from gemma3_train import config as config_lib
 
-# shared/GEMMA3.md A.12.
+# Special ids of the Gemma 3 SentencePiece model (tests/test_data.py checks them against it).
 PAD, EOS, BOS = 0, 1, 2
 START_OF_TURN, END_OF_TURN = 105, 106
 BUNDLED = 'tokenizer_gemma3.model'
