@@ -6,7 +6,5 @@ from gemma3_train.data.pipeline import global_batch
 from gemma3_train.data.pipeline import make_dataset
 from gemma3_train.data.pipeline import make_eval_iterator
 from gemma3_train.data.pipeline import make_train_iterator
-from gemma3_train.data.pipeline import packing_efficiency
-from gemma3_train.data.pipeline import PackingStats
 from gemma3_train.data.sources import DataError
 from gemma3_train.data.tokenizer import Tokenizer

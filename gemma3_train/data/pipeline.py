@@ -10,7 +10,6 @@ with the keys and dtypes of BATCH_DTYPES:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from absl import flags
@@ -176,31 +175,3 @@ def global_batch(local_batch: dict[str, np.ndarray],
   """Host-local rows -> global jax.Arrays laid out by `sharding` (batch axis over processes)."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local_batch.items()}
-
-
-@dataclasses.dataclass
-class PackingStats:
-  """Running packing efficiency: real tokens / row slots over the batches seen."""
-
-  real: int = 0
-  slots: int = 0
-  documents: int = 0
-
-  def update(self, batch: dict[str, np.ndarray]) -> 'PackingStats':
-    seg = np.asarray(batch['segment_ids'])
-    self.real += int(np.count_nonzero(seg))
-    self.slots += seg.size
-    self.documents += int(seg.max(axis=-1).sum())
-    return self
-
-  @property
-  def efficiency(self) -> float:
-    return self.real / max(self.slots, 1)
-
-
-def packing_efficiency(*batches: dict[str, np.ndarray]) -> float:
-  """Real (non-padding) token slots / all slots over the given batches."""
-  stats = PackingStats()
-  for b in batches:
-    stats.update(b)
-  return stats.efficiency
