@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -43,9 +43,6 @@ from gemma3_train import hardware
 from gemma3_train import model
 from gemma3_train import sharding
 from gemma3_train import train
-
-if TYPE_CHECKING:
-  from gemma3_train import plan as plan_lib
 
 GIB = 2**30
 HEADROOM = 0.10  # shipped configs must leave this fraction of HBM free
@@ -426,39 +423,23 @@ def format_report(r: Report) -> str:
 # --- entrypoint --------------------------------------------------------------------
 
 
-# plan builds on this module (compile_report, devices): it is imported inside the two functions
-# below, which main.py calls, because a top-level import would be a cycle.
+def write_report(path: str, reports: Report | Sequence[Report]) -> None:
+  """--aot_report: one report (a compile) or a list (the planner's fitting plans) as JSON."""
+  payload = (dataclasses.asdict(reports) if isinstance(reports, Report)
+             else [dataclasses.asdict(r) for r in reports])
+  epath.Path(path).write_text(json.dumps(payload, indent=2))
 
 
-def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '') -> plan_lib.PlanSpace:
-  """plan.parse_plan_space: a plan.PlanSpace from the --aot_plan_* flags."""
-  from gemma3_train import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  return plan_lib.parse_plan_space(remat, rows, tensor)
-
-
-def main(c: config_lib.Config, topology: str, *, report_path: str | None = None,
-         plan: bool = False, space: plan_lib.PlanSpace | None = None) -> list[Report]:
-  """`gemma3-train --aot_topology=NAME [--aot_report=FILE.json] [--aot_plan [--aot_plan_*]]`.
-
-  space: what plan=True searches (None: all of plan.PlanSpace()).
-  """
-  from gemma3_train import plan as plan_lib  # pylint: disable=g-import-not-at-top
-  topo = parse_topology(topology, num_slices(c))
-  if plan:
-    results = plan_lib.search_plans(c, topo, space or plan_lib.PlanSpace())
-    print(plan_lib.format_plan(results))
-  else:
-    results = [compile_report(c, topo)]
-    print(format_report(results[0]))
+def main(c: config_lib.Config, topology: str, *, report_path: str | None = None) -> Report:
+  """`gemma3-train --aot_topology=NAME [--aot_report=FILE.json]` (--aot_plan: plan.main)."""
+  r = compile_report(c, parse_topology(topology, num_slices(c)))
+  print(format_report(r))
   if report_path:
-    payload = [dataclasses.asdict(r) for r in results]
-    epath.Path(report_path).write_text(json.dumps(payload if plan else payload[0], indent=2))
-  r = results[0]
-  if not plan and not r.fits:
+    write_report(report_path, r)
+  if not r.fits:
     raise config_lib.ConfigError(
         f'--aot_topology={topology}: {r.config} does not fit: '
         f'{"%.2f GiB" % r.total_gib if r.total_gib else "more than HBM"} per chip of '
         f'{r.hbm_gib:g} GiB HBM; try --aot_plan, another model.remat_policy, a smaller '
         'train.global_batch_size or a larger slice')
-  return results
-
+  return r

@@ -74,11 +74,14 @@ def main(argv) -> None:
   # command line answer at once.
   if _AOT_TOPOLOGY.value:
     from gemma3_train import aot  # pylint: disable=g-import-not-at-top
+    from gemma3_train import plan  # pylint: disable=g-import-not-at-top
     try:
-      space = aot.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
-                                   _AOT_PLAN_TENSOR.value)
-      aot.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, plan=_AOT_PLAN.value,
-               space=space)
+      space = plan.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
+                                    _AOT_PLAN_TENSOR.value)
+      if _AOT_PLAN.value:
+        plan.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, space=space)
+      else:
+        aot.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value)
     except config_lib.ConfigError as e:
       _fail(str(e))
     return

@@ -154,3 +154,11 @@ def format_plan(results: Sequence[aot.Report]) -> str:
   return '\n'.join(lines)
 
 
+def main(c: config_lib.Config, topology: str, *, report_path: str | None = None,
+         space: PlanSpace = PlanSpace()) -> list[aot.Report]:
+  """`gemma3-train --aot_topology=NAME --aot_plan [--aot_plan_*] [--aot_report=FILE.json]`."""
+  results = search_plans(c, aot.parse_topology(topology, aot.num_slices(c)), space)
+  print(format_plan(results))
+  if report_path:
+    aot.write_report(report_path, results)
+  return results

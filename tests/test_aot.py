@@ -281,7 +281,7 @@ def test_cli_compiles_tiny_for_v5e_4(tmp_path):
 def test_planner_refuses_27b_on_v5e_4():
   c = _config('27b')
   with pytest.raises(config_lib.ConfigError) as e:
-    aot.main(c, 'v5e-4', plan=True)
+    plan.main(c, 'v5e-4')
   message = str(e.value)
   assert message.startswith('--aot_topology=v5e-4: 27b cannot fit') and '\n' not in message
   assert 'v5e-' in message.split('try ')[-1]  # names a slice that could hold the state
@@ -335,7 +335,6 @@ def test_plan_space_flags():
   assert space == plan.PlanSpace(remat_policies=('full', 'minimal'), rows_per_shard=(2, 1),
                                  tensor_degrees=(1,))
   assert plan.parse_plan_space() == plan.PlanSpace()
-  assert aot.parse_plan_space('full', '', '2') == plan.parse_plan_space('full', '', '2')  # main.py's
   for args, flag in ((('fulll',), '--aot_plan_remat'), (('', '0'), '--aot_plan_rows'),
                      (('', '', 'two'), '--aot_plan_tensor')):
     with pytest.raises(config_lib.ConfigError) as e:
