@@ -110,7 +110,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict[str, tuple[str,
   def one(leaf):
     if isinstance(leaf, nnx.Variable):
       names = leaf.get_metadata().get('logical_axes')
-      value = leaf.get_value() if hasattr(leaf, 'get_value') else leaf.value
+      value = leaf.get_value()
       spec = logical_to_spec(names, rules, getattr(value, 'shape', None), mesh)
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
