@@ -2,8 +2,8 @@
 
 Every reader is a Source (source.py) giving the canonical layout (layout.py) one layer at a
 time: hf.py, kaggle.py, ours.py (params-only and training checkpoints). Writers: ours.save_params
-(our params-only checkpoint) and hf.write (a Gemma3ForCausalLM directory). cli.py is
-gemma3-convert.
+(our params-only checkpoint) and hf.write (a Gemma3ForCausalLM directory, with the tokenizer
+files of hf_tokenizer.py). cli.py is gemma3-convert.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from gemma3_train import config as config_lib
 from gemma3_train import layout
 from gemma3_train import model as model_lib
 from gemma3_train.convert import hf
+from gemma3_train.convert import hf_tokenizer
 from gemma3_train.convert import ours
 from gemma3_train.convert.hf import HfSource
 from gemma3_train.convert.hf import hf_config_to_model
@@ -94,10 +95,19 @@ def import_checkpoint(src_path, dst_path, cfg: config_lib.ModelConfig | None = N
 
 
 def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 10**9,
-              progress: bool = True) -> config_lib.ModelConfig:
-  """Any checkpoint we read -> a Gemma3ForCausalLM HF directory (safetensors shards + index)."""
+              progress: bool = True, tokenizer_path: str | None = None
+              ) -> config_lib.ModelConfig:
+  """Any checkpoint we read -> a Gemma3ForCausalLM HF directory (safetensors shards + index)
+  with its tokenizer files, so that transformers' AutoTokenizer and pipeline load it alone.
+
+  `tokenizer_path` None: the run's tokenizer, i.e. a training checkpoint's data.tokenizer_path,
+  else the bundled Gemma 3 model ('' names the bundled one explicitly).
+  """
   src = open_source(src_path)
-  hf.write(src, dst_path, dtype, shard_size, progress)
+  if tokenizer_path is None:
+    tokenizer_path = (hf_tokenizer.training_tokenizer_path(src.path / 'config' / 'metadata')
+                      if isinstance(src, TrainSource) else '')
+  hf.write(src, dst_path, dtype, shard_size, progress, tokenizer_path)
   return src.cfg
 
 

@@ -1,7 +1,7 @@
 """gemma3-convert: Hugging Face / Kaggle Gemma 3 weights <-> this project's checkpoints.
 
   gemma3-convert import --src=HF_OR_KAGGLE_DIR --dst=OUR_DIR
-  gemma3-convert export --src=OUR_DIR --dst=HF_DIR [--dtype=bfloat16]
+  gemma3-convert export --src=OUR_DIR --dst=HF_DIR [--dtype=bfloat16] [--tokenizer=MODEL]
   gemma3-convert info --src=DIR
 """
 
@@ -32,10 +32,15 @@ def _parser() -> argparse.ArgumentParser:
                        'Gemma3ForCausalLM directory.')
   exp.add_argument('--src', required=True, help='Our params-only checkpoint directory (a HF or '
                    'Kaggle directory also works).')
-  exp.add_argument('--dst', required=True, help='New directory for config.json and the '
-                   'safetensors shards (+ model.safetensors.index.json when sharded).')
+  exp.add_argument('--dst', required=True, help='New directory for config.json, the '
+                   'safetensors shards (+ model.safetensors.index.json when sharded) and the '
+                   'tokenizer (tokenizer.model, tokenizer_config.json with the chat template, '
+                   'special_tokens_map.json, generation_config.json).')
   exp.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                    help='dtype of the written tensors (default: bfloat16, as released).')
+  exp.add_argument('--tokenizer', default=None, help='The SentencePiece model to write as '
+                   'tokenizer.model (local or gs://); default: the training run\'s '
+                   'data.tokenizer_path for a training checkpoint, else the bundled Gemma 3 one.')
   exp.add_argument('--shard_size', default='5GB', help='Largest shard, e.g. 5GB, 500MB '
                    '(a single tensor larger than this gets a shard of its own).')
   info = sub.add_parser('info', help='Print the kind of a checkpoint and its model config.')
@@ -69,7 +74,8 @@ def main(argv: list[str]) -> None:
     cfg = convert.import_checkpoint(args.src, args.dst, cfg)
     print(f'{args.dst}: {cfg.preset} model, {cfg.num_layers} layers, vocab {cfg.vocab_size}')
   elif args.command == 'export':
-    cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype, shard_size=_size(args.shard_size))
+    cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype,
+                            shard_size=_size(args.shard_size), tokenizer_path=args.tokenizer)
     print(f'{args.dst}: Gemma3ForCausalLM ({cfg.preset}), {args.dtype}')
   else:
     src = convert.open_source(args.src)

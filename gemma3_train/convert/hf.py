@@ -19,6 +19,7 @@ import safetensors.numpy
 from etils import epath
 
 from gemma3_train import config as config_lib
+from gemma3_train.convert import hf_tokenizer
 from gemma3_train.convert import source
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
@@ -365,8 +366,9 @@ class _ShardWriter:
 
 
 def write(src: Source, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 10**9,
-          progress: bool = True) -> None:
-  """src -> a Gemma3ForCausalLM HF directory (safetensors shards + index, config.json).
+          progress: bool = True, tokenizer_path: str = '') -> None:
+  """src -> a Gemma3ForCausalLM HF directory (safetensors shards + index, config.json) with
+  the tokenizer at tokenizer_path ('' = the bundled Gemma 3 one; files: hf_tokenizer.py).
 
   Streams: host memory holds one shard being filled and what `src` holds to give a layer.
   """
@@ -376,6 +378,8 @@ def write(src: Source, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 
   dst = epath.Path(dst_path)
   if dst.exists() and any(dst.iterdir()):
     raise ConversionError(f'{dst}: destination exists and is not empty')
+  # Before anything is written: a bad tokenizer fails with dst untouched.
+  tokenizer = hf_tokenizer.tokenizer_files(tokenizer_path, src.cfg.vocab_size)
   dst.mkdir(parents=True, exist_ok=True)
   writer = _ShardWriter(dst, shard_size)
   cast = lambda d: {k: np.asarray(v).astype(np_dtype) for k, v in d.items()}
@@ -385,4 +389,6 @@ def write(src: Source, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 
     writer.add(cast(canonical_layer_to_hf(layer, 'model.', i)))
   writer.add(cast({'model.norm.weight': top['final_norm']}))
   writer.close()
+  for name, data in tokenizer.items():
+    (dst / name).write_bytes(data)
   (dst / 'config.json').write_text(json.dumps(model_to_hf_config(src.cfg, dtype), indent=2))

@@ -47,6 +47,11 @@ class Tokenizer:
     self._sp.LoadFromSerializedProto(self._proto)
 
   @property
+  def model_proto(self) -> bytes:
+    """The serialized SentencePiece model (what an export writes as tokenizer.model)."""
+    return self._proto
+
+  @property
   def vocab_size(self) -> int:
     return self._sp.vocab_size()
 
