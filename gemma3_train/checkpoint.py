@@ -41,6 +41,13 @@ from gemma3_train.convert import ours
 log = logging.getLogger(__name__)
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest complete step under WORKDIR/checkpoints (None: none), read without creating or
+  writing anything: a directory listing, no CheckpointManager."""
+  steps = ours.complete_steps(epath.Path(workdir) / 'checkpoints')
+  return steps[-1] if steps else None
+
+
 class Checkpointer:
   """Saves {state, data iterator, config} every N steps; restores per the order above."""
 
@@ -107,13 +114,15 @@ class Checkpointer:
 
   # --- restore -----------------------------------------------------------------
 
-  def _check_compatible(self, step: int) -> None:
-    """A checkpoint of another model shape is a config mistake, never a reason to reinit."""
+  def saved_config(self, step: int) -> dict[str, Any] | None:
+    """The config (as saved JSON, a nested dict) the checkpoint at step was written with."""
     path = self.directory / str(step) / 'config'
     files = list(path.glob('*')) if path.exists() else []
-    if not files:
-      return
-    saved = json.loads(files[0].read_text()).get('model', {})
+    return json.loads(files[0].read_text()) if files else None
+
+  def _check_compatible(self, step: int) -> None:
+    """A checkpoint of another model shape is a config mistake, never a reason to reinit."""
+    saved = (self.saved_config(step) or {}).get('model', {})
     for k in config_lib.MODEL_SHAPE_FIELDS:
       ours = getattr(self.config.model, k)
       if k in saved and saved[k] != ours:

@@ -5,12 +5,15 @@ override, an invalid config) prints one line, `gemma3-train: error: ...`, and ex
 Our modules log through the standard library under the `gemma3_train` logger, shown at INFO in
 absl's format; the libraries (orbax and grain log through absl's logger, jax through its own)
 stay at absl's default WARNING. `--verbosity` and `--logger_levels` change either.
+`--help` shows our flags and the most-used config fields; `--helpfull` shows every field and the
+libraries' flags.
 """
 
 import difflib
 import logging
 import re
 import sys
+import textwrap
 
 from absl import app
 from absl import flags
@@ -53,6 +56,13 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-based).')
 
 _HELP_FLAGS = ('-?', '--help', '--helpshort', '--helpfull', '--helpxml')
+_SHORT_HELP_FLAGS = ('-?', '--help', '--helpshort')  # ours; --helpfull and --helpxml: absl's
+# Shown by --help; every field is in --helpfull.
+_COMMON_FIELDS = ('data.source', 'data.train_path', 'data.eval_path', 'data.format',
+                  'data.seq_len', 'train.num_steps', 'train.global_batch_size',
+                  'train.eval_every', 'optim.lr', 'optim.warmup_steps', 'checkpoint.every',
+                  'checkpoint.init_from', 'logging.log_every')
+_NEEDS_TOPOLOGY = (_AOT_PLAN, _AOT_REPORT, _AOT_PLAN_REMAT, _AOT_PLAN_ROWS, _AOT_PLAN_TENSOR)
 _OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]*)')
 
 
@@ -64,6 +74,9 @@ def _fail(message: str) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; fields are set with --config.SECTION.KEY=VALUE')
+  for holder in _NEEDS_TOPOLOGY:
+    if holder.value and not _AOT_TOPOLOGY.value:
+      _fail(f'--{holder.name} needs --aot_topology, e.g. --aot_topology=v5p-128')
   if _CONFIG.value is None:
     _fail('--config is required, e.g. --config=configs/tiny.py')
   try:
@@ -123,8 +136,33 @@ def _check_command_line(args: list[str]) -> None:
       _fail(f'--config={e}')
 
 
+def _short_help() -> str:
+  """--help: our flags and the most-used config fields (absl's would list neither when run as
+  the `gemma3-train` script, whose main module defines no flags)."""
+  def wrap(text: str) -> str:
+    return textwrap.fill(text, 100, initial_indent='  ', subsequent_indent='      ',
+                         break_on_hyphens=False)
+  out = [__doc__.strip(), '', 'Usage: gemma3-train --config=configs/tiny.py --workdir=DIR '
+         '[--config.SECTION.KEY=VALUE ...]', '', 'flags:']
+  for holder in (_CONFIG, _WORKDIR, _AOT_TOPOLOGY, _AOT_REPORT, _AOT_PLAN, _AOT_PLAN_REMAT,
+                 _AOT_PLAN_ROWS, _AOT_PLAN_TENSOR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID):
+    flag = flags.FLAGS[holder.name]
+    text = flag.help.splitlines()[0] if holder is _CONFIG else flag.help
+    out.append(wrap(f'--{holder.name}: {" ".join(text.split())}'))
+  out += ['', 'Most-used config fields (default  # meaning):']
+  docs = {d.name: d for d in config_lib.field_docs()}
+  out += [wrap(f'--config.{n}={docs[n].default!r}  # {docs[n].help}')
+          for n in _COMMON_FIELDS]
+  out += ['', 'Try --helpfull for every config field and the libraries\' flags (--verbosity, '
+          '--logger_levels, ...).']
+  return '\n'.join(out)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag or override is one line on stderr and exit code 2."""
+  if any(a.split('=', 1)[0] in _SHORT_HELP_FLAGS for a in argv[1:]):
+    print(_short_help())
+    sys.exit(0)
   asks_help = any(a.split('=', 1)[0] in _HELP_FLAGS for a in argv[1:])
   if not asks_help:
     _check_command_line(argv[1:])

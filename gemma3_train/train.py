@@ -194,6 +194,7 @@ def restore_or_init(s: Setup, ckpt: checkpoint_lib.Checkpointer,
   c = s.config
   restored = ckpt.restore_latest(s.abstract_state, train_iter)
   if restored is not None:
+    _warn_if_schedule_changed(c, ckpt.saved_config(restored[1]), restored[1])
     return restored
   if c.checkpoint.init_from:
     log.info('Initializing params from %s', c.checkpoint.init_from)
@@ -201,6 +202,32 @@ def restore_or_init(s: Setup, ckpt: checkpoint_lib.Checkpointer,
     step = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step'])
     return {'step': step, 'params': params, 'opt_state': s.init_opt_state(params)}, 0
   return s.init_state(), 0
+
+
+_SCHEDULE_FIELDS = ('train.num_steps', 'optim.lr', 'optim.schedule', 'optim.warmup_steps',
+                    'optim.decay_fraction', 'optim.min_lr_ratio')
+
+
+def _warn_if_schedule_changed(c: config_lib.Config, saved: dict | None, step: int) -> None:
+  """One WARNING line when the resumed run's learning-rate schedule differs from the saved one:
+  make_schedule depends on the run length, so a new train.num_steps reshapes it too."""
+  if not saved:
+    return
+  ours = {name: getattr(getattr(c, name.split('.')[0]), name.split('.')[1])
+          for name in _SCHEDULE_FIELDS}
+  theirs = {name: saved.get(name.split('.')[0], {}).get(name.split('.')[1], ours[name])
+            for name in _SCHEDULE_FIELDS}
+  changed = [f'{name} {theirs[name]} -> {ours[name]}' for name in _SCHEDULE_FIELDS
+             if theirs[name] != ours[name]]
+  if not changed:
+    return
+  old_optim = dataclasses.replace(c.optim, **{name.split('.')[1]: theirs[name]
+                                              for name in _SCHEDULE_FIELDS
+                                              if name.startswith('optim.')})
+  lr_old = optimizer_lib.make_schedule(old_optim, theirs['train.num_steps'])(step)
+  lr_new = optimizer_lib.make_schedule(c.optim, c.train.num_steps)(step)
+  log.warning('Resuming at step %d with a changed schedule: %s; learning rate at step %d: '
+              '%.3g -> %.3g', step, ', '.join(changed), step, float(lr_old), float(lr_new))
 
 
 # --- compile -------------------------------------------------------------------
@@ -341,7 +368,15 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
 
 
 def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
-  """Trains to c.train.num_steps, resuming from workdir; returns the last step's metrics."""
+  """Trains to c.train.num_steps, resuming from workdir; returns the last step's metrics.
+
+  A workdir already at num_steps returns {} at once: nothing is built, compiled or written.
+  """
+  done = checkpoint_lib.latest_step(workdir)
+  if done is not None and done >= c.train.num_steps:
+    log.info('%s is already at step %d of train.num_steps=%d; nothing to do', workdir, done,
+             c.train.num_steps)
+    return {}
   # Everything that can reject the config runs before the workdir is touched.
   mesh = sharding.make_mesh(c)
   pid, nproc = jax.process_index(), jax.process_count()

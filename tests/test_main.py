@@ -78,9 +78,34 @@ def test_helpfull_lists_every_field_with_its_default_and_help():
   assert '--config.mesh.fsdp=-1 #' in text and "--config.data.source='bundled' #" in text
 
 
-def test_help_exits_0():
-  r = _cli('--help')
-  assert r.returncode == 0 and '--workdir' in r.stdout
+@pytest.mark.parametrize('how', ['module', 'script'])
+def test_help_shows_our_flags_and_the_common_fields(how):
+  if how == 'module':
+    r = _cli('--help')
+  else:  # as the installed `gemma3-train` script runs it: main.py is not the main module
+    r = subprocess.run([sys.executable, '-c', 'from gemma3_train import main; main.run()',
+                        '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert r.returncode == 0, r.stderr
+  assert 'Try --helpfull' in r.stdout
+  for flag in ('--config', '--workdir', '--aot_topology', '--aot_plan', '--aot_plan_rows',
+               '--coordinator_address', '--num_processes', '--process_id'):
+    assert f'  {flag}: ' in r.stdout, flag
+  assert 'Override any field with --config.SECTION.KEY=V.' in r.stdout
+  assert "--config.optim.lr=0.0003  # peak learning rate" in r.stdout
+  assert "--config.data.source='bundled'  #" in r.stdout
+  assert '--config.optim.b2' not in r.stdout  # the rest is in --helpfull
+  assert len(r.stdout.splitlines()) < 60
+
+
+@pytest.mark.parametrize('flag', ['--aot_plan', '--aot_report=/tmp/r.json',
+                                  '--aot_plan_rows=1,2', '--aot_plan_remat=full',
+                                  '--aot_plan_tensor=2'])
+def test_aot_flag_without_topology_names_it(flag):
+  line = _one_error_line(_cli('--config=configs/tiny.py', flag))
+  name = flag.split('=')[0]
+  assert line == (f'gemma3-train: error: {name} needs --aot_topology, e.g. '
+                  '--aot_topology=v5p-128'), line
 
 
 # The entry point with main() replaced: what reaches stderr from our loggers and the libraries'.
