@@ -48,6 +48,24 @@ def latest_step(workdir: str) -> int | None:
   return steps[-1] if steps else None
 
 
+def saved_config(step_dir: epath.Path) -> dict[str, Any] | None:
+  """The config (as saved JSON, a nested dict) a checkpoint step was written with."""
+  path = step_dir / 'config'
+  files = list(path.glob('*')) if path.exists() else []
+  return json.loads(files[0].read_text()) if files else None
+
+
+def check_compatible(step_dir: epath.Path, c: config_lib.Config) -> None:
+  """A checkpoint of another model shape is a config mistake, never a reason to reinit."""
+  saved = (saved_config(step_dir) or {}).get('model', {})
+  for k in config_lib.MODEL_SHAPE_FIELDS:
+    ours = getattr(c.model, k)
+    if k in saved and saved[k] != ours:
+      raise config_lib.ConfigError(
+          f'model.{k}={ours}: expected {saved[k]} to resume the checkpoint at {step_dir} '
+          '(use a new --workdir for a different model)')
+
+
 class Checkpointer:
   """Saves {state, data iterator, config} every N steps; restores per the order above."""
 
@@ -114,22 +132,6 @@ class Checkpointer:
 
   # --- restore -----------------------------------------------------------------
 
-  def saved_config(self, step: int) -> dict[str, Any] | None:
-    """The config (as saved JSON, a nested dict) the checkpoint at step was written with."""
-    path = self.directory / str(step) / 'config'
-    files = list(path.glob('*')) if path.exists() else []
-    return json.loads(files[0].read_text()) if files else None
-
-  def _check_compatible(self, step: int) -> None:
-    """A checkpoint of another model shape is a config mistake, never a reason to reinit."""
-    saved = (self.saved_config(step) or {}).get('model', {})
-    for k in config_lib.MODEL_SHAPE_FIELDS:
-      ours = getattr(self.config.model, k)
-      if k in saved and saved[k] != ours:
-        raise config_lib.ConfigError(
-            f'model.{k}={ours}: expected {saved[k]} to resume the checkpoint at '
-            f'{self.directory / str(step)} (use a new --workdir for a different model)')
-
   def _set_aside(self, step: int, aside: epath.Path) -> None:
     """Renames an unreadable step out of orbax's way (kept for inspection, never deleted), so
     that the resumed run can write that step number again."""
@@ -143,7 +145,7 @@ class Checkpointer:
     """(state, step) from the newest readable checkpoint, or None when there is none."""
     steps = ours.complete_steps(self.directory)[::-1]
     for step in steps:
-      self._check_compatible(step)
+      check_compatible(self.directory / str(step), self.config)
       items = {'state': ocp.args.StandardRestore(abstract_state)}
       has_data = (self.directory / str(step) / 'data').exists()
       if data_iter is not None and has_data:

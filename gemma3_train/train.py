@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -194,7 +195,8 @@ def restore_or_init(s: Setup, ckpt: checkpoint_lib.Checkpointer,
   c = s.config
   restored = ckpt.restore_latest(s.abstract_state, train_iter)
   if restored is not None:
-    _warn_if_schedule_changed(c, ckpt.saved_config(restored[1]), restored[1])
+    step = restored[1]
+    _warn_if_schedule_changed(c, checkpoint_lib.saved_config(ckpt.directory / str(step)), step)
     return restored
   if c.checkpoint.init_from:
     log.info('Initializing params from %s', c.checkpoint.init_from)
@@ -374,6 +376,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   """
   done = checkpoint_lib.latest_step(workdir)
   if done is not None and done >= c.train.num_steps:
+    checkpoint_lib.check_compatible(epath.Path(workdir) / 'checkpoints' / str(done), c)
     log.info('%s is already at step %d of train.num_steps=%d; nothing to do', workdir, done,
              c.train.num_steps)
     return {}

@@ -17,11 +17,11 @@ from tests import test_checkpoint
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _run(workdir, steps, *extra):
+def _run(workdir, steps, *extra, check=True):
   r = subprocess.run(test_checkpoint._cmd(workdir, steps, *extra), cwd=ROOT,
                      env=test_checkpoint._env(devices=1), capture_output=True, text=True,
                      timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.returncode == 0 or not check, r.stderr[-3000:]
   return r
 
 
@@ -46,6 +46,10 @@ def test_rerun_of_a_finished_run_does_nothing_in_seconds(tmp_path):
     assert 'Compiled' not in r.stderr and 'Training steps' not in r.stderr
     assert _listing(tmp_path) == before  # no new TensorBoard file, checkpoint or row
     assert (tmp_path / 'metrics.jsonl').read_bytes() == metrics
+  # A finished workdir still refuses a model of another shape (one line, exit 2, untouched).
+  r = _run(tmp_path, 3, tensorboard, '--config.model.embed_dim=48', check=False)
+  assert r.returncode == 2 and 'model.embed_dim=48: expected' in r.stderr, r.stderr
+  assert _listing(tmp_path) == before
 
 
 @pytest.mark.slow
