@@ -43,8 +43,8 @@ def checkpoint_kind(path) -> str:
   path = epath.Path(path)
   if not path.is_dir():
     if path.parent.name == 'checkpoints' and path.parent.is_dir():
-      steps = sorted(int(p.name) for p in path.parent.iterdir() if p.name.isdigit())
-      raise ConversionError(f'{path}: no such checkpoint step (steps here: {steps})')
+      raise ConversionError(f'{path}: no such checkpoint step (steps here: '
+                            f'{ours.complete_steps(path.parent)})')
     raise ConversionError(f'{path}: not a directory')
   if (path / PARAMS_CONFIG).exists():
     return 'params'

@@ -31,7 +31,6 @@ def preset_name(fields: Mapping[str, Any]) -> str:
   return 'custom'
 
 
-
 class Source:
   """A checkpoint opened for reading: cfg, top(), layer(i); nothing is read until asked.
 
