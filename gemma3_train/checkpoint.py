@@ -3,7 +3,8 @@
 Restore order (train.py calls `restore_or_init`):
   (1) the newest complete checkpoint in this workdir: train state, data iterator, step.
       A checkpoint whose write was interrupted is never listed (orbax writes to a temporary
-      directory and renames it when complete). One that fails to read is skipped with a
+      directory and renames it when complete; on gs:// it writes a commit marker last); the
+      next run deletes such leftovers when it opens the manager. One that fails to read is skipped with a
       warning naming it, and the previous one is tried; nothing is deleted.
   (2) `checkpoint.init_from`: params only, from one of our checkpoints (a training workdir, a
       step of one, or a params-only checkpoint), a Hugging Face directory or a Kaggle/Flax
@@ -11,6 +12,10 @@ Restore order (train.py calls `restore_or_init`):
       this model's state paths (layout) and placed straight into the current mesh's shardings;
       the optimizer starts fresh.
   (3) random init, born sharded.
+Saves: a failed write is retried with backoff on transient storage errors (logged); a full
+disk raises StorageError (one line: the path, the space needed and free) and the partial write
+is deleted, so earlier checkpoints stay the resume point. train.py takes the workdir lease
+(lease.py) before the Checkpointer is created.
 Every restore reads straight into the sharded abstract state, so no host ever holds the whole
 model, and a different mesh (8 devices -> 4) reshards on read (init_from: a different
 model.scan_layers too).
@@ -18,10 +23,14 @@ model.scan_layers too).
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import logging
-import signal
-import threading
+import pathlib
+import re
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -36,9 +45,81 @@ from jax.experimental import multihost_utils
 from gemma3_train import config as config_lib
 from gemma3_train import convert
 from gemma3_train import layout
+from gemma3_train import signals
 from gemma3_train.convert import ours
 
 log = logging.getLogger(__name__)
+
+SAVE_RETRIES = 6  # backoff 1, 2, 4, ... 32 s: rides out about a minute of storage outage
+# What a storage outage looks like through tensorstore, gcsfs, google-cloud-storage and the OS.
+_TRANSIENT = re.compile(r'UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|connect|timed? ?out|reset by '
+                        r'peer|broken pipe|temporar|\b(408|429|500|502|503|504)\b', re.I)
+
+
+class StorageError(OSError):
+  """A checkpoint that cannot be written: a full disk, or storage down past the retries. The
+  message is one line naming the path; earlier checkpoints stay intact."""
+
+
+def _chain(e: BaseException):
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [''])[0][:300]
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  return any((isinstance(x, OSError) and x.errno == errno.ENOSPC) or
+             'No space left on device' in str(x) for x in _chain(e))
+
+
+def _is_transient(e: BaseException) -> bool:
+  return any(isinstance(x, (ConnectionError, TimeoutError)) or _TRANSIENT.search(str(x))
+             for x in _chain(e))
+
+
+class _StorageRetryLog(logging.Filter):
+  """gcsfs (etils.epath's gs:// backend) retries failed requests with backoff but says so only
+  at DEBUG: each retry becomes one WARNING of ours; its other DEBUG lines stay hidden."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    message = record.getMessage()
+    if 'retrying after exception' in message:
+      log.warning('Storage request retried with backoff (gcsfs): %s', message[:300])
+    return False
+
+
+def _log_storage_retries() -> None:
+  gcsfs_log = logging.getLogger('gcsfs')
+  if gcsfs_log.getEffectiveLevel() > logging.DEBUG and not any(
+      isinstance(f, _StorageRetryLog) for f in gcsfs_log.filters):
+    gcsfs_log.addFilter(_StorageRetryLog())
+    gcsfs_log.setLevel(logging.DEBUG)
+
+
+def _alive(state: Any) -> bool:
+  """False once a later train step donated (deleted) the state's buffers."""
+  return not any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array))
+
+
+def _disk_full_message(directory: epath.Path, step: int, last: tuple | None) -> str:
+  need = sum(x.nbytes for x in jax.tree.leaves(last[1]) if hasattr(x, 'nbytes')) if last else 0
+  free = ''
+  if '://' not in str(directory):
+    probe = pathlib.Path(str(directory))
+    while not probe.exists() and probe != probe.parent:
+      probe = probe.parent
+    free = f', {shutil.disk_usage(probe).free / 1e6:.1f} MB free'
+  return (f'no space left on device writing the checkpoint for step {step} to {directory}: '
+          f'it needs about {need / 1e6:.1f} MB{free}; the earlier checkpoints are intact '
+          '(free space, then rerun to resume)')
 
 
 def latest_step(workdir: str) -> int | None:
@@ -51,7 +132,8 @@ def latest_step(workdir: str) -> int | None:
 def saved_config(step_dir: epath.Path) -> dict[str, Any] | None:
   """The config (as saved JSON, a nested dict) a checkpoint step was written with."""
   path = step_dir / 'config'
-  files = list(path.glob('*')) if path.exists() else []
+  # On gs:// orbax also writes a commit_success.txt marker into each item's directory.
+  files = sorted(p for p in path.glob('*') if p.name != 'commit_success.txt') if path.exists() else []
   return json.loads(files[0].read_text()) if files else None
 
 
@@ -64,6 +146,24 @@ def check_compatible(step_dir: epath.Path, c: config_lib.Config) -> None:
       raise config_lib.ConfigError(
           f'model.{k}={ours}: expected {saved[k]} to resume the checkpoint at {step_dir} '
           '(use a new --workdir for a different model)')
+  _check_lora_compatible(step_dir, c)
+
+
+# LoRA fields that fix the adapters' tree: a checkpoint resumes only when they agree.
+_LORA_LAYOUT_FIELDS = ('rank', 'targets', 'train_embedding')
+
+
+def _check_lora_compatible(step_dir: epath.Path, c: config_lib.Config) -> None:
+  saved = (saved_config(step_dir) or {}).get('lora', {})
+  default = config_lib.LoraConfig()
+  for k in _LORA_LAYOUT_FIELDS:
+    theirs, ours = saved.get(k, getattr(default, k)), getattr(c.lora, k)
+    if k == 'targets':
+      theirs, ours = sorted(theirs.split(',')), sorted(ours.split(','))
+    if theirs != ours:
+      raise config_lib.ConfigError(
+          f'lora.{k}={getattr(c.lora, k)!r}: expected {saved.get(k, getattr(default, k))!r} '
+          f'to resume the checkpoint at {step_dir} (use a new --workdir for other adapters)')
 
 
 class Checkpointer:
@@ -72,63 +172,160 @@ class Checkpointer:
   def __init__(self, workdir: str, c: config_lib.Config):
     self.config = c
     self.directory = epath.Path(workdir) / 'checkpoints'
-    k = c.checkpoint
+    if str(self.directory).startswith('gs://'):
+      _log_storage_retries()
+    self.manager = self._make_manager()
+    self._last: tuple[int, Any, Any] | None = None  # (step, state, data_iter) of the last save
+    self._in_flight: int | None = None  # the step whose background write may still fail
+    self._stop = signals.StopRequests()
+
+  def _make_manager(self) -> ocp.CheckpointManager:
+    k = self.config.checkpoint
+    # cleanup_tmp_directories: an interrupted write's temporary directory is deleted (the
+    # workdir lease guarantees that no other run is writing one).
     options = ocp.CheckpointManagerOptions(
         max_to_keep=k.keep, keep_period=k.keep_period or None,
-        enable_async_checkpointing=k.async_save, create=True)
-    self.manager = ocp.CheckpointManager(
+        enable_async_checkpointing=k.async_save, create=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler(),
                        'config': ocp.JsonCheckpointHandler()})
-    self._preempted = threading.Event()
 
   # --- preemption --------------------------------------------------------------
 
   def install_signal_handlers(self) -> None:
-    """SIGTERM (what GKE and TPU VMs send) asks for a save at the next step boundary.
+    """SIGTERM (what GKE and TPU VMs send) and Ctrl-C ask for a save at the next step boundary.
 
-    One process: a Python handler sets a flag. Several processes: jax.distributed.initialize
-    already installed the preemption sync manager's SIGTERM notifier, which tells every process
-    and has them agree on one step to save at (`reached_preemption` below). A Python handler
-    would replace that notifier, so none is installed; and no per-step collective is needed.
+    One process: signals.StopRequests (a second Ctrl-C exits at once). Several processes:
+    jax.distributed.initialize already installed the preemption sync manager's SIGTERM
+    notifier, which tells every process and has them agree on one step to save at
+    (`reached_preemption` below). A handler of ours would replace that notifier, so none is
+    installed (Ctrl-C stays a KeyboardInterrupt there); and no per-step collective is needed.
     """
     if jax.process_count() > 1:
       return
-    def on_sigterm(signum, frame):
-      del frame
-      log.warning('Received signal %d: will checkpoint at the next step and exit.', signum)
-      self._preempted.set()
-    if threading.current_thread() is threading.main_thread():
-      signal.signal(signal.SIGTERM, on_sigterm)
+    self._stop.install()
+
+  @property
+  def stop_reason(self) -> str:
+    """'SIGTERM', 'Ctrl-C' or 'preemption notice': why should_stop said True."""
+    return self._stop.reason or 'preemption notice'
 
   def should_stop(self, step: int) -> bool:
-    """True (on every process at the same step) once SIGTERM or a preemption notice arrived.
+    """True (on every process at the same step) once SIGTERM, Ctrl-C or a preemption notice
+    arrived.
 
     Called once per step on every process: the sync manager needs each step reported.
     """
-    return self._preempted.is_set() or self.manager.reached_preemption(step)
+    return self._stop.requested.is_set() or self.manager.reached_preemption(step)
 
   # --- save --------------------------------------------------------------------
 
   def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> bool:
-    items = {'state': ocp.args.StandardSave(state),
-             'config': ocp.args.JsonSave(json.loads(self.config.to_json()))}
-    if data_iter is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    # A LoRA state's frozen base is never saved: the saved config's init_from names it.
+    state = {k: v for k, v in state.items() if k != 'base'}
+    self._last = (step, state, data_iter)
+    saved = self._write(step, state, data_iter, force=force)
     if saved:
       log.info('Checkpoint for step %d %s to %s', step,
                    'being written' if self.config.checkpoint.async_save else 'written',
                    self.directory)
     return saved
 
+  def _args(self, state: Any, data_iter: Any | None) -> ocp.args.Composite:
+    items = {'state': ocp.args.StandardSave(state),
+             'config': ocp.args.JsonSave(json.loads(self.config.to_json()))}
+    if data_iter is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    return ocp.args.Composite(**items)
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the background write; a failed one is written again while its state lives."""
+    try:
+      self.manager.wait_until_finished()
+      self._in_flight = None
+    except Exception as e:  # pylint: disable=broad-except
+      self._recover(e, self._last[0] if self._last else -1, attempt=0)
+      if self._last is None or not _alive(self._last[1]):
+        log.error('The checkpoint write for step %s failed and its state is gone; the newest '
+                  'complete checkpoint in %s stays the resume point', self._last and
+                  self._last[0], self.directory)
+        return
+      step, state, data_iter = self._last
+      self._write(step, state, data_iter, force=True, wait=True)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  # --- storage faults ----------------------------------------------------------
+
+  def _write(self, step: int, state: Any, data_iter: Any | None, *, force: bool,
+             wait: bool = False) -> bool:
+    """manager.save, retried with backoff on transient storage errors (see _recover)."""
+    delay = 1.0
+    for attempt in itertools.count():
+      try:
+        # The previous background write first, so that a failure is blamed on its step.
+        self.manager.wait_until_finished()
+        self._in_flight = None
+        if step in self.manager.all_steps():  # a failure after the step had committed
+          return False
+        saved = self.manager.save(step, args=self._args(state, data_iter), force=force)
+        self._in_flight = step if saved else self._in_flight
+        if wait:
+          self.manager.wait_until_finished()
+          self._in_flight = None
+        if attempt:
+          log.warning('Checkpoint for step %d written to %s after %d retries', step,
+                      self.directory, attempt)
+        return saved
+      except Exception as e:  # pylint: disable=broad-except
+        self._recover(e, step, attempt, delay)
+        time.sleep(delay)
+        delay = min(2 * delay, 32.0)
+    raise AssertionError('unreachable')
+
+  def _recover(self, e: Exception, step: int, attempt: int, delay: float = 0.0) -> None:
+    """After a failed write: raises StorageError (a full disk, or SAVE_RETRIES used up) or e
+    itself (not a storage fault); else logs the retry and starts a fresh CheckpointManager
+    (orbax's keeps raising a failed background write), which lists only complete steps and
+    deletes the failed write's temporary directory."""
+    if self._in_flight is not None:
+      step, self._in_flight = self._in_flight, None  # the background write that failed
+    if _is_disk_full(e):
+      self._reset_manager()
+      self._delete_partial_writes()
+      raise StorageError(_disk_full_message(self.directory, step, self._last)) from e
+    if not _is_transient(e):
+      raise e
+    if attempt >= SAVE_RETRIES:
+      raise StorageError(f'{self.directory}: the checkpoint for step {step} failed '
+                         f'{attempt + 1} times ({type(e).__name__}: {_first_line(e)}); '
+                         'earlier checkpoints are intact; rerun to resume') from e
+    log.warning('Checkpoint write to %s failed (%s: %s); retry %d of %d in %.0f s',
+                self.directory, type(e).__name__, _first_line(e), attempt + 1, SAVE_RETRIES,
+                delay)
+    self._reset_manager()
+
+  def _delete_partial_writes(self) -> None:
+    """Frees the space a failed write took (its temporary directory; never a complete step)."""
+    if jax.process_index() != 0 or not self.directory.exists():
+      return
+    for p in self.directory.iterdir():
+      if '.orbax-checkpoint-tmp' in p.name:
+        p.rmtree(missing_ok=True)
+
+  def _reset_manager(self) -> None:
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except  # it re-raises the failed write
+      pass
+    try:
+      self.manager = self._make_manager()
+    except Exception as e:  # pylint: disable=broad-except  # storage still down: next retry
+      log.warning('Could not reopen %s (%s)', self.directory, _first_line(e))
 
   # --- restore -----------------------------------------------------------------
 
@@ -237,6 +434,22 @@ def _place_streamed(src: convert.Source, cfg: config_lib.ModelConfig,
   return nnx.from_flat_state(flat)
 
 
+def open_init_source(path: str, c: config_lib.Config) -> convert.Source:
+  """The init_from checkpoint opened for reading, after checking that it exists, is a kind
+  convert reads and has this model's shapes (its config only; no weights are read). Raises
+  ConfigError (one line). train.py calls it before the workdir is touched."""
+  try:
+    src = convert.open_source(path, c.model)
+  except convert.ConversionError as e:
+    raise config_lib.ConfigError(f'checkpoint.init_from={path!r}: {e}') from e
+  for k in config_lib.MODEL_SHAPE_FIELDS:
+    if getattr(src.cfg, k) != getattr(c.model, k):
+      raise config_lib.ConfigError(
+          f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has '
+          f'{getattr(src.cfg, k)}')
+  return src
+
+
 def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> Any:
   """Params only (order (2)), placed in abstract_state['params'] shardings, from any checkpoint
   convert reads: one of our training workdirs (its newest complete step) or steps, our
@@ -244,13 +457,8 @@ def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> An
 
   Read one decoder layer at a time (_place_streamed), so no host holds the whole model; the
   optimizer moments of a training checkpoint are never read."""
+  src = open_init_source(path, c)
   try:
-    src = convert.open_source(path, c.model)
-    for k in config_lib.MODEL_SHAPE_FIELDS:
-      if getattr(src.cfg, k) != getattr(c.model, k):
-        raise config_lib.ConfigError(
-            f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has '
-            f'{getattr(src.cfg, k)}')
     params = _place_streamed(src, c.model, abstract_state['params'])
   except convert.ConversionError as e:
     raise config_lib.ConfigError(f'checkpoint.init_from={path!r}: {e}') from e

@@ -30,7 +30,7 @@ MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_h
 REMAT_POLICIES = ('none', 'full', 'minimal', 'save_decoder_layer_input', 'save_qkv_proj')
 ATTENTION_IMPLS = ('reference', 'cudnn', 'splash', 'auto')
 DTYPES = ('float32', 'bfloat16', 'float16')
-SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds')
+SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'prepared')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 
 
@@ -129,6 +129,12 @@ class DataConfig:
   seed: int = _f(0, 'data shuffling seed')
   num_workers: int = _f(0, 'grain worker processes (0 = in the main process)')
   prefetch: int = _f(2, 'batches prefetched ahead of the train step')
+  mixture: str = _f('', "train sources mixed by weight, ';'-separated 'NAME:WEIGHT key=value "
+                     "...' (keys: source, train_path, format, text_field, messages_field, "
+                     "tfds_name; unset keys inherit data.*), e.g. 'web:0.7 source=jsonl "
+                     "train_path=web/*.jsonl; code:0.3 source=prepared train_path=code'")
+  mixture_exhausted: str = _f('repeat', 'a mixture source that runs out: repeat (next epoch, '
+                              'reshuffled) | stop (the train data ends)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +162,13 @@ class TrainConfig:
   eval_every: int = _f(200, 'run eval every N steps (0 = never)')
   eval_steps: int = _f(10, 'eval batches per eval')
   loss_chunk_size: int = _f(1024, 'tokens per chunk of the chunked cross-entropy')
+  sample_every: int = _f(0, 'sample train.sample_prompts (greedy, 32 tokens) every N steps into '
+                         'the log, metrics.jsonl and TensorBoard (0 = never)')
+  sample_prompts: str = _f('The capital of France is|Once upon a time',
+                           "prompts to sample, separated by '|'")
   z_loss: float = _f(0.0, 'weight of the z-loss (log Z)^2 term (0 = off)')
+  cache_dir: str = _f('~/.cache/gemma3_train', "per-machine cache: jax's persistent "
+                      "compilation cache (jax/) and the measured CPU matmul peak ('' = off)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +178,8 @@ class CheckpointConfig:
   keep_period: int = _f(0, 'also keep every M-th step forever (0 = off)')
   async_save: bool = _f(True, 'write checkpoints in the background')
   init_from: str = _f('', 'params-only init: our checkpoint, HF dir or Kaggle dir')
+  lease_timeout_s: float = _f(300.0, 'a workdir lease without heartbeat this long is stale '
+                               'and taken over (its run died)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +188,27 @@ class LoggingConfig:
   tensorboard: bool = _f(True, 'write TensorBoard event files under workdir')
   profile_steps: str = _f('', "comma list of steps to trace with jax.profiler, e.g. '5,6'")
   peak_tflops: float = _f(0.0, 'per-device peak for MFU (0 = from the chip table)')
+
+
+# LoRA target names: the attention projections and the MLP's three matrices.
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+LORA_BASE_DTYPES = ('float32', 'bfloat16', 'int8')
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int = _f(0, 'adapter rank (0 = off: full training); > 0 trains adapters only')
+  alpha: float = _f(16.0, 'adapter scale alpha / rank (as PEFT lora_alpha)')
+  dropout: float = _f(0.0, "dropout on the adapters' input (as PEFT lora_dropout)")
+  targets: str = _f(','.join(LORA_TARGETS), 'comma list of adapted projections: '
+                    + ' | '.join(LORA_TARGETS))
+  train_embedding: bool = _f(False, 'also train the (tied) embedding table')
+  base_dtype: str = _f('float32', 'frozen base storage: ' + ' | '.join(LORA_BASE_DTYPES)
+                       + ' (int8: weight-only, per-channel scales)')
+  init_adapter: str = _f('', 'start from this PEFT adapter directory (else B = 0)')
+
+  def target_list(self) -> tuple[str, ...]:
+    return tuple(t.strip() for t in self.targets.split(',') if t.strip())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +220,7 @@ class Config:
   train: TrainConfig = _f(TrainConfig(), 'loop lengths, batch, loss')
   checkpoint: CheckpointConfig = _f(CheckpointConfig(), 'orbax saves and fine-tune init')
   logging: LoggingConfig = _f(LoggingConfig(), 'metrics, TensorBoard, profiles')
+  lora: LoraConfig = _f(LoraConfig(), 'LoRA / QLoRA adapters on a frozen base (init_from)')
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -305,6 +341,62 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
   return from_dict(c.to_dict())
 
 
+# --- data.mixture ------------------------------------------------------------
+
+MIXTURE_EXHAUSTED = ('repeat', 'stop')
+# The data.* fields a mixture source may set for itself; the rest (tokenizer, seq_len, seed,
+# packing, workers) are shared by the whole mixture.
+MIXTURE_KEYS = ('source', 'train_path', 'format', 'text_field', 'messages_field', 'tfds_name')
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureSource:
+  name: str
+  weight: float
+  fields: tuple[tuple[str, str], ...]  # (data.* key, value) overrides
+
+
+def parse_mixture(spec: str) -> list[MixtureSource]:
+  """data.mixture -> its sources; '' -> []. Raises ConfigError naming data.mixture.
+
+  Grammar: sources separated by ';' (or newlines); each is 'NAME:WEIGHT' followed by
+  space-separated key=value pairs with keys from MIXTURE_KEYS. Weights are relative (>= 0,
+  not all 0); a weight-0 source is never read.
+  """
+  out = []
+  for entry in (e.strip() for e in re.split(r'[;\n]', spec)):
+    if not entry:
+      continue
+    head, *pairs = entry.split()
+    name, sep, weight = head.partition(':')
+    bad = lambda what: ConfigError(f'data.mixture={spec!r}: {what} in {entry!r}')
+    if not sep or not re.fullmatch(r'[\w.-]+', name):
+      raise bad("expected 'NAME:WEIGHT key=value ...' (NAME letters, digits, _ . -)")
+    try:
+      w = float(weight)
+    except ValueError:
+      raise bad(f'weight {weight!r} is not a number') from None
+    if not (w >= 0 and math.isfinite(w)):
+      raise bad(f'weight {weight} is negative or not finite; expected >= 0')
+    fields = []
+    for pair in pairs:
+      key, sep, value = pair.partition('=')
+      if not sep or key not in MIXTURE_KEYS:
+        raise bad(f'{pair!r} is not key=value with a key in {", ".join(MIXTURE_KEYS)}')
+      fields.append((key, value))
+    if name in (m.name for m in out):
+      raise bad(f'source name {name!r} is used twice')
+    out.append(MixtureSource(name, w, tuple(fields)))
+  if out and not sum(m.weight for m in out) > 0:
+    raise ConfigError(f'data.mixture={spec!r}: all weights are 0; expected one > 0')
+  return out
+
+
+def mixture_data(d: DataConfig, m: MixtureSource) -> DataConfig:
+  """The data config a mixture source reads with: data.* with the source's overrides."""
+  return dataclasses.replace(d, mixture='', **dict(m.fields))
+
+
 # --- validation --------------------------------------------------------------
 
 
@@ -348,11 +440,18 @@ def validate(c: Config) -> None:
   _require(d.seq_len > 1, 'data.seq_len', d.seq_len, 'an integer > 1')
   _require(d.num_workers >= 0, 'data.num_workers', d.num_workers, '>= 0')
   _require(d.prefetch >= 0, 'data.prefetch', d.prefetch, '>= 0')
-  if d.source in ('jsonl', 'parquet', 'arrayrecord'):
+  if d.source in ('jsonl', 'parquet', 'arrayrecord', 'prepared'):
     _require(bool(d.train_path), 'data.train_path', d.train_path,
              f'a file or glob for data.source={d.source!r}')
   if d.source == 'tfds':
     _require(bool(d.tfds_name), 'data.tfds_name', d.tfds_name, 'a TFDS dataset name')
+  _require(d.mixture_exhausted in MIXTURE_EXHAUSTED, 'data.mixture_exhausted',
+           d.mixture_exhausted, ' | '.join(MIXTURE_EXHAUSTED))
+  for m in parse_mixture(d.mixture):  # each source as if it were data.*
+    try:
+      validate(dataclasses.replace(c, data=mixture_data(d, m)))
+    except ConfigError as e:
+      raise ConfigError(f'data.mixture source {m.name!r}: {e}') from None
 
   o = c.optim
   _require(o.lr >= 0, 'optim.lr', o.lr, 'a learning rate >= 0')
@@ -375,18 +474,56 @@ def validate(c: Config) -> None:
   _require(t.eval_every >= 0, 'train.eval_every', t.eval_every, '>= 0')
   _require(t.eval_steps >= 0, 'train.eval_steps', t.eval_steps, '>= 0')
   _require(t.loss_chunk_size >= 1, 'train.loss_chunk_size', t.loss_chunk_size, '>= 1')
+  _require(t.sample_every >= 0, 'train.sample_every', t.sample_every, '>= 0 (0 = never)')
+  _require(not t.sample_every or any(p.strip() for p in t.sample_prompts.split('|')),
+           'train.sample_prompts', t.sample_prompts, "one or more prompts separated by '|'")
   _require(t.z_loss >= 0, 'train.z_loss', t.z_loss, '>= 0')
 
   k = c.checkpoint
   _require(k.every >= 0, 'checkpoint.every', k.every, '>= 0')
   _require(k.keep >= 1, 'checkpoint.keep', k.keep, '>= 1')
   _require(k.keep_period >= 0, 'checkpoint.keep_period', k.keep_period, '>= 0')
+  _require(k.lease_timeout_s > 0, 'checkpoint.lease_timeout_s', k.lease_timeout_s, '> 0')
 
   g = c.logging
   _require(g.log_every >= 1, 'logging.log_every', g.log_every, '>= 1')
   _require(g.peak_tflops >= 0, 'logging.peak_tflops', g.peak_tflops, '>= 0')
   _require(re.fullmatch(r'(\d+(,\d+)*)?', g.profile_steps) is not None,
            'logging.profile_steps', g.profile_steps, "a comma list of steps, e.g. '5,6'")
+  _validate_lora(c)
+
+
+def lora_dims(m: ModelConfig) -> dict[str, tuple[int, int]]:
+  """(input size, output size) of each LoRA target's projection."""
+  q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  return {'q': (m.embed_dim, q), 'k': (m.embed_dim, kv), 'v': (m.embed_dim, kv),
+          'o': (q, m.embed_dim), 'gate': (m.embed_dim, m.mlp_dim),
+          'up': (m.embed_dim, m.mlp_dim), 'down': (m.mlp_dim, m.embed_dim)}
+
+
+def _validate_lora(c: Config) -> None:
+  r = c.lora
+  if r.rank == 0:
+    changed = [f.name for f in dataclasses.fields(r)
+               if getattr(r, f.name) != f.default and f.name != 'rank']
+    _require(not changed, 'lora.rank', r.rank,
+             f'> 0 when lora.{changed[0] if changed else ""} is set (rank 0 = LoRA off)')
+    return
+  _require(r.rank > 0, 'lora.rank', r.rank, '> 0 (or 0 = off)')
+  targets = r.target_list()
+  _require(bool(targets), 'lora.targets', r.targets, 'a comma list of ' + ' | '.join(LORA_TARGETS))
+  for t in targets:
+    _require(t in LORA_TARGETS, 'lora.targets', r.targets,
+             f'names among {" | ".join(LORA_TARGETS)} (unknown: {t!r})')
+  _require(len(set(targets)) == len(targets), 'lora.targets', r.targets, 'no repeated name')
+  dims = lora_dims(c.model)
+  for t in targets:
+    _require(r.rank <= min(dims[t]), 'lora.rank', r.rank,
+             f'<= {min(dims[t])}, the smaller dimension of target {t!r} {dims[t]}')
+  _require(r.alpha > 0, 'lora.alpha', r.alpha, '> 0')
+  _require(0 <= r.dropout < 1, 'lora.dropout', r.dropout, 'in [0, 1)')
+  _require(r.base_dtype in LORA_BASE_DTYPES, 'lora.base_dtype', r.base_dtype,
+           ' | '.join(LORA_BASE_DTYPES))
 
 
 def mesh_shape(c: Config, num_devices: int, num_slices: int = 1) -> dict[str, int]:

@@ -4,7 +4,8 @@ A bad command line (a missing or broken config file, an unknown or mistyped --co
 override, an invalid config) prints one line, `gemma3-train: error: ...`, and exits with status 2.
 Our modules log through the standard library under the `gemma3_train` logger, shown at INFO in
 absl's format; the libraries (orbax and grain log through absl's logger, jax through its own)
-stay at absl's default WARNING. `--verbosity` and `--logger_levels` change either.
+stay at absl's default WARNING; `--verbose` shows their INFO lines too. Data errors met mid-run
+are one line and exit status 2 as well; Ctrl-C is signals.py's (save, then exit 0).
 `--help` shows our flags and the most-used config fields; `--helpfull` shows every field and the
 libraries' flags.
 """
@@ -54,6 +55,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
                                    'multi-process runs off TPU/GKE (auto-detected there).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-based).')
+_VERBOSE = flags.DEFINE_bool('verbose', False, "Show every library's INFO log lines too (orbax, "
+                             'grain, jax); by default only ours and warnings.')
 
 _HELP_FLAGS = ('-?', '--help', '--helpshort', '--helpfull', '--helpxml')
 _SHORT_HELP_FLAGS = ('-?', '--help', '--helpshort')  # ours; --helpfull and --helpxml: absl's
@@ -72,6 +75,9 @@ def _fail(message: str) -> None:
 
 
 def main(argv) -> None:
+  if _VERBOSE.value:
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.getLogger().setLevel(logging.INFO)
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; fields are set with --config.SECTION.KEY=VALUE')
   for holder in _NEEDS_TOPOLOGY:
@@ -100,12 +106,31 @@ def main(argv) -> None:
     return
   if not _WORKDIR.value:
     _fail('--workdir is required to train, e.g. --workdir=/tmp/run')
+  _train(config, _WORKDIR.value)
+
+
+def _train(config: config_lib.Config, workdir: str) -> None:
+  """Runs train.train_and_evaluate; what a user's config, files or data can cause is one line."""
+  from gemma3_train import checkpoint  # pylint: disable=g-import-not-at-top
+  from gemma3_train import data  # pylint: disable=g-import-not-at-top
+  from gemma3_train import lease  # pylint: disable=g-import-not-at-top
+  from gemma3_train import signals  # pylint: disable=g-import-not-at-top
   from gemma3_train import train  # pylint: disable=g-import-not-at-top
   train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
-  except config_lib.ConfigError as e:
+    train.train_and_evaluate(config, workdir)
+  except (config_lib.ConfigError, lease.LeaseHeldError) as e:  # held: writes nothing
     _fail(str(e))
+  except checkpoint.StorageError as e:  # a full disk, storage down past the retries
+    print(f'gemma3-train: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  except data.DataError as e:  # bad data met mid-run; its async checkpoint write has finished
+    step = checkpoint.latest_step(workdir)
+    _fail(f'{e}; ' + (f'the checkpoint at step {step} in {workdir}/checkpoints is intact: fix '
+                      'the data and rerun to resume' if step is not None else 'nothing was saved'))
+  except KeyboardInterrupt:  # Ctrl-C before the loop's handler was installed (or multi-process)
+    print('gemma3-train: interrupted; exiting without saving', file=sys.stderr)
+    sys.exit(signals.EXIT_INTERRUPTED)
   except FloatingPointError as e:  # a diverged run: say so plainly, exit non-zero
     print(f'gemma3-train: error: {e}', file=sys.stderr)
     sys.exit(1)
@@ -145,7 +170,8 @@ def _short_help() -> str:
   out = [__doc__.strip(), '', 'Usage: gemma3-train --config=configs/tiny.py --workdir=DIR '
          '[--config.SECTION.KEY=VALUE ...]', '', 'flags:']
   for holder in (_CONFIG, _WORKDIR, _AOT_TOPOLOGY, _AOT_REPORT, _AOT_PLAN, _AOT_PLAN_REMAT,
-                 _AOT_PLAN_ROWS, _AOT_PLAN_TENSOR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID):
+                 _AOT_PLAN_ROWS, _AOT_PLAN_TENSOR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID,
+                 _VERBOSE):
     flag = flags.FLAGS[holder.name]
     text = flag.help.splitlines()[0] if holder is _CONFIG else flag.help
     out.append(wrap(f'--{holder.name}: {" ".join(text.split())}'))

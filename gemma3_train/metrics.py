@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import platform
 import statistics
 import time
 from typing import Any, Iterator
@@ -39,6 +41,42 @@ def measure_cpu_matmul_peak(dtype: str = 'float32', n: int = 2048, repeats: int 
     dot(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def cached_cpu_matmul_peak(dtype: str, cache_dir: str) -> float:
+  """measure_cpu_matmul_peak, measured once per machine and kept in CACHE_DIR/cpu_peak.json
+  (keyed by CPU model, usable cores, jax version and dtype); '' measures every time."""
+  if not cache_dir:
+    return measure_cpu_matmul_peak(dtype, n=1024, repeats=5)
+  path = os.path.join(os.path.expanduser(cache_dir), 'cpu_peak.json')
+  key = f'{_cpu_model()} | {len(os.sched_getaffinity(0))} cores | jax {jax.__version__} | {dtype}'
+  try:
+    with open(path) as f:
+      table = json.load(f)
+  except (OSError, ValueError):
+    table = {}
+  if key not in table:
+    table[key] = measure_cpu_matmul_peak(dtype, n=1024, repeats=5)
+    try:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      tmp = f'{path}.{os.getpid()}.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(table, f, indent=1)
+      os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    except OSError:
+      pass  # a read-only home only costs a measurement per run
+  return table[key]
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def throughput(step_time_s: float, tokens_per_step: float, flops_per_step: float,
@@ -186,6 +224,19 @@ class MetricWriter:
     shown = ' | '.join(f'{k} {v:.4g}' for k, v in record.items()
                        if k != 'step' and isinstance(v, float))
     print(f'eval @ step {step} | {shown}', flush=True)
+
+  def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+    """Logs (prompt, continuation) pairs: one metrics.jsonl row each ({step, sample_prompt,
+    sample_text}), TensorBoard text under samples/<i>, and stdout."""
+    if not self._chief:
+      return
+    for i, (prompt, text) in enumerate(samples):
+      self._append({'step': int(step), 'sample_prompt': prompt, 'sample_text': text})
+      if self._tb is not None:
+        self._tb.add_text(f'samples/{i}', f'{prompt} **{text}**', step)
+      print(f'sample @ step {step} | {prompt!r} -> {text!r}', flush=True)
+    if self._tb is not None:
+      self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:

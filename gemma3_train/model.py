@@ -5,7 +5,8 @@ Layers run as scanned blocks of six (five sliding-window layers, then one global
 unscanned tail for the remainder; scan_layers=False keeps one module per layer and computes the
 same function (layout.py maps both to the released checkpoints' layout). Every parameter carries
 `logical_axes` metadata that sharding.py maps to mesh axes; stacked block parameters carry a
-leading 'layers' axis.
+leading 'layers' axis. The seven projections go through lora.einsum, which adds a LoRA run's
+adapters and dequantizes an int8 base (lora.adapt installs both after construction).
 
 Parameters are stored in ModelConfig.param_dtype and cast to ModelConfig.dtype for matmuls;
 norms, RoPE, attention logits/softmax and the output logits run in float32. The architecture
@@ -22,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gemma3_train import attention
 from gemma3_train import config as config_lib
+from gemma3_train import lora
 from gemma3_train import sharding
 
 ACT = ('act_batch', 'act_len', 'act_embed')
@@ -112,10 +114,19 @@ class Attention(nnx.Module):
     self.dtype = cfg.dtype
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL)
+    out_BLNH = attention.attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL,
+                                window=self.window, impl=self.impl, block_size=self.block_size)
+    return self.output(out_BLNH)
+
+  def qkv(self, x_BLD, positions_BL):
+    """Projected, QK-normed, RoPE'd q (already scaled), k, v; the training path and the
+    sampler's cached path (sample.py) both call it."""
     dt = self.dtype
-    q_BLNH = jnp.einsum('BLD,NDH->BLNH', x_BLD, self.q_einsum[...].astype(dt))
-    k_BLKH = jnp.einsum('BLD,KDH->BLKH', x_BLD, self.k_einsum[...].astype(dt))
-    v_BLKH = jnp.einsum('BLD,KDH->BLKH', x_BLD, self.v_einsum[...].astype(dt))
+    # lora.einsum: W (dequantized when int8) plus its adapter, when a LoRA run added them.
+    q_BLNH = lora.einsum('BLD,NDH->BLNH', x_BLD, self, 'q_einsum', dt)
+    k_BLKH = lora.einsum('BLD,KDH->BLKH', x_BLD, self, 'k_einsum', dt)
+    v_BLKH = lora.einsum('BLD,KDH->BLKH', x_BLD, self, 'v_einsum', dt)
     q_BLNH = checkpoint_name(q_BLNH, 'query_proj')
     k_BLKH = checkpoint_name(k_BLKH, 'key_proj')
     v_BLKH = checkpoint_name(v_BLKH, 'value_proj')
@@ -125,10 +136,13 @@ class Attention(nnx.Module):
     q_BLNH = apply_rope(self.query_norm(q_BLNH), positions_BL, self.rope_base, self.rope_scale)
     k_BLKH = apply_rope(self.key_norm(k_BLKH), positions_BL, self.rope_base, self.rope_scale)
     q_BLNH = (q_BLNH.astype(jnp.float32) * self.query_scale).astype(dt)
-    out_BLNH = attention.attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL,
-                                window=self.window, impl=self.impl, block_size=self.block_size)
+    return q_BLNH, k_BLKH, v_BLKH
+
+  def output(self, out_BLNH):
+    """Attention output [B, L, N, H] -> [B, L, D] (the output projection)."""
+    dt = self.dtype
     out_BLNH = checkpoint_name(out_BLNH, 'attention_out')
-    y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, self.attn_vec_einsum[...].astype(dt))
+    y_BLD = lora.einsum('BLNH,NHD->BLD', out_BLNH, self, 'attn_vec_einsum', dt)
     return checkpoint_name(y_BLD, 'out_proj')
 
 
@@ -144,12 +158,12 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BLD):
     dt = self.dtype
-    gate_BLF = checkpoint_name(jnp.einsum('BLD,FD->BLF', x_BLD, self.gate[...].astype(dt)),
+    gate_BLF = checkpoint_name(lora.einsum('BLD,FD->BLF', x_BLD, self, 'gate', dt),
                                'mlp_gate')
-    up_BLF = checkpoint_name(jnp.einsum('BLD,FD->BLF', x_BLD, self.up[...].astype(dt)), 'mlp_up')
+    up_BLF = checkpoint_name(lora.einsum('BLD,FD->BLF', x_BLD, self, 'up', dt), 'mlp_up')
     h_BLF = jax.nn.gelu(gate_BLF, approximate=True) * up_BLF
     h_BLF = sharding.constrain(h_BLF, ('act_batch', 'act_len', 'act_mlp'))
-    out_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, self.linear[...].astype(dt))
+    out_BLD = lora.einsum('BLF,FD->BLD', h_BLF, self, 'linear', dt)
     return checkpoint_name(out_BLD, 'mlp_out')
 
 
@@ -166,8 +180,13 @@ class DecoderLayer(nnx.Module):
     self.post_ffw_norm = RMSNorm(D, cfg, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+    return self.apply(x_BLD, lambda attn, h_BLD: attn(h_BLD, positions_BL, segment_ids_BL))
+
+  def apply(self, x_BLD, attend):
+    """The block with attention given as attend(self.attn, normed x) -> [B, L, D]: the training
+    path passes Attention.__call__, the sampler one that reads and writes a KV cache."""
     x_BLD = checkpoint_name(sharding.constrain(x_BLD, ACT), 'decoder_layer_input')
-    h_BLD = self.attn(self.pre_attention_norm(x_BLD), positions_BL, segment_ids_BL)
+    h_BLD = attend(self.attn, self.pre_attention_norm(x_BLD))
     x_BLD = x_BLD + self.post_attention_norm(h_BLD)
     h_BLD = self.mlp(self.pre_ffw_norm(x_BLD))
     return x_BLD + self.post_ffw_norm(h_BLD)
@@ -268,6 +287,14 @@ class Gemma3(nnx.Module):
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
     return self.embedder.decode(self.hidden(tokens_BL, positions_BL, segment_ids_BL))
+
+  def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+    """Token-id lists (any lengths) -> the new token ids per prompt, ending with the first EOS
+    or <end_of_turn> when one is produced; temperature 0 is greedy. See sample.py."""
+    from gemma3_train import sample  # pylint: disable=g-import-not-at-top  (sample imports us)
+    return sample.generate(self, prompts, max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed)
 
 
 def abstract_state(cfg: config_lib.ModelConfig) -> nnx.State:

@@ -33,11 +33,15 @@ from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
 from gemma3_train import flops as flops_lib
 from gemma3_train import hardware
+from gemma3_train import lease as lease_lib
+from gemma3_train import lora as lora_lib
 from gemma3_train import loss as loss_lib
 from gemma3_train import metrics as metrics_lib
 from gemma3_train import model as model_lib
 from gemma3_train import optimizer as optimizer_lib
+from gemma3_train import sample as sample_lib
 from gemma3_train import sharding
+from gemma3_train.convert import peft as peft_lib
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +86,24 @@ class Setup:
   train_step: Callable[[State, dict], tuple[State, dict]]  # jitted, state donated
   eval_step: Callable[[State, dict], dict]
   state: State | None = None
+  # LoRA (lora.rank > 0): the state also holds 'base', frozen and never saved; jitted inits of
+  # the rest (adapters, optimizer state, step) and of the seed's random base.
+  init_trainable: Callable[[], State] | None = None
+  init_base: Callable[[], Any] | None = None
 
 
 def _new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
+  if c.lora.rank:
+    return lora_lib.new_state(c, tx)
   model = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
   params = nnx.state(model, nnx.Param)
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
 
-def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config) -> tuple[jax.Array, dict]:
+def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config,
+               base=None) -> tuple[jax.Array, dict]:
   """Summed (not averaged) loss over the batch's weighted targets, and its parts."""
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
   x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
   sums = loss_lib.chunked_cross_entropy(
       x_BLD, model.embedder.embedding[...], batch['targets'], batch['weights'],
@@ -105,7 +116,8 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
                 mesh: Mesh, rules) -> tuple[State, dict]:
   """One optimizer step over the global batch, accumulated over microbatches by a scan."""
   with sharding.use_mesh(mesh, rules):
-    grad_fn = jax.grad(_loss_sums, has_aux=True)
+    # LoRA: the frozen base is an input of the loss, not differentiated.
+    grad_fn = jax.grad(functools.partial(_loss_sums, base=state.get('base')), has_aux=True)
     params = state['params']
     A = c.optim.grad_accum_steps
     if A == 1:
@@ -130,6 +142,8 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
                  'opt_state': opt_state}
+    if 'base' in state:
+      new_state['base'] = state['base']
     metrics = {'loss': sums['loss_sum'] / weight,
                'z_loss': sums['z_loss_sum'] / weight,
                'accuracy': sums['correct_sum'] / weight,
@@ -141,7 +155,7 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
 
 def _eval_step(state: State, batch: dict, *, graphdef, c: config_lib.Config, mesh, rules):
   with sharding.use_mesh(mesh, rules):
-    _, sums = _loss_sums(state['params'], graphdef, batch, c)
+    _, sums = _loss_sums(state['params'], graphdef, batch, c, base=state.get('base'))
   return sums
 
 
@@ -163,7 +177,7 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_lib.Gemma3(c.model, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: lora_lib.build(c, nnx.Rngs(0))))
   batch_sharding = {k: sharding.batch_sharding(mesh) for k in data_lib.BATCH_DTYPES}
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
@@ -181,6 +195,11 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
             state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
             init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
             eval_step=eval_step)
+  if c.lora.rank:  # jit drops what each does not return: no random base when it is loaded
+    rest = {k: v for k, v in state_shardings.items() if k != 'base'}
+    s.init_trainable = jax.jit(lambda: {k: v for k, v in new_state().items() if k != 'base'},
+                               out_shardings=rest)
+    s.init_base = jax.jit(lambda: new_state()['base'], out_shardings=state_shardings['base'])
   if not abstract:
     s.state = init_state()
   return s
@@ -193,6 +212,8 @@ def restore_or_init(s: Setup, ckpt: checkpoint_lib.Checkpointer,
                     train_iter: Iterator[dict] | None) -> tuple[State, int]:
   """(state, first step) in the order checkpoint.py documents: resume, init_from, random."""
   c = s.config
+  if c.lora.rank:
+    return _restore_or_init_lora(s, ckpt, train_iter)
   restored = ckpt.restore_latest(s.abstract_state, train_iter)
   if restored is not None:
     step = restored[1]
@@ -204,6 +225,37 @@ def restore_or_init(s: Setup, ckpt: checkpoint_lib.Checkpointer,
     step = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step'])
     return {'step': step, 'params': params, 'opt_state': s.init_opt_state(params)}, 0
   return s.init_state(), 0
+
+
+def _restore_or_init_lora(s: Setup, ckpt: checkpoint_lib.Checkpointer,
+                          train_iter: Iterator[dict] | None) -> tuple[State, int]:
+  """LoRA: adapters, optimizer state and data iterator from the workdir, else fresh adapters
+  (B = 0) or lora.init_adapter's; the frozen base from checkpoint.init_from (else the seed's
+  random init) on every start, as checkpoints never hold it."""
+  c = s.config
+  restored = ckpt.restore_latest({k: v for k, v in s.abstract_state.items() if k != 'base'},
+                                 train_iter)
+  loaded = None
+  if c.checkpoint.init_from:
+    log.info('Loading the frozen base from %s', c.checkpoint.init_from)
+    loaded = checkpoint_lib.load_init_params(
+        c.checkpoint.init_from, c, {'params': lora_lib.load_abstract(c, s.abstract_state)})
+    base = lora_lib.base_from_params(loaded, s.abstract_state['base'])
+  else:
+    base = s.init_base()
+  if restored is not None:
+    step = restored[1]
+    _warn_if_schedule_changed(c, checkpoint_lib.saved_config(ckpt.directory / str(step)), step)
+    return {**restored[0], 'base': base}, step
+  state = s.init_trainable()
+  params = state['params']
+  if loaded is not None:
+    params = lora_lib.with_loaded_trainables(params, loaded)
+  if c.lora.init_adapter:
+    params = peft_lib.read_adapter(c.lora.init_adapter, c, params)
+  if params is not state['params']:
+    state = {**state, 'params': params, 'opt_state': s.init_opt_state(params)}
+  return {**state, 'base': base}, 0
 
 
 _SCHEDULE_FIELDS = ('train.num_steps', 'optim.lr', 'optim.schedule', 'optim.warmup_steps',
@@ -258,9 +310,9 @@ def _peak_tflops(c: config_lib.Config) -> float | None:
   device = jax.devices()[0]
   peak = hardware.peak_tflops(device, c.logging.peak_tflops)
   if peak is None and device.platform == 'cpu':
-    # No datasheet for a CPU: the XLA matmul peak measured here and now, shared by the
-    # simulated devices (they run on the same cores).
-    peak = metrics_lib.measure_cpu_matmul_peak(c.model.dtype, n=1024, repeats=5)
+    # No datasheet for a CPU: the XLA matmul peak measured on this machine (once, then
+    # cached), shared by the simulated devices (they run on the same cores).
+    peak = metrics_lib.cached_cpu_matmul_peak(c.model.dtype, c.train.cache_dir)
     peak /= jax.local_device_count()
     log.info('CPU matmul peak (%s): %.4f TFLOP/s per device', c.model.dtype, peak)
   return peak
@@ -291,6 +343,7 @@ class _Flush:
   workdir: str
   log_every: int
   always: tuple[int, int]  # the run's first and last step
+  data_tokens: Callable[[int], dict] = lambda step: {}  # data.mixture's tokens/NAME at a step
 
   def __call__(self, step: int, metrics: dict) -> dict[str, float]:
     host = _to_host(metrics)
@@ -299,6 +352,7 @@ class _Flush:
       timing = self.timer.update(step)
       step_time = timing.pop('step_time_s', None)
       host.update(timing)
+      host.update(self.data_tokens(step))
       self.writer.write(step, host, step_time_s=step_time)
     return host
 
@@ -332,11 +386,49 @@ def _run_eval(s: Setup, state: State, step: int, writer: metrics_lib.MetricWrite
                            'eval_accuracy': result['accuracy']})
 
 
+SAMPLE_TOKENS = 32  # new tokens per train.sample_prompts continuation
+
+
+class _Samples:
+  """train.sample_every: greedy continuations of train.sample_prompts by the current params,
+  written to the log, metrics.jsonl and TensorBoard. The sampler (sample.py) is built and
+  compiled on first use, then reused with each step's params."""
+
+  def __init__(self, s: Setup, writer: metrics_lib.MetricWriter):
+    self.s, self.writer = s, writer
+    self.sampler: sample_lib.Sampler | None = None
+
+  def __call__(self, state: State, step: int) -> None:
+    c = self.s.config
+    parts = (state['params'],) + ((state['base'],) if 'base' in state else ())
+    model = nnx.merge(self.s.graphdef, *parts)
+    params = None
+    if self.sampler is None:
+      self.tok = data_lib.Tokenizer(c.data.tokenizer_path)
+      self.texts = [p.strip() for p in c.train.sample_prompts.split('|') if p.strip()]
+      self.prompts = [sample_lib.prompt_tokens(t, self.tok) for t in self.texts]
+      if max(max(p) for p in self.prompts) >= c.model.vocab_size:
+        log.warning('train.sample_prompts: the tokenizer gives ids beyond model.vocab_size=%d; '
+                    'not sampling', c.model.vocab_size)
+        self.prompts = []
+      self.sampler = sample_lib.Sampler(model, self.s.mesh, self.s.rules)
+    else:
+      params = nnx.split(model)[1]
+    if not self.prompts:
+      return
+    start = time.perf_counter()
+    outs = self.sampler.generate(self.prompts, SAMPLE_TOKENS, params=params)
+    texts = [self.tok.decode([t for t in o if t not in sample_lib.STOP_TOKENS]) for o in outs]
+    log.info('Sampled %d prompts in %.1f s', len(outs), time.perf_counter() - start)
+    self.writer.write_samples(step, list(zip(self.texts, texts)))
+
+
 def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Iterator[dict],
           ckpt: checkpoint_lib.Checkpointer, writer: metrics_lib.MetricWriter,
           profiler: metrics_lib.Profiler, flush: _Flush) -> dict[str, float]:
   """Steps start_step..num_steps; returns the last step's metrics."""
   c = s.config
+  samples = _Samples(s, writer)
   pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
   last: dict[str, float] = {}
   step = start_step
@@ -357,16 +449,42 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
       last, pending = flush(*pending), None
     if eval_due:
       _run_eval(s, state, step, writer)
+    if c.train.sample_every and step % c.train.sample_every == 0:
+      samples(state, step)
     if save_due:
       ckpt.save(step, state, train_iter, force=True)
       if stop and step < c.train.num_steps:
         ckpt.wait()
-        log.warning('Preempted: checkpoint at step %d written; exiting 0. Rerun the same '
-                    'command to resume.', step)
+        log.warning('Stopped by %s: checkpoint at step %d written to %s; exiting 0. Rerun '
+                    'the same command to resume.', ckpt.stop_reason, step, ckpt.directory)
         break
   if pending is not None:
     last = flush(*pending)
   return last
+
+
+def preflight(c: config_lib.Config, *, resuming: bool, process_index: int = 0,
+              process_count: int = 1) -> None:
+  """Checks what the user's files can make fail later, before the workdir is touched (the train
+  data and tokenizer are checked by building the train iterator): the eval data, when evals
+  are due, and checkpoint.init_from (exists, a known kind, this model's shapes), when it will
+  be read. Raises ConfigError or data.DataError (one line)."""
+  if c.train.eval_every and c.train.eval_steps and c.train.eval_every <= c.train.num_steps:
+    data_lib.make_dataset(c.replace(data=dict(num_workers=0)), 'eval',
+                          process_index=process_index, process_count=process_count)
+  if c.checkpoint.init_from and not resuming:
+    checkpoint_lib.open_init_source(c.checkpoint.init_from, c)
+
+
+def enable_compilation_cache(c: config_lib.Config) -> None:
+  """jax's persistent compilation cache under train.cache_dir: a rerun or resume of the same
+  config loads its compiled steps instead of compiling them again."""
+  if not c.train.cache_dir:
+    return
+  path = os.path.join(os.path.expanduser(c.train.cache_dir), 'jax')
+  jax.config.update('jax_compilation_cache_dir', path)
+  # jax caches only compiles over 1 s by default; the tiny config's eval step takes less.
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
 
 
 def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
@@ -381,14 +499,19 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
              c.train.num_steps)
     return {}
   # Everything that can reject the config runs before the workdir is touched.
+  enable_compilation_cache(c)
   mesh = sharding.make_mesh(c)
   pid, nproc = jax.process_index(), jax.process_count()
   log.info('Process %d/%d, %d devices, mesh %s', pid, nproc, jax.device_count(),
            dict(mesh.shape))
   with contextlib.ExitStack() as cleanup:
+    cleanup.callback(data_lib.sources.log_summary)  # skipped rows per file, when the run ends
     train_iter = cleanup.enter_context(contextlib.closing(
         data_lib.make_train_iterator(c, process_index=pid, process_count=nproc)))
+    preflight(c, resuming=done is not None, process_index=pid, process_count=nproc)
     s = setup(c, mesh, abstract=True)
+    # The first write to the workdir; a second run on it stops here (lease.py).
+    cleanup.callback(lease_lib.acquire(workdir, c.checkpoint.lease_timeout_s).release)
     ckpt = checkpoint_lib.Checkpointer(workdir, c)
     state, start_step = restore_or_init(s, ckpt, train_iter)
     cleanup.callback(ckpt.close)
@@ -405,7 +528,8 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
                                     is_chief=pid == 0)
     cleanup.callback(profiler.stop)  # a trace still open when the run ends
     flush = _Flush(writer, timer, workdir, c.logging.log_every,
-                   always=(start_step + 1, c.train.num_steps))
+                   always=(start_step + 1, c.train.num_steps),
+                   data_tokens=functools.partial(data_lib.tokens_drawn, train_iter))
     log.info('Training steps %d..%d: %d tokens/step, %.3g model FLOPs/step', start_step,
              c.train.num_steps, tokens, flops)
 

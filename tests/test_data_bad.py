@@ -142,6 +142,7 @@ def test_unknown_role_is_an_error(tmp_path):
 
 
 def test_long_document_is_split_and_counted(tmp_path, data_log):
+  data_log.set_level(logging.DEBUG, logger='gemma3_train.data')  # ordinary: DEBUG, not INFO
   long_text = ' '.join(['word'] * 200)
   path = write_lines(tmp_path / 'd.jsonl', rows(GOOD[:2] + [{'text': long_text}]))
   before = dict(sources.COUNTS)
@@ -169,3 +170,20 @@ def test_parquet_without_the_column_is_an_error(tmp_path):
                      match=r"data.text_field='text': no such column in .*x.parquet "
                      r"\(columns: body\)"):
     pipeline.make_dataset(c)
+
+
+def test_bad_row_is_warned_once_over_epochs_and_totalled_per_file(tmp_path, data_log):
+  bad = [{'body': 'no text'}] * 7  # more bad rows than are shown one by one
+  path = write_lines(tmp_path / 'd.jsonl', rows(GOOD[:2] + bad + GOOD[2:]))
+  before = dict(sources.COUNTS)
+  c = make_config(train_path=path)
+  assert read_all(c) == len(GOOD)
+  assert read_all(c) == len(GOOD)  # a second epoch over the same rows
+  assert counted("no field 'text'", before) == 7  # rows, not reads
+  line3 = [r for r in data_log.records if r.getMessage().endswith(f'{path} line 3')]
+  assert len(line3) == 1
+  shown = [r for r in data_log.records if f'{path} line' in r.getMessage()]
+  assert len(shown) <= 5
+  data_log.clear()
+  sources.log_summary()
+  assert f"data: {path}: 7 rows skipped: no field 'text'" in data_log.text

@@ -1,13 +1,17 @@
-"""The first hour through the real CLI: a finished run's rerun, a resume with a new schedule."""
+"""The first hour through the real CLI: errors before the workdir is touched, bad data mid-run,
+Ctrl-C, the persistent compilation cache, a finished run's rerun, a resume with a new schedule."""
 
 import json
 import logging
 import pathlib
+import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from gemma3_train import config as config_lib
 from gemma3_train import optimizer
@@ -87,3 +91,140 @@ def test_schedule_warning_names_only_what_changed(caplog):
   assert record.getMessage() == (
       f'Resuming at step 7 with a changed schedule: optim.schedule constant -> '
       f'{c.optim.schedule}; learning rate at step 7: {lr_old:.3g} -> {lr_old:.3g}')
+
+
+# --- errors before the workdir is touched ------------------------------------------------
+
+
+def _tiny(workdir, *extra):
+  return [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+          f'--workdir={workdir}', *extra]
+
+
+def _fails_untouched(tmp_path, *extra, match):
+  workdir = tmp_path / 'run'
+  r = subprocess.run(_tiny(workdir, *extra), cwd=ROOT, env=test_checkpoint._env(devices=1),
+                     capture_output=True, text=True, timeout=300)
+  errors = [l for l in r.stderr.splitlines() if l.startswith('gemma3-train: error:')]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert match in errors[0], errors[0]
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  assert not workdir.exists()  # not even created
+  return errors[0]
+
+
+def _write_chat(path, n, bad_row=None):
+  rows = []
+  for i in range(n):
+    messages = [{'role': 'user', 'content': f'What is {i} plus one?'},
+                {'role': 'model', 'content': f'It is {i + 1}.'}]
+    if i == bad_row:
+      messages[1]['role'] = 'user'  # two user turns in a row
+    rows.append(json.dumps({'messages': messages}))
+  path.write_text('\n'.join(rows) + '\n')
+  return path
+
+
+def test_bad_eval_path_fails_before_the_workdir_is_touched(tmp_path):
+  train_path = _write_chat(tmp_path / 'train.jsonl', 8)
+  data = ['--config.data.source=jsonl', f'--config.data.train_path={train_path}',
+          '--config.data.format=chat']
+  _fails_untouched(tmp_path, *data, f'--config.data.eval_path={tmp_path}/evl.jsonl',
+                   match=f'file not found: {tmp_path}/evl.jsonl')
+  # No eval data at all for a jsonl source while evals are due.
+  _fails_untouched(tmp_path, *data, match="data.eval_path='': expected a file or glob")
+
+
+def test_bad_init_from_fails_before_the_workdir_is_touched(tmp_path):
+  _fails_untouched(tmp_path, f'--config.checkpoint.init_from={tmp_path}/nothing',
+                   match=f"checkpoint.init_from='{tmp_path}/nothing'")
+  (tmp_path / 'hf').mkdir()  # a HF directory of another model shape
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps({
+      'architectures': ['Gemma3ForCausalLM'], 'model_type': 'gemma3_text',
+      'vocab_size': 262144, 'hidden_size': 128, 'intermediate_size': 256,
+      'num_hidden_layers': 8, 'num_attention_heads': 4, 'num_key_value_heads': 1,
+      'head_dim': 16, 'sliding_window': 32, 'query_pre_attn_scalar': 16}))
+  safetensors.numpy.save_file({'model.embed_tokens.weight': np.zeros(1, np.float32)},
+                              tmp_path / 'hf' / 'model.safetensors')  # never read
+  _fails_untouched(tmp_path, f'--config.checkpoint.init_from={tmp_path}/hf',
+                   match='model.embed_dim=64: checkpoint.init_from=')
+
+
+@pytest.mark.slow
+def test_bad_chat_row_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
+  path = _write_chat(tmp_path / 'chat.jsonl', 450, bad_row=350)  # past probe and read-ahead
+  workdir = tmp_path / 'run'
+  r = subprocess.run(_tiny(workdir, '--config.data.source=jsonl', f'--config.data.train_path={path}',
+                           '--config.data.format=chat', '--config.data.shuffle=False',
+                           '--config.data.seq_len=64', '--config.train.eval_every=0',
+                           '--config.checkpoint.every=2', '--config.logging.tensorboard=False'),
+                     cwd=ROOT, env=test_checkpoint._env(devices=1), capture_output=True,
+                     text=True, timeout=600)
+  errors = [l for l in r.stderr.splitlines() if l.startswith('gemma3-train: error:')]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  assert f'{path} line 351: roles must alternate' in errors[0], errors[0]
+  step = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert step >= 2
+  assert f'the checkpoint at step {step} in {workdir}/checkpoints is intact' in errors[0]
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_0_and_the_resume_is_bitwise(tmp_path):
+  cache = f'--config.train.cache_dir={tmp_path}/cache'
+  straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
+  _run(straight, 30, cache, '--config.checkpoint.every=0')
+  compiled = sorted((tmp_path / 'cache' / 'jax').iterdir())
+  assert compiled and (tmp_path / 'cache' / 'cpu_peak.json').exists()
+
+  proc = subprocess.Popen(test_checkpoint._cmd(stopped, 30, cache, '--config.checkpoint.every=0'),
+                          cwd=ROOT, env=test_checkpoint._env(devices=1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  test_checkpoint._wait_for_step(stopped / 'metrics.jsonl', 4, proc)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+  [step] = [int(p.name) for p in (stopped / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert 4 <= step < 30
+  assert len([l for l in err.splitlines() if 'Ctrl-C' in l]) == 2, err  # asked, done
+  assert f'Stopped by Ctrl-C: checkpoint at step {step} written' in err
+
+  r = _run(stopped, 30, cache, '--config.checkpoint.every=0')
+  assert f'Resumed from {stopped}/checkpoints/{step}' in r.stderr
+  # Neither the stopped run nor its resume compiled anything: all from the persistent cache.
+  assert sorted((tmp_path / 'cache' / 'jax').iterdir()) == compiled
+  a, b = test_checkpoint._losses(straight), test_checkpoint._losses(stopped)
+  assert sorted(a) == sorted(b) == list(range(1, 31))
+  assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
+  for x, y in zip(test_checkpoint._params(straight), test_checkpoint._params(stopped)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_exits_at_once(tmp_path):
+  # Both interrupts land while the main thread compiles (an empty cache: a real compile of
+  # several seconds), where no Python signal handler can run: the second must still end it.
+  proc = subprocess.Popen(test_checkpoint._cmd(tmp_path, 100_000, '--config.checkpoint.every=0',
+                                               f'--config.train.cache_dir={tmp_path}/cache'),
+                          cwd=ROOT, env=test_checkpoint._env(devices=1),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  err = []
+  for line in proc.stderr:
+    err.append(line)
+    if 'Training steps' in line:  # the train step's compile starts now
+      break
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)  # two presses, not one signal sent twice (pending signals coalesce)
+  proc.send_signal(signal.SIGINT)
+  start = time.monotonic()
+  err = ''.join(err) + proc.communicate(timeout=60)[1]
+  assert proc.returncode == 130, err[-3000:]
+  assert time.monotonic() - start < 5, 'waited for the compile to finish'
+  assert 'Compiled the train step' not in err
+  assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
+  assert err.rstrip().splitlines()[-1] == ('gemma3-train: interrupted again: exiting now without '
+                                           'saving; the last complete checkpoint is kept.')

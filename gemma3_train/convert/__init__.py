@@ -21,6 +21,7 @@ from gemma3_train import model as model_lib
 from gemma3_train.convert import hf
 from gemma3_train.convert import hf_tokenizer
 from gemma3_train.convert import ours
+from gemma3_train.convert import peft
 from gemma3_train.convert.hf import HfSource
 from gemma3_train.convert.hf import hf_config_to_model
 from gemma3_train.convert.hf import hf_to_canonical
@@ -71,6 +72,9 @@ def open_source(path, cfg: config_lib.ModelConfig | None = None,
   if kind == 'params':
     return ParamsSource(path)
   if kind == 'train':
+    merged = peft.open_lora_source(path)  # a LoRA run: its base with the adapters folded in
+    if merged is not None:
+      return merged
     return TrainSource(path)
   if kind == 'hf':
     return HfSource(path, vocab_size)
@@ -106,17 +110,20 @@ def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 *
   src = open_source(src_path)
   if tokenizer_path is None:
     tokenizer_path = (hf_tokenizer.training_tokenizer_path(src.path / 'config' / 'metadata')
-                      if isinstance(src, TrainSource) else '')
+                      if isinstance(src, (TrainSource, peft.MergedSource)) else '')
   hf.write(src, dst_path, dtype, shard_size, progress, tokenizer_path)
   return src.cfg
 
 
 def load(path, **model_overrides) -> model_lib.Gemma3:
   """A model.Gemma3 with the weights of a HF directory, a Kaggle checkpoint or one of ours
-  (params-only, or a training workdir: its newest complete step).
+  (params-only, or a training workdir: its newest complete step; a LoRA run's workdir gives
+  its base with its adapters, the adapted model as trained).
 
   `model_overrides` change non-shape ModelConfig fields, e.g. dtype='bfloat16'.
   """
+  if peft.lora_run_config(path) is not None:  # a LoRA run: base + adapters, as trained
+    return peft.load_adapted(path, **model_overrides)
   cfg, top, canonical = load_canonical(path)
   cfg = dataclasses.replace(cfg, **model_overrides)
   model = nnx.eval_shape(lambda: model_lib.Gemma3(cfg, rngs=nnx.Rngs(0)))

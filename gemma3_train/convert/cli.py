@@ -2,6 +2,7 @@
 
   gemma3-convert import --src=HF_OR_KAGGLE_DIR --dst=OUR_DIR
   gemma3-convert export --src=OUR_DIR --dst=HF_DIR [--dtype=bfloat16] [--tokenizer=MODEL]
+  gemma3-convert export-lora --src=LORA_WORKDIR --dst=DIR [--merge] [--dtype=bfloat16]
   gemma3-convert info --src=DIR
 """
 
@@ -19,7 +20,7 @@ from gemma3_train import convert
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='gemma3-convert', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest='command', required=True, metavar='{import,export,info}')
+  sub = p.add_subparsers(dest='command', required=True, metavar='{import,export,export-lora,info}')
   imp = sub.add_parser('import', help='HF safetensors or Kaggle/Flax Orbax -> our checkpoint.')
   imp.add_argument('--src', required=True, help='A Hugging Face directory (config.json + '
                    '*.safetensors, sharded or not) or a Kaggle/Flax Orbax checkpoint directory.')
@@ -43,6 +44,17 @@ def _parser() -> argparse.ArgumentParser:
                    'data.tokenizer_path for a training checkpoint, else the bundled Gemma 3 one.')
   exp.add_argument('--shard_size', default='5GB', help='Largest shard, e.g. 5GB, 500MB '
                    '(a single tensor larger than this gets a shard of its own).')
+  lora = sub.add_parser('export-lora', help='A LoRA run -> a PEFT adapter directory, or with '
+                        '--merge a full Hugging Face model with the adapters folded in.')
+  lora.add_argument('--src', required=True, help='The LoRA run\'s workdir (its newest step) or '
+                    'one of its WORKDIR/checkpoints/<step> directories.')
+  lora.add_argument('--dst', required=True, help='New directory: adapter_config.json + '
+                    'adapter_model.safetensors (peft.PeftModel.from_pretrained loads it onto the '
+                    'base), or with --merge what `export` writes.')
+  lora.add_argument('--merge', action='store_true', help='Write the base with the adapters '
+                    'merged in (W + B A alpha/r) as a Gemma3ForCausalLM directory.')
+  lora.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
+                    help='--merge only: dtype of the written tensors.')
   info = sub.add_parser('info', help='Print the kind of a checkpoint and its model config.')
   info.add_argument('--src', required=True, help='Any checkpoint directory gemma3-convert reads.')
   return p
@@ -77,6 +89,17 @@ def main(argv: list[str]) -> None:
     cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype,
                             shard_size=_size(args.shard_size), tokenizer_path=args.tokenizer)
     print(f'{args.dst}: Gemma3ForCausalLM ({cfg.preset}), {args.dtype}')
+  elif args.command == 'export-lora':
+    if convert.peft.lora_run_config(args.src) is None:
+      raise convert.ConversionError(f'--src={args.src}: not a LoRA training workdir '
+                                    '(one trained with lora.rank > 0)')
+    if args.merge:
+      cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype)
+      print(f'{args.dst}: Gemma3ForCausalLM ({cfg.preset}) with the adapters merged, '
+            f'{args.dtype}')
+    else:
+      c = convert.peft.export_adapter(args.src, args.dst)
+      print(f'{args.dst}: PEFT LoRA adapter, r={c.lora.rank}, targets {c.lora.targets}')
   else:
     src = convert.open_source(args.src)
     print(json.dumps({'kind': convert.checkpoint_kind(args.src),

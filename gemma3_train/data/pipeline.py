@@ -10,6 +10,7 @@ with the keys and dtypes of BATCH_DTYPES:
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from absl import flags
@@ -19,6 +20,9 @@ import numpy as np
 
 from gemma3_train import config as config_lib
 from gemma3_train.data import documents
+from gemma3_train.data import mixture
+from gemma3_train.data import packing
+from gemma3_train.data import prepared
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
 
@@ -41,12 +45,6 @@ class SplitRows(grain.experimental.FlatMapTransform):
     L = self.seq_len
     return [{'inputs': x[s:s + L], 'targets': y[s:s + L], 'weights': w[s:s + L]}
             for s in range(0, len(x), L)]
-
-
-def _rename_packed(row):
-  """grain's packer names its outputs '<feature>_segment_ids'/'_positions'."""
-  return {'inputs': row['inputs'], 'targets': row['targets'], 'weights': row['weights'],
-          'positions': row['inputs_positions'], 'segment_ids': row['inputs_segment_ids']}
 
 
 class _PadRow(grain.transforms.Map):
@@ -82,11 +80,11 @@ def _tokenizer(c: config_lib.Config) -> tokenizer_lib.Tokenizer | None:
 
 def _probe(to_doc: documents.ToDocument, indices, field_name: str) -> None:
   """Start-up check that a systematic mistake (wrong field, format) is an error, not skips."""
-  before = dict(sources.COUNTS)
-  for i in indices[:sources.PROBE_ROWS]:
-    if to_doc.document(int(i)) is not None:
-      return
-  new = [k for k, n in sources.COUNTS.items() if n > before.get(k, 0)]
+  with sources.recording() as reasons:
+    for i in indices[:sources.PROBE_ROWS]:
+      if to_doc.document(int(i)) is not None:
+        return
+  new = sorted(set(reasons))
   if new:
     n = min(len(indices), sources.PROBE_ROWS)
     raise config_lib.ConfigError(
@@ -104,33 +102,13 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     raise config_lib.ConfigError(f'process_index={process_index}: expected 0 <= index < '
                                  f'process_count={process_count}')
   B = batch_size or local_batch_size(c, process_count)
-  tok = _tokenizer(c)
-  source = sources.make_source(c, split)
-  field = d.messages_field if d.format == 'chat' else d.text_field
-  to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len)
-
-  # Each process sees only the documents i % process_count == process_index, shuffled
-  # per epoch with seed + epoch (grain's MapDataset shuffle then repeat).
-  ids = grain.MapDataset.range(len(source))[process_index::process_count]
-  if len(ids) == 0:  # pylint: disable=g-explicit-length-test
-    raise config_lib.ConfigError(f'data: {len(source)} documents cannot feed '
-                                 f'{process_count} processes')
-  if source.record != 'tokens':
-    _probe(to_doc, ids, 'data.messages_field' if d.format == 'chat' else 'data.text_field')
-  if d.shuffle and split == 'train':
-    ids = ids.shuffle(seed=d.seed)
-  docs = ids.repeat(num_epochs).map(to_doc)
-  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.num_workers else 4,
-                                              prefetch_buffer_size=64))
-  ds = grain.experimental.FlatMapIterDataset(ds, SplitRows(d.seq_len))
-  if d.packing:
-    L = d.seq_len
-    ds = grain.experimental.FirstFitPackIterDataset(
-        ds, length_struct={'inputs': L, 'targets': L, 'weights': L},
-        num_packing_bins=max(B, 16), seed=d.seed, shuffle_bins=True)
-    ds = ds.map(_rename_packed)
+  rows = functools.partial(_source_rows, split=split, process_index=process_index,
+                           process_count=process_count)
+  mixed = bool(d.mixture) and split == 'train'
+  if mixed:
+    ds = mixture.make_rows(c, rows, batch_size=B, num_epochs=num_epochs)
   else:
-    ds = ds.map(_PadRow(d.seq_len))
+    ds = rows(c, num_epochs)
   ds = ds.batch(B, drop_remainder=num_epochs is None)
   if d.num_workers:
     # grain 0.2.18's mp_prefetch reads its --grain_* absl flags, which raise until parsed; a
@@ -141,6 +119,44 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
         num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)))
   elif d.prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+  if mixed:
+    ds = mixture.count_sources(ds, c, process_count)
+  return ds
+
+
+def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
+                 process_index: int, process_count: int) -> grain.IterDataset:
+  """One source's packed (or padded) rows for this process's shard of its documents."""
+  d = c.data
+  tok = _tokenizer(c)
+  source = sources.make_source(c, split)
+  field = d.messages_field if d.format == 'chat' else d.text_field
+  if d.source == 'prepared':  # documents tokenized by gemma3-data prepare
+    to_doc = prepared.ToDocument(source, d.seq_len)
+  else:
+    to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len)
+
+  # Each process sees only the documents i % process_count == process_index, shuffled
+  # per epoch with seed + epoch (grain's MapDataset shuffle then repeat).
+  ids = grain.MapDataset.range(len(source))[process_index::process_count]
+  if len(ids) == 0:  # pylint: disable=g-explicit-length-test
+    raise config_lib.ConfigError(f'data: {len(source)} documents cannot feed '
+                                 f'{process_count} processes')
+  if source.record not in ('tokens', 'prepared'):
+    _probe(to_doc, ids, 'data.messages_field' if d.format == 'chat' else 'data.text_field')
+  if d.shuffle and split == 'train':
+    ids = ids.shuffle(seed=d.seed)
+  docs = ids.repeat(num_epochs).map(to_doc)
+  # grain 0.2.18 polls every buffered future on each element: a deep buffer costs per document
+  # as much as tokenizing a few hundred tokens (benchmarks/data_throughput.py); 16 keeps 4
+  # reader threads busy.
+  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.num_workers else 4,
+                                              prefetch_buffer_size=16))
+  ds = grain.experimental.FlatMapIterDataset(ds, SplitRows(d.seq_len))
+  if d.packing:
+    ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed)
+  else:
+    ds = ds.map(_PadRow(d.seq_len))
   return ds
 
 

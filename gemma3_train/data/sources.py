@@ -9,23 +9,26 @@ skipped-and-counted:
     a Parquet file without the field's column, tensorflow_datasets not installed;
   error (DataError while reading): a chat whose roles do not alternate user/model, an unknown
     role, a message without role/content (these are systematic formatting mistakes);
-  skip-and-count (a WARNING naming file and row for the first few, then running counts in
-    COUNTS, per process and per grain worker): an empty file among others, a row that is not
-    JSON, lacks the field, is null or empty, or is not valid UTF-8, a chat longer than
-    data.seq_len + 1 tokens (split, it would train replies without their prompt);
-  count only (INFO, same format): a text document longer than a row is split into
-    seq_len pieces, each starting at position 0.
+  skip-and-count (a WARNING naming file and row for the first few of each reason, each row
+    once however many epochs read it; then only counted in COUNTS, and `log_summary` gives a
+    total per file and reason at the end of the run; per process and per grain worker): an
+    empty file among others, a row that is not JSON, lacks the field, is null or empty, or is
+    not valid UTF-8, a chat longer than data.seq_len + 1 tokens (split, it would train replies
+    without their prompt);
+  count only (DEBUG): a text document longer than a row is split into seq_len pieces, each
+    starting at position 0 (ordinary in pretraining, so not worth a line).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import gzip
 import importlib.resources
 import logging
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from array_record.python import array_record_module
 from etils import epath
@@ -35,11 +38,13 @@ import numpy as np
 from gemma3_train import config as config_lib
 
 PROBE_ROWS = 64  # start-up check: at least one usable record among the first rows
-_WARN_FIRST = 5  # warnings naming the file and row per reason, then only counts
+_WARN_FIRST = 5  # warnings naming the row per file and reason, then only counts
 
 log = logging.getLogger(__name__)
 
 COUNTS: collections.Counter[str] = collections.Counter()  # event -> rows, in this process
+_SKIPPED: dict[tuple[str, str], set[str]] = {}  # (file, reason) -> rows skipped
+_recorders: list[list[str]] = []
 
 
 class DataError(ValueError):
@@ -47,16 +52,45 @@ class DataError(ValueError):
 
 
 def note(reason: str, where: str, *, skipped: bool = True) -> None:
-  """Counts a skipped (or split) record; logs the first few by location, then the counts."""
+  """Counts a skipped (or split) record; warns of the first few skipped rows of each reason."""
   key = f'{"skipped" if skipped else "split"}: {reason}'
+  for keys in _recorders:
+    keys.append(key)
+  if not skipped:
+    COUNTS[key] += 1
+    if COUNTS[key] <= _WARN_FIRST:
+      log.debug('data: %s at %s', key, where)
+    return
+  # where = 'FILE line N' (or row, record): one warning and one count per row, not per epoch
+  file, _, row = where.rpartition(' ')
+  rows = _SKIPPED.setdefault((file.rpartition(' ')[0] or where, reason), set())
+  if row in rows:
+    return
+  rows.add(row)
   COUNTS[key] += 1
-  n = COUNTS[key]
-  if n <= _WARN_FIRST:
-    log.log(logging.WARNING if skipped else logging.INFO, 'data: %s at %s (%d so far)',
-            key, where, n)
-  elif n & (n - 1) == 0 or n % 10_000 == 0:
-    log.log(logging.WARNING if skipped else logging.INFO, 'data: %d rows so far: %s',
-            n, key)
+  if len(rows) <= _WARN_FIRST:  # the first few of each file and reason
+    log.warning('data: %s at %s', key, where)
+  if len(rows) == _WARN_FIRST:
+    log.warning('data: further rows of %s %s are counted, not shown; totals at the end',
+                file.rpartition(' ')[0] or where, key)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[str]]:
+  """Collects the reasons noted inside the block, rows seen before included."""
+  keys: list[str] = []
+  _recorders.append(keys)
+  try:
+    yield keys
+  finally:
+    _recorders.remove(keys)
+
+
+def log_summary() -> None:
+  """One WARNING per file and reason with the rows this process skipped (grain workers, with
+  data.num_workers > 0, count and warn in their own processes)."""
+  for (file, reason), rows in sorted(_SKIPPED.items()):
+    log.warning('data: %s: %d rows skipped: %s', file, len(rows), reason)
 
 
 # --- paths --------------------------------------------------------------------
@@ -175,14 +209,34 @@ class ArrayRecordSource(_Files):
     files = expand_paths(spec, field)
     counts = []
     for p in files:
-      reader = array_record_module.ArrayRecordReader(str(p))
-      counts.append(range(reader.num_records()))
-      reader.close()
+      try:
+        reader = array_record_module.ArrayRecordReader(str(p))
+        counts.append(range(reader.num_records()))
+        reader.close()
+      except RuntimeError as e:  # riegeli: a truncated or corrupted file
+        raise config_lib.ConfigError(f'{field}={spec!r}: {p} is not a readable ArrayRecord '
+                                     f'file ({str(e)[:200]})') from e
     super().__init__([str(p) for p in files], counts, field, spec)
     self._source = grain.sources.ArrayRecordDataSource([str(p) for p in files])
+    self._spec = spec
+    self._unreadable: set[int] = set()  # files that failed a read since start-up
 
   def __getitem__(self, i: int):
-    return self._source[i]
+    f, _ = self._locate(i)
+    if f not in self._unreadable:
+      try:
+        return self._source[i]
+      except Exception as e:  # pylint: disable=broad-except  # deleted, truncated, corrupted
+        self._unreadable.add(f)
+        log.warning('data: %s turned unreadable mid-run (%s: %s); its rows are skipped',
+                    self.names[f], type(e).__name__, str(e)[:200])
+        if len(self._unreadable) == len(self.names):
+          raise DataError(f'{self.names[f]}: unreadable ({type(e).__name__}: '
+                          f'{str(e)[:200]}); no readable file remains in {self._spec}') from e
+    # Skipped like a bad row (b'' reads as an empty record); the index still advances, so the
+    # iterator's checkpointed state stays that of the rows consumed.
+    note('unreadable data file', self.where(i))
+    return b''
 
 
 class TfdsSource:
@@ -252,6 +306,9 @@ def make_source(c: config_lib.Config, split: str):
   if not spec:
     raise config_lib.ConfigError(f'{name}={spec!r}: expected a file or glob for eval with '
                                  f'data.source={d.source!r} (or set train.eval_every=0)')
+  if d.source == 'prepared':
+    from gemma3_train.data import prepared  # pylint: disable=g-import-not-at-top  # imports us
+    return prepared.PreparedSource(spec, name, d.tokenizer_path)
   if d.source == 'jsonl':
     return JsonlSource(spec, name)
   if d.source == 'parquet':

@@ -1,0 +1,130 @@
+"""data.source=prepared: documents tokenized once by `gemma3-data prepare` (data/prepare.py).
+
+A prepared directory (local or gs://) holds ArrayRecord shards and manifest.json; data.train_path
+names one, or a comma list read as their concatenation (parts prepared on several machines).
+Record i of the shards, in manifest order, is row i of the prepared input, so the pipeline
+shuffles and shards exactly as it does the raw input and yields the same batches:
+
+  text: the document's int32 tokens (little-endian), BOS ... EOS as documents.ToDocument makes
+        them; the loss mask is the text mask (every target counts);
+  chat: the int32 tokens followed by one uint8 mask byte per token (model turns only);
+  an empty record: a row the prepare skipped (counted in the manifest), skipped here too.
+
+What depends on data.seq_len is decided here, as documents.ToDocument decides it: a chat
+longer than seq_len + 1 tokens is skipped, a longer text is split (counted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from etils import epath
+import grain
+import numpy as np
+
+from gemma3_train import config as config_lib
+from gemma3_train.data import sources
+from gemma3_train.data import tokenizer as tokenizer_lib
+
+MANIFEST = 'manifest.json'
+FORMAT_VERSION = 1
+TOKEN_DTYPE = np.dtype('<i4')
+
+
+def tokenizer_sha256(tok: tokenizer_lib.Tokenizer) -> str:
+  return hashlib.sha256(tok.model_proto).hexdigest()
+
+
+def encode(doc: dict[str, np.ndarray] | None, fmt: str) -> bytes:
+  """A document (or None: a skipped row) -> its record."""
+  if doc is None:
+    return b''
+  tokens = doc['tokens'].astype(TOKEN_DTYPE).tobytes()
+  return tokens + doc['mask'].astype(np.uint8).tobytes() if fmt == 'chat' else tokens
+
+
+def decode(record: bytes, fmt: str) -> dict[str, np.ndarray] | None:
+  if not record:
+    return None
+  if fmt == 'chat':
+    n = len(record) // 5
+    tokens = np.frombuffer(record, TOKEN_DTYPE, count=n).astype(np.int32)
+    mask = np.frombuffer(record, np.uint8, offset=4 * n).astype(np.float32)
+  else:
+    tokens = np.frombuffer(record, TOKEN_DTYPE).astype(np.int32)
+    mask = np.ones(len(tokens), np.float32)
+    mask[0] = 0.0  # BOS is never a target (documents.ToDocument's text mask)
+  return {'tokens': tokens, 'mask': mask}
+
+
+def read_manifest(directory: str, field: str) -> dict[str, Any]:
+  path = epath.Path(directory) / MANIFEST
+  if not path.exists():
+    raise config_lib.ConfigError(f'{field}={directory!r}: no {MANIFEST}; expected a directory '
+                                 'written by `gemma3-data prepare` (an unfinished one resumes '
+                                 'when the same command is run again)')
+  manifest = json.loads(path.read_text())
+  if manifest.get('format_version') != FORMAT_VERSION:
+    raise config_lib.ConfigError(
+        f'{field}={directory!r}: {MANIFEST} has format_version '
+        f'{manifest.get("format_version")!r}; this version reads {FORMAT_VERSION}')
+  return manifest
+
+
+class PreparedSource(sources._Files):  # pylint: disable=protected-access
+  """The records of a prepared directory; refuses one made with another tokenizer."""
+
+  kind = 'record'
+  record = 'prepared'
+
+  def __init__(self, spec: str, field: str, tokenizer_path: str):
+    ours = tokenizer_lib.Tokenizer(tokenizer_path)
+    paths, rows, formats = [], [], set()
+    for directory in (d.strip() for d in spec.split(',') if d.strip()):  # one or a comma list
+      manifest = read_manifest(directory, field)
+      made = manifest['tokenizer']
+      if made['sha256'] != tokenizer_sha256(ours):
+        raise config_lib.ConfigError(
+            f'{field}={directory!r}: tokenized with {made["path"] or tokenizer_lib.BUNDLED} '
+            f'(sha256 {made["sha256"][:12]}) but data.tokenizer_path='
+            f'{tokenizer_path or tokenizer_lib.BUNDLED!r} is sha256 '
+            f'{tokenizer_sha256(ours)[:12]}; use that tokenizer or rerun gemma3-data prepare')
+      formats.add(manifest['format'])
+      paths += [str(epath.Path(directory) / s['path']) for s in manifest['shards']]
+      rows += [range(s['rows']) for s in manifest['shards']]
+    if len(formats) > 1:
+      raise config_lib.ConfigError(f'{field}={spec!r}: mixes prepared formats '
+                                   f'{" and ".join(sorted(formats))}; use a mixture')
+    self.format = formats.pop() if formats else 'text'
+    super().__init__(paths, rows, field, spec)
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+
+  def __getitem__(self, i: int) -> bytes:
+    return self._source[i]
+
+
+class ToDocument(grain.transforms.Map):
+  """Index -> document, as documents.ToDocument would have made it from the raw row."""
+
+  field = ''  # (the pipeline's start-up probe is not run on prepared data)
+
+  def __init__(self, source: PreparedSource, seq_len: int):
+    self.source, self.seq_len = source, seq_len
+
+  def document(self, i: int) -> dict[str, np.ndarray] | None:
+    doc = decode(self.source[i], self.source.format)
+    if doc is None:
+      return None
+    n = len(doc['tokens'])
+    if n - 1 > self.seq_len:
+      where = self.source.where(i)
+      if self.source.format == 'chat':
+        sources.note(f'chat longer than data.seq_len={self.seq_len} ({n} tokens)', where)
+        return None
+      sources.note(f'longer than data.seq_len={self.seq_len}', where, skipped=False)
+    return doc
+
+  def map(self, i: int) -> dict[str, np.ndarray] | None:
+    return self.document(int(i))

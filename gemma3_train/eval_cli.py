@@ -1,0 +1,104 @@
+"""gemma3-eval: loss, perplexity and token accuracy over a dataset; multiple-choice accuracy.
+
+  gemma3-eval --ckpt=DIR [--config=configs/x.py] [--split=eval] [--max_batches=N]
+  gemma3-eval --ckpt=DIR --choices=FILE.jsonl [--output=scores.json]
+
+The dataset is whatever the config's data section reads (any source, text or chat; default:
+the bundled corpus's eval split), batched by train.global_batch_size rows of data.seq_len;
+--config.data.*/--config.train.global_batch_size override fields, --config.model.* the model's
+non-shape fields (dtype). The checkpoint fixes the model shape. --choices scores a JSONL of
+{"context", "choices", "answer"} rows by summed log-likelihood (evaluate.py). The result is JSON
+on stdout, or in --output, with per-row scores for --choices; progress and ETA go to stderr.
+A bad command line, a missing checkpoint or a bad file is one line `gemma3-eval: error: ...` and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from gemma3_train import config as config_lib
+from gemma3_train import sample_cli
+
+PROG = 'gemma3-eval'
+
+
+def _parser() -> sample_cli.ArgParser:
+  p = sample_cli.ArgParser(prog=PROG, description=__doc__,
+                           formatter_class=sample_cli.argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--ckpt', required=True, help='checkpoint or workdir to evaluate')
+  p.add_argument('--config', default='', help='config file whose data section names the '
+                 'dataset (default: the built-in defaults, the bundled corpus)')
+  p.add_argument('--split', default='eval', choices=('eval', 'train'), help='dataset split')
+  p.add_argument('--max_batches', type=int, default=0, help='stop after N batches (0 = all)')
+  p.add_argument('--choices', default='', help='JSONL of {context, choices, answer} rows: '
+                 'multiple-choice log-likelihood scoring instead of the dataset')
+  p.add_argument('--batch_size', type=int, default=8, help='--choices: sequences per batch')
+  p.add_argument('--tokenizer', default='', help="--choices: SentencePiece model ('' = the "
+                 "config's data.tokenizer_path)")
+  p.add_argument('--output', default='', help='write the JSON result here (default: stdout)')
+  return p
+
+
+def main(argv: Sequence[str], stdout=None) -> dict:
+  stdout = sys.stdout if stdout is None else stdout
+  rest, overrides = sample_cli.split_overrides(
+      argv, ('model', 'data', 'train'),
+      tuple(f'model.{f}' for f in config_lib.MODEL_SHAPE_FIELDS))
+  args = _parser().parse_args(rest)
+  if args.max_batches < 0:
+    raise sample_cli.UsageError(f'--max_batches={args.max_batches}: expected >= 0')
+  if args.batch_size < 1:
+    raise sample_cli.UsageError(f'--batch_size={args.batch_size}: expected >= 1')
+  cd = (config_lib.load_config_dict(args.config) if args.config
+        else config_lib.default_config_dict())
+  for section in ('data', 'train'):
+    cd[section].update(overrides.get(section, {}))
+  c = config_lib.from_config_dict(cd)
+  rows = None
+  if args.choices:
+    from gemma3_train import evaluate  # pylint: disable=g-import-not-at-top
+    try:
+      rows = evaluate.read_choices(args.choices)
+    except ValueError as e:
+      raise sample_cli.UsageError(f'--choices: {e}') from None
+  # Imported here: a bad command line answers before jax loads.
+  from gemma3_train import convert  # pylint: disable=g-import-not-at-top
+  from gemma3_train import evaluate  # pylint: disable=g-import-not-at-top
+  from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    model = convert.load(args.ckpt, **overrides.get('model', {}))
+  except (convert.ConversionError, OSError) as e:
+    raise sample_cli.UsageError(f'--ckpt={args.ckpt}: {str(e).splitlines()[0]}') from None
+  c = c.replace(model={k: getattr(model.cfg, k) for k in config_lib.MODEL_SHAPE_FIELDS})
+  if rows is not None:
+    tok = data_lib.Tokenizer(args.tokenizer or c.data.tokenizer_path)
+    result = evaluate.multiple_choice(model, rows, tok, batch_size=args.batch_size)
+  else:
+    try:
+      result = evaluate.dataset_metrics(model, c, split=args.split, max_batches=args.max_batches)
+    except data_lib.DataError as e:
+      raise sample_cli.UsageError(str(e)) from None
+  result = {'ckpt': args.ckpt, **result}
+  text = json.dumps(result, indent=2)
+  if args.output:
+    with open(args.output, 'w') as f:
+      f.write(text + '\n')
+    summary = {k: v for k, v in result.items() if k != 'rows'}
+    print(json.dumps(summary), file=stdout)
+  else:
+    print(text, file=stdout)
+  return result
+
+
+def run() -> None:
+  try:
+    main(sys.argv[1:])
+  except (sample_cli.UsageError, config_lib.ConfigError, OSError) as e:
+    sample_cli._fail(str(e).splitlines()[0] or type(e).__name__, PROG)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':
+  run()

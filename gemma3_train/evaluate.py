@@ -1,0 +1,196 @@
+"""Scoring a model: loss / perplexity / token accuracy over a dataset, and multiple choice.
+
+Dataset metrics run the training data pipeline (data.*: any source and format it reads, text or
+chat, packed or padded) once over a split and sum the same chunked cross-entropy the trainer
+uses (loss.py): loss = summed target NLL / weighted targets, perplexity = exp(loss), accuracy =
+the fraction of targets that are the argmax.
+
+Multiple choice follows lm-eval-harness's log-likelihood rule: each row is {context, choices,
+answer}; a choice's score is the summed log-probability of its tokens after [BOS] + context
+(context and choice tokenized separately, so a choice usually starts with a space). The
+prediction is the highest score (accuracy), and also the highest score per UTF-8 byte of the
+choice (accuracy_norm, lm-eval's acc_norm).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from etils import epath
+
+from gemma3_train import config as config_lib
+from gemma3_train import data as data_lib
+from gemma3_train import loss as loss_lib
+from gemma3_train import metrics as metrics_lib
+from gemma3_train.data import tokenizer as tokenizer_lib
+
+_LOSS_CHUNK = 256  # positions per chunk of the cross-entropy (memory, not results)
+
+
+class Progress:
+  """'<what>: done/total (pct) | rate | ETA' on stderr, at most every `every` seconds."""
+
+  def __init__(self, what: str, total: int | None, unit: str, every: float = 2.0,
+               stream=None):
+    self.what, self.total, self.unit, self.every = what, total, unit, every
+    self.stream = sys.stderr if stream is None else stream
+    self.start = self._last = time.perf_counter()
+
+  def update(self, done: int, final: bool = False) -> None:
+    now = time.perf_counter()
+    if not final and now - self._last < self.every:
+      return
+    self._last = now
+    rate = done / max(now - self.start, 1e-9)
+    parts = [f'{self.what}: {done}' + (f'/{self.total} ({100 * done / self.total:.0f}%)'
+                                       if self.total else f' {self.unit}')]
+    parts.append(f'{rate:.3g} {self.unit}/s')
+    if self.total and not final and rate > 0:
+      parts.append(f'ETA {metrics_lib._duration((self.total - done) / rate)}')  # pylint: disable=protected-access
+    print(' | '.join(parts), file=self.stream, flush=True)
+
+
+def _sums(graphdef, state, batch):
+  model = nnx.merge(graphdef, state)
+  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
+  return loss_lib.chunked_cross_entropy(x_BLD, model.embedder.embedding[...], batch['targets'],
+                                        batch['weights'], chunk_size=_LOSS_CHUNK)
+
+
+def dataset_metrics(model, c: config_lib.Config, *, split: str = 'eval', max_batches: int = 0,
+                    progress: bool = True) -> dict[str, float]:
+  """{loss, perplexity, accuracy, tokens, batches} over one pass of the split (or max_batches
+  batches of train.global_batch_size rows)."""
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda state, batch: _sums(graphdef, state, batch))
+  c = c.replace(data=dict(num_workers=0, shuffle=False))
+  ds = data_lib.make_dataset(c, split, num_epochs=1)
+  meter = Progress(f'eval {split}', max_batches or None, 'batches') if progress else None
+  totals = {k: 0.0 for k in ('loss_sum', 'weight_sum', 'correct_sum')}
+  n = 0
+  iterator = iter(ds)
+  try:
+    for batch in iterator:
+      sums = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+      for k in totals:
+        totals[k] += float(sums[k])
+      n += 1
+      if meter:
+        meter.update(n)
+      if max_batches and n >= max_batches:
+        break
+  finally:
+    close = getattr(iterator, 'close', None)
+    if close:
+      close()
+  if meter:
+    meter.update(n, final=True)
+  weight = totals['weight_sum']
+  loss = totals['loss_sum'] / weight if weight else float('nan')
+  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)) if weight else float('nan'),
+          'accuracy': totals['correct_sum'] / weight if weight else float('nan'),
+          'tokens': weight, 'batches': n}
+
+
+# --- multiple choice ---------------------------------------------------------------
+
+
+def read_choices(path: str) -> list[dict[str, Any]]:
+  """Rows of a JSONL of {context: str, choices: [str, ...], answer: int}; raises ValueError
+  naming the file and line of the first bad row."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise ValueError(f'{path}: no such file')
+  rows = []
+  for i, line in enumerate(p.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f'{path}:{i}'
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{where}: not valid JSON ({e.msg})') from None
+    ok = (isinstance(row, dict) and isinstance(row.get('context'), str)
+          and isinstance(row.get('choices'), list) and len(row['choices']) >= 1
+          and all(isinstance(x, str) and x for x in row['choices'])
+          and isinstance(row.get('answer'), int) and 0 <= row['answer'] < len(row['choices']))
+    if not ok:
+      raise ValueError(f'{where}: expected {{"context": str, "choices": [non-empty str, ...], '
+                       f'"answer": index into choices}}, got {line[:80]!r}')
+    rows.append(row)
+  if not rows:
+    raise ValueError(f'{path}: no rows')
+  return rows
+
+
+def _row_nll(graphdef, state, inputs_BL, targets_BL, weights_BL):
+  """Summed target NLL per row [B] (the loss formula, one row at a time)."""
+  model = nnx.merge(graphdef, state)
+  x_BLD = model.hidden(inputs_BL)
+  table_VD = model.embedder.embedding[...]
+
+  def one(x_LD, t_L, w_L):
+    return loss_lib.chunked_cross_entropy(x_LD[None], table_VD, t_L[None], w_L[None],
+                                          chunk_size=_LOSS_CHUNK)['loss_sum']
+  return jax.vmap(one)(x_BLD, targets_BL, weights_BL)
+
+
+def choice_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
+                    progress: Callable[[int], None] | None = None) -> list[float]:
+  """Summed log p(continuation | context) for (context ids, continuation ids) pairs."""
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda s, i, t, w: _row_nll(graphdef, s, i, t, w))
+  out: list[float] = []
+  for start in range(0, len(pairs), batch_size):
+    chunk = pairs[start:start + batch_size]
+    seqs = [ctx + cont for ctx, cont in chunk]
+    # Bucketed lengths keep the number of compiled shapes small.
+    L = -(-max(len(s) - 1 for s in seqs) // 32) * 32
+    inputs = np.zeros((batch_size, L), np.int32)
+    targets = np.zeros((batch_size, L), np.int32)
+    weights = np.zeros((batch_size, L), np.float32)
+    for b, ((ctx, cont), seq) in enumerate(zip(chunk, seqs)):
+      n = len(seq) - 1
+      inputs[b, :n], targets[b, :n] = seq[:-1], seq[1:]
+      weights[b, len(ctx) - 1:n] = 1.0  # the targets that are continuation tokens
+    nll = np.asarray(step(state, inputs, targets, weights))
+    out += [-float(x) for x in nll[:len(chunk)]]
+    if progress:
+      progress(len(out))
+  return out
+
+
+def multiple_choice(model, rows: Sequence[dict[str, Any]], tok: tokenizer_lib.Tokenizer, *,
+                    batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+  """{accuracy, accuracy_norm, rows: [{index, scores, pred, pred_norm, answer}]}."""
+  pairs, owner = [], []
+  for i, row in enumerate(rows):
+    ctx = [tokenizer_lib.BOS] + tok.encode(row['context'])
+    for choice in row['choices']:
+      pairs.append((ctx, tok.encode(choice)))
+      owner.append(i)
+  meter = Progress('multiple choice', len(pairs), 'choices') if progress else None
+  scores = choice_logprobs(model, pairs, batch_size, meter.update if meter else None)
+  if meter:
+    meter.update(len(pairs), final=True)
+  per_row: list[list[float]] = [[] for _ in rows]
+  for i, score in zip(owner, scores):
+    per_row[i].append(score)
+  results = []
+  for i, (row, s) in enumerate(zip(rows, per_row)):
+    norm = [x / len(c.encode('utf-8')) for x, c in zip(s, row['choices'])]
+    results.append({'index': i, 'scores': s, 'pred': int(np.argmax(s)),
+                    'pred_norm': int(np.argmax(norm)), 'answer': row['answer']})
+  n = len(results)
+  return {'accuracy': sum(r['pred'] == r['answer'] for r in results) / n,
+          'accuracy_norm': sum(r['pred_norm'] == r['answer'] for r in results) / n,
+          'num_rows': n, 'rows': results}
+

@@ -1,0 +1,245 @@
+"""LoRA adapters and the frozen, optionally int8-quantized base.
+
+A projection y = x W (W contracted over its input axes) with an adapter computes
+y = x W + (x A) B * alpha / rank, A [in..., r] ~ normal(0, 1/in), B [r, out...] = 0, so that the
+adapted model starts equal to its base (PEFT's LoRA, scaling alpha / r, no rsLoRA). Adapters are
+`LoraParam`s, a subclass of nnx.Param, added to the Attention and MLP modules after construction
+(`adapt`): inside the scanned blocks they are stacked like the weights they adapt and carry
+logical axes ('lora_rank' is replicated), so they shard and remat like everything else. The train
+state then splits the model in two: 'params' (LoraParam: gradients, optimizer state, checkpoints)
+and 'base' (everything else: an input of the step, frozen, never saved; it comes from
+checkpoint.init_from on each start).
+
+Base storage (lora.base_dtype): float32 or bfloat16 casts every base parameter; int8 stores the
+seven projection matrices as int8 with one float32 scale per output channel (symmetric absmax over
+the input axes, `<weight>_scale` QuantScale variables) and the rest (embedding, norms) in bfloat16;
+a weight is dequantized (int8 * scale, in the compute dtype) where its matmul reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gemma3_train import config as config_lib
+
+# target -> (module attribute holding the weight, the weight's input (contracted) axes).
+# Outputs are the other axes; A is [in..., r], B [r, out...], both in the weight's axis order.
+TARGETS = {'q': ('q_einsum', (1,)), 'k': ('k_einsum', (1,)), 'v': ('v_einsum', (1,)),
+           'o': ('attn_vec_einsum', (0, 1)), 'gate': ('gate', (1,)), 'up': ('up', (1,)),
+           'down': ('linear', (0,))}
+WEIGHT_TARGET = {w: t for t, (w, _) in TARGETS.items()}
+RANK_AXIS = 'lora_rank'
+
+
+class LoraParam(nnx.Param):
+  """A trainable parameter of a LoRA run (adapters; the embedding with lora.train_embedding)."""
+
+
+class QuantScale(nnx.Variable):
+  """The per-output-channel float32 scale of an int8 base weight."""
+
+
+TRAINABLE = LoraParam
+FROZEN = nnx.Not(LoraParam)
+
+
+def scaling(r: config_lib.LoraConfig) -> float:
+  return r.alpha / r.rank
+
+
+class Adapter(nnx.Module):
+  """A [lead..., in..., r] and B [lead..., r, out...] of one projection (lead: the scan axis)."""
+
+  def __init__(self, a, b, a_names, b_names, scale: float):
+    self.a = LoraParam(a, logical_axes=a_names)
+    self.b = LoraParam(b, logical_axes=b_names)
+    self.scale = scale
+
+  def __call__(self, eq: str, x, dtype):
+    """(x A) B * scale for the weight einsum `eq` (e.g. 'BLD,NDH->BLNH')."""
+    ins, out = eq.split('->')
+    xs, ws = ins.split(',')
+    contracted = ''.join(ch for ch in ws if ch not in out)
+    kept = ''.join(ch for ch in ws if ch in out)
+    batch = ''.join(ch for ch in xs if ch in out)
+    h = jnp.einsum(f'{xs},{contracted}r->{batch}r', x, self.a[...].astype(dtype))
+    y = jnp.einsum(f'{batch}r,r{kept}->{out}', h, self.b[...].astype(dtype))
+    return y * jnp.asarray(self.scale, dtype)
+
+
+def einsum(eq: str, x, module: nnx.Module, weight: str, dtype):
+  """x times module.<weight> by `eq`: dequantized when int8, plus its adapter's term if any.
+
+  Without quantization and adapter this is jnp.einsum(eq, x, W.astype(dtype)), unchanged.
+  """
+  w = getattr(module, weight)[...]
+  scale = getattr(module, f'{weight}_scale', None)
+  w = w.astype(dtype) if scale is None else w.astype(dtype) * scale[...].astype(dtype)
+  y = jnp.einsum(eq, x, w)
+  adapter = getattr(module, f'{WEIGHT_TARGET[weight]}_lora', None)
+  if adapter is not None:
+    y = y + adapter(eq, x, dtype)
+  return y
+
+
+# --- building the adapted model ------------------------------------------------
+
+
+def _split_axes(shape, names, in_axes, lead: int):
+  """(in shape, in names, out shape, out names) of a weight with `lead` stacked axes."""
+  in_axes = tuple(lead + a for a in in_axes)
+  out_axes = tuple(a for a in range(lead, len(shape)) if a not in in_axes)
+  pick = lambda seq, axes: tuple(seq[a] for a in axes)
+  return (pick(shape, in_axes), pick(names, in_axes), pick(shape, out_axes),
+          pick(names, out_axes))
+
+
+def quantize(w, in_axes: tuple[int, ...]):
+  """(int8 weight, float32 scale with size-1 input axes): symmetric absmax per output channel."""
+  w32 = w.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True)
+  scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+  return jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _stacked(path: tuple) -> int:
+  """1 when the variable at this state path lives in the scanned blocks (a leading axis)."""
+  return 1 if path and path[0] == 'blocks' else 0
+
+
+def weight_in_axes(path: tuple) -> tuple[int, ...]:
+  """The input axes of the projection weight at this state path, stacked axis included."""
+  name = str(path[-1]).removesuffix('_scale')
+  return tuple(_stacked(path) + a for a in TARGETS[WEIGHT_TARGET[name]][1])
+
+
+def _projection_modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module, str]]:
+  """(path, module, weight attribute) of every projection weight in the model."""
+  found = []
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module):
+      for weight in WEIGHT_TARGET:
+        if isinstance(getattr(node, weight, None), nnx.Param):
+          found.append((tuple(path), node, weight))
+  return found
+
+
+def _base_dtype(r: config_lib.LoraConfig) -> Any:
+  return jnp.bfloat16 if r.base_dtype in ('bfloat16', 'int8') else jnp.float32
+
+
+def adapt(model: nnx.Module, c: config_lib.Config) -> nnx.Module:
+  """Adds adapters (c.lora.targets) and converts the base to c.lora.base_dtype, in place."""
+  r = c.lora
+  if r.dropout:
+    raise config_lib.ConfigError(f'lora.dropout={r.dropout}: expected 0.0 (adapter dropout is '
+                                 'not implemented yet)')
+  key = jax.random.fold_in(jax.random.key(c.train.seed), 0x10AA)
+  base_dtype = _base_dtype(r)
+  projections = _projection_modules(model)
+  for _, var in nnx.iter_graph(model):  # every base parameter in the storage dtype
+    if isinstance(var, nnx.Param) and not isinstance(var, LoraParam):
+      var.set_value(var.get_value().astype(base_dtype))
+  pdt = jnp.dtype(c.model.param_dtype)
+  targets = r.target_list()
+  for i, (path, module, weight) in enumerate(projections):
+    var = getattr(module, weight)
+    names = tuple(var.get_metadata()['logical_axes'])
+    lead = 1 if names[0] == 'layers' else 0
+    target = WEIGHT_TARGET[weight]
+    if target in targets:
+      in_shape, in_names, out_shape, out_names = _split_axes(
+          var.shape, names, TARGETS[target][1], lead)
+      lead_shape, lead_names = var.shape[:lead], names[:lead]
+      fan_in = int(np.prod(in_shape))
+      a = jax.random.normal(jax.random.fold_in(key, i), lead_shape + in_shape + (r.rank,),
+                            jnp.float32) * fan_in ** -0.5
+      b = jnp.zeros(lead_shape + (r.rank,) + out_shape, pdt)
+      setattr(module, f'{target}_lora', Adapter(
+          a.astype(pdt), b, lead_names + in_names + (RANK_AXIS,),
+          lead_names + (RANK_AXIS,) + out_names, scaling(r)))
+    if r.base_dtype == 'int8':
+      in_axes = tuple(lead + a for a in TARGETS[target][1])
+      q, scale = quantize(var.get_value(), in_axes)
+      var.set_value(q)
+      setattr(module, f'{weight}_scale', QuantScale(scale, logical_axes=names))
+  if r.train_embedding:
+    emb = model.embedder.embedding
+    model.embedder.embedding = LoraParam(emb.get_value().astype(pdt), **emb.get_metadata())
+  return model
+
+
+def build(c: config_lib.Config, rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """The model of a config: model.Gemma3, adapted when lora.rank > 0 (random base: the seed's)."""
+  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top  (it imports us)
+  model = model_lib.Gemma3(c.model, rngs=rngs or nnx.Rngs(c.train.seed))
+  return adapt(model, c) if c.lora.rank else model
+
+
+def new_state(c: config_lib.Config, tx) -> dict:
+  """A LoRA train state: {'step', 'params' (trainable), 'opt_state' (of those), 'base'}."""
+  model = build(c)
+  params = nnx.state(model, TRAINABLE)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+          'base': nnx.state(model, FROZEN)}
+
+
+# --- the base from released weights --------------------------------------------
+
+
+def load_abstract(c: config_lib.Config, abstract_state: dict) -> nnx.State:
+  """The Param state load_init_params fills for a LoRA run: the plain model's paths, in the base
+  storage dtype (int8 projections load as bfloat16, then `base_from_params` quantizes them),
+  placed like the base (or trainable embedding) leaves they become."""
+  placed = dict(nnx.to_flat_state(abstract_state['base']))
+  placed.update(nnx.to_flat_state(abstract_state['params']))
+  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+  plain = dataclasses.replace(c.model, param_dtype=jnp.dtype(_base_dtype(c.lora)).name)
+  flat = []
+  for path, var in nnx.to_flat_state(model_lib.abstract_state(plain)):
+    a = placed[path].get_value()
+    value = jax.ShapeDtypeStruct(a.shape, var.get_value().dtype, sharding=a.sharding)
+    flat.append((path, var.replace(value)))
+  return nnx.from_flat_state(flat)
+
+
+def _cast(w, dtype, sharding):
+  return jax.jit(lambda w: w.astype(dtype), out_shardings=sharding)(w)
+
+
+def base_from_params(params: nnx.State, abstract_base: nnx.State) -> nnx.State:
+  """Loaded (float) params -> the base as abstract_base stores it, one leaf at a time (int8
+  weights quantized on their devices, into their shardings)."""
+  loaded = {path: var.get_value() for path, var in nnx.to_flat_state(params)}
+  flat = []
+  for path, var in nnx.to_flat_state(abstract_base):
+    a = var.get_value()
+    sharding = getattr(a, 'sharding', None)
+    if isinstance(var, QuantScale) or a.dtype == jnp.int8:
+      name = str(path[-1]).removesuffix('_scale')
+      part = 1 if isinstance(var, QuantScale) else 0
+      fn = lambda w, axes=weight_in_axes(path), part=part: quantize(w, axes)[part]
+      value = jax.jit(fn, out_shardings=sharding)(loaded[path[:-1] + (name,)])
+    else:
+      value = _cast(loaded[path], a.dtype, sharding)
+    flat.append((path, var.replace(value)))
+  return nnx.from_flat_state(flat)
+
+
+def with_loaded_trainables(params: nnx.State, loaded: nnx.State) -> nnx.State:
+  """Fresh trainable params with the loaded values of those that are base weights too (the
+  embedding, with lora.train_embedding)."""
+  values = {path: var.get_value() for path, var in nnx.to_flat_state(loaded)}
+  flat = []
+  for path, var in nnx.to_flat_state(params):
+    if path in values:
+      a = var.get_value()
+      var = var.replace(_cast(values[path], a.dtype, a.sharding))
+    flat.append((path, var))
+  return nnx.from_flat_state(flat)

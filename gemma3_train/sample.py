@@ -1,0 +1,358 @@
+"""KV-cache sampling: a jitted prefill over the prompts, then one jitted decode step per token.
+
+Prompts of different lengths are left-padded to one length P (rounded up to a multiple of
+PROMPT_BUCKET, so that nearby lengths share a compiled step). Column c of a row holds the token
+at position c - pad; padding columns are their own segment, so they are never attended to.
+Token columns run 0 .. S-1 with S = P + max_new_tokens.
+
+Cache (per decoder layer, keys and values [B, C, K, H] in the compute dtype):
+  global layers  C = S: column c lives in slot c;
+  local layers   C = min(sliding_window, S), a ring buffer: column c lives in slot c % C, so a
+                 local layer's cache is O(window), not O(length). After column t is written,
+                 slot s holds column t - ((t - s) mod C): exactly the window (t - W, t].
+The scanned blocks of six keep their stacked parameters (as trained): the cache of each of the
+six layers of a block carries the same leading [num_blocks] axis, and both steps scan over
+blocks. Attention goes through the modules' own code (Attention.qkv / output, the MLP, the
+norms: DecoderLayer.apply), so whatever those modules add (LoRA adapters) applies here too.
+
+Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k and top-p
+(nucleus: the smallest set of most likely tokens whose probability reaches top_p), then a
+categorical draw with jax.random.fold_in(PRNGKey(seed), step). A row stops after EOS or
+<end_of_turn>; generation ends when every row has stopped or max_new_tokens is reached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from gemma3_train import attention
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train.data import tokenizer as tokenizer_lib
+
+STOP_TOKENS = (tokenizer_lib.EOS, tokenizer_lib.END_OF_TURN)
+PROMPT_BUCKET = 16
+# The context length of the released models (HF max_position_embeddings, docs/gemma3.md
+# section 1): 32k for the sizes without global RoPE scaling (270m, 1b), 128k with it (4b+).
+CONTEXT_UNSCALED, CONTEXT_SCALED = 32_768, 131_072
+_CACHE_NAMES = ('act_batch', None, 'act_kv_heads', None)
+
+
+class PromptError(ValueError):
+  """A prompt the model cannot take (empty, or longer than its context)."""
+
+
+def context_length(cfg: config_lib.ModelConfig) -> int:
+  """Tokens a model of this shape attends over: prompt plus generated tokens."""
+  return CONTEXT_SCALED if cfg.global_rope_scale > 1.0 else CONTEXT_UNSCALED
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy; top_k / top_p None = off. The released models recommend
+  temperature 1.0, top_k 64, top_p 0.95 (RECOMMENDED)."""
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature={self.temperature}: expected >= 0')
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f'top_k={self.top_k}: expected >= 1 (or None)')
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p={self.top_p}: expected in (0, 1] (or None)')
+
+
+RECOMMENDED = Sampling(temperature=1.0, top_k=64, top_p=0.95)
+
+
+def _knobs(s: Sampling) -> dict[str, jax.Array]:
+  """The sampling settings as traced scalars (one compiled step serves every setting;
+  top_k 0 and top_p 1 mean off)."""
+  return {'temperature': jnp.float32(s.temperature), 'top_k': jnp.int32(s.top_k or 0),
+          'top_p': jnp.float32(1.0 if s.top_p is None else s.top_p)}
+
+
+def filter_logits(logits_BV: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
+  """float32 logits / temperature with everything outside top-k and top-p set to -inf."""
+  B, V = logits_BV.shape
+  z_BV = logits_BV.astype(jnp.float32) / jnp.maximum(knobs['temperature'], 1e-6)
+  sorted_BV = jnp.flip(jnp.sort(z_BV, axis=-1), axis=-1)  # descending; one sort for both
+  k = jnp.where(knobs['top_k'] > 0, jnp.minimum(knobs['top_k'], V), V)
+  kth_B1 = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(k - 1, (B, 1)), axis=-1)
+  sorted_BV = jnp.where(jnp.arange(V)[None, :] < k, sorted_BV, -jnp.inf)
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  # Keep a token while the mass of the tokens before it is below top_p (the first always).
+  before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  kept_B1 = jnp.sum(before_BV < knobs['top_p'], axis=-1, keepdims=True)
+  kept_B1 = jnp.where(knobs['top_p'] >= 1.0, V, jnp.maximum(kept_B1, 1))
+  cutoff_B1 = jnp.take_along_axis(sorted_BV, kept_B1 - 1, axis=-1)
+  return jnp.where((z_BV < kth_B1) | (z_BV < cutoff_B1), -jnp.inf, z_BV)
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, s: Sampling | dict) -> jax.Array:
+  """Next token ids [B] (int32): argmax at temperature 0, else a draw from filter_logits."""
+  knobs = _knobs(s) if isinstance(s, Sampling) else s
+  return jax.lax.cond(
+      knobs['temperature'] == 0,
+      lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32),
+      lambda: jax.random.categorical(key, filter_logits(logits_BV, knobs),
+                                     axis=-1).astype(jnp.int32))
+
+
+# --- one layer over the cache --------------------------------------------------
+
+
+def _ring_columns(t, size: int):
+  """The column each slot of a ring of `size` holds once column t is written."""
+  s = jnp.arange(size, dtype=jnp.int32)
+  return t - jnp.mod(t - s, size)
+
+
+def _prefill_attend(positions_BP, segment_ids_BP, cache_sizes: dict[bool, int], new_cache: list):
+  """attend(attn, h) for the prompt: the training kernel over the prompt itself, and the
+  prompt's keys and values written to a fresh cache (appended to new_cache)."""
+  def attend(attn, h_BPD):
+    q_BPNH, k_BPKH, v_BPKH = attn.qkv(h_BPD, positions_BP)
+    impl = attention.resolve(attn.impl, q_BPNH.dtype)
+    P = h_BPD.shape[1]
+    if impl == 'splash' and P > attn.block_size and P % attn.block_size:
+      impl = 'reference'  # splash needs the block to divide the length
+    out_BPNH = attention.attend(q_BPNH, k_BPKH, v_BPKH, positions_BP, segment_ids_BP,
+                                window=attn.window, impl=impl, block_size=attn.block_size)
+    C = cache_sizes[attn.is_global]
+    n = min(P, C)
+    slots = np.arange(P - n, P) % C  # static: the last n prompt columns
+    cache = {}
+    for name, x_BPKH in (('k', k_BPKH), ('v', v_BPKH)):
+      B, _, K, H = x_BPKH.shape
+      buf = jnp.zeros((B, C, K, H), x_BPKH.dtype).at[:, slots].set(x_BPKH[:, P - n:])
+      cache[name] = sharding.constrain(buf, _CACHE_NAMES)
+    new_cache.append(cache)
+    return attn.output(out_BPNH)
+  return attend
+
+
+def _decode_attend(t, pad_B, caches: list[dict], new_cache: list):
+  """attend(attn, h) for one new token at column t: write its key/value, attend the cache."""
+  it = iter(caches)
+
+  def attend(attn, h_B1D):
+    cache = next(it)
+    positions_B1 = (t - pad_B)[:, None]
+    q_B1NH, k_B1KH, v_B1KH = attn.qkv(h_B1D, positions_B1)
+    C = cache['k'].shape[1]
+    slot = t if attn.is_global else jnp.mod(t, C)
+    k_BCKH = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_B1KH, slot, axis=1)
+    v_BCKH = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_B1KH, slot, axis=1)
+    k_BCKH = sharding.constrain(k_BCKH, _CACHE_NAMES)
+    v_BCKH = sharding.constrain(v_BCKH, _CACHE_NAMES)
+    if attn.is_global:
+      cols_C = jnp.arange(C, dtype=jnp.int32)
+      valid_BC = (cols_C[None, :] <= t) & (cols_C[None, :] >= pad_B[:, None])
+    else:  # the ring holds the window (t - C, t]; C <= W
+      valid_BC = _ring_columns(t, C)[None, :] >= pad_B[:, None]
+    out_B1NH = attention.reference(q_B1NH, k_BCKH, v_BCKH, valid_BC[:, None, :])
+    new_cache.append({'k': k_BCKH, 'v': v_BCKH})
+    return attn.output(out_B1NH)
+  return attend
+
+
+def _layers(model, x_BTD, make_attend: Callable, cache):
+  """Runs every decoder layer with attention from make_attend(layer caches, new caches);
+  returns (x, new cache) in the cache's layout: {'blocks': [6 x {k, v}] stacked over blocks,
+  'tail': [...]} for scanned models, {'layers': [...]} otherwise. cache None: prefill."""
+  new = {}
+  if model.cfg.scan_layers:
+    new['tail'] = []
+    if model.blocks is not None:
+      graphdef, state = nnx.split(model.blocks)
+
+      def body(x_BTD, xs):
+        block_state, block_cache = xs
+        out = []
+        attend = make_attend(block_cache, out)
+        for layer in nnx.merge(graphdef, block_state).layers:
+          x_BTD = layer.apply(x_BTD, attend)
+        return x_BTD, out
+      x_BTD, new['blocks'] = jax.lax.scan(
+          body, x_BTD, (state, None if cache is None else cache['blocks']))
+    attend = make_attend(None if cache is None else cache['tail'], new['tail'])
+    for layer in model.tail:
+      x_BTD = layer.apply(x_BTD, attend)
+  else:
+    new['layers'] = []
+    attend = make_attend(None if cache is None else cache['layers'], new['layers'])
+    for layer in model.layers:
+      x_BTD = layer.apply(x_BTD, attend)
+  return x_BTD, new
+
+
+def _logits_last(model, x_BTD):
+  x_B1D = model.final_norm(x_BTD[:, -1:])
+  return model.embedder.decode(x_B1D)[:, 0]
+
+
+# --- the jitted steps ------------------------------------------------------------
+
+
+def _prefill(graphdef, state, tokens_BP, pad_B, key, s, *, total: int, mesh, rules):
+  """(cache, first new token [B], its logits [B, V]) for left-padded prompts."""
+  with _maybe_mesh(mesh, rules):
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    B, P = tokens_BP.shape
+    cols_P = jnp.arange(P, dtype=jnp.int32)
+    positions_BP = jnp.maximum(cols_P[None, :] - pad_B[:, None], 0)
+    segment_ids_BP = (cols_P[None, :] >= pad_B[:, None]).astype(jnp.int32)
+    sizes = {True: total, False: min(cfg.sliding_window, total)}
+    x_BPD = sharding.constrain(model.embedder.encode(tokens_BP), ('act_batch', 'act_len',
+                                                                  'act_embed'))
+    x_BPD, cache = _layers(
+        model, x_BPD, lambda _, out: _prefill_attend(positions_BP, segment_ids_BP, sizes, out),
+        None)
+    logits_BV = _logits_last(model, x_BPD)
+    return cache, sample_logits(logits_BV, jax.random.fold_in(key, 0), s), logits_BV
+
+
+def _decode(graphdef, state, cache, tokens_B, t, pad_B, key, s, *, mesh, rules):
+  """The token at column t -> (cache, the token at column t + 1 [B], its logits [B, V])."""
+  with _maybe_mesh(mesh, rules):
+    model = nnx.merge(graphdef, state)
+    x_B1D = model.embedder.encode(tokens_B[:, None])
+    x_B1D, cache = _layers(model, x_B1D, lambda c, out: _decode_attend(t, pad_B, c, out), cache)
+    logits_BV = _logits_last(model, x_B1D)
+    return cache, sample_logits(logits_BV, jax.random.fold_in(key, t + 1), s), logits_BV
+
+
+def _maybe_mesh(mesh, rules):
+  return sharding.use_mesh(mesh, rules) if mesh is not None else contextlib.nullcontext()
+
+
+def left_pad(prompts: Sequence[Sequence[int]], bucket: int = PROMPT_BUCKET
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [B, P] int32 left-padded with PAD, pad counts [B]); P a multiple of bucket."""
+  lengths = [len(p) for p in prompts]
+  P = -(-max(lengths) // bucket) * bucket
+  tokens = np.full((len(prompts), P), tokenizer_lib.PAD, np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, P - len(p):] = p
+  return tokens, np.asarray([P - n for n in lengths], np.int32)
+
+
+class Sampler:
+  """Jitted prefill/decode over a model's graph; params come with each call (so training can
+  sample its current state) or from the model given at construction.
+
+  mesh/rules: run sharded as training does (sharding.make_mesh / parse_rules); params are then
+  placed by their logical axes, the cache by ('act_batch', -, 'act_kv_heads', -).
+  """
+
+  def __init__(self, model, mesh: Mesh | None = None,
+               rules: dict[str, tuple[str, ...]] | None = None):
+    self.graphdef, state = nnx.split(model)
+    self.cfg = model.cfg
+    self.mesh = mesh
+    self.rules = rules if rules is not None else dict(sharding.DEFAULT_RULES)
+    self.state = self.place(state)
+    self._steps: dict[int, tuple[Callable, Callable]] = {}
+
+  def place(self, state):
+    """state sharded over the mesh by its logical axes (unchanged without a mesh)."""
+    if self.mesh is None:
+      return state
+    return jax.device_put(state, sharding.state_shardings(state, self.mesh, self.rules))
+
+  def _jitted(self, total: int):
+    """(prefill, decode) for S = total columns; jit caches one compile per input shape."""
+    if total not in self._steps:
+      common = dict(mesh=self.mesh, rules=self.rules)
+      prefill = jax.jit(functools.partial(_prefill, self.graphdef, total=total, **common))
+      decode = jax.jit(functools.partial(_decode, self.graphdef, **common), donate_argnums=(1,))
+      self._steps[total] = (prefill, decode)
+    return self._steps[total]
+
+  def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raises PromptError for an empty prompt or one the context cannot extend."""
+    limit = context_length(self.cfg)
+    for i, p in enumerate(prompts):
+      if not len(p):  # pylint: disable=g-explicit-length-test
+        raise PromptError(f'prompt {i} is empty (it needs at least BOS)')
+      if len(p) + max_new_tokens > limit:
+        raise PromptError(f'prompt {i} has {len(p)} tokens; with max_new_tokens='
+                          f'{max_new_tokens} that exceeds the model context of {limit} tokens')
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+               sampling: Sampling = Sampling(), seed: int = 0, *, params=None,
+               on_token: Callable[[int, int], None] | None = None,
+               return_logits: bool = False, stop_tokens: Sequence[int] = STOP_TOKENS):
+    """New token ids per prompt (each ending with its first stop token, if one came).
+
+    params: a state to sample instead of the model's (e.g. training's current params);
+    on_token(row, token) is called as each row's tokens arrive (streaming);
+    return_logits: also return the logits [steps, B, V] that chose each token (tests).
+    """
+    self.check(prompts, max_new_tokens)
+    if max_new_tokens <= 0:
+      return ([[] for _ in prompts], np.zeros((0, len(prompts), self.cfg.vocab_size))
+              ) if return_logits else [[] for _ in prompts]
+    tokens_BP, pad_B = left_pad(prompts)
+    B, P = tokens_BP.shape
+    total = P + max_new_tokens
+    prefill, decode = self._jitted(total)
+    knobs = _knobs(sampling)
+    state = self.state if params is None else params
+    key = jax.random.PRNGKey(seed)
+    pad_B = jnp.asarray(pad_B)
+    cache, tokens_B, logits_BV = prefill(state, jnp.asarray(tokens_BP), pad_B, key, knobs)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    all_logits = []
+    for i in range(max_new_tokens):
+      chosen_B, chosen_BV = tokens_B, logits_BV
+      if i < max_new_tokens - 1:  # dispatched before the host reads this step's tokens
+        cache, tokens_B, logits_BV = decode(state, cache, chosen_B, jnp.int32(P + i), pad_B, key,
+                                            knobs)
+      host = np.asarray(chosen_B)
+      if return_logits:
+        all_logits.append(np.asarray(chosen_BV))
+      for b in np.flatnonzero(~done):
+        out[b].append(int(host[b]))
+        if on_token is not None:
+          on_token(int(b), int(host[b]))
+        done[b] = host[b] in stop_tokens
+      if done.all():
+        break
+    return (out, np.stack(all_logits)) if return_logits else out
+
+
+def chat_prompt(messages: list[dict], tok: tokenizer_lib.Tokenizer) -> list[int]:
+  """The Gemma 3 chat template with the generation prompt: the conversation as training formats
+  it (data.format_chat: BOS, then <start_of_turn>{role}\\n{text}<end_of_turn>\\n per turn), less
+  its closing EOS, then <start_of_turn>model\\n."""
+  from gemma3_train.data import documents  # pylint: disable=g-import-not-at-top  (grain)
+  tokens, _ = documents.format_chat(messages, tok)
+  return [int(x) for x in tokens[:-1]] + [tokenizer_lib.START_OF_TURN] + tok.encode('model\n')
+
+
+def prompt_tokens(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
+  """A plain-text prompt: BOS then its pieces (as training documents start)."""
+  return [tokenizer_lib.BOS] + tok.encode(text)
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0) -> list[list[int]]:
+  """Gemma3.generate: one-off sampling of a model (compiles for these shapes)."""
+  return Sampler(model).generate(prompts, max_new_tokens,
+                                 Sampling(temperature, top_k, top_p), seed)

@@ -1,0 +1,315 @@
+"""Faults of long runs, each injected for real: a second run on a held workdir, a stale lease,
+SIGKILL inside async checkpoint writes, a full disk, vanished data, a short soak.
+
+gs:// faults (the emulator stopped mid-save, SIGTERM, corrupt checkpoints on gs://) are in
+tests/test_faults_gcs.py. The CLI runs reuse tests/test_checkpoint.py's small model.
+"""
+
+import json
+import os
+import pathlib
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gemma3_train import lease
+from tests import test_checkpoint as tc
+
+ROOT = tc.ROOT
+
+
+def _snapshot(root: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*'))
+          if p.is_file()}
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [l for l in stderr.splitlines() if l.startswith('gemma3-train: error:')]
+
+
+# --- the workdir lease ------------------------------------------------------------------
+
+
+def test_lease_is_exclusive_heartbeats_and_releases(tmp_path):
+  first = lease.Lease(str(tmp_path), timeout_s=30)
+  first.acquire()
+  try:
+    with pytest.raises(lease.LeaseHeldError) as e:
+      lease.Lease(str(tmp_path), timeout_s=30).acquire()
+    msg = str(e.value)
+    assert '\n' not in msg
+    assert f'host {socket.gethostname()}, pid {os.getpid()}, since ' in msg
+    before = lease.Holder.from_bytes((tmp_path / 'LEASE').read_bytes()).heartbeat
+    time.sleep(0.01)
+    first.beat()
+    assert lease.Holder.from_bytes((tmp_path / 'LEASE').read_bytes()).heartbeat > before
+  finally:
+    first.release()
+  assert not (tmp_path / 'LEASE').exists()
+  again = lease.Lease(str(tmp_path), timeout_s=30)
+  again.acquire()
+  again.release()
+
+
+def _dead_holder(heartbeat_age_s: float, host: str = 'gone-host') -> lease.Holder:
+  then = time.time() - heartbeat_age_s
+  return lease.Holder(host=host, pid=4_000_000, started=then - 60, heartbeat=then,
+                      run_id='dead')
+
+
+def test_stale_lease_is_taken_over_with_a_warning_and_a_fresh_one_is_not(tmp_path, caplog):
+  (tmp_path / 'LEASE').write_bytes(_dead_holder(120).to_bytes())
+  with pytest.raises(lease.LeaseHeldError, match='host gone-host, pid 4000000'):
+    lease.Lease(str(tmp_path), timeout_s=600).acquire()  # 2 minutes old: still within 10
+  taker = lease.Lease(str(tmp_path), timeout_s=60)
+  with caplog.at_level('WARNING', logger='gemma3_train.lease'):
+    taker.acquire()
+  try:
+    assert 'Took over the stale lease' in caplog.text and 'gone-host' in caplog.text
+    held = lease.Holder.from_bytes((tmp_path / 'LEASE').read_bytes())
+    assert held.run_id == taker.holder.run_id
+    # The dead holder's heartbeat, had it resumed, no longer counts: its lease is lost.
+  finally:
+    taker.release()
+
+
+def test_a_holder_gone_from_this_host_is_stale_at_once(tmp_path):
+  (tmp_path / 'LEASE').write_bytes(_dead_holder(1, host=socket.gethostname()).to_bytes())
+  taker = lease.Lease(str(tmp_path), timeout_s=600)
+  taker.acquire()
+  taker.release()
+
+
+def test_second_gemma3_train_on_a_held_workdir_stops_at_start_and_writes_nothing(tmp_path):
+  holder = lease.Lease(str(tmp_path), timeout_s=600)
+  holder.acquire()
+  try:
+    before = _snapshot(tmp_path)
+    r = tc._run(tmp_path, 3)  # pylint: disable=protected-access
+    assert r.returncode == 2, r.stderr[-2000:]
+    (line,) = _error_lines(r.stderr)
+    assert re.fullmatch(
+        rf'gemma3-train: error: --workdir={re.escape(str(tmp_path))} is in use by another run '
+        rf'\(host {re.escape(socket.gethostname())}, pid {os.getpid()}, since '
+        r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d, last heartbeat \d+ s ago; .*', line), line
+    assert _snapshot(tmp_path) == before  # nothing written, nothing touched
+  finally:
+    holder.release()
+
+
+_LEASE_WORKER = """
+import sys, time, jax
+from gemma3_train import lease, train
+pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+train.initialize_distributed(f'localhost:{port}', 2, pid)
+try:
+  held = lease.acquire(workdir, 60.0)
+except lease.LeaseHeldError as e:
+  print('HELD', e, flush=True)
+  sys.exit(3)
+print('ACQUIRED', type(held).__name__, flush=True)
+time.sleep(float(sys.argv[4]))
+held.release()
+"""
+
+
+def _lease_pair(workdir, hold_s):
+  port = str(tc.test_train._free_port())  # pylint: disable=protected-access
+  return [subprocess.Popen([sys.executable, '-c', _LEASE_WORKER, str(i), port, str(workdir),
+                            str(hold_s)], cwd=ROOT, env=tc._env(1), stdout=subprocess.PIPE,  # pylint: disable=protected-access
+                           stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def test_multi_process_run_holds_one_lease_and_all_processes_stop_when_held(tmp_path):
+  first = _lease_pair(tmp_path, 30)
+  deadline = time.time() + 120
+  while not (tmp_path / 'LEASE').exists():
+    assert time.time() < deadline and all(p.poll() is None for p in first)
+    time.sleep(0.1)
+  held = lease.Holder.from_bytes((tmp_path / 'LEASE').read_bytes())
+  assert held.pid == first[0].pid  # process 0 holds it for both
+  second = _lease_pair(tmp_path, 0)
+  outs = [p.communicate(timeout=120)[0] for p in second]
+  assert [p.returncode for p in second] == [3, 3], outs
+  for out in outs:
+    assert f'pid {first[0].pid}, since ' in out, out
+  for p in first:
+    p.kill()
+    p.wait()
+
+
+# --- SIGKILL inside async checkpoint writes ----------------------------------------------
+
+KILL_TRIALS = int(os.environ.get('GEMMA3_KILL_TRIALS', '20'))
+
+
+@pytest.mark.slow
+def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
+  """Each trial starts the run again on the same workdir (taking over the killed run's lease),
+  waits until it has started an async checkpoint write (a save every step, so one is nearly
+  always in flight), then SIGKILLs it at a random moment. The last rerun finishes; every step's
+  loss and the final params equal an uninterrupted run's, bit for bit."""
+  steps = 400
+  every_step = ['--config.checkpoint.every=1', '--config.checkpoint.keep=2',
+                '--config.checkpoint.lease_timeout_s=600']
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  tc._train(straight, steps)  # pylint: disable=protected-access
+  rng = random.Random(19)
+  resumed = []
+  for trial in range(KILL_TRIALS):
+    log_path = tmp_path / f'trial{trial}.log'
+    with open(log_path, 'w') as err:
+      proc = subprocess.Popen(tc._cmd(killed, steps, *every_step), cwd=ROOT,  # pylint: disable=protected-access
+                              env=tc._env(), stdout=subprocess.DEVNULL, stderr=err)  # pylint: disable=protected-access
+      deadline = time.time() + 600
+      while 'being written' not in log_path.read_text():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+      time.sleep(rng.uniform(0.0, 0.4))
+      proc.kill()
+      proc.wait()
+    text = log_path.read_text()
+    assert 'unreadable' not in text and 'Traceback' not in text, text[-3000:]
+    if trial:
+      m = re.search(r'Resumed from \S+/checkpoints/(\d+)', text)
+      assert m, text[-3000:]
+      assert 'Took over the stale lease' in text  # the killed run's, gone from this host
+      resumed.append(int(m.group(1)))
+  assert resumed == sorted(resumed) and resumed[-1] < steps
+  r = tc._train(killed, steps, *every_step)  # pylint: disable=protected-access
+  assert 'Resumed from' in r.stderr
+  a, b = tc._losses(straight), tc._losses(killed)  # pylint: disable=protected-access
+  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+  assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
+  for x, y in zip(tc._params(straight), tc._params(killed)):  # pylint: disable=protected-access
+    np.testing.assert_array_equal(x, y)
+
+
+# --- a full disk ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """An 8 MB tmpfs: room for one checkpoint of the small model (5.2 MB), not two."""
+  mnt = tmp_path / 'disk'
+  mnt.mkdir()
+  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(mnt)],
+                     capture_output=True, text=True)
+  if r.returncode:
+    pytest.skip(f'cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): '
+                f'{r.stderr.strip()}')
+  try:
+    yield mnt
+  finally:
+    subprocess.run(['umount', '-l', str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_stops_with_one_line_keeps_earlier_checkpoints_and_resumes(small_disk):
+  workdir = small_disk / 'run'
+  r = tc._run(workdir, 15)  # pylint: disable=protected-access  # saves at 5 (fits), 10, 15
+  assert r.returncode == 1, r.stderr[-3000:]
+  (line,) = _error_lines(r.stderr)
+  m = re.fullmatch(r'gemma3-train: error: no space left on device writing the checkpoint for '
+                   rf'step (\d+) to {re.escape(str(workdir / "checkpoints"))}: it needs about '
+                   r'([\d.]+) MB, ([\d.]+) MB free; .*', line)
+  assert m, line
+  assert int(m.group(1)) in (10, 15) and 4.0 < float(m.group(2)) < 7.0, line
+  assert float(m.group(3)) < float(m.group(2))
+  # Only the complete checkpoint is left: no partial step, no temporary directory.
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['5']
+  assert not (workdir / 'LEASE').exists()  # released on the way out
+  subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)], check=True)
+  r = tc._train(workdir, 15)  # pylint: disable=protected-access
+  assert re.search(r'Resumed from \S+/checkpoints/5\b', r.stderr)
+  steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert steps[-10:] == list(range(6, 16))
+  assert '15' in {p.name for p in (workdir / 'checkpoints').iterdir()}
+
+
+# --- data that turns unreadable mid-run ---------------------------------------------------
+
+
+def _write_array_record(path: pathlib.Path, tag: str, n: int = 400) -> None:
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  w = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
+  for i in range(n):
+    w.write(json.dumps({'text': f'{tag} document {i}. ' * 8}).encode())
+  w.close()
+
+
+def _damage(path: pathlib.Path) -> None:
+  """Overwrites everything but the first and last 100 bytes, as a failing disk or a half
+  overwritten object would (a deleted file stays readable through its open handle)."""
+  n = path.stat().st_size
+  with open(path, 'r+b') as f:
+    f.seek(100)
+    f.write(b'\xff' * (n - 200))
+
+
+def test_data_file_unreadable_mid_run_is_skipped_counted_and_state_stays_consistent(tmp_path):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from gemma3_train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.data import sources  # pylint: disable=g-import-not-at-top
+  a, b = tmp_path / 'a.array_record', tmp_path / 'b.array_record'
+  _write_array_record(a, 'alpha')
+  _write_array_record(b, 'beta')
+  c = config_lib.from_config_dict(tiny.get_config()).replace(
+      data=dict(source='arrayrecord', train_path=f'{a},{b}', prefetch=0, seq_len=64),
+      train=dict(global_batch_size=4))
+  it = data_lib.make_train_iterator(c)
+  again = data_lib.make_train_iterator(c)  # opened while readable, like a resumed run's
+  for _ in range(3):
+    next(it)
+  before = sum(v for k, v in sources.COUNTS.items() if 'unreadable data file' in k)
+  _damage(a)
+  batches = [next(it) for _ in range(12)]
+  skipped = sum(v for k, v in sources.COUNTS.items() if 'unreadable data file' in k) - before
+  assert skipped > 0
+  assert all(b_['inputs'].shape == (4, 64) for b_ in batches)
+  # The checkpointed state resumes exactly: a fresh iterator set to it yields the same batches.
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  again.set_state(state)
+  for want in expected:
+    got = next(again)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  # With every file unreadable, the source is exhausted: a one-line error naming the file.
+  _damage(b)
+  with pytest.raises(sources.DataError, match=r'b\.array_record: unreadable .*no readable file '
+                     r'remains'):
+    for _ in range(200):
+      next(it)
+
+
+# --- a short soak -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_short_soak_memory_fds_threads_and_workdir_stay_flat(tmp_path):
+  """300 steps, a checkpoint every 10 (keep 3) of the small model: after warm-up (the first
+  100 steps), resident memory, open files, threads and the workdir's size stay flat."""
+  out = tmp_path / 'soak.json'
+  r = subprocess.run(
+      [sys.executable, 'benchmarks/soak.py', f'--workdir={tmp_path / "run"}', '--steps=300',
+       '--every=50', f'--json={out}', '--small'],
+      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=1800)  # pylint: disable=protected-access
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = json.loads(out.read_text())
+  assert [row['step'] for row in rows] == list(range(50, 301, 50))
+  warm = [row for row in rows if row['step'] >= 100]
+  rss = [row['rss_mb'] for row in warm]
+  assert max(rss) - min(rss) < 0.1 * min(rss) + 30, rows
+  assert max(row['fds'] for row in warm) - min(row['fds'] for row in warm) <= 4, rows
+  assert max(row['threads'] for row in warm) - min(row['threads'] for row in warm) <= 4, rows
+  size = [row['workdir_mb'] for row in warm]
+  assert max(size) - min(size) < 0.2 * max(size) + 1, rows

@@ -1,0 +1,246 @@
+"""LoRA / QLoRA: adapters on a frozen base, checkpoints of adapters only, PEFT export and import.
+
+The reference is Hugging Face transformers + peft: a random HF Gemma3ForCausalLM (saved and used
+as checkpoint.init_from) with our exported adapter loaded by peft.PeftModel.from_pretrained.
+"""
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import transformers
+from flax import nnx
+
+from configs import tiny
+from gemma3_train import config as config_lib
+from gemma3_train import convert
+from gemma3_train import layout
+from gemma3_train import lora
+from gemma3_train import model as model_lib
+from gemma3_train import sharding
+from gemma3_train import train
+from gemma3_train.convert import peft as peft_lib
+from tests import test_checkpoint
+from tests import test_hf_reference as hf_ref
+
+TOKENS = np.random.default_rng(0).integers(0, hf_ref.VOCAB, (2, 20)).astype(np.int32)
+
+
+def _config(model: config_lib.ModelConfig, **sections) -> config_lib.Config:
+  c = config_lib.Config(model=model)
+  base = dict(data=dict(source='synthetic', seq_len=32),
+              train=dict(num_steps=3, global_batch_size=8, eval_every=0, loss_chunk_size=16),
+              optim=dict(warmup_steps=0, schedule='constant', lr=2e-2),
+              logging=dict(tensorboard=False, log_every=1), checkpoint=dict(every=0),
+              lora=dict(rank=4, alpha=8.0))
+  for k, v in sections.items():
+    base[k] = {**base.get(k, {}), **v}
+  return c.replace(**base)
+
+
+def _tiny(num_layers=2, **lora_fields):
+  c = config_lib.from_config_dict(tiny.get_config())
+  return _config(dataclasses.replace(c.model, vocab_size=512, num_layers=num_layers,
+                                     remat_policy='none'), lora=lora_fields)
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_zero_b_gives_the_base_logits_exactly(scan):
+  c = _tiny(num_layers=7)
+  c = c.replace(model=dict(scan_layers=scan))
+  base = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
+  adapted = lora.build(c)
+  n = len(jax.tree.leaves(nnx.state(adapted, lora.TRAINABLE)))
+  assert n == 2 * 7 * 7  # A and B of seven targets per layer (scanned: stacked over blocks)
+  np.testing.assert_array_equal(np.asarray(adapted(TOKENS)), np.asarray(base(TOKENS)))
+
+
+def test_only_adapters_train_and_the_optimizer_holds_only_them():
+  c = _tiny(num_layers=7)
+  mesh = sharding.make_mesh(c, jax.devices()[:4])
+  s = train.setup(c, mesh)
+  base_before = jax.tree.map(np.asarray, nnx.to_pure_dict(s.state['base']))
+  params_before = jax.tree.map(np.asarray, nnx.to_pure_dict(s.state['params']))
+  state = s.state
+  batch = {k: jax.device_put(v, s.batch_sharding[k])
+           for k, v in _batch(c).items()}
+  for _ in range(2):
+    state, m = s.train_step(state, batch)
+  assert np.isfinite(float(m['loss']))
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.tree.map(np.asarray, nnx.to_pure_dict(state['base'])), base_before)
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(state['params']))
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(after), jax.tree.leaves(params_before)):
+    assert not np.array_equal(x, y), jax.tree_util.keystr(path)  # every A and B moved
+  adapter_shapes = sorted(x.shape for x in jax.tree.leaves(after))
+  moments = sorted(x.shape for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0)
+  assert moments == sorted(adapter_shapes * 2)  # Adam's mu and nu of the adapters, nothing else
+
+
+def _batch(c):
+  rng = np.random.default_rng(1)
+  B, L = c.train.global_batch_size, c.data.seq_len
+  tokens = rng.integers(3, c.model.vocab_size, size=(B, L + 1)).astype(np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+          'segment_ids': np.ones((B, L), np.int32), 'weights': np.ones((B, L), np.float32)}
+
+
+def _rel(a, b):
+  return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+@pytest.fixture(scope='module')
+def hf_base(tmp_path_factory):
+  """(our ModelConfig, HF model, its saved directory) of a random 8-layer Gemma 3."""
+  cfg, hf_cfg = hf_ref._configs(**hf_ref.CASES['gqa_ropescale_scanned'])
+  hf_model = hf_ref._hf_model(hf_cfg, seed=3)
+  path = tmp_path_factory.mktemp('hf_base')
+  hf_model.save_pretrained(path)
+  return cfg, hf_model, path
+
+
+@pytest.fixture(scope='module')
+def lora_run(hf_base, tmp_path_factory):
+  """A LoRA run of 3 steps on the HF base (targets all seven projections)."""
+  cfg, _, path = hf_base
+  workdir = tmp_path_factory.mktemp('lora_run')
+  c = _config(cfg, checkpoint=dict(init_from=str(path)))
+  train.train_and_evaluate(c, str(workdir))
+  return c, workdir
+
+
+def _peft_logits(hf_model, adapter_dir):
+  model = peft.PeftModel.from_pretrained(hf_model, str(adapter_dir)).eval()
+  try:
+    return hf_ref._hf_logits(model, TOKENS)
+  finally:
+    model.unload()  # the base module back as it was, for the other tests
+
+
+@pytest.mark.slow
+def test_trained_adapter_matches_peft_and_merged_export(hf_base, lora_run, tmp_path):
+  _, hf_model, _ = hf_base
+  c, workdir = lora_run
+  ours = convert.load(workdir)
+  got = np.asarray(ours(jnp.asarray(TOKENS)))
+  base = hf_ref._hf_logits(hf_model, TOKENS)
+  assert _rel(got, base) > 1e-3  # the adapters learned something
+  adapter = tmp_path / 'adapter'
+  peft_lib.export_adapter(workdir, adapter)
+  assert json.loads((adapter / 'adapter_config.json').read_text())['r'] == 4
+  want = _peft_logits(hf_model, adapter)
+  err = _rel(got, want)
+  print(f'ours vs transformers+peft: max rel logit error {err:.2e}')
+  assert err <= 1e-5
+  merged = tmp_path / 'merged'
+  convert.export_hf(workdir, merged, dtype='float32', progress=False)
+  merged_model = transformers.Gemma3ForCausalLM.from_pretrained(merged).eval()
+  err = _rel(hf_ref._hf_logits(merged_model, TOKENS), want)
+  print(f'merged export vs adapter export: max rel logit error {err:.2e}')
+  assert err <= 1e-5
+
+
+@pytest.mark.slow
+def test_peft_adapter_imports_to_continue_training(hf_base, lora_run, tmp_path):
+  cfg, hf_model, path = hf_base
+  c, workdir = lora_run
+  adapter = tmp_path / 'adapter'
+  peft_lib.export_adapter(workdir, adapter)
+  _, trained = peft_lib.read_trainables(workdir)
+  c2 = c.replace(lora=dict(init_adapter=str(adapter)))
+  s = train.setup(c2, sharding.make_mesh(c2, jax.devices()[:2]), abstract=True)
+  params = peft_lib.read_adapter(adapter, c2, s.init_trainable()['params'])
+  for p, var in nnx.to_flat_state(params):
+    np.testing.assert_array_equal(np.asarray(var.get_value()), trained[peft_lib._key(p)])
+  # An adapter of another base shape: one line naming it.
+  other = c2.replace(model=dict(embed_dim=48))
+  s = train.setup(other, sharding.make_mesh(other, jax.devices()[:2]), abstract=True)
+  with pytest.raises(config_lib.ConfigError, match='another base shape') as e:
+    peft_lib.read_adapter(adapter, other, s.init_trainable()['params'])
+  assert '\n' not in str(e.value)
+
+
+def test_int8_base_stays_close_to_float32(hf_base):
+  cfg, hf_model, _ = hf_base
+  c = _config(cfg)
+  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  top, layers = convert.hf_to_canonical(tensors, cfg)
+  plain = layout.canonical_to_state(cfg, top, layers)
+  errs = {}
+  ref = None
+  for dtype in ('float32', 'bfloat16', 'int8'):
+    cd = c.replace(lora=dict(base_dtype=dtype))
+    model = nnx.eval_shape(lambda: lora.build(cd, nnx.Rngs(0)))
+    base = lora.base_from_params(plain, nnx.state(model, lora.FROZEN))
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         nnx.state(model, lora.TRAINABLE))
+    nnx.update(model, base, zeros)
+    logits = np.asarray(model(jnp.asarray(TOKENS)))
+    if ref is None:
+      ref = logits
+      np.testing.assert_allclose(ref, hf_ref._hf_logits(hf_model, TOKENS), rtol=0, atol=1e-4 *
+                                 np.abs(ref).max())
+    errs[dtype] = _rel(logits, ref)
+  print('max rel logit error vs the float32 base:', errs)
+  int8 = [v for v in jax.tree.leaves(nnx.state(model, nnx.Param)) if v.dtype == jnp.int8]
+  assert len(int8) == 7 * 8  # seven projections per layer
+  assert errs['int8'] <= 0.05  # stated tolerance: 5% of the largest logit (docs/lora.md)
+
+
+@pytest.mark.parametrize('overrides, expected', [
+    (['--config.lora.rank=4', '--config.lora.targets=q,bogus'], "unknown: 'bogus'"),
+    (['--config.lora.alpha=32'], 'lora.rank=0: expected > 0 when lora.alpha is set'),
+    (['--config.lora.rank=20'], "lora.rank=20: expected <= 16, the smaller dimension of "
+     "target 'k'"),
+])
+def test_bad_lora_config_is_one_line_exit_2(tmp_path, overrides, expected):
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+                      f'--workdir={tmp_path / "w"}', *overrides], cwd=test_checkpoint.ROOT,
+                     env=test_checkpoint._env(1), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('gemma3-train: error: '), r.stderr
+  assert expected in lines[0]
+  assert not (tmp_path / 'w').exists()
+
+
+def test_export_lora_of_a_non_lora_dir_is_one_line_exit_2(tmp_path):
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.convert.cli', 'export-lora',
+                      f'--src={tmp_path}', f'--dst={tmp_path / "out"}'],
+                     cwd=test_checkpoint.ROOT, env=test_checkpoint._env(1), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert 'not a LoRA training workdir' in r.stderr and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_lora_sigkill_then_rerun_resumes_exactly(tmp_path):
+  extra = ['--config.lora.rank=4', '--config.lora.targets=q,v,down',
+           '--config.lora.base_dtype=int8']
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  test_checkpoint._train(straight, 20, *extra)
+  proc = subprocess.Popen(test_checkpoint._cmd(killed, 20, *extra), cwd=test_checkpoint.ROOT,
+                          env=test_checkpoint._env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  test_checkpoint._wait_for_step(killed / 'metrics.jsonl', 12, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(test_checkpoint._losses(killed)) < 20
+  r = test_checkpoint._train(killed, 20, *extra)
+  assert 'Resumed from' in r.stderr
+  a, b = test_checkpoint._losses(straight), test_checkpoint._losses(killed)
+  assert sorted(a) == sorted(b) == list(range(1, 21))
+  assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
+  _, x = peft_lib.read_trainables(straight)
+  _, y = peft_lib.read_trainables(killed)
+  assert x.keys() == y.keys()
+  for k in x:
+    np.testing.assert_array_equal(x[k], y[k])
