@@ -3,6 +3,7 @@ Ctrl-C, the persistent compilation cache, a finished run's rerun, a resume with 
 
 import json
 import logging
+import os
 import pathlib
 import signal
 import subprocess
@@ -174,17 +175,19 @@ def test_bad_chat_row_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_exits_0_and_the_resume_is_bitwise(tmp_path):
+  # A grain worker process too: Ctrl-C in a terminal signals the whole process group.
   cache = f'--config.train.cache_dir={tmp_path}/cache'
+  flags = (cache, '--config.checkpoint.every=0', '--config.data.num_workers=1')
   straight, stopped = tmp_path / 'straight', tmp_path / 'stopped'
-  _run(straight, 30, cache, '--config.checkpoint.every=0')
+  _run(straight, 30, *flags)
   compiled = sorted((tmp_path / 'cache' / 'jax').iterdir())
   assert compiled and (tmp_path / 'cache' / 'cpu_peak.json').exists()
 
-  proc = subprocess.Popen(test_checkpoint._cmd(stopped, 30, cache, '--config.checkpoint.every=0'),
-                          cwd=ROOT, env=test_checkpoint._env(devices=1),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(test_checkpoint._cmd(stopped, 30, *flags), cwd=ROOT,
+                          env=test_checkpoint._env(devices=1), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
   test_checkpoint._wait_for_step(stopped / 'metrics.jsonl', 4, proc)
-  proc.send_signal(signal.SIGINT)
+  os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
@@ -193,7 +196,7 @@ def test_ctrl_c_saves_exits_0_and_the_resume_is_bitwise(tmp_path):
   assert len([l for l in err.splitlines() if 'Ctrl-C' in l]) == 2, err  # asked, done
   assert f'Stopped by Ctrl-C: checkpoint at step {step} written' in err
 
-  r = _run(stopped, 30, cache, '--config.checkpoint.every=0')
+  r = _run(stopped, 30, *flags)
   assert f'Resumed from {stopped}/checkpoints/{step}' in r.stderr
   # Neither the stopped run nor its resume compiled anything: all from the persistent cache.
   assert sorted((tmp_path / 'cache' / 'jax').iterdir()) == compiled

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from gemma3_train import config as config_lib
+from gemma3_train import signals
 from gemma3_train.data import documents
 from gemma3_train.data import mixture
 from gemma3_train.data import packing
@@ -116,7 +117,8 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)))
+        num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)),
+        worker_init_fn=signals.ignore_interrupts_in_worker)
   elif d.prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
   if mixed:
