@@ -1,7 +1,7 @@
 """Input-pipeline throughput for one process, next to the SentencePiece limit, measured together.
 
 python benchmarks/data_throughput.py [--corpora=bundled,1gb] [--workers=0,1,2] [--seq_len=1024]
-  [--batch=8] [--tokens=1000000] [--synthetic_path=/tmp/gemma3_data_1gb.jsonl]
+  [--batch=8] [--tokens=1000000] [--synthetic_path=$TMPDIR/gemma3_data_1gb.jsonl]
 
 For each corpus (the bundled Shakespeare, and a synthetic 1 GB JSONL generated once at
 --synthetic_path) it prints, in tokens/s of real (non-padding) tokens:
@@ -39,8 +39,9 @@ _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'data.num_workers value
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'data.seq_len')
 _BATCH = flags.DEFINE_integer('batch', 8, 'rows per batch (one process)')
 _TOKENS = flags.DEFINE_integer('tokens', 1_000_000, 'tokens per measurement')
-_SYNTHETIC = flags.DEFINE_string('synthetic_path', '/tmp/gemma3_data_1gb.jsonl',
-                                 'where the 1 GB JSONL is generated (once)')
+_SYNTHETIC = flags.DEFINE_string(
+    'synthetic_path', os.path.join(tempfile.gettempdir(), 'gemma3_data_1gb.jsonl'),
+    'where the 1 GB JSONL is generated (once)')
 _SIZE = flags.DEFINE_float('synthetic_gb', 1.0, 'size of the synthetic JSONL in GB')
 
 

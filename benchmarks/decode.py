@@ -4,16 +4,18 @@ random weights in the same run (greedy, float32, this machine's CPU).
 python benchmarks/decode.py                       # tiny + gemma3_640, batch 1 and 8
 python benchmarks/decode.py --cases=tiny --batches=1 --new=64
 
-Prefill tokens/s = batch x prompt length / prefill time; decode tokens/s = batch x (new - 1) /
-time of the decode steps (after a warm-up run that compiles). transformers runs
+Prefill tokens/s = batch x prompt length / prefill time (a 1-token generate); decode tokens/s =
+batch x (new - 1) / (time of a `new`-token generate - the 1-token one), both sides timed alike,
+after a warm-up run that compiles; the best of --repeats runs. transformers runs
 Gemma3ForCausalLM.generate(do_sample=False, use_cache=True) on the same weights in eager
-attention with torch's threads set to the cores jax uses.
+attention with torch's threads set to the cores jax uses (--torch_threads to change).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 import time
 
@@ -31,6 +33,8 @@ def _args(argv):
   p.add_argument('--prompt', type=int, default=64, help='prompt tokens per row')
   p.add_argument('--new', type=int, default=64, help='new tokens per row')
   p.add_argument('--repeats', type=int, default=3, help='timed runs (best reported)')
+  p.add_argument('--torch_threads', type=int, default=0,
+                 help="torch's threads (0 = the CPU count); on a loaded box 1 can be faster")
   return p.parse_args(argv)
 
 
@@ -53,9 +57,12 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   import test_hf_reference as hf_ref  # pylint: disable=g-import-not-at-top
   from gemma3_train import sample  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count() or 1)
-  print(f'# {os.cpu_count()} CPUs, load average {os.getloadavg()}, jax {jax.__version__}, '
-        f'torch {torch.__version__}, prompt {args.prompt}, new {args.new}')
+  torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
+  load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
+  print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average '
+        f'{load} (before the run), jax {jax.__version__}, torch {torch.__version__}, '
+        f'{torch.get_num_threads()} torch threads, prompt {args.prompt}, new {args.new}, '
+        'float32, greedy')
   print('| case | batch | ours prefill tok/s | ours decode tok/s | HF prefill tok/s | '
         'HF decode tok/s | decode ratio |')
   print('|---|---|---|---|---|---|---|')
@@ -78,17 +85,14 @@ def main(argv):
       prompts = [[2] + list(rng.integers(200, 1000, args.prompt - 1)) for _ in range(B)]
       stops = ()
       ours_times = []
-      for r in range(args.repeats + 1):
+      for r in range(args.repeats + 1):  # timed as transformers' below: (new) - (1 token)
         t0 = time.perf_counter()
-        first = []
         sampler.generate(prompts, 1, stop_tokens=stops)  # prefill only
         t1 = time.perf_counter()
-        sampler.generate(prompts, args.new, stop_tokens=stops,
-                         on_token=lambda b, t: first.append(time.perf_counter())
-                         if not first else None)
+        sampler.generate(prompts, args.new, stop_tokens=stops)
         t2 = time.perf_counter()
         if r:
-          ours_times.append((t1 - t0, t2 - first[0]))
+          ours_times.append((t1 - t0, t2 - t1 - (t1 - t0)))
       prefill = min(t for t, _ in ours_times)
       decode = min(t for _, t in ours_times)
       ids = torch.tensor(prompts)
@@ -110,6 +114,7 @@ def main(argv):
       print(f'| {name} | {B} | {B * args.prompt / prefill:,.0f} | {n / decode:,.0f} | '
             f'{B * args.prompt / hf_prefill:,.0f} | {n / hf_decode:,.0f} | '
             f'{hf_decode / decode:.2f}x |', flush=True)
+  print(f'# load average after: {", ".join(f"{x:.1f}" for x in os.getloadavg())}')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,8 @@ for what fits.
 
 Figures and where they come from:
   memory        the TPU compiler's memory_analysis() (exact for the compiled program);
-  model FLOPs   flops.model_flops_per_step (3 x forward matmuls, no recompute);
+  model FLOPs   flops.train_flops_per_step (3 x forward matmuls, no recompute; LoRA: 2 x for
+                the frozen base, whose weights get no gradient);
   XLA time      the larger of the compiler's figure (cost_analysis optimal_seconds, else a
                 roofline of its per-chip flops and bytes) and the executed matmul FLOPs from
                 the shapes (model FLOPs less attention, plus the remat replay) at peak: XLA's
@@ -286,8 +287,7 @@ def compile_report(c: config_lib.Config, topo: hardware.Topology, *,
   r = _base_report(c, topo, shape)
   step, args, state = builder(c, mesh)
   r.state_gib = _gib(_state_bytes(state))
-  r.model_flops_per_step = flops.model_flops_per_step(c.model, c.data.seq_len,
-                                                         c.train.global_batch_size)
+  r.model_flops_per_step = flops.train_flops_per_step(c)  # LoRA: no base weight gradients
   if r.state_gib > r.hbm_gib:  # hopeless: skip a compile that can only fail
     r.total_gib = r.state_gib
     r.error = 'parameters and optimizer state alone exceed HBM'
@@ -345,7 +345,7 @@ def executed_flops_per_step(c: config_lib.Config) -> tuple[float, float]:
   attention = 3 * flops.attention_flops_per_row(m, T) * B  # fwd + bwd, run by splash, not XLA
   replay = _replayed_flops_per_token(m) * T * B
   splash = splash_flops_per_step(c) if m.attention_impl == 'splash' else 0.0
-  return flops.model_flops_per_step(m, T, B) - attention + replay, splash
+  return flops.train_flops_per_step(c) - attention + replay, splash
 
 
 def _fill_time(r: Report, c: config_lib.Config, topo: hardware.Topology,

@@ -4,8 +4,8 @@ Restore order (train.py calls `restore_or_init`):
   (1) the newest complete checkpoint in this workdir: train state, data iterator, step.
       A checkpoint whose write was interrupted is never listed (orbax writes to a temporary
       directory and renames it when complete; on gs:// it writes a commit marker last); the
-      next run deletes such leftovers when it opens the manager. One that fails to read is skipped with a
-      warning naming it, and the previous one is tried; nothing is deleted.
+      next run deletes such leftovers when it opens the manager. One that fails to read is
+      skipped with a warning naming it, and the previous one is tried; nothing is deleted.
   (2) `checkpoint.init_from`: params only, from one of our checkpoints (a training workdir, a
       step of one, or a params-only checkpoint), a Hugging Face directory or a Kaggle/Flax
       checkpoint: read one decoder layer at a time in the canonical layout (convert), mapped to
@@ -110,9 +110,14 @@ def _alive(state: Any) -> bool:
 
 
 def _disk_full_message(directory: epath.Path, step: int, last: tuple | None) -> str:
+  """The space needed is the newest complete checkpoint's size on disk (else the state's)."""
   need = sum(x.nbytes for x in jax.tree.leaves(last[1]) if hasattr(x, 'nbytes')) if last else 0
   free = ''
   if '://' not in str(directory):
+    steps = ours.complete_steps(directory)
+    if steps:
+      need = sum(p.stat().st_size for p in pathlib.Path(str(directory), str(steps[-1])).rglob('*')
+                 if p.is_file())
     probe = pathlib.Path(str(directory))
     while not probe.exists() and probe != probe.parent:
       probe = probe.parent
@@ -132,8 +137,10 @@ def latest_step(workdir: str) -> int | None:
 def saved_config(step_dir: epath.Path) -> dict[str, Any] | None:
   """The config (as saved JSON, a nested dict) a checkpoint step was written with."""
   path = step_dir / 'config'
+  if not path.exists():
+    return None
   # On gs:// orbax also writes a commit_success.txt marker into each item's directory.
-  files = sorted(p for p in path.glob('*') if p.name != 'commit_success.txt') if path.exists() else []
+  files = sorted(p for p in path.glob('*') if p.name != 'commit_success.txt')
   return json.loads(files[0].read_text()) if files else None
 
 
@@ -338,6 +345,22 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f'set_aside_{step}')
     self.manager.reload()
 
+  def _restore_data(self, step: int, data_iter: Any) -> None:
+    """The data iterator's position, restored after (and apart from) the train state: a
+    position this pipeline cannot take (another data config, or a checkpoint from a version
+    with other iterator state) is no reason to set the checkpoint aside; it is a one-line
+    error that says how to go on."""
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as e:  # pylint: disable=broad-except
+      data_dir = self.directory / str(step) / 'data'
+      raise config_lib.ConfigError(
+          f'{data_dir}: the data iterator position does not fit this data pipeline '
+          f'({type(e).__name__}: {" ".join(str(e).split())[:120]}; another data config, or a '
+          'checkpoint written by an older version?); rerun with the data config it was written '
+          f'with, or move {data_dir} away to resume with the data restarted') from e
+
   def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[Any, int] | None:
     """(state, step) from the newest readable checkpoint, or None when there is none."""
     steps = ours.complete_steps(self.directory)[::-1]
@@ -345,8 +368,6 @@ class Checkpointer:
       check_compatible(self.directory / str(step), self.config)
       items = {'state': ocp.args.StandardRestore(abstract_state)}
       has_data = (self.directory / str(step) / 'data').exists()
-      if data_iter is not None and has_data:
-        items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # pylint: disable=broad-except
@@ -364,6 +385,8 @@ class Checkpointer:
         continue
       if data_iter is not None and not has_data:
         log.warning('Checkpoint %d has no data iterator state; data restarts.', step)
+      elif data_iter is not None:
+        self._restore_data(step, data_iter)
       log.info('Resumed from %s', self.directory / str(step))
       return restored['state'], step
     if steps:

@@ -55,3 +55,29 @@ def model_flops_per_token(m: config_lib.ModelConfig, seq_len: int) -> float:
 def model_flops_per_step(m: config_lib.ModelConfig, seq_len: int, global_batch: int) -> float:
   """Training FLOPs of one optimizer step over global_batch rows of seq_len tokens."""
   return model_flops_per_token(m, seq_len) * seq_len * global_batch
+
+
+def lora_flops_per_token(c: config_lib.Config, seq_len: int) -> float:
+  """Training matmul FLOPs per token of a LoRA run (lora.rank > 0), averaged over a row.
+
+  The frozen base gets no weight gradients: its projections and LM head cost the forward plus
+  the activation gradients, 2 x forward (3 x for the head with lora.train_embedding); attention
+  has no weights and costs 3 x forward as in full training. Each adapter (A [in, r], B [r, out])
+  costs 2r(in + out) forward, 3 x that with its weight gradients.
+  """
+  m, r = c.model, c.lora.rank
+  dims = config_lib.lora_dims(m)
+  dense = m.num_layers * sum(layer_matmul_flops(m).values())
+  head = 2 * m.embed_dim * m.vocab_size
+  adapters = m.num_layers * sum(2 * r * sum(dims[t]) for t in c.lora.target_list())
+  return (2 * dense + 3 * attention_flops_per_row(m, seq_len) / seq_len
+          + (3 if c.lora.train_embedding else 2) * head + 3 * adapters)
+
+
+def train_flops_per_step(c: config_lib.Config) -> float:
+  """Training FLOPs of one optimizer step of config c: model_flops_per_step, or with LoRA
+  (lora.rank > 0) lora_flops_per_token's count for the frozen base and the adapters."""
+  T, B = c.data.seq_len, c.train.global_batch_size
+  if c.lora.rank:
+    return lora_flops_per_token(c, T) * T * B
+  return model_flops_per_step(c.model, T, B)

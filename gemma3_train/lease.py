@@ -14,8 +14,9 @@ the lease and stops at start with one line naming the holder (host, process id, 
 A lease whose heartbeat is older than checkpoint.lease_timeout_s is stale (its holder died,
 e.g. SIGKILL or a lost VM): the next run takes it over with a WARNING naming the old holder.
 A holder on this host whose process no longer exists is stale at once (a rerun after a kill
-on the same machine need not wait). Hosts judge staleness by their own clocks against the heartbeat's wall time, so the timeout
-must exceed the clock skew between hosts (minutes are safe; the default is 5 minutes).
+on the same machine need not wait). Hosts judge staleness by their own clocks against the
+heartbeat's wall time, so the timeout must exceed the clock skew between hosts (minutes are
+safe; the default is 5 minutes).
 A multi-process run holds one lease for all its processes: process 0 takes it, and every
 process learns the outcome, so that all stop together when the workdir is held.
 """
@@ -75,7 +76,7 @@ class _LocalStore:
   def __init__(self, path: str):
     self.path = path
 
-  def create(self, data: bytes) -> bool:
+  def create(self, data: bytes) -> object:
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     # Written in full under a private name, then hard-linked: link(2) fails if the name
     # exists, so the lease appears atomically and never half-written.
@@ -85,10 +86,10 @@ class _LocalStore:
     try:
       os.link(tmp, self.path)
     except FileExistsError:
-      return False
+      return None
     finally:
       os.remove(tmp)
-    return True
+    return data
 
   def read(self) -> tuple[bytes, object] | None:
     try:
@@ -98,20 +99,21 @@ class _LocalStore:
       return None
     return data, data  # the content is the version: run_id and heartbeat change each write
 
-  def replace(self, data: bytes, version: object) -> bool:
-    """Writes data if the file still holds `version`; False when someone else wrote.
+  def replace(self, data: bytes, version: object) -> object:
+    """Writes data if the file still holds `version` and returns the new version; None when
+    someone else wrote.
 
     Not atomic between the check and the rename (a POSIX file system has no compare-and-swap),
     so two runs taking over the same stale lease within milliseconds could both win the rename;
     the loser then finds another holder at its next heartbeat and stops heartbeating."""
     current = self.read()
     if current is None or current[1] != version:
-      return False
+      return None
     tmp = f'{self.path}.{uuid.uuid4().hex}.tmp'
     with open(tmp, 'wb') as f:
       f.write(data)
     os.replace(tmp, self.path)
-    return True
+    return data
 
   def delete(self, version: object) -> None:
     current = self.read()
@@ -130,12 +132,13 @@ class _GcsStore:
     self._bucket = storage.Client().bucket(bucket)
     self._name = name
 
-  def create(self, data: bytes) -> bool:
+  def create(self, data: bytes) -> object:
+    blob = self._bucket.blob(self._name)
     try:
-      self._bucket.blob(self._name).upload_from_string(data, if_generation_match=0)
+      blob.upload_from_string(data, if_generation_match=0)
     except self._exceptions.PreconditionFailed:
-      return False
-    return True
+      return None
+    return blob.generation
 
   def read(self) -> tuple[bytes, object] | None:
     blob = self._bucket.get_blob(self._name)
@@ -146,12 +149,13 @@ class _GcsStore:
     except (self._exceptions.NotFound, self._exceptions.PreconditionFailed):
       return self.read()  # replaced or deleted between the two requests
 
-  def replace(self, data: bytes, version: object) -> bool:
+  def replace(self, data: bytes, version: object) -> object:
+    blob = self._bucket.blob(self._name)
     try:
-      self._bucket.blob(self._name).upload_from_string(data, if_generation_match=version)
+      blob.upload_from_string(data, if_generation_match=version)
     except (self._exceptions.PreconditionFailed, self._exceptions.NotFound):
-      return False
-    return True
+      return None
+    return blob.generation
 
   def delete(self, version: object) -> None:
     try:
@@ -215,8 +219,8 @@ class Lease:
     """Takes the lease, or raises LeaseHeldError naming the live holder."""
     data = self.holder.to_bytes()
     for _ in range(3):  # the holder may release or change between our create and our read
-      if self._store.create(data):
-        self._version = self._read_own_version()
+      self._version = self._store.create(data)
+      if self._version is not None:
         break
       current = self._store.read()
       if current is None:
@@ -232,13 +236,13 @@ class Lease:
             f'heartbeat {age:.0f} s ago; {self.path}); stop that run or use another --workdir '
             f'(a lease without heartbeat for checkpoint.lease_timeout_s={self.timeout_s:g} s '
             'is taken over)')
-      if self._store.replace(data, current[1]):
+      self._version = self._store.replace(data, current[1])
+      if self._version is not None:
         log.warning('Took over the stale lease %s from %s: %s', self.path,
                     other.describe() if other else 'an unreadable holder',
                     'that process is gone from this host' if other and _dead_here(other) else
                     f'no heartbeat for {age:.0f} s (checkpoint.lease_timeout_s='
                     f'{self.timeout_s:g})')
-        self._version = self._read_own_version()
         break
     else:
       raise LeaseHeldError(f'--workdir={self.workdir}: could not take {self.path} (another run '
@@ -248,10 +252,6 @@ class Lease:
     self._thread = threading.Thread(target=self._heartbeat_loop, name='workdir-lease',
                                     daemon=True)
     self._thread.start()
-
-  def _read_own_version(self) -> object:
-    current = self._store.read()
-    return current[1] if current is not None else None
 
   def _heartbeat_loop(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
@@ -267,8 +267,9 @@ class Lease:
     """Refreshes the heartbeat if the lease is still ours (else marks it lost, loudly)."""
     self.holder = dataclasses.replace(self.holder, heartbeat=time.time())
     data = self.holder.to_bytes()
-    if self._store.replace(data, self._version):
-      self._version = self._read_own_version()
+    version = self._store.replace(data, self._version)
+    if version is not None:
+      self._version = version
       return
     self.lost = True
     log.error('Lost the workdir lease %s: another run took it over (this run\'s heartbeat '

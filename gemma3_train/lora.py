@@ -2,7 +2,8 @@
 
 A projection y = x W (W contracted over its input axes) with an adapter computes
 y = x W + (x A) B * alpha / rank, A [in..., r] ~ normal(0, 1/in), B [r, out...] = 0, so that the
-adapted model starts equal to its base (PEFT's LoRA, scaling alpha / r, no rsLoRA). Adapters are
+adapted model starts equal to its base (PEFT's LoRA, scaling alpha / r, no rsLoRA; lora.dropout
+drops the adapter's input x in training steps only, see set_dropout). Adapters are
 `LoraParam`s, a subclass of nnx.Param, added to the Attention and MLP modules after construction
 (`adapt`): inside the scanned blocks they are stacked like the weights they adapt and carry
 logical axes ('lora_rank' is replicated), so they shard and remat like everything else. The train
@@ -19,6 +20,7 @@ a weight is dequantized (int8 * scale, in the compute dtype) where its matmul re
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -68,9 +70,34 @@ class Adapter(nnx.Module):
     contracted = ''.join(ch for ch in ws if ch not in out)
     kept = ''.join(ch for ch in ws if ch in out)
     batch = ''.join(ch for ch in xs if ch in out)
+    key = getattr(self, 'dropout_key', None)
+    if key is not None:  # training with lora.dropout: set_dropout put a key here
+      keep = 1.0 - self.dropout_rate
+      mask = jax.random.bernoulli(key.get_value(), keep, x.shape)
+      x = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
     h = jnp.einsum(f'{xs},{contracted}r->{batch}r', x, self.a[...].astype(dtype))
     y = jnp.einsum(f'{batch}r,r{kept}->{out}', h, self.b[...].astype(dtype))
     return y * jnp.asarray(self.scale, dtype)
+
+
+class DropoutKey(nnx.Variable):
+  """One train step's dropout key of one adapter (one per layer when stacked in the blocks)."""
+
+
+def set_dropout(model: nnx.Module, key: jax.Array, rate: float) -> None:
+  """Dropout on every adapter's input (PEFT's lora_dropout: x -> dropout -> A -> B; each
+  adapter its own mask), for this model object only: a train step calls it on the model it
+  merges; eval, the sampler and export never do, so they run without dropout. Each adapter's
+  key is `key` folded with its index in the graph, split per block when stacked, so that every
+  layer and projection draws its own mask."""
+  adapters = [(tuple(path), node) for path, node in nnx.iter_graph(model)
+              if isinstance(node, Adapter)]
+  for i, (path, adapter) in enumerate(adapters):
+    k = jax.random.fold_in(key, i)
+    if _stacked(path):
+      k = jax.random.split(k, adapter.a.shape[0])
+    adapter.dropout_key = DropoutKey(k)
+    adapter.dropout_rate = rate
 
 
 def einsum(eq: str, x, module: nnx.Module, weight: str, dtype):
@@ -137,9 +164,6 @@ def _base_dtype(r: config_lib.LoraConfig) -> Any:
 def adapt(model: nnx.Module, c: config_lib.Config) -> nnx.Module:
   """Adds adapters (c.lora.targets) and converts the base to c.lora.base_dtype, in place."""
   r = c.lora
-  if r.dropout:
-    raise config_lib.ConfigError(f'lora.dropout={r.dropout}: expected 0.0 (adapter dropout is '
-                                 'not implemented yet)')
   key = jax.random.fold_in(jax.random.key(c.train.seed), 0x10AA)
   base_dtype = _base_dtype(r)
   projections = _projection_modules(model)
@@ -209,8 +233,19 @@ def load_abstract(c: config_lib.Config, abstract_state: dict) -> nnx.State:
   return nnx.from_flat_state(flat)
 
 
+# Jitted once per (dtype | axes, sharding): leaves of the same shape then share one compile.
+@functools.lru_cache(maxsize=None)
+def _cast_fn(dtype, sharding):
+  return jax.jit(lambda w: w.astype(dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _quantize_fn(in_axes: tuple[int, ...], part: int, sharding):
+  return jax.jit(lambda w: quantize(w, in_axes)[part], out_shardings=sharding)
+
+
 def _cast(w, dtype, sharding):
-  return jax.jit(lambda w: w.astype(dtype), out_shardings=sharding)(w)
+  return _cast_fn(jnp.dtype(dtype), sharding)(w)
 
 
 def base_from_params(params: nnx.State, abstract_base: nnx.State) -> nnx.State:
@@ -224,8 +259,8 @@ def base_from_params(params: nnx.State, abstract_base: nnx.State) -> nnx.State:
     if isinstance(var, QuantScale) or a.dtype == jnp.int8:
       name = str(path[-1]).removesuffix('_scale')
       part = 1 if isinstance(var, QuantScale) else 0
-      fn = lambda w, axes=weight_in_axes(path), part=part: quantize(w, axes)[part]
-      value = jax.jit(fn, out_shardings=sharding)(loaded[path[:-1] + (name,)])
+      fn = _quantize_fn(weight_in_axes(path), part, sharding)
+      value = fn(loaded[path[:-1] + (name,)])
     else:
       value = _cast(loaded[path], a.dtype, sharding)
     flat.append((path, var.replace(value)))

@@ -1,4 +1,6 @@
-"""KV-cache sampling: a jitted prefill over the prompts, then one jitted decode step per token.
+"""KV-cache sampling: a jitted prefill over the prompts, then the decode steps inside one jitted
+while loop (one call for the whole continuation, or one call per token when streaming), so no
+host round trip, parameter flattening or logits transfer happens per token.
 
 Prompts of different lengths are left-padded to one length P (rounded up to a multiple of
 PROMPT_BUCKET, so that nearby lengths share a compiled step). Column c of a row holds the token
@@ -19,6 +21,10 @@ Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k an
 (nucleus: the smallest set of most likely tokens whose probability reaches top_p), then a
 categorical draw with jax.random.fold_in(PRNGKey(seed), step). A row stops after EOS or
 <end_of_turn>; generation ends when every row has stopped or max_new_tokens is reached.
+
+Decode at small batch is bound by reading the weights once per token, mostly the tied
+[vocab, embed] LM head (262k x 640 float32 = 671 MB at the gemma3_640 width); parameters are
+therefore put on the device once (host arrays would be copied in again every call).
 """
 
 from __future__ import annotations
@@ -225,14 +231,33 @@ def _prefill(graphdef, state, tokens_BP, pad_B, key, s, *, total: int, mesh, rul
     return cache, sample_logits(logits_BV, jax.random.fold_in(key, 0), s), logits_BV
 
 
-def _decode(graphdef, state, cache, tokens_B, t, pad_B, key, s, *, mesh, rules):
-  """The token at column t -> (cache, the token at column t + 1 [B], its logits [B, V])."""
+def _decode_loop(graphdef, state, carry, end, P, pad_B, key, s, stops, *, mesh, rules):
+  """Decode steps carry['step'] .. end - 1 inside one compiled loop (no host round trip per
+  token), ending early once every row has produced a stop token.
+
+  carry: 'cache'; 'tokens' [B] the latest new token (index step, at column P + step);
+  'done' [B] whether a row has produced a stop token; 'step'; 'out' [N, B] the new tokens so
+  far; 'logits' [N, B, V] the logits that chose them, or None (not computed). Step j feeds
+  token j at column t = P + j and writes token j + 1, drawn with fold_in(key, t + 1).
+  """
   with _maybe_mesh(mesh, rules):
-    model = nnx.merge(graphdef, state)
-    x_B1D = model.embedder.encode(tokens_B[:, None])
-    x_B1D, cache = _layers(model, x_B1D, lambda c, out: _decode_attend(t, pad_B, c, out), cache)
-    logits_BV = _logits_last(model, x_B1D)
-    return cache, sample_logits(logits_BV, jax.random.fold_in(key, t + 1), s), logits_BV
+    def body(c):
+      model = nnx.merge(graphdef, state)
+      j = c['step']
+      t = P + j
+      x_B1D = model.embedder.encode(c['tokens'][:, None])
+      x_B1D, cache = _layers(model, x_B1D, lambda cc, out: _decode_attend(t, pad_B, cc, out),
+                             c['cache'])
+      logits_BV = _logits_last(model, x_B1D)
+      tokens_B = sample_logits(logits_BV, jax.random.fold_in(key, t + 1), s)
+      new = dict(c, cache=cache, tokens=tokens_B, step=j + 1,
+                 done=c['done'] | jnp.any(tokens_B[:, None] == stops[None, :], axis=-1),
+                 out=c['out'].at[j + 1].set(tokens_B))
+      if c['logits'] is not None:
+        new['logits'] = c['logits'].at[j + 1].set(logits_BV.astype(c['logits'].dtype))
+      return new
+
+    return jax.lax.while_loop(lambda c: (c['step'] < end) & ~jnp.all(c['done']), body, carry)
 
 
 def _maybe_mesh(mesh, rules):
@@ -268,17 +293,20 @@ class Sampler:
     self._steps: dict[int, tuple[Callable, Callable]] = {}
 
   def place(self, state):
-    """state sharded over the mesh by its logical axes (unchanged without a mesh)."""
+    """state on the device(s): sharded over the mesh by its logical axes, else on the default
+    device. Host (numpy) params would otherwise be copied in again at every step."""
     if self.mesh is None:
-      return state
+      return jax.device_put(state)
     return jax.device_put(state, sharding.state_shardings(state, self.mesh, self.rules))
 
   def _jitted(self, total: int):
-    """(prefill, decode) for S = total columns; jit caches one compile per input shape."""
+    """(prefill, decode loop) for S = total columns; jit caches one compile per input shape
+    (and per carry with / without logits)."""
     if total not in self._steps:
       common = dict(mesh=self.mesh, rules=self.rules)
       prefill = jax.jit(functools.partial(_prefill, self.graphdef, total=total, **common))
-      decode = jax.jit(functools.partial(_decode, self.graphdef, **common), donate_argnums=(1,))
+      decode = jax.jit(functools.partial(_decode_loop, self.graphdef, **common),
+                       donate_argnums=(1,))  # the carry: cache and buffers updated in place
       self._steps[total] = (prefill, decode)
     return self._steps[total]
 
@@ -308,32 +336,41 @@ class Sampler:
               ) if return_logits else [[] for _ in prompts]
     tokens_BP, pad_B = left_pad(prompts)
     B, P = tokens_BP.shape
-    total = P + max_new_tokens
-    prefill, decode = self._jitted(total)
+    N = max_new_tokens
+    prefill, decode = self._jitted(P + N)
     knobs = _knobs(sampling)
     state = self.state if params is None else params
     key = jax.random.PRNGKey(seed)
     pad_B = jnp.asarray(pad_B)
+    stops = jnp.asarray(list(stop_tokens), jnp.int32).reshape(-1)
     cache, tokens_B, logits_BV = prefill(state, jnp.asarray(tokens_BP), pad_B, key, knobs)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = np.zeros(B, bool)
-    all_logits = []
-    for i in range(max_new_tokens):
-      chosen_B, chosen_BV = tokens_B, logits_BV
-      if i < max_new_tokens - 1:  # dispatched before the host reads this step's tokens
-        cache, tokens_B, logits_BV = decode(state, cache, chosen_B, jnp.int32(P + i), pad_B, key,
-                                            knobs)
-      host = np.asarray(chosen_B)
-      if return_logits:
-        all_logits.append(np.asarray(chosen_BV))
-      for b in np.flatnonzero(~done):
-        out[b].append(int(host[b]))
-        if on_token is not None:
+    carry = {'cache': cache, 'tokens': tokens_B, 'step': jnp.int32(0),
+             'done': jnp.any(tokens_B[:, None] == stops[None, :], axis=-1),
+             'out': jnp.zeros((N, B), jnp.int32).at[0].set(tokens_B),
+             'logits': jnp.zeros((N, B, logits_BV.shape[-1]), jnp.float32).at[0].set(
+                 logits_BV.astype(jnp.float32)) if return_logits else None}
+    args = (jnp.int32(P), pad_B, key, knobs, stops)
+    if on_token is None:  # the whole continuation in one call
+      carry = decode(state, carry, jnp.int32(N - 1), *args)
+      steps = int(carry['step']) + 1
+    else:  # one call per token, streamed as it arrives
+      done = np.zeros(B, bool)
+      for steps in range(1, N + 1):
+        host = np.asarray(carry['tokens'])
+        for b in np.flatnonzero(~done):
           on_token(int(b), int(host[b]))
-        done[b] = host[b] in stop_tokens
-      if done.all():
-        break
-    return (out, np.stack(all_logits)) if return_logits else out
+          done[b] = host[b] in stop_tokens
+        if done.all() or steps == N:
+          break
+        carry = decode(state, carry, jnp.int32(steps), *args)
+    out_NB = np.asarray(carry['out'])[:steps]
+    out = []
+    for row in out_NB.T.tolist():
+      ends = [i for i, x in enumerate(row) if x in stop_tokens]
+      out.append(row[:ends[0] + 1] if ends else row)
+    if return_logits:
+      return out, np.asarray(carry['logits'])[:steps]
+    return out
 
 
 def chat_prompt(messages: list[dict], tok: tokenizer_lib.Tokenizer) -> list[int]:

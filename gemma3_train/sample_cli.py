@@ -81,7 +81,7 @@ class ArgParser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
   p = ArgParser(prog=PROG, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--ckpt', required=True, help='checkpoint or workdir to load')
+  p.add_argument('--ckpt', default='', help='checkpoint or workdir to load (required)')
   p.add_argument('--prompt', action='append', default=[], help='text to continue (repeatable)')
   p.add_argument('--chat', action='store_true', help='Gemma 3 chat template; conversation from '
                  'stdin, one user message per line (an empty line or EOF ends it)')
@@ -100,7 +100,12 @@ def parse_args(argv: Sequence[str]):
   """(args, model overrides, mesh overrides); UsageError on a bad command line."""
   rest, overrides = split_overrides(argv, ('model', 'mesh'),
                                     tuple(f'model.{f}' for f in config_lib.MODEL_SHAPE_FIELDS))
-  args = _parser().parse_args(rest)
+  args, unknown = _parser().parse_known_args(rest)
+  if unknown:  # named before a missing --ckpt: the likelier mistake is the typo
+    raise UsageError(f'unrecognized arguments: {" ".join(unknown)}')
+  if not args.ckpt:
+    raise UsageError('--ckpt=PATH is required (a workdir, checkpoint, Hugging Face or Kaggle '
+                     'directory)')
   if args.chat == bool(args.prompt):
     raise UsageError('give either --prompt=TEXT (repeatable) or --chat')
   if args.max_new_tokens < 1:

@@ -101,9 +101,11 @@ def _new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
 
 
 def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config,
-               base=None) -> tuple[jax.Array, dict]:
+               base=None, dropout_key=None) -> tuple[jax.Array, dict]:
   """Summed (not averaged) loss over the batch's weighted targets, and its parts."""
   model = nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
+  if dropout_key is not None:  # LoRA adapter dropout: training steps only
+    lora_lib.set_dropout(model, dropout_key, c.lora.dropout)
   x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
   sums = loss_lib.chunked_cross_entropy(
       x_BLD, model.embedder.embedding[...], batch['targets'], batch['weights'],
@@ -120,8 +122,10 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
     grad_fn = jax.grad(functools.partial(_loss_sums, base=state.get('base')), has_aux=True)
     params = state['params']
     A = c.optim.grad_accum_steps
+    key = _dropout_key(c, state['step'])  # None unless lora.dropout
+    drop = lambda k: {} if k is None else {'dropout_key': k}
     if A == 1:
-      grads, sums = grad_fn(params, graphdef, batch, c)
+      grads, sums = grad_fn(params, graphdef, batch, c, **drop(key))
     else:
       # Strided microbatches (row j*A + a goes to microbatch a) keep every device's rows local.
       def split(x):
@@ -130,13 +134,15 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
       micro = jax.tree.map(split, batch)
 
       def body(carry, mb):
-        g, s = grad_fn(params, graphdef, mb, c)
+        mb, a = mb
+        g, s = grad_fn(params, graphdef, mb, c,
+                       **drop(None if key is None else jax.random.fold_in(key, a)))
         return jax.tree.map(jnp.add, carry, (g, s)), None
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
       zero_sums = jax.eval_shape(lambda: grad_fn(params, graphdef, jax.tree.map(
           lambda x: x[0], micro), c)[1])
       zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
-      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), micro)
+      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (micro, jnp.arange(A)))
     weight = jnp.maximum(sums['weight_sum'], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -151,6 +157,14 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
                'learning_rate': schedule(state['step']),
                'tokens': sums['weight_sum']}
   return new_state, metrics
+
+
+def _dropout_key(c: config_lib.Config, step: jax.Array) -> jax.Array | None:
+  """The LoRA adapter dropout key of a train step: a function of train.seed and the step, so
+  that a resumed run draws the same masks (None without lora.dropout)."""
+  if not (c.lora.rank and c.lora.dropout):
+    return None
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(c.train.seed), 0xD50), step)
 
 
 def _eval_step(state: State, batch: dict, *, graphdef, c: config_lib.Config, mesh, rules):
@@ -431,10 +445,17 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
   samples = _Samples(s, writer)
   pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
   last: dict[str, float] = {}
-  step = start_step
+  step = saved = start_step
   while step < c.train.num_steps:
+    try:
+      local_batch = next(train_iter)
+    except StopIteration:  # a finite source ran out (data.mixture_exhausted=stop)
+      if pending is not None:  # fetched first, so that a NaN is never saved
+        last, pending = flush(*pending), None
+      _end_of_data(step, saved, state, train_iter, ckpt, c)
+      break
     with profiler.step(step) as trace:
-      batch = data_lib.global_batch(next(train_iter), s.batch_sharding['inputs'])
+      batch = data_lib.global_batch(local_batch, s.batch_sharding['inputs'])
       state, metrics = train_step(state, batch)
       trace.wait_for = metrics
     step += 1
@@ -453,6 +474,7 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
       samples(state, step)
     if save_due:
       ckpt.save(step, state, train_iter, force=True)
+      saved = step
       if stop and step < c.train.num_steps:
         ckpt.wait()
         log.warning('Stopped by %s: checkpoint at step %d written to %s; exiting 0. Rerun '
@@ -461,6 +483,15 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
   if pending is not None:
     last = flush(*pending)
   return last
+
+
+def _end_of_data(step: int, saved: int, state: State, train_iter, ckpt, c) -> None:
+  """Saves (unless this step is saved already) and says why the run stops early."""
+  if step > saved:
+    ckpt.save(step, state, train_iter, force=True)
+  log.warning('The training data ran out at step %d of train.num_steps=%d '
+              '(data.mixture_exhausted=stop); checkpoint at step %d in %s; stopping.', step,
+              c.train.num_steps, step, ckpt.directory)
 
 
 def preflight(c: config_lib.Config, *, resuming: bool, process_index: int = 0,
@@ -518,7 +549,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
     ckpt.install_signal_handlers()
 
     tokens = c.train.global_batch_size * c.data.seq_len
-    flops = flops_lib.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
+    flops = flops_lib.train_flops_per_step(c)  # LoRA: no weight gradients for the base
     writer = metrics_lib.MetricWriter(workdir, total_steps=c.train.num_steps,
                                       enable_tensorboard=c.logging.tensorboard,
                                       is_chief=pid == 0)

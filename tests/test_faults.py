@@ -5,6 +5,7 @@ gs:// faults (the emulator stopped mid-save, SIGTERM, corrupt checkpoints on gs:
 tests/test_faults_gcs.py. The CLI runs reuse tests/test_checkpoint.py's small model.
 """
 
+# pylint: disable=protected-access  # tests/test_checkpoint.py's CLI helpers
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from gemma3_train import lease
+from gemma3_train.convert import ours
 from tests import test_checkpoint as tc
 
 ROOT = tc.ROOT
@@ -91,7 +93,7 @@ def test_second_gemma3_train_on_a_held_workdir_stops_at_start_and_writes_nothing
   holder.acquire()
   try:
     before = _snapshot(tmp_path)
-    r = tc._run(tmp_path, 3)  # pylint: disable=protected-access
+    r = tc._run(tmp_path, 3)
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = _error_lines(r.stderr)
     assert re.fullmatch(
@@ -120,9 +122,9 @@ held.release()
 
 
 def _lease_pair(workdir, hold_s):
-  port = str(tc.test_train._free_port())  # pylint: disable=protected-access
+  port = str(tc.test_train._free_port())
   return [subprocess.Popen([sys.executable, '-c', _LEASE_WORKER, str(i), port, str(workdir),
-                            str(hold_s)], cwd=ROOT, env=tc._env(1), stdout=subprocess.PIPE,  # pylint: disable=protected-access
+                            str(hold_s)], cwd=ROOT, env=tc._env(1), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
@@ -152,23 +154,25 @@ KILL_TRIALS = int(os.environ.get('GEMMA3_KILL_TRIALS', '20'))
 @pytest.mark.slow
 def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
   """Each trial starts the run again on the same workdir (taking over the killed run's lease),
-  waits until it has started an async checkpoint write (a save every step, so one is nearly
-  always in flight), then SIGKILLs it at a random moment. The last rerun finishes; every step's
-  loss and the final params equal an uninterrupted run's, bit for bit."""
-  steps = 400
+  waits until it has started its 1st, 2nd or 3rd async checkpoint write (a save every step, so
+  one is nearly always in flight), then SIGKILLs it at a random moment. The last rerun
+  finishes; every step's loss and the final params equal an uninterrupted run's, bit for bit."""
+  steps = 100
   every_step = ['--config.checkpoint.every=1', '--config.checkpoint.keep=2',
                 '--config.checkpoint.lease_timeout_s=600']
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  tc._train(straight, steps)  # pylint: disable=protected-access
+  tc._train(straight, steps)
   rng = random.Random(19)
   resumed = []
   for trial in range(KILL_TRIALS):
     log_path = tmp_path / f'trial{trial}.log'
+    complete = ours.complete_steps(killed / 'checkpoints')  # what the rerun must resume from
     with open(log_path, 'w') as err:
-      proc = subprocess.Popen(tc._cmd(killed, steps, *every_step), cwd=ROOT,  # pylint: disable=protected-access
-                              env=tc._env(), stdout=subprocess.DEVNULL, stderr=err)  # pylint: disable=protected-access
+      proc = subprocess.Popen(tc._cmd(killed, steps, *every_step), cwd=ROOT,
+                              env=tc._env(), stdout=subprocess.DEVNULL, stderr=err)
       deadline = time.time() + 600
-      while 'being written' not in log_path.read_text():
+      writes = rng.randint(1, 3)  # the 2nd write starts once the 1st has completed
+      while log_path.read_text().count('being written') < writes:
         assert proc.poll() is None, log_path.read_text()[-3000:]
         assert time.time() < deadline
         time.sleep(0.02)
@@ -178,17 +182,20 @@ def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
     text = log_path.read_text()
     assert 'unreadable' not in text and 'Traceback' not in text, text[-3000:]
     if trial:
-      m = re.search(r'Resumed from \S+/checkpoints/(\d+)', text)
-      assert m, text[-3000:]
       assert 'Took over the stale lease' in text  # the killed run's, gone from this host
-      resumed.append(int(m.group(1)))
-  assert resumed == sorted(resumed) and resumed[-1] < steps
-  r = tc._train(killed, steps, *every_step)  # pylint: disable=protected-access
+    m = re.search(r'Resumed from \S+/checkpoints/(\d+)', text)
+    if complete:  # the newest complete checkpoint, never a partial one
+      assert m and int(m.group(1)) == complete[-1], text[-3000:]
+      resumed.append(complete[-1])
+    else:
+      assert m is None, text[-3000:]
+  assert resumed == sorted(resumed) and resumed and resumed[-1] < steps
+  r = tc._train(killed, steps, *every_step)
   assert 'Resumed from' in r.stderr
-  a, b = tc._losses(straight), tc._losses(killed)  # pylint: disable=protected-access
+  a, b = tc._losses(straight), tc._losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, steps + 1))
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
-  for x, y in zip(tc._params(straight), tc._params(killed)):  # pylint: disable=protected-access
+  for x, y in zip(tc._params(straight), tc._params(killed)):
     np.testing.assert_array_equal(x, y)
 
 
@@ -197,10 +204,10 @@ def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """An 8 MB tmpfs: room for one checkpoint of the small model (5.2 MB), not two."""
+  """A 10 MiB tmpfs: room for one checkpoint of the small model on 8 devices (6.4 MB), not two."""
   mnt = tmp_path / 'disk'
   mnt.mkdir()
-  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', str(mnt)],
+  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=10m', 'tmpfs', str(mnt)],
                      capture_output=True, text=True)
   if r.returncode:
     pytest.skip(f'cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): '
@@ -221,13 +228,13 @@ def test_full_disk_stops_with_one_line_keeps_earlier_checkpoints_and_resumes(sma
                    rf'step (\d+) to {re.escape(str(workdir / "checkpoints"))}: it needs about '
                    r'([\d.]+) MB, ([\d.]+) MB free; .*', line)
   assert m, line
-  assert int(m.group(1)) in (10, 15) and 4.0 < float(m.group(2)) < 7.0, line
+  assert int(m.group(1)) in (10, 15) and 4.0 < float(m.group(2)) < 8.0, line
   assert float(m.group(3)) < float(m.group(2))
   # Only the complete checkpoint is left: no partial step, no temporary directory.
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['5']
   assert not (workdir / 'LEASE').exists()  # released on the way out
   subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)], check=True)
-  r = tc._train(workdir, 15)  # pylint: disable=protected-access
+  r = tc._train(workdir, 15)
   assert re.search(r'Resumed from \S+/checkpoints/5\b', r.stderr)
   steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert steps[-10:] == list(range(6, 16))
@@ -267,9 +274,9 @@ def test_data_file_unreadable_mid_run_is_skipped_counted_and_state_stays_consist
       train=dict(global_batch_size=4))
   it = data_lib.make_train_iterator(c)
   again = data_lib.make_train_iterator(c)  # opened while readable, like a resumed run's
-  for _ in range(3):
-    next(it)
   before = sum(v for k, v in sources.COUNTS.items() if 'unreadable data file' in k)
+  # After start-up, before the first read (the reader buffers what it has read: damage after
+  # it would go unseen in so small a file).
   _damage(a)
   batches = [next(it) for _ in range(12)]
   skipped = sum(v for k, v in sources.COUNTS.items() if 'unreadable data file' in k) - before
@@ -302,14 +309,16 @@ def test_short_soak_memory_fds_threads_and_workdir_stay_flat(tmp_path):
   r = subprocess.run(
       [sys.executable, 'benchmarks/soak.py', f'--workdir={tmp_path / "run"}', '--steps=300',
        '--every=50', f'--json={out}', '--small'],
-      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=1800)  # pylint: disable=protected-access
+      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=1800)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = json.loads(out.read_text())
   assert [row['step'] for row in rows] == list(range(50, 301, 50))
   warm = [row for row in rows if row['step'] >= 100]
   rss = [row['rss_mb'] for row in warm]
   assert max(rss) - min(rss) < 0.1 * min(rss) + 30, rows
-  assert max(row['fds'] for row in warm) - min(row['fds'] for row in warm) <= 4, rows
-  assert max(row['threads'] for row in warm) - min(row['threads'] for row in warm) <= 4, rows
-  size = [row['workdir_mb'] for row in warm]
-  assert max(size) - min(size) < 0.2 * max(size) + 1, rows
+  # An async write in flight holds a few files and threads; a leak of one per checkpoint would
+  # add 20 over the 200 warm steps.
+  assert max(row['fds'] for row in warm) - min(row['fds'] for row in warm) <= 8, rows
+  assert max(row['threads'] for row in warm) - min(row['threads'] for row in warm) <= 8, rows
+  size = [row['workdir_mb'] for row in warm]  # keep=3, plus one being written at times
+  assert max(size) < 1.4 * min(size) + 1, rows

@@ -3,6 +3,7 @@ generation preconditions; workdir, data and tokenizer on gs://; SIGTERM, resume,
 corrupt-checkpoint fallback and `gemma3-convert export` there; and the emulator stopped during a
 checkpoint write (retried with backoff and logged, not fatal)."""
 
+# pylint: disable=protected-access  # tests/test_checkpoint.py's CLI helpers
 import json
 import re
 import signal
@@ -75,7 +76,7 @@ def text_run(gcs):
        '--config.data.train_path=gs://run/data/train.jsonl.gz',
        '--config.data.tokenizer_path=gs://run/tok/tokenizer.model',
        '--config.logging.tensorboard=False', '--config.logging.log_every=1'],
-      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=900)  # pylint: disable=protected-access
+      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=900)
   return workdir, r
 
 
@@ -98,7 +99,7 @@ def test_gcs_export_from_a_gs_workdir(text_run, tmp_path):
   r = subprocess.run(
       [sys.executable, '-m', 'gemma3_train.convert.cli', 'export', f'--src={workdir}',
        f'--dst={hf}', '--dtype=float32', '--tokenizer=gs://run/tok/tokenizer.model'],
-      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=900)  # pylint: disable=protected-access
+      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -113,7 +114,7 @@ def test_gcs_export_from_a_gs_workdir(text_run, tmp_path):
 def test_gcs_sigterm_resume_and_corrupt_checkpoint_fallback(gcs):
   del gcs
   workdir = 'gs://run/small'
-  proc = subprocess.Popen(tc._cmd(workdir, 1000), cwd=ROOT, env=tc._env(),  # pylint: disable=protected-access
+  proc = subprocess.Popen(tc._cmd(workdir, 1000), cwd=ROOT, env=tc._env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while not any(s >= 12 for s in _steps(workdir)):
@@ -132,7 +133,7 @@ def test_gcs_sigterm_resume_and_corrupt_checkpoint_fallback(gcs):
   for p in files:
     data = p.read_bytes()
     p.write_bytes(data[:len(data) // 3])
-  r = tc._run(workdir, stop + 3)  # pylint: disable=protected-access
+  r = tc._run(workdir, stop + 3)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f'checkpoints/{stop} is unreadable' in r.stderr
   previous = max(s for s in saved if s < stop)
@@ -151,7 +152,7 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   quiet = ['--config.checkpoint.every=2', '--config.logging.log_every=1000']
   log_path = tmp_path / 'run.log'
   with open(log_path, 'w') as err:
-    proc = subprocess.Popen(tc._cmd(workdir, 30, *quiet), cwd=ROOT, env=tc._env(),  # pylint: disable=protected-access
+    proc = subprocess.Popen(tc._cmd(workdir, 30, *quiet), cwd=ROOT, env=tc._env(),
                             stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 600
     while 'Checkpoint for step 4 being written' not in log_path.read_text():
@@ -166,7 +167,7 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   assert 'Storage request retried with backoff' in text, text[-3000:]
   assert 30 in _complete(workdir)
   local = tmp_path / 'local'
-  tc._train(local, 30, *quiet)  # pylint: disable=protected-access
+  tc._train(local, 30, *quiet)
   a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
   b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
   assert a['step'] == b['step'] == 30 and a['loss'] == b['loss']

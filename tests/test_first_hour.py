@@ -231,3 +231,17 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
   assert 'Traceback' not in err and 'KeyboardInterrupt' not in err, err[-3000:]
   assert err.rstrip().splitlines()[-1] == ('gemma3-train: interrupted again: exiting now without '
                                            'saving; the last complete checkpoint is kept.')
+
+
+@pytest.mark.slow
+def test_a_data_position_the_pipeline_cannot_take_is_one_line_not_damage(tmp_path):
+  _run(tmp_path, 2)
+  r = _run(tmp_path, 4, '--config.data.packing=False', check=False)  # another pipeline
+  data_dir = tmp_path / 'checkpoints' / '2' / 'data'
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.rstrip().splitlines()[-1].startswith(
+      f'gemma3-train: error: {data_dir}: the data iterator position does not fit'), r.stderr
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['2']  # not set aside
+  data_dir.rename(tmp_path / 'moved')  # what the message offers: resume, the data restarted
+  r = _run(tmp_path, 4, '--config.data.packing=False')
+  assert 'Checkpoint 2 has no data iterator state; data restarts.' in r.stderr

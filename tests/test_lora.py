@@ -6,6 +6,7 @@ as checkpoint.init_from) with our exported adapter loaded by peft.PeftModel.from
 
 import dataclasses
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from flax import nnx
 from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import convert
+from gemma3_train import flops
 from gemma3_train import layout
 from gemma3_train import lora
 from gemma3_train import model as model_lib
@@ -62,26 +64,91 @@ def test_zero_b_gives_the_base_logits_exactly(scan):
   np.testing.assert_array_equal(np.asarray(adapted(TOKENS)), np.asarray(base(TOKENS)))
 
 
-def test_only_adapters_train_and_the_optimizer_holds_only_them():
-  c = _tiny(num_layers=7)
-  mesh = sharding.make_mesh(c, jax.devices()[:4])
-  s = train.setup(c, mesh)
-  base_before = jax.tree.map(np.asarray, nnx.to_pure_dict(s.state['base']))
-  params_before = jax.tree.map(np.asarray, nnx.to_pure_dict(s.state['params']))
-  state = s.state
-  batch = {k: jax.device_put(v, s.batch_sharding[k])
-           for k, v in _batch(c).items()}
+def _two_steps(s, c):
+  """(init state's host copy, state after two steps) of setup s from its fresh random init."""
+  state = s.init_state()
+  before = jax.tree.map(np.asarray, {k: nnx.to_pure_dict(state[k]) for k in ('params', 'base')})
+  batch = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in _batch(c).items()}
   for _ in range(2):
     state, m = s.train_step(state, batch)
   assert np.isfinite(float(m['loss']))
+  return before, state
+
+
+@pytest.fixture(scope='module')
+def tiny_steps():
+  """Two steps (two microbatches each) of a 7-layer tiny LoRA run: without dropout, and twice
+  with lora.dropout=0.3. {name: (config, setup, state before, state after)}."""
+  c = _tiny(num_layers=7).replace(optim=dict(grad_accum_steps=2))
+  mesh = sharding.make_mesh(c, jax.devices()[:4])
+  runs = {}
+  for name, cd in (('plain', c), ('dropout', c.replace(lora=dict(dropout=0.3)))):
+    s = train.setup(cd, mesh, abstract=True)
+    runs[name] = (cd, s, *_two_steps(s, cd))
+  runs['dropout_again'] = (runs['dropout'][0], runs['dropout'][1],
+                           *_two_steps(runs['dropout'][1], runs['dropout'][0]))
+  return runs
+
+
+def test_only_adapters_train_and_the_optimizer_holds_only_them(tiny_steps):
+  _, _, before, state = tiny_steps['plain']
   jax.tree.map(np.testing.assert_array_equal,
-               jax.tree.map(np.asarray, nnx.to_pure_dict(state['base'])), base_before)
+               jax.tree.map(np.asarray, nnx.to_pure_dict(state['base'])), before['base'])
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(state['params']))
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(after), jax.tree.leaves(params_before)):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(after),
+                          jax.tree.leaves(before['params'])):
     assert not np.array_equal(x, y), jax.tree_util.keystr(path)  # every A and B moved
   adapter_shapes = sorted(x.shape for x in jax.tree.leaves(after))
   moments = sorted(x.shape for x in jax.tree.leaves(state['opt_state']) if x.ndim > 0)
   assert moments == sorted(adapter_shapes * 2)  # Adam's mu and nu of the adapters, nothing else
+
+
+def test_dropout_changes_training_reproducibly_and_not_eval(tiny_steps):
+  c0, s0, before0, plain = tiny_steps['plain']
+  c1, s1, before1, drop = tiny_steps['dropout']
+  _, _, _, again = tiny_steps['dropout_again']
+  jax.tree.map(np.testing.assert_array_equal, before0, before1)  # the same start
+  params = lambda st: jax.tree.leaves(jax.tree.map(np.asarray, nnx.to_pure_dict(st['params'])))
+  # Dropout changes the steps (every B moved differently) and is a function of seed and step.
+  assert all(not np.array_equal(x, y) for x, y in zip(params(plain), params(drop)))
+  jax.tree.map(np.testing.assert_array_equal, params(drop), params(again))
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.tree.map(np.asarray, nnx.to_pure_dict(drop['base'])), before1['base'])
+  # Without dropout the step draws no random bits at all (the program is the plain one).
+  args = (s0.abstract_state, train.abstract_batch(c0, s0.mesh))
+  assert 'threefry' not in s0.train_step.lower(*args).as_text()
+  assert 'threefry' in s1.train_step.lower(*args).as_text()  # (the check sees random bits)
+  # Eval never drops: the same state evaluates bitwise equally with and without lora.dropout.
+  batch = {k: jax.device_put(v, s0.batch_sharding[k]) for k, v in _batch(c0).items()}
+  e0, e1 = s0.eval_step(drop, batch), s1.eval_step(drop, batch)
+  for k in e0:
+    np.testing.assert_array_equal(np.asarray(e0[k]), np.asarray(e1[k]))
+
+
+def test_dropout_masks_are_inverted_dropout_per_adapter():
+  """Hand check with A = B = I (scale 1): the adapter term is exactly dropout(x), PEFT's
+  nn.Dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p)."""
+  D, p = 32, 0.25
+  eye = jnp.eye(D)
+
+  class Two(nnx.Module):
+    def __init__(self):
+      self.one = lora.Adapter(eye, eye, ('embed', 'lora_rank'), ('lora_rank', 'embed'), 1.0)
+      self.two = lora.Adapter(eye, eye, ('embed', 'lora_rank'), ('lora_rank', 'embed'), 1.0)
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64, D)), jnp.float32) + 3.0
+  m = Two()
+  np.testing.assert_allclose(m.one('BLD,DE->BLE', x, jnp.float32), x, rtol=1e-6)  # no key: none
+  lora.set_dropout(m, jax.random.key(7), p)
+  y1, y2 = (np.asarray(a('BLD,DE->BLE', x, jnp.float32)) for a in (m.one, m.two))
+  for y in (y1, y2):
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], np.asarray(x)[kept] / (1 - p), rtol=1e-6)
+    frac = 1 - kept.mean()  # 8192 draws: 4 sigma is ~0.02
+    assert abs(frac - p) < 4 * math.sqrt(p * (1 - p) / kept.size), frac
+  assert not np.array_equal(y1 != 0, y2 != 0)  # each adapter its own mask
+  lora.set_dropout(m, jax.random.key(7), p)
+  np.testing.assert_array_equal(np.asarray(m.one('BLD,DE->BLE', x, jnp.float32)), y1)
 
 
 def _batch(c):
@@ -223,13 +290,15 @@ def test_export_lora_of_a_non_lora_dir_is_one_line_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_lora_sigkill_then_rerun_resumes_exactly(tmp_path):
+  # With adapter dropout: its masks are a function of the seed and step, so resume is exact.
   extra = ['--config.lora.rank=4', '--config.lora.targets=q,v,down',
-           '--config.lora.base_dtype=int8']
+           '--config.lora.base_dtype=int8', '--config.lora.dropout=0.1']
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   test_checkpoint._train(straight, 20, *extra)
   proc = subprocess.Popen(test_checkpoint._cmd(killed, 20, *extra), cwd=test_checkpoint.ROOT,
                           env=test_checkpoint._env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
+  # Step 12 is past the save at 10, which waited for the save at 5 to finish.
   test_checkpoint._wait_for_step(killed / 'metrics.jsonl', 12, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -244,3 +313,52 @@ def test_lora_sigkill_then_rerun_resumes_exactly(tmp_path):
   assert x.keys() == y.keys()
   for k in x:
     np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_lora_flops_match_a_hand_count():
+  """flops.train_flops_per_step of a LoRA run against every matmul listed by hand: the frozen
+  base (and head) forward + activation gradient (2x), attention 3x, adapters 3x."""
+  m = config_lib.ModelConfig(preset='t', vocab_size=97, num_layers=7, embed_dim=24, mlp_dim=40,
+                             num_heads=4, num_kv_heads=2, head_dim=6, sliding_window=5)
+  T, B, r = 9, 3, 2
+  d, f, q, kv = 24, 40, 4 * 6, 2 * 6
+  base = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # (in, out) per layer
+  adapted = {'q': (d, q), 'v': (d, kv), 'down': (f, d)}
+  attn = 0
+  for layer in range(7):  # scores and probs @ V over each query's visible keys
+    for p in range(T):
+      keys = p + 1 if layer % 6 == 5 else min(5, p + 1)
+      attn += 2 * (2 * 4 * 6 * keys)
+  per_row = (2 * 7 * sum(2 * T * i * o for i, o in base) + 3 * attn
+             + 3 * 7 * sum(2 * T * r * (i + o) for i, o in adapted.values()))
+  c = config_lib.Config(model=m).replace(
+      data=dict(seq_len=T), train=dict(global_batch_size=B),
+      lora=dict(rank=r, targets='q,v,down'))
+  head = 2 * T * d * 97
+  assert flops.train_flops_per_step(c) == pytest.approx(B * (per_row + 2 * head), rel=1e-12)
+  c = c.replace(lora=dict(train_embedding=True))
+  assert flops.train_flops_per_step(c) == pytest.approx(B * (per_row + 3 * head), rel=1e-12)
+  full = c.replace(lora=dict(rank=0, targets=config_lib.LoraConfig().targets,
+                             train_embedding=False))
+  assert flops.train_flops_per_step(full) == flops.model_flops_per_step(m, T, B)
+
+
+def test_lora_27b_config_is_the_one_its_aot_proof_compiled():
+  """docs/aot/lora_27b_v5e-16.json (a 25-minute compile, rerun by hand) still describes
+  configs/lora_27b.py, and fits a v5e-16 with the shipped configs' headroom."""
+  from configs import lora_27b  # pylint: disable=g-import-not-at-top
+  from gemma3_train import aot  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config_dict(lora_27b.get_config())
+  r = json.loads((test_checkpoint.ROOT / 'docs' / 'aot' / 'lora_27b_v5e-16.json').read_text())
+  assert r['fits'] and r['headroom'] >= aot.HEADROOM and not r['error'] and r['tpu_kernels'] > 0
+  want = dict(config='27b', topology='v5e-16', chips=16, hbm_gib=16.0,
+              mesh=config_lib.mesh_shape(c, 16), remat_policy=c.model.remat_policy,
+              seq_len=c.data.seq_len, global_batch=c.train.global_batch_size,
+              param_dtype=c.model.param_dtype, dtype=c.model.dtype)
+  assert {k: r[k] for k in want} == want
+  # The state it compiled: int8 projections, bfloat16 rest, rank-16 adapters and their Adam.
+  assert (c.lora.rank, c.lora.base_dtype, c.lora.target_list()) == (
+      16, 'int8', config_lib.LoraConfig().target_list())
+  full = json.loads((test_checkpoint.ROOT / 'docs' / 'aot' / '27b_full_v5e-16.json').read_text())
+  assert not full['fits'] and full['state_gib'] > full['hbm_gib']
+  assert (full['seq_len'], full['global_batch']) == (r['seq_len'], r['global_batch'])

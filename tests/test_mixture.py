@@ -1,6 +1,7 @@
 """data.mixture: exact weights per window, deterministic resume, exhaustion, bad specs."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -217,3 +218,37 @@ def test_resume_with_worker_processes(tmp_path):
   _same(got, want)
   assert sum(data.tokens_drawn(resumed).values()) == 8 * 4 * 16
   resumed.close()
+
+
+@pytest.mark.slow  # compiles a tiny model (~10-20 s here)
+def test_train_logs_per_source_tokens_and_resumes_them(tmp_path):
+  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config_dict(tiny.get_config()).replace(
+      data=dict(mixture='a:3 source=synthetic; b:1 source=synthetic'),
+      model=dict(num_layers=2), train=dict(num_steps=4, eval_every=0),
+      logging=dict(log_every=2, tensorboard=False, peak_tflops=1.0),
+      checkpoint=dict(every=2))
+  train.train_and_evaluate(c, str(tmp_path))
+  train.train_and_evaluate(c.replace(train=dict(num_steps=6)), str(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  per_step = c.train.global_batch_size * c.data.seq_len
+  logged = [(r['step'], r['tokens/a'] + r['tokens/b']) for r in rows if 'loss' in r]
+  assert logged == [(s, s * per_step) for s, _ in logged] and logged[-1][0] == 6
+  assert rows[-1]['tokens/a'] > rows[-1]['tokens/b'] > 0
+
+
+@pytest.mark.slow  # compiles a tiny model
+def test_training_stops_cleanly_when_a_source_runs_out(tmp_path, caplog):
+  from gemma3_train import checkpoint  # pylint: disable=g-import-not-at-top
+  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  c = _config(tmp_path, {'a': 1, 'c': 1}, batch=8, mixture_exhausted='stop', packing=False,
+              prefetch=0)  # 8 rows: one per simulated device
+  c = c.replace(model=dict(num_layers=2), train=dict(num_steps=50, eval_every=0),
+                logging=dict(log_every=1, tensorboard=False, peak_tflops=1.0),
+                checkpoint=dict(every=0))
+  with caplog.at_level(logging.WARNING, logger='gemma3_train'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  step = checkpoint.latest_step(str(tmp_path / 'run'))
+  assert 1 <= step <= 3  # 'a' holds 7 one-row documents, half of each batch's 8 rows
+  assert (f'The training data ran out at step {step} of train.num_steps=50 '
+          '(data.mixture_exhausted=stop)') in caplog.text

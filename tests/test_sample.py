@@ -217,6 +217,8 @@ def test_prompt_longer_than_context_is_an_error(sampler):
     (['--ckpt=x', '--prompt=hi', '--config.model.num_layers=3'], 'fixed by the checkpoint'),
     (['--ckpt=x', '--prompt=hi', '--config.optim.lr=1'], '--config.optim.lr'),
     (['--ckpt=x'], '--prompt=TEXT'),
+    (['--bogus'], 'unrecognized arguments: --bogus'),
+    (['--prompt=hi'], '--ckpt=PATH is required'),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
   with pytest.raises(SystemExit) as e:

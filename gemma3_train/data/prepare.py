@@ -111,6 +111,7 @@ def _write_shard(k: int) -> dict[str, Any]:
   else:
     (dst / job.name(k)).write_bytes(epath.Path(tmp).read_bytes())
     os.remove(tmp)
+    os.rmdir(tmp_dir)
   stats = {'path': job.name(k), 'rows': hi - lo, 'documents': docs, 'tokens': tokens,
            'counts': dict(collections.Counter(reasons))}
   (dst / (job.name(k) + '.stats.json')).write_text(json.dumps(stats))

@@ -50,10 +50,11 @@ def decode(record: bytes, fmt: str) -> dict[str, np.ndarray] | None:
     return None
   if fmt == 'chat':
     n = len(record) // 5
-    tokens = np.frombuffer(record, TOKEN_DTYPE, count=n).astype(np.int32)
+    tokens = np.frombuffer(record, TOKEN_DTYPE, count=n).astype(np.int32, copy=False)
     mask = np.frombuffer(record, np.uint8, offset=4 * n).astype(np.float32)
   else:
-    tokens = np.frombuffer(record, TOKEN_DTYPE).astype(np.int32)
+    # A read-only view on little-endian hosts: rows are built by copying out of it.
+    tokens = np.frombuffer(record, TOKEN_DTYPE).astype(np.int32, copy=False)
     mask = np.ones(len(tokens), np.float32)
     mask[0] = 0.0  # BOS is never a target (documents.ToDocument's text mask)
   return {'tokens': tokens, 'mask': mask}

@@ -14,7 +14,8 @@ skipped-and-counted:
     total per file and reason at the end of the run; per process and per grain worker): an
     empty file among others, a row that is not JSON, lacks the field, is null or empty, or is
     not valid UTF-8, a chat longer than data.seq_len + 1 tokens (split, it would train replies
-    without their prompt);
+    without their prompt), the rows of an ArrayRecord file that turned unreadable mid-run (a
+    DataError naming it once no readable file remains; JSONL and Parquet are read at start-up);
   count only (DEBUG): a text document longer than a row is split into seq_len pieces, each
     starting at position 0 (ordinary in pretraining, so not worth a line).
 """
