@@ -89,9 +89,6 @@ def test_gcs_workdir_data_and_tokenizer_train(text_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason='convert/ours.py and convert/__init__.py call '
-                   "epath.Path(path).absolute(), which turns 'gs://b/x' into '$PWD/gs:/b/x' "
-                   'when TensorFlow is absent (etils 1.15)')
 def test_gcs_export_from_a_gs_workdir(text_run, tmp_path):
   workdir, r = text_run
   assert r.returncode == 0, r.stderr[-3000:]

@@ -32,6 +32,7 @@ from gemma3_train.convert.ours import ParamsSource
 from gemma3_train.convert.ours import TrainSource
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
+from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import layers
 
 
@@ -93,7 +94,7 @@ def import_checkpoint(src_path, dst_path, cfg: config_lib.ModelConfig | None = N
                       progress: bool = True) -> config_lib.ModelConfig:
   """HF / Kaggle (or ours) -> our params-only checkpoint, streamed (see each Source)."""
   src = open_source(src_path, cfg)
-  dst = epath.Path(dst_path).absolute()
+  dst = absolute(dst_path)
   ours.save_params(dst, src.cfg, src.top(), layers(src, f'writing {dst}' if progress else None))
   return src.cfg
 

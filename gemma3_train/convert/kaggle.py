@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from etils import epath
 
 from gemma3_train import config as config_lib
 from gemma3_train import layout
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
+from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import check
 from gemma3_train.convert.source import preset_name
 
@@ -59,7 +59,7 @@ class KaggleSource(Source):
   """
 
   def __init__(self, path, cfg: config_lib.ModelConfig | None = None):
-    self.path = epath.Path(path).absolute()
+    self.path = absolute(path)
     self._meta = orbax_tree.leaves(self.path)
     self._keys = {_name(keys): keys for keys in self._meta}  # normalized name -> stored keys
     self._stack = self._stacking()

@@ -27,6 +27,7 @@ from gemma3_train import model as model_lib
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
+from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import check
 
 PARAMS_CONFIG = 'gemma3_config.json'  # marks one of our params-only checkpoints
@@ -42,7 +43,7 @@ def save_params(path, cfg: config_lib.ModelConfig, top: Mapping[str, np.ndarray]
   `layers` may be a generator: each layer is written (an Orbax partial save) before the next
   is read, so host memory holds the embedding and one layer, never the whole model.
   """
-  path = epath.Path(path).absolute()  # orbax wants absolute paths
+  path = absolute(path)
   if path.exists() and any(path.iterdir()):
     raise ConversionError(f'{path}: destination exists and is not empty')
   path.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ class ParamsSource(Source):
   """One of our params-only checkpoints (save_params). Holds in memory one layer."""
 
   def __init__(self, path):
-    self.path = epath.Path(path).absolute()
+    self.path = absolute(path)
     self.cfg = _model_config_from_json(self.path / PARAMS_CONFIG)
     self._tree = self.path / _PARAMS_TREE / _PARAMS_ITEM
     self._meta = orbax_tree.leaves(self._tree)
@@ -107,7 +108,7 @@ def complete_steps(directory) -> list[int]:
 
 def train_step_dir(path) -> epath.Path:
   """WORKDIR -> its newest complete WORKDIR/checkpoints/<step>; a step directory as it is."""
-  path = epath.Path(path).absolute()
+  path = absolute(path)
   if not (path / 'checkpoints').is_dir():
     return path
   steps = complete_steps(path / 'checkpoints')

@@ -7,6 +7,7 @@ import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from gemma3_train import config as config_lib
 
@@ -21,6 +22,13 @@ def check(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
   if tuple(x.shape) != tuple(shape):
     raise ConversionError(f'{name}: shape {tuple(x.shape)}, expected {tuple(shape)}')
   return x
+
+
+def absolute(path) -> epath.Path:
+  """path made absolute (orbax wants absolute paths), leaving gs:// and other URLs alone:
+  epath's local fallback would turn 'gs://b/x' into '$PWD/gs:/b/x'."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else path.absolute()
 
 
 def preset_name(fields: Mapping[str, Any]) -> str:

@@ -106,6 +106,8 @@ class ToDocument(grain.transforms.Map):
 
   def document(self, i: int) -> dict[str, np.ndarray] | None:
     raw = self.source[i]
+    if raw is None:  # a record the source skipped and counted (an unreadable file)
+      return None
     if self.source.record == 'tokens':
       tokens = np.concatenate([[tokenizer_lib.BOS], raw, [tokenizer_lib.EOS]]).astype(np.int32)
       return {'tokens': tokens, 'mask': np.ones(len(tokens), np.float32)}

@@ -234,10 +234,10 @@ class ArrayRecordSource(_Files):
         if len(self._unreadable) == len(self.names):
           raise DataError(f'{self.names[f]}: unreadable ({type(e).__name__}: '
                           f'{str(e)[:200]}); no readable file remains in {self._spec}') from e
-    # Skipped like a bad row (b'' reads as an empty record); the index still advances, so the
-    # iterator's checkpointed state stays that of the rows consumed.
+    # Skipped like a bad row (None: counted here, not again as an empty record); the index
+    # still advances, so the iterator's checkpointed state stays that of the rows consumed.
     note('unreadable data file', self.where(i))
-    return b''
+    return None
 
 
 class TfdsSource:
