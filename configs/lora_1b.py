@@ -18,7 +18,8 @@ def get_config():
   c.model.preset = '1b'
   c.model.update(config_lib.PRESETS['1b'])
   c.model.remat_policy = 'minimal'
-  _chat_data(c)
+  config_lib.use_chat_data(c)
+  c.data.seq_len = 2048
   c.train.global_batch_size = 16
   c.train.num_steps = 2000
   c.train.eval_every = 250
@@ -36,11 +37,3 @@ def get_config():
   c.optim.weight_decay = 0.0
   return c
 
-
-def _chat_data(c):
-  """JSONL chats in the Gemma chat format, loss on model turns (as configs/sft_1b.py)."""
-  c.data.source = 'jsonl'
-  c.data.format = 'chat'
-  c.data.train_path = 'chats/train.jsonl'  # placeholder: your chat JSONL (local or gs://, globs)
-  c.data.eval_path = 'chats/eval.jsonl'  # placeholder: held-out chats
-  c.data.seq_len = 2048

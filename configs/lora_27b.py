@@ -16,7 +16,8 @@ from gemma3_train import config as config_lib
 
 def get_config():
   c = config_lib.default_config_dict()
-  _chat_data(c)
+  config_lib.use_chat_data(c)
+  c.data.seq_len = 2048
   c.train.num_steps = 2000
   c.optim.warmup_steps = 50
   c.checkpoint.every = 250
@@ -34,11 +35,3 @@ def get_config():
   c.checkpoint.init_from = '/path/to/gemma-3-27b-it'  # placeholder: the released weights
   return c
 
-
-def _chat_data(c):
-  """JSONL chats in the Gemma chat format, loss on model turns (as configs/sft_1b.py)."""
-  c.data.source = 'jsonl'
-  c.data.format = 'chat'
-  c.data.train_path = 'chats/train.jsonl'  # placeholder: your chat JSONL (local or gs://, globs)
-  c.data.eval_path = 'chats/eval.jsonl'  # placeholder: held-out chats
-  c.data.seq_len = 2048

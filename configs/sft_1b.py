@@ -17,10 +17,7 @@ def get_config():
   c.model.preset = '1b'
   c.model.update(config_lib.PRESETS['1b'])
   c.model.remat_policy = 'minimal'
-  c.data.source = 'jsonl'
-  c.data.format = 'chat'
-  c.data.train_path = 'chats/train.jsonl'  # placeholder: your chat JSONL (local or gs://, globs)
-  c.data.eval_path = 'chats/eval.jsonl'  # placeholder: held-out chats
+  config_lib.use_chat_data(c)
   c.data.seq_len = 2048
   c.train.global_batch_size = 16
   c.train.num_steps = 2000

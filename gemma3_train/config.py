@@ -257,6 +257,15 @@ def default_config_dict() -> ml_collections.ConfigDict:
 # --- config files ------------------------------------------------------------
 
 
+def use_chat_data(c: ml_collections.ConfigDict) -> None:
+  """The data fields of a chat fine-tuning config (configs/sft_*, lora_*): JSONL chats in the
+  Gemma chat format, loss on the model turns; the paths are placeholders to override."""
+  c.data.source = 'jsonl'
+  c.data.format = 'chat'
+  c.data.train_path = 'chats/train.jsonl'  # your chat JSONL (local or gs://, globs)
+  c.data.eval_path = 'chats/eval.jsonl'  # held-out chats
+
+
 def load_config_dict(path: str) -> ml_collections.ConfigDict:
   """Runs a config file's get_config(); 'file.py:arg' calls get_config('arg') (config_flags').
 
