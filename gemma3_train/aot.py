@@ -283,7 +283,7 @@ def compile_report(c: config_lib.Config, topo: hardware.Topology, *,
   c = tpu_run_config(c)
   device_list = devices(topo) if device_list is None else device_list
   mesh = sharding.make_mesh(c, device_list)
-  shape = config_lib.mesh_shape(c, len(device_list), topo.num_slices)
+  shape = sharding.mesh_shape(c, len(device_list), topo.num_slices)
   r = _base_report(c, topo, shape)
   step, args, state = builder(c, mesh)
   r.state_gib = _gib(_state_bytes(state))

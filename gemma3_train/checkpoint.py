@@ -1,6 +1,6 @@
 """One orbax CheckpointManager under WORKDIR/checkpoints, and the restore order.
 
-Restore order (train.py calls `restore_or_init`):
+Restore order (restore.py `restore_or_init` follows it):
   (1) the newest complete checkpoint in this workdir: train state, data iterator, step.
       A checkpoint whose write was interrupted is never listed (orbax writes to a temporary
       directory and renames it when complete; on gs:// it writes a commit marker last); the

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import pathlib
 import re
 from typing import Any
@@ -32,6 +31,7 @@ ATTENTION_IMPLS = ('reference', 'cudnn', 'splash', 'auto')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'prepared')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
+MIXTURE_EXHAUSTED = ('repeat', 'stop')
 
 
 class ConfigError(ValueError):
@@ -92,6 +92,19 @@ class ModelConfig:
   attention_impl: str = _f('auto', 'auto (splash on TPU, cudnn on GPU, else reference) | '
                            'reference | cudnn | splash')
   attention_block_size: int = _f(512, 'splash attention q/kv block size (TPU)')
+  # The SigLIP So400m/14 encoder of the 4b, 12b and 27b checkpoints (docs/vision.md).
+  vision: bool = _f(False, 'add the SigLIP image encoder and its projector: model(tokens, '
+                    'images=...) (the released 4b, 12b and 27b have it)')
+  vision_image_size: int = _f(896, 'image side S in pixels (images are S x S x 3 in [-1, 1])')
+  vision_patch_size: int = _f(14, 'patch side; the encoder sees (S / patch)^2 patches')
+  vision_width: int = _f(1152, 'encoder width')
+  vision_depth: int = _f(27, 'encoder layers')
+  vision_mlp_dim: int = _f(4304, 'encoder MLP hidden size')
+  vision_num_heads: int = _f(16, 'encoder attention heads')
+  vision_pool: int = _f(4, 'average-pool window over the patch grid: (S / patch / pool)^2 '
+                        'soft tokens per image (256 for the released models)')
+  vision_trainable: bool = _f(False, 'train the encoder too (else it is frozen: no gradient, '
+                              'no optimizer state); the projector always trains')
 
   @classmethod
   def from_preset(cls, name: str, **overrides) -> 'ModelConfig':
@@ -99,6 +112,10 @@ class ModelConfig:
 
   def is_global(self, layer: int) -> bool:
     return layer % GLOBAL_EVERY == GLOBAL_EVERY - 1
+
+  @property
+  def tokens_per_image(self) -> int:
+    return (self.vision_image_size // self.vision_patch_size // self.vision_pool) ** 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +150,12 @@ class DataConfig:
                      "...' (keys: source, train_path, format, text_field, messages_field, "
                      "tfds_name; unset keys inherit data.*), e.g. 'web:0.7 source=jsonl "
                      "train_path=web/*.jsonl; code:0.3 source=prepared train_path=code'")
+  images_field: str = _f('images', "text rows' list of image paths (model.vision), taken in "
+                         'order by the <start_of_image> markers of the text')
+  max_images: int = _f(2, 'image slots per packed row (model.vision); a document with more '
+                       'is an error naming its row')
+  pan_and_scan: bool = _f(False, 'model.vision: add square crops of non-square images after '
+                          'the whole image (Hugging Face do_pan_and_scan)')
   mixture_exhausted: str = _f('repeat', 'a mixture source that runs out: repeat (next epoch, '
                               'reshuffled) | stop (the train data ends)')
 
@@ -350,66 +373,10 @@ def from_config_dict(c: ml_collections.ConfigDict) -> Config:
   return from_dict(c.to_dict())
 
 
-# --- data.mixture ------------------------------------------------------------
-
-MIXTURE_EXHAUSTED = ('repeat', 'stop')
-# The data.* fields a mixture source may set for itself; the rest (tokenizer, seq_len, seed,
-# packing, workers) are shared by the whole mixture.
-MIXTURE_KEYS = ('source', 'train_path', 'format', 'text_field', 'messages_field', 'tfds_name')
-
-
-@dataclasses.dataclass(frozen=True)
-class MixtureSource:
-  name: str
-  weight: float
-  fields: tuple[tuple[str, str], ...]  # (data.* key, value) overrides
-
-
-def parse_mixture(spec: str) -> list[MixtureSource]:
-  """data.mixture -> its sources; '' -> []. Raises ConfigError naming data.mixture.
-
-  Grammar: sources separated by ';' (or newlines); each is 'NAME:WEIGHT' followed by
-  space-separated key=value pairs with keys from MIXTURE_KEYS. Weights are relative (>= 0,
-  not all 0); a weight-0 source is never read.
-  """
-  out = []
-  for entry in (e.strip() for e in re.split(r'[;\n]', spec)):
-    if not entry:
-      continue
-    head, *pairs = entry.split()
-    name, sep, weight = head.partition(':')
-    bad = lambda what: ConfigError(f'data.mixture={spec!r}: {what} in {entry!r}')
-    if not sep or not re.fullmatch(r'[\w.-]+', name):
-      raise bad("expected 'NAME:WEIGHT key=value ...' (NAME letters, digits, _ . -)")
-    try:
-      w = float(weight)
-    except ValueError:
-      raise bad(f'weight {weight!r} is not a number') from None
-    if not (w >= 0 and math.isfinite(w)):
-      raise bad(f'weight {weight} is negative or not finite; expected >= 0')
-    fields = []
-    for pair in pairs:
-      key, sep, value = pair.partition('=')
-      if not sep or key not in MIXTURE_KEYS:
-        raise bad(f'{pair!r} is not key=value with a key in {", ".join(MIXTURE_KEYS)}')
-      fields.append((key, value))
-    if name in (m.name for m in out):
-      raise bad(f'source name {name!r} is used twice')
-    out.append(MixtureSource(name, w, tuple(fields)))
-  if out and not sum(m.weight for m in out) > 0:
-    raise ConfigError(f'data.mixture={spec!r}: all weights are 0; expected one > 0')
-  return out
-
-
-def mixture_data(d: DataConfig, m: MixtureSource) -> DataConfig:
-  """The data config a mixture source reads with: data.* with the source's overrides."""
-  return dataclasses.replace(d, mixture='', **dict(m.fields))
-
-
 # --- validation --------------------------------------------------------------
 
 
-def _require(ok: bool, name: str, value: Any, expected: str) -> None:
+def require(ok: bool, name: str, value: Any, expected: str) -> None:
   if not ok:
     raise ConfigError(f'{name}={value!r}: expected {expected}')
 
@@ -419,95 +386,101 @@ def validate(c: Config) -> None:
   m = c.model
   for k in ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_heads', 'num_kv_heads',
             'head_dim', 'attention_block_size'):
-    _require(getattr(m, k) > 0, f'model.{k}', getattr(m, k), 'a positive integer')
-  _require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads', m.num_kv_heads,
-           f'a divisor of model.num_heads={m.num_heads}')
-  _require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (RoPE halves)')
-  _require(m.sliding_window > 0, 'model.sliding_window', m.sliding_window, 'a window > 0')
-  _require(m.query_pre_attn_scalar > 0, 'model.query_pre_attn_scalar',
-           m.query_pre_attn_scalar, 'a positive number')
-  _require(m.global_rope_scale >= 1.0, 'model.global_rope_scale', m.global_rope_scale, '>= 1')
-  _require(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'a positive number')
+    require(getattr(m, k) > 0, f'model.{k}', getattr(m, k), 'a positive integer')
+  require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads', m.num_kv_heads,
+          f'a divisor of model.num_heads={m.num_heads}')
+  require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (RoPE halves)')
+  require(m.sliding_window > 0, 'model.sliding_window', m.sliding_window, 'a window > 0')
+  require(m.query_pre_attn_scalar > 0, 'model.query_pre_attn_scalar',
+          m.query_pre_attn_scalar, 'a positive number')
+  require(m.global_rope_scale >= 1.0, 'model.global_rope_scale', m.global_rope_scale, '>= 1')
+  require(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'a positive number')
   for k in ('param_dtype', 'dtype'):
-    _require(getattr(m, k) in DTYPES, f'model.{k}', getattr(m, k), ' | '.join(DTYPES))
-  _require(m.remat_policy in REMAT_POLICIES, 'model.remat_policy', m.remat_policy,
-           ' | '.join(REMAT_POLICIES))
-  _require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
-           ' | '.join(ATTENTION_IMPLS))
+    require(getattr(m, k) in DTYPES, f'model.{k}', getattr(m, k), ' | '.join(DTYPES))
+  require(m.remat_policy in REMAT_POLICIES, 'model.remat_policy', m.remat_policy,
+          ' | '.join(REMAT_POLICIES))
+  require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
+          ' | '.join(ATTENTION_IMPLS))
+  if m.vision:
+    for k in ('vision_image_size', 'vision_patch_size', 'vision_width', 'vision_depth',
+              'vision_mlp_dim', 'vision_num_heads', 'vision_pool'):
+      require(getattr(m, k) > 0, f'model.{k}', getattr(m, k), 'a positive integer')
+    grid = m.vision_image_size // m.vision_patch_size
+    require(m.vision_image_size % m.vision_patch_size == 0, 'model.vision_image_size',
+            m.vision_image_size, f'a multiple of model.vision_patch_size={m.vision_patch_size}')
+    require(grid % m.vision_pool == 0, 'model.vision_pool', m.vision_pool,
+            f'a divisor of the patch grid side {grid}')
+    require(m.vision_width % m.vision_num_heads == 0, 'model.vision_num_heads',
+            m.vision_num_heads, f'a divisor of model.vision_width={m.vision_width}')
 
   for k in ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp', 'dcn_tensor'):
     v = getattr(c.mesh, k)
-    _require(v == -1 or v >= 1, f'mesh.{k}', v, 'a degree >= 1 or -1 (fill)')
+    require(v == -1 or v >= 1, f'mesh.{k}', v, 'a degree >= 1 or -1 (fill)')
   ici = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
-  _require(ici.count(-1) <= 1, 'mesh', tuple(ici), 'at most one of data/fsdp/tensor = -1')
-  _require(c.mesh.rules == '' or re.fullmatch(r'\w+=[\w+]*(,\w+=[\w+]*)*', c.mesh.rules),
-           'mesh.rules', c.mesh.rules, "'logical=axis[+axis],...' e.g. 'mlp=tensor,embed=fsdp'")
+  require(ici.count(-1) <= 1, 'mesh', tuple(ici), 'at most one of data/fsdp/tensor = -1')
+  require(c.mesh.rules == '' or re.fullmatch(r'\w+=[\w+]*(,\w+=[\w+]*)*', c.mesh.rules),
+          'mesh.rules', c.mesh.rules, "'logical=axis[+axis],...' e.g. 'mlp=tensor,embed=fsdp'")
 
   d = c.data
-  _require(d.source in SOURCES, 'data.source', d.source, ' | '.join(SOURCES))
-  _require(d.format in ('text', 'chat'), 'data.format', d.format, 'text | chat')
-  _require(d.seq_len > 1, 'data.seq_len', d.seq_len, 'an integer > 1')
-  _require(d.num_workers >= 0, 'data.num_workers', d.num_workers, '>= 0')
-  _require(d.prefetch >= 0, 'data.prefetch', d.prefetch, '>= 0')
+  require(d.source in SOURCES, 'data.source', d.source, ' | '.join(SOURCES))
+  require(d.format in ('text', 'chat'), 'data.format', d.format, 'text | chat')
+  require(d.seq_len > 1, 'data.seq_len', d.seq_len, 'an integer > 1')
+  require(d.num_workers >= 0, 'data.num_workers', d.num_workers, '>= 0')
+  require(d.prefetch >= 0, 'data.prefetch', d.prefetch, '>= 0')
+  require(d.max_images >= 1, 'data.max_images', d.max_images, '>= 1')
   if d.source in ('jsonl', 'parquet', 'arrayrecord', 'prepared'):
-    _require(bool(d.train_path), 'data.train_path', d.train_path,
-             f'a file or glob for data.source={d.source!r}')
+    require(bool(d.train_path), 'data.train_path', d.train_path,
+            f'a file or glob for data.source={d.source!r}')
   if d.source == 'tfds':
-    _require(bool(d.tfds_name), 'data.tfds_name', d.tfds_name, 'a TFDS dataset name')
-  _require(d.mixture_exhausted in MIXTURE_EXHAUSTED, 'data.mixture_exhausted',
-           d.mixture_exhausted, ' | '.join(MIXTURE_EXHAUSTED))
-  for m in parse_mixture(d.mixture):  # each source as if it were data.*
-    try:
-      validate(dataclasses.replace(c, data=mixture_data(d, m)))
-    except ConfigError as e:
-      raise ConfigError(f'data.mixture source {m.name!r}: {e}') from None
+    require(bool(d.tfds_name), 'data.tfds_name', d.tfds_name, 'a TFDS dataset name')
+  require(d.mixture_exhausted in MIXTURE_EXHAUSTED, 'data.mixture_exhausted',
+          d.mixture_exhausted, ' | '.join(MIXTURE_EXHAUSTED))
 
   o = c.optim
-  _require(o.lr >= 0, 'optim.lr', o.lr, 'a learning rate >= 0')
-  _require(o.schedule in SCHEDULES, 'optim.schedule', o.schedule, ' | '.join(SCHEDULES))
-  _require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, '>= 0')
-  _require(0 <= o.decay_fraction <= 1, 'optim.decay_fraction', o.decay_fraction, 'in [0, 1]')
-  _require(0 <= o.min_lr_ratio <= 1, 'optim.min_lr_ratio', o.min_lr_ratio, 'in [0, 1]')
-  _require(0 <= o.b1 < 1, 'optim.b1', o.b1, 'in [0, 1)')
-  _require(0 <= o.b2 < 1, 'optim.b2', o.b2, 'in [0, 1)')
-  _require(o.eps > 0, 'optim.eps', o.eps, '> 0')
-  _require(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, '>= 0')
-  _require(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, '>= 0 (0 = off)')
-  _require(o.grad_accum_steps >= 1, 'optim.grad_accum_steps', o.grad_accum_steps, '>= 1')
+  require(o.lr >= 0, 'optim.lr', o.lr, 'a learning rate >= 0')
+  require(o.schedule in SCHEDULES, 'optim.schedule', o.schedule, ' | '.join(SCHEDULES))
+  require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, '>= 0')
+  require(0 <= o.decay_fraction <= 1, 'optim.decay_fraction', o.decay_fraction, 'in [0, 1]')
+  require(0 <= o.min_lr_ratio <= 1, 'optim.min_lr_ratio', o.min_lr_ratio, 'in [0, 1]')
+  require(0 <= o.b1 < 1, 'optim.b1', o.b1, 'in [0, 1)')
+  require(0 <= o.b2 < 1, 'optim.b2', o.b2, 'in [0, 1)')
+  require(o.eps > 0, 'optim.eps', o.eps, '> 0')
+  require(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, '>= 0')
+  require(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, '>= 0 (0 = off)')
+  require(o.grad_accum_steps >= 1, 'optim.grad_accum_steps', o.grad_accum_steps, '>= 1')
 
   t = c.train
-  _require(t.num_steps >= 1, 'train.num_steps', t.num_steps, '>= 1')
-  _require(t.global_batch_size >= 1, 'train.global_batch_size', t.global_batch_size, '>= 1')
-  _require(t.global_batch_size % o.grad_accum_steps == 0, 'train.global_batch_size',
-           t.global_batch_size, f'a multiple of optim.grad_accum_steps={o.grad_accum_steps}')
-  _require(t.eval_every >= 0, 'train.eval_every', t.eval_every, '>= 0')
-  _require(t.eval_steps >= 0, 'train.eval_steps', t.eval_steps, '>= 0')
-  _require(t.loss_chunk_size >= 1, 'train.loss_chunk_size', t.loss_chunk_size, '>= 1')
-  _require(t.sample_every >= 0, 'train.sample_every', t.sample_every, '>= 0 (0 = never)')
-  _require(not t.sample_every or any(p.strip() for p in t.sample_prompts.split('|')),
-           'train.sample_prompts', t.sample_prompts, "one or more prompts separated by '|'")
-  _require(t.z_loss >= 0, 'train.z_loss', t.z_loss, '>= 0')
+  require(t.num_steps >= 1, 'train.num_steps', t.num_steps, '>= 1')
+  require(t.global_batch_size >= 1, 'train.global_batch_size', t.global_batch_size, '>= 1')
+  require(t.global_batch_size % o.grad_accum_steps == 0, 'train.global_batch_size',
+          t.global_batch_size, f'a multiple of optim.grad_accum_steps={o.grad_accum_steps}')
+  require(t.eval_every >= 0, 'train.eval_every', t.eval_every, '>= 0')
+  require(t.eval_steps >= 0, 'train.eval_steps', t.eval_steps, '>= 0')
+  require(t.loss_chunk_size >= 1, 'train.loss_chunk_size', t.loss_chunk_size, '>= 1')
+  require(t.sample_every >= 0, 'train.sample_every', t.sample_every, '>= 0 (0 = never)')
+  require(not t.sample_every or any(p.strip() for p in t.sample_prompts.split('|')),
+          'train.sample_prompts', t.sample_prompts, "one or more prompts separated by '|'")
+  require(t.z_loss >= 0, 'train.z_loss', t.z_loss, '>= 0')
 
   k = c.checkpoint
-  _require(k.every >= 0, 'checkpoint.every', k.every, '>= 0')
-  _require(k.keep >= 1, 'checkpoint.keep', k.keep, '>= 1')
-  _require(k.keep_period >= 0, 'checkpoint.keep_period', k.keep_period, '>= 0')
-  _require(k.lease_timeout_s > 0, 'checkpoint.lease_timeout_s', k.lease_timeout_s, '> 0')
+  require(k.every >= 0, 'checkpoint.every', k.every, '>= 0')
+  require(k.keep >= 1, 'checkpoint.keep', k.keep, '>= 1')
+  require(k.keep_period >= 0, 'checkpoint.keep_period', k.keep_period, '>= 0')
+  require(k.lease_timeout_s > 0, 'checkpoint.lease_timeout_s', k.lease_timeout_s, '> 0')
 
   g = c.logging
-  _require(g.log_every >= 1, 'logging.log_every', g.log_every, '>= 1')
-  _require(g.peak_tflops >= 0, 'logging.peak_tflops', g.peak_tflops, '>= 0')
-  _require(re.fullmatch(r'(\d+(,\d+)*)?', g.profile_steps) is not None,
-           'logging.profile_steps', g.profile_steps, "a comma list of steps, e.g. '5,6'")
+  require(g.log_every >= 1, 'logging.log_every', g.log_every, '>= 1')
+  require(g.peak_tflops >= 0, 'logging.peak_tflops', g.peak_tflops, '>= 0')
+  require(re.fullmatch(r'(\d+(,\d+)*)?', g.profile_steps) is not None,
+          'logging.profile_steps', g.profile_steps, "a comma list of steps, e.g. '5,6'")
   _validate_lora(c)
-
-
-def lora_dims(m: ModelConfig) -> dict[str, tuple[int, int]]:
-  """(input size, output size) of each LoRA target's projection."""
-  q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-  return {'q': (m.embed_dim, q), 'k': (m.embed_dim, kv), 'v': (m.embed_dim, kv),
-          'o': (q, m.embed_dim), 'gate': (m.embed_dim, m.mlp_dim),
-          'up': (m.embed_dim, m.mlp_dim), 'down': (m.mlp_dim, m.embed_dim)}
+  if c.data.mixture:
+    from gemma3_train.data import mixture  # pylint: disable=g-import-not-at-top  (imports us)
+    for m in mixture.parse_mixture(c.data.mixture):  # each source as if it were data.*
+      try:
+        validate(dataclasses.replace(c, data=mixture.source_data(c.data, m)))
+      except ConfigError as e:
+        raise ConfigError(f'data.mixture source {m.name!r}: {e}') from None
 
 
 def _validate_lora(c: Config) -> None:
@@ -515,54 +488,9 @@ def _validate_lora(c: Config) -> None:
   if r.rank == 0:
     changed = [f.name for f in dataclasses.fields(r)
                if getattr(r, f.name) != f.default and f.name != 'rank']
-    _require(not changed, 'lora.rank', r.rank,
-             f'> 0 when lora.{changed[0] if changed else ""} is set (rank 0 = LoRA off)')
+    require(not changed, 'lora.rank', r.rank,
+            f'> 0 when lora.{changed[0] if changed else ""} is set (rank 0 = LoRA off)')
     return
-  _require(r.rank > 0, 'lora.rank', r.rank, '> 0 (or 0 = off)')
-  targets = r.target_list()
-  _require(bool(targets), 'lora.targets', r.targets, 'a comma list of ' + ' | '.join(LORA_TARGETS))
-  for t in targets:
-    _require(t in LORA_TARGETS, 'lora.targets', r.targets,
-             f'names among {" | ".join(LORA_TARGETS)} (unknown: {t!r})')
-  _require(len(set(targets)) == len(targets), 'lora.targets', r.targets, 'no repeated name')
-  dims = lora_dims(c.model)
-  for t in targets:
-    _require(r.rank <= min(dims[t]), 'lora.rank', r.rank,
-             f'<= {min(dims[t])}, the smaller dimension of target {t!r} {dims[t]}')
-  _require(r.alpha > 0, 'lora.alpha', r.alpha, '> 0')
-  _require(0 <= r.dropout < 1, 'lora.dropout', r.dropout, 'in [0, 1)')
-  _require(r.base_dtype in LORA_BASE_DTYPES, 'lora.base_dtype', r.base_dtype,
-           ' | '.join(LORA_BASE_DTYPES))
-
-
-def mesh_shape(c: Config, num_devices: int, num_slices: int = 1) -> dict[str, int]:
-  """Resolves -1 degrees against the device count; checks the product and the batch.
-
-  Returns {'dcn_data', 'dcn_fsdp', 'dcn_tensor', 'data', 'fsdp', 'tensor'} with ICI degrees
-  per slice. Raises ConfigError when the mesh cannot cover exactly num_devices devices or the
-  global batch does not divide over the data-parallel degree.
-  """
-  m = c.mesh
-  dcn = [m.dcn_data, m.dcn_fsdp, m.dcn_tensor]
-  _require(-1 not in dcn, 'mesh.dcn_*', tuple(dcn), 'explicit degrees (no -1) across slices')
-  _require(math.prod(dcn) == num_slices, 'mesh.dcn_*', tuple(dcn),
-           f'a product equal to the number of slices ({num_slices})')
-  per_slice, rem = divmod(num_devices, num_slices)
-  _require(rem == 0, 'mesh.dcn_*', tuple(dcn), f'slices dividing {num_devices} devices')
-  ici = [m.data, m.fsdp, m.tensor]
-  if -1 in ici:
-    known = math.prod(v for v in ici if v != -1)
-    fill, rem = divmod(per_slice, known)
-    _require(rem == 0 and fill >= 1, 'mesh', tuple(ici),
-             f'degrees whose product divides the {per_slice} devices per slice')
-    ici = [fill if v == -1 else v for v in ici]
-  _require(math.prod(ici) == per_slice, 'mesh.(data, fsdp, tensor)', tuple(ici),
-           f'a product equal to the device count ({per_slice} per slice)')
-  shape = dict(dcn_data=dcn[0], dcn_fsdp=dcn[1], dcn_tensor=dcn[2],
-               data=ici[0], fsdp=ici[1], tensor=ici[2])
-  batch_degree = shape['data'] * shape['fsdp'] * shape['dcn_data'] * shape['dcn_fsdp']
-  micro = c.train.global_batch_size // c.optim.grad_accum_steps
-  _require(micro % batch_degree == 0, 'train.global_batch_size', c.train.global_batch_size,
-           f'a batch (per microbatch: {micro}) divisible by the data-parallel degree '
-           f'{batch_degree} (data x fsdp x dcn)')
-  return shape
+  require(r.rank > 0, 'lora.rank', r.rank, '> 0 (or 0 = off)')
+  from gemma3_train import lora  # pylint: disable=g-import-not-at-top  (imports us)
+  lora.validate_config(c)

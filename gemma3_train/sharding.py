@@ -9,6 +9,7 @@ change of the table (or of `--config.mesh.rules`), never of the model.
 from __future__ import annotations
 
 import contextlib
+import math
 import contextvars
 from typing import Any, Sequence
 
@@ -60,11 +61,47 @@ def parse_rules(overrides: str) -> dict[str, tuple[str, ...]]:
   return rules
 
 
+_require = config_lib.require
+
+
+def mesh_shape(c: config_lib.Config, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+  """Resolves -1 degrees against the device count; checks the product and the batch.
+
+  Returns {'dcn_data', 'dcn_fsdp', 'dcn_tensor', 'data', 'fsdp', 'tensor'} with ICI degrees
+  per slice. Raises ConfigError when the mesh cannot cover exactly num_devices devices or the
+  global batch does not divide over the data-parallel degree.
+  """
+  m = c.mesh
+  dcn = [m.dcn_data, m.dcn_fsdp, m.dcn_tensor]
+  _require(-1 not in dcn, 'mesh.dcn_*', tuple(dcn), 'explicit degrees (no -1) across slices')
+  _require(math.prod(dcn) == num_slices, 'mesh.dcn_*', tuple(dcn),
+           f'a product equal to the number of slices ({num_slices})')
+  per_slice, rem = divmod(num_devices, num_slices)
+  _require(rem == 0, 'mesh.dcn_*', tuple(dcn), f'slices dividing {num_devices} devices')
+  ici = [m.data, m.fsdp, m.tensor]
+  if -1 in ici:
+    known = math.prod(v for v in ici if v != -1)
+    fill, rem = divmod(per_slice, known)
+    _require(rem == 0 and fill >= 1, 'mesh', tuple(ici),
+             f'degrees whose product divides the {per_slice} devices per slice')
+    ici = [fill if v == -1 else v for v in ici]
+  _require(math.prod(ici) == per_slice, 'mesh.(data, fsdp, tensor)', tuple(ici),
+           f'a product equal to the device count ({per_slice} per slice)')
+  shape = dict(dcn_data=dcn[0], dcn_fsdp=dcn[1], dcn_tensor=dcn[2],
+               data=ici[0], fsdp=ici[1], tensor=ici[2])
+  batch_degree = shape['data'] * shape['fsdp'] * shape['dcn_data'] * shape['dcn_fsdp']
+  micro = c.train.global_batch_size // c.optim.grad_accum_steps
+  _require(micro % batch_degree == 0, 'train.global_batch_size', c.train.global_batch_size,
+           f'a batch (per microbatch: {micro}) divisible by the data-parallel degree '
+           f'{batch_degree} (data x fsdp x dcn)')
+  return shape
+
+
 def make_mesh(c: config_lib.Config, devices: Sequence[Any] | None = None) -> Mesh:
   """Mesh ('data', 'fsdp', 'tensor') over all devices; DCN degrees multiply in across slices."""
   devices = list(jax.devices() if devices is None else devices)
   num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
-  shape = config_lib.mesh_shape(c, len(devices), num_slices)
+  shape = mesh_shape(c, len(devices), num_slices)
   ici = (shape['data'], shape['fsdp'], shape['tensor'])
   dcn = (shape['dcn_data'], shape['dcn_fsdp'], shape['dcn_tensor'])
   if num_slices > 1:

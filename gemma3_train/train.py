@@ -39,9 +39,9 @@ from gemma3_train import loss as loss_lib
 from gemma3_train import metrics as metrics_lib
 from gemma3_train import model as model_lib
 from gemma3_train import optimizer as optimizer_lib
+from gemma3_train import restore as restore_lib
 from gemma3_train import sample as sample_lib
 from gemma3_train import sharding
-from gemma3_train.convert import peft as peft_lib
 
 log = logging.getLogger(__name__)
 
@@ -219,85 +219,6 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   return s
 
 
-# --- restore or init -----------------------------------------------------------
-
-
-def restore_or_init(s: Setup, ckpt: checkpoint_lib.Checkpointer,
-                    train_iter: Iterator[dict] | None) -> tuple[State, int]:
-  """(state, first step) in the order checkpoint.py documents: resume, init_from, random."""
-  c = s.config
-  if c.lora.rank:
-    return _restore_or_init_lora(s, ckpt, train_iter)
-  restored = ckpt.restore_latest(s.abstract_state, train_iter)
-  if restored is not None:
-    step = restored[1]
-    _warn_if_schedule_changed(c, checkpoint_lib.saved_config(ckpt.directory / str(step)), step)
-    return restored
-  if c.checkpoint.init_from:
-    log.info('Initializing params from %s', c.checkpoint.init_from)
-    params = checkpoint_lib.load_init_params(c.checkpoint.init_from, c, s.abstract_state)
-    step = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step'])
-    return {'step': step, 'params': params, 'opt_state': s.init_opt_state(params)}, 0
-  return s.init_state(), 0
-
-
-def _restore_or_init_lora(s: Setup, ckpt: checkpoint_lib.Checkpointer,
-                          train_iter: Iterator[dict] | None) -> tuple[State, int]:
-  """LoRA: adapters, optimizer state and data iterator from the workdir, else fresh adapters
-  (B = 0) or lora.init_adapter's; the frozen base from checkpoint.init_from (else the seed's
-  random init) on every start, as checkpoints never hold it."""
-  c = s.config
-  restored = ckpt.restore_latest({k: v for k, v in s.abstract_state.items() if k != 'base'},
-                                 train_iter)
-  loaded = None
-  if c.checkpoint.init_from:
-    log.info('Loading the frozen base from %s', c.checkpoint.init_from)
-    loaded = checkpoint_lib.load_init_params(
-        c.checkpoint.init_from, c, {'params': lora_lib.load_abstract(c, s.abstract_state)})
-    base = lora_lib.base_from_params(loaded, s.abstract_state['base'])
-  else:
-    base = s.init_base()
-  if restored is not None:
-    step = restored[1]
-    _warn_if_schedule_changed(c, checkpoint_lib.saved_config(ckpt.directory / str(step)), step)
-    return {**restored[0], 'base': base}, step
-  state = s.init_trainable()
-  params = state['params']
-  if loaded is not None:
-    params = lora_lib.with_loaded_trainables(params, loaded)
-  if c.lora.init_adapter:
-    params = peft_lib.read_adapter(c.lora.init_adapter, c, params)
-  if params is not state['params']:
-    state = {**state, 'params': params, 'opt_state': s.init_opt_state(params)}
-  return {**state, 'base': base}, 0
-
-
-_SCHEDULE_FIELDS = ('train.num_steps', 'optim.lr', 'optim.schedule', 'optim.warmup_steps',
-                    'optim.decay_fraction', 'optim.min_lr_ratio')
-
-
-def _warn_if_schedule_changed(c: config_lib.Config, saved: dict | None, step: int) -> None:
-  """One WARNING line when the resumed run's learning-rate schedule differs from the saved one:
-  make_schedule depends on the run length, so a new train.num_steps reshapes it too."""
-  if not saved:
-    return
-  ours = {name: getattr(getattr(c, name.split('.')[0]), name.split('.')[1])
-          for name in _SCHEDULE_FIELDS}
-  theirs = {name: saved.get(name.split('.')[0], {}).get(name.split('.')[1], ours[name])
-            for name in _SCHEDULE_FIELDS}
-  changed = [f'{name} {theirs[name]} -> {ours[name]}' for name in _SCHEDULE_FIELDS
-             if theirs[name] != ours[name]]
-  if not changed:
-    return
-  old_optim = dataclasses.replace(c.optim, **{name.split('.')[1]: theirs[name]
-                                              for name in _SCHEDULE_FIELDS
-                                              if name.startswith('optim.')})
-  lr_old = optimizer_lib.make_schedule(old_optim, theirs['train.num_steps'])(step)
-  lr_new = optimizer_lib.make_schedule(c.optim, c.train.num_steps)(step)
-  log.warning('Resuming at step %d with a changed schedule: %s; learning rate at step %d: '
-              '%.3g -> %.3g', step, ', '.join(changed), step, float(lr_old), float(lr_new))
-
-
 # --- compile -------------------------------------------------------------------
 
 
@@ -400,49 +321,12 @@ def _run_eval(s: Setup, state: State, step: int, writer: metrics_lib.MetricWrite
                            'eval_accuracy': result['accuracy']})
 
 
-SAMPLE_TOKENS = 32  # new tokens per train.sample_prompts continuation
-
-
-class _Samples:
-  """train.sample_every: greedy continuations of train.sample_prompts by the current params,
-  written to the log, metrics.jsonl and TensorBoard. The sampler (sample.py) is built and
-  compiled on first use, then reused with each step's params."""
-
-  def __init__(self, s: Setup, writer: metrics_lib.MetricWriter):
-    self.s, self.writer = s, writer
-    self.sampler: sample_lib.Sampler | None = None
-
-  def __call__(self, state: State, step: int) -> None:
-    c = self.s.config
-    parts = (state['params'],) + ((state['base'],) if 'base' in state else ())
-    model = nnx.merge(self.s.graphdef, *parts)
-    params = None
-    if self.sampler is None:
-      self.tok = data_lib.Tokenizer(c.data.tokenizer_path)
-      self.texts = [p.strip() for p in c.train.sample_prompts.split('|') if p.strip()]
-      self.prompts = [sample_lib.prompt_tokens(t, self.tok) for t in self.texts]
-      if max(max(p) for p in self.prompts) >= c.model.vocab_size:
-        log.warning('train.sample_prompts: the tokenizer gives ids beyond model.vocab_size=%d; '
-                    'not sampling', c.model.vocab_size)
-        self.prompts = []
-      self.sampler = sample_lib.Sampler(model, self.s.mesh, self.s.rules)
-    else:
-      params = nnx.split(model)[1]
-    if not self.prompts:
-      return
-    start = time.perf_counter()
-    outs = self.sampler.generate(self.prompts, SAMPLE_TOKENS, params=params)
-    texts = [self.tok.decode([t for t in o if t not in sample_lib.STOP_TOKENS]) for o in outs]
-    log.info('Sampled %d prompts in %.1f s', len(outs), time.perf_counter() - start)
-    self.writer.write_samples(step, list(zip(self.texts, texts)))
-
-
 def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Iterator[dict],
           ckpt: checkpoint_lib.Checkpointer, writer: metrics_lib.MetricWriter,
           profiler: metrics_lib.Profiler, flush: _Flush) -> dict[str, float]:
   """Steps start_step..num_steps; returns the last step's metrics."""
   c = s.config
-  samples = _Samples(s, writer)
+  samples = sample_lib.TrainSamples(s, writer)
   pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
   last: dict[str, float] = {}
   step = saved = start_step
@@ -544,7 +428,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
     # The first write to the workdir; a second run on it stops here (lease.py).
     cleanup.callback(lease_lib.acquire(workdir, c.checkpoint.lease_timeout_s).release)
     ckpt = checkpoint_lib.Checkpointer(workdir, c)
-    state, start_step = restore_or_init(s, ckpt, train_iter)
+    state, start_step = restore_lib.restore_or_init(s, ckpt, train_iter)
     cleanup.callback(ckpt.close)
     ckpt.install_signal_handlers()
 

@@ -387,7 +387,7 @@ def test_shipped_config_is_the_one_its_proof_compiled(name, topology):
   topo = aot.parse_topology(topology)
   ac = aot.tpu_run_config(c)
   want = dict(config=name, topology=topology, chips=topo.total_chips,
-              mesh=config_lib.mesh_shape(c, topo.total_chips, topo.num_slices),
+              mesh=sharding.mesh_shape(c, topo.total_chips, topo.num_slices),
               remat_policy=c.model.remat_policy, seq_len=c.data.seq_len,
               global_batch=c.train.global_batch_size, param_dtype=c.model.param_dtype,
               dtype=c.model.dtype, hbm_gib=topo.chip.hbm_gib)

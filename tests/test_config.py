@@ -12,6 +12,7 @@ import pytest
 
 from configs import base, tiny
 from gemma3_train import config as config_lib
+from gemma3_train import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZE_CONFIGS = ['tiny', '270m', '1b', '4b', '12b', '27b']
@@ -180,17 +181,17 @@ def test_unknown_key_rejected():
 
 def test_mesh_shape_fill_and_errors():
   c = config_lib.from_config_dict(tiny.get_config())
-  assert config_lib.mesh_shape(c, 8)['fsdp'] == 8
+  assert sharding.mesh_shape(c, 8)['fsdp'] == 8
   c2 = c.replace(mesh=dict(fsdp=4, tensor=2))
-  assert config_lib.mesh_shape(c2, 8) == dict(dcn_data=1, dcn_fsdp=1, dcn_tensor=1, data=1,
+  assert sharding.mesh_shape(c2, 8) == dict(dcn_data=1, dcn_fsdp=1, dcn_tensor=1, data=1,
                                               fsdp=4, tensor=2)
   with pytest.raises(config_lib.ConfigError,
                      match=r'^mesh.*=\(1, 2, 2\): expected a product equal to the device count'):
-    config_lib.mesh_shape(c.replace(mesh=dict(fsdp=2, tensor=2)), 8)
+    sharding.mesh_shape(c.replace(mesh=dict(fsdp=2, tensor=2)), 8)
   with pytest.raises(config_lib.ConfigError,
                      match=(r'^train.global_batch_size=6: .*divisible by '
                             r'the data-parallel degree 4')):
-    config_lib.mesh_shape(
+    sharding.mesh_shape(
         c.replace(mesh=dict(fsdp=4, tensor=2), train=dict(global_batch_size=6)), 8)
   with pytest.raises(config_lib.ConfigError, match=r'^mesh.dcn_\*'):
-    config_lib.mesh_shape(c.replace(mesh=dict(dcn_data=2)), 8, num_slices=1)
+    sharding.mesh_shape(c.replace(mesh=dict(dcn_data=2)), 8, num_slices=1)

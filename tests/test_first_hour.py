@@ -16,7 +16,7 @@ import safetensors.numpy
 
 from gemma3_train import config as config_lib
 from gemma3_train import optimizer
-from gemma3_train import train
+from gemma3_train import restore
 from tests import test_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -82,11 +82,11 @@ def test_schedule_warning_names_only_what_changed(caplog):
   c = config_lib.from_config_dict(config_lib.load_config_dict('configs/tiny.py'))
   saved = json.loads(c.to_json())
   with caplog.at_level(logging.WARNING, logger='gemma3_train'):
-    train._warn_if_schedule_changed(c, saved, 7)
-    train._warn_if_schedule_changed(c, None, 7)  # a checkpoint without its config
+    restore.warn_if_schedule_changed(c, saved, 7)
+    restore.warn_if_schedule_changed(c, None, 7)  # a checkpoint without its config
     assert not caplog.records
     saved['optim']['schedule'] = 'constant'
-    train._warn_if_schedule_changed(c, saved, 7)
+    restore.warn_if_schedule_changed(c, saved, 7)
   [record] = caplog.records
   lr_old = c.optim.lr * 7 / c.optim.warmup_steps  # still warming up: the same under both
   assert record.getMessage() == (

@@ -352,7 +352,7 @@ def test_lora_27b_config_is_the_one_its_aot_proof_compiled():
   r = json.loads((test_checkpoint.ROOT / 'docs' / 'aot' / 'lora_27b_v5e-16.json').read_text())
   assert r['fits'] and r['headroom'] >= aot.HEADROOM and not r['error'] and r['tpu_kernels'] > 0
   want = dict(config='27b', topology='v5e-16', chips=16, hbm_gib=16.0,
-              mesh=config_lib.mesh_shape(c, 16), remat_policy=c.model.remat_policy,
+              mesh=sharding.mesh_shape(c, 16), remat_policy=c.model.remat_policy,
               seq_len=c.data.seq_len, global_batch=c.train.global_batch_size,
               param_dtype=c.model.param_dtype, dtype=c.model.dtype)
   assert {k: r[k] for k in want} == want

@@ -16,6 +16,7 @@ from configs import tiny
 from gemma3_train import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
+from gemma3_train import restore
 from gemma3_train import train
 from tests.test_metrics import traced_steps
 
@@ -154,7 +155,7 @@ def test_init_from_builds_the_optimizer_state_from_the_loaded_params(tmp_path, m
   def no_random_init():
     raise AssertionError('random init ran')
   s.init_state = no_random_init
-  state, start = train.restore_or_init(s, checkpoint_lib.Checkpointer(str(tmp_path), c), None)
+  state, start = restore.restore_or_init(s, checkpoint_lib.Checkpointer(str(tmp_path), c), None)
   assert start == 0 and int(state['step']) == 0
   got = jax.tree.map(np.asarray, nnx.to_pure_dict(state['params']))
   jax.tree.map(np.testing.assert_array_equal, got, want)
