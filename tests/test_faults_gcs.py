@@ -149,7 +149,7 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   quiet = ['--config.checkpoint.every=2', '--config.logging.log_every=1000']
   log_path = tmp_path / 'run.log'
   with open(log_path, 'w') as err:
-    proc = subprocess.Popen(tc._cmd(workdir, 30, *quiet), cwd=ROOT, env=tc._env(),
+    proc = subprocess.Popen(tc._cmd(workdir, 12, *quiet), cwd=ROOT, env=tc._env(),
                             stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 600
     while 'Checkpoint for step 4 being written' not in log_path.read_text():
@@ -162,9 +162,9 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   text = log_path.read_text()
   assert proc.returncode == 0, text[-3000:]
   assert 'Storage request retried with backoff' in text, text[-3000:]
-  assert 30 in _complete(workdir)
+  assert 12 in _complete(workdir)
   local = tmp_path / 'local'
-  tc._train(local, 30, *quiet)
+  tc._train(local, 12, *quiet)
   a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
   b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
-  assert a['step'] == b['step'] == 30 and a['loss'] == b['loss']
+  assert a['step'] == b['step'] == 12 and a['loss'] == b['loss']
