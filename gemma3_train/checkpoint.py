@@ -23,12 +23,10 @@ model.scan_layers too).
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import logging
 import pathlib
-import re
 import shutil
 import time
 from typing import Any
@@ -46,41 +44,20 @@ from gemma3_train import config as config_lib
 from gemma3_train import convert
 from gemma3_train import layout
 from gemma3_train import signals
+from gemma3_train import storage
 from gemma3_train.convert import ours
 
 log = logging.getLogger(__name__)
 
 SAVE_RETRIES = 6  # backoff 1, 2, 4, ... 32 s: rides out about a minute of storage outage
 # What a storage outage looks like through tensorstore, gcsfs, google-cloud-storage and the OS.
-_TRANSIENT = re.compile(r'UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|connect|timed? ?out|reset by '
-                        r'peer|broken pipe|temporar|\b(408|429|500|502|503|504)\b', re.I)
-
-
 class StorageError(OSError):
   """A checkpoint that cannot be written: a full disk, or storage down past the retries. The
   message is one line naming the path; earlier checkpoints stay intact."""
 
 
-def _chain(e: BaseException):
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    yield e
-    e = e.__cause__ or e.__context__
-
-
-def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [''])[0][:300]
-
-
-def _is_disk_full(e: BaseException) -> bool:
-  return any((isinstance(x, OSError) and x.errno == errno.ENOSPC) or
-             'No space left on device' in str(x) for x in _chain(e))
-
-
-def _is_transient(e: BaseException) -> bool:
-  return any(isinstance(x, (ConnectionError, TimeoutError)) or _TRANSIENT.search(str(x))
-             for x in _chain(e))
+_first_line, _is_disk_full, _is_transient = (storage.first_line, storage.is_disk_full,
+                                              storage.is_transient)
 
 
 class _StorageRetryLog(logging.Filter):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from gemma3_train import config as config_lib
+from gemma3_train import storage
 
 
 # --- peaks and throughput ----------------------------------------------------
@@ -158,7 +159,7 @@ class MetricWriter:
       return
     self._path.parent.mkdir(parents=True, exist_ok=True)
     if not self._local and self._path.exists():
-      self._lines = self._path.read_text().splitlines()
+      self._lines = storage.retry(self._path.read_text, f'Reading {self._path}').splitlines()
     if enable_tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top  (lazy: it imports torch, ~10 s)
       self._tb = tensorboardX.SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
@@ -170,7 +171,10 @@ class MetricWriter:
         f.write(line + '\n')
     else:
       self._lines.append(line)
-      self._path.write_text('\n'.join(self._lines) + '\n')
+      text = '\n'.join(self._lines) + '\n'
+      # Past the storage client's own retries (a longer outage), ours: a lost row would leave
+      # a gap in the run's record.
+      storage.retry(lambda: self._path.write_text(text), f'Writing {self._path}')
 
   def _scalars(self, step: int, record: dict[str, Any]) -> None:
     if self._tb is None:
