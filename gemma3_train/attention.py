@@ -10,11 +10,21 @@ row. The two agree for packed rows whose positions count up by one inside each s
 what the data pipeline produces. Segment 0 (padding) is treated as one more segment, so no row of
 the mask is empty; padded outputs are garbage that the loss mask ignores.
 
+Image blocks (Gemma 3's vision path): each contiguous run of image placeholder tokens in a row is
+one block (image_blocks numbers them 1, 2, ... per row; 0 = text), and the tokens of one block see
+each other in both directions. As Hugging Face composes it (create_masks_for_vision_model):
+global layers allow same segment AND (causal OR same block); local layers same segment AND
+window AND (causal OR same block), so a block wider than the window loses its far past keys on
+local layers but keeps all its future ones. Splash cannot take such a data-dependent mask:
+with image blocks, resolve() turns splash into the reference; cudnn gets the explicit mask.
+
 Queries arrive already scaled (by query_pre_attn_scalar ** -0.5), so every kernel uses scale 1.
 Shapes: q [B, T, N, H], k and v [B, S, K, H] with N = K * G; query head n uses kv head n // G.
 """
 
 from __future__ import annotations
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +32,30 @@ from jax.sharding import PartitionSpec as P
 
 from gemma3_train import sharding
 
+log = logging.getLogger(__name__)
+
 MASK_VALUE = -2.3819763e38  # the gemma library's K_MASK: large but finite, so no inf - inf NaNs
 
 
-def make_mask(positions_BL: jax.Array, segment_ids_BL: jax.Array, window: int | None
-              ) -> jax.Array:
-  """Boolean [B, T, S] mask: same segment, causal on positions, and the window if given."""
+def image_blocks(tokens_BL: jax.Array, placeholder_id: int) -> jax.Array:
+  """int32 [B, L]: 0 on text, k on the k-th contiguous run of placeholder tokens of the row."""
+  is_image_BL = tokens_BL == placeholder_id
+  prev_BL = jnp.pad(is_image_BL[:, :-1], ((0, 0), (1, 0)))
+  starts_BL = (is_image_BL & ~prev_BL).astype(jnp.int32)
+  return jnp.where(is_image_BL, jnp.cumsum(starts_BL, axis=1), 0).astype(jnp.int32)
+
+
+def make_mask(positions_BL: jax.Array, segment_ids_BL: jax.Array, window: int | None,
+              image_blocks_BL: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, T, S] mask: same segment, causal on positions (or the same image block), and
+  the window if given."""
   q_BT1 = positions_BL[:, :, None]
   k_B1S = positions_BL[:, None, :]
-  mask_BTS = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]) & (k_B1S <= q_BT1)
+  visible_BTS = k_B1S <= q_BT1
+  if image_blocks_BL is not None:
+    block_BT1 = image_blocks_BL[:, :, None]
+    visible_BTS |= (block_BT1 == image_blocks_BL[:, None, :]) & (block_BT1 > 0)
+  mask_BTS = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]) & visible_BTS
   if window is not None:
     mask_BTS &= k_B1S > q_BT1 - window
   return mask_BTS
@@ -50,12 +75,17 @@ def reference(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
 
 
 def dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None,
-                implementation: str = 'cudnn'):
+                implementation: str = 'cudnn', positions_BL=None, image_blocks_BL=None):
   """jax.nn.dot_product_attention (cuDNN flash attention on GPU) with our mask semantics.
 
   implementation='xla' runs the same arguments on any backend; tests use it to check the
-  window translation (W keys including self -> left window W - 1).
+  window translation (W keys including self -> left window W - 1). With image blocks the
+  kernel gets the explicit make_mask (no causal flag, no window argument).
   """
+  if image_blocks_BL is not None:
+    mask_BTS = make_mask(positions_BL, segment_ids_BL, window, image_blocks_BL)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                        scale=1.0, implementation=implementation)
   mask_B1TS = (segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :])
   return jax.nn.dot_product_attention(
       q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=1.0, is_causal=True,
@@ -126,8 +156,24 @@ def target_platform() -> str:
   return jax.default_backend()
 
 
-def resolve(impl: str, dtype) -> str:
-  """'auto' -> splash on TPU, cudnn on GPU with 16-bit compute, else the reference."""
+_LOGGED_IMAGE_FALLBACK = []
+
+
+def resolve(impl: str, dtype, images: bool = False) -> str:
+  """'auto' -> splash on TPU, cudnn on GPU with 16-bit compute, else the reference.
+
+  With image blocks (images=True), splash (chosen or named) becomes the reference: its mask is
+  static and cannot depend on where a row's images are. Logged once per process.
+  """
+  if images:
+    chosen = resolve(impl, dtype)
+    if chosen != 'splash':
+      return chosen
+    if not _LOGGED_IMAGE_FALLBACK:
+      _LOGGED_IMAGE_FALLBACK.append(True)
+      log.info('attention: rows with images need a data-dependent mask that splash cannot '
+               'express; using the reference (einsum) attention instead')
+    return 'reference'
   if impl != 'auto':
     return impl
   backend = target_platform()
@@ -139,13 +185,16 @@ def resolve(impl: str, dtype) -> str:
 
 
 def attend(q_BTNH, k_BSKH, v_BSKH, positions_BL, segment_ids_BL, *, window: int | None,
-           impl: str, block_size: int = 512):
-  """Dispatches to the implementation named by ModelConfig.attention_impl."""
-  impl = resolve(impl, q_BTNH.dtype)
+           impl: str, block_size: int = 512, image_blocks_BL=None):
+  """Dispatches to the implementation named by ModelConfig.attention_impl; image_blocks_BL
+  (image_blocks of the tokens) adds the bidirectional image blocks."""
+  impl = resolve(impl, q_BTNH.dtype, images=image_blocks_BL is not None)
   if impl == 'reference':
-    return reference(q_BTNH, k_BSKH, v_BSKH, make_mask(positions_BL, segment_ids_BL, window))
+    return reference(q_BTNH, k_BSKH, v_BSKH,
+                     make_mask(positions_BL, segment_ids_BL, window, image_blocks_BL))
   if impl == 'cudnn':
-    return dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, 'cudnn')
+    return dot_product(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, 'cudnn', positions_BL,
+                       image_blocks_BL)
   if impl == 'splash':
     # Off TPU the Pallas kernel can only be interpreted (slow; for tests).
     return splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window, block_size=block_size,

@@ -113,10 +113,11 @@ class Attention(nnx.Module):
     self.block_size = cfg.attention_block_size
     self.dtype = cfg.dtype
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
     q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL)
     out_BLNH = attention.attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL,
-                                window=self.window, impl=self.impl, block_size=self.block_size)
+                                window=self.window, impl=self.impl, block_size=self.block_size,
+                                image_blocks_BL=image_blocks_BL)
     return self.output(out_BLNH)
 
   def qkv(self, x_BLD, positions_BL):
@@ -179,8 +180,9 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
     self.post_ffw_norm = RMSNorm(D, cfg, rngs=rngs)
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
-    return self.apply(x_BLD, lambda attn, h_BLD: attn(h_BLD, positions_BL, segment_ids_BL))
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
+    return self.apply(x_BLD, lambda attn, h_BLD: attn(h_BLD, positions_BL, segment_ids_BL,
+                                                      image_blocks_BL))
 
   def apply(self, x_BLD, attend):
     """The block with attention given as attend(self.attn, normed x) -> [B, L, D]: the training
@@ -199,9 +201,9 @@ class Block(nnx.Module):
     self.layers = nnx.List([DecoderLayer(cfg, j, rngs=rngs)
                             for j in range(config_lib.GLOBAL_EVERY)])
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
     for layer in self.layers:
-      x_BLD = layer(x_BLD, positions_BL, segment_ids_BL)
+      x_BLD = layer(x_BLD, positions_BL, segment_ids_BL, image_blocks_BL)
     return x_BLD
 
 
@@ -246,25 +248,44 @@ class Gemma3(nnx.Module):
     else:
       self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs=rngs)
+    if cfg.vision:  # built last: a text model's parameters draw the same random numbers
+      from gemma3_train import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
+      self.vision = vision.Vision(cfg, rngs=rngs)
 
-  def _run(self, modules, x_BLD, positions_BL, segment_ids_BL):
+  def _run(self, modules, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
     """Applies modules in order under the remat policy (one checkpoint around all of them)."""
     graphdef, state = nnx.split(modules)
 
     def fn(state, x_BLD):
       for module in nnx.merge(graphdef, state):
-        x_BLD = module(x_BLD, positions_BL, segment_ids_BL)
+        x_BLD = module(x_BLD, positions_BL, segment_ids_BL, image_blocks_BL)
       return x_BLD
     return _remat(fn, self.cfg.remat_policy)(state, x_BLD)
 
-  def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
-    """Final-normed hidden states [B, L, D] in the compute dtype."""
+  def _embed(self, tokens_BL, images):
+    """Scaled token embeddings with the image soft tokens merged in, and the image block ids
+    (attention.image_blocks; None without images)."""
+    if not self.cfg.vision:
+      return self.embedder.encode(tokens_BL), None
+    from gemma3_train import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
+    placeholder = self.cfg.vocab_size  # one past the table: looked up as row 0, then replaced
+    x_BLD = self.embedder.encode(jnp.where(tokens_BL == placeholder, 0, tokens_BL))
+    if images is None:
+      return x_BLD, None
+    soft_BNTD = vision.encode_images(self.vision, images)
+    x_BLD = vision.merge(x_BLD, tokens_BL, soft_BNTD, placeholder)
+    return x_BLD, attention.image_blocks(tokens_BL, placeholder)
+
+  def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, images=None):
+    """Final-normed hidden states [B, L, D] in the compute dtype. images: float32
+    [B, N, S, S, 3] in [-1, 1] (model.vision); run k of placeholder tokens takes image k."""
     B, L = tokens_BL.shape
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32)[None, :], (B, L))
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
-    x_BLD = sharding.constrain(self.embedder.encode(tokens_BL), ACT)
+    x_BLD, blocks_BL = self._embed(tokens_BL, images)
+    x_BLD = sharding.constrain(x_BLD, ACT)
     six = config_lib.GLOBAL_EVERY
     if self.cfg.scan_layers:
       if self.blocks is not None:
@@ -272,21 +293,21 @@ class Gemma3(nnx.Module):
 
         def body(x_BLD, block_state):
           return self._run([nnx.merge(graphdef, block_state)], x_BLD, positions_BL,
-                           segment_ids_BL), None
+                           segment_ids_BL, blocks_BL), None
         x_BLD, _ = jax.lax.scan(body, x_BLD, state)
       for layer in self.tail:
-        x_BLD = self._run([layer], x_BLD, positions_BL, segment_ids_BL)
+        x_BLD = self._run([layer], x_BLD, positions_BL, segment_ids_BL, blocks_BL)
     else:
       # Same checkpoint granularity as the scan: one per block of six, one per tail layer.
       num_blocks = self.cfg.num_layers // six
       groups = [list(self.layers[b * six:(b + 1) * six]) for b in range(num_blocks)]
       groups += [[layer] for layer in list(self.layers)[num_blocks * six:]]
       for group in groups:
-        x_BLD = self._run(group, x_BLD, positions_BL, segment_ids_BL)
+        x_BLD = self._run(group, x_BLD, positions_BL, segment_ids_BL, blocks_BL)
     return sharding.constrain(self.final_norm(x_BLD), ACT)
 
-  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
-    return self.embedder.decode(self.hidden(tokens_BL, positions_BL, segment_ids_BL))
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, images=None):
+    return self.embedder.decode(self.hidden(tokens_BL, positions_BL, segment_ids_BL, images))
 
   def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0):

@@ -42,6 +42,12 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'act_kv_heads': ('tensor',),
     'act_mlp': ('tensor',),
     'act_vocab': ('tensor',),
+    # The SigLIP image encoder (vision.py): its width FSDP-sharded like 'embed', its heads and
+    # MLP hidden dimension on the tensor axis.
+    'vision_embed': ('fsdp',),
+    'vision_mlp': ('tensor',),
+    'vision_heads': ('tensor',),
+    'vision_head_dim': (),
 }
 
 
