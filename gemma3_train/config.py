@@ -29,7 +29,8 @@ MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_h
 REMAT_POLICIES = ('none', 'full', 'minimal', 'save_decoder_layer_input', 'save_qkv_proj')
 ATTENTION_IMPLS = ('reference', 'cudnn', 'splash', 'auto')
 DTYPES = ('float32', 'bfloat16', 'float16')
-SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'prepared')
+SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'prepared',
+           'shapes')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 MIXTURE_EXHAUSTED = ('repeat', 'stop')
 
@@ -433,6 +434,8 @@ def validate(c: Config) -> None:
             f'a file or glob for data.source={d.source!r}')
   if d.source == 'tfds':
     require(bool(d.tfds_name), 'data.tfds_name', d.tfds_name, 'a TFDS dataset name')
+  if d.source == 'shapes':  # captions: text rows
+    require(d.format == 'text', 'data.format', d.format, "text for data.source='shapes'")
   require(d.mixture_exhausted in MIXTURE_EXHAUSTED, 'data.mixture_exhausted',
           d.mixture_exhausted, ' | '.join(MIXTURE_EXHAUSTED))
 

@@ -3,6 +3,7 @@
 from gemma3_train.data.documents import format_chat
 from gemma3_train.data.mixture import tokens_drawn
 from gemma3_train.data.pipeline import BATCH_DTYPES
+from gemma3_train.data.pipeline import IMAGE_BATCH_DTYPES
 from gemma3_train.data.pipeline import global_batch
 from gemma3_train.data.pipeline import make_dataset
 from gemma3_train.data.pipeline import make_eval_iterator

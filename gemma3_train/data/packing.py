@@ -10,6 +10,10 @@ benchmarks/data_throughput.py), as much as tokenizing ~300 tokens, which caps pr
 near 3M tokens/s per core. Here the per-piece work is a list append and a bisect; rows are built
 with a few numpy concatenations each.
 
+With images (model.vision), pieces also carry 'images' uint8 [n, S, S, 3]: a row then holds at
+most max_images of them, in the rows' token order, as 'images' [max_images, S, S, 3] (zeros after
+the last) and 'image_counts'. Groups are smaller (GROUP_IMAGES): each piece holds its pixels.
+
 The iterator state is the parent's state at the start of the current group, the group index and
 the rows of the group already emitted: cheap to take after every row (grain's worker processes
 do) and exact on restore (the group is re-read and re-packed, then the emitted rows skipped).
@@ -23,22 +27,35 @@ import grain
 import numpy as np
 
 GROUP = 256  # pieces packed together; more packs tighter, holds more pieces in memory
+GROUP_IMAGES = 64  # the same with images (a 896 x 896 image is 2.4 MB)
 
 
-def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int
+def image_slots(images: list[np.ndarray], max_images: int) -> dict[str, np.ndarray]:
+  """A row's pieces' images [n_k, S, S, 3] -> 'images' [max_images, S, S, 3], 'image_counts'."""
+  pixels = np.concatenate(images)
+  slots = np.zeros((max_images, *pixels.shape[1:]), np.uint8)
+  slots[:len(pixels)] = pixels
+  return {'images': slots, 'image_counts': np.int32(len(pixels))}
+
+
+def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: int = 0
                ) -> list[dict[str, np.ndarray]]:
   """First-fit-decreasing: pieces -> rows of seq_len (inputs, targets, weights, positions,
-  segment_ids)."""
+  segment_ids; with max_images, images and image_counts too)."""
   order = sorted(range(len(pieces)), key=lambda k: -len(pieces[k]['inputs']))
   free = np.zeros(len(pieces) + 1, np.int64)  # room left per row; rows opened so far + 1
+  slots = np.zeros(len(pieces) + 1, np.int64)  # image slots left per row
   members: list[list[int]] = []
   for k in order:
     n = len(pieces[k]['inputs'])
+    m = len(pieces[k]['images']) if max_images else 0
     free[len(members)] = seq_len  # a fresh row, taken only when no open row has room
-    r = int(np.argmax(free >= n))
+    slots[len(members)] = max_images
+    r = int(np.argmax((free >= n) & (slots >= m)))
     if r == len(members):
       members.append([])
     free[r] -= n
+    slots[r] -= m
     members[r].append(k)
   rows = []
   arange = np.arange(seq_len, dtype=np.int32)
@@ -56,15 +73,18 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int
       row['positions'][start:end] = arange[:end - start]
       row['segment_ids'][start:end] = segment
       start = end
+    if max_images:
+      row.update(image_slots([pieces[k]['images'] for k in sorted(ks)], max_images))
     rows.append(row)
   return rows
 
 
 class _PackIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int, seed: int):
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int, seed: int,
+               max_images: int = 0):
     super().__init__(parent)
-    self._seq_len, self._seed = seq_len, seed
+    self._seq_len, self._seed, self._max_images = seq_len, seed, max_images
     self._group = 0
     self._rows: list[dict[str, np.ndarray]] = []
     self._emitted = 0
@@ -75,13 +95,13 @@ class _PackIterator(grain.DatasetIterator):
     """Reads and packs the group that starts at the parent's current position."""
     self._start = self._parent.get_state()
     pieces = []
-    for _ in range(GROUP):
+    for _ in range(GROUP_IMAGES if self._max_images else GROUP):
       try:
         pieces.append(next(self._parent))
       except StopIteration:
         self._done = True
         break
-    rows = pack_group(pieces, self._seq_len)
+    rows = pack_group(pieces, self._seq_len, self._max_images)
     perm = np.random.default_rng([self._seed, self._group]).permutation(len(rows))
     self._rows = [rows[i] for i in perm]
     self._emitted = 0
@@ -114,9 +134,9 @@ class _PackIterator(grain.DatasetIterator):
 class FirstFitPack(grain.IterDataset):
   """Packs a parent's pieces into seq_len rows (module docstring)."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int, seed: int):
+  def __init__(self, parent: grain.IterDataset, seq_len: int, seed: int, max_images: int = 0):
     super().__init__(parent)
-    self._seq_len, self._seed = seq_len, seed
+    self._seq_len, self._seed, self._max_images = seq_len, seed, max_images
 
   def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._seq_len, self._seed)
+    return _PackIterator(self._parent.__iter__(), self._seq_len, self._seed, self._max_images)

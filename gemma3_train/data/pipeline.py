@@ -6,6 +6,9 @@ with the keys and dtypes of BATCH_DTYPES:
   positions int32          0 at each document (or split piece) start
   segment_ids int32        1, 2, ... per document within a row; 0 on padding
   weights float32          1 where the target counts in the loss (chat: model turns only)
+and, when model.vision, IMAGE_BATCH_DTYPES:
+  images uint8 [B, data.max_images, S, S, 3]  the row's images in token order, then zeros
+  image_counts int32 [B]                       how many of the slots hold an image
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from gemma3_train import config as config_lib
 from gemma3_train import signals
 from gemma3_train.data import documents
+from gemma3_train.data import images as images_lib
 from gemma3_train.data import mixture
 from gemma3_train.data import packing
 from gemma3_train.data import prepared
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BATCH_DTYPES = {'inputs': np.int32, 'targets': np.int32, 'positions': np.int32,
                 'segment_ids': np.int32, 'weights': np.float32}
+IMAGE_BATCH_DTYPES = {'images': np.uint8, 'image_counts': np.int32}
 
 
 class SplitRows(grain.experimental.FlatMapTransform):
@@ -38,29 +43,36 @@ class SplitRows(grain.experimental.FlatMapTransform):
 
   max_fan_out = 1 << 16
 
-  def __init__(self, seq_len: int):
-    self.seq_len = seq_len
+  def __init__(self, seq_len: int, images: images_lib.ImageSpec | None = None):
+    self.seq_len, self.images = seq_len, images
 
   def flat_map(self, doc):
     x, y, w = doc['tokens'][:-1], doc['tokens'][1:], doc['mask'][1:]
     L = self.seq_len
-    return [{'inputs': x[s:s + L], 'targets': y[s:s + L], 'weights': w[s:s + L]}
-            for s in range(0, len(x), L)]
+    pieces = [{'inputs': x[s:s + L], 'targets': y[s:s + L], 'weights': w[s:s + L]}
+              for s in range(0, len(x), L)]
+    if self.images is not None:  # documents with images fit one row (documents.ToDocument)
+      for k, piece in enumerate(pieces):
+        piece['images'] = doc['images'] if k == 0 and 'images' in doc else self.images.empty()
+    return pieces
 
 
 class _PadRow(grain.transforms.Map):
   """data.packing=False: one piece per row, right-padded."""
 
-  def __init__(self, seq_len: int):
-    self.seq_len = seq_len
+  def __init__(self, seq_len: int, max_images: int = 0):
+    self.seq_len, self.max_images = seq_len, max_images
 
   def map(self, piece):
     n, L = len(piece['inputs']), self.seq_len
     pad = lambda x: np.pad(x, (0, L - n))
-    return {'inputs': pad(piece['inputs']), 'targets': pad(piece['targets']),
-            'weights': pad(piece['weights']),
-            'positions': pad(np.arange(n, dtype=np.int32)),
-            'segment_ids': pad(np.ones(n, np.int32))}
+    row = {'inputs': pad(piece['inputs']), 'targets': pad(piece['targets']),
+           'weights': pad(piece['weights']),
+           'positions': pad(np.arange(n, dtype=np.int32)),
+           'segment_ids': pad(np.ones(n, np.int32))}
+    if 'images' in piece:
+      row.update(packing.image_slots([piece['images']], self.max_images))
+    return row
 
 
 def local_batch_size(c: config_lib.Config, process_count: int) -> int:
@@ -133,10 +145,11 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
   tok = _tokenizer(c)
   source = sources.make_source(c, split)
   field = d.messages_field if d.format == 'chat' else d.text_field
+  image_spec = images_lib.spec(c)
   if d.source == 'prepared':  # documents tokenized by gemma3-data prepare
     to_doc = prepared.ToDocument(source, d.seq_len)
   else:
-    to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len)
+    to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len, images=image_spec)
 
   # Each process sees only the documents i % process_count == process_index, shuffled
   # per epoch with seed + epoch (grain's MapDataset shuffle then repeat).
@@ -154,11 +167,12 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
   # reader threads busy.
   ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.num_workers else 4,
                                               prefetch_buffer_size=16))
-  ds = grain.experimental.FlatMapIterDataset(ds, SplitRows(d.seq_len))
+  ds = grain.experimental.FlatMapIterDataset(ds, SplitRows(d.seq_len, image_spec))
   if d.packing:
-    ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed)
+    ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed,
+                              max_images=image_spec.max_images if image_spec else 0)
   else:
-    ds = ds.map(_PadRow(d.seq_len))
+    ds = ds.map(_PadRow(d.seq_len, d.max_images))
   return ds
 
 

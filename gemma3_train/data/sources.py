@@ -157,6 +157,10 @@ class _Files:
     f, r = self._locate(i)
     return f'{self.names[f]} {self.kind} {r + 1}'
 
+  def directory(self, i: int) -> epath.Path:
+    """The directory of record i's file (relative image paths start there)."""
+    return epath.Path(self.names[self._locate(i)[0]]).parent
+
 
 class JsonlSource(_Files):
   """JSON Lines (optionally .gz), kept as raw bytes per line; parsed on access."""
@@ -302,6 +306,10 @@ def make_source(c: config_lib.Config, split: str):
     return JsonlSource(bundled_path(split), 'data.source')
   if d.source == 'tfds':
     return TfdsSource(d.tfds_name, 'train' if split == 'train' else d.tfds_eval_split)
+  if d.source == 'shapes':
+    from gemma3_train.data import shapes  # pylint: disable=g-import-not-at-top  # needs PIL
+    return shapes.ShapesSource(split, c.model.vision_image_size, d.seed, d.text_field,
+                               d.images_field)
   spec = d.train_path if split == 'train' else d.eval_path
   name = 'data.train_path' if split == 'train' else 'data.eval_path'
   if not spec:
