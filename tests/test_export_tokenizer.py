@@ -112,6 +112,15 @@ def test_chat_template_matches_our_formatter(hf_tok):
   parts = [{**m, 'content': [{'type': 'text', 'text': m['content']}]} for m in CHATS[1]]
   assert hf_tok.apply_chat_template(parts, tokenize=False) == hf_tok.apply_chat_template(
       CHATS[1], tokenize=False)
+  # Image parts render as <start_of_image>, text parts trimmed, as our formatter does.
+  with_image = [{'role': 'user', 'content': [{'type': 'text', 'text': ' Look: '},
+                                             {'type': 'image', 'path': 'a.png'},
+                                             {'type': 'text', 'text': 'what is it? '}]},
+                {'role': 'assistant', 'content': 'A cat.'}]
+  tokens, _ = documents.format_chat(with_image, ours)
+  assert tokenizer_lib.START_OF_IMAGE in tokens.tolist()
+  assert list(hf_tok.apply_chat_template(with_image, tokenize=True, return_dict=False)) == (
+      tokens[:-1].tolist())
 
 
 @pytest.mark.parametrize('messages', [

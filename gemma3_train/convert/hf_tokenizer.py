@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # The Gemma 3 chat format, as gemma3_train.data.documents.format_chat builds it (tests check the
 # two agree): BOS; per turn <start_of_turn>{user|model}\n{content, trimmed}<end_of_turn>\n, roles
 # alternating from user, assistant spelled model; a leading system message's text and a blank
-# line open the first user turn. Text parts of a list content are joined, as transformers'
-# multimodal messages carry text. SOT/EOT are the pieces at ids 105/106 of the model written.
+# line open the first user turn. A list content (transformers' multimodal messages) renders each
+# text part trimmed and each image part as <start_of_image>, as Google's Gemma 3 template does.
+# SOT/EOT/BOI are the pieces at ids 105/106/255999 of the model written.
 _CHAT_TEMPLATE = """\
 {{- bos_token -}}
 {%- if messages and messages[0]['role'] == 'system' -%}
@@ -59,8 +60,15 @@ _CHAT_TEMPLATE = """\
   {%- endif -%}
   {%- set content = message['content'] -%}
   {%- if content is not string -%}
-    {%- set content = content | selectattr('type', 'equalto', 'text')
-                              | map(attribute='text') | join -%}
+    {%- set parts = namespace(text='') -%}
+    {%- for item in content -%}
+      {%- if item['type'] == 'image' -%}
+        {%- set parts.text = parts.text + '@BOI@' -%}
+      {%- elif item['type'] == 'text' -%}
+        {%- set parts.text = parts.text + (item['text'] | trim) -%}
+      {%- endif -%}
+    {%- endfor -%}
+    {%- set content = parts.text -%}
   {%- endif -%}
   {{- '@SOT@' + role + '\\n' + (first_user_prefix if loop.first else '') +
       (content | trim) + '@EOT@\\n' -}}
@@ -102,7 +110,8 @@ def hf_tokenizer_files(model_proto: bytes) -> dict[str, bytes]:
       'model_max_length': 131072,
       'clean_up_tokenization_spaces': False,
       'spaces_between_special_tokens': False,
-      'chat_template': _CHAT_TEMPLATE.replace('@SOT@', sot).replace('@EOT@', eot),
+      'chat_template': _CHAT_TEMPLATE.replace('@SOT@', sot).replace('@EOT@', eot).replace(
+          '@BOI@', sp.IdToPiece(tokenizer_lib.START_OF_IMAGE)),
   }
   generation = {'bos_token_id': tokenizer_lib.BOS, 'pad_token_id': tokenizer_lib.PAD,
                 'eos_token_id': [tokenizer_lib.EOS, tokenizer_lib.END_OF_TURN]}
