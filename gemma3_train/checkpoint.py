@@ -404,7 +404,7 @@ def _place_streamed(src: convert.Source, cfg: config_lib.ModelConfig,
   pieces: dict[tuple, dict[int, jax.Array]] = {}
   num_blocks = layout.num_blocks(cfg)
 
-  def put(key: tuple, block: int | None, value: np.ndarray) -> None:
+  def put(key: tuple, block: int | None, value: np.ndarray, count: int = num_blocks) -> None:
     name = '/'.join(map(str, key))
     if key not in abstract:
       raise config_lib.ConfigError(f'checkpoint.init_from: {name} is not a parameter of this '
@@ -414,10 +414,10 @@ def _place_streamed(src: convert.Source, cfg: config_lib.ModelConfig,
       return
     pieces.setdefault(key, {})[block] = _place(_per_layer(abstract[key]), value,
                                                f'{name}[{block}]')
-    if len(pieces[key]) == num_blocks:  # each leaf's pieces are freed once stacked
+    if len(pieces[key]) == count:  # each leaf's pieces are freed once stacked
       stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=abstract[key].sharding)
       by_block = pieces.pop(key)
-      placed[key] = stack(*(by_block[b] for b in range(num_blocks)))
+      placed[key] = stack(*(by_block[b] for b in range(count)))
 
   top = src.top()
   for name, key in layout.TOP_PATHS.items():
@@ -426,6 +426,14 @@ def _place_streamed(src: convert.Source, cfg: config_lib.ModelConfig,
   for i, layer in convert.layers(src):
     for key, block, value in layout.layer_state_leaves(cfg, i, layer):
       put(key, block, value)
+  if cfg.vision:  # open_init_source checked that src has vision weights; one layer at a time
+    vision_top, vision_layers = src.vision()
+    for name, key in layout.VISION_TOP_PATHS.items():
+      put(key, None, vision_top[name])
+    for j, layer in enumerate(vision_layers):
+      prefix, index = layout.vision_layer_prefix(cfg, j)
+      for name, sub in layout.VISION_LAYER_PATHS.items():
+        put(prefix + sub, index, layer[name], cfg.vision_depth)
   missing = [k for k in abstract if k not in placed]
   if missing:
     raise config_lib.ConfigError(
@@ -447,7 +455,31 @@ def open_init_source(path: str, c: config_lib.Config) -> convert.Source:
       raise config_lib.ConfigError(
           f'model.{k}={getattr(c.model, k)}: checkpoint.init_from={path} has '
           f'{getattr(src.cfg, k)}')
+  _check_vision(src, path, c.model)
   return src
+
+
+# The vision fields that fix the shape of a vision weight (vision_pool fixes none).
+_VISION_SHAPE_FIELDS = ('vision_image_size', 'vision_patch_size', 'vision_width',
+                        'vision_depth', 'vision_mlp_dim', 'vision_num_heads')
+
+
+def _check_vision(src: convert.Source, path: str, m: config_lib.ModelConfig) -> None:
+  """A text-only run from a multimodal checkpoint skips its vision weights (logged); a vision
+  run needs them, of its shapes: random ones would leave a frozen tower that sees nothing."""
+  if not m.vision:
+    if src.has_vision():
+      log.info('checkpoint.init_from=%s has vision weights; model.vision is False, so they '
+               'are skipped (text decoder only)', path)
+    return
+  if not src.has_vision():
+    raise config_lib.ConfigError(
+        f'model.vision=True: checkpoint.init_from={path} has no vision weights (a text-only '
+        'checkpoint); start from a 4b, 12b or 27b one, or set model.vision=False')
+  for k in _VISION_SHAPE_FIELDS:
+    if getattr(src.cfg, k) != getattr(m, k):
+      raise config_lib.ConfigError(f'model.{k}={getattr(m, k)}: checkpoint.init_from={path} '
+                                   f'has {getattr(src.cfg, k)}')
 
 
 def load_init_params(path: str, c: config_lib.Config, abstract_state: Any) -> Any:

@@ -17,6 +17,22 @@ Our NNX state (model.Gemma3) holds layer i either at ('layers', i) (scan_layers=
 scan_layers, in the scanned blocks of six: ('blocks', 'layers', i % 6) with a leading stacked
 axis indexed by i // 6, for the first num_layers // 6 * 6 layers, and at ('tail', j) for the rest.
 The released formats and their names for each array: docs/gemma3.md section 5.
+
+With model.vision the checkpoint also holds the SigLIP encoder and its projector, canonically
+(the Kaggle/Flax arrays; W width, Nv heads of Hv, M MLP, P patch, G*G patches):
+
+  vision_top    = {'patch_kernel': [P, P, 3, W], 'patch_bias': [W], 'pos_embedding': [G*G, W],
+                   'encoder_norm_scale': [W], 'encoder_norm_bias': [W],
+                   'mm_soft_embedding_norm': [W], 'mm_input_projection': [W, D]}
+  vision_layers = [{'ln0_scale', 'ln0_bias', 'ln1_scale', 'ln1_bias': [W],
+                    'query_kernel' / 'key_kernel' / 'value_kernel': [W, Nv, Hv],
+                    'query_bias' / 'key_bias' / 'value_bias': [Nv, Hv],
+                    'out_kernel': [Nv, Hv, W], 'out_bias': [W], 'fc1_kernel': [W, M],
+                    'fc1_bias': [M], 'fc2_kernel': [M, W], 'fc2_bias': [W]}, ...]
+
+held in our state (vision.py) under ('vision', 'encoder' | 'projector', ...), encoder layer j at
+('vision', 'encoder', 'layers', j) or, with scan_layers, stacked along a leading depth axis at
+('vision', 'encoder', 'blocks'). Vision arrays are float32 whatever model.param_dtype is.
 """
 
 from __future__ import annotations
@@ -40,6 +56,72 @@ TOP_PATHS = {'embedding': ('embedder', 'embedding'), 'final_norm': ('final_norm'
 LAYER_LEAVES = tuple((n, 'scale') for n in NORMS) + tuple(('attn', n) for n in ATTN) + (
     ('attn', 'query_norm', 'scale'), ('attn', 'key_norm', 'scale'), ('mlp', 'gate'),
     ('mlp', 'up'), ('mlp', 'linear'))
+
+
+# Canonical vision_top name -> its NNX state path.
+VISION_TOP_PATHS = {
+    'patch_kernel': ('vision', 'encoder', 'patch_kernel'),
+    'patch_bias': ('vision', 'encoder', 'patch_bias'),
+    'pos_embedding': ('vision', 'encoder', 'pos_embedding'),
+    'encoder_norm_scale': ('vision', 'encoder', 'final_norm', 'scale'),
+    'encoder_norm_bias': ('vision', 'encoder', 'final_norm', 'bias'),
+    'mm_soft_embedding_norm': ('vision', 'projector', 'soft_norm', 'scale'),
+    'mm_input_projection': ('vision', 'projector', 'projection'),
+}
+# Canonical vision layer name -> its path inside one vision.EncoderLayer (ln0 is our ln1).
+VISION_LAYER_PATHS = {
+    'ln0_scale': ('ln1', 'scale'), 'ln0_bias': ('ln1', 'bias'),
+    'ln1_scale': ('ln2', 'scale'), 'ln1_bias': ('ln2', 'bias'),
+    **{f'{n}_{k}': ('attn', n if k == 'kernel' else f'{n}_bias')
+       for n in ('query', 'key', 'value', 'out') for k in ('kernel', 'bias')},
+    **{f'{n}_{k}': ('mlp', n if k == 'kernel' else f'{n}_bias')
+       for n in ('fc1', 'fc2') for k in ('kernel', 'bias')},
+}
+
+
+def vision_layer_prefix(cfg: config_lib.ModelConfig, j: int) -> tuple[tuple, int | None]:
+  """(state path prefix, index along the stacked depth axis or None) of encoder layer j."""
+  if cfg.scan_layers:
+    return ('vision', 'encoder', 'blocks'), j
+  return ('vision', 'encoder', 'layers', j), None
+
+
+def vision_canonical_to_state(cfg: config_lib.ModelConfig, vision_top: Mapping[str, np.ndarray],
+                              vision_layers) -> dict[tuple, np.ndarray]:
+  """Canonical vision (top, layers) -> {state path: float32 numpy array} (layers stacked along
+  the depth axis under scan_layers)."""
+  if len(vision_layers) != cfg.vision_depth:
+    raise ValueError(f'vision_layers: {len(vision_layers)} encoder layers, expected '
+                     f'model.vision_depth={cfg.vision_depth}')
+  f32 = lambda x: np.asarray(x, np.float32)
+  out = {path: f32(vision_top[name]) for name, path in VISION_TOP_PATHS.items()}
+  stacked: dict[tuple, list] = {}
+  for j, layer in enumerate(vision_layers):
+    prefix, index = vision_layer_prefix(cfg, j)
+    for name, sub in VISION_LAYER_PATHS.items():
+      if index is None:
+        out[prefix + sub] = f32(layer[name])
+      else:
+        stacked.setdefault(prefix + sub, []).append(f32(layer[name]))
+  out.update({path: np.stack(xs) for path, xs in stacked.items()})
+  return out
+
+
+def vision_state_to_canonical(cfg: config_lib.ModelConfig, state
+                              ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+  """Param state (or {path: array}) of a vision model -> canonical numpy (vision_top,
+  vision_layers)."""
+  flat = state if isinstance(state, Mapping) and not isinstance(state, nnx.State) else {
+      path: var for path, var in nnx.to_flat_state(state)}
+  get = lambda path: np.asarray(jax.device_get(
+      flat[path][...] if isinstance(flat[path], nnx.Variable) else flat[path]))
+  top = {name: get(path) for name, path in VISION_TOP_PATHS.items()}
+
+  def layer(j: int) -> dict[str, np.ndarray]:
+    prefix, index = vision_layer_prefix(cfg, j)
+    return {name: get(prefix + sub) if index is None else get(prefix + sub)[index]
+            for name, sub in VISION_LAYER_PATHS.items()}
+  return top, [layer(j) for j in range(cfg.vision_depth)]
 
 
 def layer_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -108,12 +190,18 @@ def layer_state_leaves(cfg: config_lib.ModelConfig, i: int, layer: Mapping[str, 
 
 
 def canonical_to_state(cfg: config_lib.ModelConfig, top: Mapping[str, np.ndarray],
-                       layers: list[Mapping[str, np.ndarray]]) -> nnx.State:
-  """Canonical numpy (top, layers) -> Param state for nnx.update; values numpy, param dtype."""
+                       layers: list[Mapping[str, np.ndarray]], vision=None) -> nnx.State:
+  """Canonical numpy (top, layers) -> Param state for nnx.update; values numpy, param dtype.
+
+  With model.vision, `vision` = (vision_top, vision_layers) gives the encoder (kept float32).
+  """
   if len(layers) != cfg.num_layers:
     raise ValueError(f'layers: {len(layers)} decoder layers, expected model.num_layers='
                      f'{cfg.num_layers}')
+  if cfg.vision and vision is None:
+    raise ValueError('model.vision is set but no vision weights were given')
   values = {path: top[name] for name, path in TOP_PATHS.items()}
+  vision_values = vision_canonical_to_state(cfg, *vision) if cfg.vision else {}
   stacked: dict[tuple, list] = {}
   for i, layer in enumerate(layers):
     for path, block, x in layer_state_leaves(cfg, i, layer):
@@ -125,10 +213,12 @@ def canonical_to_state(cfg: config_lib.ModelConfig, top: Mapping[str, np.ndarray
   dtype = jnp.dtype(cfg.param_dtype)
   flat = []
   for path, var in nnx.to_flat_state(model_lib.abstract_state(cfg)):
-    x = np.asarray(values.pop(path)).astype(dtype)
+    x = vision_values.pop(path) if path in vision_values else np.asarray(
+        values.pop(path)).astype(dtype)
     if x.shape != var.shape:
       raise ValueError(f'{"/".join(map(str, path))}: shape {x.shape}, expected {var.shape}')
     flat.append((path, var.replace(x)))
+  values.update(vision_values)
   if values:
     raise ValueError(f'{"/".join(map(str, next(iter(values))))}: no such model parameter')
   return nnx.from_flat_state(flat)

@@ -2,8 +2,9 @@
 
 Every reader is a Source (source.py) giving the canonical layout (layout.py) one layer at a
 time: hf.py, kaggle.py, ours.py (params-only and training checkpoints). Writers: ours.save_params
-(our params-only checkpoint) and hf.write (a Gemma3ForCausalLM directory, with the tokenizer
-files of hf_tokenizer.py). cli.py is gemma3-convert.
+(our params-only checkpoint) and hf.write (a Gemma3ForCausalLM directory, or with vision a
+Gemma3ForConditionalGeneration one, with the tokenizer files of hf_tokenizer.py). The vision
+tower's names in every layout: vision_keys.py. cli.py is gemma3-convert.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def import_checkpoint(src_path, dst_path, cfg: config_lib.ModelConfig | None = N
   """HF / Kaggle (or ours) -> our params-only checkpoint, streamed (see each Source)."""
   src = open_source(src_path, cfg)
   dst = absolute(dst_path)
-  ours.save_params(dst, src.cfg, src.top(), layers(src, f'writing {dst}' if progress else None))
+  ours.save_params(dst, src.cfg, src.top(), layers(src, f'writing {dst}' if progress else None),
+                   src.vision() if src.cfg.vision else None)
   return src.cfg
 
 
@@ -119,16 +121,23 @@ def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 *
 def load(path, **model_overrides) -> model_lib.Gemma3:
   """A model.Gemma3 with the weights of a HF directory, a Kaggle checkpoint or one of ours
   (params-only, or a training workdir: its newest complete step; a LoRA run's workdir gives
-  its base with its adapters, the adapted model as trained).
+  its base with its adapters, the adapted model as trained). A checkpoint with vision weights
+  (HF Gemma3ForConditionalGeneration, Kaggle 4b/12b/27b, ours) gives a model.vision model:
+  model(tokens, images=images).
 
   `model_overrides` change non-shape ModelConfig fields, e.g. dtype='bfloat16'.
   """
   if peft.lora_run_config(path) is not None:  # a LoRA run: base + adapters, as trained
     return peft.load_adapted(path, **model_overrides)
-  cfg, top, canonical = load_canonical(path)
-  cfg = dataclasses.replace(cfg, **model_overrides)
+  src = open_source(path)
+  by_index = dict(layers(src))
+  cfg = dataclasses.replace(src.cfg, **model_overrides)
+  top, canonical = src.top(), [by_index.pop(i) for i in range(cfg.num_layers)]
+  # A checkpoint with vision weights gives a model that takes images too.
+  vision = src.vision() if cfg.vision else None
   model = nnx.eval_shape(lambda: model_lib.Gemma3(cfg, rngs=nnx.Rngs(0)))
-  nnx.update(model, jax.tree.map(jnp.asarray, layout.canonical_to_state(cfg, top, canonical)))
+  nnx.update(model, jax.tree.map(jnp.asarray,
+                                 layout.canonical_to_state(cfg, top, canonical, vision)))
   return model
 
 

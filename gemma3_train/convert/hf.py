@@ -21,6 +21,7 @@ from etils import epath
 from gemma3_train import config as config_lib
 from gemma3_train.convert import hf_tokenizer
 from gemma3_train.convert import source
+from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import check
@@ -183,6 +184,12 @@ def hf_config_to_model(d: Mapping[str, Any], where: str = 'config.json',
     vocab_size = min(hf_vocab, int(text_vocab)) if hf_vocab != VOCAB + 64 else VOCAB
   fields['vocab_size'] = vocab_size
   fields['query_pre_attn_scalar'] = float(fields['query_pre_attn_scalar'])
+  if model_type == 'gemma3' and d.get('vision_config') is not None:
+    # Gemma3ForConditionalGeneration: the SigLIP tower; its placeholder id is our vocab_size.
+    if int(d.get('image_token_index', VOCAB)) != vocab_size:
+      raise ConversionError(f'{where}: image_token_index={d.get("image_token_index")}, expected '
+                            f'the text vocabulary size {vocab_size} (the first id past it)')
+    fields.update(vision_keys.hf_vision_fields(d, where))
   cfg = config_lib.ModelConfig(preset=preset_name(fields), **fields)
   try:
     config_lib.validate(config_lib.Config(model=cfg))
@@ -301,6 +308,20 @@ class HfSource(Source):
   def layer(self, i):
     return hf_layer_to_canonical(self.tensors, self.prefix, i, self.cfg)
 
+  def has_vision(self) -> bool:
+    return vision_keys.hf_prefixes(self.tensors.keys()) is not None
+
+  def vision(self):
+    """(vision_top, vision_layers) from the tower and projector under any HF layout (the
+    layers read when indexed), or None for a text-only run or checkpoint."""
+    prefixes = vision_keys.hf_prefixes(self.tensors.keys())
+    if not self.cfg.vision or prefixes is None:
+      return None
+    top = vision_keys.hf_top_to_canonical(self.tensors, prefixes, self.cfg)
+    return top, vision_keys.LazyLayers(
+        self.cfg.vision_depth,
+        lambda j: vision_keys.hf_layer_to_canonical(self.tensors, prefixes, j, self.cfg))
+
 
 # --- writing -------------------------------------------------------------------------------
 
@@ -368,7 +389,9 @@ class _ShardWriter:
 def write(src: Source, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 10**9,
           progress: bool = True, tokenizer_path: str = '') -> None:
   """src -> a Gemma3ForCausalLM HF directory (safetensors shards + index, config.json) with
-  the tokenizer at tokenizer_path ('' = the bundled Gemma 3 one; files: hf_tokenizer.py).
+  the tokenizer at tokenizer_path ('' = the bundled Gemma 3 one; files: hf_tokenizer.py); a
+  model with vision (src.cfg.vision) -> a Gemma3ForConditionalGeneration directory in the hub's
+  names (vision_keys.py), its embedding grown by 64 rows (vision_keys.hf_embedding).
 
   Streams: host memory holds one shard being filled and what `src` holds to give a layer.
   """
@@ -380,15 +403,32 @@ def write(src: Source, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 
     raise ConversionError(f'{dst}: destination exists and is not empty')
   # Before anything is written: a bad tokenizer fails with dst untouched.
   tokenizer = hf_tokenizer.tokenizer_files(tokenizer_path, src.cfg.vocab_size)
+  vision = src.vision() if src.cfg.vision else None
+  if src.cfg.vision and vision is None:
+    raise ConversionError('model.vision is set but the checkpoint has no vision weights')
   dst.mkdir(parents=True, exist_ok=True)
   writer = _ShardWriter(dst, shard_size)
   cast = lambda d: {k: np.asarray(v).astype(np_dtype) for k, v in d.items()}
   top = src.top()
-  writer.add(cast({'model.embed_tokens.weight': top['embedding']}))
+  prefix = HF_PREFIXES[1] if vision else HF_PREFIXES[0]
+  embedding = cast({'': top['embedding']})['']  # padded after the cast: the mean of what HF reads
+  writer.add({f'{prefix}embed_tokens.weight':
+              vision_keys.hf_embedding(embedding) if vision else embedding})
   for i, layer in source.layers(src, f'writing {dst}' if progress else None):
-    writer.add(cast(canonical_layer_to_hf(layer, 'model.', i)))
-  writer.add(cast({'model.norm.weight': top['final_norm']}))
+    writer.add(cast(canonical_layer_to_hf(layer, prefix, i)))
+  writer.add(cast({f'{prefix}norm.weight': top['final_norm']}))
+  del top, embedding
+  config = model_to_hf_config(src.cfg, dtype)
+  if vision:
+    vision_top, vision_layers = vision
+    writer.add(cast(vision_keys.canonical_top_to_hf(vision_top)))
+    for j, layer in enumerate(vision_layers):
+      writer.add(cast(vision_keys.canonical_layer_to_hf(layer, j)))
+    config = vision_keys.hf_mm_config(src.cfg, config, dtype)
   writer.close()
   for name, data in tokenizer.items():
     (dst / name).write_bytes(data)
-  (dst / 'config.json').write_text(json.dumps(model_to_hf_config(src.cfg, dtype), indent=2))
+  if vision:  # AutoImageProcessor's preprocessing, the same as ours
+    (dst / 'preprocessor_config.json').write_text(
+        json.dumps(vision_keys.hf_preprocessor_config(src.cfg), indent=2))
+  (dst / 'config.json').write_text(json.dumps(config, indent=2))

@@ -8,10 +8,13 @@ Four layouts hold the same arrays under different names:
   STACKED   'stacked_layers/attention_type_{i % P}/...' with a leading axis indexed by i // P
 The arrays are the canonical layout (layout.py) except that k and v are one kv_einsum
 [2, K, D, H] and the QK norms are attn/_query_norm, attn/_key_norm (docs/gemma3.md section 5).
+The 4b/12b/27b vision tower and projector (SigLiPFromPatches_0/..., embedder/mm_*): their names
+are vision_keys.py's; vision() reads them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -19,6 +22,7 @@ import numpy as np
 from gemma3_train import config as config_lib
 from gemma3_train import layout
 from gemma3_train.convert import orbax_tree
+from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import absolute
@@ -64,6 +68,7 @@ class KaggleSource(Source):
     self._keys = {_name(keys): keys for keys in self._meta}  # normalized name -> stored keys
     self._stack = self._stacking()
     self._cache: dict[str, np.ndarray] = {}
+    self._vision_root = vision_keys.kaggle_root(self._keys)
     self.cfg = cfg or self._infer_config()
     self._check_shapes()
 
@@ -99,7 +104,17 @@ class KaggleSource(Source):
     if name == 'custom':
       raise ConversionError(f'{self.path}: shapes {fields} match no Gemma 3 preset; pass the '
                             'model config (--config) to import it')
-    return config_lib.ModelConfig.from_preset(name, vocab_size=V)
+    cfg = config_lib.ModelConfig.from_preset(name, vocab_size=V)
+    if self._vision_root is None:
+      return cfg
+    shapes = {name: self._shape(leaf) for name, leaf in
+              vision_keys.kaggle_top_names(self._vision_root).items()}
+    shapes.update({name: self._shape(leaf)[self._vision_stacked():] for name, leaf in
+                   self._vision_layer_names(0).items()})
+    shapes['pos_embedding'] = shapes['pos_embedding'][-2:]
+    # The pool window is no weight's shape: the released models' 4 (the config default).
+    return dataclasses.replace(cfg, **vision_keys.fields_from_shapes(
+        shapes, self._vision_depth(), cfg.vision_pool))
 
   def _check_shapes(self) -> None:
     m = self.cfg
@@ -110,6 +125,18 @@ class KaggleSource(Source):
     if D != m.embed_dim or V < m.vocab_size:
       raise ConversionError(f'{self.path}: embedder/input_embedding shape {(V, D)}, expected '
                             f'({m.vocab_size}, {m.embed_dim})')
+    if m.vision and self._vision_root is not None:  # from the metadata, before any read
+      if self._vision_depth() != m.vision_depth:
+        raise ConversionError(f'{self.path}: {self._vision_depth()} vision encoder layers, '
+                              f'expected model.vision_depth={m.vision_depth}')
+      want = {**vision_keys.top_shapes(m), **vision_keys.layer_shapes(m)}
+      names = {**vision_keys.kaggle_top_names(self._vision_root), **self._vision_layer_names(0)}
+      for name, leaf in names.items():
+        shape = self._shape(leaf)[self._vision_stacked() if name in vision_keys.LAYER else 0:]
+        if name == 'pos_embedding' and len(shape) == 3 and shape[0] == 1:
+          shape = shape[1:]
+        if shape != want[name]:
+          raise ConversionError(f'{self.path}: {leaf} has shape {shape}, expected {want[name]}')
 
   def _read(self, names: list[str]) -> dict[str, np.ndarray]:
     """Restores just these leaves, in their stored dtype."""
@@ -143,3 +170,43 @@ class KaggleSource(Source):
       for leaf in wanted:  # a stacked leaf is dropped once its last layer has been taken
         self._cache.pop(leaf, None)
     return layer
+
+  # --- the vision tower (4b, 12b, 27b): vision_keys.py names its arrays ---
+
+  def has_vision(self):
+    return self._vision_root is not None
+
+  def _vision_stacked(self) -> int:
+    """1 when the encoder layers are one scanned 'encoderblock' (a leading depth axis), else 0."""
+    return int(f'{self._vision_root}/Transformer/encoderblock/LayerNorm_0/scale' in self._keys)
+
+  def _vision_layer_names(self, j: int) -> dict[str, str]:
+    return vision_keys.kaggle_layer_names(self._vision_root, j, bool(self._vision_stacked()))
+
+  def _vision_depth(self) -> int:
+    if self._vision_stacked():
+      return self._shape(self._vision_layer_names(0)['ln0_scale'])[0]
+    return len({n for n in self._keys
+                if re.match(re.escape(self._vision_root) + r'/Transformer/encoderblock_\d+/', n)
+                and n.endswith('LayerNorm_0/scale')})
+
+  def vision(self):
+    m = self.cfg
+    if self._vision_root is None or not m.vision:
+      return None
+    names = vision_keys.kaggle_top_names(self._vision_root)
+    shapes = vision_keys.top_shapes(m)
+    x = self._read(list(names.values()))
+    pos = x[names['pos_embedding']]  # [1, G*G, W] as released
+    x[names['pos_embedding']] = pos[0] if pos.ndim == 3 and pos.shape[0] == 1 else pos
+    top = {name: check(x[leaf], leaf, shapes[name]) for name, leaf in names.items()}
+    return top, vision_keys.LazyLayers(m.vision_depth, self._vision_layer)
+
+  def _vision_layer(self, j: int) -> dict[str, np.ndarray]:
+    names = self._vision_layer_names(j)
+    shapes = vision_keys.layer_shapes(self.cfg)
+    # A scanned encoder is read whole once per layer asked (Kaggle releases are unscanned).
+    x = self._read(list(names.values()))
+    s = self._vision_stacked()
+    return {name: check(x[leaf][j] if s else x[leaf], f'{leaf}[{j}]' if s else leaf,
+                        shapes[name]) for name, leaf in names.items()}

@@ -2,7 +2,8 @@
 
 Params-only (gemma3-convert import): PATH/gemma3_config.json ({'format', 'version', 'model': the
 ModelConfig fields}) and PATH/params, an Orbax tree in the canonical layout (layout.py):
-{'embedding', 'final_norm', 'layer_0': {...}, ...}.
+{'embedding', 'final_norm', 'layer_0': {...}, ...}, and with model.vision also 'vision_top':
+{...} and 'vision_layer_0': {...}, ... (the canonical vision_top and vision_layers).
 
 Training (checkpoint.py): WORKDIR/checkpoints/<step>/ with the items 'state' (an Orbax tree:
 'params' is the NNX Param state, each Variable's array under a trailing 'value' key, next to
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,6 +26,7 @@ from gemma3_train import config as config_lib
 from gemma3_train import layout
 from gemma3_train import model as model_lib
 from gemma3_train.convert import orbax_tree
+from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import absolute
@@ -37,12 +39,19 @@ _PARAMS_ITEM = 'state'
 
 
 def save_params(path, cfg: config_lib.ModelConfig, top: Mapping[str, np.ndarray],
-                layers: Iterable[tuple[int, Mapping[str, np.ndarray]]]) -> None:
-  """Writes our params-only checkpoint from `top` and (i, layer) pairs, in any order.
+                layers: Iterable[tuple[int, Mapping[str, np.ndarray]]],
+                vision: tuple[Mapping[str, np.ndarray], Sequence[Mapping]] | None = None
+                ) -> None:
+  """Writes our params-only checkpoint from `top` and (i, layer) pairs, in any order, and
+  with cfg.vision the (vision_top, vision_layers) of a Source's vision().
 
   `layers` may be a generator: each layer is written (an Orbax partial save) before the next
-  is read, so host memory holds the embedding and one layer, never the whole model.
+  is read, so host memory holds the embedding and one layer, never the whole model; so for the
+  vision layers when vision_layers reads each when indexed.
   """
+  if cfg.vision != (vision is not None):
+    raise ConversionError(f'model.vision={cfg.vision} but vision weights were '
+                          f'{"not " if vision is None else ""}given')
   path = absolute(path)
   if path.exists() and any(path.iterdir()):
     raise ConversionError(f'{path}: destination exists and is not empty')
@@ -56,6 +65,12 @@ def save_params(path, cfg: config_lib.ModelConfig, top: Mapping[str, np.ndarray]
     n += 1
   if n != cfg.num_layers:
     raise ConversionError(f'{path}: got {n} layers, expected model.num_layers={cfg.num_layers}')
+  if vision is not None:
+    vision_top, vision_layers = vision
+    ocp_v1.partial.save(tree, {'vision_top': {k: np.asarray(v) for k, v in vision_top.items()}})
+    for j, layer in enumerate(vision_layers):
+      ocp_v1.partial.save(tree, {f'vision_layer_{j}': {k: np.asarray(v)
+                                                       for k, v in layer.items()}})
   ocp_v1.partial.finalize(tree)
   (path / PARAMS_CONFIG).write_text(json.dumps(
       {'format': 'gemma3-train params', 'version': 1, 'model': dataclasses.asdict(cfg)},
@@ -94,6 +109,20 @@ class ParamsSource(Source):
 
   def layer(self, i):
     return self._read(f'layer_{i}')
+
+  def has_vision(self):
+    return any(k[0] == 'vision_top' for k in self._meta)
+
+  def vision(self):
+    m = self.cfg
+    if not m.vision or not self.has_vision():
+      return None
+    top = self._read('vision_top')
+    for name, shape in vision_keys.top_shapes(m).items():
+      if name not in top:
+        raise ConversionError(f'{self._tree}: vision_top/{name} missing from the checkpoint')
+      check(top[name], f'vision_top/{name}', shape)
+    return top, vision_keys.LazyLayers(m.vision_depth, lambda j: self._read(f'vision_layer_{j}'))
 
 
 def complete_steps(directory) -> list[int]:
@@ -180,6 +209,29 @@ class TrainSource(Source):
     layer = layout.leaves_to_layer(lambda sub: leaf(sub) if block is None else leaf(sub)[block])
     if block is None or block == layout.num_blocks(self.cfg) - 1:
       for p in paths:  # a stacked leaf is dropped once its last layer has been taken
+        del self._cache[p]
+    return layer
+
+  def has_vision(self):
+    return any(p[0] == 'vision' for p in self._keys)
+
+  def vision(self):
+    if not self.cfg.vision:
+      return None
+    paths = list(layout.VISION_TOP_PATHS.values())
+    self._read(paths)
+    top = {name: self._cache.pop(p) for name, p in layout.VISION_TOP_PATHS.items()}
+    return top, vision_keys.LazyLayers(self.cfg.vision_depth, self._vision_layer)
+
+  def _vision_layer(self, j: int) -> dict[str, np.ndarray]:
+    """Encoder layer j; a scanned leaf [depth, ...] stays cached until its last layer is taken."""
+    prefix, index = layout.vision_layer_prefix(self.cfg, j)
+    paths = {name: prefix + sub for name, sub in layout.VISION_LAYER_PATHS.items()}
+    self._read(list(paths.values()))
+    layer = {name: self._cache[p] if index is None else self._cache[p][index]
+             for name, p in paths.items()}
+    if index is None or index == self.cfg.vision_depth - 1:
+      for p in paths.values():
         del self._cache[p]
     return layer
 

@@ -57,6 +57,18 @@ class Source:
     groups those sharing a leaf (layout.stacked_order)."""
     return range(self.cfg.num_layers)
 
+  def vision(self) -> tuple[dict[str, np.ndarray], Sequence[dict[str, np.ndarray]]] | None:
+    """(vision_top, vision_layers) in the canonical layout (layout.py), or None when the
+    checkpoint has no vision tower or self.cfg.vision is False. vision_layers may read each
+    layer only when indexed (vision_keys.LazyLayers): a reader holds one encoder layer at a
+    time."""
+    return None
+
+  def has_vision(self) -> bool:
+    """Whether the checkpoint holds vision weights, whatever self.cfg.vision says (a text-only
+    run may open a multimodal checkpoint). Reads names, not arrays."""
+    return False
+
 
 class _Progress:
   """A one-line progress counter on stderr (rewritten in place on a terminal)."""
