@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                    'describes the source; needed only for an Orbax checkpoint whose shapes match '
                    'no Gemma 3 size (HF directories carry their own config.json).')
   exp = sub.add_parser('export', help='Our checkpoint (or any readable one) -> a Hugging Face '
-                       'Gemma3ForCausalLM directory.')
+                       'Gemma3ForCausalLM directory (Gemma3ForConditionalGeneration for a model '
+                       'with the image encoder).')
   exp.add_argument('--src', required=True, help='Our params-only checkpoint directory (a HF or '
                    'Kaggle directory also works).')
   exp.add_argument('--dst', required=True, help='New directory for config.json, the '
@@ -79,6 +80,10 @@ def _model_config(path: str) -> config_lib.ModelConfig:
     raise convert.ConversionError(f'--config: {e}') from None
 
 
+def _hf_class(cfg: config_lib.ModelConfig) -> str:
+  return 'Gemma3ForConditionalGeneration' if cfg.vision else 'Gemma3ForCausalLM'
+
+
 def main(argv: list[str]) -> None:
   args = _parser().parse_args(argv)
   if args.command == 'import':
@@ -88,14 +93,14 @@ def main(argv: list[str]) -> None:
   elif args.command == 'export':
     cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype,
                             shard_size=_size(args.shard_size), tokenizer_path=args.tokenizer)
-    print(f'{args.dst}: Gemma3ForCausalLM ({cfg.preset}), {args.dtype}')
+    print(f'{args.dst}: {_hf_class(cfg)} ({cfg.preset}), {args.dtype}')
   elif args.command == 'export-lora':
     if convert.peft.lora_run_config(args.src) is None:
       raise convert.ConversionError(f'--src={args.src}: not a LoRA training workdir '
                                     '(one trained with lora.rank > 0)')
     if args.merge:
       cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype)
-      print(f'{args.dst}: Gemma3ForCausalLM ({cfg.preset}) with the adapters merged, '
+      print(f'{args.dst}: {_hf_class(cfg)} ({cfg.preset}) with the adapters merged, '
             f'{args.dtype}')
     else:
       c = convert.peft.export_adapter(args.src, args.dst)
