@@ -38,6 +38,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import topologies
 
+from gemma3_train import attention
 from gemma3_train import config as config_lib
 from gemma3_train import flops
 from gemma3_train import hardware
@@ -162,10 +163,11 @@ def splash_flops_per_step(c: config_lib.Config) -> float:
   T = c.data.seq_len
   b = min(m.attention_block_size, T)
   per_block = 2 * b * b * m.head_dim
-  matmuls = 2 + 3 + 4 + (2 if _replays_attention(m.remat_policy) else 0)
+  replay = 2 if _replays_attention(m.remat_policy) else 0
   blocks = sum(_kernel_blocks(T, b, None if m.is_global(i) else m.sliding_window)
+               * (2 + 3 + 4 + replay * (2 if i < _nested_layers(m) else 1))
                for i in range(m.num_layers))
-  return blocks * per_block * matmuls * m.num_heads * c.train.global_batch_size
+  return blocks * per_block * m.num_heads * c.train.global_batch_size
 
 
 def _replays_attention(policy: str) -> bool:
@@ -227,6 +229,7 @@ class Report:
   compile_seconds: float | None = None
   tpu_kernels: int | None = None  # Mosaic (Pallas TPU) custom calls in the compiled program
   error: str = ''  # the compiler's out-of-memory message when it refused
+  remat_unit: str = 'block'  # model.remat_unit
 
 
 def _gib(n: float) -> float:
@@ -257,10 +260,25 @@ def tpu_run_config(c: config_lib.Config) -> config_lib.Config:
   return dataclasses.replace(c, model=dataclasses.replace(c.model, attention_impl='splash'))
 
 
+def attention_path(c: config_lib.Config) -> str:
+  """The decoder attention c's train step runs (attention.resolve): with model.vision the
+  image blocks' mask depends on the data, which splash cannot take, so the reference."""
+  return attention.resolve(c.model.attention_impl, c.model.dtype, images=c.model.vision)
+
+
+def _attention_note(c: config_lib.Config) -> str:
+  path = attention_path(c)
+  if path != c.model.attention_impl:
+    return (f'{path} (not {c.model.attention_impl}: model.vision rows need the data-dependent '
+            'image-block mask, which splash cannot express)')
+  return path
+
+
 def _base_report(c: config_lib.Config, topo: hardware.Topology, shape: dict[str, int]) -> Report:
   return Report(
       config=c.model.preset, topology=topo.name, chip=topo.chip.name, chips=topo.total_chips,
       num_slices=topo.num_slices, mesh=shape, remat_policy=c.model.remat_policy,
+      remat_unit=c.model.remat_unit,
       seq_len=c.data.seq_len, global_batch=c.train.global_batch_size,
       per_chip_batch=c.train.global_batch_size / topo.total_chips,
       param_dtype=c.model.param_dtype, dtype=c.model.dtype, attention=c.model.attention_impl,
@@ -285,6 +303,7 @@ def compile_report(c: config_lib.Config, topo: hardware.Topology, *,
   mesh = sharding.make_mesh(c, device_list)
   shape = sharding.mesh_shape(c, len(device_list), topo.num_slices)
   r = _base_report(c, topo, shape)
+  r.attention = _attention_note(c)
   step, args, state = builder(c, mesh)
   r.state_gib = _gib(_state_bytes(state))
   r.model_flops_per_step = flops.train_flops_per_step(c)  # LoRA: no base weight gradients
@@ -307,7 +326,7 @@ def compile_report(c: config_lib.Config, topo: hardware.Topology, *,
   # 0 with attention 'splash' means the kernel was interpreted (as XLA ops), not the TPU kernel
   # a real run uses: then memory and time describe the wrong program.
   r.tpu_kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
-  if c.model.attention_impl == 'splash' and not r.tpu_kernels:
+  if attention_path(c) == 'splash' and not r.tpu_kernels:
     r.error = ('splash attention was interpreted, not compiled as the TPU kernel (attention.py '
                'must choose interpret from the mesh devices, not jax.default_backend())')
   _fill_memory(r, compiled.memory_analysis())
@@ -332,7 +351,15 @@ def _replayed_flops_per_token(m: config_lib.ModelConfig) -> int:
     return 0
   saved = set(model.REMAT_SAVED_NAMES.get(m.remat_policy, ()))
   per_layer = sum(v for name, v in flops.layer_matmul_flops(m).items() if name not in saved)
-  return m.num_layers * per_layer
+  return (m.num_layers + _nested_layers(m)) * per_layer
+
+
+def _nested_layers(m: config_lib.ModelConfig) -> int:
+  """Layers replayed twice in the backward (model.remat_unit='layer': their block's replay,
+  then their own checkpoint's): every layer of a block of six, not the tail's."""
+  if m.remat_unit != 'layer' or m.remat_policy == 'none':
+    return 0
+  return m.num_layers // config_lib.GLOBAL_EVERY * config_lib.GLOBAL_EVERY
 
 
 def executed_flops_per_step(c: config_lib.Config) -> tuple[float, float]:
@@ -342,10 +369,11 @@ def executed_flops_per_step(c: config_lib.Config) -> tuple[float, float]:
   remat policy replays. Splash part: splash_flops_per_step (block-granular, with its replay).
   """
   m, T, B = c.model, c.data.seq_len, c.train.global_batch_size
-  attention = 3 * flops.attention_flops_per_row(m, T) * B  # fwd + bwd, run by splash, not XLA
+  # fwd + bwd attention, run by splash, not XLA; with model.vision XLA runs the reference.
+  kernel = 0.0 if m.vision else 3 * flops.attention_flops_per_row(m, T) * B
   replay = _replayed_flops_per_token(m) * T * B
-  splash = splash_flops_per_step(c) if m.attention_impl == 'splash' else 0.0
-  return flops.train_flops_per_step(c) - attention + replay, splash
+  splash = splash_flops_per_step(c) if m.attention_impl == 'splash' and not m.vision else 0.0
+  return flops.train_flops_per_step(c) - kernel + replay, splash
 
 
 def _fill_time(r: Report, c: config_lib.Config, topo: hardware.Topology,
@@ -386,7 +414,8 @@ def format_report(r: Report) -> str:
       f'AOT compile of {r.config} for {r.topology} ({r.chips} {r.chip} chips, '
       f'{r.num_slices} slice{"s" * (r.num_slices > 1)}; mesh {mesh})',
       f'  batch {r.global_batch} x {r.seq_len} tokens ({r.per_chip_batch:g} per chip), '
-      f'remat {r.remat_policy}, params {r.param_dtype}, compute {r.dtype}, attention {r.attention}',
+      f'remat {r.remat_policy} per {r.remat_unit}, params {r.param_dtype}, compute {r.dtype}, '
+      f'attention {r.attention}',
   ]
   if r.error and r.argument_gib is None:
     need = f'{r.total_gib:.2f} GiB' if r.total_gib is not None else 'more than HBM'

@@ -27,6 +27,7 @@ MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_h
                       'head_dim')
 
 REMAT_POLICIES = ('none', 'full', 'minimal', 'save_decoder_layer_input', 'save_qkv_proj')
+REMAT_UNITS = ('block', 'layer')
 ATTENTION_IMPLS = ('reference', 'cudnn', 'splash', 'auto')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'prepared',
@@ -90,6 +91,9 @@ class ModelConfig:
   dtype: str = _f('float32', 'compute dtype of matmuls (bfloat16 on accelerators)')
   scan_layers: bool = _f(True, 'scan over blocks of six layers (compile time O(1) in depth)')
   remat_policy: str = _f('none', ' | '.join(REMAT_POLICIES))
+  remat_unit: str = _f('block', 'block: one checkpoint per scanned block of six (and per tail '
+                       'layer) | layer: also one around each layer inside the block (nested), so '
+                       "the block's backward holds one layer's activations at a time")
   attention_impl: str = _f('auto', 'auto (splash on TPU, cudnn on GPU, else reference) | '
                            'reference | cudnn | splash')
   attention_block_size: int = _f(512, 'splash attention q/kv block size (TPU)')
@@ -155,8 +159,8 @@ class DataConfig:
                          'order by the <start_of_image> markers of the text')
   max_images: int = _f(2, 'image slots per packed row (model.vision); a document with more '
                        'is an error naming its row')
-  pan_and_scan: bool = _f(False, 'model.vision: add square crops of non-square images after '
-                          'the whole image (Hugging Face do_pan_and_scan)')
+  pan_and_scan: bool = _f(False, 'model.vision: add square crops of images that are not '
+                          'square, after the whole image (Hugging Face do_pan_and_scan)')
   mixture_exhausted: str = _f('repeat', 'a mixture source that runs out: repeat (next epoch, '
                               'reshuffled) | stop (the train data ends)')
 
@@ -400,6 +404,7 @@ def validate(c: Config) -> None:
     require(getattr(m, k) in DTYPES, f'model.{k}', getattr(m, k), ' | '.join(DTYPES))
   require(m.remat_policy in REMAT_POLICIES, 'model.remat_policy', m.remat_policy,
           ' | '.join(REMAT_POLICIES))
+  require(m.remat_unit in REMAT_UNITS, 'model.remat_unit', m.remat_unit, ' | '.join(REMAT_UNITS))
   require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
           ' | '.join(ATTENTION_IMPLS))
   if m.vision:

@@ -30,6 +30,7 @@ from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
 from gemma3_train import loss as loss_lib
 from gemma3_train import metrics as metrics_lib
+from gemma3_train.data import images as images_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
 
 _LOSS_CHUNK = 256  # positions per chunk of the cross-entropy (memory, not results)
@@ -60,9 +61,14 @@ class Progress:
 
 def _sums(graphdef, state, batch):
   model = nnx.merge(graphdef, state)
-  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
-  return loss_lib.chunked_cross_entropy(x_BLD, model.embedder.embedding[...], batch['targets'],
-                                        batch['weights'], chunk_size=_LOSS_CHUNK)
+  kwargs = {}
+  if 'images' in batch:  # model.vision: uint8 in the batch, [-1, 1] floats for the model
+    kwargs['images'] = images_lib.to_model_input(batch['images'])
+  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], **kwargs)
+  targets, weights = loss_lib.mask_image_targets(batch['targets'], batch['weights'],
+                                                 model.cfg.vocab_size)
+  return loss_lib.chunked_cross_entropy(x_BLD, model.embedder.embedding[...], targets,
+                                        weights, chunk_size=_LOSS_CHUNK)
 
 
 def dataset_metrics(model, c: config_lib.Config, *, split: str = 'eval', max_batches: int = 0,

@@ -75,10 +75,43 @@ def lora_flops_per_token(c: config_lib.Config, seq_len: int) -> float:
           + (3 if c.lora.train_embedding else 2) * head + 3 * adapters)
 
 
+def vision_forward_flops(m: config_lib.ModelConfig) -> tuple[int, int]:
+  """(encoder, projector) forward matmul FLOPs of one image (model.vision).
+
+  With G^2 = (S / P)^2 patches of width W, MLP size M: the patch embedding 2 G^2 P^2 3 W; per
+  encoder layer the q, k, v, out projections 8 G^2 W^2, the MLP 4 G^2 W M and bidirectional
+  attention over all G^2 x G^2 patch pairs 4 G^4 W; the projector 2 T W D on the T pooled
+  tokens (pooling, norms and softmax are not counted).
+  """
+  W, M, P = m.vision_width, m.vision_mlp_dim, m.vision_patch_size
+  patches = (m.vision_image_size // P) ** 2
+  layer = 8 * patches * W * W + 4 * patches * W * M + 4 * patches * patches * W
+  encoder = 2 * patches * P * P * 3 * W + m.vision_depth * layer
+  return encoder, 2 * m.tokens_per_image * W * m.embed_dim
+
+
+def vision_flops_per_step(c: config_lib.Config) -> float:
+  """Training FLOPs of the image path over one step: every image slot (global batch x
+  data.max_images) runs the encoder forward; the backward (2 x forward) only for what trains:
+  the projector always, the encoder with model.vision_trainable. A LoRA run trains neither
+  (both are in its frozen base, and no gradient flows into them)."""
+  if not c.model.vision:
+    return 0.0
+  encoder, projector = vision_forward_flops(c.model)
+  if c.lora.rank:
+    per_image = encoder + projector
+  elif c.model.vision_trainable:
+    per_image = 3 * (encoder + projector)
+  else:
+    per_image = encoder + 3 * projector
+  return float(per_image * c.train.global_batch_size * c.data.max_images)
+
+
 def train_flops_per_step(c: config_lib.Config) -> float:
   """Training FLOPs of one optimizer step of config c: model_flops_per_step, or with LoRA
-  (lora.rank > 0) lora_flops_per_token's count for the frozen base and the adapters."""
+  (lora.rank > 0) lora_flops_per_token's count for the frozen base and the adapters; plus
+  the image path's (vision_flops_per_step) with model.vision."""
   T, B = c.data.seq_len, c.train.global_batch_size
   if c.lora.rank:
-    return lora_flops_per_token(c, T) * T * B
-  return model_flops_per_step(c.model, T, B)
+    return lora_flops_per_token(c, T) * T * B + vision_flops_per_step(c)
+  return model_flops_per_step(c.model, T, B) + vision_flops_per_step(c)

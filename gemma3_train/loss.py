@@ -184,3 +184,15 @@ def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_
   targets_nBC = targets_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
   weights_nBC = weights_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
   return _sums_nBC(x_nBCD, embedding_VD, targets_nBC, weights_nBC, float(z_loss))
+
+
+def mask_image_targets(targets_BL, weights_BL, vocab_size: int):
+  """(targets, weights) with weight 0 and target 0 wherever a target is not a text token.
+
+  Image soft-token placeholders carry the id vocab_size, one past the table: the data pipeline
+  gives those positions weight 0 already, but a gather at that row reads NaN (and 0 * NaN is
+  NaN), so such targets are replaced by a valid row and their weight forced to 0 here.
+  """
+  image_BL = targets_BL >= vocab_size
+  return (jnp.where(image_BL, 0, targets_BL),
+          jnp.where(image_BL, jnp.zeros((), weights_BL.dtype), weights_BL))

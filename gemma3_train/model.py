@@ -207,17 +207,30 @@ class Block(nnx.Module):
     return x_BLD
 
 
-def _remat(fn, policy: str):
-  """fn wrapped in jax.checkpoint for a named policy (config.REMAT_POLICIES)."""
+def _remat(fn, policy: str, prevent_cse: bool = False):
+  """fn wrapped in jax.checkpoint for a named policy (config.REMAT_POLICIES). prevent_cse=False
+  suits a scan body; a checkpoint nested in another needs True, or XLA may merge its replay
+  with the outer one's and keep every layer's activations alive again."""
   if policy == 'none':
     return fn
   if policy == 'full':
-    return jax.checkpoint(fn, prevent_cse=False)
+    return jax.checkpoint(fn, prevent_cse=prevent_cse)
   if policy not in REMAT_SAVED_NAMES:
     raise ValueError(f'model.remat_policy={policy!r}: expected one of '
                      f'{" | ".join(config_lib.REMAT_POLICIES)}')
   saved = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED_NAMES[policy])
-  return jax.checkpoint(fn, policy=saved, prevent_cse=False)
+  return jax.checkpoint(fn, policy=saved, prevent_cse=prevent_cse)
+
+
+def _remat_layer(layer: DecoderLayer, x_BLD, args, policy: str):
+  """layer(x_BLD, *args) under its own checkpoint (model.remat_unit='layer'), nested in the
+  checkpoint of its group: the group's replay saves only the layer inputs, and the backward
+  pass then replays one layer at a time."""
+  graphdef, state = nnx.split(layer)
+
+  def fn(state, x_BLD):
+    return nnx.merge(graphdef, state)(x_BLD, *args)
+  return _remat(fn, policy, prevent_cse=True)(state, x_BLD)
 
 
 def _stack_names(module: nnx.Module) -> None:
@@ -253,14 +266,23 @@ class Gemma3(nnx.Module):
       self.vision = vision.Vision(cfg, rngs=rngs)
 
   def _run(self, modules, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
-    """Applies modules in order under the remat policy (one checkpoint around all of them)."""
+    """Applies modules in order under the remat policy: one checkpoint around all of them and,
+    with model.remat_unit='layer', one more around each of their layers (a Block's six)."""
     graphdef, state = nnx.split(modules)
+    policy = self.cfg.remat_policy
+    args = (positions_BL, segment_ids_BL, image_blocks_BL)
+    num_layers = sum(len(m.layers) if isinstance(m, Block) else 1 for m in modules)
+    per_layer = self.cfg.remat_unit == 'layer' and policy != 'none' and num_layers > 1
 
     def fn(state, x_BLD):
       for module in nnx.merge(graphdef, state):
-        x_BLD = module(x_BLD, positions_BL, segment_ids_BL, image_blocks_BL)
+        if not per_layer:
+          x_BLD = module(x_BLD, *args)
+          continue
+        for layer in (module.layers if isinstance(module, Block) else [module]):
+          x_BLD = _remat_layer(layer, x_BLD, args, policy)
       return x_BLD
-    return _remat(fn, self.cfg.remat_policy)(state, x_BLD)
+    return _remat(fn, policy)(state, x_BLD)
 
   def _embed(self, tokens_BL, images):
     """Scaled token embeddings with the image soft tokens merged in, and the image block ids

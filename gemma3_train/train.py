@@ -42,6 +42,7 @@ from gemma3_train import optimizer as optimizer_lib
 from gemma3_train import restore as restore_lib
 from gemma3_train import sample as sample_lib
 from gemma3_train import sharding
+from gemma3_train.data import images as images_lib
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,34 @@ def _new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
     return lora_lib.new_state(c, tx)
   model = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
   params = nnx.state(model, nnx.Param)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+  return {'step': jnp.zeros((), jnp.int32), 'params': params,
+          'opt_state': optimizer_lib.init_state(c, tx, params)}
+
+
+def batch_images(batch: dict) -> jax.Array | None:
+  """The model's images input (float32 in [-1, 1]) from a batch's uint8 'images', if any."""
+  if 'images' not in batch:
+    return None
+  return images_lib.to_model_input(batch['images'])
 
 
 def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config,
-               base=None, dropout_key=None) -> tuple[jax.Array, dict]:
-  """Summed (not averaged) loss over the batch's weighted targets, and its parts."""
-  model = nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
+               base=None, dropout_key=None, frozen=None) -> tuple[jax.Array, dict]:
+  """Summed (not averaged) loss over the batch's weighted targets, and its parts.
+
+  base (LoRA) and frozen (an untrained image encoder) are parts of the model that are inputs,
+  not differentiated.
+  """
+  model = nnx.merge(graphdef, params, *(p for p in (base, frozen) if p is not None))
   if dropout_key is not None:  # LoRA adapter dropout: training steps only
     lora_lib.set_dropout(model, dropout_key, c.lora.dropout)
-  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
+  images = batch_images(batch)
+  kwargs = {} if images is None else {'images': images}
+  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], **kwargs)
+  targets, weights = loss_lib.mask_image_targets(batch['targets'], batch['weights'],
+                                                 c.model.vocab_size)
   sums = loss_lib.chunked_cross_entropy(
-      x_BLD, model.embedder.embedding[...], batch['targets'], batch['weights'],
+      x_BLD, model.embedder.embedding[...], targets, weights,
       chunk_size=c.train.loss_chunk_size, z_loss=c.train.z_loss)
   total = sums['loss_sum'] + c.train.z_loss * sums['z_loss_sum']
   return total, sums
@@ -118,9 +135,10 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
                 mesh: Mesh, rules) -> tuple[State, dict]:
   """One optimizer step over the global batch, accumulated over microbatches by a scan."""
   with sharding.use_mesh(mesh, rules):
-    # LoRA: the frozen base is an input of the loss, not differentiated.
-    grad_fn = jax.grad(functools.partial(_loss_sums, base=state.get('base')), has_aux=True)
-    params = state['params']
+    # LoRA's base and a frozen image encoder are inputs of the loss, not differentiated.
+    params, frozen = optimizer_lib.split_frozen(c, state['params'])
+    grad_fn = jax.grad(functools.partial(_loss_sums, base=state.get('base'), frozen=frozen),
+                       has_aux=True)
     A = c.optim.grad_accum_steps
     key = _dropout_key(c, state['step'])  # None unless lora.dropout
     drop = lambda k: {} if k is None else {'dropout_key': k}
@@ -130,7 +148,7 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
       # Strided microbatches (row j*A + a goes to microbatch a) keep every device's rows local.
       def split(x):
         x = x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(x, (None, 'act_batch', 'act_len'))
+        return sharding.constrain(x, (None, 'act_batch', 'act_len')[:x.ndim])
       micro = jax.tree.map(split, batch)
 
       def body(carry, mb):
@@ -146,8 +164,10 @@ def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_
     weight = jnp.maximum(sums['weight_sum'], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
-                 'opt_state': opt_state}
+    new_params = optax.apply_updates(params, updates)
+    if frozen is not None:
+      new_params = nnx.merge_state(new_params, frozen)
+    new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}
     if 'base' in state:
       new_state['base'] = state['base']
     metrics = {'loss': sums['loss_sum'] / weight,
@@ -175,10 +195,18 @@ def _eval_step(state: State, batch: dict, *, graphdef, c: config_lib.Config, mes
 
 
 def abstract_batch(c: config_lib.Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  shape = (c.train.global_batch_size, c.data.seq_len)
+  """The global batch: [B, L] token arrays; with model.vision also 'images' uint8
+  [B, data.max_images, S, S, 3] and 'image_counts' int32 [B]. Rows over the batch axes."""
+  B, m = c.train.global_batch_size, c.model
+  shapes = {k: ((B, c.data.seq_len), dtype) for k, dtype in data_lib.BATCH_DTYPES.items()}
+  if m.vision:
+    S = m.vision_image_size
+    image_shapes = {'images': (B, c.data.max_images, S, S, 3), 'image_counts': (B,)}
+    shapes.update({k: (image_shapes[k], dtype)
+                   for k, dtype in data_lib.IMAGE_BATCH_DTYPES.items()})
   s = sharding.batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-          for k, dtype in data_lib.BATCH_DTYPES.items()}
+          for k, (shape, dtype) in shapes.items()}
 
 
 def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
@@ -192,7 +220,7 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: lora_lib.build(c, nnx.Rngs(0))))
-  batch_sharding = {k: sharding.batch_sharding(mesh) for k in data_lib.BATCH_DTYPES}
+  batch_sharding = {k: sharding.batch_sharding(mesh) for k in abstract_batch(c, mesh)}
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
       functools.partial(_train_step, graphdef=graphdef, tx=tx, schedule=schedule, c=c,
@@ -204,7 +232,8 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
       functools.partial(_eval_step, graphdef=graphdef, c=c, mesh=mesh, rules=rules),
       in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
   init_state = jax.jit(new_state, out_shardings=state_shardings)
-  init_opt_state = jax.jit(tx.init, out_shardings=state_shardings['opt_state'])
+  init_opt_state = jax.jit(functools.partial(optimizer_lib.init_state, c, tx),
+                           out_shardings=state_shardings['opt_state'])
   s = Setup(config=c, mesh=mesh, rules=rules, graphdef=graphdef, abstract_state=abstract_state,
             state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
             init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
