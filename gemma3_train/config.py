@@ -408,16 +408,8 @@ def validate(c: Config) -> None:
   require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
           ' | '.join(ATTENTION_IMPLS))
   if m.vision:
-    for k in ('vision_image_size', 'vision_patch_size', 'vision_width', 'vision_depth',
-              'vision_mlp_dim', 'vision_num_heads', 'vision_pool'):
-      require(getattr(m, k) > 0, f'model.{k}', getattr(m, k), 'a positive integer')
-    grid = m.vision_image_size // m.vision_patch_size
-    require(m.vision_image_size % m.vision_patch_size == 0, 'model.vision_image_size',
-            m.vision_image_size, f'a multiple of model.vision_patch_size={m.vision_patch_size}')
-    require(grid % m.vision_pool == 0, 'model.vision_pool', m.vision_pool,
-            f'a divisor of the patch grid side {grid}')
-    require(m.vision_width % m.vision_num_heads == 0, 'model.vision_num_heads',
-            m.vision_num_heads, f'a divisor of model.vision_width={m.vision_width}')
+    from gemma3_train import vision  # pylint: disable=g-import-not-at-top  (imports us)
+    vision.validate_config(m)
 
   for k in ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp', 'dcn_tensor'):
     v = getattr(c.mesh, k)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from gemma3_train import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
+from gemma3_train import init_from
 from gemma3_train import lora as lora_lib
 from gemma3_train import optimizer as optimizer_lib
 from gemma3_train.convert import peft as peft_lib
@@ -39,7 +40,7 @@ def restore_or_init(s: train_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
     return restored
   if c.checkpoint.init_from:
     log.info('Initializing params from %s', c.checkpoint.init_from)
-    params = checkpoint_lib.load_init_params(c.checkpoint.init_from, c, s.abstract_state)
+    params = init_from.load_init_params(c.checkpoint.init_from, c, s.abstract_state)
     step = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step'])
     return {'step': step, 'params': params, 'opt_state': s.init_opt_state(params)}, 0
   return s.init_state(), 0
@@ -56,7 +57,7 @@ def _lora(s: train_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
   loaded = None
   if c.checkpoint.init_from:
     log.info('Loading the frozen base from %s', c.checkpoint.init_from)
-    loaded = checkpoint_lib.load_init_params(
+    loaded = init_from.load_init_params(
         c.checkpoint.init_from, c, {'params': lora_lib.load_abstract(c, s.abstract_state)})
     base = lora_lib.base_from_params(loaded, s.abstract_state['base'])
   else:

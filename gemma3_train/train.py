@@ -33,6 +33,7 @@ from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
 from gemma3_train import flops as flops_lib
 from gemma3_train import hardware
+from gemma3_train import init_from
 from gemma3_train import lease as lease_lib
 from gemma3_train import lora as lora_lib
 from gemma3_train import loss as loss_lib
@@ -417,7 +418,7 @@ def preflight(c: config_lib.Config, *, resuming: bool, process_index: int = 0,
     data_lib.make_dataset(c.replace(data=dict(num_workers=0)), 'eval',
                           process_index=process_index, process_count=process_count)
   if c.checkpoint.init_from and not resuming:
-    checkpoint_lib.open_init_source(c.checkpoint.init_from, c)
+    init_from.open_init_source(c.checkpoint.init_from, c)
 
 
 def enable_compilation_cache(c: config_lib.Config) -> None:

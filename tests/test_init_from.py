@@ -10,6 +10,7 @@ from flax import nnx
 from configs import tiny
 from gemma3_train import checkpoint
 from gemma3_train import config as config_lib
+from gemma3_train import init_from
 from gemma3_train import sharding
 from gemma3_train import train
 from tests import test_convert as tc
@@ -25,7 +26,7 @@ def test_init_from_hf_directory_gives_hf_logits(tmp_path):
                  query_pre_attn_scalar=float(tc.H), global_rope_scale=8.0),
       mesh=dict(fsdp=4, tensor=2), checkpoint=dict(init_from=str(tmp_path)))
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
-  params = checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+  params = init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   emb = params['embedder']['embedding'].get_value()
   assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')  # born sharded
   model = nnx.merge(s.graphdef, params)
@@ -41,7 +42,7 @@ def test_init_from_wrong_shape_names_the_field(tmp_path):
       model=dict(vocab_size=tc.V, embed_dim=tc.D * 2, num_layers=tc.L))
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
   try:
-    checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+    init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   except config_lib.ConfigError as e:
     assert str(e).startswith(f'model.embed_dim={tc.D * 2}: checkpoint.init_from=')
   else:
@@ -71,9 +72,9 @@ def test_init_from_reads_one_layer_at_a_time(tmp_path):
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
   # Once before measuring: the modules the loader imports lazily are not the arrays' memory.
   jax.tree.map(lambda x: x.delete(),
-               jax.tree.leaves(checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)))
+               jax.tree.leaves(init_from.load_init_params(str(tmp_path), c, s.abstract_state)))
   tracemalloc.start()
-  params = checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+  params = init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
 
@@ -127,7 +128,7 @@ def test_training_workdir_source_streams(tmp_path):
   assert total > layers * layer_bytes
   assert peak < 6 * layer_bytes, (peak, total)
 
-  params = checkpoint.load_init_params(str(tmp_path), c, s.abstract_state)
+  params = init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   for (key, a), (_, b) in zip(nnx.to_flat_state(params), nnx.to_flat_state(saved), strict=True):
     np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
                                   err_msg=str(key))

@@ -15,6 +15,7 @@ from flax import nnx
 from configs import tiny
 from gemma3_train import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
+from gemma3_train import init_from
 from gemma3_train import sharding
 from gemma3_train import restore
 from gemma3_train import train
@@ -151,7 +152,7 @@ def test_init_from_builds_the_optimizer_state_from_the_loaded_params(tmp_path, m
   s = train.setup(c, sharding.make_mesh(c, jax.devices()[:4]), abstract=True)
   other = train.setup(c.replace(train=dict(seed=7)), s.mesh).state['params']
   want = jax.tree.map(np.asarray, nnx.to_pure_dict(other))
-  monkeypatch.setattr(checkpoint_lib, 'load_init_params', lambda path, cfg, abstract: other)
+  monkeypatch.setattr(init_from, 'load_init_params', lambda path, cfg, abstract: other)
   def no_random_init():
     raise AssertionError('random init ran')
   s.init_state = no_random_init

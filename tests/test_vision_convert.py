@@ -19,6 +19,7 @@ import gemma3_train
 from gemma3_train import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import convert
+from gemma3_train import init_from
 from gemma3_train import layout
 from gemma3_train import sharding
 from gemma3_train import train
@@ -264,7 +265,7 @@ def test_kaggle_vision_round_trip_is_bit_exact(hf_cond, tmp_path, monkeypatch, l
     c = _run_config(tmp_path / 'kaggle', **{**_VISION, 'vision_mlp_dim': 2 * VM})
     with pytest.raises(config_lib.ConfigError, match=r'^checkpoint.init_from=.*MlpBlock_0/'
                        r'Dense_0/kernel has shape \(32, 48\), expected \(32, 96\)$'):
-      checkpoint.open_init_source(str(tmp_path / 'kaggle'), c)
+      init_from.open_init_source(str(tmp_path / 'kaggle'), c)
   got_top, got_layers = src.vision()
   _equal(got_top, vtop)
   assert len(got_layers) == VL
@@ -297,8 +298,8 @@ def test_text_run_from_a_multimodal_checkpoint_skips_vision(hf_cond, caplog):
   path, _ = hf_cond
   c = _run_config(path)
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
-  with caplog.at_level(logging.INFO, logger='gemma3_train.checkpoint'):
-    params = checkpoint.load_init_params(str(path), c, s.abstract_state)
+  with caplog.at_level(logging.INFO, logger='gemma3_train.init_from'):
+    params = init_from.load_init_params(str(path), c, s.abstract_state)
   skipped = [r for r in caplog.records if 'vision' in r.getMessage()]
   assert len(skipped) == 1 and skipped[0].levelno == logging.INFO, caplog.records
   assert 'skipped' in skipped[0].getMessage()
@@ -322,7 +323,7 @@ def test_vision_run_from_a_text_checkpoint_is_a_one_line_error(hf_cond, tmp_path
   text.save_pretrained(tmp_path)
   c = _run_config(tmp_path, **_VISION)
   with pytest.raises(config_lib.ConfigError) as e:
-    checkpoint.open_init_source(str(tmp_path), c)
+    init_from.open_init_source(str(tmp_path), c)
   msg = str(e.value)
   assert '\n' not in msg and f'checkpoint.init_from={tmp_path}' in msg
   assert msg.startswith('model.vision=True') and 'no vision weights' in msg
@@ -375,7 +376,7 @@ def test_vision_run_from_hf_saves_a_workdir_that_exports_the_originals(hf_cond, 
   path, _ = hf_cond
   c = _run_config(path, **_VISION, scan_layers=True)
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
-  params = checkpoint.load_init_params(str(path), c, s.abstract_state)
+  params = init_from.load_init_params(str(path), c, s.abstract_state)
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'run'), c)
   ckpt.save(1, {'params': params}, None, force=True)  # a convert source reads only params
   ckpt.close()

@@ -1,7 +1,6 @@
 """Training with images: the frozen tower, the train step's image inputs and loss mask, resume,
 vision FLOPs, and (slow) the tiny vision config reading its images."""
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -244,45 +243,21 @@ def test_vision_configs_and_their_tpu_attention_path(size):
   assert aot.attention_path(text) == 'splash' and aot.executed_flops_per_step(text)[1] > 0
 
 
-GAP_STEPS = 100  # the fewest steps (in 25-step checkpoints) with a clear gap: docs/vision.md
-
-
-def _blank(batch):
-  return {**batch, 'images': np.zeros_like(batch['images'])}
-
-
 @pytest.mark.slow
-def test_tiny_vision_reads_its_images(tmp_path):
-  """`gemma3-train --config=configs/tiny_vision.py` (the real CLI, GAP_STEPS steps) against the
-  same run with every image blanked (in process: the same init, data order, steps and eval
-  batches; only the pixels differ, so the model can learn the captions' text but not read
-  the images). The captions' colour, shape and place are uniformly random given the text
-  (5.1 nats a caption), so only a model that reads the images can get below the baseline."""
-  import contextlib  # pylint: disable=g-import-not-at-top
-  from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
-  overrides = [f'--config.train.num_steps={GAP_STEPS}', f'--config.train.eval_every={GAP_STEPS}',
-               '--config.train.eval_steps=4', '--config.checkpoint.every=0',
-               f'--config.train.cache_dir={tmp_path / "cache"}']
+def test_tiny_vision_trains_from_the_cli(tmp_path):
+  """`gemma3-train --config=configs/tiny_vision.py` right after install: the shapes source, the
+  encoder and an eval with images, a few steps (benchmarks/vision_gap.py runs it long enough to
+  show the images are read: docs/vision.md)."""
   run = subprocess.run(
       [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny_vision.py',
-       f'--workdir={tmp_path / "run"}', *overrides], cwd=ROOT, capture_output=True, text=True,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}, timeout=3600)
+       f'--workdir={tmp_path / "run"}', '--config.train.num_steps=3',
+       '--config.train.eval_every=3', '--config.train.eval_steps=1', '--config.logging.log_every=1',
+       '--config.logging.tensorboard=False', f'--config.train.cache_dir={tmp_path / "cache"}'],
+      cwd=ROOT, capture_output=True, text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}, timeout=900)
   assert run.returncode == 0, run.stderr[-2000:]
   rows = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  with_images = [r['eval_loss'] for r in rows if 'eval_loss' in r][-1]
-
-  c = config_lib.load_config_file(str(ROOT / 'configs' / 'tiny_vision.py'))
-  c = c.replace(train=dict(num_steps=GAP_STEPS, eval_steps=4))
-  s = train.setup(c, sharding.make_mesh(c, jax.devices()[:1]), abstract=True)
-  state = s.init_state()
-  it = data_lib.make_train_iterator(c, process_index=0, process_count=1)
-  with contextlib.closing(it):
-    for _ in range(GAP_STEPS):
-      state, _ = s.train_step(state, data_lib.global_batch(_blank(next(it)),
-                                                           s.batch_sharding['inputs']))
-  ev = data_lib.make_eval_iterator(c, process_index=0, process_count=1)
-  with contextlib.closing(ev):
-    blanked = train.evaluate(s, state, map(_blank, ev), c.train.eval_steps)['loss']
-  print(f'held-out loss after {GAP_STEPS} steps: {with_images:.3f} with images, '
-        f'{blanked:.3f} blanked')
-  assert with_images < blanked - 0.1, (with_images, blanked)
+  losses = [r['loss'] for r in rows if r.get('loss') is not None]
+  assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0], rows
+  assert any(r.get('eval_loss') is not None for r in rows), rows
+  assert (tmp_path / 'run' / 'checkpoints' / '3').is_dir()
