@@ -108,14 +108,20 @@ def read_trainables(path) -> tuple[config_lib.Config, dict[tuple[str, ...], np.n
 class _MemorySource(Source):
   """A canonical (top, layers) held in memory."""
 
-  def __init__(self, cfg, top, layers):
-    self.cfg, self._top, self._layers = cfg, top, layers
+  def __init__(self, cfg, top, layers, vision=None):
+    self.cfg, self._top, self._layers, self._vision = cfg, top, layers, vision
 
   def top(self):
     return self._top
 
   def layer(self, i):
     return self._layers[i]
+
+  def vision(self):
+    return self._vision
+
+  def has_vision(self):
+    return self._vision is not None
 
 
 def base_source(c: config_lib.Config) -> Source:
@@ -130,8 +136,10 @@ def base_source(c: config_lib.Config) -> Source:
                               f'{c.checkpoint.init_from} has {getattr(src.cfg, k)}')
     return src
   model = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
-  top, layers = layout.state_to_canonical(c.model, nnx.state(model, nnx.Param))
-  return _MemorySource(c.model, top, layers)
+  state = nnx.state(model, nnx.Param)
+  top, layers = layout.state_to_canonical(c.model, state)
+  vision = layout.vision_state_to_canonical(c.model, state) if c.model.vision else None
+  return _MemorySource(c.model, top, layers, vision)
 
 
 def _delta(a: np.ndarray, b: np.ndarray, weight: str) -> np.ndarray:
@@ -156,6 +164,13 @@ class MergedSource(Source):
 
   def order(self):
     return self.base.order()
+
+  # A LoRA run keeps the whole image path (tower and projector) in its frozen base.
+  def vision(self):
+    return self.base.vision()
+
+  def has_vision(self):
+    return self.base.has_vision()
 
   def top(self):
     top = dict(self.base.top())
