@@ -21,6 +21,7 @@ from gemma3_train import layout
 from gemma3_train import model as model_lib
 from gemma3_train.convert import hf
 from gemma3_train.convert import hf_tokenizer
+from gemma3_train.convert import kaggle
 from gemma3_train.convert import ours
 from gemma3_train.convert import peft
 from gemma3_train.convert.hf import HfSource
@@ -115,6 +116,17 @@ def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 *
     tokenizer_path = (hf_tokenizer.training_tokenizer_path(src.path / 'config' / 'metadata')
                       if isinstance(src, (TrainSource, peft.MergedSource)) else '')
   hf.write(src, dst_path, dtype, shard_size, progress, tokenizer_path)
+  return src.cfg
+
+
+def export_kaggle(src_path, dst_path, dtype: str | None = None) -> config_lib.ModelConfig:
+  """Any checkpoint we read -> a Kaggle/Flax FLAT Orbax checkpoint (the released Gemma 3 names,
+  vision tower included), in the source's dtypes unless dtype is given."""
+  src = open_source(src_path)
+  dst = absolute(dst_path)
+  if dst.exists() and any(dst.iterdir()):
+    raise ConversionError(f'{dst}: destination exists and is not empty')
+  kaggle.write(src, dst, dtype)
   return src.cfg
 
 

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                    'special_tokens_map.json, generation_config.json).')
   exp.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                    help='dtype of the written tensors (default: bfloat16, as released).')
+  exp.add_argument('--format', default='hf', choices=('hf', 'kaggle'),
+                   help='hf: a Hugging Face directory (default); kaggle: a Kaggle/Flax FLAT '
+                   'Orbax checkpoint with the released names (no tokenizer; --tokenizer and '
+                   '--shard_size do not apply; the host holds the whole model once).')
   exp.add_argument('--tokenizer', default=None, help='The SentencePiece model to write as '
                    'tokenizer.model (local or gs://); default: the training run\'s '
                    'data.tokenizer_path for a training checkpoint, else the bundled Gemma 3 one.')
@@ -90,6 +94,9 @@ def main(argv: list[str]) -> None:
     cfg = _model_config(args.config) if args.config else None
     cfg = convert.import_checkpoint(args.src, args.dst, cfg)
     print(f'{args.dst}: {cfg.preset} model, {cfg.num_layers} layers, vocab {cfg.vocab_size}')
+  elif args.command == 'export' and args.format == 'kaggle':
+    cfg = convert.export_kaggle(args.src, args.dst, dtype=args.dtype)
+    print(f'{args.dst}: Kaggle/Flax checkpoint ({cfg.preset}), {args.dtype}')
   elif args.command == 'export':
     cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype,
                             shard_size=_size(args.shard_size), tokenizer_path=args.tokenizer)

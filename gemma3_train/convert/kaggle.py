@@ -9,7 +9,7 @@ Four layouts hold the same arrays under different names:
 The arrays are the canonical layout (layout.py) except that k and v are one kv_einsum
 [2, K, D, H] and the QK norms are attn/_query_norm, attn/_key_norm (docs/gemma3.md section 5).
 The 4b/12b/27b vision tower and projector (SigLiPFromPatches_0/..., embedder/mm_*): their names
-are vision_keys.py's; vision() reads them.
+are vision_keys.py's; vision() reads them. `write` saves any Source in the FLAT layout.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import check
+from gemma3_train.convert.source import layers as source_layers
 from gemma3_train.convert.source import preset_name
 
 _LAYER = {  # canonical name -> (path under layer_i, index into the stacked kv leaf)
@@ -210,3 +211,37 @@ class KaggleSource(Source):
     s = self._vision_stacked()
     return {name: check(x[leaf][j] if s else x[leaf], f'{leaf}[{j}]' if s else leaf,
                         shapes[name]) for name, leaf in names.items()}
+
+
+def flat_tree(src: Source, dtype=None) -> dict[str, dict[str, np.ndarray]]:
+  """src's arrays in the FLAT layout, {'transformer/layer_3/attn/q_einsum': {'w': ...}, ...}
+  (the inverse of _LAYER and of vision_keys' Kaggle names), cast to dtype when given."""
+  cast = (lambda x: np.asarray(x)) if dtype is None else (lambda x: np.asarray(x).astype(dtype))
+  top = src.top()
+  tree = {'transformer/embedder': {'input_embedding': cast(top['embedding'])},
+          'transformer/final_norm': {'scale': cast(top['final_norm'])}}
+  for i, layer in source_layers(src):
+    p = f'transformer/layer_{i}/'
+    for name, (sub, index) in _LAYER.items():
+      if index is not None:  # k and v: one stacked kv_einsum, below
+        continue
+      module, _, leaf = sub.rpartition('/')  # norms '.../scale'; einsums a {'w': ...} module
+      tree[p + module if leaf == 'scale' else p + sub] = {
+          leaf if leaf == 'scale' else 'w': cast(layer[name])}
+    tree[p + 'attn/kv_einsum'] = {'w': cast(np.stack([layer['k_einsum'], layer['v_einsum']]))}
+  vision = src.vision() if src.cfg.vision else None
+  if vision is not None:
+    for module, leaves in vision_keys.canonical_to_kaggle(*vision).items():
+      tree[module] = {k: cast(v) for k, v in leaves.items()}
+  return tree
+
+
+def write(src: Source, dst_path, dtype: str | None = None) -> None:
+  """src as a Kaggle/Flax FLAT Orbax checkpoint at dst_path (a new directory), which the gemma
+  library's loaders and KaggleSource read. Orbax saves one PyTree, so the host holds the whole
+  model once (unlike the layer-streamed Hugging Face export)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (heavy; export only)
+  tree = flat_tree(src, None if dtype is None else np.dtype(dtype))
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(absolute(dst_path), tree)
+  ckptr.wait_until_finished()
