@@ -25,12 +25,8 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 
 def pytest_collection_modifyitems(config, items):
-  """Runs the slow tests first, and leaves out the tpu_proof compiles (tens of minutes each)
-  unless a -m expression names them, so that `-m "not slow"` and the default run both skip
-  them."""
-  # The slow tests (minutes each) first: under xdist a long test started last is the tail of
-  # the whole run. A stable sort keeps each file's order otherwise.
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+  """Leaves out the tpu_proof compiles (tens of minutes each) unless a -m expression names them,
+  so that `-m "not slow"` and the default run both skip them."""
   if 'tpu_proof' in (config.option.markexpr or ''):
     return
   kept = [item for item in items if item.get_closest_marker('tpu_proof') is None]
