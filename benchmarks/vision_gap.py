@@ -1,13 +1,13 @@
 """Does configs/tiny_vision.py read its images? Held-out caption loss with and without them.
 
-  python benchmarks/vision_gap.py [--steps=100] [--eval_steps=4]
+  python benchmarks/vision_gap.py [--steps=200] [--eval_steps=4]
 
 Runs the real CLI (`gemma3-train --config=configs/tiny_vision.py`, one CPU device) for --steps
 steps, then the same run in process with every image blanked: the same init, data order, steps
 and eval batches, so only the pixels differ and the blanked model can learn the captions' text
 but not read the images. A caption's colour, shape and place are uniformly random given its
 text, so only a model that reads the images gets below the blanked run's loss. Prints both
-held-out losses, the machine and its load; takes about 10 minutes on a quiet 2-core box
+held-out losses, the machine and its load; takes about 20 minutes on a quiet 2-core box
 (the 262k-row LM head dominates each step). docs/vision.md has the figures.
 """
 
@@ -67,7 +67,7 @@ def blanked(steps: int, eval_steps: int) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--steps', type=int, default=100)
+  parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--eval_steps', type=int, default=4)
   args = parser.parse_args()
   load = os.getloadavg()[0]
