@@ -31,7 +31,13 @@ SMALL = ['--config.data.source=synthetic', '--config.model.vocab_size=512',
 
 
 def _du_mb(path: pathlib.Path) -> float:
-  return sum(p.stat().st_size for p in path.rglob('*') if p.is_file()) / 1e6
+  total = 0
+  for p in path.rglob('*'):
+    try:
+      total += p.stat().st_size if p.is_file() else 0
+    except FileNotFoundError:  # an old checkpoint deleted while we walk the tree
+      pass
+  return total / 1e6
 
 
 def _last_step(metrics: pathlib.Path) -> int:

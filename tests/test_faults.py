@@ -326,5 +326,8 @@ def test_short_soak_memory_fds_threads_and_workdir_stay_flat(tmp_path):
   # add 20 over the 200 warm steps.
   assert max(row['fds'] for row in warm) - min(row['fds'] for row in warm) <= 8, rows
   assert max(row['threads'] for row in warm) - min(row['threads'] for row in warm) <= 8, rows
-  size = [row['workdir_mb'] for row in warm]  # keep=3, plus one being written at times
-  assert max(size) < 1.4 * min(size) + 1, rows
+  # keep=3: between 2 (the oldest being deleted after a save committed) and 4 (the next one
+  # being written) checkpoints at a sample; a leak of one per save would reach 20 over the
+  # warm steps.
+  size = [row['workdir_mb'] for row in warm]
+  assert max(size) < 2 * min(size) + 1, rows
