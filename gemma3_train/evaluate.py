@@ -61,10 +61,8 @@ class Progress:
 
 def _sums(graphdef, state, batch):
   model = nnx.merge(graphdef, state)
-  kwargs = {}
-  if 'images' in batch:  # model.vision: uint8 in the batch, [-1, 1] floats for the model
-    kwargs['images'] = images_lib.to_model_input(batch['images'])
-  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], **kwargs)
+  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
+                       images=images_lib.from_batch(batch))
   targets, weights = loss_lib.mask_image_targets(batch['targets'], batch['weights'],
                                                  model.cfg.vocab_size)
   return loss_lib.chunked_cross_entropy(x_BLD, model.embedder.embedding[...], targets,

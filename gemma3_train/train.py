@@ -103,13 +103,6 @@ def _new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
           'opt_state': optimizer_lib.init_state(c, tx, params)}
 
 
-def batch_images(batch: dict) -> jax.Array | None:
-  """The model's images input (float32 in [-1, 1]) from a batch's uint8 'images', if any."""
-  if 'images' not in batch:
-    return None
-  return images_lib.to_model_input(batch['images'])
-
-
 def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config,
                base=None, dropout_key=None, frozen=None) -> tuple[jax.Array, dict]:
   """Summed (not averaged) loss over the batch's weighted targets, and its parts.
@@ -120,9 +113,8 @@ def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config,
   model = nnx.merge(graphdef, params, *(p for p in (base, frozen) if p is not None))
   if dropout_key is not None:  # LoRA adapter dropout: training steps only
     lora_lib.set_dropout(model, dropout_key, c.lora.dropout)
-  images = batch_images(batch)
-  kwargs = {} if images is None else {'images': images}
-  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], **kwargs)
+  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
+                       images=images_lib.from_batch(batch))
   targets, weights = loss_lib.mask_image_targets(batch['targets'], batch['weights'],
                                                  c.model.vocab_size)
   sums = loss_lib.chunked_cross_entropy(

@@ -129,6 +129,12 @@ def load(ref: Any, size: int, *, crops: bool = False, base: epath.Path | None = 
 _TABLE = (np.arange(256, dtype=np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
 
 
+def from_batch(batch: dict):
+  """The model's images input (float32 in [-1, 1]) from a batch's uint8 'images'; None for a
+  text batch."""
+  return to_model_input(batch['images']) if 'images' in batch else None
+
+
 def to_model_input(images_u8):
   """uint8 pixels -> float32 in [-1, 1], bit-exact to Hugging Face's rescale and normalize
   (numpy in, numpy out; a jax array in, a jax array out, e.g. inside the jitted train step)."""
