@@ -27,6 +27,8 @@ import json
 import logging
 import pathlib
 import shutil
+import sys
+import threading
 import time
 from typing import Any
 
@@ -45,13 +47,54 @@ log = logging.getLogger(__name__)
 
 SAVE_RETRIES = 6  # backoff 1, 2, 4, ... 32 s: rides out about a minute of storage outage
 # What a storage outage looks like through tensorstore, gcsfs, google-cloud-storage and the OS.
-class StorageError(OSError):
-  """A checkpoint that cannot be written: a full disk, or storage down past the retries. The
-  message is one line naming the path; earlier checkpoints stay intact."""
+StorageError = storage.StorageError
 
 
 _first_line, _is_disk_full, _is_transient = (storage.first_line, storage.is_disk_full,
                                               storage.is_transient)
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """When a write fails, orbax closes that save's event loop while tensorstore's threads still
+  finish its other writes; each completion callback then raises 'Event loop is closed', which
+  tensorstore reports through sys.unraisablehook as a bare traceback (dozens of them,
+  interleaved with our one-line error). Those, and only those, are dropped."""
+  if getattr(sys.unraisablehook, 'gemma3_quiet', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed'
+        and threading.current_thread() is not threading.main_thread()):
+      return
+    previous(unraisable)
+
+  hook.gemma3_quiet = True
+  sys.unraisablehook = hook
+
+
+class _OneLineStorageFaults(logging.Filter):
+  """orbax logs a failed background write at ERROR with its traceback, from each of the threads
+  it passes through (4 or 5 tracebacks of 40 lines), and asyncio adds 'Task exception was never
+  retrieved' for its leftover tasks at exit. A storage fault is ours to report (a retry
+  warning, or the one-line StorageError), so these records keep their first line only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    e = record.exc_info[1] if record.exc_info else None
+    if e is not None and (record.name == 'asyncio' or 'orbax' in record.pathname) and (
+        _is_disk_full(e) or _is_transient(e) or isinstance(e, FileNotFoundError)):
+      first = (record.getMessage().splitlines() or [''])[0]
+      record.msg, record.args = f'{first} ({type(e).__name__})', ()
+      record.exc_info = record.exc_text = None
+    return True
+
+
+def _quiet_storage_faults() -> None:
+  _quiet_closed_loop_callbacks()
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OneLineStorageFaults) for f in logger.filters):
+      logger.addFilter(_OneLineStorageFaults())
 
 
 class _StorageRetryLog(logging.Filter):
@@ -152,6 +195,7 @@ class Checkpointer:
     self.directory = epath.Path(workdir) / 'checkpoints'
     if str(self.directory).startswith('gs://'):
       _log_storage_retries()
+    _quiet_storage_faults()
     self.manager = self._make_manager()
     self._last: tuple[int, Any, Any] | None = None  # (step, state, data_iter) of the last save
     self._in_flight: int | None = None  # the step whose background write may still fail
@@ -273,8 +317,7 @@ class Checkpointer:
     if self._in_flight is not None:
       step, self._in_flight = self._in_flight, None  # the background write that failed
     if _is_disk_full(e):
-      self._reset_manager()
-      self._delete_partial_writes()
+      self._reset_manager(delete_partial_writes=True)
       raise StorageError(_disk_full_message(self.directory, step, self._last)) from e
     if not _is_transient(e):
       raise e
@@ -287,19 +330,27 @@ class Checkpointer:
                 delay)
     self._reset_manager()
 
-  def _delete_partial_writes(self) -> None:
-    """Frees the space a failed write took (its temporary directory; never a complete step)."""
+  def _delete_partial_writes(self, quiet_s: float = 1.0, limit_s: float = 20.0) -> None:
+    """Frees the space a failed write took (its temporary directory; never a complete step).
+    tensorstore's threads may still be finishing that write's other files (recreating its
+    directories), so this repeats until no temporary directory has appeared for quiet_s."""
     if jax.process_index() != 0 or not self.directory.exists():
       return
-    for p in self.directory.iterdir():
-      if '.orbax-checkpoint-tmp' in p.name:
-        p.rmtree(missing_ok=True)
+    start = last_seen = time.monotonic()
+    while time.monotonic() - last_seen < quiet_s and time.monotonic() - start < limit_s:
+      for p in self.directory.iterdir():
+        if '.orbax-checkpoint-tmp' in p.name:
+          p.rmtree(missing_ok=True)
+          last_seen = time.monotonic()
+      time.sleep(0.05)
 
-  def _reset_manager(self) -> None:
+  def _reset_manager(self, delete_partial_writes: bool = False) -> None:
     try:
       self.manager.close()
     except Exception:  # pylint: disable=broad-except  # it re-raises the failed write
       pass
+    if delete_partial_writes:  # before the new manager starts its own (racing) cleanup
+      self._delete_partial_writes()
     try:
       self.manager = self._make_manager()
     except Exception as e:  # pylint: disable=broad-except  # storage still down: next retry

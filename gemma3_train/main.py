@@ -69,8 +69,15 @@ _NEEDS_TOPOLOGY = (_AOT_PLAN, _AOT_REPORT, _AOT_PLAN_REMAT, _AOT_PLAN_ROWS, _AOT
 _OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]*)')
 
 
+def _say(line: str) -> None:
+  """One whole line in one write, so that a log record from another thread cannot split it."""
+  sys.stderr.flush()
+  sys.stderr.write(f'gemma3-train: {line}\n')
+  sys.stderr.flush()
+
+
 def _fail(message: str) -> None:
-  print(f'gemma3-train: error: {message}', file=sys.stderr)
+  _say(f'error: {message}')
   sys.exit(2)
 
 
@@ -115,24 +122,25 @@ def _train(config: config_lib.Config, workdir: str) -> None:
   from gemma3_train import data  # pylint: disable=g-import-not-at-top
   from gemma3_train import lease  # pylint: disable=g-import-not-at-top
   from gemma3_train import signals  # pylint: disable=g-import-not-at-top
+  from gemma3_train import storage  # pylint: disable=g-import-not-at-top
   from gemma3_train import train  # pylint: disable=g-import-not-at-top
   train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(config, workdir)
   except (config_lib.ConfigError, lease.LeaseHeldError) as e:  # held: writes nothing
     _fail(str(e))
-  except checkpoint.StorageError as e:  # a full disk, storage down past the retries
-    print(f'gemma3-train: error: {e}', file=sys.stderr)
+  except storage.StorageError as e:  # a full disk, storage down past the retries
+    _say(f'error: {e}')
     sys.exit(1)
   except data.DataError as e:  # bad data met mid-run; its async checkpoint write has finished
     step = checkpoint.latest_step(workdir)
     _fail(f'{e}; ' + (f'the checkpoint at step {step} in {workdir}/checkpoints is intact: fix '
                       'the data and rerun to resume' if step is not None else 'nothing was saved'))
   except KeyboardInterrupt:  # Ctrl-C before the loop's handler was installed (or multi-process)
-    print('gemma3-train: interrupted; exiting without saving', file=sys.stderr)
+    _say('interrupted; exiting without saving')
     sys.exit(signals.EXIT_INTERRUPTED)
   except FloatingPointError as e:  # a diverged run: say so plainly, exit non-zero
-    print(f'gemma3-train: error: {e}', file=sys.stderr)
+    _say(f'error: {e}')
     sys.exit(1)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -24,6 +25,8 @@ from etils import epath
 
 from gemma3_train import config as config_lib
 from gemma3_train import storage
+
+log = logging.getLogger(__name__)
 
 
 # --- peaks and throughput ----------------------------------------------------
@@ -143,6 +146,39 @@ def _rate(tokens_per_sec: float) -> str:
   return f'{tokens_per_sec:.1f}'
 
 
+def _drop_torn_last_line(path: epath.Path) -> None:
+  """A run killed (or out of disk) mid-write can leave a partial last row: cut it off, so that
+  the resumed run's rows follow whole ones."""
+  if not path.exists():
+    return
+  with open(path, 'rb+') as f:
+    data = f.read()
+    if data and not data.endswith(b'\n'):
+      f.truncate(data.rfind(b'\n') + 1)
+      log.warning('%s: dropped a partial last row (%d bytes) left by the previous run', path,
+                  len(data) - data.rfind(b'\n') - 1)
+
+
+def _append_line(path: epath.Path, line: str) -> bool:
+  """One row, whole or not at all: False (the partial bytes cut off again) on a full disk."""
+  data = line.encode() + b'\n'
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    start = os.lseek(fd, 0, os.SEEK_END)
+    try:
+      done = 0
+      while done < len(data):
+        done += os.write(fd, data[done:])
+    except OSError as e:
+      if not storage.is_disk_full(e):
+        raise
+      os.ftruncate(fd, start)
+      return False
+  finally:
+    os.close(fd)
+  return True
+
+
 class MetricWriter:
   """Writes WORKDIR/metrics.jsonl, TensorBoard scalars and a progress line (chief only)."""
 
@@ -155,10 +191,13 @@ class MetricWriter:
     # Object stores cannot append: keep the lines and rewrite the file (it stays small).
     self._local = not str(workdir).startswith(('gs://', 's3://'))
     self._lines: list[str] = []
+    self._dropped = 0  # rows a full disk took
     if not is_chief:
       return
     self._path.parent.mkdir(parents=True, exist_ok=True)
-    if not self._local and self._path.exists():
+    if self._local:
+      _drop_torn_last_line(self._path)
+    elif self._path.exists():
       self._lines = storage.retry(self._path.read_text, f'Reading {self._path}').splitlines()
     if enable_tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top  (lazy: it imports torch, ~10 s)
@@ -167,8 +206,13 @@ class MetricWriter:
   def _append(self, record: dict[str, Any]) -> None:
     line = json.dumps(record, allow_nan=False)
     if self._local:
-      with self._path.open('a') as f:
-        f.write(line + '\n')
+      # A full disk is the checkpoint's to report (one line with the space it needs; the run
+      # stops there): rows lost meanwhile are counted, and the resumed run rewrites them.
+      if not _append_line(self._path, line):
+        self._dropped += 1
+        if self._dropped == 1:
+          log.warning('No space left on device for %s: rows are dropped until space frees',
+                      self._path)
     else:
       self._lines.append(line)
       text = '\n'.join(self._lines) + '\n'

@@ -19,6 +19,11 @@ _TRANSIENT = re.compile(r'UNAVAILABLE|DEADLINE_EXCEEDED|ABORTED|connect|timed? ?
 T = TypeVar('T')
 
 
+class StorageError(OSError):
+  """A write that cannot be done: a full disk, or storage down past the retries. The message
+  is one line naming the path; earlier checkpoints stay intact."""
+
+
 def chain(e: BaseException | None) -> Iterator[BaseException]:
   """e, then its causes and contexts."""
   seen = set()

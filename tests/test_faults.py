@@ -11,6 +11,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -206,10 +207,10 @@ def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 10 MiB tmpfs: room for one checkpoint of the small model on 8 devices (6.4 MB), not two."""
+  """A 64 MiB tmpfs of its own, so that filling it fills nothing else."""
   mnt = tmp_path / 'disk'
   mnt.mkdir()
-  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=10m', 'tmpfs', str(mnt)],
+  r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mnt)],
                      capture_output=True, text=True)
   if r.returncode:
     pytest.skip(f'cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): '
@@ -220,30 +221,52 @@ def small_disk(tmp_path):
     subprocess.run(['umount', '-l', str(mnt)], check=False)
 
 
+def _fill(disk: pathlib.Path, leave_bytes: int) -> pathlib.Path:
+  ballast = disk / 'ballast'
+  with open(ballast, 'wb') as f:
+    f.write(b'\0' * max(0, shutil.disk_usage(disk).free - leave_bytes))
+  return ballast
+
+
 @pytest.mark.slow
 def test_full_disk_stops_with_one_line_keeps_earlier_checkpoints_and_resumes(small_disk):
+  # The disk fills up as soon as the first checkpoint (step 5) is complete: 2 MB stay free,
+  # less than any checkpoint of this model (5.7 to 10 MB on disk, as orbax's OCDBT packs it),
+  # so the next save (step 10, or 15 if 10 had already been written) fails part way.
   workdir = small_disk / 'run'
-  r = tc._run(workdir, 15)  # pylint: disable=protected-access  # saves at 5 (fits), 10, 15
-  assert r.returncode == 1, r.stderr[-3000:]
-  lines = _error_lines(r.stderr)
-  assert len(lines) == 1, r.stderr[-5000:]
+  proc = subprocess.Popen(tc._cmd(workdir, 15), cwd=ROOT, env=tc._env(8), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  try:
+    first = workdir / 'checkpoints' / '5'
+    while not first.exists() and proc.poll() is None:
+      time.sleep(0.005)
+    ballast = _fill(small_disk, leave_bytes=2_000_000)
+    _, stderr = proc.communicate(timeout=900)
+  finally:
+    proc.kill()
+  assert proc.returncode == 1, stderr[-3000:]
+  assert 'Traceback' not in stderr, stderr[-5000:]  # orbax's and tensorstore's, kept quiet
+  lines = _error_lines(stderr)
+  assert len(lines) == 1, stderr[-5000:]
   (line,) = lines
   m = re.fullmatch(r'gemma3-train: error: no space left on device writing the checkpoint for '
                    rf'step (\d+) to {re.escape(str(workdir / "checkpoints"))}: it needs about '
                    r'([\d.]+) MB, ([\d.]+) MB free; .*', line)
   assert m, line
-  # Needed: the newest complete checkpoint's size on disk (6.4 MB), or the state's in-memory
-  # size (10.3 MB) when no complete step is listed yet as the failing write starts (seen in CI).
-  assert int(m.group(1)) in (10, 15) and 4.0 < float(m.group(2)) < 12.0, line
+  failed = int(m.group(1))
+  # Needed: the newest complete checkpoint's size on disk, or the state's in-memory size
+  # (10.3 MB) when no complete step is listed yet as the failing write starts.
+  assert failed in (10, 15) and 4.0 < float(m.group(2)) < 12.0, line
   assert float(m.group(3)) < float(m.group(2))
-  # Only the complete checkpoint is left: no partial step, no temporary directory.
-  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == ['5']
+  # Only complete checkpoints are left: no partial step, no temporary directory.
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == list(
+      range(5, failed, 5))
   assert not (workdir / 'LEASE').exists()  # released on the way out
-  subprocess.run(['mount', '-o', 'remount,size=64m', str(small_disk)], check=True)
+  ballast.unlink()  # space freed, as the message says
   r = tc._train(workdir, 15)
-  assert re.search(r'Resumed from \S+/checkpoints/5\b', r.stderr)
+  assert re.search(rf'Resumed from \S+/checkpoints/{failed - 5}\b', r.stderr)
   steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert steps[-10:] == list(range(6, 16))
+  assert steps[-(20 - failed):] == list(range(failed - 4, 16))
   assert '15' in {p.name for p in (workdir / 'checkpoints').iterdir()}
 
 
@@ -331,3 +354,19 @@ def test_short_soak_memory_fds_threads_and_workdir_stay_flat(tmp_path):
   # warm steps.
   size = [row['workdir_mb'] for row in warm]
   assert max(size) < 2 * min(size) + 1, rows
+
+
+def test_a_full_disk_under_metrics_jsonl_drops_whole_rows_with_one_warning(small_disk, caplog):
+  from gemma3_train import metrics  # pylint: disable=g-import-not-at-top
+  writer = metrics.MetricWriter(str(small_disk / 'run'), total_steps=5, enable_tensorboard=False)
+  writer.write(1, dict(loss=2.0))
+  ballast = _fill(small_disk, leave_bytes=0)
+  for step in range(2, 400):  # the file's last page fills first, then the rows are dropped
+    writer.write(step, dict(loss=1.0, note='x' * 2000))
+  ballast.unlink()
+  writer.write(400, dict(loss=0.5))
+  rows = [json.loads(l) for l in (small_disk / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  steps = [r['step'] for r in rows]
+  assert steps[-1] == 400 and steps[:-1] == list(range(1, len(rows))) and len(rows) < 400
+  warnings = [r for r in caplog.records if 'No space left on device' in r.getMessage()]
+  assert len(warnings) == 1

@@ -184,3 +184,13 @@ def test_hlo_profile_counts_matmul_flops_and_times_ops():
   assert times and all(t >= 0 for t in times.values())
   assert set(times) <= {i.name for c in hlo.computations.values() for i in c.values()}
   assert 'matmul' in hlo_profile.breakdown(hlo, times, 1e-3, 0.05)
+
+
+def test_a_torn_last_row_is_dropped_on_resume(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-write
+  writer = metrics.MetricWriter(str(tmp_path), total_steps=5, enable_tensorboard=False)
+  writer.write(2, dict(loss=1.5))
+  writer.close()
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r['step'], r['loss']) for r in rows] == [(1, 2.0), (2, 1.5)]
