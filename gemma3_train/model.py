@@ -37,7 +37,7 @@ REMAT_SAVED_NAMES = {
 }
 
 
-def _param(rngs: nnx.Rngs, shape, fan_in: int | None, dtype, names) -> nnx.Param:
+def param(rngs: nnx.Rngs, shape, fan_in: int | None, dtype, names) -> nnx.Param:
   """A parameter: zeros when fan_in is None (norm scales), else normal(0, 1/fan_in)."""
   if fan_in is None:
     value = jnp.zeros(shape, dtype)
@@ -50,7 +50,7 @@ class RMSNorm(nnx.Module):
   """Gemma RMSNorm: x / rms(x) * (1 + scale), computed in float32 and cast back."""
 
   def __init__(self, dim: int, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
-    self.scale = _param(rngs, (dim,), None, cfg.param_dtype, ('norm',))
+    self.scale = param(rngs, (dim,), None, cfg.param_dtype, ('norm',))
     self.eps = cfg.rms_norm_eps
 
   def __call__(self, x):
@@ -64,7 +64,7 @@ class Embedder(nnx.Module):
   """Token embedding scaled by sqrt(D) (rounded to the table dtype); tied output logits."""
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
-    self.embedding = _param(rngs, (cfg.vocab_size, cfg.embed_dim), cfg.embed_dim,
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.embed_dim), cfg.embed_dim,
                             cfg.param_dtype, ('vocab', 'embed'))
     self.dtype = cfg.dtype
 
@@ -98,10 +98,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: config_lib.ModelConfig, is_global: bool, *, rngs: nnx.Rngs):
     N, K, D, H = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
     pd = cfg.param_dtype
-    self.q_einsum = _param(rngs, (N, D, H), D, pd, ('heads', 'embed', 'head_dim'))
-    self.k_einsum = _param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
-    self.v_einsum = _param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
-    self.attn_vec_einsum = _param(rngs, (N, H, D), N * H, pd, ('heads', 'head_dim', 'embed'))
+    self.q_einsum = param(rngs, (N, D, H), D, pd, ('heads', 'embed', 'head_dim'))
+    self.k_einsum = param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
+    self.v_einsum = param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
+    self.attn_vec_einsum = param(rngs, (N, H, D), N * H, pd, ('heads', 'head_dim', 'embed'))
     self.query_norm = RMSNorm(H, cfg, rngs=rngs)
     self.key_norm = RMSNorm(H, cfg, rngs=rngs)
     self.is_global = is_global
@@ -152,9 +152,9 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     D, F, pd = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype
-    self.gate = _param(rngs, (F, D), D, pd, ('mlp', 'embed'))
-    self.up = _param(rngs, (F, D), D, pd, ('mlp', 'embed'))
-    self.linear = _param(rngs, (F, D), F, pd, ('mlp', 'embed'))
+    self.gate = param(rngs, (F, D), D, pd, ('mlp', 'embed'))
+    self.up = param(rngs, (F, D), D, pd, ('mlp', 'embed'))
+    self.linear = param(rngs, (F, D), F, pd, ('mlp', 'embed'))
     self.dtype = cfg.dtype
 
   def __call__(self, x_BLD):
@@ -207,7 +207,7 @@ class Block(nnx.Module):
     return x_BLD
 
 
-def _remat(fn, policy: str, prevent_cse: bool = False):
+def remat(fn, policy: str, prevent_cse: bool = False):
   """fn wrapped in jax.checkpoint for a named policy (config.REMAT_POLICIES). prevent_cse=False
   suits a scan body; a checkpoint nested in another needs True, or XLA may merge its replay
   with the outer one's and keep every layer's activations alive again."""
@@ -230,10 +230,10 @@ def _remat_layer(layer: DecoderLayer, x_BLD, args, policy: str):
 
   def fn(state, x_BLD):
     return nnx.merge(graphdef, state)(x_BLD, *args)
-  return _remat(fn, policy, prevent_cse=True)(state, x_BLD)
+  return remat(fn, policy, prevent_cse=True)(state, x_BLD)
 
 
-def _stack_names(module: nnx.Module) -> None:
+def stack_names(module: nnx.Module) -> None:
   """Prefixes every parameter's logical axes with 'layers' (the stacked scan axis)."""
   for _, var in nnx.iter_graph(module):
     if isinstance(var, nnx.Variable):
@@ -254,7 +254,7 @@ class Gemma3(nnx.Module):
         return Block(cfg, rngs=rngs)
       blocks = make_blocks(rngs) if num_blocks else None
       if blocks is not None:
-        _stack_names(blocks)
+        stack_names(blocks)
       self.blocks = nnx.data(blocks)
       first = num_blocks * config_lib.GLOBAL_EVERY
       self.tail = nnx.List([DecoderLayer(cfg, first + j, rngs=rngs) for j in range(num_tail)])
@@ -282,7 +282,7 @@ class Gemma3(nnx.Module):
         for layer in (module.layers if isinstance(module, Block) else [module]):
           x_BLD = _remat_layer(layer, x_BLD, args, policy)
       return x_BLD
-    return _remat(fn, policy)(state, x_BLD)
+    return remat(fn, policy)(state, x_BLD)
 
   def _embed(self, tokens_BL, images):
     """Scaled token embeddings with the image soft tokens merged in, and the image block ids

@@ -43,7 +43,7 @@ def _zeros(shape, names) -> nnx.Param:
 
 
 def _normal(rngs: nnx.Rngs, shape, fan_in: int, names) -> nnx.Param:
-  return model_lib._param(rngs, shape, fan_in, jnp.float32, names)  # pylint: disable=protected-access
+  return model_lib.param(rngs, shape, fan_in, jnp.float32, names)
 
 
 def validate_config(m: config_lib.ModelConfig) -> None:
@@ -161,7 +161,7 @@ class Encoder(nnx.Module):
       def make_blocks(rngs):
         return EncoderLayer(cfg, rngs=rngs)
       self.blocks = make_blocks(rngs)
-      model_lib._stack_names(self.blocks)  # pylint: disable=protected-access
+      model_lib.stack_names(self.blocks)
     else:
       self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.vision_depth)])
     self.final_norm = LayerNorm(W)
@@ -183,7 +183,7 @@ class Encoder(nnx.Module):
 
     def run(graphdef, state, x_BLW):  # one layer under its own checkpoint
       fn = lambda state, x_BLW: nnx.merge(graphdef, state)(x_BLW)
-      return model_lib._remat(fn, self.cfg.remat_policy)(state, x_BLW)  # pylint: disable=protected-access
+      return model_lib.remat(fn, self.cfg.remat_policy)(state, x_BLW)
     if self.cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)
       x_BLW, _ = jax.lax.scan(lambda x_BLW, s: (run(graphdef, s, x_BLW), None), x_BLW, state)
