@@ -27,7 +27,7 @@ def one_run(cache_dir: str, workdir: str) -> dict[str, float]:
   cmd = [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.train.cache_dir={cache_dir}',
          '--config.train.num_steps=3', '--config.train.eval_every=0',
-         '--config.logging.log_every=1', '--config.logging.tensorboard=False']
+         '--config.logging.log_every=1']  # TensorBoard on, as the main job has it
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   start = time.perf_counter()
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

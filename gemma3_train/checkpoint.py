@@ -76,13 +76,15 @@ def _quiet_closed_loop_callbacks() -> None:
 class _OneLineStorageFaults(logging.Filter):
   """orbax logs a failed background write at ERROR with its traceback, from each of the threads
   it passes through (4 or 5 tracebacks of 40 lines), and asyncio adds 'Task exception was never
-  retrieved' for its leftover tasks at exit. A storage fault is ours to report (a retry
-  warning, or the one-line StorageError), so these records keep their first line only."""
+  retrieved' at exit for the write's leftover tasks, which then fail on the deleted temporary
+  directory. A storage fault is ours to report (a retry warning, or the one-line StorageError),
+  so these records keep their first line only."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     e = record.exc_info[1] if record.exc_info else None
     if e is not None and (record.name == 'asyncio' or 'orbax' in record.pathname) and (
-        _is_disk_full(e) or _is_transient(e) or isinstance(e, FileNotFoundError)):
+        _is_disk_full(e) or _is_transient(e) or isinstance(e, FileNotFoundError)
+        or '.orbax-checkpoint-tmp' in str(e)):  # the abandoned write's leftovers, deleted
       first = (record.getMessage().splitlines() or [''])[0]
       record.msg, record.args = f'{first} ({type(e).__name__})', ()
       record.exc_info = record.exc_text = None
