@@ -3,8 +3,7 @@
 `train_and_evaluate` runs four sections, each a function below:
   restore or init  the newest checkpoint in the workdir, else checkpoint.init_from (params only;
                    the optimizer state is built from them), else a random init born sharded;
-  compile          the train step, in a thread overlapping the restore or init; processes then
-                   wait for each other;
+  compile          the train step, before the first batch; processes then wait for each other;
   the loop         step N+1 is dispatched before step N's metrics are fetched, so the host never
                    stalls the device; checkpoints, evals, preemption and profiling;
   flush            fetches one step's metrics, stops on NaN, logs the due steps with throughput.
@@ -18,7 +17,6 @@ import functools
 import logging
 import math
 import os
-import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -247,45 +245,21 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
 
 
 def compile_train_step(s: Setup) -> Callable[[State, dict], tuple[State, dict]]:
-  """s.train_step compiled for s's abstract state and batch, before the first step."""
-  return start_compiling(s)()
-
-
-def start_compiling(s: Setup) -> Callable[[], Callable[[State, dict], tuple[State, dict]]]:
-  """Compiles s.train_step in a background thread (XLA releases the GIL), so that it overlaps
-  the restore or the random init, which compiles its own program; the returned function waits
-  for it and returns the compiled step.
+  """s.train_step compiled for s's abstract state and batch, before the first step.
 
   In a multi-process run every process then waits until all have compiled: gloo (the CPU
   collectives) gives a peer only 30 s to join the first collective, and processes finish
   compiling at different times. The barrier is the coordination service's, not a collective
   (jax.experimental.multihost_utils.sync_global_devices is one, with gloo's 30 s).
   """
-  out: dict[str, Any] = {}
-
-  def compile_():
-    start = time.perf_counter()
-    try:
-      out['step'] = s.train_step.lower(s.abstract_state,
-                                       abstract_batch(s.config, s.mesh)).compile()
-      log.info('Compiled the train step in %.1f s', time.perf_counter() - start)
-    except BaseException as e:  # pylint: disable=broad-except  # re-raised by result()
-      out['error'] = e
-
-  # A daemon: a run that fails during the restore exits without waiting for the compile.
-  thread = threading.Thread(target=compile_, name='compile_train_step', daemon=True)
-  thread.start()
-
-  def result():
-    thread.join()
-    if 'error' in out:
-      raise out['error']
-    if jax.process_count() > 1 and jax.distributed.is_initialized():
-      # jax exposes its coordination client only privately; orbax wraps it in a public barrier.
-      wait = ocp.multihost.get_barrier_sync_fn()
-      wait(key='gemma3_train_compiled', timeout_ms=3_600_000)
-    return out['step']
-  return result
+  start = time.perf_counter()
+  compiled = s.train_step.lower(s.abstract_state, abstract_batch(s.config, s.mesh)).compile()
+  log.info('Compiled the train step in %.1f s', time.perf_counter() - start)
+  if jax.process_count() > 1 and jax.distributed.is_initialized():
+    # jax exposes its coordination client only privately; orbax wraps it in a public barrier.
+    wait = ocp.multihost.get_barrier_sync_fn()
+    wait(key='gemma3_train_compiled', timeout_ms=3_600_000)
+  return compiled
 
 
 def _peak_tflops(c: config_lib.Config) -> float | None:
@@ -475,7 +449,6 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
     s = setup(c, mesh, abstract=True)
     # The first write to the workdir; a second run on it stops here (lease.py).
     cleanup.callback(lease_lib.acquire(workdir, c.checkpoint.lease_timeout_s).release)
-    compiled_step = start_compiling(s)
     ckpt = checkpoint_lib.Checkpointer(workdir, c)
     state, start_step = restore_lib.restore_or_init(s, ckpt, train_iter)
     cleanup.callback(ckpt.close)
@@ -487,8 +460,6 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
                                       enable_tensorboard=c.logging.tensorboard,
                                       is_chief=pid == 0)
     cleanup.callback(writer.close)
-    train_step = compiled_step()
-    # After the compile: on a CPU the peak is measured once per machine, on idle cores.
     timer = metrics_lib.StepTimer(tokens, flops, jax.device_count(), _peak_tflops(c))
     profiler = metrics_lib.Profiler(workdir, metrics_lib.profile_steps(c.logging.profile_steps),
                                     is_chief=pid == 0)
@@ -498,4 +469,6 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
                    data_tokens=functools.partial(data_lib.tokens_drawn, train_iter))
     log.info('Training steps %d..%d: %d tokens/step, %.3g model FLOPs/step', start_step,
              c.train.num_steps, tokens, flops)
+
+    train_step = compile_train_step(s)
     return _loop(s, state, start_step, train_step, train_iter, ckpt, writer, profiler, flush)

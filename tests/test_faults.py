@@ -160,7 +160,8 @@ def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
   waits until it has started its 1st, 2nd or 3rd async checkpoint write (a save every step, so
   one is nearly always in flight), then SIGKILLs it at a random moment. The last rerun
   finishes; every step's loss and the final params equal an uninterrupted run's, bit for bit."""
-  steps = 30  # 3 trials end by step ~12 (each kill comes within 3 writes of its resume)
+  # Each kill comes within 3 writes (and 0.4 s) of its resume: 3 trials end by step ~12.
+  steps = max(30, 8 * KILL_TRIALS)
   every_step = ['--config.checkpoint.every=1', '--config.checkpoint.keep=2',
                 '--config.checkpoint.lease_timeout_s=600']
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
