@@ -46,12 +46,8 @@ from gemma3_train.convert import ours
 log = logging.getLogger(__name__)
 
 SAVE_RETRIES = 6  # backoff 1, 2, 4, ... 32 s: rides out about a minute of storage outage
-# What a storage outage looks like through tensorstore, gcsfs, google-cloud-storage and the OS.
-StorageError = storage.StorageError
-
-
-_first_line, _is_disk_full, _is_transient = (storage.first_line, storage.is_disk_full,
-                                              storage.is_transient)
+StorageError, _first_line, _is_disk_full, _is_transient = (
+    storage.StorageError, storage.first_line, storage.is_disk_full, storage.is_transient)
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -152,11 +152,17 @@ def _drop_torn_last_line(path: epath.Path) -> None:
   if not path.exists():
     return
   with open(path, 'rb+') as f:
-    data = f.read()
-    if data and not data.endswith(b'\n'):
-      f.truncate(data.rfind(b'\n') + 1)
-      log.warning('%s: dropped a partial last row (%d bytes) left by the previous run', path,
-                  len(data) - data.rfind(b'\n') - 1)
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+      return
+    f.seek(size - 1)
+    if f.read(1) == b'\n':
+      return  # the usual case: one byte read, not the whole file
+    f.seek(0)
+    keep = f.read().rfind(b'\n') + 1
+    f.truncate(keep)
+    log.warning('%s: dropped a partial last row (%d bytes) left by the previous run', path,
+                size - keep)
 
 
 def _append_line(path: epath.Path, line: str) -> bool:
