@@ -9,6 +9,12 @@ batch x (new - 1) / (time of a `new`-token generate - the 1-token one), both sid
 after a warm-up run that compiles; the best of --repeats runs. transformers runs
 Gemma3ForCausalLM.generate(do_sample=False, use_cache=True) on the same weights in eager
 attention with torch's threads set to the cores jax uses (--torch_threads to change).
+
+The LM head floor: a decode step must read the whole tied [vocab, embed] float32 table (671 MB
+for gemma3_640), so `head tok/s` times that matmul and its argmax alone, per step, on each side
+(jax: one jitted x @ E.T + argmax; torch: F.linear + argmax), best of --repeats x (new - 1)
+steps. `ceiling` = HF's decode step time / our head-only time: the most any float32 decoder
+reading that table could gain over this HF run.
 """
 
 from __future__ import annotations
@@ -50,6 +56,35 @@ def _case(name):
   return fields
 
 
+def _head_step_times(ours, hf_model, batch: int, steps: int, repeats: int):
+  """Seconds per step of the LM head alone (logits of `batch` rows and their argmax), jax and
+  torch, on the same float32 table; best of `repeats` runs of `steps` steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  table = jnp.asarray(ours.embedder.embedding[...])
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, table.shape[1]), np.float32))
+  head = jax.jit(lambda x, e: jnp.argmax(x @ e.T, axis=-1).astype(jnp.int32))
+  head(x, table).block_until_ready()
+  weight = hf_model.lm_head.weight.detach()
+  tx = torch.from_numpy(np.asarray(x))
+  best, hf_best = float('inf'), float('inf')
+  with torch.no_grad():
+    torch.nn.functional.linear(tx, weight).argmax(-1)
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        y = head(x, table)
+        y.block_until_ready()
+      best = min(best, (time.perf_counter() - t0) / steps)
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        torch.nn.functional.linear(tx, weight).argmax(-1)
+      hf_best = min(hf_best, (time.perf_counter() - t0) / steps)
+  return best, hf_best
+
+
 def main(argv):
   args = _args(argv)
   import jax  # pylint: disable=g-import-not-at-top
@@ -64,8 +99,8 @@ def main(argv):
         f'{torch.get_num_threads()} torch threads, prompt {args.prompt}, new {args.new}, '
         'float32, greedy')
   print('| case | batch | ours prefill tok/s | ours decode tok/s | HF prefill tok/s | '
-        'HF decode tok/s | decode ratio |')
-  print('|---|---|---|---|---|---|---|')
+        'HF decode tok/s | decode ratio | ours head tok/s | HF head tok/s | ceiling |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for name in args.cases.split(','):
     fields = _case(name)
     hf_ref.VOCAB = fields['vocab_size']
@@ -111,9 +146,12 @@ def main(argv):
       hf_prefill = min(t for t, _ in hf_times)
       hf_decode = min(t for _, t in hf_times)
       n = B * (args.new - 1)
+      head, hf_head = _head_step_times(ours, hf_model, B, args.new - 1, args.repeats)
+      steps = args.new - 1
       print(f'| {name} | {B} | {B * args.prompt / prefill:,.0f} | {n / decode:,.0f} | '
             f'{B * args.prompt / hf_prefill:,.0f} | {n / hf_decode:,.0f} | '
-            f'{hf_decode / decode:.2f}x |', flush=True)
+            f'{hf_decode / decode:.2f}x | {B / head:,.0f} | {B / hf_head:,.0f} | '
+            f'{hf_decode / steps / head:.2f}x |', flush=True)
   print(f'# load average after: {", ".join(f"{x:.1f}" for x in os.getloadavg())}')
 
 

@@ -161,13 +161,16 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
     _probe(to_doc, ids, 'data.messages_field' if d.format == 'chat' else 'data.text_field')
   if d.shuffle and split == 'train':
     ids = ids.shuffle(seed=d.seed)
-  docs = ids.repeat(num_epochs).map(to_doc)
-  # grain 0.2.18 polls every buffered future on each element: a deep buffer costs per document
-  # as much as tokenizing a few hundred tokens (benchmarks/data_throughput.py); 16 keeps 4
-  # reader threads busy.
-  ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=1 if d.num_workers else 4,
-                                              prefetch_buffer_size=16))
-  ds = grain.experimental.FlatMapIterDataset(ds, SplitRows(d.seq_len, image_spec))
+  ids = ids.repeat(num_epochs)
+  if d.source == 'prepared':  # no tokenizing to overlap: read records a chunk at a time
+    ds = prepared.Pieces(ids, to_doc, SplitRows(d.seq_len).flat_map)
+  else:
+    # grain 0.2.18 polls every buffered future on each element: a deep buffer costs per
+    # document as much as tokenizing a few hundred tokens (benchmarks/data_throughput.py); 16
+    # keeps 4 reader threads busy.
+    ds = ids.map(to_doc).to_iter_dataset(grain.ReadOptions(
+        num_threads=1 if d.num_workers else 4, prefetch_buffer_size=16))
+    ds = grain.experimental.FlatMapIterDataset(ds, SplitRows(d.seq_len, image_spec))
   if d.packing:
     ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed,
                               max_images=image_spec.max_images if image_spec else 0)

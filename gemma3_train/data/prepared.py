@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import grain
@@ -105,6 +105,10 @@ class PreparedSource(sources._Files):  # pylint: disable=protected-access
   def __getitem__(self, i: int) -> bytes:
     return self._source[i]
 
+  def records(self, indices: list[int]) -> list[bytes]:
+    """Several records in one call (array_record reads them in parallel, in C++)."""
+    return self._source.__getitems__(indices)
+
 
 class ToDocument(grain.transforms.Map):
   """Index -> document, as documents.ToDocument would have made it from the raw row."""
@@ -115,7 +119,10 @@ class ToDocument(grain.transforms.Map):
     self.source, self.seq_len = source, seq_len
 
   def document(self, i: int) -> dict[str, np.ndarray] | None:
-    doc = decode(self.source[i], self.source.format)
+    return self.from_record(self.source[i], i)
+
+  def from_record(self, record: bytes, i: int) -> dict[str, np.ndarray] | None:
+    doc = decode(record, self.source.format)
     if doc is None:
       return None
     n = len(doc['tokens'])
@@ -129,3 +136,56 @@ class ToDocument(grain.transforms.Map):
 
   def map(self, i: int) -> dict[str, np.ndarray] | None:
     return self.document(int(i))
+
+
+READ_CHUNK = 256  # documents per batched read
+
+
+class Pieces(grain.IterDataset):
+  """Document ids -> the pieces split(document) gives, in order, as the on-the-fly pipeline's
+  map -> to_iter_dataset -> FlatMap gives them, but reading records a chunk at a time: for
+  prepared data grain's per-document machinery (reader threads, futures, flat-map) costs more
+  than the read itself (benchmarks/data_throughput.py)."""
+
+  def __init__(self, ids: grain.MapDataset, to_doc: ToDocument,
+               split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]):
+    super().__init__()
+    self._ids, self._to_doc, self._split = ids, to_doc, split
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _PiecesIterator(self._ids, self._to_doc, self._split)
+
+
+class _PiecesIterator(grain.DatasetIterator):
+  """State: the next piece is piece `piece` of document `doc` (a position in ids)."""
+
+  def __init__(self, ids, to_doc, split):
+    super().__init__()
+    self._ids, self._to_doc, self._split = ids, to_doc, split
+    self._doc = self._piece = 0
+    self._start, self._chunk = 0, []  # pieces of documents start, start + 1, ...
+
+  def _pieces(self, k: int) -> list[dict[str, np.ndarray]]:
+    if not self._start <= k < self._start + len(self._chunk):
+      if k >= len(self._ids):
+        raise StopIteration
+      indices = [int(self._ids[j]) for j in range(k, min(k + READ_CHUNK, len(self._ids)))]
+      docs = (self._to_doc.from_record(r, i)
+              for r, i in zip(self._to_doc.source.records(indices), indices))
+      self._start, self._chunk = k, [[] if d is None else self._split(d) for d in docs]
+    return self._chunk[k - self._start]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    while True:
+      pieces = self._pieces(self._doc)
+      if self._piece < len(pieces):
+        self._piece += 1
+        return pieces[self._piece - 1]
+      self._doc, self._piece = self._doc + 1, 0
+
+  def get_state(self) -> dict[str, Any]:
+    return {'doc': self._doc, 'piece': self._piece}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._doc, self._piece = state['doc'], state['piece']
+    self._start, self._chunk = 0, []
