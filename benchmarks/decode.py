@@ -12,7 +12,7 @@ attention with torch's threads set to the cores jax uses (--torch_threads to cha
 
 The LM head floor: a decode step must read the whole tied [vocab, embed] float32 table (671 MB
 for gemma3_640), so `head tok/s` times that matmul and its argmax alone, per step, on each side
-(jax: one jitted x @ E.T + argmax; torch: F.linear + argmax), best of --repeats x (new - 1)
+(jax: the sampler's Embedder.decode_one + argmax; torch: F.linear + argmax), best of --repeats x (new - 1)
 steps. `ceiling` = HF's decode step time / our head-only time: the most any float32 decoder
 reading that table could gain over this HF run.
 """
@@ -63,9 +63,13 @@ def _head_step_times(ours, hf_model, batch: int, steps: int, repeats: int):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  table = jnp.asarray(ours.embedder.embedding[...])
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, table.shape[1]), np.float32))
-  head = jax.jit(lambda x, e: jnp.argmax(x @ e.T, axis=-1).astype(jnp.int32))
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(ours.embedder)
+  D = ours.embedder.embedding.shape[1]
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, D), np.float32))
+  # The sampler's own head (Embedder.decode_one), on the same parameters.
+  head = jax.jit(lambda x, st: jnp.argmax(nnx.merge(graphdef, st).decode_one(x), axis=-1))
+  table = jax.device_put(state)
   head(x, table).block_until_ready()
   weight = hf_model.lm_head.weight.detach()
   tx = torch.from_numpy(np.asarray(x))

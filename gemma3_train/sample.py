@@ -209,8 +209,7 @@ def _layers(model, x_BTD, make_attend: Callable, cache):
 
 
 def _logits_last(model, x_BTD):
-  x_B1D = model.final_norm(x_BTD[:, -1:])
-  return model.embedder.decode(x_B1D)[:, 0]
+  return model.embedder.decode_one(model.final_norm(x_BTD[:, -1:])[:, 0])
 
 
 # --- the jitted steps ------------------------------------------------------------

@@ -75,19 +75,38 @@ def _assert_same(xs, ys):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-@pytest.mark.parametrize('fmt', ['text', 'chat'])
-def test_prepared_gives_the_on_the_fly_batches(tmp_path, fmt):
+@pytest.mark.parametrize('fmt,workers', [('text', 0), ('chat', 0), ('text', 2)])
+def test_prepared_gives_the_on_the_fly_batches(tmp_path, fmt, workers):
   src = (_corpus if fmt == 'text' else _chats)(tmp_path / 'in.jsonl')
   manifest = _prepare(src, tmp_path / 'prep', f'--format={fmt}', '--rows_per_shard=7',
                       '--workers=1')
   assert len(manifest['shards']) == manifest['rows'] // 7 + 1
-  fields = dict(format=fmt, shuffle=True, seed=3)
+  fields = dict(format=fmt, shuffle=True, seed=3, num_workers=workers)
   live = _batches(_config(source='jsonl', train_path=src, **fields), 12)  # several epochs
   ready = _batches(_config(source='prepared', train_path=str(tmp_path / 'prep'), **fields), 12)
   _assert_same(ready, live)
   if fmt == 'chat':
     assert 0 < sum(b['weights'].sum() for b in ready) < sum(
         (b['segment_ids'] > 0).sum() for b in ready)  # the chat mask came through
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_prepared_iterator_resumes_where_it_stood(tmp_path, workers):
+  """get_state mid-group (prepared pieces are read a chunk of documents at a time), then a new
+  iterator from that state gives the batches the first one went on to give."""
+  src = _corpus(tmp_path / 'in.jsonl', n=200)
+  _prepare(src, tmp_path / 'prep', '--rows_per_shard=30', '--workers=1')
+  c = _config(source='prepared', train_path=str(tmp_path / 'prep'), num_workers=workers)
+  it = data.make_train_iterator(c)
+  for _ in range(5):
+    next(it)
+  state = it.get_state()
+  then = [next(it) for _ in range(9)]
+  it.close()
+  again = data.make_train_iterator(c)
+  again.set_state(state)
+  _assert_same([next(again) for _ in range(9)], then)
+  again.close()
 
 
 def test_records_hold_the_trainer_documents(tmp_path):

@@ -152,6 +152,13 @@ class Pieces(grain.IterDataset):
     super().__init__()
     self._ids, self._to_doc, self._split = ids, to_doc, split
 
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """grain's worker processes each read a slice of the documents, as they do the on-the-fly
+    pipeline's (where the slice is taken of ids.map(to_doc), the same documents)."""
+    if sequential_slice:
+      raise NotImplementedError('sequential_slice')  # not an option this pipeline sets
+    self._ids = self._ids.slice(sl)
+
   def __iter__(self) -> grain.DatasetIterator:
     return _PiecesIterator(self._ids, self._to_doc, self._split)
 
