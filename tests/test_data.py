@@ -282,19 +282,24 @@ def test_restored_iterator_yields_the_same_batches(fields):
   _assert_same([next(restored) for _ in range(6)], want)
 
 
-@pytest.mark.slow  # starting grain worker processes takes 10-25 s here
-def test_restore_with_worker_processes():
-  c = make_config(num_workers=2, seq_len=64)
+def assert_resumes(c, skip: int, n: int) -> None:
+  """After `skip` batches, get_state; a new iterator set to that state gives the n batches the
+  first one went on to give."""
   it = data.make_train_iterator(c)
-  for _ in range(3):
+  for _ in range(skip):
     next(it)
   state = it.get_state()
-  want = [next(it) for _ in range(4)]
+  want = [next(it) for _ in range(n)]
   it.close()
   restored = data.make_train_iterator(c)
   restored.set_state(state)
-  _assert_same([next(restored) for _ in range(4)], want)
+  _assert_same([next(restored) for _ in range(n)], want)
   restored.close()
+
+
+@pytest.mark.slow  # starting grain worker processes takes 10-25 s here
+def test_restore_with_worker_processes():
+  assert_resumes(make_config(num_workers=2, seq_len=64), 3, 4)
 
 
 def test_orbax_checkpoint_of_iterator(tmp_path):

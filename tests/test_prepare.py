@@ -20,6 +20,7 @@ from gemma3_train import data
 from gemma3_train.data import prepare as prepare_lib
 from gemma3_train.data import prepared
 from gemma3_train.data import sources
+from tests import test_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -96,17 +97,8 @@ def test_prepared_iterator_resumes_where_it_stood(tmp_path, workers):
   iterator from that state gives the batches the first one went on to give."""
   src = _corpus(tmp_path / 'in.jsonl', n=200)
   _prepare(src, tmp_path / 'prep', '--rows_per_shard=30', '--workers=1')
-  c = _config(source='prepared', train_path=str(tmp_path / 'prep'), num_workers=workers)
-  it = data.make_train_iterator(c)
-  for _ in range(5):
-    next(it)
-  state = it.get_state()
-  then = [next(it) for _ in range(9)]
-  it.close()
-  again = data.make_train_iterator(c)
-  again.set_state(state)
-  _assert_same([next(again) for _ in range(9)], then)
-  again.close()
+  test_data.assert_resumes(
+      _config(source='prepared', train_path=str(tmp_path / 'prep'), num_workers=workers), 5, 9)
 
 
 def test_records_hold_the_trainer_documents(tmp_path):
