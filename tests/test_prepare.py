@@ -91,6 +91,21 @@ def test_prepared_gives_the_on_the_fly_batches(tmp_path, fmt, workers):
         (b['segment_ids'] > 0).sum() for b in ready)  # the chat mask came through
 
 
+def test_a_vision_model_reads_text_only_prepared_shards_as_it_reads_them_on_the_fly(tmp_path):
+  src = _corpus(tmp_path / 'in.jsonl')
+  _prepare(src, tmp_path / 'prep', '--workers=1')
+  vision = dict(vision=True, vision_image_size=48, vision_patch_size=8, vision_width=64,
+                vision_depth=2, vision_mlp_dim=256, vision_num_heads=4, vision_pool=2)
+  config = lambda **d: _config(max_images=2, **d).replace(model=vision)
+  live = _batches(config(source='jsonl', train_path=src), 3)
+  ready = _batches(config(source='prepared', train_path=str(tmp_path / 'prep')), 3)
+  for x, y in zip(ready, live, strict=True):
+    assert set(x) == set(y) == set(data.BATCH_DTYPES) | {'images', 'image_counts'}
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  assert not any(b['image_counts'].any() for b in ready)  # text rows: empty image slots
+
+
 @pytest.mark.parametrize('workers', [0, 2])
 def test_prepared_iterator_resumes_where_it_stood(tmp_path, workers):
   """get_state mid-group (prepared pieces are read a chunk of documents at a time), then a new
