@@ -100,8 +100,9 @@ def set_dropout(model: nnx.Module, key: jax.Array, rate: float) -> None:
     adapter.dropout_rate = rate
 
 
-def einsum(eq: str, x, module: nnx.Module, weight: str, dtype):
-  """x times module.<weight> by `eq`: dequantized when int8, plus its adapter's term if any.
+def einsum(eq: str, x, module: nnx.Module, weight: str, dtype, adapter_eq: str | None = None):
+  """x times module.<weight> by `eq`: dequantized when int8, plus its adapter's term if any
+  (by adapter_eq, the einsum of the weight as stored, when `eq` reads a relaid-out weight).
 
   Without quantization and adapter this is jnp.einsum(eq, x, W.astype(dtype)), unchanged.
   """
@@ -111,7 +112,7 @@ def einsum(eq: str, x, module: nnx.Module, weight: str, dtype):
   y = jnp.einsum(eq, x, w)
   adapter = getattr(module, f'{WEIGHT_TARGET[weight]}_lora', None)
   if adapter is not None:
-    y = y + adapter(eq, x, dtype)
+    y = y + adapter(adapter_eq or eq, x, dtype)
   return y
 
 

@@ -103,7 +103,15 @@ def apply_rope(x_BLNH, positions_BL, base: float, scale: float):
 
 
 class Attention(nnx.Module):
-  """GQA with QK-norm before RoPE, per-layer RoPE and window, query_pre_attn_scalar scaling."""
+  """GQA with QK-norm before RoPE, per-layer RoPE and window, query_pre_attn_scalar scaling.
+
+  swapped=True (the sampler's decode loop, sample.swap_projections): q_einsum and
+  attn_vec_einsum (and their int8 scales) come with their two per-layer leading axes swapped,
+  [D, N, H] and [H, N, D], the layouts XLA's CPU dot reads them in.
+  """
+
+  # einsums of (q, output projection): as stored, and swapped
+  _EQS = {False: ('BLD,NDH->BLNH', 'BLNH,NHD->BLD'), True: ('BLD,DNH->BLNH', 'BLNH,HND->BLD')}
 
   def __init__(self, cfg: config_lib.ModelConfig, is_global: bool, *, rngs: nnx.Rngs):
     N, K, D, H = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
@@ -130,12 +138,13 @@ class Attention(nnx.Module):
                                 image_blocks_BL=image_blocks_BL)
     return self.output(out_BLNH)
 
-  def qkv(self, x_BLD, positions_BL):
+  def qkv(self, x_BLD, positions_BL, swapped: bool = False):
     """Projected, QK-normed, RoPE'd q (already scaled), k, v; the training path and the
     sampler's cached path (sample.py) both call it."""
     dt = self.dtype
     # lora.einsum: W (dequantized when int8) plus its adapter, when a LoRA run added them.
-    q_BLNH = lora.einsum('BLD,NDH->BLNH', x_BLD, self, 'q_einsum', dt)
+    q_BLNH = lora.einsum(self._EQS[swapped][0], x_BLD, self, 'q_einsum', dt,
+                         adapter_eq=self._EQS[False][0])
     k_BLKH = lora.einsum('BLD,KDH->BLKH', x_BLD, self, 'k_einsum', dt)
     v_BLKH = lora.einsum('BLD,KDH->BLKH', x_BLD, self, 'v_einsum', dt)
     q_BLNH = checkpoint_name(q_BLNH, 'query_proj')
@@ -149,11 +158,12 @@ class Attention(nnx.Module):
     q_BLNH = (q_BLNH.astype(jnp.float32) * self.query_scale).astype(dt)
     return q_BLNH, k_BLKH, v_BLKH
 
-  def output(self, out_BLNH):
+  def output(self, out_BLNH, swapped: bool = False):
     """Attention output [B, L, N, H] -> [B, L, D] (the output projection)."""
     dt = self.dtype
     out_BLNH = checkpoint_name(out_BLNH, 'attention_out')
-    y_BLD = lora.einsum('BLNH,NHD->BLD', out_BLNH, self, 'attn_vec_einsum', dt)
+    y_BLD = lora.einsum(self._EQS[swapped][1], out_BLNH, self, 'attn_vec_einsum', dt,
+                        adapter_eq=self._EQS[False][1])
     return checkpoint_name(y_BLD, 'out_proj')
 
 

@@ -160,7 +160,7 @@ def _decode_attend(t, pad_B, caches: list[dict], new_cache: list):
   def attend(attn, h_B1D):
     cache = next(it)
     positions_B1 = (t - pad_B)[:, None]
-    q_B1NH, k_B1KH, v_B1KH = attn.qkv(h_B1D, positions_B1)
+    q_B1NH, k_B1KH, v_B1KH = attn.qkv(h_B1D, positions_B1, swapped=True)
     C = cache['k'].shape[1]
     slot = t if attn.is_global else jnp.mod(t, C)
     k_BCKH = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_B1KH, slot, axis=1)
@@ -174,7 +174,7 @@ def _decode_attend(t, pad_B, caches: list[dict], new_cache: list):
       valid_BC = _ring_columns(t, C)[None, :] >= pad_B[:, None]
     out_B1NH = attention.reference(q_B1NH, k_BCKH, v_BCKH, valid_BC[:, None, :])
     new_cache.append({'k': k_BCKH, 'v': v_BCKH})
-    return attn.output(out_B1NH)
+    return attn.output(out_B1NH, swapped=True)
   return attend
 
 
@@ -244,8 +244,11 @@ def _decode_loop(graphdef, state, carry, end, P, pad_B, key, s, stops, *, mesh, 
   token j at column t = P + j and writes token j + 1, drawn with fold_in(key, t + 1).
   """
   with _maybe_mesh(mesh, rules):
+    # The q and output projections, laid out for the per-token dot once, before the loop.
+    laid = jax.lax.optimization_barrier(swap_projections(state))
+
     def body(c):
-      model = nnx.merge(graphdef, state)
+      model = nnx.merge(graphdef, laid)
       j = c['step']
       t = P + j
       x_B1D = model.embedder.encode(c['tokens'][:, None])
@@ -261,6 +264,22 @@ def _decode_loop(graphdef, state, carry, end, P, pad_B, key, s, stops, *, mesh, 
       return new
 
     return jax.lax.while_loop(lambda c: (c['step'] < end) & ~jnp.all(c['done']), body, carry)
+
+
+# Weights (and int8 scales) whose two per-layer leading axes a decode step's dot wants
+# swapped: q [N, D, H] is read as [D, N*H], the output projection [N, H, D] as [H*N, D]. XLA's
+# CPU layout pass adds that copy after loop-invariant code motion, so it would run inside the
+# while loop for every token (12 copies, ~1/6 of a gemma3_640 batch-1 step in a trace);
+# swapping once before the loop, behind an optimization barrier, removes them.
+_SWAPPED = ('q_einsum', 'attn_vec_einsum', 'q_einsum_scale', 'attn_vec_einsum_scale')
+
+
+def swap_projections(state):
+  """state with _SWAPPED weights as Attention(swapped=True) reads them."""
+  def swap(path, x):
+    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    return jnp.swapaxes(x, -3, -2) if any(n in _SWAPPED for n in names) else x
+  return jax.tree_util.tree_map_with_path(swap, state)
 
 
 def _maybe_mesh(mesh, rules):

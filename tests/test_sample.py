@@ -62,7 +62,24 @@ PROMPTS = _prompts([3, 12, 18])  # pads 29, 20, 14 in a bucket of 32 columns
 def test_cached_logits_equal_full_forward(scan_layers, sampler):
   """Every step's logits (ring buffers wrapped several times; rows left-padded by different
   amounts) equal the uncached forward over the row's whole sequence."""
-  s = sampler if scan_layers else sample.Sampler(_model(scan_layers=False))
+  _assert_cached_equals_full(sampler if scan_layers else sample.Sampler(_model(scan_layers=False)))
+
+
+def test_cached_logits_equal_full_forward_with_adapters_on_an_int8_base():
+  """The decode loop reads q and the output projection relaid out (sample.swap_projections):
+  their int8 scales and LoRA adapters (non-zero B) must come along."""
+  from gemma3_train import lora  # pylint: disable=g-import-not-at-top
+  c = config_lib.Config(lora=config_lib.LoraConfig(rank=4, base_dtype='int8'))
+  m = lora.adapt(_model(), c)
+  graphdef, state = nnx.split(m)
+  rng = np.random.default_rng(5)
+  state = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
+      if str(path[-1]).strip("'.[]") == 'b' else x, state)
+  _assert_cached_equals_full(sample.Sampler(nnx.merge(graphdef, state)))
+
+
+def _assert_cached_equals_full(s):
   m = nnx.merge(s.graphdef, s.state)
   prompts = PROMPTS
   # Sampled (not greedy) so that the continuations vary.
