@@ -1,8 +1,6 @@
 """The KV-cache sampler against the full forward pass, transformers' generate, and hand-built
 sets; the chat template against the literal Gemma 3 turn markup; gemma3-sample's errors."""
 
-import dataclasses
-import io
 import os
 import subprocess
 import sys
