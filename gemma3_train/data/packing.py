@@ -7,8 +7,9 @@ each piece start) and 'segment_ids' (1, 2, ... per piece, 0 on padding).
 
 Why not grain's FirstFitPackIterDataset: it spends ~250 us of Python per piece (measured with
 benchmarks/data_throughput.py), as much as tokenizing ~300 tokens, which caps prepared-shard reads
-near 3M tokens/s per core. Here the per-piece work is a list append and a bisect; rows are built
-with a few numpy concatenations each.
+near 3M tokens/s per core. Here the per-piece work is a scan of the rows still open (a row
+leaves the scan once it cannot take the group's shortest piece) and an append; rows are built
+with one slice copy per piece and key.
 
 With images (model.vision), pieces also carry 'images' uint8 [n, S, S, 3]: a row then holds at
 most max_images of them, in the rows' token order, as 'images' [max_images, S, S, 3] (zeros after
@@ -42,21 +43,30 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: in
                ) -> list[dict[str, np.ndarray]]:
   """First-fit-decreasing: pieces -> rows of seq_len (inputs, targets, weights, positions,
   segment_ids; with max_images, images and image_counts too)."""
-  order = sorted(range(len(pieces)), key=lambda k: -len(pieces[k]['inputs']))
-  free = np.zeros(len(pieces) + 1, np.int64)  # room left per row; rows opened so far + 1
-  slots = np.zeros(len(pieces) + 1, np.int64)  # image slots left per row
+  lengths = [len(p['inputs']) for p in pieces]
+  order = sorted(range(len(pieces)), key=lambda k: -lengths[k])
+  smallest = min(lengths, default=0)
+  free: list[int] = []  # room left per row
+  slots: list[int] = []  # image slots left per row
+  live: list[int] = []  # rows that can still take the smallest piece, in row order
   members: list[list[int]] = []
   for k in order:
-    n = len(pieces[k]['inputs'])
+    n = lengths[k]
     m = len(pieces[k]['images']) if max_images else 0
-    free[len(members)] = seq_len  # a fresh row, taken only when no open row has room
-    slots[len(members)] = max_images
-    r = int(np.argmax((free >= n) & (slots >= m)))
-    if r == len(members):
+    for r in live:  # the first row with room, else a fresh one
+      if free[r] >= n and slots[r] >= m:
+        break
+    else:
+      r = len(members)
       members.append([])
+      free.append(seq_len)
+      slots.append(max_images)
+      live.append(r)
     free[r] -= n
     slots[r] -= m
     members[r].append(k)
+    if free[r] < smallest:
+      live.remove(r)
   rows = []
   arange = np.arange(seq_len, dtype=np.int32)
   for ks in members:
@@ -66,7 +76,7 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: in
     start = 0
     for segment, k in enumerate(sorted(ks), 1):  # input order within a row
       piece = pieces[k]
-      end = start + len(piece['inputs'])
+      end = start + lengths[k]
       row['inputs'][start:end] = piece['inputs']
       row['targets'][start:end] = piece['targets']
       row['weights'][start:end] = piece['weights']

@@ -26,6 +26,7 @@ from gemma3_train import signals
 from gemma3_train.data import documents
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import mixture
+from gemma3_train.data import order
 from gemma3_train.data import packing
 from gemma3_train.data import prepared
 from gemma3_train.data import sources
@@ -152,16 +153,16 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
     to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len, images=image_spec)
 
   # Each process sees only the documents i % process_count == process_index, shuffled
-  # per epoch with seed + epoch (grain's MapDataset shuffle then repeat).
-  ids = grain.MapDataset.range(len(source))[process_index::process_count]
-  if len(ids) == 0:  # pylint: disable=g-explicit-length-test
+  # per epoch by (seed, epoch) (data/order.py).
+  mine = range(process_index, len(source), process_count)
+  if not mine:
     raise config_lib.ConfigError(f'data: {len(source)} documents cannot feed '
                                  f'{process_count} processes')
   if source.record not in ('tokens', 'prepared'):
-    _probe(to_doc, ids, 'data.messages_field' if d.format == 'chat' else 'data.text_field')
-  if d.shuffle and split == 'train':
-    ids = ids.shuffle(seed=d.seed)
-  ids = ids.repeat(num_epochs)
+    _probe(to_doc, mine, 'data.messages_field' if d.format == 'chat' else 'data.text_field')
+  ids = order.DocumentOrder(len(source), process_index=process_index,
+                            process_count=process_count, num_epochs=num_epochs,
+                            shuffle_seed=d.seed if d.shuffle and split == 'train' else None)
   split = SplitRows(d.seq_len, image_spec)  # (a vision model's text pieces get empty slots)
   if d.source == 'prepared':  # no tokenizing to overlap: read records a chunk at a time
     ds = prepared.Pieces(ids, to_doc, split.flat_map)

@@ -25,6 +25,7 @@ import grain
 import numpy as np
 
 from gemma3_train import config as config_lib
+from gemma3_train.data import order
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
 
@@ -147,36 +148,38 @@ class Pieces(grain.IterDataset):
   prepared data grain's per-document machinery (reader threads, futures, flat-map) costs more
   than the read itself (benchmarks/data_throughput.py)."""
 
-  def __init__(self, ids: grain.MapDataset, to_doc: ToDocument,
+  def __init__(self, ids: order.DocumentOrder, to_doc: ToDocument,
                split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]):
     super().__init__()
     self._ids, self._to_doc, self._split = ids, to_doc, split
+    self._positions = range(len(ids))  # the positions of ids this iterator reads
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     """grain's worker processes each read a slice of the documents, as they do the on-the-fly
     pipeline's (where the slice is taken of ids.map(to_doc), the same documents)."""
     if sequential_slice:
       raise NotImplementedError('sequential_slice')  # not an option this pipeline sets
-    self._ids = self._ids.slice(sl)
+    self._positions = self._positions[sl]
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PiecesIterator(self._ids, self._to_doc, self._split)
+    return _PiecesIterator(self._ids, self._positions, self._to_doc, self._split)
 
 
 class _PiecesIterator(grain.DatasetIterator):
-  """State: the next piece is piece `piece` of document `doc` (a position in ids)."""
+  """State: the next piece is piece `piece` of document `doc` (an index into positions)."""
 
-  def __init__(self, ids, to_doc, split):
+  def __init__(self, ids, positions: range, to_doc, split):
     super().__init__()
-    self._ids, self._to_doc, self._split = ids, to_doc, split
+    self._ids, self._positions, self._to_doc, self._split = ids, positions, to_doc, split
     self._doc = self._piece = 0
     self._start, self._chunk = 0, []  # pieces of documents start, start + 1, ...
 
   def _pieces(self, k: int) -> list[dict[str, np.ndarray]]:
     if not self._start <= k < self._start + len(self._chunk):
-      if k >= len(self._ids):
+      if k >= len(self._positions):
         raise StopIteration
-      indices = [int(self._ids[j]) for j in range(k, min(k + READ_CHUNK, len(self._ids)))]
+      chunk = self._positions[k:k + READ_CHUNK]
+      indices = self._ids.doc_ids(np.arange(chunk.start, chunk.stop, chunk.step)).tolist()
       docs = (self._to_doc.from_record(r, i)
               for r, i in zip(self._to_doc.source.records(indices), indices))
       self._start, self._chunk = k, [[] if d is None else self._split(d) for d in docs]
