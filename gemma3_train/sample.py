@@ -276,10 +276,9 @@ _SWAPPED = ('q_einsum', 'attn_vec_einsum', 'q_einsum_scale', 'attn_vec_einsum_sc
 
 def swap_projections(state):
   """state with _SWAPPED weights as Attention(swapped=True) reads them."""
-  def swap(path, x):
-    names = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-    return jnp.swapaxes(x, -3, -2) if any(n in _SWAPPED for n in names) else x
-  return jax.tree_util.tree_map_with_path(swap, state)
+  return nnx.from_flat_state([
+      (path, var.replace(jnp.swapaxes(var.get_value(), -3, -2)) if path[-1] in _SWAPPED else var)
+      for path, var in nnx.to_flat_state(state)])
 
 
 def _maybe_mesh(mesh, rules):

@@ -71,10 +71,11 @@ def test_cached_logits_equal_full_forward_with_adapters_on_an_int8_base():
   m = lora.adapt(_model(), c)
   graphdef, state = nnx.split(m)
   rng = np.random.default_rng(5)
-  state = jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype)
-      if str(path[-1]).strip("'.[]") == 'b' else x, state)
-  _assert_cached_equals_full(sample.Sampler(nnx.merge(graphdef, state)))
+  flat = [(path, var.replace(jnp.asarray(rng.normal(0, 0.3, var.shape), var.dtype))
+           if path[-1] == 'b' else var) for path, var in nnx.to_flat_state(state)]
+  # B of seven targets in each of the 8 layers (6 in the scanned block, 2 in the tail)
+  assert sum(path[-1] == 'b' for path, _ in flat) == 7 * 8
+  _assert_cached_equals_full(sample.Sampler(nnx.merge(graphdef, nnx.from_flat_state(flat))))
 
 
 def _assert_cached_equals_full(s):
