@@ -21,14 +21,20 @@ import grain
 import numpy as np
 
 ROUNDS = 6
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_U64 = (1 << 64) - 1
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-  """splitmix64's finalizer: a well-mixed 64-bit hash of each element (wrapping arithmetic)."""
-  x = (x ^ (x >> np.uint64(30))) * _M1
-  x = (x ^ (x >> np.uint64(27))) * _M2
-  return x ^ (x >> np.uint64(31))
+def _rounds(v, keys, half: int, mask: int):
+  """The Feistel rounds on v (numpy uint64 array or Python int < 2^2half): each round function is
+  splitmix64's finalizer of (right half ^ key). Python ints are masked to 64 bits where numpy's
+  uint64 wraps; the same expression serves both (numpy takes the ints as uint64)."""
+  left, right = v >> half, v & mask
+  for key in keys:
+    x = right ^ key
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    left, right = right, left ^ ((x ^ (x >> 31)) & mask)
+  return (left << half) | right
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,45 +49,26 @@ def _half_bits(n: int) -> int:
 
 def permute(j: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
   """perm_(seed, epoch)(j) for j in [0, n): a bijection of [0, n), vectorized."""
-  half = _half_bits(n)
-  mask = np.uint64((1 << half) - 1)
-  keys = [np.uint64(k) for k in _round_keys(seed, epoch)]
-
-  def rounds(v):
-    left, right = v >> np.uint64(half), v & mask
-    for key in keys:
-      left, right = right, left ^ (_mix(right ^ key) & mask)
-    return (left << np.uint64(half)) | right
-
+  half, keys = _half_bits(n), _round_keys(seed, epoch)
+  mask = (1 << half) - 1
   with np.errstate(over='ignore'):
-    out = rounds(np.asarray(j, np.uint64))
+    out = _rounds(np.asarray(j, np.uint64), keys, half, mask)
     outside = out >= n
     while outside.any():  # cycle walking: the domain is under 4n, so a few rounds at most
-      out[outside] = rounds(out[outside])
+      out[outside] = _rounds(out[outside], keys, half, mask)
       outside = out >= n
   return out.astype(np.int64)
-
-
-_U64 = (1 << 64) - 1
 
 
 def permute_one(j: int, n: int, seed: int, epoch: int) -> int:
   """permute() of one position in Python integers (grain's per-element reads: numpy's
   per-call overhead would cost ~100x more here). Equal to permute() (tests/test_order.py)."""
-  half = _half_bits(n)
+  half, keys = _half_bits(n), _round_keys(seed, epoch)
   mask = (1 << half) - 1
-  keys = _round_keys(seed, epoch)
-  v = j
-  while True:
-    left, right = v >> half, v & mask
-    for key in keys:
-      x = right ^ key
-      x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
-      x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
-      left, right = right, left ^ ((x ^ (x >> 31)) & mask)
-    v = (left << half) | right
-    if v < n:
-      return v
+  v = _rounds(j, keys, half, mask)
+  while v >= n:
+    v = _rounds(v, keys, half, mask)
+  return v
 
 
 class DocumentOrder(grain.MapDataset):
