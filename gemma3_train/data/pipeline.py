@@ -163,16 +163,16 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
   ids = order.DocumentOrder(len(source), process_index=process_index,
                             process_count=process_count, num_epochs=num_epochs,
                             shuffle_seed=d.seed if d.shuffle and split == 'train' else None)
-  split = SplitRows(d.seq_len, image_spec)  # (a vision model's text pieces get empty slots)
+  split_rows = SplitRows(d.seq_len, image_spec)  # (a vision model's text pieces get empty slots)
   if d.source == 'prepared':  # no tokenizing to overlap: read records a chunk at a time
-    ds = prepared.Pieces(ids, to_doc, split.flat_map)
+    ds = prepared.Pieces(ids, to_doc, split_rows.flat_map)
   else:
     # grain 0.2.18 polls every buffered future on each element: a deep buffer costs per
     # document as much as tokenizing a few hundred tokens (benchmarks/data_throughput.py); 16
     # keeps 4 reader threads busy.
     ds = ids.map(to_doc).to_iter_dataset(grain.ReadOptions(
         num_threads=1 if d.num_workers else 4, prefetch_buffer_size=16))
-    ds = grain.experimental.FlatMapIterDataset(ds, split)
+    ds = grain.experimental.FlatMapIterDataset(ds, split_rows)
   if d.packing:
     ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed,
                               max_images=image_spec.max_images if image_spec else 0)
