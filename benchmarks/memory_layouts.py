@@ -1,4 +1,5 @@
-"""Per-chip TPU memory of the memory layouts (model.remat_unit x remat policy), from AOT compiles.
+"""Per-chip TPU memory of the memory layouts (model.remat_unit x scan_unit x remat policy), from AOT
+compiles.
 
 python benchmarks/memory_layouts.py                                   # 4b, 6 layers, v5e-8
 python benchmarks/memory_layouts.py --config=configs/27b.py --topology=v5p-128 --layers=0
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -32,6 +34,7 @@ def _parse_args(argv):
   p.add_argument('--layers', type=int, default=6, help='decoder layers (0 = the config\'s)')
   p.add_argument('--units', default=','.join(config_lib.REMAT_UNITS),
                  help='comma list of model.remat_unit values')
+  p.add_argument('--scan_units', default='block', help='comma list of model.scan_unit values')
   p.add_argument('--policies', default='', help='comma list of model.remat_policy values '
                  "('' = the config's)")
   p.add_argument('--batch', type=int, default=0, help='global batch (0 = the config\'s)')
@@ -54,9 +57,10 @@ def main(argv):
         f'global batch {train.global_batch_size}; {os.cpu_count()} cpus', flush=True)
   reports = []
   for policy in policies:
-    for unit in args.units.split(','):
+    for unit, scan in itertools.product(args.units.split(','), args.scan_units.split(',')):
       c = dataclasses.replace(
-          base, model=dataclasses.replace(model, remat_policy=policy, remat_unit=unit),
+          base, model=dataclasses.replace(model, remat_policy=policy, remat_unit=unit,
+                                          scan_unit=scan),
           train=train)
       config_lib.validate(c)
       load = os.getloadavg()[0]
@@ -64,7 +68,7 @@ def main(argv):
       row = dict(dataclasses.asdict(r), remat_unit=unit, num_layers=model.num_layers,
                  load_before=load, load_after=os.getloadavg()[0])
       reports.append(row)
-      print(f'  {policy:<24} {unit:<6} argument {r.argument_gib or 0:7.3f}  temp '
+      print(f'  {policy:<24} remat/{unit:<6} scan/{scan:<6} argument {r.argument_gib or 0:7.3f}  temp '
             f'{r.temp_gib or 0:7.3f}  total {r.total_gib or 0:7.3f} GiB of {r.hbm_gib:g}  '
             f'fits {r.fits}  compile {r.compile_seconds or 0:6.0f} s  load '
             f'{load:.1f}->{row["load_after"]:.1f}  {r.error}', flush=True)

@@ -230,6 +230,7 @@ class Report:
   tpu_kernels: int | None = None  # Mosaic (Pallas TPU) custom calls in the compiled program
   error: str = ''  # the compiler's out-of-memory message when it refused
   remat_unit: str = 'block'  # model.remat_unit
+  scan_unit: str = 'block'  # model.scan_unit
 
 
 def _gib(n: float) -> float:
@@ -278,7 +279,7 @@ def _base_report(c: config_lib.Config, topo: hardware.Topology, shape: dict[str,
   return Report(
       config=c.model.preset, topology=topo.name, chip=topo.chip.name, chips=topo.total_chips,
       num_slices=topo.num_slices, mesh=shape, remat_policy=c.model.remat_policy,
-      remat_unit=c.model.remat_unit,
+      remat_unit=c.model.remat_unit, scan_unit=c.model.scan_unit,
       seq_len=c.data.seq_len, global_batch=c.train.global_batch_size,
       per_chip_batch=c.train.global_batch_size / topo.total_chips,
       param_dtype=c.model.param_dtype, dtype=c.model.dtype, attention=c.model.attention_impl,
@@ -414,7 +415,7 @@ def format_report(r: Report) -> str:
       f'AOT compile of {r.config} for {r.topology} ({r.chips} {r.chip} chips, '
       f'{r.num_slices} slice{"s" * (r.num_slices > 1)}; mesh {mesh})',
       f'  batch {r.global_batch} x {r.seq_len} tokens ({r.per_chip_batch:g} per chip), '
-      f'remat {r.remat_policy} per {r.remat_unit}, params {r.param_dtype}, compute {r.dtype}, '
+      f'remat {r.remat_policy} per {r.remat_unit}, scan per {r.scan_unit}, params {r.param_dtype}, compute {r.dtype}, '
       f'attention {r.attention}',
   ]
   if r.error and r.argument_gib is None:

@@ -28,6 +28,7 @@ MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_h
 
 REMAT_POLICIES = ('none', 'full', 'minimal', 'save_decoder_layer_input', 'save_qkv_proj')
 REMAT_UNITS = ('block', 'layer')
+SCAN_UNITS = ('block', 'layer')
 ATTENTION_IMPLS = ('reference', 'cudnn', 'splash', 'auto')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'prepared',
@@ -94,6 +95,9 @@ class ModelConfig:
   remat_unit: str = _f('block', 'block: one checkpoint per scanned block of six (and per tail '
                        'layer) | layer: also one around each layer inside the block (nested), so '
                        "the block's backward holds one layer's activations at a time")
+  scan_unit: str = _f('block', 'block: a scanned block runs its six layers unrolled | layer: as an '
+                      'inner scan over single layers (local/global as data), so FSDP gathers one '
+                      "layer's weights at a time (needs scan_layers; docs/memory.md)")
   attention_impl: str = _f('auto', 'auto (splash on TPU, cudnn on GPU, else reference) | '
                            'reference | cudnn | splash')
   attention_block_size: int = _f(512, 'splash attention q/kv block size (TPU)')
@@ -405,6 +409,9 @@ def validate(c: Config) -> None:
   require(m.remat_policy in REMAT_POLICIES, 'model.remat_policy', m.remat_policy,
           ' | '.join(REMAT_POLICIES))
   require(m.remat_unit in REMAT_UNITS, 'model.remat_unit', m.remat_unit, ' | '.join(REMAT_UNITS))
+  require(m.scan_unit in SCAN_UNITS, 'model.scan_unit', m.scan_unit, ' | '.join(SCAN_UNITS))
+  require(m.scan_unit == 'block' or m.scan_layers, 'model.scan_unit', m.scan_unit,
+          "'block' when model.scan_layers=False (the inner scan runs inside the block scan)")
   require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
           ' | '.join(ATTENTION_IMPLS))
   if m.vision:

@@ -3,7 +3,8 @@ rematerialized.
 
 Layers run as scanned blocks of six (five sliding-window layers, then one global layer) plus an
 unscanned tail for the remainder; scan_layers=False keeps one module per layer and computes the
-same function (layout.py maps both to the released checkpoints' layout). Every parameter carries
+same function (layout.py maps both to the released checkpoints' layout). scan_unit='layer' runs
+each block's six layers as an inner scan over single layers (docs/memory.md). Every parameter carries
 `logical_axes` metadata that sharding.py maps to mesh axes; stacked block parameters carry a
 leading 'layers' axis. The seven projections go through lora.einsum, which adds a LoRA run's
 adapters and dequantizes an int8 base (lora.adapt installs both after construction).
@@ -91,10 +92,13 @@ class Embedder(nnx.Module):
     return sharding.constrain(logits_VB.T, ('act_batch', 'act_vocab'))
 
 
-def apply_rope(x_BLNH, positions_BL, base: float, scale: float):
-  """Rotate-half RoPE over the full head dim; angle = pos * base^(-2i/H) / scale, in float32."""
-  H = x_BLNH.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)) / scale
+def rope_inv_freq(H: int, base: float, scale: float):
+  """RoPE inverse frequencies [H / 2]: base^(-2i/H) / scale, in float32."""
+  return 1.0 / (base ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)) / scale
+
+
+def apply_rope(x_BLNH, positions_BL, inv_freq):
+  """Rotate-half RoPE over the full head dim; angle = pos * inv_freq (rope_inv_freq)."""
   angle_BLh = positions_BL.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
   sin, cos = jnp.sin(angle_BLh)[:, :, None, :], jnp.cos(angle_BLh)[:, :, None, :]
   x1, x2 = jnp.split(x_BLNH.astype(jnp.float32), 2, axis=-1)
@@ -108,6 +112,11 @@ class Attention(nnx.Module):
   swapped=True (the sampler's decode loop, sample.swap_projections): q_einsum and
   attn_vec_einsum (and their int8 scales) come with their two per-layer leading axes swapped,
   [D, N, H] and [H, N, D], the layouts XLA's CPU dot reads them in.
+
+  is_global (a traced bool, model.scan_unit='layer'): one module computes a local or a global
+  layer by data, as an inner scan over single layers needs; it selects the RoPE frequencies and
+  runs the kernel under lax.cond (local and global layers have the same parameter shapes). None:
+  the layer's own type, fixed at construction.
   """
 
   # einsums of (q, output projection): as stored, and swapped
@@ -124,21 +133,40 @@ class Attention(nnx.Module):
     self.key_norm = RMSNorm(H, cfg, rngs=rngs)
     self.is_global = is_global
     self.window = None if is_global else cfg.sliding_window
-    self.rope_base = cfg.global_rope_base if is_global else cfg.local_rope_base
-    self.rope_scale = cfg.global_rope_scale if is_global else 1.0
+    self.local_window = cfg.sliding_window
+    self.head_dim = H
+    # (base, scale) of a local and of a global layer
+    self.rope = {False: (cfg.local_rope_base, 1.0),
+                 True: (cfg.global_rope_base, cfg.global_rope_scale)}
     self.query_scale = cfg.query_pre_attn_scalar ** -0.5
     self.impl = cfg.attention_impl
     self.block_size = cfg.attention_block_size
     self.dtype = cfg.dtype
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
-    q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL)
-    out_BLNH = attention.attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL,
-                                window=self.window, impl=self.impl, block_size=self.block_size,
-                                image_blocks_BL=image_blocks_BL)
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None,
+               is_global=None):
+    q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL, is_global=is_global)
+
+    def kernel(window):
+      return lambda q, k, v: attention.attend(
+          q, k, v, positions_BL, segment_ids_BL, window=window, impl=self.impl,
+          block_size=self.block_size, image_blocks_BL=image_blocks_BL)
+    if is_global is None:
+      out_BLNH = kernel(self.window)(q_BLNH, k_BLKH, v_BLKH)
+    else:
+      out_BLNH = jax.lax.cond(is_global, kernel(None), kernel(self.local_window),
+                              q_BLNH, k_BLKH, v_BLKH)
     return self.output(out_BLNH)
 
-  def qkv(self, x_BLD, positions_BL, swapped: bool = False):
+  def inv_freq(self, is_global=None):
+    """RoPE frequencies of this layer, or of the type the traced flag is_global selects."""
+    H = self.head_dim
+    if is_global is None:
+      return rope_inv_freq(H, *self.rope[self.is_global])
+    return jnp.where(is_global, rope_inv_freq(H, *self.rope[True]),
+                     rope_inv_freq(H, *self.rope[False]))
+
+  def qkv(self, x_BLD, positions_BL, swapped: bool = False, is_global=None):
     """Projected, QK-normed, RoPE'd q (already scaled), k, v; the training path and the
     sampler's cached path (sample.py) both call it."""
     dt = self.dtype
@@ -153,8 +181,9 @@ class Attention(nnx.Module):
     q_BLNH = sharding.constrain(q_BLNH, ('act_batch', 'act_len', 'act_heads', None))
     k_BLKH = sharding.constrain(k_BLKH, ('act_batch', 'act_len', 'act_kv_heads', None))
     v_BLKH = sharding.constrain(v_BLKH, ('act_batch', 'act_len', 'act_kv_heads', None))
-    q_BLNH = apply_rope(self.query_norm(q_BLNH), positions_BL, self.rope_base, self.rope_scale)
-    k_BLKH = apply_rope(self.key_norm(k_BLKH), positions_BL, self.rope_base, self.rope_scale)
+    inv_freq = self.inv_freq(is_global)
+    q_BLNH = apply_rope(self.query_norm(q_BLNH), positions_BL, inv_freq)
+    k_BLKH = apply_rope(self.key_norm(k_BLKH), positions_BL, inv_freq)
     q_BLNH = (q_BLNH.astype(jnp.float32) * self.query_scale).astype(dt)
     return q_BLNH, k_BLKH, v_BLKH
 
@@ -200,9 +229,10 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
     self.post_ffw_norm = RMSNorm(D, cfg, rngs=rngs)
 
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None,
+               is_global=None):
     return self.apply(x_BLD, lambda attn, h_BLD: attn(h_BLD, positions_BL, segment_ids_BL,
-                                                      image_blocks_BL))
+                                                      image_blocks_BL, is_global))
 
   def apply(self, x_BLD, attend):
     """The block with attention given as attend(self.attn, normed x) -> [B, L, D]: the training
@@ -253,6 +283,22 @@ def _remat_layer(layer: DecoderLayer, x_BLD, args, policy: str):
   return remat(fn, policy, prevent_cse=True)(state, x_BLD)
 
 
+def _scan_block(block: Block, x_BLD, args, policy: str):
+  """block(x_BLD, *args) as a scan over its six layers (model.scan_unit='layer'), each step one
+  layer under its own checkpoint (policy; 'none' for no checkpoint). The six layers' parameters
+  are stacked here, in their sharded layout, so FSDP gathers one layer's weights per step
+  rather than the block's six at once; the layer type (local/global) is scanned as data."""
+  graphdef = nnx.graphdef(block.layers[0])  # a local layer: Attention takes the type as data
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(l) for l in block.layers])
+  is_global_S = jnp.asarray([layer.attn.is_global for layer in block.layers])
+
+  def body(x_BLD, xs):
+    state, is_global = xs
+    return nnx.merge(graphdef, state)(x_BLD, *args, is_global=is_global), None
+  x_BLD, _ = jax.lax.scan(remat(body, policy), x_BLD, (stacked, is_global_S))
+  return x_BLD
+
+
 def stack_names(module: nnx.Module) -> None:
   """Prefixes every parameter's logical axes with 'layers' (the stacked scan axis)."""
   for _, var in nnx.iter_graph(module):
@@ -287,7 +333,8 @@ class Gemma3(nnx.Module):
 
   def _run(self, modules, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
     """Applies modules in order under the remat policy: one checkpoint around all of them and,
-    with model.remat_unit='layer', one more around each of their layers (a Block's six)."""
+    with model.remat_unit='layer', one more around each of their layers (a Block's six). With
+    model.scan_unit='layer' a Block's six layers run as an inner scan (_scan_block)."""
     graphdef, state = nnx.split(modules)
     policy = self.cfg.remat_policy
     args = (positions_BL, segment_ids_BL, image_blocks_BL)
@@ -296,6 +343,9 @@ class Gemma3(nnx.Module):
 
     def fn(state, x_BLD):
       for module in nnx.merge(graphdef, state):
+        if isinstance(module, Block) and self.cfg.scan_unit == 'layer':
+          x_BLD = _scan_block(module, x_BLD, args, policy if per_layer else 'none')
+          continue
         if not per_layer:
           x_BLD = module(x_BLD, *args)
           continue

@@ -1,4 +1,4 @@
-"""Memory layouts (model.remat_unit): the same function and gradients as the block layout.
+"""Memory layouts (model.remat_unit, model.scan_unit): the block layout's function and gradients.
 
 remat_unit='layer' nests a checkpoint around each layer inside the checkpoint of its block of
 six; it changes what the backward pass keeps alive, never the math: float32 losses and gradients
@@ -78,6 +78,25 @@ def test_layer_unit_equals_block_unit(scan, policy):
   assert 0.01 < scale < 100
 
 
+@pytest.mark.parametrize('policy,remat_unit', [('full', 'layer'), ('save_qkv_proj', 'layer'),
+                                               ('full', 'block'), ('none', 'block')])
+def test_layer_scan_equals_block_layout(policy, remat_unit):
+  """scan_unit='layer' (each block's six layers as an inner scan, the layer type as data: the
+  RoPE frequencies by select, the attention kernel by lax.cond) computes the block layout's
+  function: losses and gradients within 1e-6."""
+  tokens_BL = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 12)), jnp.int32)
+  base = dataclasses.replace(TINY7, remat_policy=policy)
+  l_block, (top_b, layers_b) = _loss_and_grads(base, tokens_BL)
+  l_scan, (top_s, layers_s) = _loss_and_grads(
+      dataclasses.replace(base, remat_unit=remat_unit, scan_unit='layer'), tokens_BL)
+  np.testing.assert_allclose(l_scan, l_block, rtol=1e-6)
+  for k in top_b:
+    _assert_close(top_s[k], top_b[k], k)
+  for i, (a, b) in enumerate(zip(layers_s, layers_b)):
+    for k in b:
+      _assert_close(a[k], b[k], f'layer {i} {k}')
+
+
 def _checkpoints(jaxpr, depth=0):
   """The nesting depth of every checkpoint (remat) equation in a jaxpr, through scans and
   other sub-jaxprs (1 = outermost)."""
@@ -108,6 +127,19 @@ def test_layer_unit_nests_one_checkpoint_per_layer():
     assert depths['layer', scan] == [1, 1] + [2] * 6
 
 
+def test_layer_scan_nests_one_checkpoint_in_the_inner_scan():
+  """scan_unit='layer': the block's layers are one scan body, so one checkpoint (under
+  remat_unit='layer') nested in the block's, and one lax.cond choosing the attention kernel."""
+  tokens_BL = jnp.zeros((1, 8), jnp.int32)
+  for unit, expected in (('block', [1, 1]), ('layer', [1, 1, 2])):
+    cfg = dataclasses.replace(TINY7, remat_policy='full', remat_unit=unit, scan_unit='layer')
+    model = nnx.eval_shape(lambda c=cfg: model_lib.Gemma3(c, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p).hidden(tokens_BL))(params)
+    assert sorted(_checkpoints(jaxpr.jaxpr)) == expected
+    assert str(jaxpr).count('cond[') == 1
+
+
 def test_remat_unit_is_validated():
   c = config_lib.default_config_dict()
   c.model.remat_unit = 'row'
@@ -115,6 +147,17 @@ def test_remat_unit_is_validated():
     config_lib.from_config_dict(c)
   message = str(e.value)
   assert 'model.remat_unit' in message and 'block | layer' in message and '\n' not in message
+
+
+def test_scan_unit_is_validated():
+  for fields, expected in (({'scan_unit': 'row'}, 'block | layer'),
+                           ({'scan_unit': 'layer', 'scan_layers': False}, 'scan_layers=False')):
+    c = config_lib.default_config_dict()
+    c.model.update(fields)
+    with pytest.raises(config_lib.ConfigError) as e:
+      config_lib.from_config_dict(c)
+    message = str(e.value)
+    assert message.startswith('model.scan_unit=') and expected in message and '\n' not in message
 
 
 def test_aot_counts_the_second_replay():
