@@ -38,13 +38,27 @@ def _parse_args(argv):
   p.add_argument('--policies', default='', help='comma list of model.remat_policy values '
                  "('' = the config's)")
   p.add_argument('--batch', type=int, default=0, help='global batch (0 = the config\'s)')
+  p.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
+                 help='override a config field, e.g. --set=train.loss_chunk_size=256 (repeatable)')
   p.add_argument('--json', default='', help='also write the reports to this JSON file')
   return p.parse_args(argv)
 
 
+def _override(c: config_lib.Config, assignments) -> config_lib.Config:
+  """c with each SECTION.FIELD=VALUE applied, VALUE converted to the field's current type."""
+  for assignment in assignments:
+    key, _, text = assignment.partition('=')
+    section, _, field = key.partition('.')
+    old = getattr(getattr(c, section), field)
+    value = text.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(text)
+    c = dataclasses.replace(c, **{section: dataclasses.replace(getattr(c, section),
+                                                                 **{field: value})})
+  return c
+
+
 def main(argv):
   args = _parse_args(argv)
-  base = config_lib.load_config_file(args.config)
+  base = _override(config_lib.load_config_file(args.config), args.set)
   topo = aot.parse_topology(args.topology, aot.num_slices(base))
   model = base.model
   if args.layers:
@@ -54,7 +68,8 @@ def main(argv):
     train = dataclasses.replace(train, global_batch_size=args.batch)
   policies = args.policies.split(',') if args.policies else [model.remat_policy]
   print(f'{args.config} on {args.topology}: {model.num_layers} layers, seq {base.data.seq_len}, '
-        f'global batch {train.global_batch_size}; {os.cpu_count()} cpus', flush=True)
+        f'global batch {train.global_batch_size} {" ".join(args.set)}; {os.cpu_count()} cpus',
+        flush=True)
   reports = []
   for policy in policies:
     for unit, scan in itertools.product(args.units.split(','), args.scan_units.split(',')):
@@ -65,11 +80,12 @@ def main(argv):
       config_lib.validate(c)
       load = os.getloadavg()[0]
       r = aot.compile_report(c, topo)
-      row = dict(dataclasses.asdict(r), remat_unit=unit, num_layers=model.num_layers,
+      row = dict(dataclasses.asdict(r), num_layers=model.num_layers, overrides=args.set,
+                 loss_chunk_size=c.train.loss_chunk_size,
                  load_before=load, load_after=os.getloadavg()[0])
       reports.append(row)
-      print(f'  {policy:<24} remat/{unit:<6} scan/{scan:<6} argument {r.argument_gib or 0:7.3f}  temp '
-            f'{r.temp_gib or 0:7.3f}  total {r.total_gib or 0:7.3f} GiB of {r.hbm_gib:g}  '
+      print(f'  {policy:<24} remat/{unit:<6} scan/{scan:<6} argument '
+            f'{r.argument_gib or 0:7.3f}  temp {r.temp_gib or 0:7.3f}  total {r.total_gib or 0:7.3f} GiB of {r.hbm_gib:g}  '
             f'fits {r.fits}  compile {r.compile_seconds or 0:6.0f} s  load '
             f'{load:.1f}->{row["load_after"]:.1f}  {r.error}', flush=True)
   if args.json:
