@@ -51,6 +51,11 @@ _AOT_PLAN_ROWS = flags.DEFINE_string('aot_plan_rows', '', 'With --aot_plan: comm
                                      'per batch shard to try (default: 1,2,4,8).')
 _AOT_PLAN_TENSOR = flags.DEFINE_string('aot_plan_tensor', '', 'With --aot_plan: comma list of '
                                        'tensor-parallel degrees to try (default: 1,2,4,8).')
+_AOT_PLAN_CONFIRM = flags.DEFINE_string('aot_plan_confirm', '', 'With --aot_plan: N > 0 '
+                                        'predicts each candidate from compiles of the model '
+                                        'shortened to 2 and 3 blocks, then compiles the best N '
+                                        'whole (only those are printed); default 0: compile '
+                                        'every candidate whole (as fast for scanned layers).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for '
                                    'multi-process runs off TPU/GKE (auto-detected there).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
@@ -65,7 +70,8 @@ _COMMON_FIELDS = ('data.source', 'data.train_path', 'data.eval_path', 'data.form
                   'data.seq_len', 'train.num_steps', 'train.global_batch_size',
                   'train.eval_every', 'optim.lr', 'optim.warmup_steps', 'checkpoint.every',
                   'checkpoint.init_from', 'logging.log_every')
-_NEEDS_TOPOLOGY = (_AOT_PLAN, _AOT_REPORT, _AOT_PLAN_REMAT, _AOT_PLAN_ROWS, _AOT_PLAN_TENSOR)
+_NEEDS_TOPOLOGY = (_AOT_PLAN, _AOT_REPORT, _AOT_PLAN_REMAT, _AOT_PLAN_ROWS, _AOT_PLAN_TENSOR,
+                   _AOT_PLAN_CONFIRM)
 _OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]*)')
 
 
@@ -103,7 +109,7 @@ def main(argv) -> None:
     from gemma3_train import plan  # pylint: disable=g-import-not-at-top
     try:
       space = plan.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
-                                    _AOT_PLAN_TENSOR.value)
+                                    _AOT_PLAN_TENSOR.value, _AOT_PLAN_CONFIRM.value)
       if _AOT_PLAN.value:
         plan.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, space=space)
       else:

@@ -1,10 +1,18 @@
 """The AOT planner: the remat x batch x (fsdp, tensor) choices that fit a TPU slice, fastest first.
 
-`gemma3-train --config=... --aot_topology=v5p-128 --aot_plan` compiles each candidate with
+`gemma3-train --config=... --aot_topology=v5p-128 --aot_plan` compiles candidates with
 aot.compile_report (libtpu's compile-only devices, no TPU) and ranks the ones that fit by the
 report's estimated tokens/s. Memory grows with the batch, so for each (split, remat) the batch
 stops growing at its first misfit; a model whose parameters and optimizer state cannot fit even
 fully sharded is refused before any compile.
+
+By default (confirm=0) every candidate is compiled whole. With --aot_plan_confirm=N the search
+has two stages: (1) predict each candidate's per-chip memory, extrapolated per scanned block
+from compiles of the model shortened to PROBE_BLOCKS blocks (its tail kept), pruning on the
+prediction; (2) compile the best predicted candidates whole until N of them fit. The plans'
+memory figures are those full compiles', never a prediction. Stage 1 pays only when a shortened
+compile is much cheaper than a full one: for scanned layers it is not (compile time does not grow
+with depth), see docs/tpu_gpu.md.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import types
 from typing import Sequence
 
 import jax
@@ -19,6 +28,7 @@ import numpy as np
 
 from gemma3_train import aot
 from gemma3_train import config as config_lib
+from gemma3_train import flops
 from gemma3_train import hardware
 from gemma3_train import sharding
 from gemma3_train import train
@@ -28,13 +38,17 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class PlanSpace:
-  """The candidates: every remat policy x rows per batch shard x tensor-parallel degree."""
+  """The candidates: every remat policy x rows per batch shard x tensor-parallel degree, and how
+  many of the best predicted ones to confirm with a full compile (0: compile every one whole,
+  no prediction)."""
   remat_policies: tuple[str, ...] = config_lib.REMAT_POLICIES
   rows_per_shard: tuple[int, ...] = (1, 2, 4, 8)  # rows per batch shard (fsdp x data x dcn)
   tensor_degrees: tuple[int, ...] = (1, 2, 4, 8)
+  confirm: int = 0
 
 
-def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '') -> PlanSpace:
+def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm: str = ''
+                     ) -> PlanSpace:
   """PlanSpace from the --aot_plan_* flags (comma lists; empty keeps the default)."""
   def ints(flag: str, text: str, default: tuple[int, ...]) -> tuple[int, ...]:
     if not text:
@@ -52,9 +66,26 @@ def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '') -> PlanS
   if unknown:
     raise config_lib.ConfigError(f'--aot_plan_remat={remat!r}: unknown policy {unknown[0]!r}; '
                                  f'expected some of {",".join(config_lib.REMAT_POLICIES)}')
+  if confirm and not (confirm.isdigit() and confirm.isascii()):
+    raise config_lib.ConfigError(f'--aot_plan_confirm={confirm!r}: expected a count of '
+                                 'predicted plans to compile whole, or 0 to compile every '
+                                 'candidate whole')
   return PlanSpace(remat_policies=policies,
                    rows_per_shard=ints('aot_plan_rows', rows, PlanSpace.rows_per_shard),
-                   tensor_degrees=ints('aot_plan_tensor', tensor, PlanSpace.tensor_degrees))
+                   tensor_degrees=ints('aot_plan_tensor', tensor, PlanSpace.tensor_degrees),
+                   confirm=int(confirm) if confirm else PlanSpace.confirm)
+
+
+@dataclasses.dataclass
+class PlanReport(aot.Report):
+  """A candidate's Report, and how its memory figures were found."""
+  predicted: bool = False  # memory extrapolated from the shortened compiles, not compiled whole
+  predicted_gib: float | None = None  # stage 1's total per chip, kept on a confirmed plan
+  probe_seconds: tuple[float, ...] = ()  # the shortened compiles behind the prediction
+
+
+def _plan_report(r: aot.Report, **changes) -> PlanReport:
+  return PlanReport(**{**{f.name: getattr(r, f.name) for f in dataclasses.fields(r)}, **changes})
 
 
 def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int
@@ -94,63 +125,188 @@ def _refuse_if_hopeless(c: config_lib.Config, topo: hardware.Topology) -> None:
       f'{100 * aot.HEADROOM:.0f}% headroom{hint}')
 
 
+# --- stage 1: predict from shortened compiles -------------------------------------------
+
+# Scanned blocks of six in the shortened models behind a prediction. Not 1: XLA drops a scan of
+# one step and the program differs (1b on v5e-8 needs 0.67 GiB more temporaries with one block
+# than with two); from two blocks on, 1b's memory is affine in the blocks.
+PROBE_BLOCKS = (2, 3)
+# Per-chip memory components, each extrapolated on its own (as aot._fill_memory reads them).
+_MEMORY = dict(argument_gib='argument_size_in_bytes', output_gib='output_size_in_bytes',
+               alias_gib='alias_size_in_bytes', temp_gib='temp_size_in_bytes',
+               code_gib='generated_code_size_in_bytes')
+
+
+def _with_blocks(c: config_lib.Config, blocks: int) -> config_lib.Config:
+  """c with `blocks` scanned blocks of six and its tail: the tail's layers keep their local or
+  global type, which follows the layer index (is_global), as 6 k + j has the type of j."""
+  tail = c.model.num_layers % config_lib.GLOBAL_EVERY
+  return dataclasses.replace(c, model=dataclasses.replace(
+      c.model, num_layers=blocks * config_lib.GLOBAL_EVERY + tail))
+
+
+def _extrapolate(y0: float, y1: float, x0: int, x1: int, x: int) -> float:
+  return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def predict_report(c: config_lib.Config, topo: hardware.Topology, device_list: Sequence
+                   ) -> PlanReport:
+  """c's report with per-chip memory extrapolated per block from compiles of c shortened to
+  PROBE_BLOCKS blocks (same tail, batch and mesh); a model no deeper than the probes is compiled
+  whole (predicted=False). Memory is affine in the blocks when a block's state, saved inputs
+  and residuals are all that grows with depth (the block's working set is the same whatever the
+  depth); XLA's schedule of the loop can still change with its trip count. A probe that does not
+  fit predicts a misfit (the full model is larger). Step time is the full config's:
+  aot._fill_time counts the executed FLOPs from the shapes.
+  """
+  blocks = c.model.num_layers // config_lib.GLOBAL_EVERY
+  if blocks <= PROBE_BLOCKS[-1]:
+    return _plan_report(aot.compile_report(c, topo, device_list=device_list))
+  probes = []
+  for n in PROBE_BLOCKS:
+    probes.append(aot.compile_report(_with_blocks(c, n), topo, device_list=device_list))
+    if not probes[-1].fits:
+      break
+  last = probes[-1]
+  r = _plan_report(last, predicted=True, probe_seconds=tuple(p.compile_seconds or 0.0
+                                                             for p in probes))
+  r.compile_seconds = sum(r.probe_seconds)
+  if not last.fits:  # its memory, a lower bound for the full model's, stays as the compiler said
+    r.error = f'the {PROBE_BLOCKS[len(probes) - 1]}-block model does not fit' + (
+        f': {last.error}' if last.error else '')
+    return r
+  one, two = probes
+  extrapolated = {name: _extrapolate(getattr(one, name), getattr(two, name), *PROBE_BLOCKS,
+                                     blocks) * aot.GIB
+                  for name in _MEMORY}
+  aot._fill_memory(r, types.SimpleNamespace(  # the total and fit rule of a compile
+      **{_MEMORY[name]: value for name, value in extrapolated.items()}))
+  r.state_gib = _extrapolate(one.state_gib, two.state_gib, *PROBE_BLOCKS, blocks)
+  full = aot.tpu_run_config(c)
+  r.model_flops_per_step = flops.train_flops_per_step(full)
+  # The compiler's cost analysis counts a scanned loop body once, so the probe's figures stand
+  # for the full model's; the executed FLOPs come from the full config's shapes.
+  aot._fill_time(r, full, topo, {'flops': two.compiler_flops, 'bytes accessed': two.compiler_bytes,
+                                 'optimal_seconds': two.compiler_seconds or -1.0})
+  return r
+
+
 def search_plans(c: config_lib.Config, topo: hardware.Topology,
-                 space: PlanSpace = PlanSpace()) -> list[aot.Report]:
-  """Compiles each candidate and returns the fitting ones, best estimated throughput first.
+                 space: PlanSpace = PlanSpace()) -> list[PlanReport]:
+  """Compiles each candidate whole, or (space.confirm > 0) predicts each and compiles the best
+  whole; returns the plans whose full compile fits, best estimated throughput first.
 
   Memory grows with the batch, so for each (split, remat) the batch stops growing at the first
-  candidate that does not fit; progress goes to the log. Raises ConfigError when nothing fits.
+  candidate (predicted) not to fit; progress goes to the log. Raises ConfigError when nothing fits.
   """
   _refuse_if_hopeless(c, topo)
   device_list = aot.devices(topo)
   per_slice = topo.chips
-  results = []
   splits = [t for t in space.tensor_degrees
             if not per_slice % t and (t == 1 or not c.model.num_kv_heads % t)]
-  log.info('Planning %s on %s: up to %d compiles (tensor %s x remat %s x rows per batch shard '
-           '%s; a batch stops growing at its first misfit). Each can take minutes; narrow the '
-           'search with --aot_plan_remat/_rows/_tensor.', c.model.preset, topo.name,
-           len(splits) * len(space.remat_policies) * len(space.rows_per_shard),
+  blocks = c.model.num_layers // config_lib.GLOBAL_EVERY
+  stage = ('one full compile each' if not space.confirm or blocks <= PROBE_BLOCKS[-1] else
+           f'predicted from {len(PROBE_BLOCKS)} compiles each of the model shortened to '
+           f'{" and ".join(map(str, PROBE_BLOCKS))} of its {blocks} blocks, then the best '
+           f'{space.confirm} compiled whole')
+  log.info('Planning %s on %s: up to %d candidates (tensor %s x remat %s x rows per batch '
+           'shard %s; a batch stops growing at its first misfit), %s. Each compile can take '
+           'minutes; narrow the search with --aot_plan_remat/_rows/_tensor.', c.model.preset,
+           topo.name, len(splits) * len(space.remat_policies) * len(space.rows_per_shard),
            '/'.join(map(str, splits)), '/'.join(space.remat_policies),
-           '/'.join(map(str, space.rows_per_shard)))
+           '/'.join(map(str, space.rows_per_shard)), stage)
+  predictions = []
   for tensor in splits:
     fsdp = per_slice // tensor
     shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
     for remat in space.remat_policies:
       for rows in sorted(space.rows_per_shard):  # ascending: the first misfit ends the row
         trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards)
-        r = aot.compile_report(trial, topo, device_list=device_list)
-        status = (f'{r.total_gib:.1f} GiB' if r.total_gib is not None else 'OOM') + (
-            '' if r.fits else ' (does not fit)')
-        log.info('  plan fsdp=%d tensor=%d remat=%s batch=%d: %s (compiled in %.0f s)', fsdp,
-                 tensor, remat, r.global_batch, status, r.compile_seconds or 0)
+        r = (predict_report(trial, topo, device_list) if space.confirm else
+             _plan_report(aot.compile_report(trial, topo, device_list=device_list)))
+        log.info('  plan fsdp=%d tensor=%d remat=%s batch=%d: %s', fsdp, tensor, remat,
+                 r.global_batch, _describe(r))
         if not r.fits:
           break
-        results.append(r)
-  if not results:
+        predictions.append((trial, r))
+  plans = _confirm(predictions, topo, device_list, space.confirm)
+  if not plans:
     raise config_lib.ConfigError(
         f'--aot_topology={topo.name}: no plan fits {c.model.preset} at seq_len '
         f'{c.data.seq_len} (tried remat {"/".join(space.remat_policies)}, tensor '
         f'{"/".join(map(str, space.tensor_degrees))}); try a larger slice or a shorter '
         'data.seq_len')
-  # Ties (the estimate is compute-bound per token, so batch sizes often tie): most headroom first.
-  return sorted(results, key=lambda r: (-r.tokens_per_sec, -r.headroom))
+  return sorted(plans, key=_rank)
 
 
-def format_plan(results: Sequence[aot.Report]) -> str:
-  """The ranked plans as a table, each with the --config flags that select it."""
+def _describe(r: PlanReport) -> str:
+  """A progress line's verdict: GiB (or OOM), fit, and the compile seconds behind it."""
+  gib = f'{r.total_gib:.1f} GiB' if r.total_gib is not None else 'OOM'
+  how = (f'predicted from {len(r.probe_seconds)} shortened compile(s) in '
+         f'{" + ".join(f"{s:.0f}" for s in r.probe_seconds)} s' if r.predicted
+         else f'compiled in {r.compile_seconds or 0:.0f} s')
+  return f'{gib}{"" if r.fits else " (does not fit)"} ({how})'
+
+
+def _rank(r: PlanReport) -> tuple[float, float]:
+  """Sort key, best first: estimated tokens/s, then headroom. The estimate is compute-bound per
+  token, so batch sizes often tie (to rounding, hence 6 digits); then the most headroom first."""
+  return -float(f'{r.tokens_per_sec:.6g}'), -r.headroom
+
+
+# --- stage 2: confirm the best with full compiles --------------------------------------
+
+
+def _confirm(predictions: Sequence[tuple[config_lib.Config, PlanReport]],
+             topo: hardware.Topology, device_list: Sequence, confirm: int) -> list[PlanReport]:
+  """Full compiles of the best predicted fits until `confirm` of them fit; a candidate compiled
+  whole in stage 1 is a plan already. A candidate whose full compile does not fit is dropped."""
+  plans = [r for _, r in predictions if not r.predicted]
+  candidates = sorted(((t, r) for t, r in predictions if r.predicted), key=lambda p: _rank(p[1]))
+  for trial, predicted in candidates:
+    if len(plans) >= confirm:
+      break
+    r = _plan_report(aot.compile_report(trial, topo, device_list=device_list),
+                     predicted_gib=predicted.total_gib, probe_seconds=predicted.probe_seconds)
+    log.info('  confirm fsdp=%d tensor=%d remat=%s batch=%d: %s, predicted %.1f GiB (%s)',
+             r.mesh['fsdp'], r.mesh['tensor'], r.remat_policy, r.global_batch, _describe(r),
+             predicted.total_gib, _error_text(r))
+    if r.fits:
+      plans.append(r)
+  return plans
+
+
+def prediction_error(r: PlanReport) -> float | None:
+  """(predicted - compiled) / compiled total GiB of a confirmed plan; None without both."""
+  if r.predicted_gib is None or r.total_gib is None:
+    return None
+  return (r.predicted_gib - r.total_gib) / r.total_gib
+
+
+def _error_text(r: PlanReport) -> str:
+  error = prediction_error(r)
+  return 'no compiled total' if error is None else f'prediction error {100 * error:+.1f}%'
+
+
+def format_plan(results: Sequence[PlanReport]) -> str:
+  """The ranked plans as a table, each with the --config flags that select it: GiB/chip is the
+  full compile's; predicted and error are stage 1's total and its error against that compile."""
   lines = [f'{len(results)} fitting plan(s) for {results[0].config} on {results[0].topology}, '
-           'best estimated throughput first:',
+           'best estimated throughput first (memory from full compiles):',
            f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"batch":>6} {"rows/chip":>9} '
-           f'{"GiB/chip":>9} {"headroom":>8} {"tokens/s":>12} {"MFU":>6}  flags']
+           f'{"GiB/chip":>9} {"predicted":>9} {"error":>6} {"headroom":>8} {"tokens/s":>12} '
+           f'{"MFU":>6}  flags']
   for r in results:
     flags = (f'--config.mesh.fsdp={r.mesh["fsdp"]} --config.mesh.tensor={r.mesh["tensor"]} '
              f'--config.model.remat_policy={r.remat_policy} '
              f'--config.train.global_batch_size={r.global_batch}')
+    error = prediction_error(r)
+    predicted, error = (('-', '-') if error is None
+                        else (f'{r.predicted_gib:.2f}', f'{100 * error:+.1f}%'))
     lines.append(f'  {r.mesh["fsdp"]:>5} {r.mesh["tensor"]:>6} {r.remat_policy:<26} '
                  f'{r.global_batch:>6} {r.per_chip_batch:>9g} {r.total_gib:>9.2f} '
-                 f'{100 * r.headroom:>7.1f}% {r.tokens_per_sec:>12,.0f} {100 * r.mfu:>5.1f}%  '
-                 f'{flags}')
+                 f'{predicted:>9} {error:>6} {100 * r.headroom:>7.1f}% '
+                 f'{r.tokens_per_sec:>12,.0f} {100 * r.mfu:>5.1f}%  {flags}')
   return '\n'.join(lines)
 
 
