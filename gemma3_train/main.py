@@ -56,6 +56,10 @@ _AOT_PLAN_CONFIRM = flags.DEFINE_string('aot_plan_confirm', '', 'With --aot_plan
                                         'shortened to 2 and 3 blocks, then compiles the best N '
                                         'whole (only those are printed); default 0: compile '
                                         'every candidate whole (as fast for scanned layers).')
+_AOT_PLAN_LAYOUTS = flags.DEFINE_string('aot_plan_layouts', '', 'With --aot_plan: comma list '
+                                        'of memory layouts REMAT_UNIT/SCAN_UNIT, tried in order '
+                                        'per candidate until one fits (default: '
+                                        'block/block,layer/layer; docs/memory.md).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for '
                                    'multi-process runs off TPU/GKE (auto-detected there).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
@@ -71,7 +75,7 @@ _COMMON_FIELDS = ('data.source', 'data.train_path', 'data.eval_path', 'data.form
                   'train.eval_every', 'optim.lr', 'optim.warmup_steps', 'checkpoint.every',
                   'checkpoint.init_from', 'logging.log_every')
 _NEEDS_TOPOLOGY = (_AOT_PLAN, _AOT_REPORT, _AOT_PLAN_REMAT, _AOT_PLAN_ROWS, _AOT_PLAN_TENSOR,
-                   _AOT_PLAN_CONFIRM)
+                   _AOT_PLAN_CONFIRM, _AOT_PLAN_LAYOUTS)
 _OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]*)')
 
 
@@ -109,7 +113,8 @@ def main(argv) -> None:
     from gemma3_train import plan  # pylint: disable=g-import-not-at-top
     try:
       space = plan.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
-                                    _AOT_PLAN_TENSOR.value, _AOT_PLAN_CONFIRM.value)
+                                    _AOT_PLAN_TENSOR.value, _AOT_PLAN_CONFIRM.value,
+                                    _AOT_PLAN_LAYOUTS.value)
       if _AOT_PLAN.value:
         plan.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, space=space)
       else:

@@ -45,10 +45,14 @@ class PlanSpace:
   rows_per_shard: tuple[int, ...] = (1, 2, 4, 8)  # rows per batch shard (fsdp x data x dcn)
   tensor_degrees: tuple[int, ...] = (1, 2, 4, 8)
   confirm: int = 0
+  # memory layouts 'REMAT_UNIT/SCAN_UNIT' (model.remat_unit, model.scan_unit), tried in this
+  # order for each candidate until one fits: the first is the fastest (no second replay), the
+  # later ones trade a replay of the forward for memory (docs/memory.md)
+  layouts: tuple[str, ...] = ('block/block', 'layer/layer')
 
 
-def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm: str = ''
-                     ) -> PlanSpace:
+def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm: str = '',
+                     layouts: str = '') -> PlanSpace:
   """PlanSpace from the --aot_plan_* flags (comma lists; empty keeps the default)."""
   def ints(flag: str, text: str, default: tuple[int, ...]) -> tuple[int, ...]:
     if not text:
@@ -70,7 +74,15 @@ def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm:
     raise config_lib.ConfigError(f'--aot_plan_confirm={confirm!r}: expected a count of '
                                  'predicted plans to compile whole, or 0 to compile every '
                                  'candidate whole')
-  return PlanSpace(remat_policies=policies,
+  layout_list = tuple(layouts.split(',')) if layouts else PlanSpace.layouts
+  for layout in layout_list:
+    remat_unit, _, scan_unit = layout.partition('/')
+    if remat_unit not in config_lib.REMAT_UNITS or scan_unit not in config_lib.SCAN_UNITS:
+      raise config_lib.ConfigError(
+          f'--aot_plan_layouts={layouts!r}: {layout!r} is not REMAT_UNIT/SCAN_UNIT; expected '
+          f'each of {"|".join(config_lib.REMAT_UNITS)} / {"|".join(config_lib.SCAN_UNITS)}, '
+          'e.g. block/block,layer/layer')
+  return PlanSpace(remat_policies=policies, layouts=layout_list,
                    rows_per_shard=ints('aot_plan_rows', rows, PlanSpace.rows_per_shard),
                    tensor_degrees=ints('aot_plan_tensor', tensor, PlanSpace.tensor_degrees),
                    confirm=int(confirm) if confirm else PlanSpace.confirm)
@@ -88,11 +100,13 @@ def _plan_report(r: aot.Report, **changes) -> PlanReport:
   return PlanReport(**{**{f.name: getattr(r, f.name) for f in dataclasses.fields(r)}, **changes})
 
 
-def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int
-          ) -> config_lib.Config:
-  """c with one candidate's remat policy, mesh split and (per-microbatch) batch."""
+def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int,
+          layout: str = 'block/block') -> config_lib.Config:
+  """c with one candidate's remat policy, memory layout, mesh split and (per-microbatch) batch."""
+  remat_unit, scan_unit = layout.split('/')
   return dataclasses.replace(
-      c, model=dataclasses.replace(c.model, remat_policy=remat),
+      c, model=dataclasses.replace(c.model, remat_policy=remat, remat_unit=remat_unit,
+                                   scan_unit=scan_unit),
       mesh=dataclasses.replace(c.mesh, data=1, fsdp=fsdp, tensor=tensor),
       train=dataclasses.replace(c.train, global_batch_size=batch * c.optim.grad_accum_steps))
 
@@ -210,22 +224,27 @@ def search_plans(c: config_lib.Config, topo: hardware.Topology,
            f'{" and ".join(map(str, PROBE_BLOCKS))} of its {blocks} blocks, then the best '
            f'{space.confirm} compiled whole')
   log.info('Planning %s on %s: up to %d candidates (tensor %s x remat %s x rows per batch '
-           'shard %s; a batch stops growing at its first misfit), %s. Each compile can take '
-           'minutes; narrow the search with --aot_plan_remat/_rows/_tensor.', c.model.preset,
+           'shard %s; a batch stops growing at its first misfit; layouts %s, the next tried '
+           'only when the one before does not fit), %s. Each compile can take minutes; narrow '
+           'the search with --aot_plan_remat/_rows/_tensor/_layouts.', c.model.preset,
            topo.name, len(splits) * len(space.remat_policies) * len(space.rows_per_shard),
            '/'.join(map(str, splits)), '/'.join(space.remat_policies),
-           '/'.join(map(str, space.rows_per_shard)), stage)
+           '/'.join(map(str, space.rows_per_shard)), ', '.join(space.layouts), stage)
   predictions = []
   for tensor in splits:
     fsdp = per_slice // tensor
     shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
     for remat in space.remat_policies:
       for rows in sorted(space.rows_per_shard):  # ascending: the first misfit ends the row
-        trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards)
-        r = (predict_report(trial, topo, device_list) if space.confirm else
-             _plan_report(aot.compile_report(trial, topo, device_list=device_list)))
-        log.info('  plan fsdp=%d tensor=%d remat=%s batch=%d: %s', fsdp, tensor, remat,
-                 r.global_batch, _describe(r))
+        for layout in space.layouts:
+          trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards,
+                        layout=layout)
+          r = (predict_report(trial, topo, device_list) if space.confirm else
+               _plan_report(aot.compile_report(trial, topo, device_list=device_list)))
+          log.info('  plan fsdp=%d tensor=%d remat=%s layout=%s batch=%d: %s', fsdp, tensor,
+                   remat, layout, r.global_batch, _describe(r))
+          if r.fits:
+            break
         if not r.fits:
           break
         predictions.append((trial, r))
@@ -293,18 +312,20 @@ def format_plan(results: Sequence[PlanReport]) -> str:
   full compile's; predicted and error are stage 1's total and its error against that compile."""
   lines = [f'{len(results)} fitting plan(s) for {results[0].config} on {results[0].topology}, '
            'best estimated throughput first (memory from full compiles):',
-           f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"batch":>6} {"rows/chip":>9} '
+           f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"layout":<12} {"batch":>6} {"rows/chip":>9} '
            f'{"GiB/chip":>9} {"predicted":>9} {"error":>6} {"headroom":>8} {"tokens/s":>12} '
            f'{"MFU":>6}  flags']
   for r in results:
     flags = (f'--config.mesh.fsdp={r.mesh["fsdp"]} --config.mesh.tensor={r.mesh["tensor"]} '
              f'--config.model.remat_policy={r.remat_policy} '
+             f'--config.model.remat_unit={r.remat_unit} --config.model.scan_unit={r.scan_unit} '
              f'--config.train.global_batch_size={r.global_batch}')
     error = prediction_error(r)
     predicted, error = (('-', '-') if error is None
                         else (f'{r.predicted_gib:.2f}', f'{100 * error:+.1f}%'))
+    layout = f'{r.remat_unit}/{r.scan_unit}'
     lines.append(f'  {r.mesh["fsdp"]:>5} {r.mesh["tensor"]:>6} {r.remat_policy:<26} '
-                 f'{r.global_batch:>6} {r.per_chip_batch:>9g} {r.total_gib:>9.2f} '
+                 f'{layout:<12} {r.global_batch:>6} {r.per_chip_batch:>9g} {r.total_gib:>9.2f} '
                  f'{predicted:>9} {error:>6} {100 * r.headroom:>7.1f}% '
                  f'{r.tokens_per_sec:>12,.0f} {100 * r.mfu:>5.1f}%  {flags}')
   return '\n'.join(lines)

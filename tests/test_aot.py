@@ -310,7 +310,7 @@ def test_planner_ranks_and_prunes(monkeypatch):
   monkeypatch.setattr(aot, 'compile_report', fake)
   monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
   space = plan.PlanSpace(remat_policies=('none', 'full', 'minimal'), rows_per_shard=(1, 2, 4),
-                        tensor_degrees=(1, 2, 3))
+                        tensor_degrees=(1, 2, 3), layouts=('block/block',))
   plans = plan.search_plans(c, topo, space)
   # tensor=3 does not divide 4 chips; tensor=2 does not divide tiny's single kv head.
   assert {t for t, _, _ in calls} == {1}
@@ -324,8 +324,10 @@ def test_planner_ranks_and_prunes(monkeypatch):
   table = plan.format_plan(plans).splitlines()
   assert len(table) == 2 + len(plans)
   assert table[2].endswith(f'--config.model.remat_policy={plans[0].remat_policy} '
+                           '--config.model.remat_unit=block --config.model.scan_unit=block '
                            f'--config.train.global_batch_size={plans[0].global_batch}')
-  tight = plan.PlanSpace(remat_policies=('none',), rows_per_shard=(8, 16), tensor_degrees=(1,))
+  tight = plan.PlanSpace(remat_policies=('none',), rows_per_shard=(8, 16), tensor_degrees=(1,),
+                         layouts=('block/block',))
   with pytest.raises(config_lib.ConfigError, match='no plan fits'):
     plan.search_plans(c, topo, tight)
 
@@ -335,8 +337,11 @@ def test_plan_space_flags():
   assert space == plan.PlanSpace(remat_policies=('full', 'minimal'), rows_per_shard=(2, 1),
                                  tensor_degrees=(1,))
   assert plan.parse_plan_space() == plan.PlanSpace()
+  assert plan.parse_plan_space(layouts='layer/block').layouts == ('layer/block',)
   for args, flag in ((('fulll',), '--aot_plan_remat'), (('', '0'), '--aot_plan_rows'),
-                     (('', '', 'two'), '--aot_plan_tensor')):
+                     (('', '', 'two'), '--aot_plan_tensor'),
+                     (('', '', '', '', 'layer'), '--aot_plan_layouts'),
+                     (('', '', '', '', 'block/row'), '--aot_plan_layouts')):
     with pytest.raises(config_lib.ConfigError) as e:
       plan.parse_plan_space(*args)
     assert str(e.value).startswith(flag) and '\n' not in str(e.value)
@@ -421,7 +426,7 @@ def test_planner_finds_a_plan_for_27b_on_v5p_128():
   # shipped plan and the one above it in batch.
   c = _config('27b')
   space = plan.PlanSpace(remat_policies=(c.model.remat_policy,), rows_per_shard=(1, 2),
-                         tensor_degrees=(1,))
+                         tensor_degrees=(1,), layouts=('block/block',))
   plans = plan.search_plans(c, aot.parse_topology('v5p-128'), space)
   print(plan.format_plan(plans))
   assert plans and all(p.fits for p in plans)

@@ -251,9 +251,11 @@ def test_bad_canonical_input():
 
 
 @pytest.mark.slow
-def test_splash_model_equals_reference_model():
-  """attention_impl='splash' (interpreted off TPU) through the whole model, packed rows."""
-  cfg = dataclasses.replace(TINY, num_layers=7, sliding_window=20)
+@pytest.mark.parametrize('scan_unit', ['block', 'layer'])
+def test_splash_model_equals_reference_model(scan_unit):
+  """attention_impl='splash' (interpreted off TPU) through the whole model, packed rows; with
+  scan_unit='layer' the local and global kernels are the two branches of a lax.cond."""
+  cfg = dataclasses.replace(TINY, num_layers=7, sliding_window=20, scan_unit=scan_unit)
   L = 128
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (1, L)), jnp.int32)
   segments = jnp.asarray((np.arange(L) >= 50).astype(np.int32) + 1)[None]

@@ -102,7 +102,8 @@ def test_search_confirms_only_the_best_predictions(monkeypatch):
   monkeypatch.setattr(aot, 'compile_report', _stand_in(calls, 62, {('minimal', 4): 20.0}))
   monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
   space = plan.PlanSpace(remat_policies=('none', 'full', 'minimal'), rows_per_shard=(1, 2, 4),
-                         tensor_degrees=(1,), confirm=2)
+                         tensor_degrees=(1,), confirm=2,
+                         layouts=('block/block',))
   plans = plan.search_plans(c, TOPO, space)
   probes = [call for call in calls if call[0] != 62]
   confirms = [call[1:] for call in calls if call[0] == 62]
@@ -168,3 +169,44 @@ def test_prediction_against_a_full_compile_on_v5e_4():
   # (the 3-block probe's, not the full program's) outweighs the matmul FLOPs from the shapes:
   # measured 1.4% apart. At real sizes the shapes' count rules and is the full config's.
   assert predicted.tokens_per_sec == pytest.approx(full.tokens_per_sec, rel=0.02)
+
+
+def test_search_tries_the_next_layout_only_when_one_does_not_fit(monkeypatch):
+  """Layouts (model.remat_unit/scan_unit) in order per candidate: layer/layer, which replays the
+  forward once more, is compiled only where block/block does not fit, and a batch stops growing
+  when no layout fits."""
+  calls = []
+  temp_per_row = {'block/block': 6.0, 'layer/layer': 3.0}  # GiB per row per chip
+
+  def compile_report(trial, topo, device_list=None):
+    del device_list
+    m = trial.model
+    layout = f'{m.remat_unit}/{m.scan_unit}'
+    calls.append((layout, trial.train.global_batch_size))
+    r = aot._base_report(trial, topo, sharding.mesh_shape(trial, topo.total_chips, 1))
+    rows = trial.train.global_batch_size / topo.total_chips
+    r.state_gib = 1.0
+    r.model_flops_per_step = flops.train_flops_per_step(trial)
+    aot._fill_memory(r, types.SimpleNamespace(
+        argument_size_in_bytes=aot.GIB, output_size_in_bytes=0, alias_size_in_bytes=0,
+        temp_size_in_bytes=temp_per_row[layout] * rows * aot.GIB,
+        generated_code_size_in_bytes=0))
+    aot._fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
+    return r
+  monkeypatch.setattr(aot, 'compile_report', compile_report)
+  monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
+  space = plan.PlanSpace(remat_policies=('full',), rows_per_shard=(1, 2, 4, 8),
+                         tensor_degrees=(1,))
+  assert space.layouts == ('block/block', 'layer/layer')  # the default
+  plans = plan.search_plans(_tiny(remat_policy='full'), TOPO, space)
+  # 16 GiB chips: block/block fits 1 and 2 rows (7, 13 GiB), not 4 (25): layer/layer fits 4
+  # rows (13); at 8 rows neither does (49, 25), which ends the search.
+  assert calls == [('block/block', 4), ('block/block', 8), ('block/block', 16),
+                   ('layer/layer', 16), ('block/block', 32), ('layer/layer', 32)]
+  # Ranked: block/block's two (equal tokens/s, more headroom first), then layer/layer's
+  # (its second replay lowers the estimate).
+  assert [(p.remat_unit, p.scan_unit, p.global_batch) for p in plans] == [
+      ('block', 'block', 4), ('block', 'block', 8), ('layer', 'layer', 16)]
+  assert plans[2].tokens_per_sec < plans[1].tokens_per_sec
+  table = plan.format_plan(plans).splitlines()
+  assert '--config.model.remat_unit=layer --config.model.scan_unit=layer' in table[4]
