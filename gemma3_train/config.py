@@ -194,6 +194,9 @@ class TrainConfig:
   eval_every: int = _f(200, 'run eval every N steps (0 = never)')
   eval_steps: int = _f(10, 'eval batches per eval')
   loss_chunk_size: int = _f(1024, 'tokens per chunk of the chunked cross-entropy')
+  loss_vocab_parallel: bool = _f(False, "split the loss's vocabulary over the batch axes (each "
+                                 "chunk's rows gathered): no whole table or [D, V] gradient "
+                                 'partial per chip (docs/memory.md)')
   sample_every: int = _f(0, 'sample train.sample_prompts (greedy, 32 tokens) every N steps into '
                          'the log, metrics.jsonl and TensorBoard (0 = never)')
   sample_prompts: str = _f('The capital of France is|Once upon a time',

@@ -15,6 +15,15 @@ in p; the one-hot part is a gather of E rows (for dx) and a T-row scatter into d
 applied in float32 so it is not rounded with p in bfloat16. With bfloat16 compute e is stored in
 bfloat16 and the differentiated forward's sum(e) adds those rounded values (in float32), so its
 loss differs from the plain forward's by ~1e-4 relative; float32 compute is unaffected.
+
+vocab_parallel (train.loss_vocab_parallel): under FSDP every chip would otherwise gather the
+whole table [V, D] for its own rows and form a whole-vocabulary [D, V] float32 partial of
+p^T @ (w x) before the reduce-scatter: for 4b that is 1.25 GiB of table and 2.5 GiB of partial
+per chip, the largest temporaries of the step (docs/memory.md). With vocab_parallel the
+differentiated forward gathers each chunk's rows instead (a few MiB) and splits the vocabulary
+over the batch axes: each chip computes every row's logits for its V / n slice of the table, the
+max and sum(e) over the vocabulary become all-reduces of [B, C] values, p @ E a reduce-scatter
+of [B, C, D], and p^T @ (w x) is complete on each chip for its slice. Same sums and gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +36,10 @@ import jax.numpy as jnp
 from gemma3_train import sharding
 
 _LOGITS = ('act_batch', 'act_len', 'act_vocab')
+# vocab_parallel: the vocabulary split over the batch axes, the chunk's rows on every chip
+_VP_LOGITS = (None, None, 'act_batch')
+_VP_TABLE = ('act_batch', None)
+_ROWS = ('act_batch', None, None)
 _SUM_KEYS = ('loss_sum', 'z_loss_sum', 'weight_sum', 'correct_sum')
 
 
@@ -70,9 +83,11 @@ def _zero_sums():
   return {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _sums_nBC(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sums_nBC(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float,
+              vocab_parallel: bool):
   """Summed loss terms over chunks [n, B, C]; no gradient work (eval, or the primal)."""
+  del vocab_parallel  # no [D, V] partial without gradients; the table gather is the cost
 
   def body(totals, chunk):
     x_BCD, targets_BC, weights_BC = chunk
@@ -85,30 +100,48 @@ def _sums_nBC(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
   return totals
 
 
-def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
+def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float, vocab_parallel: bool):
   """The sums, plus p @ E per position and p^T @ (w x) [, p^T @ (2 w lse x)] over the table."""
   D = x_nBCD.shape[-1]
   dt = x_nBCD.dtype
-  table_c = table_VD.astype(dt)
+  table_c = table_VD.astype(dt)  # as stored (embed over fsdp): target rows are gathered from it
+  # the logits' table: a vocabulary slice per chip, or whole (gathered) on every chip
+  table_l = sharding.constrain(table_c, _VP_TABLE) if vocab_parallel else table_c
 
   def body(carry, chunk):
     totals, pX_VK = carry
     x_BCD, targets_BC, weights_BC = chunk
-    logits_BCV = _chunk_logits(x_BCD, table_VD)
+    own_targets_BC, own_w_BC = targets_BC, weights_BC.astype(jnp.float32)  # this chip's rows
+    if vocab_parallel:
+      x_BCD = sharding.constrain(x_BCD, (None, None, None))  # this chunk's rows, all of them
+      targets_BC = sharding.constrain(targets_BC, (None, None))
+      weights_BC = sharding.constrain(weights_BC, (None, None))
+      logits_BCV = sharding.constrain(
+          jnp.einsum('BCD,VD->BCV', x_BCD, table_l, preferred_element_type=jnp.float32),
+          _VP_LOGITS)
+    else:
+      logits_BCV = _chunk_logits(x_BCD, table_VD)
     max_BC = jnp.max(logits_BCV, axis=-1)
     # e = exp(logits - max) is written once, in the matmul dtype, and both the normalizer and
     # the matmuls read it; p = e / sum(e) is never formed: 1/sum(e) scales the [B, C, D]
     # operands and results instead of a [B, C, V] array. The barrier keeps XLA from fusing the
     # exp into the sum's reduction (on CPU that recomputed it in a slow reduction kernel).
     e_BCV = jax.lax.optimization_barrier(jnp.exp(logits_BCV - max_BC[..., None]).astype(dt))
-    e_BCV = sharding.constrain(e_BCV, _LOGITS)
+    e_BCV = sharding.constrain(e_BCV, _VP_LOGITS if vocab_parallel else _LOGITS)
     sum_BC = jnp.sum(e_BCV.astype(jnp.float32), axis=-1)
     lse_BC = max_BC + jnp.log(sum_BC)
-    sums = _chunk_sums(lse_BC, _target_logit(logits_BCV, targets_BC), max_BC, weights_BC,
-                       z_loss)
+    if vocab_parallel:  # a masked sum, local to each slice (a gather would collect the logits)
+      V = logits_BCV.shape[-1]
+      hit_BCV = jax.lax.broadcasted_iota(jnp.int32, (1, 1, V), 2) == targets_BC[..., None]
+      target_BC = jnp.sum(jnp.where(hit_BCV, logits_BCV, 0.0), axis=-1)
+    else:
+      target_BC = _target_logit(logits_BCV, targets_BC)
+    sums = _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss)
     inv_BC = 1.0 / sum_BC
-    pE_BCD = inv_BC[..., None] * jnp.einsum('BCV,VD->BCD', e_BCV, table_c,
-                                            preferred_element_type=jnp.float32)
+    eE_BCD = jnp.einsum('BCV,VD->BCD', e_BCV, table_l, preferred_element_type=jnp.float32)
+    if vocab_parallel:  # summed over the slices and handed back to the rows' chips
+      eE_BCD = sharding.constrain(eE_BCD, _ROWS)
+    pE_BCD = inv_BC[..., None] * eE_BCD
     w_BC = weights_BC.astype(jnp.float32)
     # The [B, C, K] operand of p^T @ (.): each term's per-position dlogits scale, over sum(e).
     xs_BCK = x_BCD.astype(jnp.float32) * (w_BC * inv_BC)[..., None]
@@ -119,12 +152,15 @@ def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
     # e transposed, and as a plain bf16 x bf16 -> f32 dot is not supported by XLA:CPU).
     contrib_KV = jnp.einsum('BCK,BCV->KV', xs_BCK.astype(dt), e_BCV,
                             preferred_element_type=jnp.float32)
+    if vocab_parallel:  # complete on each chip for its vocabulary slice: no reduction
+      contrib_KV = sharding.constrain(contrib_KV, (None, 'act_batch'))
     contrib_VK = jax.lax.optimization_barrier(contrib_KV).T
     pX_VK = contrib_VK if pX_VK is None else pX_VK + contrib_VK
-    # dx of loss_sum: w (p @ E - E[target]); of z_loss_sum: 2 w lse (p @ E).
-    target_rows_BCD = jnp.take(table_c, targets_BC, axis=0).astype(jnp.float32)
-    dx_loss_BCD = w_BC[..., None] * (pE_BCD - target_rows_BCD)
-    dx_z_BCD = (2.0 * w_BC * lse_BC)[..., None] * pE_BCD if z_loss else None
+    # dx of loss_sum: w (p @ E - E[target]); of z_loss_sum: 2 w lse (p @ E). Each chip forms
+    # its own rows' (with vocab_parallel the sums above saw every row).
+    target_rows_BCD = jnp.take(table_c, own_targets_BC, axis=0).astype(jnp.float32)
+    dx_loss_BCD = own_w_BC[..., None] * (pE_BCD - target_rows_BCD)
+    dx_z_BCD = (2.0 * own_w_BC * lse_BC)[..., None] * pE_BCD if z_loss else None
     return (jax.tree.map(jnp.add, totals, sums), pX_VK), (dx_loss_BCD, dx_z_BCD)
 
   n = x_nBCD.shape[0]
@@ -133,13 +169,14 @@ def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float):
     (totals, pX_VK), ys = _scan_chunks(body, (_zero_sums(), None), xs, 1)
   else:
     K = 2 * D if z_loss else D
-    pX_VK = sharding.constrain(jnp.zeros((table_VD.shape[0], K), jnp.float32), ('vocab', None))
+    pX_VK = sharding.constrain(jnp.zeros((table_VD.shape[0], K), jnp.float32),
+                               _VP_TABLE if vocab_parallel else ('vocab', None))
     (totals, pX_VK), ys = _scan_chunks(body, (_zero_sums(), pX_VK), xs, n)
   # A zero-size array carries the table's dtype (residuals must be arrays).
   return totals, (ys, pX_VK, x_nBCD, targets_nBC, weights_nBC, jnp.zeros((0,), table_VD.dtype))
 
 
-def _sums_bwd(z_loss: float, res, g):
+def _sums_bwd(z_loss: float, vocab_parallel: bool, res, g):
   (dx_loss_nBCD, dx_z_nBCD), pX_VK, x_nBCD, targets_nBC, weights_nBC, table_dtype = res
   D = x_nBCD.shape[-1]
   g_loss, g_z = g['loss_sum'], g['z_loss_sum']
@@ -148,6 +185,8 @@ def _sums_bwd(z_loss: float, res, g):
   if z_loss:
     dx_nBCD = dx_nBCD + g_z * dx_z_nBCD
     dE_VD = dE_VD + g_z * pX_VK[:, D:]
+  if vocab_parallel:  # to the table's own layout before the scatter into its rows
+    dE_VD = sharding.constrain(dE_VD, ('vocab', 'embed'))
   # The one-hot part of dlogits: row target of dE loses w x (T rows, not a pass over the logits).
   w_nBC = weights_nBC.astype(jnp.float32)
   rows_TD = (x_nBCD.astype(jnp.float32) * (g_loss * w_nBC)[..., None]).reshape(-1, D)
@@ -159,7 +198,8 @@ _sums_nBC.defvjp(_sums_fwd, _sums_bwd)
 
 
 def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_size: int,
-                          z_loss: float = 0.0) -> dict[str, jax.Array]:
+                          z_loss: float = 0.0, vocab_parallel: bool = False
+                          ) -> dict[str, jax.Array]:
   """Float32 sums {loss_sum, z_loss_sum, weight_sum, correct_sum}; the caller divides.
 
   x_BLD are the final-normed hidden states, embedding_VD the (tied) table, targets_BL the next
@@ -168,6 +208,7 @@ def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_
   unscaled sum(w * logsumexp^2), computed only when z_loss > 0 (the trainer adds
   z_loss * z_loss_sum to the objective). correct_sum counts positions whose target logit equals
   the maximum logit (ties count as correct). Gradients flow to x_BLD and embedding_VD.
+  vocab_parallel: the gradient pass splits the vocabulary over the batch axes (module doc).
   """
   B, L, D = x_BLD.shape
   if chunk_size < 1:
@@ -183,7 +224,8 @@ def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_
   x_nBCD = x_BLD.reshape(B, num_chunks, C, D).swapaxes(0, 1)
   targets_nBC = targets_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
   weights_nBC = weights_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
-  return _sums_nBC(x_nBCD, embedding_VD, targets_nBC, weights_nBC, float(z_loss))
+  return _sums_nBC(x_nBCD, embedding_VD, targets_nBC, weights_nBC, float(z_loss),
+                   bool(vocab_parallel))
 
 
 def mask_image_targets(targets_BL, weights_BL, vocab_size: int):

@@ -119,7 +119,8 @@ def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config,
                                                  c.model.vocab_size)
   sums = loss_lib.chunked_cross_entropy(
       x_BLD, model.embedder.embedding[...], targets, weights,
-      chunk_size=c.train.loss_chunk_size, z_loss=c.train.z_loss)
+      chunk_size=c.train.loss_chunk_size, z_loss=c.train.z_loss,
+      vocab_parallel=c.train.loss_vocab_parallel)
   total = sums['loss_sum'] + c.train.z_loss * sums['z_loss_sum']
   return total, sums
 

@@ -149,3 +149,42 @@ def test_bad_chunk_size():
   x, table, targets, weights = _inputs()
   with pytest.raises(ValueError, match='loss_chunk_size'):
     loss_lib.chunked_cross_entropy(x, table, targets, weights, chunk_size=0)
+
+
+@pytest.mark.parametrize('z_loss', [0.0, 1e-2])
+def test_vocab_parallel_equals_row_parallel_on_a_mesh(z_loss):
+  """train.loss_vocab_parallel under a data x fsdp x tensor mesh of 8 CPU devices: the same sums
+  and gradients as the row-parallel loss, and the gradient pass no longer gathers the whole
+  table onto every device (its all-gathers move rows, not [V, D])."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+  B, L, D, V = 8, 12, 16, 64
+  x, table, targets, weights = _inputs(B=B, L=L, D=D, V=V, seed=5)
+  rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  x, targets, weights = (jax.device_put(a, rows) for a in (x, targets, weights))
+  table = jax.device_put(table, NamedSharding(mesh, P('tensor', 'fsdp')))
+
+  def run(vocab_parallel):
+    def objective(x, t):
+      s = loss_lib.chunked_cross_entropy(x, t, targets, weights, chunk_size=5, z_loss=z_loss,
+                                         vocab_parallel=vocab_parallel)
+      return s['loss_sum'] + z_loss * s['z_loss_sum'], s
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+      step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+      hlo = step.lower(x, table).compile().as_text()
+    (_, sums), grads = step(x, table)
+    return sums, grads, hlo
+
+  sums_r, grads_r, _ = run(False)
+  sums_v, grads_v, hlo_v = run(True)
+  for k in sums_r:
+    np.testing.assert_allclose(sums_v[k], sums_r[k], rtol=1e-6, err_msg=k)
+  for a, b in zip(grads_v, grads_r):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
+  want = _full(*(np.asarray(a) for a in (x, table, targets, weights)), z_loss)
+  np.testing.assert_allclose(sums_v['loss_sum'], want['loss_sum'], rtol=1e-5)
+  gathered = [line for line in hlo_v.splitlines() if 'all-gather(' in line]
+  # The row-parallel loss gathers the table's [V / tensor, D] over fsdp; this one only rows.
+  assert gathered and not any(f'[{V // 2},{D}]' in line.split('all-gather(')[0] or
+                              f'[{V},{D}]' in line.split('all-gather(')[0] for line in gathered)
