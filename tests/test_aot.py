@@ -266,6 +266,22 @@ def test_compiles_trimmed_tiny_for_v5e_4():
 
 @needs_libtpu
 @pytest.mark.slow
+def test_compiles_the_memory_layouts_for_v5e_4():
+  """The layouts docs/memory.md measures, through the TPU compiler: a per-layer checkpoint, the
+  inner scan over single layers (its two splash kernels as lax.cond branches) and the
+  vocabulary-parallel loss, on the trimmed tiny of the test above."""
+  c = _config('tiny', model=dict(num_layers=6, vocab_size=4096, remat_policy='full',
+                                 remat_unit='layer', scan_unit='layer'),
+              train=dict(loss_vocab_parallel=True))
+  r = aot.compile_report(c, aot.parse_topology('v5e-4'))
+  assert r.fits and not r.error and (r.remat_unit, r.scan_unit) == ('layer', 'layer')
+  assert r.tpu_kernels > 0  # the splash TPU kernels, not their interpreter
+  assert r.total_gib == pytest.approx(r.argument_gib + r.output_gib - r.alias_gib + r.temp_gib +
+                                      r.code_gib)
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_cli_compiles_tiny_for_v5e_4(tmp_path):
   report = tmp_path / 'aot.json'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
