@@ -231,6 +231,7 @@ class Report:
   error: str = ''  # the compiler's out-of-memory message when it refused
   remat_unit: str = 'block'  # model.remat_unit
   scan_unit: str = 'block'  # model.scan_unit
+  loss_vocab_parallel: bool = False  # train.loss_vocab_parallel
 
 
 def _gib(n: float) -> float:
@@ -280,6 +281,7 @@ def _base_report(c: config_lib.Config, topo: hardware.Topology, shape: dict[str,
       config=c.model.preset, topology=topo.name, chip=topo.chip.name, chips=topo.total_chips,
       num_slices=topo.num_slices, mesh=shape, remat_policy=c.model.remat_policy,
       remat_unit=c.model.remat_unit, scan_unit=c.model.scan_unit,
+      loss_vocab_parallel=c.train.loss_vocab_parallel,
       seq_len=c.data.seq_len, global_batch=c.train.global_batch_size,
       per_chip_batch=c.train.global_batch_size / topo.total_chips,
       param_dtype=c.model.param_dtype, dtype=c.model.dtype, attention=c.model.attention_impl,

@@ -267,10 +267,11 @@ def _describe(r: PlanReport) -> str:
   return f'{gib}{"" if r.fits else " (does not fit)"} ({how})'
 
 
-def _rank(r: PlanReport) -> tuple[float, float]:
-  """Sort key, best first: estimated tokens/s, then headroom. The estimate is compute-bound per
-  token, so batch sizes often tie (to rounding, hence 6 digits); then the most headroom first."""
-  return -float(f'{r.tokens_per_sec:.6g}'), -r.headroom
+def _rank(r: PlanReport) -> tuple[bool, float, float]:
+  """Sort key, best first: plans that leave aot.HEADROOM of HBM free before those that do not
+  (a shipped config must), then estimated tokens/s, then headroom. The estimate is compute-bound
+  per token, so batch sizes often tie (to rounding, hence 6 digits); then the most headroom."""
+  return r.headroom < aot.HEADROOM, -float(f'{r.tokens_per_sec:.6g}'), -r.headroom
 
 
 # --- stage 2: confirm the best with full compiles --------------------------------------
@@ -311,7 +312,8 @@ def format_plan(results: Sequence[PlanReport]) -> str:
   """The ranked plans as a table, each with the --config flags that select it: GiB/chip is the
   full compile's; predicted and error are stage 1's total and its error against that compile."""
   lines = [f'{len(results)} fitting plan(s) for {results[0].config} on {results[0].topology}, '
-           'best estimated throughput first (memory from full compiles):',
+           f'best estimated throughput first, those with under {100 * aot.HEADROOM:.0f}% of HBM '
+           'free last (memory from full compiles):',
            f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"layout":<12} {"batch":>6} {"rows/chip":>9} '
            f'{"GiB/chip":>9} {"predicted":>9} {"error":>6} {"headroom":>8} {"tokens/s":>12} '
            f'{"MFU":>6}  flags']
