@@ -57,6 +57,17 @@ def _assert_close(a, b, what):
   np.testing.assert_allclose(a, b, rtol=0, atol=1e-6, err_msg=what)
 
 
+def _assert_same_results(got, want):
+  """Loss within 1e-6 relative, every canonical gradient within 1e-6 absolute."""
+  (l_got, (top_g, layers_g)), (l_want, (top_w, layers_w)) = got, want
+  np.testing.assert_allclose(l_got, l_want, rtol=1e-6)
+  for k in top_w:
+    _assert_close(top_g[k], top_w[k], k)
+  for i, (a, b) in enumerate(zip(layers_g, layers_w)):
+    for k in b:
+      _assert_close(a[k], b[k], f'layer {i} {k}')
+
+
 @pytest.mark.parametrize('scan', [True, False], ids=['scanned', 'unscanned'])
 @pytest.mark.parametrize('policy', ['full', 'save_qkv_proj'])
 def test_layer_unit_equals_block_unit(scan, policy):
@@ -65,14 +76,8 @@ def test_layer_unit_equals_block_unit(scan, policy):
   for unit in config_lib.REMAT_UNITS:
     cfg = dataclasses.replace(TINY7, scan_layers=scan, remat_policy=policy, remat_unit=unit)
     results[unit] = _loss_and_grads(cfg, tokens_BL)
-  (l_block, (top_b, layers_b)), (l_layer, (top_l, layers_l)) = (results['block'],
-                                                                results['layer'])
-  np.testing.assert_allclose(l_layer, l_block, rtol=1e-6)
-  for k in top_b:
-    _assert_close(top_l[k], top_b[k], k)
-  for i, (a, b) in enumerate(zip(layers_l, layers_b)):
-    for k in b:
-      _assert_close(a[k], b[k], f'layer {i} {k}')
+  _assert_same_results(results['layer'], results['block'])
+  layers_b = results['block'][1][1]
   # The absolute bound means something only against gradients of order 0.01 to 1.
   scale = max(float(np.max(np.abs(g))) for layer in layers_b for g in layer.values())
   assert 0.01 < scale < 100
@@ -86,15 +91,9 @@ def test_layer_scan_equals_block_layout(policy, remat_unit):
   function: losses and gradients within 1e-6."""
   tokens_BL = jnp.asarray(np.random.default_rng(1).integers(0, 128, (2, 12)), jnp.int32)
   base = dataclasses.replace(TINY7, remat_policy=policy)
-  l_block, (top_b, layers_b) = _loss_and_grads(base, tokens_BL)
-  l_scan, (top_s, layers_s) = _loss_and_grads(
-      dataclasses.replace(base, remat_unit=remat_unit, scan_unit='layer'), tokens_BL)
-  np.testing.assert_allclose(l_scan, l_block, rtol=1e-6)
-  for k in top_b:
-    _assert_close(top_s[k], top_b[k], k)
-  for i, (a, b) in enumerate(zip(layers_s, layers_b)):
-    for k in b:
-      _assert_close(a[k], b[k], f'layer {i} {k}')
+  _assert_same_results(_loss_and_grads(dataclasses.replace(base, remat_unit=remat_unit,
+                                                            scan_unit='layer'), tokens_BL),
+                       _loss_and_grads(base, tokens_BL))
 
 
 def _checkpoints(jaxpr, depth=0):
