@@ -118,15 +118,21 @@ def test_params_and_moments_are_sharded():
   assert any('fsdp' in x for x in specs) and any('tensor' in x for x in specs)
 
 
-def _accumulation_runs(num_layers):
-  """(big batch, 4 microbatches) runs of 2 steps on the same 32 rows."""
+def _accumulation_setup(num_layers):
+  """The big-batch config (32 rows, fsdp 4 x tensor 2) and two batches of it."""
   big = _config(mesh=dict(fsdp=4, tensor=2), model=dict(num_layers=num_layers),
                 train=dict(global_batch_size=32))
-  acc = big.replace(optim=dict(grad_accum_steps=4))
   batches = [_batch(big, i) for i in range(2)]
   # Make the padding differ across rows so per-microbatch weights differ.
   for b in batches:
     b['weights'][::3, :10] = 0.0
+  return big, batches
+
+
+def _accumulation_runs(num_layers):
+  """(big batch, 4 microbatches) runs of 2 steps on the same 32 rows."""
+  big, batches = _accumulation_setup(num_layers)
+  acc = big.replace(optim=dict(grad_accum_steps=4))
   return _run(big, jax.devices(), batches), _run(acc, jax.devices(), batches)
 
 
@@ -143,7 +149,17 @@ def test_gradient_accumulation_equals_big_batch():
       _accumulation_runs(7))
   np.testing.assert_allclose(losses_acc, losses_big, rtol=1e-5)
   np.testing.assert_allclose(norms_acc, norms_big, rtol=1e-5)
-  _assert_params_close(params_acc, params_big, 1e-5)
+  # After Adam, parameters carry its amplified rounding (see _assert_params_close), whose size
+  # depends on the machine's float reduction order: the same big-batch run on two equivalent
+  # layouts (all 8 devices as fsdp, and one device) differs from it by up to 2.0e-5 on an
+  # AVX-512 Xeon. Accumulation must agree with the big batch within 1e-5, or within that
+  # spread of the big batch with itself when the machine's is larger.
+  big, batches = _accumulation_setup(7)
+  spread = max(_rel_err(_run(big.replace(mesh=dict(fsdp=8, tensor=1)), jax.devices(),
+                             batches)[2], params_big),
+               _rel_err(_run(big.replace(mesh=dict(fsdp=1, tensor=1)), jax.devices()[:1],
+                             batches)[2], params_big))
+  _assert_params_close(params_acc, params_big, max(1e-5, spread))
 
 
 def test_init_from_builds_the_optimizer_state_from_the_loaded_params(tmp_path, monkeypatch):
