@@ -483,7 +483,9 @@ def validate(c: Config) -> None:
   require(g.peak_tflops >= 0, 'logging.peak_tflops', g.peak_tflops, '>= 0')
   require(re.fullmatch(r'(\d+(,\d+)*)?', g.profile_steps) is not None,
           'logging.profile_steps', g.profile_steps, "a comma list of steps, e.g. '5,6'")
-  _validate_lora(c)
+  if c.lora != LoraConfig():  # lora.* set: lora.py checks them (it loads jax)
+    from gemma3_train import lora  # pylint: disable=g-import-not-at-top  (imports us)
+    lora.validate_config(c)
   if c.data.mixture:
     from gemma3_train.data import mixture  # pylint: disable=g-import-not-at-top  (imports us)
     for m in mixture.parse_mixture(c.data.mixture):  # each source as if it were data.*
@@ -491,16 +493,3 @@ def validate(c: Config) -> None:
         validate(dataclasses.replace(c, data=mixture.source_data(c.data, m)))
       except ConfigError as e:
         raise ConfigError(f'data.mixture source {m.name!r}: {e}') from None
-
-
-def _validate_lora(c: Config) -> None:
-  r = c.lora
-  if r.rank == 0:
-    changed = [f.name for f in dataclasses.fields(r)
-               if getattr(r, f.name) != f.default and f.name != 'rank']
-    require(not changed, 'lora.rank', r.rank,
-            f'> 0 when lora.{changed[0] if changed else ""} is set (rank 0 = LoRA off)')
-    return
-  require(r.rank > 0, 'lora.rank', r.rank, '> 0 (or 0 = off)')
-  from gemma3_train import lora  # pylint: disable=g-import-not-at-top  (imports us)
-  lora.validate_config(c)

@@ -290,9 +290,16 @@ def dims(m: config_lib.ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def validate_config(c: config_lib.Config) -> None:
-  """The lora.* checks of a LoRA run (lora.rank > 0); config.validate calls it. Raises
+  """The lora.* checks; config.validate calls it when any lora.* field is set. Raises
   config.ConfigError (one line)."""
   r, require = c.lora, config_lib.require
+  if r.rank == 0:
+    changed = [f.name for f in dataclasses.fields(r)
+               if getattr(r, f.name) != f.default and f.name != 'rank']
+    require(not changed, 'lora.rank', r.rank,
+            f'> 0 when lora.{changed[0] if changed else ""} is set (rank 0 = LoRA off)')
+    return
+  require(r.rank > 0, 'lora.rank', r.rank, '> 0 (or 0 = off)')
   names = ' | '.join(config_lib.LORA_TARGETS)
   targets = r.target_list()
   require(bool(targets), 'lora.targets', r.targets, f'a comma list of {names}')
