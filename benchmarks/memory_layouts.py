@@ -85,7 +85,8 @@ def main(argv):
                  load_before=load, load_after=os.getloadavg()[0])
       reports.append(row)
       print(f'  {policy:<24} remat/{unit:<6} scan/{scan:<6} argument '
-            f'{r.argument_gib or 0:7.3f}  temp {r.temp_gib or 0:7.3f}  total {r.total_gib or 0:7.3f} GiB of {r.hbm_gib:g}  '
+            f'{r.argument_gib or 0:7.3f}  temp {r.temp_gib or 0:7.3f}  total '
+            f'{r.total_gib or 0:7.3f} GiB of {r.hbm_gib:g}  '
             f'fits {r.fits}  compile {r.compile_seconds or 0:6.0f} s  load '
             f'{load:.1f}->{row["load_after"]:.1f}  {r.error}', flush=True)
   if args.json:

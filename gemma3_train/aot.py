@@ -417,8 +417,8 @@ def format_report(r: Report) -> str:
       f'AOT compile of {r.config} for {r.topology} ({r.chips} {r.chip} chips, '
       f'{r.num_slices} slice{"s" * (r.num_slices > 1)}; mesh {mesh})',
       f'  batch {r.global_batch} x {r.seq_len} tokens ({r.per_chip_batch:g} per chip), '
-      f'remat {r.remat_policy} per {r.remat_unit}, scan per {r.scan_unit}, params {r.param_dtype}, compute {r.dtype}, '
-      f'attention {r.attention}',
+      f'remat {r.remat_policy} per {r.remat_unit}, scan per {r.scan_unit}, params '
+      f'{r.param_dtype}, compute {r.dtype}, attention {r.attention}',
   ]
   if r.error and r.argument_gib is None:
     need = f'{r.total_gib:.2f} GiB' if r.total_gib is not None else 'more than HBM'

@@ -43,10 +43,10 @@ _ROWS = ('act_batch', None, None)
 _SUM_KEYS = ('loss_sum', 'z_loss_sum', 'weight_sum', 'correct_sum')
 
 
-def _chunk_logits(x_BCD, table_VD):
+def _chunk_logits(x_BCD, table_VD, names=_LOGITS):
   logits_BCV = jnp.einsum('BCD,VD->BCV', x_BCD, table_VD.astype(x_BCD.dtype),
                           preferred_element_type=jnp.float32)
-  return sharding.constrain(logits_BCV, _LOGITS)
+  return sharding.constrain(logits_BCV, names)
 
 
 def _chunk_stats(logits_BCV, targets_BC):
@@ -116,9 +116,7 @@ def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float, vocab_p
       x_BCD = sharding.constrain(x_BCD, (None, None, None))  # this chunk's rows, all of them
       targets_BC = sharding.constrain(targets_BC, (None, None))
       weights_BC = sharding.constrain(weights_BC, (None, None))
-      logits_BCV = sharding.constrain(
-          jnp.einsum('BCD,VD->BCV', x_BCD, table_l, preferred_element_type=jnp.float32),
-          _VP_LOGITS)
+      logits_BCV = _chunk_logits(x_BCD, table_l, _VP_LOGITS)
     else:
       logits_BCV = _chunk_logits(x_BCD, table_VD)
     max_BC = jnp.max(logits_BCV, axis=-1)

@@ -4,8 +4,8 @@ rematerialized.
 Layers run as scanned blocks of six (five sliding-window layers, then one global layer) plus an
 unscanned tail for the remainder; scan_layers=False keeps one module per layer and computes the
 same function (layout.py maps both to the released checkpoints' layout). scan_unit='layer' runs
-each block's six layers as an inner scan over single layers (docs/memory.md). Every parameter carries
-`logical_axes` metadata that sharding.py maps to mesh axes; stacked block parameters carry a
+each block's six layers as an inner scan over single layers (docs/memory.md). Every parameter
+carries `logical_axes` metadata that sharding.py maps to mesh axes; stacked block parameters carry a
 leading 'layers' axis. The seven projections go through lora.einsum, which adds a LoRA run's
 adapters and dequantizes an int8 base (lora.adapt installs both after construction).
 

@@ -288,9 +288,9 @@ def _confirm(predictions: Sequence[tuple[config_lib.Config, PlanReport]],
       break
     r = _plan_report(aot.compile_report(trial, topo, device_list=device_list),
                      predicted_gib=predicted.total_gib, probe_seconds=predicted.probe_seconds)
-    log.info('  confirm fsdp=%d tensor=%d remat=%s batch=%d: %s, predicted %.1f GiB (%s)',
-             r.mesh['fsdp'], r.mesh['tensor'], r.remat_policy, r.global_batch, _describe(r),
-             predicted.total_gib, _error_text(r))
+    log.info('  confirm fsdp=%d tensor=%d remat=%s layout=%s/%s batch=%d: %s, predicted %.1f '
+             'GiB (%s)', r.mesh['fsdp'], r.mesh['tensor'], r.remat_policy, r.remat_unit,
+             r.scan_unit, r.global_batch, _describe(r), predicted.total_gib, _error_text(r))
     if r.fits:
       plans.append(r)
   return plans
@@ -314,9 +314,9 @@ def format_plan(results: Sequence[PlanReport]) -> str:
   lines = [f'{len(results)} fitting plan(s) for {results[0].config} on {results[0].topology}, '
            f'best estimated throughput first, those with under {100 * aot.HEADROOM:.0f}% of HBM '
            'free last (memory from full compiles):',
-           f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"layout":<12} {"batch":>6} {"rows/chip":>9} '
-           f'{"GiB/chip":>9} {"predicted":>9} {"error":>6} {"headroom":>8} {"tokens/s":>12} '
-           f'{"MFU":>6}  flags']
+           f'  {"fsdp":>5} {"tensor":>6} {"remat":<26} {"layout":<12} {"batch":>6} '
+           f'{"rows/chip":>9} {"GiB/chip":>9} {"predicted":>9} {"error":>6} {"headroom":>8} '
+           f'{"tokens/s":>12} {"MFU":>6}  flags']
   for r in results:
     flags = (f'--config.mesh.fsdp={r.mesh["fsdp"]} --config.mesh.tensor={r.mesh["tensor"]} '
              f'--config.model.remat_policy={r.remat_policy} '
