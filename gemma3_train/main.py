@@ -60,6 +60,10 @@ _AOT_PLAN_LAYOUTS = flags.DEFINE_string('aot_plan_layouts', '', 'With --aot_plan
                                         'of memory layouts REMAT_UNIT/SCAN_UNIT, tried in order '
                                         'per candidate until one fits (default: '
                                         'block/block,layer/layer; docs/memory.md).')
+_AOT_PLAN_ALL = flags.DEFINE_bool('aot_plan_all', False, 'With --aot_plan: compile every '
+                                  'candidate and list every plan that fits; default: best '
+                                  'first, stopping once no candidate left can rank above the '
+                                  'best plan (the same top plan, fewer compiles).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 for '
                                    'multi-process runs off TPU/GKE (auto-detected there).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
@@ -114,7 +118,7 @@ def main(argv) -> None:
     try:
       space = plan.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
                                     _AOT_PLAN_TENSOR.value, _AOT_PLAN_CONFIRM.value,
-                                    _AOT_PLAN_LAYOUTS.value)
+                                    _AOT_PLAN_LAYOUTS.value, _AOT_PLAN_ALL.value)
       if _AOT_PLAN.value:
         plan.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, space=space)
       else:

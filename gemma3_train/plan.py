@@ -2,22 +2,28 @@
 
 `gemma3-train --config=... --aot_topology=v5p-128 --aot_plan` compiles candidates with
 aot.compile_report (libtpu's compile-only devices, no TPU) and ranks the ones that fit by the
-report's estimated tokens/s. Memory grows with the batch, so for each (split, remat) the batch
-stops growing at its first misfit; a model whose parameters and optimizer state cannot fit even
-fully sharded is refused before any compile.
+report's estimated tokens/s. Memory grows with the batch, so for each (split, remat, layout) the
+batch stops growing at its first misfit; a model whose parameters and optimizer state cannot fit
+even fully sharded is refused before any compile.
 
-By default (confirm=0) every candidate is compiled whole. With --aot_plan_confirm=N the search
-has two stages: (1) predict each candidate's per-chip memory, extrapolated per scanned block
-from compiles of the model shortened to PROBE_BLOCKS blocks (its tail kept), pruning on the
-prediction; (2) compile the best predicted candidates whole until N of them fit. The plans'
-memory figures are those full compiles', never a prediction. Stage 1 pays only when a shortened
-compile is much cheaper than a full one: for scanned layers it is not (compile time does not grow
-with depth), see docs/tpu_gpu.md.
+By default the search is best first: a candidate's estimate can never exceed its bound, the
+executed FLOPs from its shapes at the chip's peak (aot._fill_time takes the larger of that and the
+compiler's figures), which needs no compile. Candidates are compiled in order of that bound and
+the search stops once the best plan with aot.HEADROOM free outranks every bound left: its top
+plan is the one the full search would rank first. --aot_plan_all compiles every candidate.
+
+With --aot_plan_confirm=N the search has two stages: (1) predict each candidate's per-chip
+memory, extrapolated per scanned block from compiles of the model shortened to PROBE_BLOCKS
+blocks (its tail kept), pruning on the prediction; (2) compile the best predicted candidates
+whole until N of them fit. The plans' memory figures are those full compiles', never a
+prediction. Stage 1 pays only when a shortened compile is much cheaper than a full one: for
+scanned layers it is not (compile time does not grow with depth), see docs/tpu_gpu.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import types
@@ -49,10 +55,11 @@ class PlanSpace:
   # order for each candidate until one fits: the first is the fastest (no second replay), the
   # later ones trade a replay of the forward for memory (docs/memory.md)
   layouts: tuple[str, ...] = ('block/block', 'layer/layer')
+  every: bool = False  # compile every candidate (--aot_plan_all), not best first
 
 
 def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm: str = '',
-                     layouts: str = '') -> PlanSpace:
+                     layouts: str = '', every: bool = False) -> PlanSpace:
   """PlanSpace from the --aot_plan_* flags (comma lists; empty keeps the default)."""
   def ints(flag: str, text: str, default: tuple[int, ...]) -> tuple[int, ...]:
     if not text:
@@ -85,7 +92,7 @@ def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm:
   return PlanSpace(remat_policies=policies, layouts=layout_list,
                    rows_per_shard=ints('aot_plan_rows', rows, PlanSpace.rows_per_shard),
                    tensor_degrees=ints('aot_plan_tensor', tensor, PlanSpace.tensor_degrees),
-                   confirm=int(confirm) if confirm else PlanSpace.confirm)
+                   confirm=int(confirm) if confirm else PlanSpace.confirm, every=every)
 
 
 @dataclasses.dataclass
@@ -207,48 +214,37 @@ def predict_report(c: config_lib.Config, topo: hardware.Topology, device_list: S
 
 def search_plans(c: config_lib.Config, topo: hardware.Topology,
                  space: PlanSpace = PlanSpace()) -> list[PlanReport]:
-  """Compiles each candidate whole, or (space.confirm > 0) predicts each and compiles the best
-  whole; returns the plans whose full compile fits, best estimated throughput first.
+  """The plans whose full compile fits, best estimated throughput first: best first by default
+  (the top plan is the full search's, fewer compiles), every candidate compiled whole with
+  space.every, or (space.confirm > 0) each predicted and the best compiled whole.
 
-  Memory grows with the batch, so for each (split, remat) the batch stops growing at the first
-  candidate (predicted) not to fit; progress goes to the log. Raises ConfigError when nothing fits.
+  Memory grows with the batch, so for each (split, remat, layout) the batch stops growing at the
+  first candidate (predicted) not to fit; progress goes to the log. Raises ConfigError when
+  nothing fits.
   """
   _refuse_if_hopeless(c, topo)
   device_list = aot.devices(topo)
-  per_slice = topo.chips
-  splits = [t for t in space.tensor_degrees
-            if not per_slice % t and (t == 1 or not c.model.num_kv_heads % t)]
+  candidates = _candidates(c, topo, space)
   blocks = c.model.num_layers // config_lib.GLOBAL_EVERY
-  stage = ('one full compile each' if not space.confirm or blocks <= PROBE_BLOCKS[-1] else
+  stage = ('best first: in order of the throughput bound (executed FLOPs from the shapes at '
+           'peak), stopping once the best plan outranks every bound left'
+           if not (space.every or space.confirm) else
+           'one full compile each' if not space.confirm or blocks <= PROBE_BLOCKS[-1] else
            f'predicted from {len(PROBE_BLOCKS)} compiles each of the model shortened to '
            f'{" and ".join(map(str, PROBE_BLOCKS))} of its {blocks} blocks, then the best '
            f'{space.confirm} compiled whole')
   log.info('Planning %s on %s: up to %d candidates (tensor %s x remat %s x rows per batch '
-           'shard %s; a batch stops growing at its first misfit; layouts %s, the next tried '
-           'only when the one before does not fit), %s. Each compile can take minutes; narrow '
+           'shard %s x layouts %s; a batch stops growing at its first misfit; a layout is '
+           'compiled only when none before it fits), %s. Each compile can take minutes; narrow '
            'the search with --aot_plan_remat/_rows/_tensor/_layouts.', c.model.preset,
-           topo.name, len(splits) * len(space.remat_policies) * len(space.rows_per_shard),
-           '/'.join(map(str, splits)), '/'.join(space.remat_policies),
-           '/'.join(map(str, space.rows_per_shard)), ', '.join(space.layouts), stage)
-  predictions = []
-  for tensor in splits:
-    fsdp = per_slice // tensor
-    shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
-    for remat in space.remat_policies:
-      for rows in sorted(space.rows_per_shard):  # ascending: the first misfit ends the row
-        for layout in space.layouts:
-          trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards,
-                        layout=layout)
-          r = (predict_report(trial, topo, device_list) if space.confirm else
-               _plan_report(aot.compile_report(trial, topo, device_list=device_list)))
-          log.info('  plan fsdp=%d tensor=%d remat=%s layout=%s batch=%d: %s', fsdp, tensor,
-                   remat, layout, r.global_batch, _describe(r))
-          if r.fits:
-            break
-        if not r.fits:
-          break
-        predictions.append((trial, r))
-  plans = _confirm(predictions, topo, device_list, space.confirm)
+           topo.name, len(candidates), '/'.join(sorted({str(k.tensor) for k in candidates})),
+           '/'.join(space.remat_policies), '/'.join(map(str, space.rows_per_shard)),
+           ', '.join(space.layouts), stage)
+  if space.every or space.confirm:
+    plans = _confirm(_search_every(candidates, topo, device_list, space.confirm), topo,
+                     device_list, space.confirm)
+  else:
+    plans = _search_best_first(candidates, topo, device_list)
   if not plans:
     raise config_lib.ConfigError(
         f'--aot_topology={topo.name}: no plan fits {c.model.preset} at seq_len '
@@ -256,6 +252,122 @@ def search_plans(c: config_lib.Config, topo: hardware.Topology,
         f'{"/".join(map(str, space.tensor_degrees))}); try a larger slice or a shorter '
         'data.seq_len')
   return sorted(plans, key=_rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+  tensor: int
+  remat: str
+  rows: int  # per batch shard
+  layout: str  # 'REMAT_UNIT/SCAN_UNIT'
+  trial: config_lib.Config
+  bound: float  # tokens/s that no compile of trial can be estimated above
+
+
+def _candidates(c: config_lib.Config, topo: hardware.Topology,
+                space: PlanSpace) -> list[_Candidate]:
+  """Every candidate in the search's nested order (tensor, remat, rows ascending, layout)."""
+  splits = [t for t in space.tensor_degrees
+            if not topo.chips % t and (t == 1 or not c.model.num_kv_heads % t)]
+  out = []
+  for tensor in splits:
+    fsdp = topo.chips // tensor
+    shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
+    for remat in space.remat_policies:
+      # Without remat there is no checkpoint to place per layer: one layout is enough.
+      layouts = space.layouts[:1] if remat == 'none' else space.layouts
+      for rows in sorted(space.rows_per_shard):
+        for layout in layouts:
+          trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards,
+                        layout=layout)
+          out.append(_Candidate(tensor, remat, rows, layout, trial,
+                                throughput_bound(trial, topo)))
+  return out
+
+
+def throughput_bound(c: config_lib.Config, topo: hardware.Topology) -> float:
+  """The highest tokens/s aot.compile_report can estimate for c, without compiling: its step
+  time with the compiler's cost analysis at zero (aot._fill_time takes the larger of that and the
+  executed FLOPs from the shapes at peak, plus the splash kernels')."""
+  c = aot.tpu_run_config(c)
+  r = aot._base_report(c, topo, sharding.mesh_shape(c, topo.total_chips, topo.num_slices))
+  r.model_flops_per_step = flops.train_flops_per_step(c)
+  aot._fill_time(r, c, topo, {})
+  return r.tokens_per_sec
+
+
+def _compile(k: _Candidate, topo: hardware.Topology, device_list: Sequence,
+             predict: bool = False) -> PlanReport:
+  r = (predict_report(k.trial, topo, device_list) if predict else
+       _plan_report(aot.compile_report(k.trial, topo, device_list=device_list)))
+  log.info('  plan fsdp=%d tensor=%d remat=%s layout=%s batch=%d: %s', r.mesh['fsdp'],
+           k.tensor, k.remat, k.layout, r.global_batch, _describe(r))
+  return r
+
+
+def _search_every(candidates: Sequence[_Candidate], topo: hardware.Topology,
+                  device_list: Sequence, confirm: int
+                  ) -> list[tuple[config_lib.Config, PlanReport]]:
+  """Each candidate compiled (or predicted) in the nested order, the (trial, report) of those
+  that fit: a layout only when none before it fits, rows until no layout fits."""
+  found, ended = [], set()  # (tensor, remat) whose batch stopped growing
+  for (tensor, remat, rows), group in itertools.groupby(
+      candidates, key=lambda k: (k.tensor, k.remat, k.rows)):
+    if (tensor, remat) in ended:
+      continue
+    for k in group:
+      r = _compile(k, topo, device_list, predict=bool(confirm))
+      if r.fits:
+        found.append((k.trial, r))
+        break
+    else:
+      ended.add((tensor, remat))
+  return found
+
+
+def _search_best_first(candidates: Sequence[_Candidate], topo: hardware.Topology,
+                       device_list: Sequence) -> list[PlanReport]:
+  """Compiles candidates in order of their bound (ties: smaller tensor degree, then fewer
+  rows, as _rank breaks them) until the best plan with aot.HEADROOM free outranks the next bound:
+  no candidate left can then be ranked above it. A layout is compiled only when none compiled
+  before it for the same candidate fits; rows beyond a misfit of the same layout are skipped."""
+  order = [k for _, k in sorted(enumerate(candidates), key=lambda ik: (_bound_key(ik[1]), ik[0]))]
+  plans: list[PlanReport] = []
+  misfit_rows: dict[tuple[int, str, str], int] = {}  # smallest rows that did not fit
+  fitted: set[tuple[int, str, int]] = set()  # (tensor, remat, rows) with a layout that fits
+  compiled = 0
+  for k in order:
+    best = min((p for p in plans if p.headroom >= aot.HEADROOM), key=_rank, default=None)
+    if best is not None and _bound_key(k) > _rank(best)[1:4]:
+      log.info('Stopped after %d compiles of %d candidates: the best plan (%.0f tokens/s '
+               'estimated) outranks the bound of every one left (at most %.0f); '
+               '--aot_plan_all compiles them all', compiled, len(order),
+               best.tokens_per_sec, k.bound)
+      break
+    if (k.tensor, k.remat, k.rows) in fitted or k.rows >= misfit_rows.get(
+        (k.tensor, k.remat, k.layout), math.inf):
+      continue
+    r = _compile(k, topo, device_list)
+    compiled += 1
+    if r.fits:
+      plans.append(r)
+      fitted.add((k.tensor, k.remat, k.rows))
+    else:
+      key = (k.tensor, k.remat, k.layout)
+      misfit_rows[key] = min(k.rows, misfit_rows.get(key, k.rows))
+  else:
+    log.info('Compiled %d of %d candidates (the others: a batch beyond a misfit, or a layout '
+             'after one that fits)', compiled, len(order))
+  return plans
+
+
+def _bound_key(k: _Candidate) -> tuple[float, int, int]:
+  """The best _rank key (after the headroom test) a compile of k can get."""
+  return -_six_digits(k.bound), k.tensor, k.trial.train.global_batch_size
+
+
+def _six_digits(x: float) -> float:
+  return float(f'{x:.6g}')
 
 
 def _describe(r: PlanReport) -> str:
@@ -267,11 +379,14 @@ def _describe(r: PlanReport) -> str:
   return f'{gib}{"" if r.fits else " (does not fit)"} ({how})'
 
 
-def _rank(r: PlanReport) -> tuple[bool, float, float]:
+def _rank(r: PlanReport) -> tuple[bool, float, int, int, float]:
   """Sort key, best first: plans that leave aot.HEADROOM of HBM free before those that do not
-  (a shipped config must), then estimated tokens/s, then headroom. The estimate is compute-bound
-  per token, so batch sizes often tie (to rounding, hence 6 digits); then the most headroom."""
-  return r.headroom < aot.HEADROOM, -float(f'{r.tokens_per_sec:.6g}'), -r.headroom
+  (a shipped config must), then estimated tokens/s. The estimate is compute-bound per token, so
+  batch sizes and tensor degrees often tie (to rounding, hence 6 digits); then the smaller
+  tensor degree (less traffic, which the estimate does not count), the smaller batch (more
+  headroom, for the same split), the most headroom."""
+  return (r.headroom < aot.HEADROOM, -_six_digits(r.tokens_per_sec), r.mesh['tensor'],
+          r.global_batch, -r.headroom)
 
 
 # --- stage 2: confirm the best with full compiles --------------------------------------

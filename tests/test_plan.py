@@ -128,8 +128,8 @@ def test_search_confirms_only_the_best_predictions(monkeypatch):
   assert f'{plans[0].total_gib:.2f} {plans[0].predicted_gib:.2f}' in ' '.join(table[2].split())
   assert f'{100 * plan.prediction_error(plans[0]):+.1f}%' in table[2]
 
-  calls.clear()  # confirm=0 (the default): every candidate compiled whole, as before stage 1
-  every = plan.search_plans(c, TOPO, dataclasses.replace(space, confirm=0))
+  calls.clear()  # confirm=0 with every=True: every candidate compiled whole
+  every = plan.search_plans(c, TOPO, dataclasses.replace(space, confirm=0, every=True))
   # none 4/8/16 (16 does not fit), full 4/8/16, minimal 4 (does not fit whole: the row ends)
   assert {n for n, _, _ in calls} == {62} and len(calls) == 7
   assert len(every) == 5 and all(p.predicted_gib is None for p in every)
@@ -196,7 +196,7 @@ def test_search_tries_the_next_layout_only_when_one_does_not_fit(monkeypatch):
   monkeypatch.setattr(aot, 'compile_report', compile_report)
   monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
   space = plan.PlanSpace(remat_policies=('full',), rows_per_shard=(1, 2, 4, 8),
-                         tensor_degrees=(1,))
+                         tensor_degrees=(1,), every=True)
   assert space.layouts == ('block/block', 'layer/layer')  # the default
   plans = plan.search_plans(_tiny(remat_policy='full'), TOPO, space)
   # 16 GiB chips: block/block fits 1 and 2 rows (7, 13 GiB), not 4 (25): layer/layer fits 4
@@ -210,3 +210,82 @@ def test_search_tries_the_next_layout_only_when_one_does_not_fit(monkeypatch):
   assert plans[2].tokens_per_sec < plans[1].tokens_per_sec
   table = plan.format_plan(plans).splitlines()
   assert '--config.model.remat_unit=layer --config.model.scan_unit=layer' in table[4]
+
+
+def _timed_stand_in(calls: list, extra: dict, slow: dict):
+  """_stand_in's memory at full depth (+ `extra` GiB per (remat, tensor, batch)); the compiler's
+  optimal_seconds 10x the shapes' step time for the (remat, tensor, batch) in `slow`, so their
+  estimate falls far below their bound."""
+  def compile_report(trial, topo, device_list=None):
+    del device_list
+    m, batch = trial.model, trial.train.global_batch_size
+    key = (m.remat_policy, trial.mesh.tensor, batch)
+    calls.append(key)
+    r = aot._base_report(trial, topo, sharding.mesh_shape(trial, topo.total_chips, 1))
+    gib = _memory(m, batch / topo.total_chips)
+    gib['temp'] += extra.get(key, 0.0)
+    r.state_gib = gib['state']
+    r.model_flops_per_step = flops.train_flops_per_step(trial)
+    aot._fill_memory(r, types.SimpleNamespace(**{
+        f'{k}_size_in_bytes': gib[k] * aot.GIB for k in ('argument', 'output', 'alias', 'temp')},
+        generated_code_size_in_bytes=gib['code'] * aot.GIB))
+    cost = {'flops': 1.0, 'bytes accessed': 1.0}
+    if key in slow:
+      cost['optimal_seconds'] = 10 * batch * trial.data.seq_len / plan.throughput_bound(
+          trial, topo)
+    aot._fill_time(r, aot.tpu_run_config(trial), topo, cost)
+    return r
+  return compile_report
+
+
+@pytest.mark.parametrize('extra,slow', [
+    ({}, {}),
+    ({('none', 1, 4): 20.0, ('minimal', 1, 4): 20.0}, {}),  # the tensor-1 ties do not fit
+    ({}, {('none', 1, 4), ('minimal', 1, 4), ('none', 2, 2)}),  # estimates far below bounds
+    ({('none', 2, 2): 6.0}, {('none', 1, 4)}),  # fits, but under 10% free: ranked last
+])
+def test_best_first_finds_the_full_searchs_top_plan_with_fewer_compiles(monkeypatch, extra,
+                                                                       slow):
+  c = _tiny(num_layers=62, num_heads=4, num_kv_heads=2)  # tensor 1 and 2 on v5e-4
+  monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
+  space = plan.PlanSpace(remat_policies=('none', 'minimal', 'full'), rows_per_shard=(1, 2, 4),
+                         tensor_degrees=(1, 2), layouts=('block/block',))
+  runs = {}
+  for every in (True, False):
+    calls = []
+    monkeypatch.setattr(aot, 'compile_report', _timed_stand_in(calls, extra, slow))
+    plans = plan.search_plans(c, TOPO, dataclasses.replace(space, every=every))
+    runs[every] = plans, calls
+  (every, every_calls), (best, best_calls) = runs[True], runs[False]
+  top = lambda p: (p.remat_policy, p.mesh['tensor'], p.global_batch, p.total_gib,
+                   p.tokens_per_sec)
+  assert top(best[0]) == top(every[0])
+  assert best[0].headroom >= aot.HEADROOM
+  assert set(best_calls) <= set(every_calls) and len(best_calls) < len(every_calls)
+  # Every plan it compiled is ranked as the full search ranks it.
+  assert [top(p) for p in best] == [top(p) for p in every if top(p) in map(top, best)]
+
+
+def test_best_first_order_and_stop(monkeypatch):
+  c = _tiny(num_layers=62)
+  calls = []
+  monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
+  monkeypatch.setattr(aot, 'compile_report', _timed_stand_in(
+      calls, {('none', 1, 4): 20.0}, {('minimal', 1, 4)}))
+  space = plan.PlanSpace(remat_policies=('none', 'minimal', 'full'), rows_per_shard=(1, 2, 4),
+                         tensor_degrees=(1,), layouts=('block/block',))
+  plans = plan.search_plans(c, TOPO, space)
+  # none and minimal share the highest bound (no replay); none at 1 row per chip does not fit
+  # (its larger batches are skipped), minimal's estimate there is far below its bound, so
+  # minimal's 2 rows (same bound) is next and fits: it outranks full's bound, which replays the
+  # forward, so full is never compiled.
+  assert calls == [('none', 1, 4), ('minimal', 1, 4), ('minimal', 1, 8)]
+  assert [(p.remat_policy, p.global_batch) for p in plans] == [('minimal', 8), ('minimal', 4)]
+  full = _with_policy(c, 'full', 8)
+  assert plan.throughput_bound(full, TOPO) < plans[0].tokens_per_sec
+
+
+def _with_policy(c: config_lib.Config, remat: str, batch: int) -> config_lib.Config:
+  return dataclasses.replace(
+      c, model=dataclasses.replace(c.model, remat_policy=remat),
+      train=dataclasses.replace(c.train, global_batch_size=batch))
