@@ -326,8 +326,8 @@ def test_planner_ranks_and_prunes(monkeypatch):
   monkeypatch.setattr(aot, 'compile_report', fake)
   monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
   space = plan.PlanSpace(remat_policies=('none', 'full', 'minimal'), rows_per_shard=(1, 2, 4),
-                        tensor_degrees=(1, 2, 3), layouts=('block/block',))
-  plans = plan.search_plans(c, topo, space)
+                        tensor_degrees=(1, 2, 3), layouts=('block/block',), every=True)
+  plans = plan.search_plans(c, topo, space)  # the full search (tests/test_plan.py: best first)
   # tensor=3 does not divide 4 chips; tensor=2 does not divide tiny's single kv head.
   assert {t for t, _, _ in calls} == {1}
   # GiB = batch x (4 - saves): none fits batch 4 only, full 4/8/16, minimal 4; after the first
