@@ -235,8 +235,9 @@ def search_plans(c: config_lib.Config, topo: hardware.Topology,
            f'{space.confirm} compiled whole')
   log.info('Planning %s on %s: up to %d candidates (tensor %s x remat %s x rows per batch '
            'shard %s x layouts %s; a batch stops growing at its first misfit; a layout is '
-           'compiled only when none before it fits), %s. Each compile can take minutes; narrow '
-           'the search with --aot_plan_remat/_rows/_tensor/_layouts.', c.model.preset,
+           'compiled only when none before it fits with 10%% free), %s. Each compile can take '
+           'minutes; narrow the search with --aot_plan_remat/_rows/_tensor/_layouts.',
+           c.model.preset,
            topo.name, len(candidates), '/'.join(sorted({str(k.tensor) for k in candidates})),
            '/'.join(space.remat_policies), '/'.join(map(str, space.rows_per_shard)),
            ', '.join(space.layouts), stage)
@@ -309,18 +310,22 @@ def _search_every(candidates: Sequence[_Candidate], topo: hardware.Topology,
                   device_list: Sequence, confirm: int
                   ) -> list[tuple[config_lib.Config, PlanReport]]:
   """Each candidate compiled (or predicted) in the nested order, the (trial, report) of those
-  that fit: a layout only when none before it fits, rows until no layout fits."""
+  that fit: a layout only when none before it fits with aot.HEADROOM free, rows until no
+  layout fits."""
   found, ended = [], set()  # (tensor, remat) whose batch stopped growing
   for (tensor, remat, rows), group in itertools.groupby(
       candidates, key=lambda k: (k.tensor, k.remat, k.rows)):
     if (tensor, remat) in ended:
       continue
+    fits = False
     for k in group:
       r = _compile(k, topo, device_list, predict=bool(confirm))
       if r.fits:
         found.append((k.trial, r))
-        break
-    else:
+        fits = True
+        if r.headroom >= aot.HEADROOM:
+          break
+    if not fits:
       ended.add((tensor, remat))
   return found
 
@@ -330,11 +335,13 @@ def _search_best_first(candidates: Sequence[_Candidate], topo: hardware.Topology
   """Compiles candidates in order of their bound (ties: smaller tensor degree, then fewer
   rows, as _rank breaks them) until the best plan with aot.HEADROOM free outranks the next bound:
   no candidate left can then be ranked above it. A layout is compiled only when none compiled
-  before it for the same candidate fits; rows beyond a misfit of the same layout are skipped."""
+  before it for the same candidate fits with aot.HEADROOM free (a plan with less is ranked
+  last); rows beyond a misfit of the same layout are skipped."""
   order = [k for _, k in sorted(enumerate(candidates), key=lambda ik: (_bound_key(ik[1]), ik[0]))]
   plans: list[PlanReport] = []
   misfit_rows: dict[tuple[int, str, str], int] = {}  # smallest rows that did not fit
-  fitted: set[tuple[int, str, int]] = set()  # (tensor, remat, rows) with a layout that fits
+  roomy: set[tuple[int, str, int]] = set()  # (tensor, remat, rows) with a layout that fits
+  # with aot.HEADROOM free
   compiled = 0
   for k in order:
     best = min((p for p in plans if p.headroom >= aot.HEADROOM), key=_rank, default=None)
@@ -344,20 +351,21 @@ def _search_best_first(candidates: Sequence[_Candidate], topo: hardware.Topology
                '--aot_plan_all compiles them all', compiled, len(order),
                best.tokens_per_sec, k.bound)
       break
-    if (k.tensor, k.remat, k.rows) in fitted or k.rows >= misfit_rows.get(
+    if (k.tensor, k.remat, k.rows) in roomy or k.rows >= misfit_rows.get(
         (k.tensor, k.remat, k.layout), math.inf):
       continue
     r = _compile(k, topo, device_list)
     compiled += 1
     if r.fits:
       plans.append(r)
-      fitted.add((k.tensor, k.remat, k.rows))
+      if r.headroom >= aot.HEADROOM:
+        roomy.add((k.tensor, k.remat, k.rows))
     else:
       key = (k.tensor, k.remat, k.layout)
       misfit_rows[key] = min(k.rows, misfit_rows.get(key, k.rows))
   else:
     log.info('Compiled %d of %d candidates (the others: a batch beyond a misfit, or a layout '
-             'after one that fits)', compiled, len(order))
+             'after one that fits with %.0f%% free)', compiled, len(order), 100 * aot.HEADROOM)
   return plans
 
 

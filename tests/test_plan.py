@@ -171,13 +171,8 @@ def test_prediction_against_a_full_compile_on_v5e_4():
   assert predicted.tokens_per_sec == pytest.approx(full.tokens_per_sec, rel=0.02)
 
 
-def test_search_tries_the_next_layout_only_when_one_does_not_fit(monkeypatch):
-  """Layouts (model.remat_unit/scan_unit) in order per candidate: layer/layer, which replays the
-  forward once more, is compiled only where block/block does not fit, and a batch stops growing
-  when no layout fits."""
-  calls = []
-  temp_per_row = {'block/block': 6.0, 'layer/layer': 3.0}  # GiB per row per chip
-
+def _layout_stand_in(calls: list, temp_per_row: dict[str, float]):
+  """A compile whose memory is 1 GiB of state plus temp_per_row[layout] GiB per row per chip."""
   def compile_report(trial, topo, device_list=None):
     del device_list
     m = trial.model
@@ -193,6 +188,29 @@ def test_search_tries_the_next_layout_only_when_one_does_not_fit(monkeypatch):
         generated_code_size_in_bytes=0))
     aot._fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
     return r
+  return compile_report
+
+
+@pytest.mark.parametrize('every', [True, False])
+def test_a_fit_without_headroom_tries_the_next_layout(monkeypatch, every):
+  calls = []
+  # 16 GiB chips: block/block at 2 rows needs 15 GiB (6% free, ranked last), layer/layer 9.
+  monkeypatch.setattr(aot, 'compile_report', _layout_stand_in(
+      calls, {'block/block': 7.0, 'layer/layer': 4.0}))
+  monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
+  space = plan.PlanSpace(remat_policies=('full',), rows_per_shard=(2,), tensor_degrees=(1,),
+                         every=every)
+  plans = plan.search_plans(_tiny(remat_policy='full'), TOPO, space)
+  assert calls == [('block/block', 8), ('layer/layer', 8)]
+  assert [(p.remat_unit, p.total_gib) for p in plans] == [('layer', 9.0), ('block', 15.0)]
+
+
+def test_search_tries_the_next_layout_only_when_one_does_not_fit(monkeypatch):
+  """Layouts (model.remat_unit/scan_unit) in order per candidate: layer/layer, which replays the
+  forward once more, is compiled only where block/block does not fit, and a batch stops growing
+  when no layout fits."""
+  calls = []
+  compile_report = _layout_stand_in(calls, {'block/block': 6.0, 'layer/layer': 3.0})
   monkeypatch.setattr(aot, 'compile_report', compile_report)
   monkeypatch.setattr(aot, 'devices', lambda topo: [None] * topo.chips)
   space = plan.PlanSpace(remat_policies=('full',), rows_per_shard=(1, 2, 4, 8),
