@@ -14,7 +14,9 @@ from gemma3_train import config as config_lib
 from gemma3_train import data
 from gemma3_train.data import mixture
 from gemma3_train.data import prepare as prepare_lib
+from gemma3_train.data import prepared
 from gemma3_train.data import tokenizer as tokenizer_lib
+from tests import test_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = {'a': 'apple', 'b': 'banana'}
@@ -157,6 +159,29 @@ def test_mixture_mixes_prepared_with_raw(tmp_path):
     seen |= {_row_source(tok, b['inputs'][r], b['segment_ids'][r]) for r in range(4)}
   assert seen == {'a', 'b'}
   it.close()
+
+
+def test_a_mixture_of_prepared_sources_reads_ahead_and_resumes(tmp_path, monkeypatch):
+  """All sources prepared: data.prefetch is their read-ahead of records (no batch thread); the
+  batches are those of prefetch=0, and a resumed iterator goes on as the first one did."""
+  monkeypatch.setattr(prepared, 'READ_CHUNK', 4)  # many chunks read ahead
+  spec = []
+  for name, word in WORDS.items():
+    src = _write(tmp_path / f'{name}.jsonl', word, 9)
+    prepare_lib.main(['prepare', f'--src={src}', f'--dst={tmp_path / name}', '--workers=1'])
+    spec.append(f'{name}:1 source=prepared train_path={tmp_path / name}')
+  c = _config(tmp_path, {'a': 1}).replace(data=dict(mixture='; '.join(spec)))
+  config_lib.validate(c)
+  def draw(config):
+    it = data.make_train_iterator(config)
+    out = [next(it) for _ in range(12)]
+    it.close()
+    return out
+
+  for x, y in zip(draw(c), draw(c.replace(data=dict(prefetch=0))), strict=True):
+    for k in y:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  test_data.assert_resumes(c, 4, 6)
 
 
 @pytest.mark.parametrize('spec,expected', [

@@ -116,6 +116,36 @@ def test_prepared_iterator_resumes_where_it_stood(tmp_path, workers):
       _config(source='prepared', train_path=str(tmp_path / 'prep'), num_workers=workers), 5, 9)
 
 
+@pytest.mark.parametrize('remote', [False, True])
+def test_records_read_ahead_give_the_same_batches_and_resume(tmp_path, monkeypatch, remote):
+  """data.prefetch on prepared shards reads the next chunk of records in a thread (local shards
+  one by one, remote ones in parallel): with chunks of 8 documents, many chunks are read
+  ahead, and the batches are those of prefetch=0 and of on-the-fly tokenization, also after a
+  resume mid-chunk."""
+  monkeypatch.setattr(prepared, 'READ_CHUNK', 8)
+  if remote:  # (the parallel read remote paths get; the files are local)
+    monkeypatch.setattr(prepared.PreparedSource, 'records',
+                        lambda self, indices: self._source.__getitems__(indices))
+  src = _corpus(tmp_path / 'in.jsonl', n=80)
+  _prepare(src, tmp_path / 'prep', '--rows_per_shard=9', '--workers=1')
+  fields = dict(shuffle=True, seed=5)
+  ready = lambda prefetch: _config(source='prepared', train_path=str(tmp_path / 'prep'),
+                                   prefetch=prefetch, **fields)
+  ahead = _batches(ready(2), 10)
+  _assert_same(ahead, _batches(ready(0), 10))
+  _assert_same(ahead, _batches(_config(source='jsonl', train_path=src, **fields), 10))
+  test_data.assert_resumes(ready(2), 3, 6)
+
+
+def test_local_records_are_read_in_order(tmp_path):
+  src = _corpus(tmp_path / 'in.jsonl', n=40)
+  _prepare(src, tmp_path / 'prep', '--rows_per_shard=7', '--workers=1')
+  source = prepared.PreparedSource(str(tmp_path / 'prep'), 'data.train_path', '')
+  indices = [31, 2, 2, 17, 0, 39]
+  assert source.records(indices) == [source[i] for i in indices]
+  assert source.records(indices) == source._source.__getitems__(indices)  # the remote path's
+
+
 def test_records_hold_the_trainer_documents(tmp_path):
   """The independent check: record tokens are SentencePiece's ids between BOS and EOS."""
   model = importlib.resources.files('gemma3_train') / 'assets' / 'tokenizer_gemma3.model'

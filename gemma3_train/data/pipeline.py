@@ -132,11 +132,20 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)),
         worker_init_fn=signals.ignore_interrupts_in_worker)
-  elif d.prefetch:
+  elif d.prefetch and not _all_prepared(c, mixed):  # (prepared data reads records ahead)
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
   if mixed:
     ds = mixture.count_sources(ds, c, process_count)
   return ds
+
+
+def _all_prepared(c: config_lib.Config, mixed: bool) -> bool:
+  """Whether every source read is data.source=prepared, whose data.prefetch is a read-ahead of
+  records (prepared.Pieces) instead of a batch thread."""
+  if not mixed:
+    return c.data.source == 'prepared'
+  return all(mixture.source_data(c.data, m).source == 'prepared'
+             for m in mixture.parse_mixture(c.data.mixture) if m.weight > 0)
 
 
 def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
@@ -165,7 +174,7 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
                             shuffle_seed=d.seed if d.shuffle and split == 'train' else None)
   split_rows = SplitRows(d.seq_len, image_spec)  # (a vision model's text pieces get empty slots)
   if d.source == 'prepared':  # no tokenizing to overlap: read records a chunk at a time
-    ds = prepared.Pieces(ids, to_doc, split_rows.flat_map)
+    ds = prepared.Pieces(ids, to_doc, split_rows.flat_map, read_ahead=d.prefetch > 0)
   else:
     # grain 0.2.18 polls every buffered future on each element: a deep buffer costs per
     # document as much as tokenizing a few hundred tokens (benchmarks/data_throughput.py); 16

@@ -16,6 +16,7 @@ longer than seq_len + 1 tokens is skipped, a longer text is split (counted).
 
 from __future__ import annotations
 
+from concurrent import futures
 import hashlib
 import json
 from typing import Any, Callable
@@ -102,13 +103,18 @@ class PreparedSource(sources._Files):  # pylint: disable=protected-access
     self.format = formats.pop() if formats else 'text'
     super().__init__(paths, rows, field, spec)
     self._source = grain.sources.ArrayRecordDataSource(paths)
+    self._remote = any('://' in p for p in paths)
 
   def __getitem__(self, i: int) -> bytes:
     return self._source[i]
 
   def records(self, indices: list[int]) -> list[bytes]:
-    """Several records in one call (array_record reads them in parallel, in C++)."""
-    return self._source.__getitems__(indices)
+    """Several records in one call. Remote shards (gs://) are read in parallel threads, which
+    hides their latency; local ones one by one, which costs half the CPU (array_record starts
+    a thread pool per call: 8 ms vs 3.5 ms per 256 records here)."""
+    if self._remote:
+      return self._source.__getitems__(indices)
+    return [self._source[i] for i in indices]
 
 
 class ToDocument(grain.transforms.Map):
@@ -146,12 +152,19 @@ class Pieces(grain.IterDataset):
   """Document ids -> the pieces split(document) gives, in order, as the on-the-fly pipeline's
   map -> to_iter_dataset -> FlatMap gives them, but reading records a chunk at a time: for
   prepared data grain's per-document machinery (reader threads, futures, flat-map) costs more
-  than the read itself (benchmarks/data_throughput.py)."""
+  than the read itself (benchmarks/data_throughput.py).
+
+  read_ahead: a thread reads the next chunk's records while this one is split and packed. That
+  is this source's data.prefetch: the records are the only part that waits on I/O, and handing
+  over raw records once per READ_CHUNK documents is cheaper than a batch thread's hand-over per
+  batch, whose Python work cannot run beside the caller's under the GIL anyway (docs/data.md)."""
 
   def __init__(self, ids: order.DocumentOrder, to_doc: ToDocument,
-               split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]):
+               split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]],
+               read_ahead: bool = False):
     super().__init__()
     self._ids, self._to_doc, self._split = ids, to_doc, split
+    self._read_ahead = read_ahead
     self._positions = range(len(ids))  # the positions of ids this iterator reads
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
@@ -162,26 +175,40 @@ class Pieces(grain.IterDataset):
     self._positions = self._positions[sl]
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PiecesIterator(self._ids, self._positions, self._to_doc, self._split)
+    return _PiecesIterator(self._ids, self._positions, self._to_doc, self._split,
+                           self._read_ahead)
 
 
 class _PiecesIterator(grain.DatasetIterator):
   """State: the next piece is piece `piece` of document `doc` (an index into positions)."""
 
-  def __init__(self, ids, positions: range, to_doc, split):
+  def __init__(self, ids, positions: range, to_doc, split, read_ahead: bool):
     super().__init__()
     self._ids, self._positions, self._to_doc, self._split = ids, positions, to_doc, split
     self._doc = self._piece = 0
     self._start, self._chunk = 0, []  # pieces of documents start, start + 1, ...
+    self._reader = futures.ThreadPoolExecutor(1, 'prepared-read-ahead') if read_ahead else None
+    self._ahead: tuple[int, futures.Future] | None = None  # (start, its records being read)
+
+  def _read(self, k: int) -> tuple[list[int], list[bytes]]:
+    """The document ids and records of the chunk that starts at position k."""
+    chunk = self._positions[k:k + READ_CHUNK]
+    indices = self._ids.doc_ids(np.arange(chunk.start, chunk.stop, chunk.step)).tolist()
+    return indices, self._to_doc.source.records(indices)
+
+  def _records(self, k: int) -> tuple[list[int], list[bytes]]:
+    ahead, self._ahead = self._ahead, None
+    got = ahead[1].result() if ahead and ahead[0] == k else self._read(k)
+    if self._reader is not None and k + READ_CHUNK < len(self._positions):
+      self._ahead = (k + READ_CHUNK, self._reader.submit(self._read, k + READ_CHUNK))
+    return got
 
   def _pieces(self, k: int) -> list[dict[str, np.ndarray]]:
     if not self._start <= k < self._start + len(self._chunk):
       if k >= len(self._positions):
         raise StopIteration
-      chunk = self._positions[k:k + READ_CHUNK]
-      indices = self._ids.doc_ids(np.arange(chunk.start, chunk.stop, chunk.step)).tolist()
-      docs = (self._to_doc.from_record(r, i)
-              for r, i in zip(self._to_doc.source.records(indices), indices))
+      indices, records = self._records(k)
+      docs = (self._to_doc.from_record(r, i) for r, i in zip(records, indices))
       self._start, self._chunk = k, [[] if d is None else self._split(d) for d in docs]
     return self._chunk[k - self._start]
 
@@ -198,4 +225,12 @@ class _PiecesIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._doc, self._piece = state['doc'], state['piece']
-    self._start, self._chunk = 0, []
+    self._start, self._chunk = 0, []  # (a read ahead of another position goes unused)
+
+  def close(self) -> None:  # (grain's __del__ calls it again, maybe at interpreter exit)
+    if not self._closed and self._reader is not None:
+      try:
+        self._reader.shutdown(wait=False, cancel_futures=True)
+      except Exception:  # pylint: disable=broad-except
+        pass  # at interpreter exit module globals are gone; concurrent.futures joins the thread
+    super().close()
