@@ -100,9 +100,12 @@ class _StorageRetryLog(logging.Filter):
   at DEBUG: each retry becomes one WARNING of ours; its other DEBUG lines stay hidden."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.WARNING:
-      return True
     message = record.getMessage()
+    if record.levelno >= logging.WARNING:  # 'out of retries': the error is ours to report
+      if record.exc_info and 'out of retries' in message:
+        record.msg, record.args = message.splitlines()[0][:300], ()
+        record.exc_info = record.exc_text = None
+      return True
     if 'retrying after exception' in message:
       log.warning('Storage request retried with backoff (gcsfs): %s', message[:300])
     return False
@@ -195,6 +198,7 @@ class Checkpointer:
       _log_storage_retries()
     _quiet_storage_faults()
     self.manager = self._make_manager()
+    self._closed = False  # the manager was closed after a failed write and not yet reopened
     self._last: tuple[int, Any, Any] | None = None  # (step, state, data_iter) of the last save
     self._in_flight: int | None = None  # the step whose background write may still fail
     self._stop = signals.StopRequests()
@@ -287,6 +291,8 @@ class Checkpointer:
     delay = 1.0
     for attempt in itertools.count():
       try:
+        if self._closed:  # reopening failed last time (storage still down): now or raise
+          self.manager, self._closed = self._make_manager(), False
         # The previous background write first, so that a failure is blamed on its step.
         self.manager.wait_until_finished()
         self._in_flight = None
@@ -349,10 +355,12 @@ class Checkpointer:
       pass
     if delete_partial_writes:  # before the new manager starts its own (racing) cleanup
       self._delete_partial_writes()
+    self._closed = True  # a closed manager's save raises 'cannot schedule new futures'
     try:
-      self.manager = self._make_manager()
+      self.manager, self._closed = self._make_manager(), False
     except Exception as e:  # pylint: disable=broad-except  # storage still down: next retry
-      log.warning('Could not reopen %s (%s)', self.directory, _first_line(e))
+      log.warning('Could not reopen %s (%s: %s); the next retry reopens it', self.directory,
+                  type(e).__name__, _first_line(e))
 
   # --- restore -----------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from etils import epath
 
@@ -168,3 +169,78 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
   b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
   assert a['step'] == b['step'] == 12 and a['loss'] == b['loss']
+
+
+
+def _wait_for(done, log_path, proc, timeout: float = 600) -> None:
+  """Until done(the run's log so far); the run must not end first."""
+  deadline = time.time() + timeout
+  while not done(log_path.read_text()):
+    assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+    time.sleep(0.05)
+
+
+def _gcs_params(workdir: str, out) -> list:
+  """The final params of a gs:// workdir as numpy, read with the trainer's own restore (as
+  tests/test_checkpoint.py's _params does for a local one)."""
+  code = f'''
+import sys, numpy as np, jax
+sys.argv = ['x']
+from configs import tiny
+from gemma3_train import config as C, sharding, train, checkpoint
+from flax import nnx
+c = C.from_config_dict(tiny.get_config())
+c = c.replace(data=dict(source='synthetic', seq_len=32), model=dict(vocab_size=512, num_layers=7),
+              train=dict(global_batch_size=8))
+s = train.setup(c, sharding.make_mesh(c), abstract=True)
+state, step = checkpoint.Checkpointer({workdir!r}, c).restore_latest(s.abstract_state, None)
+np.savez({str(out)!r}, *[np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(state['params']))])
+'''
+  subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=tc._env(), check=True, timeout=600)
+  return list(np.load(out).values())
+
+
+@pytest.mark.slow
+def test_gcs_outage_past_gcsfs_retries_is_retried_by_the_checkpointer(gcs, tmp_path):
+  """Two outages, each past gcsfs's own retries (about 35 s per request, and a bucket check
+  that fails falls back to a listing: twice that). The first, during the async write of step
+  4, fails that write, so the Checkpointer's retry takes over at the next save; the second,
+  right after its retry WARNING, fails the reopening of the CheckpointManager (a closed one
+  must not be used). The retry reopens it and writes the next step's checkpoint, and the run
+  ends with an uninterrupted run's final loss and params, bitwise."""
+  workdir = 'gs://run/long_outage'
+  # A logged step rewrites metrics.jsonl on gs:// (gcsfs's retries only): none in the outage.
+  quiet = ['--config.checkpoint.every=2', '--config.logging.log_every=1000']
+  log_path = tmp_path / 'run.log'
+  with open(log_path, 'w') as err:
+    proc = subprocess.Popen(tc._cmd(workdir, 12, *quiet), cwd=ROOT, env=tc._env(),
+                            stdout=subprocess.DEVNULL, stderr=err)
+    try:
+      _wait_for(lambda t: 'Checkpoint for step 4 being written' in t, log_path, proc)
+      gcs.stop()
+      # gcsfs gave up twice: the bucket check (swallowed, it then lists) and the request.
+      _wait_for(lambda t: t.count('out of retries') >= 2, log_path, proc)
+      gcs.start()
+      _wait_for(lambda t: 'Checkpoint write to' in t, log_path, proc)
+      gcs.stop()
+      _wait_for(lambda t: 'Could not reopen' in t, log_path, proc)
+      gcs.start()
+      proc.wait(timeout=600)
+    finally:
+      proc.kill()
+      if gcs.proc is None:
+        gcs.start()
+  text = log_path.read_text()
+  assert proc.returncode == 0, text[-3000:]
+  assert re.search(r'Checkpoint write to gs://run/long_outage/checkpoints failed \(.*\); '
+                   r'retry 1 of 6 in 1 s', text), text[-3000:]
+  assert re.search(r'Checkpoint for step 6 written to \S+ after 1 retries', text), text[-3000:]
+  assert 'Traceback' not in text and 'cannot schedule new futures' not in text, text[-3000:]
+  assert 12 in _complete(workdir)
+  local = tmp_path / 'local'
+  tc._train(local, 12, *quiet)
+  a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
+  b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert a['step'] == b['step'] == 12 and a['loss'] == b['loss']
+  for x, y in zip(_gcs_params(workdir, tmp_path / 'gcs.npz'), tc._params(local), strict=True):
+    np.testing.assert_array_equal(x, y)
