@@ -62,7 +62,7 @@ def main() -> None:
   parser.add_argument('--checkpoint_every', type=int, default=10)
   parser.add_argument('--keep', type=int, default=3)
   parser.add_argument('--small', action='store_true', help="the tests' small model")
-  parser.add_argument('--json', help='also write the samples to this file')
+  parser.add_argument('--json', help='also write the samples to this file (after each)')
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir)
   if workdir.exists() and any(workdir.iterdir()):
@@ -95,6 +95,8 @@ def main() -> None:
         print(f'{row["step"]:>6} {row["rss_mb"]:>8} {row["fds"]:>5} {row["threads"]:>7} '
               f'{row["workdir_mb"]:>10} {row["elapsed_s"]:>9}', flush=True)
         due += args.every
+        if args.json:  # after each sample, so that a soak stopped early keeps its figures
+          pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
       time.sleep(0.05)
     child.wait()
   if child.returncode:
@@ -106,8 +108,6 @@ def main() -> None:
       print(f'after warm-up ({len(values)} samples): {key} min {min(values)} max '
             f'{max(values)} spread {max(values) - min(values):.1f}')
   print(f'wall time {time.time() - t0:.0f} s, load average at end {os.getloadavg()[0]:.1f}')
-  if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == '__main__':
