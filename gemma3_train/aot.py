@@ -410,6 +410,17 @@ def _fill_time(r: Report, c: config_lib.Config, topo: hardware.Topology,
   r.mfu = r.model_flops_per_step / r.chips / r.step_seconds / peak
 
 
+def throughput_bound(c: config_lib.Config, topo: hardware.Topology) -> float:
+  """The highest tokens/s compile_report can estimate for c, without compiling: _fill_time's
+  step time with the compiler's cost analysis at zero (it takes the larger of that and the
+  executed FLOPs from the shapes at peak, plus the splash kernels')."""
+  c = tpu_run_config(c)
+  r = _base_report(c, topo, sharding.mesh_shape(c, topo.total_chips, topo.num_slices))
+  r.model_flops_per_step = flops.train_flops_per_step(c)
+  _fill_time(r, c, topo, {})
+  return r.tokens_per_sec
+
+
 def format_report(r: Report) -> str:
   m = r.mesh
   mesh = ' '.join(f'{k}={v}' for k, v in m.items() if v != 1 or k in ('fsdp', 'tensor'))

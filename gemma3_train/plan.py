@@ -237,8 +237,8 @@ def search_plans(c: config_lib.Config, topo: hardware.Topology,
            'shard %s x layouts %s; a batch stops growing at its first misfit; a layout is '
            'compiled only when none before it fits with 10%% free), %s. Each compile can take '
            'minutes; narrow the search with --aot_plan_remat/_rows/_tensor/_layouts.',
-           c.model.preset,
-           topo.name, len(candidates), '/'.join(sorted({str(k.tensor) for k in candidates})),
+           c.model.preset, topo.name, len(candidates),
+           '/'.join(map(str, sorted({k.tensor for k in candidates}))),
            '/'.join(space.remat_policies), '/'.join(map(str, space.rows_per_shard)),
            ', '.join(space.layouts), stage)
   if space.every or space.confirm:
@@ -282,19 +282,8 @@ def _candidates(c: config_lib.Config, topo: hardware.Topology,
           trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards,
                         layout=layout)
           out.append(_Candidate(tensor, remat, rows, layout, trial,
-                                throughput_bound(trial, topo)))
+                                aot.throughput_bound(trial, topo)))
   return out
-
-
-def throughput_bound(c: config_lib.Config, topo: hardware.Topology) -> float:
-  """The highest tokens/s aot.compile_report can estimate for c, without compiling: its step
-  time with the compiler's cost analysis at zero (aot._fill_time takes the larger of that and the
-  executed FLOPs from the shapes at peak, plus the splash kernels')."""
-  c = aot.tpu_run_config(c)
-  r = aot._base_report(c, topo, sharding.mesh_shape(c, topo.total_chips, topo.num_slices))
-  r.model_flops_per_step = flops.train_flops_per_step(c)
-  aot._fill_time(r, c, topo, {})
-  return r.tokens_per_sec
 
 
 def _compile(k: _Candidate, topo: hardware.Topology, device_list: Sequence,
@@ -337,11 +326,11 @@ def _search_best_first(candidates: Sequence[_Candidate], topo: hardware.Topology
   no candidate left can then be ranked above it. A layout is compiled only when none compiled
   before it for the same candidate fits with aot.HEADROOM free (a plan with less is ranked
   last); rows beyond a misfit of the same layout are skipped."""
-  order = [k for _, k in sorted(enumerate(candidates), key=lambda ik: (_bound_key(ik[1]), ik[0]))]
+  order = sorted(candidates, key=_bound_key)  # stable: ties keep the nested order
   plans: list[PlanReport] = []
   misfit_rows: dict[tuple[int, str, str], int] = {}  # smallest rows that did not fit
-  roomy: set[tuple[int, str, int]] = set()  # (tensor, remat, rows) with a layout that fits
-  # with aot.HEADROOM free
+  # (tensor, remat, rows) with a layout that fits with aot.HEADROOM free
+  roomy: set[tuple[int, str, int]] = set()
   compiled = 0
   for k in order:
     best = min((p for p in plans if p.headroom >= aot.HEADROOM), key=_rank, default=None)

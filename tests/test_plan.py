@@ -249,7 +249,7 @@ def _timed_stand_in(calls: list, extra: dict, slow: dict):
         generated_code_size_in_bytes=gib['code'] * aot.GIB))
     cost = {'flops': 1.0, 'bytes accessed': 1.0}
     if key in slow:
-      cost['optimal_seconds'] = 10 * batch * trial.data.seq_len / plan.throughput_bound(
+      cost['optimal_seconds'] = 10 * batch * trial.data.seq_len / aot.throughput_bound(
           trial, topo)
     aot._fill_time(r, aot.tpu_run_config(trial), topo, cost)
     return r
@@ -300,7 +300,7 @@ def test_best_first_order_and_stop(monkeypatch):
   assert calls == [('none', 1, 4), ('minimal', 1, 4), ('minimal', 1, 8)]
   assert [(p.remat_policy, p.global_batch) for p in plans] == [('minimal', 8), ('minimal', 4)]
   full = _with_policy(c, 'full', 8)
-  assert plan.throughput_bound(full, TOPO) < plans[0].tokens_per_sec
+  assert aot.throughput_bound(full, TOPO) < plans[0].tokens_per_sec
 
 
 def _with_policy(c: config_lib.Config, remat: str, batch: int) -> config_lib.Config:
