@@ -74,8 +74,10 @@ def _wait_for_step(path, step, proc, timeout=600):
   raise TimeoutError(step)
 
 
-def _params(workdir):
-  """The final params as numpy, read with the trainer's own restore."""
+def _params(workdir, out=None):
+  """The final params as numpy, read with the trainer's own restore; workdir may be gs:// (then
+  give `out`, the local .npz file to pass them through; else workdir/params.npz)."""
+  out = workdir / 'params.npz' if out is None else out
   code = f'''
 import sys, numpy as np, jax
 sys.argv = ['x']
@@ -88,10 +90,10 @@ c = c.replace(data=dict(source='synthetic', seq_len=32), model=dict(vocab_size=5
 s = train.setup(c, sharding.make_mesh(c), abstract=True)
 state, step = checkpoint.Checkpointer({str(workdir)!r}, c).restore_latest(s.abstract_state, None)
 flat = jax.tree.leaves(nnx.to_pure_dict(state['params']))
-np.savez({str(workdir / 'params.npz')!r}, *[np.asarray(x) for x in flat])
+np.savez({str(out)!r}, *[np.asarray(x) for x in flat])
 '''
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=_env(), check=True, timeout=600)
-  return list(np.load(workdir / 'params.npz').values())
+  return list(np.load(out).values())
 
 
 # SIGKILL, then a rerun that resumes bitwise (every loss and the final params against an

@@ -5,6 +5,7 @@ checkpoint write (retried with backoff and logged, not fatal)."""
 
 # pylint: disable=protected-access  # tests/test_checkpoint.py's CLI helpers
 import json
+import pathlib
 import re
 import signal
 import subprocess
@@ -140,6 +141,24 @@ def test_gcs_sigterm_resume_and_corrupt_checkpoint_fallback(gcs):
   assert epath.Path(workdir, 'checkpoints', f'unreadable_{stop}').exists()
 
 
+def _wait_for(done, log_path, proc, timeout: float = 600) -> None:
+  """Until done(the run's log so far); the run must not end first."""
+  deadline = time.time() + timeout
+  while not done(log_path.read_text()):
+    assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+    time.sleep(0.05)
+
+
+def _same_final_loss_as_a_local_run(workdir: str, local: pathlib.Path, steps: int,
+                                    flags: list[str]) -> pathlib.Path:
+  """Trains the same run in the local dir `local` and checks both logged the same final loss."""
+  tc._train(local, steps, *flags)
+  a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
+  b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert a['step'] == b['step'] == steps and a['loss'] == b['loss']
+  return local
+
+
 @pytest.mark.slow
 def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   """The emulator is stopped for 8 s while a checkpoint is being written, then started again:
@@ -152,10 +171,7 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   with open(log_path, 'w') as err:
     proc = subprocess.Popen(tc._cmd(workdir, 12, *quiet), cwd=ROOT, env=tc._env(),
                             stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.time() + 600
-    while 'Checkpoint for step 4 being written' not in log_path.read_text():
-      assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-      time.sleep(0.05)
+    _wait_for(lambda t: 'Checkpoint for step 4 being written' in t, log_path, proc)
     gcs.stop()
     time.sleep(8)
     gcs.start()
@@ -164,40 +180,7 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   assert proc.returncode == 0, text[-3000:]
   assert 'Storage request retried with backoff' in text, text[-3000:]
   assert 12 in _complete(workdir)
-  local = tmp_path / 'local'
-  tc._train(local, 12, *quiet)
-  a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
-  b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
-  assert a['step'] == b['step'] == 12 and a['loss'] == b['loss']
-
-
-
-def _wait_for(done, log_path, proc, timeout: float = 600) -> None:
-  """Until done(the run's log so far); the run must not end first."""
-  deadline = time.time() + timeout
-  while not done(log_path.read_text()):
-    assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-    time.sleep(0.05)
-
-
-def _gcs_params(workdir: str, out) -> list:
-  """The final params of a gs:// workdir as numpy, read with the trainer's own restore (as
-  tests/test_checkpoint.py's _params does for a local one)."""
-  code = f'''
-import sys, numpy as np, jax
-sys.argv = ['x']
-from configs import tiny
-from gemma3_train import config as C, sharding, train, checkpoint
-from flax import nnx
-c = C.from_config_dict(tiny.get_config())
-c = c.replace(data=dict(source='synthetic', seq_len=32), model=dict(vocab_size=512, num_layers=7),
-              train=dict(global_batch_size=8))
-s = train.setup(c, sharding.make_mesh(c), abstract=True)
-state, step = checkpoint.Checkpointer({workdir!r}, c).restore_latest(s.abstract_state, None)
-np.savez({str(out)!r}, *[np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(state['params']))])
-'''
-  subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=tc._env(), check=True, timeout=600)
-  return list(np.load(out).values())
+  _same_final_loss_as_a_local_run(workdir, tmp_path / 'local', 12, quiet)
 
 
 @pytest.mark.slow
@@ -237,10 +220,6 @@ def test_gcs_outage_past_gcsfs_retries_is_retried_by_the_checkpointer(gcs, tmp_p
   assert re.search(r'Checkpoint for step 6 written to \S+ after 1 retries', text), text[-3000:]
   assert 'Traceback' not in text and 'cannot schedule new futures' not in text, text[-3000:]
   assert 12 in _complete(workdir)
-  local = tmp_path / 'local'
-  tc._train(local, 12, *quiet)
-  a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
-  b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
-  assert a['step'] == b['step'] == 12 and a['loss'] == b['loss']
-  for x, y in zip(_gcs_params(workdir, tmp_path / 'gcs.npz'), tc._params(local), strict=True):
+  local = _same_final_loss_as_a_local_run(workdir, tmp_path / 'local', 12, quiet)
+  for x, y in zip(tc._params(workdir, tmp_path / 'gcs.npz'), tc._params(local), strict=True):
     np.testing.assert_array_equal(x, y)
