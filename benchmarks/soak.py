@@ -31,12 +31,16 @@ SMALL = ['--config.data.source=synthetic', '--config.model.vocab_size=512',
 
 
 def _du_mb(path: pathlib.Path) -> float:
+  """Bytes of the files under path. Old checkpoints are deleted while we walk the tree: a
+  directory that vanished is skipped (os.walk ignores its listing error; pathlib's rglob
+  raises it), and so is a file."""
   total = 0
-  for p in path.rglob('*'):
-    try:
-      total += p.stat().st_size if p.is_file() else 0
-    except FileNotFoundError:  # an old checkpoint deleted while we walk the tree
-      pass
+  for parent, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.stat(os.path.join(parent, name)).st_size
+      except FileNotFoundError:
+        pass
   return total / 1e6
 
 
