@@ -8,11 +8,18 @@ multiple of --every steps, samples the training process: resident memory (RSS), 
 descriptors, threads, and the workdir's size on disk. Prints one row per sample, then the
 spread of each after warm-up (samples from step 2 x --every on). --small trains the test
 suite's small model (vocabulary 512, synthetic data) instead, for a quick check.
+
+An async save in flight holds files, threads and a host copy of the state, so a single reading
+depends on when it falls. Between samples the process is also polled every 50 ms: each row
+carries the floor (minimum) of RSS, fds and threads since the previous row, which a leak raises
+and a write in flight does not, and --json rows also name the threads (by count per name, from
+/proc), so a step in the thread count can be traced to its pool.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -52,10 +59,27 @@ def _last_step(metrics: pathlib.Path) -> int:
   return max(steps, default=0)
 
 
-def sample(proc: psutil.Process, workdir: pathlib.Path, step: int, t0: float) -> dict:
-  return {'step': step, 'rss_mb': round(proc.memory_info().rss / 1e6, 1),
-          'fds': proc.num_fds(), 'threads': proc.num_threads(),
-          'workdir_mb': round(_du_mb(workdir), 1), 'elapsed_s': round(time.time() - t0, 1)}
+def _thread_names(pid: int) -> dict[str, int]:
+  names = collections.Counter()
+  for task in pathlib.Path(f'/proc/{pid}/task').glob('*'):
+    try:
+      names[(task / 'comm').read_text().strip()] += 1
+    except OSError:  # the thread ended while we listed them
+      pass
+  return dict(sorted(names.items()))
+
+
+def _poll(proc: psutil.Process) -> dict:
+  return {'rss_mb': round(proc.memory_info().rss / 1e6, 1), 'fds': proc.num_fds(),
+          'threads': proc.num_threads()}
+
+
+def sample(proc: psutil.Process, workdir: pathlib.Path, step: int, t0: float,
+           floor: dict) -> dict:
+  now = _poll(proc)
+  return {'step': step, **now, **{f'{k}_floor': min(floor.get(k, v), v) for k, v in now.items()},
+          'workdir_mb': round(_du_mb(workdir), 1), 'elapsed_s': round(time.time() - t0, 1),
+          'thread_names': _thread_names(proc.pid)}
 
 
 def main() -> None:
@@ -86,17 +110,23 @@ def main() -> None:
   with open(log_path, 'w') as log:
     child = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     proc = psutil.Process(child.pid)
-    rows, due = [], args.every
-    print(f'{"step":>6} {"rss_mb":>8} {"fds":>5} {"threads":>7} {"workdir_mb":>10} '
-          f'{"elapsed_s":>9}', flush=True)
+    rows, due, floor = [], args.every, {}
+    print(f'{"step":>6} {"rss_mb":>8} {"(floor)":>8} {"fds":>5} {"(floor)":>7} {"threads":>7} '
+          f'{"(floor)":>7} {"workdir_mb":>10} {"elapsed_s":>9}', flush=True)
     while child.poll() is None and due <= args.steps:
-      if _last_step(workdir / 'metrics.jsonl') >= due:
-        try:
-          row = sample(proc, workdir, due, t0)
-        except psutil.NoSuchProcess:
-          break
+      try:
+        if _last_step(workdir / 'metrics.jsonl') >= due:
+          row = sample(proc, workdir, due, t0, floor)
+          floor = {}
+        else:
+          floor = {k: min(floor.get(k, v), v) for k, v in _poll(proc).items()}
+          row = None
+      except psutil.NoSuchProcess:
+        break
+      if row:
         rows.append(row)
-        print(f'{row["step"]:>6} {row["rss_mb"]:>8} {row["fds"]:>5} {row["threads"]:>7} '
+        print(f'{row["step"]:>6} {row["rss_mb"]:>8} {row["rss_mb_floor"]:>8} {row["fds"]:>5} '
+              f'{row["fds_floor"]:>7} {row["threads"]:>7} {row["threads_floor"]:>7} '
               f'{row["workdir_mb"]:>10} {row["elapsed_s"]:>9}', flush=True)
         due += args.every
         if args.json:  # after each sample, so that a soak stopped early keeps its figures
@@ -106,7 +136,8 @@ def main() -> None:
   if child.returncode:
     sys.exit(f'soak.py: error: training exited {child.returncode}; see {log_path}')
   warm = [r for r in rows if r['step'] >= 2 * args.every]
-  for key in ('rss_mb', 'fds', 'threads', 'workdir_mb'):
+  for key in ('rss_mb', 'rss_mb_floor', 'fds', 'fds_floor', 'threads', 'threads_floor',
+              'workdir_mb'):
     values = [r[key] for r in warm]
     if values:
       print(f'after warm-up ({len(values)} samples): {key} min {min(values)} max '
