@@ -297,6 +297,34 @@ def assert_resumes(c, skip: int, n: int) -> None:
   restored.close()
 
 
+def test_split_batches_equal_plain_batches_and_resume_at_every_position():
+  """Worker elements of k batches, split in the main process: the same batches as batching
+  directly, and a state taken at any position (inside an element or at its end) resumes there;
+  a state saved before the split existed (the parent's own) resumes too."""
+  from gemma3_train.data import pipeline  # pylint: disable=g-import-not-at-top
+  # (at least 2**16 tokens per element, at most 16 batches)
+  assert [pipeline.crossing_batches(*s) for s in ((8, 1024), (16, 4096), (1, 64), (3, 8192))] \
+      == [8, 1, 16, 3]
+  rows = grain.MapDataset.range(40).map(lambda i: {'x': np.full(3, i, np.int32)})
+  xs = lambda batches: [b['x'].tolist() for b in batches]
+  plain = xs(rows.to_iter_dataset().batch(2))
+  split = pipeline.SplitBatches(rows.to_iter_dataset().batch(8), 2)
+  assert xs(split) == plain
+  for skip in range(13):
+    it = iter(split)
+    for _ in range(skip):
+      next(it)
+    state = it.get_state()
+    again = iter(split)
+    again.set_state(state)
+    assert xs([next(again), next(again)]) == plain[skip:skip + 2]
+  old = iter(rows.to_iter_dataset().batch(8))
+  next(old)
+  again = iter(split)
+  again.set_state(old.get_state())
+  assert xs([next(again)]) == plain[4:5]
+
+
 @pytest.mark.slow  # starting grain worker processes takes 10-25 s here
 def test_restore_with_worker_processes():
   assert_resumes(make_config(num_workers=2, seq_len=64), 3, 4)

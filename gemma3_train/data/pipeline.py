@@ -123,7 +123,8 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     ds = mixture.make_rows(c, rows, batch_size=B, num_epochs=num_epochs)
   else:
     ds = rows(c, num_epochs)
-  ds = ds.batch(B, drop_remainder=num_epochs is None)
+  k = crossing_batches(B, d.seq_len) if d.num_workers else 1
+  ds = ds.batch(k * B, drop_remainder=num_epochs is None)
   if d.num_workers:
     # grain 0.2.18's mp_prefetch reads its --grain_* absl flags, which raise until parsed; a
     # caller outside absl.app (tests, notebooks) has not parsed them.
@@ -134,9 +135,74 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
         worker_init_fn=signals.ignore_interrupts_in_worker)
   elif d.prefetch and not _all_prepared(c, mixed):  # (prepared data reads records ahead)
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
+  if k > 1:
+    ds = SplitBatches(ds, B)
   if mixed:
     ds = mixture.count_sources(ds, c, process_count)
   return ds
+
+
+# A worker process hands each element to the main process through shared memory: a segment per
+# array, opened and unlinked on the other side. At 8 x 1024 tokens per batch that cost about a
+# sixth of the CPU per token (docs/data.md), so a crossing carries batches for at least this many
+# tokens (at most CROSSING_MAX_BATCHES batches), and the main process splits them.
+CROSSING_TOKENS = 1 << 16
+CROSSING_MAX_BATCHES = 16
+
+
+def crossing_batches(batch_size: int, seq_len: int) -> int:
+  """How many batches one worker element carries."""
+  return max(1, min(CROSSING_MAX_BATCHES, -(-CROSSING_TOKENS // (batch_size * seq_len))))
+
+
+class _SplitIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, rows: int):
+    super().__init__(parent)
+    self._rows = rows
+    self._big, self._used, self._before = None, 0, None  # the parent's state before _big
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._big is None or self._used >= self._size:
+      self._before = self._parent.get_state()
+      self._fetch()
+    rows = slice(self._used, self._used + self._rows)
+    self._used += self._rows
+    return {k: v[rows] for k, v in self._big.items()}
+
+  def _fetch(self) -> None:
+    # A copy, so that the worker's shared memory is released now, not when the last view of
+    # it goes (an element still held at exit is reported as a leaked segment).
+    self._big = {k: np.array(v) for k, v in next(self._parent).items()}
+    self._used, self._size = 0, len(next(iter(self._big.values())))
+
+  def get_state(self) -> dict:
+    if self._big is None or self._used >= self._size:
+      return {'parent': self._parent.get_state(), 'split_rows': 0}
+    return {'parent': self._before, 'split_rows': self._used}
+
+  def set_state(self, state: dict) -> None:
+    self._big, self._used = None, 0
+    if 'split_rows' not in state:  # a checkpoint from before the split: the parent's own
+      self._parent.set_state(state)
+      return
+    self._parent.set_state(state['parent'])
+    if state['split_rows']:
+      self._before = state['parent']
+      self._fetch()
+      self._used = state['split_rows']
+
+
+class SplitBatches(grain.IterDataset):
+  """Elements of k x rows rows -> k batches of `rows` rows each, in order; the checkpointed
+  state is the parent's before the current element and the rows handed out of it."""
+
+  def __init__(self, parent: grain.IterDataset, rows: int):
+    super().__init__(parent)
+    self._rows = rows
+
+  def __iter__(self) -> _SplitIterator:
+    return _SplitIterator(self._parent.__iter__(), self._rows)
 
 
 def _all_prepared(c: config_lib.Config, mixed: bool) -> bool:
