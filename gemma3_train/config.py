@@ -154,8 +154,8 @@ class DataConfig:
   shuffle: bool = _f(True, 'shuffle documents by (seed, epoch)')
   seed: int = _f(0, 'data shuffling seed')
   num_workers: int = _f(0, 'grain worker processes (0 = in the main process)')
-  prefetch: int = _f(2, 'batches prefetched ahead of the train step (prepared data: chunks of '
-                     'records read ahead)')
+  prefetch: int = _f(2, 'batches prefetched ahead of the train step (prepared data on gs://: '
+                     'chunks of records read ahead; local prepared shards are read inline)')
   mixture: str = _f('', "train sources mixed by weight, ';'-separated 'NAME:WEIGHT key=value "
                      "...' (keys: source, train_path, format, text_field, messages_field, "
                      "tfds_name; unset keys inherit data.*), e.g. 'web:0.7 source=jsonl "

@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -118,19 +119,25 @@ def test_prepared_iterator_resumes_where_it_stood(tmp_path, workers):
 
 @pytest.mark.parametrize('remote', [False, True])
 def test_records_read_ahead_give_the_same_batches_and_resume(tmp_path, monkeypatch, remote):
-  """data.prefetch on prepared shards reads the next chunk of records in a thread (local shards
-  one by one, remote ones in parallel): with chunks of 8 documents, many chunks are read
-  ahead, and the batches are those of prefetch=0 and of on-the-fly tokenization, also after a
-  resume mid-chunk."""
+  """data.prefetch on remote prepared shards reads the next chunk of records in a thread (in
+  parallel); local shards are read inline, with no thread. With chunks of 8 documents, many
+  chunks are read ahead, and the batches are those of prefetch=0 and of on-the-fly
+  tokenization, also after a resume mid-chunk."""
   monkeypatch.setattr(prepared, 'READ_CHUNK', 8)
-  if remote:  # (the parallel read remote paths get; the files are local)
-    monkeypatch.setattr(prepared.PreparedSource, 'records',
-                        lambda self, indices: self._source.__getitems__(indices))
+  if remote:  # (the files are local; remote paths get the read-ahead and the parallel read)
+    monkeypatch.setattr(prepared.PreparedSource, 'remote', property(lambda self: True))
   src = _corpus(tmp_path / 'in.jsonl', n=80)
   _prepare(src, tmp_path / 'prep', '--rows_per_shard=9', '--workers=1')
   fields = dict(shuffle=True, seed=5)
   ready = lambda prefetch: _config(source='prepared', train_path=str(tmp_path / 'prep'),
                                    prefetch=prefetch, **fields)
+  before = set(threading.enumerate())
+  it = data.make_train_iterator(ready(2))
+  next(it)
+  readers = [t for t in set(threading.enumerate()) - before
+             if t.name.startswith(prepared.READ_AHEAD_THREAD)]
+  assert bool(readers) == remote
+  it.close()
   ahead = _batches(ready(2), 10)
   _assert_same(ahead, _batches(ready(0), 10))
   _assert_same(ahead, _batches(_config(source='jsonl', train_path=src, **fields), 10))

@@ -105,6 +105,11 @@ class PreparedSource(sources._Files):  # pylint: disable=protected-access
     self._source = grain.sources.ArrayRecordDataSource(paths)
     self._remote = any('://' in p for p in paths)
 
+  @property
+  def remote(self) -> bool:
+    """Whether a shard is on remote storage (gs://), whose reads wait on the network."""
+    return self._remote
+
   def __getitem__(self, i: int) -> bytes:
     return self._source[i]
 
@@ -112,7 +117,7 @@ class PreparedSource(sources._Files):  # pylint: disable=protected-access
     """Several records in one call. Remote shards (gs://) are read in parallel threads, which
     hides their latency; local ones one by one, which costs half the CPU (array_record starts
     a thread pool per call: 8 ms vs 3.5 ms per 256 records here)."""
-    if self._remote:
+    if self.remote:
       return self._source.__getitems__(indices)
     return [self._source[i] for i in indices]
 
@@ -148,16 +153,21 @@ class ToDocument(grain.transforms.Map):
 READ_CHUNK = 256  # documents per batched read
 
 
+READ_AHEAD_THREAD = 'prepared-read-ahead'
+
+
 class Pieces(grain.IterDataset):
   """Document ids -> the pieces split(document) gives, in order, as the on-the-fly pipeline's
   map -> to_iter_dataset -> FlatMap gives them, but reading records a chunk at a time: for
   prepared data grain's per-document machinery (reader threads, futures, flat-map) costs more
   than the read itself (benchmarks/data_throughput.py).
 
-  read_ahead: a thread reads the next chunk's records while this one is split and packed. That
-  is this source's data.prefetch: the records are the only part that waits on I/O, and handing
-  over raw records once per READ_CHUNK documents is cheaper than a batch thread's hand-over per
-  batch, whose Python work cannot run beside the caller's under the GIL anyway (docs/data.md)."""
+  read_ahead: for remote shards (gs://), a thread reads the next chunk's records while this one
+  is split and packed. That is this source's data.prefetch: the records are the only part that
+  waits on I/O, and handing over raw records once per READ_CHUNK documents is cheaper than a
+  batch thread's hand-over per batch. Local shards are read inline: their reads are copies from
+  the page cache, and the second thread only contends for the GIL (up to twice the CPU per
+  token with the other core busy; docs/data.md)."""
 
   def __init__(self, ids: order.DocumentOrder, to_doc: ToDocument,
                split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]],
@@ -187,7 +197,8 @@ class _PiecesIterator(grain.DatasetIterator):
     self._ids, self._positions, self._to_doc, self._split = ids, positions, to_doc, split
     self._doc = self._piece = 0
     self._start, self._chunk = 0, []  # pieces of documents start, start + 1, ...
-    self._reader = futures.ThreadPoolExecutor(1, 'prepared-read-ahead') if read_ahead else None
+    self._reader = (futures.ThreadPoolExecutor(1, READ_AHEAD_THREAD)
+                    if read_ahead and to_doc.source.remote else None)
     self._ahead: tuple[int, futures.Future] | None = None  # (start, its records being read)
 
   def _read(self, k: int) -> tuple[list[int], list[bytes]]:
