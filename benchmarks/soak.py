@@ -74,12 +74,11 @@ def _poll(proc: psutil.Process) -> dict:
           'threads': proc.num_threads()}
 
 
-def sample(proc: psutil.Process, workdir: pathlib.Path, step: int, t0: float,
-           floor: dict) -> dict:
-  now = _poll(proc)
-  return {'step': step, **now, **{f'{k}_floor': min(floor.get(k, v), v) for k, v in now.items()},
+def sample(now: dict, floor: dict, workdir: pathlib.Path, step: int, t0: float,
+           pid: int) -> dict:
+  return {'step': step, **now, **{f'{k}_floor': v for k, v in floor.items()},
           'workdir_mb': round(_du_mb(workdir), 1), 'elapsed_s': round(time.time() - t0, 1),
-          'thread_names': _thread_names(proc.pid)}
+          'thread_names': _thread_names(pid)}
 
 
 def main() -> None:
@@ -115,12 +114,11 @@ def main() -> None:
           f'{"(floor)":>7} {"workdir_mb":>10} {"elapsed_s":>9}', flush=True)
     while child.poll() is None and due <= args.steps:
       try:
+        now = _poll(proc)
+        floor = {k: min(floor.get(k, v), v) for k, v in now.items()}
+        row = None
         if _last_step(workdir / 'metrics.jsonl') >= due:
-          row = sample(proc, workdir, due, t0, floor)
-          floor = {}
-        else:
-          floor = {k: min(floor.get(k, v), v) for k, v in _poll(proc).items()}
-          row = None
+          row, floor = sample(now, floor, workdir, due, t0, proc.pid), {}
       except psutil.NoSuchProcess:
         break
       if row:

@@ -133,7 +133,7 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=d.num_workers, per_worker_buffer_size=max(d.prefetch, 1)),
         worker_init_fn=signals.ignore_interrupts_in_worker)
-  elif d.prefetch and not _all_prepared(c, mixed):  # (prepared data reads records ahead)
+  elif d.prefetch and not _all_prepared(c, mixed):  # (prepared data: see _all_prepared)
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=d.prefetch)
   if k > 1:
     ds = SplitBatches(ds, B)
@@ -206,8 +206,9 @@ class SplitBatches(grain.IterDataset):
 
 
 def _all_prepared(c: config_lib.Config, mixed: bool) -> bool:
-  """Whether every source read is data.source=prepared, whose data.prefetch is a read-ahead of
-  records (prepared.Pieces) instead of a batch thread."""
+  """Whether every source read is data.source=prepared, which takes no batch thread: its
+  data.prefetch is a read-ahead of records from gs:// (prepared.Pieces), and local shards are
+  read inline."""
   if not mixed:
     return c.data.source == 'prepared'
   return all(mixture.source_data(c.data, m).source == 'prepared'
@@ -240,7 +241,8 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
                             shuffle_seed=d.seed if d.shuffle and split == 'train' else None)
   split_rows = SplitRows(d.seq_len, image_spec)  # (a vision model's text pieces get empty slots)
   if d.source == 'prepared':  # no tokenizing to overlap: read records a chunk at a time
-    ds = prepared.Pieces(ids, to_doc, split_rows.flat_map, read_ahead=d.prefetch > 0)
+    ds = prepared.Pieces(ids, to_doc, split_rows.flat_map,
+                         read_ahead=d.prefetch > 0 and source.remote)
   else:
     # grain 0.2.18 polls every buffered future on each element: a deep buffer costs per
     # document as much as tokenizing a few hundred tokens (benchmarks/data_throughput.py); 16

@@ -162,12 +162,12 @@ class Pieces(grain.IterDataset):
   prepared data grain's per-document machinery (reader threads, futures, flat-map) costs more
   than the read itself (benchmarks/data_throughput.py).
 
-  read_ahead: for remote shards (gs://), a thread reads the next chunk's records while this one
-  is split and packed. That is this source's data.prefetch: the records are the only part that
-  waits on I/O, and handing over raw records once per READ_CHUNK documents is cheaper than a
-  batch thread's hand-over per batch. Local shards are read inline: their reads are copies from
-  the page cache, and the second thread only contends for the GIL (up to twice the CPU per
-  token with the other core busy; docs/data.md)."""
+  read_ahead: a thread reads the next chunk's records while this one is split and packed. That
+  is data.prefetch for remote shards (gs://): the records are the only part that waits on I/O,
+  and handing over raw records once per READ_CHUNK documents is cheaper than a batch thread's
+  hand-over per batch. The pipeline reads local shards inline: their reads are copies from the
+  page cache, and the second thread only contends for the GIL (up to twice the CPU per token
+  with the other core busy; docs/data.md)."""
 
   def __init__(self, ids: order.DocumentOrder, to_doc: ToDocument,
                split: Callable[[dict[str, np.ndarray]], list[dict[str, np.ndarray]]],
@@ -197,8 +197,7 @@ class _PiecesIterator(grain.DatasetIterator):
     self._ids, self._positions, self._to_doc, self._split = ids, positions, to_doc, split
     self._doc = self._piece = 0
     self._start, self._chunk = 0, []  # pieces of documents start, start + 1, ...
-    self._reader = (futures.ThreadPoolExecutor(1, READ_AHEAD_THREAD)
-                    if read_ahead and to_doc.source.remote else None)
+    self._reader = futures.ThreadPoolExecutor(1, READ_AHEAD_THREAD) if read_ahead else None
     self._ahead: tuple[int, futures.Future] | None = None  # (start, its records being read)
 
   def _read(self, k: int) -> tuple[list[int], list[bytes]]:
