@@ -94,7 +94,7 @@ def main() -> None:
   workdir = pathlib.Path(args.workdir)
   if workdir.exists() and any(workdir.iterdir()):
     sys.exit(f'soak.py: error: --workdir={workdir} is not empty (a soak starts fresh)')
-  cmd = [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+  cmd = [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.train.num_steps={args.steps}',
          f'--config.checkpoint.every={args.checkpoint_every}',
          f'--config.checkpoint.keep={args.keep}', '--config.logging.log_every=10',

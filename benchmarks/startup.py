@@ -24,7 +24,7 @@ MILESTONES = (('data', 'data: bundled train batches'), ('compiled', 'Compiled th
 
 
 def one_run(cache_dir: str, workdir: str) -> dict[str, float]:
-  cmd = [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+  cmd = [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.train.cache_dir={cache_dir}',
          '--config.train.num_steps=3', '--config.train.eval_every=0',
          '--config.logging.log_every=1']  # TensorBoard on, as the main job has it

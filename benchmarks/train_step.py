@@ -7,7 +7,7 @@ python benchmarks/train_step.py --config=configs/1b.py --dtypes=bfloat16 \
 
 On CPU the peak is the XLA matmul rate of this machine measured in the same run, per dtype;
 it is re-measured after each case's timed steps, since this box may be shared. On TPU/GPU
-it is the chip's dense bf16 peak (gemma3_train.hardware.CHIPS).
+it is the chip's dense bf16 peak (gemma3_train.infra.hardware.CHIPS).
 """
 
 from __future__ import annotations
@@ -101,11 +101,11 @@ def _synthetic_batch(c, batch_sharding, seed=0):
 def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
   # jax, and our modules that import it, load after main() has set XLA_FLAGS.
   import jax  # pylint: disable=g-import-not-at-top
-  from gemma3_train import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from gemma3_train import hardware
-  from gemma3_train import metrics
+  from gemma3_train.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.infra import hardware
+  from gemma3_train.training import metrics
   from gemma3_train import sharding
-  from gemma3_train import train
+  from gemma3_train.training import loop as train
 
   values = json.loads(json.dumps(values))  # deep copy
   values['model']['dtype'] = dtype

@@ -29,7 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def with_images(steps: int, eval_steps: int, workdir: pathlib.Path) -> float:
   """The CLI run's final held-out loss."""
-  cmd = [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny_vision.py',
+  cmd = [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny_vision.py',
          f'--workdir={workdir}', f'--config.train.num_steps={steps}',
          f'--config.train.eval_every={steps}', f'--config.train.eval_steps={eval_steps}',
          '--config.checkpoint.every=0', '--config.logging.tensorboard=False']
@@ -48,7 +48,7 @@ def blanked(steps: int, eval_steps: int) -> float:
   from gemma3_train import config as config_lib  # pylint: disable=g-import-not-at-top
   from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
   from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
-  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
 
   blank = lambda batch: {**batch, 'images': np.zeros_like(batch['images'])}
   c = config_lib.load_config_file(str(ROOT / 'configs' / 'tiny_vision.py'))

@@ -419,7 +419,7 @@ def validate(c: Config) -> None:
   require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
           ' | '.join(ATTENTION_IMPLS))
   if m.vision:
-    from gemma3_train import vision  # pylint: disable=g-import-not-at-top  (imports us)
+    from gemma3_train.models import vision  # pylint: disable=g-import-not-at-top  (imports us)
     vision.validate_config(m)
 
   for k in ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp', 'dcn_tensor'):
@@ -485,7 +485,7 @@ def validate(c: Config) -> None:
   require(re.fullmatch(r'(\d+(,\d+)*)?', g.profile_steps) is not None,
           'logging.profile_steps', g.profile_steps, "a comma list of steps, e.g. '5,6'")
   if c.lora != LoraConfig():  # lora.* set: lora.py checks them (it loads jax)
-    from gemma3_train import lora  # pylint: disable=g-import-not-at-top  (imports us)
+    from gemma3_train.models import lora  # pylint: disable=g-import-not-at-top  (imports us)
     lora.validate_config(c)
   if c.data.mixture:
     from gemma3_train.data import mixture  # pylint: disable=g-import-not-at-top  (imports us)

@@ -16,7 +16,8 @@ if nproc > 1:
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
 from tests import test_train  # pylint: disable=g-import-not-at-top
-from gemma3_train import sharding, train  # pylint: disable=g-import-not-at-top
+from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
 
 c = test_train._config(mesh=dict(fsdp=-1))
 mesh = sharding.make_mesh(c)

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma3_train import aot
+from gemma3_train.planning import aot
 from gemma3_train import config as config_lib
-from gemma3_train import flops
-from gemma3_train import hardware
-from gemma3_train import plan
+from gemma3_train.training import flops
+from gemma3_train.infra import hardware
+from gemma3_train.planning import plan
 from gemma3_train import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -286,7 +286,7 @@ def test_cli_compiles_tiny_for_v5e_4(tmp_path):
   report = tmp_path / 'aot.json'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run(
-      [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+      [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
        '--aot_topology=v5e-4', f'--aot_report={report}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -367,7 +367,7 @@ def test_plan_space_flags():
 
 def test_cli_bad_plan_flag_is_one_line(tmp_path):
   out = subprocess.run(
-      [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+      [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
        '--aot_topology=v5e-4', '--aot_plan', '--aot_plan_rows=1,x'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 2

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from gemma3_train import checkpoint
+from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
-from gemma3_train import train
+from gemma3_train.training import loop as train
 from tests import test_train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def _env(devices=8):
 
 
 def _cmd(workdir, steps, *extra):
-  return [sys.executable, '-m', 'gemma3_train.main', *SMALL, f'--workdir={workdir}',
+  return [sys.executable, '-m', 'gemma3_train.cli.train', *SMALL, f'--workdir={workdir}',
           f'--config.train.num_steps={steps}', *extra]
 
 
@@ -82,7 +82,9 @@ def _params(workdir, out=None):
 import sys, numpy as np, jax
 sys.argv = ['x']
 from configs import tiny
-from gemma3_train import config as C, sharding, train, checkpoint
+from gemma3_train import config as C, sharding
+from gemma3_train.training import loop as train
+from gemma3_train.training import checkpoint
 from flax import nnx
 c = C.from_config_dict(tiny.get_config())
 c = c.replace(data=dict(source='synthetic', seq_len=32), model=dict(vocab_size=512, num_layers=7),

@@ -10,12 +10,12 @@ from flax import nnx
 
 import gemma3_train
 from configs import tiny
-from gemma3_train import checkpoint
+from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.convert import cli as convert_cli
+from gemma3_train.cli import convert as cli as convert_cli
 from gemma3_train import sharding
-from gemma3_train import train
+from gemma3_train.training import loop as train
 
 V = 512
 # Longer than the tiny window (32), so the local layers' mask matters.

@@ -10,11 +10,11 @@ import pytest
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import eval_cli
-from gemma3_train import evaluate
-from gemma3_train import layout
-from gemma3_train import model as model_lib
-from gemma3_train import sample_cli
+from gemma3_train.cli import evaluate as eval_cli
+from gemma3_train.inference import scoring as evaluate
+from gemma3_train.convert import layout
+from gemma3_train.models import decoder as model_lib
+from gemma3_train.cli import sample as sample_cli
 from gemma3_train.convert import ours
 from gemma3_train.data import tokenizer as tokenizer_lib
 
@@ -121,7 +121,7 @@ def test_eval_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
 @pytest.mark.slow
 def test_training_writes_samples(tmp_path):
   """train.sample_every: sample rows in metrics.jsonl (their own rows), beside the step rows."""
-  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file('configs/tiny.py').replace(
       model=dict(num_layers=2), data=dict(seq_len=32, prefetch=0),
       train=dict(num_steps=2, eval_every=0, sample_every=2, sample_prompts='Hello|The sky is'),

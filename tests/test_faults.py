@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from gemma3_train import lease
+from gemma3_train.infra import lease
 from gemma3_train.convert import ours
 from tests import test_checkpoint as tc
 
@@ -71,7 +71,7 @@ def test_stale_lease_is_taken_over_with_a_warning_and_a_fresh_one_is_not(tmp_pat
   with pytest.raises(lease.LeaseHeldError, match='host gone-host, pid 4000000'):
     lease.Lease(str(tmp_path), timeout_s=600).acquire()  # 2 minutes old: still within 10
   taker = lease.Lease(str(tmp_path), timeout_s=60)
-  with caplog.at_level('WARNING', logger='gemma3_train.lease'):
+  with caplog.at_level('WARNING', logger='gemma3_train.infra.lease'):
     taker.acquire()
   try:
     assert 'Took over the stale lease' in caplog.text and 'gone-host' in caplog.text
@@ -108,7 +108,8 @@ def test_second_gemma3_train_on_a_held_workdir_stops_at_start_and_writes_nothing
 
 _LEASE_WORKER = """
 import sys, time, jax
-from gemma3_train import lease, train
+from gemma3_train.infra import lease
+from gemma3_train.training import loop as train
 pid, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 train.initialize_distributed(f'localhost:{port}', 2, pid)
 try:
@@ -363,7 +364,7 @@ def test_short_soak_memory_fds_threads_and_workdir_stay_flat(tmp_path):
 
 
 def test_a_full_disk_under_metrics_jsonl_drops_whole_rows_with_one_warning(small_disk, caplog):
-  from gemma3_train import metrics  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import metrics  # pylint: disable=g-import-not-at-top
   writer = metrics.MetricWriter(str(small_disk / 'run'), total_steps=5, enable_tensorboard=False)
   writer.write(1, dict(loss=2.0))
   ballast = _fill(small_disk, leave_bytes=0)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from gemma3_train import lease
+from gemma3_train.infra import lease
 from gemma3_train.data import sources
 from tests import test_checkpoint as tc
 from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
@@ -72,7 +72,7 @@ def text_run(gcs):
   epath.Path('gs://run/tok/tokenizer.model').write_bytes(tok.read_bytes())
   workdir = 'gs://run/text'
   r = subprocess.run(
-      [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+      [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
        f'--workdir={workdir}', '--config.train.num_steps=3', '--config.train.eval_every=0',
        '--config.model.num_layers=1', '--config.data.source=jsonl',
        '--config.data.train_path=gs://run/data/train.jsonl.gz',
@@ -96,7 +96,7 @@ def test_gcs_export_from_a_gs_workdir(text_run, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   hf = tmp_path / 'hf'
   r = subprocess.run(
-      [sys.executable, '-m', 'gemma3_train.convert.cli', 'export', f'--src={workdir}',
+      [sys.executable, '-m', 'gemma3_train.cli.convert', 'export', f'--src={workdir}',
        f'--dst={hf}', '--dtype=float32', '--tokenizer=gs://run/tok/tokenizer.model'],
       cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]

@@ -15,8 +15,8 @@ import pytest
 import safetensors.numpy
 
 from gemma3_train import config as config_lib
-from gemma3_train import optimizer
-from gemma3_train import restore
+from gemma3_train.training import optimizer
+from gemma3_train.training import restore
 from tests import test_checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -98,7 +98,7 @@ def test_schedule_warning_names_only_what_changed(caplog):
 
 
 def _tiny(workdir, *extra):
-  return [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+  return [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
           f'--workdir={workdir}', *extra]
 
 

@@ -9,7 +9,7 @@ import types
 import jax
 import pytest
 
-from gemma3_train import hardware
+from gemma3_train.infra import hardware
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def test_every_slice_is_consistent(kind):
 
 def _cli(*args):
   # -I -S: no site-packages, so the table must need nothing beyond the standard library.
-  return subprocess.run([sys.executable, '-I', '-S', 'gemma3_train/hardware.py', *args], cwd=ROOT,
+  return subprocess.run([sys.executable, '-I', '-S', 'gemma3_train/infra/hardware.py', *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=60)
 
 

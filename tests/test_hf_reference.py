@@ -15,8 +15,8 @@ from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train import layout
-from gemma3_train import model as model_lib
+from gemma3_train.convert import layout
+from gemma3_train.models import decoder as model_lib
 
 VOCAB = 512
 TOL = 1e-5

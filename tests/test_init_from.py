@@ -8,11 +8,11 @@ import transformers
 from flax import nnx
 
 from configs import tiny
-from gemma3_train import checkpoint
+from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
-from gemma3_train import init_from
+from gemma3_train.training import init_from
 from gemma3_train import sharding
-from gemma3_train import train
+from gemma3_train.training import loop as train
 from tests import test_convert as tc
 
 
@@ -56,7 +56,7 @@ def test_init_from_reads_one_layer_at_a_time(tmp_path):
   # more than a few layers (tracemalloc sees every numpy buffer).
   import tracemalloc
   from gemma3_train import convert
-  from gemma3_train import layout
+  from gemma3_train.convert import layout
   layers, wide = 26, 1024
   config = tc._text_config(attn_implementation='eager')
   config.num_hidden_layers, config.intermediate_size = layers, wide
@@ -98,7 +98,7 @@ def test_training_workdir_source_streams(tmp_path):
   # and the layer being built, never the model; init_from from it equals the saved params.
   import tracemalloc
   from gemma3_train import convert
-  from gemma3_train import layout
+  from gemma3_train.convert import layout
   layers, wide = 26, 1024
   c = config_lib.from_config_dict(tiny.get_config()).replace(
       model=dict(vocab_size=tc.V, embed_dim=tc.D, num_layers=layers, mlp_dim=wide),

@@ -22,12 +22,12 @@ from flax import nnx
 from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train import flops
-from gemma3_train import layout
-from gemma3_train import lora
-from gemma3_train import model as model_lib
+from gemma3_train.training import flops
+from gemma3_train.convert import layout
+from gemma3_train.models import lora
+from gemma3_train.models import decoder as model_lib
 from gemma3_train import sharding
-from gemma3_train import train
+from gemma3_train.training import loop as train
 from gemma3_train.convert import peft as peft_lib
 from tests import test_checkpoint
 from tests import test_hf_reference as hf_ref
@@ -271,7 +271,7 @@ def test_int8_base_stays_close_to_float32(hf_base):
      "target 'k'"),
 ])
 def test_bad_lora_config_is_one_line_exit_2(tmp_path, overrides, expected):
-  r = subprocess.run([sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
                       f'--workdir={tmp_path / "w"}', *overrides], cwd=test_checkpoint.ROOT,
                      env=test_checkpoint._env(1), capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
@@ -282,7 +282,7 @@ def test_bad_lora_config_is_one_line_exit_2(tmp_path, overrides, expected):
 
 
 def test_export_lora_of_a_non_lora_dir_is_one_line_exit_2(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'gemma3_train.convert.cli', 'export-lora',
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.convert', 'export-lora',
                       f'--src={tmp_path}', f'--dst={tmp_path / "out"}'],
                      cwd=test_checkpoint.ROOT, env=test_checkpoint._env(1), capture_output=True,
                      text=True, timeout=300)
@@ -349,7 +349,7 @@ def test_lora_27b_config_is_the_one_its_aot_proof_compiled():
   """docs/aot/lora_27b_v5e-16.json (a 25-minute compile, rerun by hand) still describes
   configs/lora_27b.py, and fits a v5e-16 with the shipped configs' headroom."""
   from configs import lora_27b  # pylint: disable=g-import-not-at-top
-  from gemma3_train import aot  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
   c = config_lib.from_config_dict(lora_27b.get_config())
   r = json.loads((test_checkpoint.ROOT / 'docs' / 'aot' / 'lora_27b_v5e-16.json').read_text())
   assert r['fits'] and r['headroom'] >= aot.HEADROOM and not r['error'] and r['tpu_kernels'] > 0

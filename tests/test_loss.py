@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma3_train import loss as loss_lib
+from gemma3_train.models import lm_head as loss_lib
 
 
 def _full(x_BLD, table_VD, targets_BL, weights_BL, z_loss):

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def _cli(*args, cwd=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'gemma3_train.main', *args], cwd=cwd or ROOT,
+  return subprocess.run([sys.executable, '-m', 'gemma3_train.cli.train', *args], cwd=cwd or ROOT,
                         capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -112,10 +112,10 @@ def test_aot_flag_without_topology_names_it(flag):
 _LOG_PROBE = """
 import logging, sys
 from absl import logging as absl_logging
-from gemma3_train import main as m
+from gemma3_train.cli import train as m
 
 def probe(argv):
-  logging.getLogger('gemma3_train.train').info('ours at info')
+  logging.getLogger('gemma3_train.training.loop').info('ours at info')
   logging.getLogger('gemma3_train.data.pipeline').debug('ours at debug')
   absl_logging.info('orbax via absl at info')  # orbax and grain log through absl's logger
   absl_logging.warning('orbax via absl at warning')

@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import layout
-from gemma3_train import model as model_lib
+from gemma3_train.convert import layout
+from gemma3_train.models import decoder as model_lib
 
 # One scanned block of six and a one-layer tail (seven layers), tiny widths.
 TINY7 = config_lib.ModelConfig(
@@ -163,7 +163,7 @@ def test_aot_counts_the_second_replay():
   """The AOT step-time estimate counts what 'layer' costs: with 'full', each layer of a block
   of six runs its forward projections once more (its own replay after the block's); the tail
   layers and the splash kernels' block counts follow the same rule."""
-  from gemma3_train import aot  # pylint: disable=g-import-not-at-top  (libtpu-free part)
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top  (libtpu-free part)
   c = config_lib.load_config_file('configs/tiny.py')  # 8 layers: one block of six + 2 tail
   c = dataclasses.replace(c, model=dataclasses.replace(c.model, remat_policy='full',
                                                        attention_impl='splash'))

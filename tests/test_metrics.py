@@ -15,7 +15,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from gemma3_train import config as config_lib
-from gemma3_train import metrics
+from gemma3_train.training import metrics
 
 
 def test_throughput_arithmetic():

@@ -215,7 +215,7 @@ def test_source_without_files_names_the_source(tmp_path):
 ])
 def test_cli_bad_mixture_is_one_line_exit_2(tmp_path, override, expected):
   workdir = tmp_path / 'run'
-  r = subprocess.run([sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
                       f'--workdir={workdir}', '--config.mesh.fsdp=-1', override],
                      cwd=ROOT, capture_output=True, text=True, timeout=300,
                      env=dict(os.environ, JAX_PLATFORMS='cpu'))
@@ -247,7 +247,7 @@ def test_resume_with_worker_processes(tmp_path):
 
 @pytest.mark.slow  # compiles a tiny model (~10-20 s here)
 def test_train_logs_per_source_tokens_and_resumes_them(tmp_path):
-  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
   c = config_lib.from_config_dict(tiny.get_config()).replace(
       data=dict(mixture='a:3 source=synthetic; b:1 source=synthetic'),
       model=dict(num_layers=2), train=dict(num_steps=4, eval_every=0),
@@ -264,8 +264,8 @@ def test_train_logs_per_source_tokens_and_resumes_them(tmp_path):
 
 @pytest.mark.slow  # compiles a tiny model
 def test_training_stops_cleanly_when_a_source_runs_out(tmp_path, caplog):
-  from gemma3_train import checkpoint  # pylint: disable=g-import-not-at-top
-  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
   c = _config(tmp_path, {'a': 1, 'c': 1}, batch=8, mixture_exhausted='stop', packing=False,
               prefetch=0)  # 8 rows: one per simulated device
   c = c.replace(model=dict(num_layers=2), train=dict(num_steps=50, eval_every=0),

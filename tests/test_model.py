@@ -12,8 +12,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from gemma3_train import config as config_lib
-from gemma3_train import layout
-from gemma3_train import model as model_lib
+from gemma3_train.convert import layout
+from gemma3_train.models import decoder as model_lib
 from gemma3_train import sharding
 
 TINY = config_lib.ModelConfig(

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import optimizer as optimizer_lib
+from gemma3_train.training import optimizer as optimizer_lib
 
 
 def _o(**kw):

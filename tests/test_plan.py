@@ -10,10 +10,10 @@ import types
 
 import pytest
 
-from gemma3_train import aot
+from gemma3_train.planning import aot
 from gemma3_train import config as config_lib
-from gemma3_train import flops
-from gemma3_train import plan
+from gemma3_train.training import flops
+from gemma3_train.planning import plan
 from gemma3_train import sharding
 
 if not aot.libtpu_available() and os.environ.get('CI'):

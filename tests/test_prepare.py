@@ -255,7 +255,7 @@ def test_prepared_with_another_tokenizer_is_refused_naming_both(tmp_path):
   assert other in msg and 'tokenizer_gemma3.model' in msg and '\n' not in msg, msg
   # Through the real CLI: one error line, exit 2, nothing written to the workdir.
   workdir = tmp_path / 'run'
-  r = subprocess.run([sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny.py',
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
                       f'--workdir={workdir}', '--config.mesh.fsdp=-1',
                       '--config.data.source=prepared',
                       f'--config.data.train_path={tmp_path / "prep"}'],

@@ -13,12 +13,12 @@ import torch
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import model as model_lib
-from gemma3_train import sample
-from gemma3_train import sample_cli
+from gemma3_train.models import decoder as model_lib
+from gemma3_train.inference import sampler as sample
+from gemma3_train.cli import sample as sample_cli
 from gemma3_train import sharding
 from gemma3_train.convert import ours
-from gemma3_train import layout
+from gemma3_train.convert import layout
 from gemma3_train.data import tokenizer as tokenizer_lib
 
 import test_hf_reference as hf_ref
@@ -66,7 +66,7 @@ def test_cached_logits_equal_full_forward(scan_layers, sampler):
 def test_cached_logits_equal_full_forward_with_adapters_on_an_int8_base():
   """The decode loop reads q and the output projection relaid out (sample.swap_projections):
   their int8 scales and LoRA adapters (non-zero B) must come along."""
-  from gemma3_train import lora  # pylint: disable=g-import-not-at-top
+  from gemma3_train.models import lora  # pylint: disable=g-import-not-at-top
   c = config_lib.Config(lora=config_lib.LoraConfig(rank=4, base_dtype='int8'))
   m = lora.adapt(_model(), c)
   graphdef, state = nnx.split(m)
@@ -264,7 +264,7 @@ def test_cli_streams_a_continuation_and_rejects_a_long_prompt(tmp_path):
   want = tok.decode([t for t in m.generate([sample.prompt_tokens('Hello', tok)], 6)[0]
                      if t not in sample.STOP_TOKENS])
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  cmd = [sys.executable, '-m', 'gemma3_train.sample_cli', f'--ckpt={ckpt}']
+  cmd = [sys.executable, '-m', 'gemma3_train.cli.sample', f'--ckpt={ckpt}']
   run = subprocess.run(cmd + ['--prompt=Hello', '--temperature=0', '--max_new_tokens=6'],
                        capture_output=True, text=True, env=env, timeout=300, check=False)
   assert run.returncode == 0, run.stderr

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from gemma3_train import hardware
+from gemma3_train.infra import hardware
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / 'scripts').glob('*.sh'))
@@ -35,7 +35,7 @@ def _run(script, env, *args):
 
 
 def test_tpu_slice_agrees_with_the_table_for_every_slice():
-  # The launchers source tpu_slice.sh, which asks gemma3_train/hardware.py; run it for every
+  # The launchers source tpu_slice.sh, which asks gemma3_train/infra/hardware.py; run it for every
   # slice name the table knows, from another directory, and check what it exports.
   names = [n for kind in hardware.TPU_KINDS for n in hardware.topology_names(kind)]
   source = f'source {shlex.quote(str(ROOT / "scripts" / "tpu_slice.sh"))}'

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from gemma3_train import storage
+from gemma3_train.infra import storage
 
 
 class _Flaky:

@@ -13,12 +13,12 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from gemma3_train import checkpoint as checkpoint_lib
+from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
-from gemma3_train import init_from
+from gemma3_train.training import init_from
 from gemma3_train import sharding
-from gemma3_train import restore
-from gemma3_train import train
+from gemma3_train.training import restore
+from gemma3_train.training import loop as train
 from tests.test_metrics import traced_steps
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

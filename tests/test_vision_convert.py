@@ -16,14 +16,14 @@ from flax import nnx
 
 from configs import tiny
 import gemma3_train
-from gemma3_train import checkpoint
+from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train import init_from
-from gemma3_train import layout
+from gemma3_train.training import init_from
+from gemma3_train.convert import layout
 from gemma3_train import sharding
-from gemma3_train import train
-from gemma3_train.convert import cli as convert_cli
+from gemma3_train.training import loop as train
+from gemma3_train.cli import convert as cli as convert_cli
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import vision_keys
 
@@ -300,7 +300,7 @@ def test_text_run_from_a_multimodal_checkpoint_skips_vision(hf_cond, caplog):
   path, _ = hf_cond
   c = _run_config(path)
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
-  with caplog.at_level(logging.INFO, logger='gemma3_train.init_from'):
+  with caplog.at_level(logging.INFO, logger='gemma3_train.training.init_from'):
     params = init_from.load_init_params(str(path), c, s.abstract_state)
   skipped = [r for r in caplog.records if 'vision' in r.getMessage()]
   assert len(skipped) == 1 and skipped[0].levelno == logging.INFO, caplog.records

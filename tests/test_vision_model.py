@@ -20,11 +20,11 @@ from transformers import Gemma3TextConfig
 from transformers.models.gemma3 import modeling_gemma3
 
 import gemma3_train
-from gemma3_train import attention
+from gemma3_train.models import attention
 from gemma3_train import config as config_lib
-from gemma3_train import layout
-from gemma3_train import model as model_lib
-from gemma3_train import vision
+from gemma3_train.convert import layout
+from gemma3_train.models import decoder as model_lib
+from gemma3_train.models import vision
 
 V = 256  # our vocabulary; the image placeholder id is V (HF image_token_index)
 BOI, EOI, NL = 5, 6, 7  # stand-ins for <start_of_image>, <end_of_image>, "\n\n" in a tiny vocab

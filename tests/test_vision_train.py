@@ -14,11 +14,11 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from gemma3_train import checkpoint as checkpoint_lib
+from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
-from gemma3_train import flops
+from gemma3_train.training import flops
 from gemma3_train import sharding
-from gemma3_train import train
+from gemma3_train.training import loop as train
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENCODER = ('vision', 'encoder')
@@ -202,7 +202,7 @@ def test_vision_flops_match_the_compiled_encoder():
   c = _config(model=dict(scan_layers=False, vision_width=32, vision_mlp_dim=64, embed_dim=48,
                          num_heads=4, head_dim=12))
   m = c.model
-  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.models import decoder as model_lib  # pylint: disable=g-import-not-at-top
   gemma = model_lib.Gemma3(m, rngs=nnx.Rngs(0))
   S = m.vision_image_size
   images = jnp.zeros((1, 1, S, S, 3), jnp.float32)
@@ -228,7 +228,7 @@ def test_vision_configs_and_their_tpu_attention_path(size):
   """The fine-tuning configs: vision on, frozen tower, images fit the rows; on TPU their decoder
   attention is the reference (splash cannot take image blocks), so the AOT report counts no
   splash FLOPs for them and a text config still runs splash."""
-  from gemma3_train import aot  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(str(ROOT / 'configs' / f'vision_{size}.py'))
   m = c.model
   assert m.vision and not m.vision_trainable and m.dtype == 'bfloat16'
@@ -249,7 +249,7 @@ def test_tiny_vision_trains_from_the_cli(tmp_path):
   encoder and an eval with images, a few steps (benchmarks/vision_gap.py runs it long enough to
   show the images are read: docs/vision.md)."""
   run = subprocess.run(
-      [sys.executable, '-m', 'gemma3_train.main', '--config=configs/tiny_vision.py',
+      [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny_vision.py',
        f'--workdir={tmp_path / "run"}', '--config.train.num_steps=3',
        '--config.train.eval_every=3', '--config.train.eval_steps=1', '--config.logging.log_every=1',
        '--config.logging.tensorboard=False', f'--config.train.cache_dir={tmp_path / "cache"}'],

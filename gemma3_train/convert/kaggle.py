@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from gemma3_train import config as config_lib
-from gemma3_train import layout
+from gemma3_train.convert import layout
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError

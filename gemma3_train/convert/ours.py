@@ -23,8 +23,8 @@ from etils import epath
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import layout
-from gemma3_train import model as model_lib
+from gemma3_train.convert import layout
+from gemma3_train.models import decoder as model_lib
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError

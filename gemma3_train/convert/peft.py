@@ -28,8 +28,8 @@ from etils import epath
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import layout
-from gemma3_train import lora
+from gemma3_train.convert import layout
+from gemma3_train.models import lora
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import ours
 from gemma3_train.convert.source import ConversionError
@@ -127,7 +127,7 @@ class _MemorySource(Source):
 def base_source(c: config_lib.Config) -> Source:
   """The frozen base of a LoRA run: checkpoint.init_from, else the seed's random init."""
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
-  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.models import decoder as model_lib  # pylint: disable=g-import-not-at-top
   if c.checkpoint.init_from:
     src = convert.open_source(c.checkpoint.init_from, c.model)
     for k in config_lib.MODEL_SHAPE_FIELDS:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from gemma3_train import config as config_lib
-from gemma3_train import signals
+from gemma3_train.infra import signals
 from gemma3_train.data import documents
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import mixture

@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from gemma3_train import config as config_lib
-from gemma3_train import sample_cli
+from gemma3_train.cli import sample as sample_cli
 
 PROG = 'gemma3-eval'
 
@@ -59,14 +59,14 @@ def main(argv: Sequence[str], stdout=None) -> dict:
   c = config_lib.from_config_dict(cd)
   rows = None
   if args.choices:
-    from gemma3_train import evaluate  # pylint: disable=g-import-not-at-top
+    from gemma3_train.inference import scoring as evaluate  # pylint: disable=g-import-not-at-top
     try:
       rows = evaluate.read_choices(args.choices)
     except ValueError as e:
       raise sample_cli.UsageError(f'--choices: {e}') from None
   # Imported here: a bad command line answers before jax loads.
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top
-  from gemma3_train import evaluate  # pylint: disable=g-import-not-at-top
+  from gemma3_train.inference import scoring as evaluate  # pylint: disable=g-import-not-at-top
   from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
   try:
     model = convert.load(args.ckpt, **overrides.get('model', {}))

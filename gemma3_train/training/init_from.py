@@ -19,7 +19,7 @@ from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train import layout
+from gemma3_train.convert import layout
 
 log = logging.getLogger(__name__)
 

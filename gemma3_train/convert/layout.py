@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import model as model_lib
+from gemma3_train.models import decoder as model_lib
 
 NORMS = ('pre_attention_norm', 'post_attention_norm', 'pre_ffw_norm', 'post_ffw_norm')
 ATTN = ('q_einsum', 'k_einsum', 'v_einsum', 'attn_vec_einsum')

@@ -124,7 +124,7 @@ def load_sampler(path: str, model_overrides: dict, mesh_overrides: dict):
   # Imported here: a bad command line answers before jax loads.
   import jax  # pylint: disable=g-import-not-at-top
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top
-  from gemma3_train import sample  # pylint: disable=g-import-not-at-top
+  from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top
   from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
   try:
     model = convert.load(path, **model_overrides)
@@ -147,7 +147,7 @@ class _Stream:
 
   def __call__(self, row: int, token: int) -> None:
     del row
-    from gemma3_train import sample  # pylint: disable=g-import-not-at-top
+    from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top
     if token in sample.STOP_TOKENS:
       return
     self.ids.append(token)
@@ -158,13 +158,13 @@ class _Stream:
 
 
 def _text(tok, ids) -> str:
-  from gemma3_train import sample  # pylint: disable=g-import-not-at-top
+  from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top
   return tok.decode([t for t in ids if t not in sample.STOP_TOKENS])
 
 
 def main(argv: Sequence[str], stdin=None, stdout=None) -> None:
   args, model_overrides, mesh_overrides = parse_args(argv)
-  from gemma3_train import sample  # pylint: disable=g-import-not-at-top
+  from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top
   from gemma3_train.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   stdin = sys.stdin if stdin is None else stdin
   stdout = sys.stdout if stdout is None else stdout

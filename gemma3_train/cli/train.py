@@ -113,8 +113,8 @@ def main(argv) -> None:
   # aot and train load jax, flax and orbax (~5 s): imported here so that --help and a bad
   # command line answer at once.
   if _AOT_TOPOLOGY.value:
-    from gemma3_train import aot  # pylint: disable=g-import-not-at-top
-    from gemma3_train import plan  # pylint: disable=g-import-not-at-top
+    from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
+    from gemma3_train.planning import plan  # pylint: disable=g-import-not-at-top
     try:
       space = plan.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
                                     _AOT_PLAN_TENSOR.value, _AOT_PLAN_CONFIRM.value,
@@ -133,12 +133,12 @@ def main(argv) -> None:
 
 def _train(config: config_lib.Config, workdir: str) -> None:
   """Runs train.train_and_evaluate; what a user's config, files or data can cause is one line."""
-  from gemma3_train import checkpoint  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import checkpoint  # pylint: disable=g-import-not-at-top
   from gemma3_train import data  # pylint: disable=g-import-not-at-top
-  from gemma3_train import lease  # pylint: disable=g-import-not-at-top
-  from gemma3_train import signals  # pylint: disable=g-import-not-at-top
-  from gemma3_train import storage  # pylint: disable=g-import-not-at-top
-  from gemma3_train import train  # pylint: disable=g-import-not-at-top
+  from gemma3_train.infra import lease  # pylint: disable=g-import-not-at-top
+  from gemma3_train.infra import signals  # pylint: disable=g-import-not-at-top
+  from gemma3_train.infra import storage  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
   train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(config, workdir)

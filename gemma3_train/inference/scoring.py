@@ -28,8 +28,8 @@ from etils import epath
 
 from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
-from gemma3_train import loss as loss_lib
-from gemma3_train import metrics as metrics_lib
+from gemma3_train.models import lm_head as loss_lib
+from gemma3_train.training import metrics as metrics_lib
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
 

@@ -38,13 +38,13 @@ import numpy as np
 from etils import epath
 from jax.experimental import topologies
 
-from gemma3_train import attention
+from gemma3_train.models import attention
 from gemma3_train import config as config_lib
-from gemma3_train import flops
-from gemma3_train import hardware
-from gemma3_train import model
+from gemma3_train.training import flops
+from gemma3_train.infra import hardware
+from gemma3_train.models import decoder as model
 from gemma3_train import sharding
-from gemma3_train import train
+from gemma3_train.training import loop as train
 
 GIB = 2**30
 HEADROOM = 0.10  # shipped configs must leave this fraction of HBM free

@@ -39,8 +39,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from gemma3_train import config as config_lib
-from gemma3_train import signals
-from gemma3_train import storage
+from gemma3_train.infra import signals
+from gemma3_train.infra import storage
 from gemma3_train.convert import ours
 
 log = logging.getLogger(__name__)

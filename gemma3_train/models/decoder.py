@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from gemma3_train import attention
+from gemma3_train.models import attention
 from gemma3_train import config as config_lib
-from gemma3_train import lora
+from gemma3_train.models import lora
 from gemma3_train import sharding
 
 ACT = ('act_batch', 'act_len', 'act_embed')
@@ -328,7 +328,7 @@ class Gemma3(nnx.Module):
       self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs=rngs)
     if cfg.vision:  # built last: a text model's parameters draw the same random numbers
-      from gemma3_train import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
+      from gemma3_train.models import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
       self.vision = vision.Vision(cfg, rngs=rngs)
 
   def _run(self, modules, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
@@ -359,7 +359,7 @@ class Gemma3(nnx.Module):
     (attention.image_blocks; None without images)."""
     if not self.cfg.vision:
       return self.embedder.encode(tokens_BL), None
-    from gemma3_train import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
+    from gemma3_train.models import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
     placeholder = self.cfg.vocab_size  # one past the table: looked up as row 0, then replaced
     x_BLD = self.embedder.encode(jnp.where(tokens_BL == placeholder, 0, tokens_BL))
     if images is None:
@@ -405,7 +405,7 @@ class Gemma3(nnx.Module):
                top_k: int | None = None, top_p: float | None = None, seed: int = 0):
     """Token-id lists (any lengths) -> the new token ids per prompt, ending with the first EOS
     or <end_of_turn> when one is produced; temperature 0 is greedy. See sample.py."""
-    from gemma3_train import sample  # pylint: disable=g-import-not-at-top  (sample imports us)
+    from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top  (sample imports us)
     return sample.generate(self, prompts, max_new_tokens, temperature=temperature,
                            top_k=top_k, top_p=top_p, seed=seed)
 

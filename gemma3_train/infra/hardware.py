@@ -2,7 +2,7 @@
 
 The one table that metrics (MFU), aot (fit and step time) and the launch scripts read. Standard
 library only, so that the launchers can ask it on a workstation without jax:
-  python3 gemma3_train/hardware.py v5p-128
+  python3 gemma3_train/infra/hardware.py v5p-128
 prints the slice's GKE/xpk facts (ACCELERATOR, TOPOLOGY, HOSTS, CHIPS_PER_HOST, XPK_TPU_TYPE) as
 shell assignments (scripts/tpu_slice.sh evaluates them), or one error line and exits 1.
 """
@@ -155,9 +155,9 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
 
 
 def main(argv: list[str]) -> int:
-  """`python3 gemma3_train/hardware.py TPU_TYPE`: the slice's facts as shell assignments."""
+  """`python3 gemma3_train/infra/hardware.py TPU_TYPE`: the slice's facts as shell assignments."""
   if len(argv) != 2 or argv[1].startswith('-'):
-    print('usage: python3 gemma3_train/hardware.py TPU_TYPE (e.g. v5p-128): prints ACCELERATOR, '
+    print('usage: python3 gemma3_train/infra/hardware.py TPU_TYPE (e.g. v5p-128): prints ACCELERATOR, '
           'TOPOLOGY, HOSTS, CHIPS_PER_HOST and XPK_TPU_TYPE as shell assignments', file=sys.stderr)
     return 2
   try:

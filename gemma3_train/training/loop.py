@@ -28,20 +28,20 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from gemma3_train import checkpoint as checkpoint_lib
+from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
-from gemma3_train import flops as flops_lib
-from gemma3_train import hardware
-from gemma3_train import init_from
-from gemma3_train import lease as lease_lib
-from gemma3_train import lora as lora_lib
-from gemma3_train import loss as loss_lib
-from gemma3_train import metrics as metrics_lib
-from gemma3_train import model as model_lib
-from gemma3_train import optimizer as optimizer_lib
-from gemma3_train import restore as restore_lib
-from gemma3_train import sample as sample_lib
+from gemma3_train.training import flops as flops_lib
+from gemma3_train.infra import hardware
+from gemma3_train.training import init_from
+from gemma3_train.infra import lease as lease_lib
+from gemma3_train.models import lora as lora_lib
+from gemma3_train.models import lm_head as loss_lib
+from gemma3_train.training import metrics as metrics_lib
+from gemma3_train.models import decoder as model_lib
+from gemma3_train.training import optimizer as optimizer_lib
+from gemma3_train.training import restore as restore_lib
+from gemma3_train.inference import sampler as sample_lib
 from gemma3_train import sharding
 from gemma3_train.data import images as images_lib
 

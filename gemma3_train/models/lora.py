@@ -202,7 +202,7 @@ def adapt(model: nnx.Module, c: config_lib.Config) -> nnx.Module:
 
 def build(c: config_lib.Config, rngs: nnx.Rngs | None = None) -> nnx.Module:
   """The model of a config: model.Gemma3, adapted when lora.rank > 0 (random base: the seed's)."""
-  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top  (it imports us)
+  from gemma3_train.models import decoder as model_lib  # pylint: disable=g-import-not-at-top  (it imports us)
   model = model_lib.Gemma3(c.model, rngs=rngs or nnx.Rngs(c.train.seed))
   return adapt(model, c) if c.lora.rank else model
 
@@ -224,7 +224,7 @@ def load_abstract(c: config_lib.Config, abstract_state: dict) -> nnx.State:
   placed like the base (or trainable embedding) leaves they become."""
   placed = dict(nnx.to_flat_state(abstract_state['base']))
   placed.update(nnx.to_flat_state(abstract_state['params']))
-  from gemma3_train import model as model_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.models import decoder as model_lib  # pylint: disable=g-import-not-at-top
   plain = dataclasses.replace(c.model, param_dtype=jnp.dtype(_base_dtype(c.lora)).name)
   flat = []
   for path, var in nnx.to_flat_state(model_lib.abstract_state(plain)):

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from gemma3_train import attention
+from gemma3_train.models import attention
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
 from gemma3_train.data import tokenizer as tokenizer_lib

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma3_train import config as config_lib
-from gemma3_train import model as model_lib
+from gemma3_train.models import decoder as model_lib
 from gemma3_train import sharding
 
 LN_EPS = 1e-6  # SigLIP's LayerNorm eps, also the projector RMSNorm's

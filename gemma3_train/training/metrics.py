@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from etils import epath
 
 from gemma3_train import config as config_lib
-from gemma3_train import storage
+from gemma3_train.infra import storage
 
 log = logging.getLogger(__name__)
 

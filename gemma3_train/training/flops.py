@@ -9,7 +9,7 @@ jax.ad_checkpoint.checkpoint_name, so that aot can count what a remat policy rep
 from __future__ import annotations
 
 from gemma3_train import config as config_lib
-from gemma3_train import lora as lora_lib
+from gemma3_train.models import lora as lora_lib
 
 
 def layer_matmul_flops(m: config_lib.ModelConfig) -> dict[str, int]:

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Iterator
 import jax
 import jax.numpy as jnp
 
-from gemma3_train import checkpoint as checkpoint_lib
+from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
-from gemma3_train import init_from
-from gemma3_train import lora as lora_lib
-from gemma3_train import optimizer as optimizer_lib
+from gemma3_train.training import init_from
+from gemma3_train.models import lora as lora_lib
+from gemma3_train.training import optimizer as optimizer_lib
 from gemma3_train.convert import peft as peft_lib
 
 if TYPE_CHECKING:
-  from gemma3_train import train as train_lib
+  from gemma3_train.training import loop as train_lib
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Inference on a trained model: the KV-cache sampler and scoring."""

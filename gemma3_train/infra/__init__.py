@@ -1,0 +1,1 @@
+"""Run safety and the machine: workdir lease, signals, storage retries, hardware table. Imports nothing else from the package."""

@@ -1,0 +1,1 @@
+"""Ahead-of-time compiles for a TPU topology and the fit planner."""

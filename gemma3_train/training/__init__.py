@@ -1,0 +1,1 @@
+"""The train loop, its state and steps, objectives, optimizer, checkpoints and metrics."""
