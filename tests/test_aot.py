@@ -157,7 +157,7 @@ def test_devices_keep_cpu_the_default_backend_without_jax_platforms():
   # conftest sets JAX_PLATFORMS=cpu for every test; a user's shell usually does not, and then
   # aot.devices must still leave the host's default backend on CPU.
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  code = ('import jax; from gemma3_train import aot; '
+  code = ('import jax; from gemma3_train.planning import aot; '
           'd = aot.devices(aot.parse_topology("v5e-4")); '
           'print(len(d), d[0].platform, jax.default_backend())')
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,

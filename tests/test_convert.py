@@ -16,7 +16,7 @@ from flax import nnx
 import gemma3_train
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.cli import convert as cli as convert_cli
+from gemma3_train.cli import convert as convert_cli
 
 V, D, L, N, K, H, F, W = 512, 64, 8, 4, 2, 16, 128, 8
 TOKENS = np.random.default_rng(0).integers(0, V, size=(2, 24)).astype(np.int32)

@@ -13,7 +13,7 @@ from configs import tiny
 from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.cli import convert as cli as convert_cli
+from gemma3_train.cli import convert as convert_cli
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
 

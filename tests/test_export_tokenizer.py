@@ -9,7 +9,7 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from gemma3_train.cli import convert as cli as convert_cli
+from gemma3_train.cli import convert as convert_cli
 from gemma3_train.data import documents
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib

@@ -83,7 +83,7 @@ def test_help_shows_our_flags_and_the_common_fields(how):
   if how == 'module':
     r = _cli('--help')
   else:  # as the installed `gemma3-train` script runs it: main.py is not the main module
-    r = subprocess.run([sys.executable, '-c', 'from gemma3_train import main; main.run()',
+    r = subprocess.run([sys.executable, '-c', 'from gemma3_train.cli import train; train.run()',
                         '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert r.returncode == 0, r.stderr

@@ -23,7 +23,7 @@ from gemma3_train.training import init_from
 from gemma3_train.convert import layout
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
-from gemma3_train.cli import convert as cli as convert_cli
+from gemma3_train.cli import convert as convert_cli
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import vision_keys
 
