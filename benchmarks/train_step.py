@@ -103,6 +103,7 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from gemma3_train.training import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from gemma3_train.infra import hardware
+  from gemma3_train.infra import cpu_peak
   from gemma3_train.training import metrics
   from gemma3_train import sharding
   from gemma3_train.training import loop as train
@@ -148,7 +149,7 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
     # Simulated CPU devices share the same cores: the whole machine is the one "device".
     # The peak is re-measured right after the timed steps: this box may be shared, and the
     # ratio is only meaningful under the same load.
-    peak = metrics.measure_cpu_matmul_peak(dtype, n=args.peak_n)
+    peak = cpu_peak.measure_cpu_matmul_peak(dtype, n=args.peak_n)
     peaks.setdefault(dtype, []).append(peak)
     mfu_devices = 1
   else:

@@ -15,6 +15,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from gemma3_train import config as config_lib
+from gemma3_train.infra import cpu_peak
 from gemma3_train.training import metrics
 
 
@@ -40,8 +41,8 @@ def test_step_timer():
 def test_cpu_matmul_peak_is_2n3_over_the_median_time(monkeypatch):
   # Three timed runs of 1, 5 and 2 ms: the median is 2 ms.
   clock = iter([0.0, 0.001, 1.0, 1.005, 2.0, 2.002])
-  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
-  peak = metrics.measure_cpu_matmul_peak('float32', n=100, repeats=3)
+  monkeypatch.setattr(cpu_peak.time, 'perf_counter', lambda: next(clock))
+  peak = cpu_peak.measure_cpu_matmul_peak('float32', n=100, repeats=3)
   assert peak == pytest.approx(2 * 100**3 / 0.002 / 1e12)
 
 
@@ -63,7 +64,7 @@ def test_cpu_matmul_peak_agrees_with_a_timed_matmul():
   dispatched) matmul would be off by far more."""
   n = 512
   times = _matmul_times(n, 5)
-  peak = metrics.measure_cpu_matmul_peak('float32', n=n, repeats=5)
+  peak = cpu_peak.measure_cpu_matmul_peak('float32', n=n, repeats=5)
   times += _matmul_times(n, 5)
   fastest, slowest = (2 * n**3 / t / 1e12 for t in (min(times), max(times)))
   assert slowest / 2 <= peak <= fastest * 2, (peak, slowest, fastest)

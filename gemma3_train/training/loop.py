@@ -32,6 +32,7 @@ from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
 from gemma3_train.training import flops as flops_lib
+from gemma3_train.infra import cpu_peak
 from gemma3_train.infra import hardware
 from gemma3_train.training import init_from
 from gemma3_train.infra import lease as lease_lib
@@ -41,7 +42,7 @@ from gemma3_train.training import metrics as metrics_lib
 from gemma3_train.models import decoder as model_lib
 from gemma3_train.training import optimizer as optimizer_lib
 from gemma3_train.training import restore as restore_lib
-from gemma3_train.inference import sampler as sample_lib
+from gemma3_train.training import samples as samples_lib
 from gemma3_train import sharding
 from gemma3_train.data import images as images_lib
 
@@ -287,7 +288,7 @@ def _peak_tflops(c: config_lib.Config) -> float | None:
   if peak is None and device.platform == 'cpu':
     # No datasheet for a CPU: the XLA matmul peak measured on this machine (once, then
     # cached), shared by the simulated devices (they run on the same cores).
-    peak = metrics_lib.cached_cpu_matmul_peak(c.model.dtype, c.train.cache_dir)
+    peak = cpu_peak.cached_cpu_matmul_peak(c.model.dtype, c.train.cache_dir)
     peak /= jax.local_device_count()
     log.info('CPU matmul peak (%s): %.4f TFLOP/s per device', c.model.dtype, peak)
   return peak
@@ -366,7 +367,7 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
           profiler: metrics_lib.Profiler, flush: _Flush) -> dict[str, float]:
   """Steps start_step..num_steps; returns the last step's metrics."""
   c = s.config
-  samples = sample_lib.TrainSamples(s, writer)
+  samples = samples_lib.TrainSamples(s, writer)
   pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
   last: dict[str, float] = {}
   step = saved = start_step
