@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma3_train import config as config_lib
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = config_lib.MESH_AXES
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both (FSDP = ZeRO-3 DP)
 
 # logical name -> mesh axes. FSDP shards every weight's embed dimension over all chips;
@@ -73,28 +73,27 @@ _require = config_lib.require
 def mesh_shape(c: config_lib.Config, num_devices: int, num_slices: int = 1) -> dict[str, int]:
   """Resolves -1 degrees against the device count; checks the product and the batch.
 
-  Returns {'dcn_data', 'dcn_fsdp', 'dcn_tensor', 'data', 'fsdp', 'tensor'} with ICI degrees
-  per slice. Raises ConfigError when the mesh cannot cover exactly num_devices devices or the
+  Returns {'dcn_<axis>': degree, '<axis>': degree} over MESH_AXES, ICI degrees per slice. Raises ConfigError when the mesh cannot cover exactly num_devices devices or the
   global batch does not divide over the data-parallel degree.
   """
   m = c.mesh
-  dcn = [m.dcn_data, m.dcn_fsdp, m.dcn_tensor]
+  dcn = list(m.dcn())
   _require(-1 not in dcn, 'mesh.dcn_*', tuple(dcn), 'explicit degrees (no -1) across slices')
   _require(math.prod(dcn) == num_slices, 'mesh.dcn_*', tuple(dcn),
            f'a product equal to the number of slices ({num_slices})')
   per_slice, rem = divmod(num_devices, num_slices)
   _require(rem == 0, 'mesh.dcn_*', tuple(dcn), f'slices dividing {num_devices} devices')
-  ici = [m.data, m.fsdp, m.tensor]
+  ici = list(m.ici())
   if -1 in ici:
     known = math.prod(v for v in ici if v != -1)
     fill, rem = divmod(per_slice, known)
     _require(rem == 0 and fill >= 1, 'mesh', tuple(ici),
              f'degrees whose product divides the {per_slice} devices per slice')
     ici = [fill if v == -1 else v for v in ici]
-  _require(math.prod(ici) == per_slice, 'mesh.(data, fsdp, tensor)', tuple(ici),
+  _require(math.prod(ici) == per_slice, f'mesh.({", ".join(MESH_AXES)})', tuple(ici),
            f'a product equal to the device count ({per_slice} per slice)')
-  shape = dict(dcn_data=dcn[0], dcn_fsdp=dcn[1], dcn_tensor=dcn[2],
-               data=ici[0], fsdp=ici[1], tensor=ici[2])
+  shape = {f'dcn_{a}': d for a, d in zip(MESH_AXES, dcn)}
+  shape.update(zip(MESH_AXES, ici))
   batch_degree = shape['data'] * shape['fsdp'] * shape['dcn_data'] * shape['dcn_fsdp']
   micro = c.train.global_batch_size // c.optim.grad_accum_steps
   _require(micro % batch_degree == 0, 'train.global_batch_size', c.train.global_batch_size,
@@ -104,12 +103,12 @@ def mesh_shape(c: config_lib.Config, num_devices: int, num_slices: int = 1) -> d
 
 
 def make_mesh(c: config_lib.Config, devices: Sequence[Any] | None = None) -> Mesh:
-  """Mesh ('data', 'fsdp', 'tensor') over all devices; DCN degrees multiply in across slices."""
+  """Mesh over MESH_AXES and all devices; DCN degrees multiply in across slices."""
   devices = list(jax.devices() if devices is None else devices)
   num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
   shape = mesh_shape(c, len(devices), num_slices)
-  ici = (shape['data'], shape['fsdp'], shape['tensor'])
-  dcn = (shape['dcn_data'], shape['dcn_fsdp'], shape['dcn_tensor'])
+  ici = tuple(shape[a] for a in MESH_AXES)
+  dcn = tuple(shape[f'dcn_{a}'] for a in MESH_AXES)
   if num_slices > 1:
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   else:

@@ -28,8 +28,6 @@ import collections
 import dataclasses
 import functools
 import logging
-import math
-import re
 from typing import Any, Callable, Sequence
 
 import grain
@@ -38,58 +36,6 @@ import numpy as np
 from gemma3_train import config as config_lib
 
 log = logging.getLogger(__name__)
-
-# The data.* fields a mixture source may set for itself; the rest (tokenizer, seq_len, seed,
-# packing, workers) are shared by the whole mixture.
-KEYS = ('source', 'train_path', 'format', 'text_field', 'messages_field', 'tfds_name')
-
-
-@dataclasses.dataclass(frozen=True)
-class MixtureSource:
-  name: str
-  weight: float
-  fields: tuple[tuple[str, str], ...]  # (data.* key, value) overrides
-
-
-def parse_mixture(spec: str) -> list[MixtureSource]:
-  """data.mixture -> its sources; '' -> []. Raises ConfigError naming data.mixture.
-
-  Grammar: sources separated by ';' (or newlines); each is 'NAME:WEIGHT' followed by
-  space-separated key=value pairs with keys from KEYS. Weights are relative (>= 0,
-  not all 0); a weight-0 source is never read.
-  """
-  out = []
-  for entry in (e.strip() for e in re.split(r'[;\n]', spec)):
-    if not entry:
-      continue
-    head, *pairs = entry.split()
-    name, sep, weight = head.partition(':')
-    bad = lambda what: config_lib.ConfigError(f'data.mixture={spec!r}: {what} in {entry!r}')
-    if not sep or not re.fullmatch(r'[\w.-]+', name):
-      raise bad("expected 'NAME:WEIGHT key=value ...' (NAME letters, digits, _ . -)")
-    try:
-      w = float(weight)
-    except ValueError:
-      raise bad(f'weight {weight!r} is not a number') from None
-    if not (w >= 0 and math.isfinite(w)):
-      raise bad(f'weight {weight} is negative or not finite; expected >= 0')
-    fields = []
-    for pair in pairs:
-      key, sep, value = pair.partition('=')
-      if not sep or key not in KEYS:
-        raise bad(f'{pair!r} is not key=value with a key in {", ".join(KEYS)}')
-      fields.append((key, value))
-    if name in (m.name for m in out):
-      raise bad(f'source name {name!r} is used twice')
-    out.append(MixtureSource(name, w, tuple(fields)))
-  if out and not sum(m.weight for m in out) > 0:
-    raise config_lib.ConfigError(f'data.mixture={spec!r}: all weights are 0; expected one > 0')
-  return out
-
-
-def source_data(d: config_lib.DataConfig, m: MixtureSource) -> config_lib.DataConfig:
-  """The data config a mixture source reads with: data.* with the source's overrides."""
-  return dataclasses.replace(d, mixture='', **dict(m.fields))
 
 WINDOW_BATCHES = 100  # schedule window in local batches: weights are exact over each
 SOURCE_KEY = 'mixture_source'  # per-row source index, dropped before the batch leaves
@@ -218,12 +164,12 @@ def make_rows(c: config_lib.Config, source_rows: Callable[[config_lib.Config, in
   A source's ConfigError (a glob matching nothing, a missing field) names the source.
   """
   d = c.data
-  parts = [m for m in parse_mixture(d.mixture) if m.weight > 0]
+  parts = [m for m in config_lib.parse_mixture(d.mixture) if m.weight > 0]
   stop = d.mixture_exhausted == 'stop'
   parents = []
   for m in parts:
     try:
-      parents.append(source_rows(dataclasses.replace(c, data=source_data(d, m)),
+      parents.append(source_rows(dataclasses.replace(c, data=config_lib.source_data(d, m)),
                                  1 if stop else num_epochs))
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f'data.mixture source {m.name!r}: {e}') from None
@@ -236,7 +182,7 @@ def make_rows(c: config_lib.Config, source_rows: Callable[[config_lib.Config, in
 def count_sources(ds: grain.IterDataset, c: config_lib.Config, process_count: int
                   ) -> grain.IterDataset:
   """The last stage of a mixture pipeline (see _CountIterator)."""
-  names = [m.name for m in parse_mixture(c.data.mixture) if m.weight > 0]
+  names = [m.name for m in config_lib.parse_mixture(c.data.mixture) if m.weight > 0]
   return _CountDataset(ds, names, c.data.seq_len * process_count)
 
 

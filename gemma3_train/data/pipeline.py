@@ -211,8 +211,8 @@ def _all_prepared(c: config_lib.Config, mixed: bool) -> bool:
   read inline."""
   if not mixed:
     return c.data.source == 'prepared'
-  return all(mixture.source_data(c.data, m).source == 'prepared'
-             for m in mixture.parse_mixture(c.data.mixture) if m.weight > 0)
+  return all(config_lib.source_data(c.data, m).source == 'prepared'
+             for m in config_lib.parse_mixture(c.data.mixture) if m.weight > 0)
 
 
 def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,

@@ -279,39 +279,3 @@ def with_loaded_trainables(params: nnx.State, loaded: nnx.State) -> nnx.State:
       var = var.replace(_cast(values[path], a.dtype, a.sharding))
     flat.append((path, var))
   return nnx.from_flat_state(flat)
-
-
-def dims(m: config_lib.ModelConfig) -> dict[str, tuple[int, int]]:
-  """(input size, output size) of each LoRA target's projection."""
-  q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
-  return {'q': (m.embed_dim, q), 'k': (m.embed_dim, kv), 'v': (m.embed_dim, kv),
-          'o': (q, m.embed_dim), 'gate': (m.embed_dim, m.mlp_dim),
-          'up': (m.embed_dim, m.mlp_dim), 'down': (m.mlp_dim, m.embed_dim)}
-
-
-def validate_config(c: config_lib.Config) -> None:
-  """The lora.* checks; config.validate calls it when any lora.* field is set. Raises
-  config.ConfigError (one line)."""
-  r, require = c.lora, config_lib.require
-  if r.rank == 0:
-    changed = [f.name for f in dataclasses.fields(r)
-               if getattr(r, f.name) != f.default and f.name != 'rank']
-    require(not changed, 'lora.rank', r.rank,
-            f'> 0 when lora.{changed[0] if changed else ""} is set (rank 0 = LoRA off)')
-    return
-  require(r.rank > 0, 'lora.rank', r.rank, '> 0 (or 0 = off)')
-  names = ' | '.join(config_lib.LORA_TARGETS)
-  targets = r.target_list()
-  require(bool(targets), 'lora.targets', r.targets, f'a comma list of {names}')
-  for t in targets:
-    require(t in config_lib.LORA_TARGETS, 'lora.targets', r.targets,
-            f'names among {names} (unknown: {t!r})')
-  require(len(set(targets)) == len(targets), 'lora.targets', r.targets, 'no repeated name')
-  sizes = dims(c.model)
-  for t in targets:
-    require(r.rank <= min(sizes[t]), 'lora.rank', r.rank,
-            f'<= {min(sizes[t])}, the smaller dimension of target {t!r} {sizes[t]}')
-  require(r.alpha > 0, 'lora.alpha', r.alpha, '> 0')
-  require(0 <= r.dropout < 1, 'lora.dropout', r.dropout, 'in [0, 1)')
-  require(r.base_dtype in config_lib.LORA_BASE_DTYPES, 'lora.base_dtype', r.base_dtype,
-          ' | '.join(config_lib.LORA_BASE_DTYPES))

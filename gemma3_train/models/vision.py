@@ -46,22 +46,6 @@ def _normal(rngs: nnx.Rngs, shape, fan_in: int, names) -> nnx.Param:
   return model_lib.param(rngs, shape, fan_in, jnp.float32, names)
 
 
-def validate_config(m: config_lib.ModelConfig) -> None:
-  """The model.vision_* checks of a vision model; config.validate calls it. Raises
-  config.ConfigError (one line)."""
-  require = config_lib.require
-  for k in ('vision_image_size', 'vision_patch_size', 'vision_width', 'vision_depth',
-            'vision_mlp_dim', 'vision_num_heads', 'vision_pool'):
-    require(getattr(m, k) > 0, f'model.{k}', getattr(m, k), 'a positive integer')
-  grid = m.vision_image_size // m.vision_patch_size
-  require(m.vision_image_size % m.vision_patch_size == 0, 'model.vision_image_size',
-          m.vision_image_size, f'a multiple of model.vision_patch_size={m.vision_patch_size}')
-  require(grid % m.vision_pool == 0, 'model.vision_pool', m.vision_pool,
-          f'a divisor of the patch grid side {grid}')
-  require(m.vision_width % m.vision_num_heads == 0, 'model.vision_num_heads',
-          m.vision_num_heads, f'a divisor of model.vision_width={m.vision_width}')
-
-
 class LayerNorm(nnx.Module):
   """(x - mean) / sqrt(var + eps) * scale + bias, in float32, cast back to x's dtype."""
 

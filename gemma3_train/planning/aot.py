@@ -60,7 +60,7 @@ def parse_topology(name: str, num_slices: int = 1) -> hardware.Topology:
 
 def num_slices(c: config_lib.Config) -> int:
   """Slices implied by the DCN degrees (multi-slice runs set --config.mesh.dcn_*)."""
-  dcn = (c.mesh.dcn_data, c.mesh.dcn_fsdp, c.mesh.dcn_tensor)
+  dcn = c.mesh.dcn()
   if min(dcn) < 1:
     raise config_lib.ConfigError(f'mesh.dcn_*={dcn}: AOT needs explicit DCN degrees >= 1 '
                                  '(their product is the number of slices)')
@@ -178,7 +178,7 @@ def _replays_attention(policy: str) -> bool:
 
 def _attention_shards(c: config_lib.Config, mesh_shape: dict[str, int]) -> int:
   """Chips sharing the attention work: batch rows over data/fsdp, kv heads over tensor."""
-  rows = math.prod(mesh_shape[k] for k in ('data', 'fsdp', 'dcn_data', 'dcn_fsdp'))
+  rows = math.prod(mesh_shape[a] * mesh_shape[f'dcn_{a}'] for a in sharding.BATCH_AXES)
   heads = mesh_shape['tensor'] * mesh_shape['dcn_tensor']
   if c.model.num_kv_heads % heads:
     heads = 1  # sharding.logical_to_spec leaves kv heads unsplit when the degree does not divide

@@ -107,6 +107,11 @@ def _plan_report(r: aot.Report, **changes) -> PlanReport:
   return PlanReport(**{**{f.name: getattr(r, f.name) for f in dataclasses.fields(r)}, **changes})
 
 
+def _unsplit() -> dict[str, int]:
+  """Degree 1 on every mesh axis: the planner then sets the fsdp and tensor degrees it tries."""
+  return {a: 1 for a in config_lib.MESH_AXES}
+
+
 def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int,
           layout: str = 'block/block') -> config_lib.Config:
   """c with one candidate's remat policy, memory layout, mesh split and (per-microbatch) batch."""
@@ -114,7 +119,7 @@ def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: in
   return dataclasses.replace(
       c, model=dataclasses.replace(c.model, remat_policy=remat, remat_unit=remat_unit,
                                    scan_unit=scan_unit),
-      mesh=dataclasses.replace(c.mesh, data=1, fsdp=fsdp, tensor=tensor),
+      mesh=dataclasses.replace(c.mesh, **{**_unsplit(), 'fsdp': fsdp, 'tensor': tensor}),
       train=dataclasses.replace(c.train, global_batch_size=batch * c.optim.grad_accum_steps))
 
 
@@ -122,7 +127,7 @@ def minimum_state_gib(c: config_lib.Config, topo: hardware.Topology) -> float:
   """Parameters + optimizer state per chip when fully sharded over every chip (no compile)."""
   cpu = jax.devices('cpu')[:1]
   mesh = sharding.make_mesh(dataclasses.replace(
-      c, mesh=config_lib.MeshConfig(data=1, fsdp=1, tensor=1),
+      c, mesh=config_lib.MeshConfig(**_unsplit()),
       train=dataclasses.replace(c.train, global_batch_size=c.optim.grad_accum_steps)), cpu)
   state = train.setup(aot.tpu_run_config(c), mesh, abstract=True).abstract_state
   total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))

@@ -9,7 +9,6 @@ jax.ad_checkpoint.checkpoint_name, so that aot can count what a remat policy rep
 from __future__ import annotations
 
 from gemma3_train import config as config_lib
-from gemma3_train.models import lora as lora_lib
 
 
 def layer_matmul_flops(m: config_lib.ModelConfig) -> dict[str, int]:
@@ -67,7 +66,7 @@ def lora_flops_per_token(c: config_lib.Config, seq_len: int) -> float:
   costs 2r(in + out) forward, 3 x that with its weight gradients.
   """
   m, r = c.model, c.lora.rank
-  dims = lora_lib.dims(m)
+  dims = config_lib.lora_dims(m)
   dense = m.num_layers * sum(layer_matmul_flops(m).values())
   head = 2 * m.embed_dim * m.vocab_size
   adapters = m.num_layers * sum(2 * r * sum(dims[t]) for t in c.lora.target_list())

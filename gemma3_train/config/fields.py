@@ -1,20 +1,15 @@
-"""Every config field with its default and help text; ConfigDict <-> frozen dataclasses.
+"""Every config field with its default and help text, as frozen dataclasses, and the presets.
 
 The dataclasses below are the one declaration of the config: `default_config_dict()` turns them
 into the ml_collections ConfigDict that config files start from (configs/base.py returns it),
 `gemma3-train --helpfull` lists each field with its default and help text, and library code
-only sees the frozen dataclasses. `from_config_dict` rejects unknown keys, wrong types and
-impossible combinations with a ConfigError whose message is one line naming the field, its
-value and what was expected; main.py turns it into exit code 2.
+only sees the frozen dataclasses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
-import re
 from typing import Any
 
 import ml_collections
@@ -127,15 +122,37 @@ class ModelConfig:
     return (self.vision_image_size // self.vision_patch_size // self.vision_pool) ** 2
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-  data: int = _f(1, 'data-parallel degree within a slice (-1 = fill)')
-  fsdp: int = _f(-1, 'fully-sharded data-parallel degree within a slice (-1 = fill)')
-  tensor: int = _f(1, 'tensor-parallel degree within a slice (-1 = fill)')
-  dcn_data: int = _f(1, 'data-parallel degree across slices (multi-slice over DCN)')
-  dcn_fsdp: int = _f(1, 'fsdp degree across slices')
-  dcn_tensor: int = _f(1, 'tensor degree across slices')
-  rules: str = _f('', "logical->mesh overrides, e.g. 'mlp=tensor,vocab=tensor,embed=fsdp'")
+# The mesh axes in mesh order: name -> (what it parallelizes, default degree within a slice).
+# MeshConfig's degrees, the mesh sharding.py builds, validation and the planner all follow this
+# one table; an axis of its own is a row here plus the rules (sharding.py) that use it.
+MESH_AXIS_TABLE: dict[str, tuple[str, int]] = {
+    'data': ('data-parallel', 1),
+    'fsdp': ('fully-sharded data-parallel', -1),
+    'tensor': ('tensor-parallel', 1),
+}
+MESH_AXES = tuple(MESH_AXIS_TABLE)
+
+
+def _ici(self) -> tuple[int, ...]:
+  """The degrees within a slice, in MESH_AXES order (-1 = fill)."""
+  return tuple(getattr(self, a) for a in MESH_AXES)
+
+
+def _dcn(self) -> tuple[int, ...]:
+  """The degrees across slices (multi-slice over DCN), in MESH_AXES order."""
+  return tuple(getattr(self, f'dcn_{a}') for a in MESH_AXES)
+
+
+# Field types are strings, as the annotations of the other sections are (`from __future__`).
+MeshConfig = dataclasses.make_dataclass(
+    'MeshConfig',
+    [(a, 'int', _f(d, f'{what} degree within a slice (-1 = fill)'))
+     for a, (what, d) in MESH_AXIS_TABLE.items()]
+    + [(f'dcn_{a}', 'int', _f(1, f'{a} degree across slices (multi-slice, over DCN)'))
+       for a in MESH_AXES]
+    + [('rules', 'str', _f('', "logical->mesh overrides, e.g. "
+                               "'mlp=tensor,vocab=tensor,embed=fsdp'"))],
+    frozen=True, namespace={'ici': _ici, 'dcn': _dcn, '__module__': __name__})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +248,14 @@ LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 LORA_BASE_DTYPES = ('float32', 'bfloat16', 'int8')
 
 
+def lora_dims(m: 'ModelConfig') -> dict[str, tuple[int, int]]:
+  """(input size, output size) of each LoRA target's projection."""
+  q, kv = m.num_heads * m.head_dim, m.num_kv_heads * m.head_dim
+  return {'q': (m.embed_dim, q), 'k': (m.embed_dim, kv), 'v': (m.embed_dim, kv),
+          'o': (q, m.embed_dim), 'gate': (m.embed_dim, m.mlp_dim),
+          'up': (m.embed_dim, m.mlp_dim), 'down': (m.mlp_dim, m.embed_dim)}
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   rank: int = _f(0, 'adapter rank (0 = off: full training); > 0 trains adapters only')
@@ -290,9 +315,6 @@ def default_config_dict() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(Config()))
 
 
-# --- config files ------------------------------------------------------------
-
-
 def use_chat_data(c: ml_collections.ConfigDict) -> None:
   """The data fields of a chat fine-tuning config (configs/sft_*, lora_*): JSONL chats in the
   Gemma chat format, loss on the model turns; the paths are placeholders to override."""
@@ -300,197 +322,3 @@ def use_chat_data(c: ml_collections.ConfigDict) -> None:
   c.data.format = 'chat'
   c.data.train_path = 'chats/train.jsonl'  # your chat JSONL (local or gs://, globs)
   c.data.eval_path = 'chats/eval.jsonl'  # held-out chats
-
-
-def load_config_dict(path: str) -> ml_collections.ConfigDict:
-  """Runs a config file's get_config(); 'file.py:arg' calls get_config('arg') (config_flags').
-
-  Raises ConfigError (one line naming the file) when the file is missing, fails to run, has no
-  get_config or does not return a ConfigDict.
-  """
-  file, sep, arg = path.partition(':')
-  if not pathlib.Path(file).is_file():
-    raise ConfigError(f'{file}: no such config file')
-  spec = importlib.util.spec_from_file_location(f'_gemma3_config_{pathlib.Path(file).stem}', file)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    get_config = getattr(module, 'get_config', None)
-    config = get_config(*([arg] if sep else [])) if get_config else None
-  except Exception as e:  # pylint: disable=broad-except  # any error in the file: name the file
-    hint = ''
-    if isinstance(e, ModuleNotFoundError) and (e.name or '').split('.')[0] == 'configs':
-      # Written as `from configs import base`, run where the repository root is not importable.
-      hint = ('; start from `config_lib.default_config_dict()` (from gemma3_train import config '
-              'as config_lib), or run with the repository root on PYTHONPATH')
-    message = ' '.join(str(e).split())
-    raise ConfigError(f'{file}: cannot load the config file ({type(e).__name__}: {message})'
-                      f'{hint}') from e
-  if get_config is None:
-    raise ConfigError(f'{file}: defines no get_config()')
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f'{file}: get_config() returned {type(config).__name__}, '
-                      'expected an ml_collections.ConfigDict')
-  return config
-
-
-def load_config_file(path: str) -> Config:
-  """The validated Config of a config file (see load_config_dict); raises ConfigError."""
-  return from_config_dict(load_config_dict(path))
-
-
-# --- conversion --------------------------------------------------------------
-
-
-def _check_type(name: str, value: Any, annotation: str) -> Any:
-  """Returns value coerced to the annotated scalar type, or raises ConfigError."""
-  expected = {'int': int, 'float': float, 'bool': bool, 'str': str}[annotation]
-  if expected is float and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if expected is int and isinstance(value, bool):
-    raise ConfigError(f'{name}={value!r}: expected an int, got a bool')
-  if not isinstance(value, expected):
-    raise ConfigError(f'{name}={value!r}: expected {annotation}, got {type(value).__name__}')
-  return value
-
-
-def _section(name: str, cls: type, values: dict[str, Any]) -> Any:
-  fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - set(fields))
-  if unknown:
-    raise ConfigError(f'{name}.{unknown[0]}: unknown config field; expected one of '
-                      f'{", ".join(sorted(fields))}')
-  kwargs = {k: _check_type(f'{name}.{k}', v, fields[k].type) for k, v in values.items()}
-  return cls(**kwargs)
-
-
-def from_dict(values: dict[str, Any]) -> Config:
-  """Builds a validated Config from a nested dict (ConfigDict.to_dict() or a saved JSON)."""
-  sections = {f.name: f for f in dataclasses.fields(Config)}
-  unknown = sorted(set(values) - set(sections))
-  if unknown:
-    raise ConfigError(f'{unknown[0]}: unknown config section; expected one of '
-                      f'{", ".join(sections)}')
-  kwargs = {}
-  for name, f in sections.items():
-    section_values = values.get(name, {})
-    if not isinstance(section_values, dict):
-      raise ConfigError(f'{name}={section_values!r}: expected a section (dict)')
-    kwargs[name] = _section(name, f.default.__class__, section_values)
-  config = Config(**kwargs)
-  validate(config)
-  return config
-
-
-def from_config_dict(c: ml_collections.ConfigDict) -> Config:
-  return from_dict(c.to_dict())
-
-
-# --- validation --------------------------------------------------------------
-
-
-def require(ok: bool, name: str, value: Any, expected: str) -> None:
-  if not ok:
-    raise ConfigError(f'{name}={value!r}: expected {expected}')
-
-
-def validate(c: Config) -> None:
-  """Checks what can be checked without devices. Raises ConfigError (one line)."""
-  m = c.model
-  for k in ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_heads', 'num_kv_heads',
-            'head_dim', 'attention_block_size'):
-    require(getattr(m, k) > 0, f'model.{k}', getattr(m, k), 'a positive integer')
-  require(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads', m.num_kv_heads,
-          f'a divisor of model.num_heads={m.num_heads}')
-  require(m.head_dim % 2 == 0, 'model.head_dim', m.head_dim, 'an even number (RoPE halves)')
-  require(m.sliding_window > 0, 'model.sliding_window', m.sliding_window, 'a window > 0')
-  require(m.query_pre_attn_scalar > 0, 'model.query_pre_attn_scalar',
-          m.query_pre_attn_scalar, 'a positive number')
-  require(m.global_rope_scale >= 1.0, 'model.global_rope_scale', m.global_rope_scale, '>= 1')
-  require(m.rms_norm_eps > 0, 'model.rms_norm_eps', m.rms_norm_eps, 'a positive number')
-  for k in ('param_dtype', 'dtype'):
-    require(getattr(m, k) in DTYPES, f'model.{k}', getattr(m, k), ' | '.join(DTYPES))
-  require(m.remat_policy in REMAT_POLICIES, 'model.remat_policy', m.remat_policy,
-          ' | '.join(REMAT_POLICIES))
-  require(m.remat_unit in REMAT_UNITS, 'model.remat_unit', m.remat_unit, ' | '.join(REMAT_UNITS))
-  require(m.scan_unit in SCAN_UNITS, 'model.scan_unit', m.scan_unit, ' | '.join(SCAN_UNITS))
-  require(m.scan_unit == 'block' or m.scan_layers, 'model.scan_unit', m.scan_unit,
-          "'block' when model.scan_layers=False (the inner scan runs inside the block scan)")
-  require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
-          ' | '.join(ATTENTION_IMPLS))
-  if m.vision:
-    from gemma3_train.models import vision  # pylint: disable=g-import-not-at-top  (imports us)
-    vision.validate_config(m)
-
-  for k in ('data', 'fsdp', 'tensor', 'dcn_data', 'dcn_fsdp', 'dcn_tensor'):
-    v = getattr(c.mesh, k)
-    require(v == -1 or v >= 1, f'mesh.{k}', v, 'a degree >= 1 or -1 (fill)')
-  ici = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
-  require(ici.count(-1) <= 1, 'mesh', tuple(ici), 'at most one of data/fsdp/tensor = -1')
-  require(c.mesh.rules == '' or re.fullmatch(r'\w+=[\w+]*(,\w+=[\w+]*)*', c.mesh.rules),
-          'mesh.rules', c.mesh.rules, "'logical=axis[+axis],...' e.g. 'mlp=tensor,embed=fsdp'")
-
-  d = c.data
-  require(d.source in SOURCES, 'data.source', d.source, ' | '.join(SOURCES))
-  require(d.format in ('text', 'chat'), 'data.format', d.format, 'text | chat')
-  require(d.seq_len > 1, 'data.seq_len', d.seq_len, 'an integer > 1')
-  require(d.num_workers >= 0, 'data.num_workers', d.num_workers, '>= 0')
-  require(d.prefetch >= 0, 'data.prefetch', d.prefetch, '>= 0')
-  require(d.max_images >= 1, 'data.max_images', d.max_images, '>= 1')
-  if d.source in ('jsonl', 'parquet', 'arrayrecord', 'prepared'):
-    require(bool(d.train_path), 'data.train_path', d.train_path,
-            f'a file or glob for data.source={d.source!r}')
-  if d.source == 'tfds':
-    require(bool(d.tfds_name), 'data.tfds_name', d.tfds_name, 'a TFDS dataset name')
-  if d.source == 'shapes':  # captions: text rows
-    require(d.format == 'text', 'data.format', d.format, "text for data.source='shapes'")
-  require(d.mixture_exhausted in MIXTURE_EXHAUSTED, 'data.mixture_exhausted',
-          d.mixture_exhausted, ' | '.join(MIXTURE_EXHAUSTED))
-
-  o = c.optim
-  require(o.lr >= 0, 'optim.lr', o.lr, 'a learning rate >= 0')
-  require(o.schedule in SCHEDULES, 'optim.schedule', o.schedule, ' | '.join(SCHEDULES))
-  require(o.warmup_steps >= 0, 'optim.warmup_steps', o.warmup_steps, '>= 0')
-  require(0 <= o.decay_fraction <= 1, 'optim.decay_fraction', o.decay_fraction, 'in [0, 1]')
-  require(0 <= o.min_lr_ratio <= 1, 'optim.min_lr_ratio', o.min_lr_ratio, 'in [0, 1]')
-  require(0 <= o.b1 < 1, 'optim.b1', o.b1, 'in [0, 1)')
-  require(0 <= o.b2 < 1, 'optim.b2', o.b2, 'in [0, 1)')
-  require(o.eps > 0, 'optim.eps', o.eps, '> 0')
-  require(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, '>= 0')
-  require(o.clip_norm >= 0, 'optim.clip_norm', o.clip_norm, '>= 0 (0 = off)')
-  require(o.grad_accum_steps >= 1, 'optim.grad_accum_steps', o.grad_accum_steps, '>= 1')
-
-  t = c.train
-  require(t.num_steps >= 1, 'train.num_steps', t.num_steps, '>= 1')
-  require(t.global_batch_size >= 1, 'train.global_batch_size', t.global_batch_size, '>= 1')
-  require(t.global_batch_size % o.grad_accum_steps == 0, 'train.global_batch_size',
-          t.global_batch_size, f'a multiple of optim.grad_accum_steps={o.grad_accum_steps}')
-  require(t.eval_every >= 0, 'train.eval_every', t.eval_every, '>= 0')
-  require(t.eval_steps >= 0, 'train.eval_steps', t.eval_steps, '>= 0')
-  require(t.loss_chunk_size >= 1, 'train.loss_chunk_size', t.loss_chunk_size, '>= 1')
-  require(t.sample_every >= 0, 'train.sample_every', t.sample_every, '>= 0 (0 = never)')
-  require(not t.sample_every or any(p.strip() for p in t.sample_prompts.split('|')),
-          'train.sample_prompts', t.sample_prompts, "one or more prompts separated by '|'")
-  require(t.z_loss >= 0, 'train.z_loss', t.z_loss, '>= 0')
-
-  k = c.checkpoint
-  require(k.every >= 0, 'checkpoint.every', k.every, '>= 0')
-  require(k.keep >= 1, 'checkpoint.keep', k.keep, '>= 1')
-  require(k.keep_period >= 0, 'checkpoint.keep_period', k.keep_period, '>= 0')
-  require(k.lease_timeout_s > 0, 'checkpoint.lease_timeout_s', k.lease_timeout_s, '> 0')
-
-  g = c.logging
-  require(g.log_every >= 1, 'logging.log_every', g.log_every, '>= 1')
-  require(g.peak_tflops >= 0, 'logging.peak_tflops', g.peak_tflops, '>= 0')
-  require(re.fullmatch(r'(\d+(,\d+)*)?', g.profile_steps) is not None,
-          'logging.profile_steps', g.profile_steps, "a comma list of steps, e.g. '5,6'")
-  if c.lora != LoraConfig():  # lora.* set: lora.py checks them (it loads jax)
-    from gemma3_train.models import lora  # pylint: disable=g-import-not-at-top  (imports us)
-    lora.validate_config(c)
-  if c.data.mixture:
-    from gemma3_train.data import mixture  # pylint: disable=g-import-not-at-top  (imports us)
-    for m in mixture.parse_mixture(c.data.mixture):  # each source as if it were data.*
-      try:
-        validate(dataclasses.replace(c, data=mixture.source_data(c.data, m)))
-      except ConfigError as e:
-        raise ConfigError(f'data.mixture source {m.name!r}: {e}') from None

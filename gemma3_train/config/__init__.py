@@ -1,0 +1,61 @@
+"""The config: every field declared once with its default and help text (fields.py), config
+files and dicts turned into a frozen, validated Config (files.py), and the checks (validate.py).
+
+The bottom of the package: it imports nothing else from gemma3_train (nor jax), so that
+`from gemma3_train import config` stays light for the CLIs' --help and for config files.
+"""
+
+from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, GLOBAL_EVERY, LORA_BASE_DTYPES,
+                                        LORA_TARGETS, MESH_AXES, MIXTURE_EXHAUSTED,
+                                        MODEL_SHAPE_FIELDS, PRESETS, REMAT_POLICIES, REMAT_UNITS,
+                                        SCAN_UNITS, SCHEDULES, SOURCES, CheckpointConfig,
+                                        Config, ConfigError, DataConfig, FieldDoc, LoggingConfig,
+                                        LoraConfig, MeshConfig, ModelConfig, OptimConfig,
+                                        TrainConfig, default_config_dict, field_docs,
+                                        lora_dims, sections, use_chat_data)
+from gemma3_train.config.files import (from_config_dict, from_dict, load_config_dict,
+                                       load_config_file)
+from gemma3_train.config.mixture import MixtureSource, parse_mixture, source_data
+from gemma3_train.config.validate import require, validate
+
+__all__ = [
+    'ATTENTION_IMPLS',
+    'CheckpointConfig',
+    'Config',
+    'ConfigError',
+    'DTYPES',
+    'DataConfig',
+    'FieldDoc',
+    'GLOBAL_EVERY',
+    'LORA_BASE_DTYPES',
+    'LORA_TARGETS',
+    'LoggingConfig',
+    'LoraConfig',
+    'MESH_AXES',
+    'MIXTURE_EXHAUSTED',
+    'MODEL_SHAPE_FIELDS',
+    'MeshConfig',
+    'MixtureSource',
+    'ModelConfig',
+    'OptimConfig',
+    'PRESETS',
+    'REMAT_POLICIES',
+    'REMAT_UNITS',
+    'SCAN_UNITS',
+    'SCHEDULES',
+    'SOURCES',
+    'TrainConfig',
+    'default_config_dict',
+    'field_docs',
+    'from_config_dict',
+    'from_dict',
+    'load_config_dict',
+    'load_config_file',
+    'lora_dims',
+    'parse_mixture',
+    'require',
+    'sections',
+    'source_data',
+    'use_chat_data',
+    'validate',
+]
