@@ -9,7 +9,7 @@ from typing import Any
 
 from gemma3_train.config import mixture
 from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS, MESH_AXES,
-                                        MIXTURE_EXHAUSTED, REMAT_POLICIES, REMAT_UNITS,
+                                        MIXTURE_EXHAUSTED, OBJECTIVES, REMAT_POLICIES, REMAT_UNITS,
                                         SCAN_UNITS, SCHEDULES, SOURCES, Config, ConfigError,
                                         LoraConfig, ModelConfig, lora_dims)
 
@@ -86,6 +86,7 @@ def validate(c: Config) -> None:
 
   t = c.train
   require(t.num_steps >= 1, 'train.num_steps', t.num_steps, '>= 1')
+  require(t.objective in OBJECTIVES, 'train.objective', t.objective, ' | '.join(OBJECTIVES))
   require(t.global_batch_size >= 1, 'train.global_batch_size', t.global_batch_size, '>= 1')
   require(t.global_batch_size % o.grad_accum_steps == 0, 'train.global_batch_size',
           t.global_batch_size, f'a multiple of optim.grad_accum_steps={o.grad_accum_steps}')

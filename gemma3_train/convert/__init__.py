@@ -75,7 +75,7 @@ def open_source(path, cfg: config_lib.ModelConfig | None = None,
   if kind == 'params':
     return ParamsSource(path)
   if kind == 'train':
-    merged = peft.open_lora_source(path)  # a LoRA run: its base with the adapters folded in
+    merged = peft.open_lora_source(path, open_source)  # a LoRA run: its base with the adapters folded in
     if merged is not None:
       return merged
     return TrainSource(path)
@@ -130,24 +130,26 @@ def export_kaggle(src_path, dst_path, dtype: str | None = None) -> config_lib.Mo
   return src.cfg
 
 
-def load(path, **model_overrides) -> model_lib.Gemma3:
-  """A model.Gemma3 with the weights of a HF directory, a Kaggle checkpoint or one of ours
-  (params-only, or a training workdir: its newest complete step; a LoRA run's workdir gives
-  its base with its adapters, the adapted model as trained). A checkpoint with vision weights
-  (HF Gemma3ForConditionalGeneration, Kaggle 4b/12b/27b, ours) gives a model.vision model:
-  model(tokens, images=images).
+def load(path, model_cls: type[model_lib.Gemma3] = model_lib.Gemma3,
+         **model_overrides) -> model_lib.Gemma3:
+  """A model_cls (a models.decoder.Gemma3) with the weights of a HF directory, a Kaggle
+  checkpoint or one of ours (params-only, or a training workdir: its newest complete step; a
+  LoRA run's workdir gives its base with its adapters, the adapted model as trained). A
+  checkpoint with vision weights (HF Gemma3ForConditionalGeneration, Kaggle 4b/12b/27b, ours)
+  gives a model.vision model: model(tokens, images=images). gemma3_train.load passes the
+  inference class, which adds generate().
 
   `model_overrides` change non-shape ModelConfig fields, e.g. dtype='bfloat16'.
   """
   if peft.lora_run_config(path) is not None:  # a LoRA run: base + adapters, as trained
-    return peft.load_adapted(path, **model_overrides)
+    return peft.load_adapted(path, open_source, model_cls, **model_overrides)
   src = open_source(path)
   by_index = dict(layers(src))
   cfg = dataclasses.replace(src.cfg, **model_overrides)
   top, canonical = src.top(), [by_index.pop(i) for i in range(cfg.num_layers)]
   # A checkpoint with vision weights gives a model that takes images too.
   vision = src.vision() if cfg.vision else None
-  model = nnx.eval_shape(lambda: model_lib.Gemma3(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
   nnx.update(model, jax.tree.map(jnp.asarray,
                                  layout.canonical_to_state(cfg, top, canonical, vision)))
   return model

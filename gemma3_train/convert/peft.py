@@ -18,7 +18,7 @@ lora_B = B.reshape(r, -1).T.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +29,11 @@ from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
+from gemma3_train.models import decoder as model_lib
 from gemma3_train.models import lora
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import ours
+from gemma3_train.convert import source
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 
@@ -93,7 +95,7 @@ def read_trainables(path) -> tuple[config_lib.Config, dict[tuple[str, ...], np.n
   state_dir = ours.train_step_dir(path) / 'state'
   meta = orbax_tree.leaves(state_dir)
   stored = {(k[1:-1] if k[-1] == 'value' else k[1:]): k for k in meta if k[0] == 'params'}
-  abstract = nnx.eval_shape(lambda: lora.build(c, nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: model_lib.build(c, nnx.Rngs(0)))
   out = {}
   values = orbax_tree.read(state_dir, list(stored.values()), meta)
   for p, var in nnx.to_flat_state(nnx.state(abstract, lora.TRAINABLE)):
@@ -124,12 +126,14 @@ class _MemorySource(Source):
     return self._vision is not None
 
 
-def base_source(c: config_lib.Config) -> Source:
+# (path, ModelConfig) -> Source: convert.open_source, passed in (it opens LoRA runs with us).
+OpenSource = Callable[[Any, config_lib.ModelConfig], Source]
+
+
+def base_source(c: config_lib.Config, open_source: OpenSource) -> Source:
   """The frozen base of a LoRA run: checkpoint.init_from, else the seed's random init."""
-  from gemma3_train import convert  # pylint: disable=g-import-not-at-top  (convert imports us)
-  from gemma3_train.models import decoder as model_lib  # pylint: disable=g-import-not-at-top
   if c.checkpoint.init_from:
-    src = convert.open_source(c.checkpoint.init_from, c.model)
+    src = open_source(c.checkpoint.init_from, c.model)
     for k in config_lib.MODEL_SHAPE_FIELDS:
       if getattr(src.cfg, k) != getattr(c.model, k):
         raise ConversionError(f'model.{k}={getattr(c.model, k)}: the base '
@@ -156,10 +160,10 @@ class MergedSource(Source):
   """A LoRA run read as a plain checkpoint: its base with the adapters folded in (W + B A * s),
   in float32, and its trained embedding with lora.train_embedding."""
 
-  def __init__(self, path):
+  def __init__(self, path, open_source: OpenSource):
     self.run, self.trainables = read_trainables(path)
     self.path = ours.train_step_dir(path)
-    self.base = base_source(self.run)
+    self.base = base_source(self.run, open_source)
     self.cfg = self.base.cfg
 
   def order(self):
@@ -197,19 +201,20 @@ def _take(trainables, cfg, i, target, part) -> np.ndarray:
   return x if block is None else x[block]
 
 
-def open_lora_source(path) -> MergedSource | None:
+def open_lora_source(path, open_source: OpenSource) -> MergedSource | None:
   """A MergedSource when path is a LoRA run's workdir or step, else None."""
-  return MergedSource(path) if lora_run_config(path) is not None else None
+  return MergedSource(path, open_source) if lora_run_config(path) is not None else None
 
 
-def load_adapted(path, **model_overrides) -> nnx.Module:
+def load_adapted(path, open_source: OpenSource, model_cls=None,
+                 **model_overrides) -> nnx.Module:
   """The adapted model of a LoRA workdir: its base (in lora.base_dtype) plus its adapters,
   computing what training computed."""
   c, trainables = read_trainables(path)
   c = c.replace(model=model_overrides)
-  model = nnx.eval_shape(lambda: lora.build(c, nnx.Rngs(0)))
-  src = base_source(c)
-  from gemma3_train.convert import source  # pylint: disable=g-import-not-at-top
+  model_cls = model_cls or model_lib.Gemma3
+  model = nnx.eval_shape(lambda: lora.adapt(model_cls(c.model, rngs=nnx.Rngs(0)), c))
+  src = base_source(c, open_source)
   by_index = dict(source.layers(src))
   plain = layout.canonical_to_state(c.model, src.top(),
                                     [by_index[i] for i in range(c.model.num_layers)])

@@ -29,6 +29,7 @@ from gemma3_train.data import mixture
 from gemma3_train.data import order
 from gemma3_train.data import packing
 from gemma3_train.data import prepared
+from gemma3_train.data import select
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
 
@@ -220,7 +221,7 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
   """One source's packed (or padded) rows for this process's shard of its documents."""
   d = c.data
   tok = _tokenizer(c)
-  source = sources.make_source(c, split)
+  source = select.make_source(c, split)
   field = d.messages_field if d.format == 'chat' else d.text_field
   image_spec = images_lib.spec(c)
   if d.source == 'prepared':  # documents tokenized by gemma3-data prepare

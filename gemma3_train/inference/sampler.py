@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gemma3_train.models import attention
+from gemma3_train.models import decoder
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
 from gemma3_train.data import tokenizer as tokenizer_lib
@@ -410,6 +411,18 @@ def prompt_tokens(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0) -> list[list[int]]:
-  """Gemma3.generate: one-off sampling of a model (compiles for these shapes)."""
+  """One-off sampling of a model (compiles for these shapes); Gemma3.generate below."""
   return Sampler(model).generate(prompts, max_new_tokens,
                                  Sampling(temperature, top_k, top_p), seed)
+
+
+class Gemma3(decoder.Gemma3):
+  """The decoder with generate(): the class gemma3_train.load returns (a model does not import
+  inference; the sampler adds it here)."""
+
+  def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+    """Token-id lists (any lengths) -> the new token ids per prompt, ending with the first EOS
+    or <end_of_turn> when one is produced; temperature 0 is greedy."""
+    return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, seed=seed)

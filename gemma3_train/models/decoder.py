@@ -23,49 +23,19 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma3_train.models import attention
+from gemma3_train.models import layers
 from gemma3_train import config as config_lib
 from gemma3_train.models import lora
+from gemma3_train.models import vision
 from gemma3_train import sharding
 
 ACT = ('act_batch', 'act_len', 'act_embed')
-
-# Names saved by each remat policy ('none' = no remat, 'full' = save nothing but block inputs).
-REMAT_SAVED_NAMES = {
-    'minimal': ('query_proj', 'key_proj', 'value_proj', 'attention_out', 'out_proj',
-                'mlp_gate', 'mlp_up', 'mlp_out'),
-    'save_decoder_layer_input': ('decoder_layer_input',),
-    'save_qkv_proj': ('query_proj', 'key_proj', 'value_proj'),
-}
-
-
-def param(rngs: nnx.Rngs, shape, fan_in: int | None, dtype, names) -> nnx.Param:
-  """A parameter: zeros when fan_in is None (norm scales), else normal(0, 1/fan_in)."""
-  if fan_in is None:
-    value = jnp.zeros(shape, dtype)
-  else:
-    value = (jax.random.normal(rngs.params(), shape, jnp.float32) * fan_in ** -0.5).astype(dtype)
-  return nnx.Param(value, logical_axes=names)
-
-
-class RMSNorm(nnx.Module):
-  """Gemma RMSNorm: x / rms(x) * (1 + scale), computed in float32 and cast back."""
-
-  def __init__(self, dim: int, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
-    self.scale = param(rngs, (dim,), None, cfg.param_dtype, ('norm',))
-    self.eps = cfg.rms_norm_eps
-
-  def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (x32 * (1.0 + scale)).astype(x.dtype)
-
 
 class Embedder(nnx.Module):
   """Token embedding scaled by sqrt(D) (rounded to the table dtype); tied output logits."""
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
-    self.embedding = param(rngs, (cfg.vocab_size, cfg.embed_dim), cfg.embed_dim,
+    self.embedding = layers.param(rngs, (cfg.vocab_size, cfg.embed_dim), cfg.embed_dim,
                             cfg.param_dtype, ('vocab', 'embed'))
     self.dtype = cfg.dtype
 
@@ -125,12 +95,12 @@ class Attention(nnx.Module):
   def __init__(self, cfg: config_lib.ModelConfig, is_global: bool, *, rngs: nnx.Rngs):
     N, K, D, H = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
     pd = cfg.param_dtype
-    self.q_einsum = param(rngs, (N, D, H), D, pd, ('heads', 'embed', 'head_dim'))
-    self.k_einsum = param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
-    self.v_einsum = param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
-    self.attn_vec_einsum = param(rngs, (N, H, D), N * H, pd, ('heads', 'head_dim', 'embed'))
-    self.query_norm = RMSNorm(H, cfg, rngs=rngs)
-    self.key_norm = RMSNorm(H, cfg, rngs=rngs)
+    self.q_einsum = layers.param(rngs, (N, D, H), D, pd, ('heads', 'embed', 'head_dim'))
+    self.k_einsum = layers.param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
+    self.v_einsum = layers.param(rngs, (K, D, H), D, pd, ('kv_heads', 'embed', 'head_dim'))
+    self.attn_vec_einsum = layers.param(rngs, (N, H, D), N * H, pd, ('heads', 'head_dim', 'embed'))
+    self.query_norm = layers.RMSNorm(H, cfg, rngs=rngs)
+    self.key_norm = layers.RMSNorm(H, cfg, rngs=rngs)
     self.is_global = is_global
     self.window = None if is_global else cfg.sliding_window
     self.local_window = cfg.sliding_window
@@ -201,9 +171,9 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     D, F, pd = cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype
-    self.gate = param(rngs, (F, D), D, pd, ('mlp', 'embed'))
-    self.up = param(rngs, (F, D), D, pd, ('mlp', 'embed'))
-    self.linear = param(rngs, (F, D), F, pd, ('mlp', 'embed'))
+    self.gate = layers.param(rngs, (F, D), D, pd, ('mlp', 'embed'))
+    self.up = layers.param(rngs, (F, D), D, pd, ('mlp', 'embed'))
+    self.linear = layers.param(rngs, (F, D), F, pd, ('mlp', 'embed'))
     self.dtype = cfg.dtype
 
   def __call__(self, x_BLD):
@@ -222,12 +192,12 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: config_lib.ModelConfig, layer: int, *, rngs: nnx.Rngs):
     D = cfg.embed_dim
-    self.pre_attention_norm = RMSNorm(D, cfg, rngs=rngs)
+    self.pre_attention_norm = layers.RMSNorm(D, cfg, rngs=rngs)
     self.attn = Attention(cfg, cfg.is_global(layer), rngs=rngs)
-    self.post_attention_norm = RMSNorm(D, cfg, rngs=rngs)
-    self.pre_ffw_norm = RMSNorm(D, cfg, rngs=rngs)
+    self.post_attention_norm = layers.RMSNorm(D, cfg, rngs=rngs)
+    self.pre_ffw_norm = layers.RMSNorm(D, cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
-    self.post_ffw_norm = RMSNorm(D, cfg, rngs=rngs)
+    self.post_ffw_norm = layers.RMSNorm(D, cfg, rngs=rngs)
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None,
                is_global=None):
@@ -257,21 +227,6 @@ class Block(nnx.Module):
     return x_BLD
 
 
-def remat(fn, policy: str, prevent_cse: bool = False):
-  """fn wrapped in jax.checkpoint for a named policy (config.REMAT_POLICIES). prevent_cse=False
-  suits a scan body; a checkpoint nested in another needs True, or XLA may merge its replay
-  with the outer one's and keep every layer's activations alive again."""
-  if policy == 'none':
-    return fn
-  if policy == 'full':
-    return jax.checkpoint(fn, prevent_cse=prevent_cse)
-  if policy not in REMAT_SAVED_NAMES:
-    raise ValueError(f'model.remat_policy={policy!r}: expected one of '
-                     f'{" | ".join(config_lib.REMAT_POLICIES)}')
-  saved = jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED_NAMES[policy])
-  return jax.checkpoint(fn, policy=saved, prevent_cse=prevent_cse)
-
-
 def _remat_layer(layer: DecoderLayer, x_BLD, args, policy: str):
   """layer(x_BLD, *args) under its own checkpoint (model.remat_unit='layer'), nested in the
   checkpoint of its group: the group's replay saves only the layer inputs, and the backward
@@ -280,7 +235,7 @@ def _remat_layer(layer: DecoderLayer, x_BLD, args, policy: str):
 
   def fn(state, x_BLD):
     return nnx.merge(graphdef, state)(x_BLD, *args)
-  return remat(fn, policy, prevent_cse=True)(state, x_BLD)
+  return layers.remat(fn, policy, prevent_cse=True)(state, x_BLD)
 
 
 def _scan_block(block: Block, x_BLD, args, policy: str):
@@ -295,15 +250,8 @@ def _scan_block(block: Block, x_BLD, args, policy: str):
   def body(x_BLD, xs):
     state, is_global = xs
     return nnx.merge(graphdef, state)(x_BLD, *args, is_global=is_global), None
-  x_BLD, _ = jax.lax.scan(remat(body, policy), x_BLD, (stacked, is_global_S))
+  x_BLD, _ = jax.lax.scan(layers.remat(body, policy), x_BLD, (stacked, is_global_S))
   return x_BLD
-
-
-def stack_names(module: nnx.Module) -> None:
-  """Prefixes every parameter's logical axes with 'layers' (the stacked scan axis)."""
-  for _, var in nnx.iter_graph(module):
-    if isinstance(var, nnx.Variable):
-      var.set_metadata('logical_axes', ('layers',) + tuple(var.get_metadata()['logical_axes']))
 
 
 class Gemma3(nnx.Module):
@@ -320,15 +268,14 @@ class Gemma3(nnx.Module):
         return Block(cfg, rngs=rngs)
       blocks = make_blocks(rngs) if num_blocks else None
       if blocks is not None:
-        stack_names(blocks)
+        layers.stack_names(blocks)
       self.blocks = nnx.data(blocks)
       first = num_blocks * config_lib.GLOBAL_EVERY
       self.tail = nnx.List([DecoderLayer(cfg, first + j, rngs=rngs) for j in range(num_tail)])
     else:
       self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs=rngs)
+    self.final_norm = layers.RMSNorm(cfg.embed_dim, cfg, rngs=rngs)
     if cfg.vision:  # built last: a text model's parameters draw the same random numbers
-      from gemma3_train.models import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
       self.vision = vision.Vision(cfg, rngs=rngs)
 
   def _run(self, modules, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None):
@@ -352,14 +299,13 @@ class Gemma3(nnx.Module):
         for layer in (module.layers if isinstance(module, Block) else [module]):
           x_BLD = _remat_layer(layer, x_BLD, args, policy)
       return x_BLD
-    return remat(fn, policy)(state, x_BLD)
+    return layers.remat(fn, policy)(state, x_BLD)
 
   def _embed(self, tokens_BL, images):
     """Scaled token embeddings with the image soft tokens merged in, and the image block ids
     (attention.image_blocks; None without images)."""
     if not self.cfg.vision:
       return self.embedder.encode(tokens_BL), None
-    from gemma3_train.models import vision  # pylint: disable=g-import-not-at-top  (vision imports us)
     placeholder = self.cfg.vocab_size  # one past the table: looked up as row 0, then replaced
     x_BLD = self.embedder.encode(jnp.where(tokens_BL == placeholder, 0, tokens_BL))
     if images is None:
@@ -401,13 +347,11 @@ class Gemma3(nnx.Module):
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, images=None):
     return self.embedder.decode(self.hidden(tokens_BL, positions_BL, segment_ids_BL, images))
 
-  def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0):
-    """Token-id lists (any lengths) -> the new token ids per prompt, ending with the first EOS
-    or <end_of_turn> when one is produced; temperature 0 is greedy. See sample.py."""
-    from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top  (sample imports us)
-    return sample.generate(self, prompts, max_new_tokens, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed)
+
+def build(c: config_lib.Config, rngs: nnx.Rngs | None = None) -> Gemma3:
+  """The model of a config: Gemma3, adapted when lora.rank > 0 (random base: the seed's)."""
+  model = Gemma3(c.model, rngs=rngs or nnx.Rngs(c.train.seed))
+  return lora.adapt(model, c) if c.lora.rank else model
 
 
 def abstract_state(cfg: config_lib.ModelConfig) -> nnx.State:

@@ -1,4 +1,5 @@
-"""Next-token cross-entropy over the tied embedding, in sequence chunks, with a fused gradient.
+"""The tied LM head applied in sequence chunks: next-token cross-entropy sums with a fused
+gradient, and per-token log-probabilities, without ever forming [B, L, V] logits.
 
 With a 262k vocabulary the [B, L, V] logits are the largest tensor of a step (17 GB in fp32 for
 8 x 2048), so they are never materialized: a scan walks the sequence in chunks, computes each
@@ -29,6 +30,7 @@ of [B, C, D], and p^T @ (w x) is complete on each chip for its slice. Same sums 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -236,3 +238,63 @@ def mask_image_targets(targets_BL, weights_BL, vocab_size: int):
   image_BL = targets_BL >= vocab_size
   return (jnp.where(image_BL, 0, targets_BL),
           jnp.where(image_BL, jnp.zeros((), weights_BL.dtype), weights_BL))
+
+
+# --- a model's next-token sums, and their summary -------------------------------------
+
+
+def next_token_sums(model, batch: dict, images=None, *, chunk_size: int, z_loss: float = 0.0,
+                    vocab_parallel: bool = False) -> dict[str, jax.Array]:
+  """chunked_cross_entropy of a Gemma3 model on a packed batch ({inputs, targets, weights,
+  positions, segment_ids}; images: the model's float images input or None)."""
+  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], images=images)
+  targets, weights = mask_image_targets(batch['targets'], batch['weights'],
+                                        model.cfg.vocab_size)
+  return chunked_cross_entropy(x_BLD, model.embedder.embedding[...], targets, weights,
+                               chunk_size=chunk_size, z_loss=z_loss,
+                               vocab_parallel=vocab_parallel)
+
+
+def summarize(totals: dict[str, float]) -> dict[str, float]:
+  """{loss, perplexity, accuracy, tokens} from sums added over batches (host floats)."""
+  weight = max(totals.get('weight_sum', 0.0), 1.0)
+  loss = totals.get('loss_sum', float('nan')) / weight
+  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
+          'accuracy': totals.get('correct_sum', 0.0) / weight, 'tokens': weight}
+
+
+# --- per-token log-probabilities ---------------------------------------------------------
+
+
+def token_logprobs(x_BLD, embedding_VD, targets_BL, *, chunk_size: int) -> jax.Array:
+  """log p(target) per position, float32 [B, L], from final-normed hidden states and the tied
+  table, chunk_size positions of every row at a time.
+
+  The objectives that compare sequences (preference tuning, RL, distillation) build on these.
+  Each chunk's [B, C, V] logits live only inside its scan step, under jax.checkpoint: the
+  backward pass recomputes them chunk by chunk instead of keeping every chunk's (which would be
+  the [B, L, V] array again). Gradients flow to x_BLD and embedding_VD.
+  """
+  B, L, D = x_BLD.shape
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size={chunk_size}: expected >= 1')
+  C = min(chunk_size, L)
+  n = -(-L // C)
+  pad = n * C - L
+  if pad:
+    x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
+    targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
+  x_nBCD = x_BLD.reshape(B, n, C, D).swapaxes(0, 1)
+  targets_nBC = targets_BL.reshape(B, n, C).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def chunk(x_BCD, targets_BC):
+    logits_BCV = _chunk_logits(x_BCD, embedding_VD)
+    lse_BC, target_BC, _ = _chunk_stats(logits_BCV, targets_BC)
+    return target_BC - lse_BC
+
+  def body(_, xs):
+    return None, chunk(*xs)
+
+  _, logp_nBC = _scan_chunks(body, None, (x_nBCD, targets_nBC), n)
+  return logp_nBC.swapaxes(0, 1).reshape(B, n * C)[:, :L]

@@ -7,9 +7,8 @@ drops the adapter's input x in training steps only, see set_dropout). Adapters a
 `LoraParam`s, a subclass of nnx.Param, added to the Attention and MLP modules after construction
 (`adapt`): inside the scanned blocks they are stacked like the weights they adapt and carry
 logical axes ('lora_rank' is replicated), so they shard and remat like everything else. The train
-state then splits the model in two: 'params' (LoraParam: gradients, optimizer state, checkpoints)
-and 'base' (everything else: an input of the step, frozen, never saved; it comes from
-checkpoint.init_from on each start).
+state then splits the model in two (training/frozen.py): the trainable LoraParams, and the frozen
+'base' (everything else).
 
 Base storage (lora.base_dtype): float32 or bfloat16 casts every base parameter; int8 stores the
 seven projection matrices as int8 with one float32 scale per output channel (symmetric absmax over
@@ -19,7 +18,6 @@ a weight is dequantized (int8 * scale, in the compute dtype) where its matmul re
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -158,7 +156,8 @@ def _projection_modules(model: nnx.Module) -> list[tuple[tuple, nnx.Module, str]
   return found
 
 
-def _base_dtype(r: config_lib.LoraConfig) -> Any:
+def base_dtype(r: config_lib.LoraConfig) -> Any:
+  """The storage dtype of the frozen base's float weights (int8 keeps the rest in bfloat16)."""
   return jnp.bfloat16 if r.base_dtype in ('bfloat16', 'int8') else jnp.float32
 
 
@@ -166,11 +165,11 @@ def adapt(model: nnx.Module, c: config_lib.Config) -> nnx.Module:
   """Adds adapters (c.lora.targets) and converts the base to c.lora.base_dtype, in place."""
   r = c.lora
   key = jax.random.fold_in(jax.random.key(c.train.seed), 0x10AA)
-  base_dtype = _base_dtype(r)
+  storage = base_dtype(r)
   projections = _projection_modules(model)
   for _, var in nnx.iter_graph(model):  # every base parameter in the storage dtype
     if isinstance(var, nnx.Param) and not isinstance(var, LoraParam):
-      var.set_value(var.get_value().astype(base_dtype))
+      var.set_value(var.get_value().astype(storage))
   pdt = jnp.dtype(c.model.param_dtype)
   targets = r.target_list()
   for i, (path, module, weight) in enumerate(projections):
@@ -200,38 +199,7 @@ def adapt(model: nnx.Module, c: config_lib.Config) -> nnx.Module:
   return model
 
 
-def build(c: config_lib.Config, rngs: nnx.Rngs | None = None) -> nnx.Module:
-  """The model of a config: model.Gemma3, adapted when lora.rank > 0 (random base: the seed's)."""
-  from gemma3_train.models import decoder as model_lib  # pylint: disable=g-import-not-at-top  (it imports us)
-  model = model_lib.Gemma3(c.model, rngs=rngs or nnx.Rngs(c.train.seed))
-  return adapt(model, c) if c.lora.rank else model
-
-
-def new_state(c: config_lib.Config, tx) -> dict:
-  """A LoRA train state: {'step', 'params' (trainable), 'opt_state' (of those), 'base'}."""
-  model = build(c)
-  params = nnx.state(model, TRAINABLE)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-          'base': nnx.state(model, FROZEN)}
-
-
-# --- the base from released weights --------------------------------------------
-
-
-def load_abstract(c: config_lib.Config, abstract_state: dict) -> nnx.State:
-  """The Param state load_init_params fills for a LoRA run: the plain model's paths, in the base
-  storage dtype (int8 projections load as bfloat16, then `base_from_params` quantizes them),
-  placed like the base (or trainable embedding) leaves they become."""
-  placed = dict(nnx.to_flat_state(abstract_state['base']))
-  placed.update(nnx.to_flat_state(abstract_state['params']))
-  from gemma3_train.models import decoder as model_lib  # pylint: disable=g-import-not-at-top
-  plain = dataclasses.replace(c.model, param_dtype=jnp.dtype(_base_dtype(c.lora)).name)
-  flat = []
-  for path, var in nnx.to_flat_state(model_lib.abstract_state(plain)):
-    a = placed[path].get_value()
-    value = jax.ShapeDtypeStruct(a.shape, var.get_value().dtype, sharding=a.sharding)
-    flat.append((path, var.replace(value)))
-  return nnx.from_flat_state(flat)
+# --- the base from loaded weights ----------------------------------------------
 
 
 # Jitted once per (dtype | axes, sharding): leaves of the same shape then share one compile.
@@ -245,7 +213,8 @@ def _quantize_fn(in_axes: tuple[int, ...], part: int, sharding):
   return jax.jit(lambda w: quantize(w, in_axes)[part], out_shardings=sharding)
 
 
-def _cast(w, dtype, sharding):
+def cast(w, dtype, sharding):
+  """w in dtype, placed in sharding (one compile per dtype and sharding)."""
   return _cast_fn(jnp.dtype(dtype), sharding)(w)
 
 
@@ -263,19 +232,6 @@ def base_from_params(params: nnx.State, abstract_base: nnx.State) -> nnx.State:
       fn = _quantize_fn(weight_in_axes(path), part, sharding)
       value = fn(loaded[path[:-1] + (name,)])
     else:
-      value = _cast(loaded[path], a.dtype, sharding)
+      value = cast(loaded[path], a.dtype, sharding)
     flat.append((path, var.replace(value)))
-  return nnx.from_flat_state(flat)
-
-
-def with_loaded_trainables(params: nnx.State, loaded: nnx.State) -> nnx.State:
-  """Fresh trainable params with the loaded values of those that are base weights too (the
-  embedding, with lora.train_embedding)."""
-  values = {path: var.get_value() for path, var in nnx.to_flat_state(loaded)}
-  flat = []
-  for path, var in nnx.to_flat_state(params):
-    if path in values:
-      a = var.get_value()
-      var = var.replace(_cast(values[path], a.dtype, a.sharding))
-    flat.append((path, var))
   return nnx.from_flat_state(flat)

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from gemma3_train import config as config_lib
-from gemma3_train.models import decoder as model_lib
+from gemma3_train.models import layers
 from gemma3_train import sharding
 
 LN_EPS = 1e-6  # SigLIP's LayerNorm eps, also the projector RMSNorm's
@@ -43,7 +43,7 @@ def _zeros(shape, names) -> nnx.Param:
 
 
 def _normal(rngs: nnx.Rngs, shape, fan_in: int, names) -> nnx.Param:
-  return model_lib.param(rngs, shape, fan_in, jnp.float32, names)
+  return layers.param(rngs, shape, fan_in, jnp.float32, names)
 
 
 class LayerNorm(nnx.Module):
@@ -145,7 +145,7 @@ class Encoder(nnx.Module):
       def make_blocks(rngs):
         return EncoderLayer(cfg, rngs=rngs)
       self.blocks = make_blocks(rngs)
-      model_lib.stack_names(self.blocks)
+      layers.stack_names(self.blocks)
     else:
       self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.vision_depth)])
     self.final_norm = LayerNorm(W)
@@ -167,7 +167,7 @@ class Encoder(nnx.Module):
 
     def run(graphdef, state, x_BLW):  # one layer under its own checkpoint
       fn = lambda state, x_BLW: nnx.merge(graphdef, state)(x_BLW)
-      return model_lib.remat(fn, self.cfg.remat_policy)(state, x_BLW)
+      return layers.remat(fn, self.cfg.remat_policy)(state, x_BLW)
     if self.cfg.scan_layers:
       graphdef, state = nnx.split(self.blocks)
       x_BLW, _ = jax.lax.scan(lambda x_BLW, s: (run(graphdef, s, x_BLW), None), x_BLW, state)
@@ -182,7 +182,7 @@ class Projector(nnx.Module):
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
     # The decoder's RMSNorm (1 + scale), with SigLIP's eps and float32 storage.
-    self.soft_norm = model_lib.RMSNorm(
+    self.soft_norm = layers.RMSNorm(
         cfg.vision_width, dataclasses.replace(cfg, param_dtype='float32', rms_norm_eps=LN_EPS),
         rngs=rngs)
     self.projection = _normal(rngs, (cfg.vision_width, cfg.embed_dim), cfg.vision_width,

@@ -43,8 +43,10 @@ from gemma3_train import config as config_lib
 from gemma3_train.training import flops
 from gemma3_train.infra import hardware
 from gemma3_train.models import decoder as model
+from gemma3_train.models import layers
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
+from gemma3_train.training import state as train_state
 
 GIB = 2**30
 HEADROOM = 0.10  # shipped configs must leave this fraction of HBM free
@@ -172,7 +174,7 @@ def splash_flops_per_step(c: config_lib.Config) -> float:
 
 def _replays_attention(policy: str) -> bool:
   """Whether the backward pass reruns the forward kernel (the policy drops attention_out)."""
-  saved = model.REMAT_SAVED_NAMES.get(policy, ())
+  saved = layers.REMAT_SAVED_NAMES.get(policy, ())
   return policy != 'none' and 'attention_out' not in saved
 
 
@@ -293,8 +295,8 @@ StepBuilder = Callable[[config_lib.Config, Any], tuple[Any, tuple[Any, ...], Any
 
 def train_step_builder(c: config_lib.Config, mesh) -> tuple[Any, tuple[Any, ...], Any]:
   """(jitted train step, abstract arguments, abstract state) exactly as train.py builds them."""
-  s = train.setup(c, mesh, abstract=True)
-  return s.train_step, (s.abstract_state, train.abstract_batch(c, mesh)), s.abstract_state
+  s = train_state.setup(c, mesh, abstract=True)
+  return s.train_step, (s.abstract_state, train_state.abstract_batch(c, mesh)), s.abstract_state
 
 
 def compile_report(c: config_lib.Config, topo: hardware.Topology, *,
@@ -352,7 +354,7 @@ def _replayed_flops_per_token(m: config_lib.ModelConfig) -> int:
   """Forward projection/MLP FLOPs per token that the remat policy recomputes in the backward."""
   if m.remat_policy == 'none':
     return 0
-  saved = set(model.REMAT_SAVED_NAMES.get(m.remat_policy, ()))
+  saved = set(layers.REMAT_SAVED_NAMES.get(m.remat_policy, ()))
   per_layer = sum(v for name, v in flops.layer_matmul_flops(m).items() if name not in saved)
   return (m.num_layers + _nested_layers(m)) * per_layer
 

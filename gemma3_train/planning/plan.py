@@ -38,6 +38,7 @@ from gemma3_train.training import flops
 from gemma3_train.infra import hardware
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
+from gemma3_train.training import state as train_state
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def minimum_state_gib(c: config_lib.Config, topo: hardware.Topology) -> float:
   mesh = sharding.make_mesh(dataclasses.replace(
       c, mesh=config_lib.MeshConfig(**_unsplit()),
       train=dataclasses.replace(c.train, global_batch_size=c.optim.grad_accum_steps)), cpu)
-  state = train.setup(aot.tpu_run_config(c), mesh, abstract=True).abstract_state
+  state = train_state.setup(aot.tpu_run_config(c), mesh, abstract=True).abstract_state
   total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
   return total / topo.total_chips / aot.GIB
 

@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 from gemma3_train import config as config_lib
 from gemma3_train.infra import signals
 from gemma3_train.infra import storage
+from gemma3_train.training import state as state_lib
 from gemma3_train.convert import ours
 
 log = logging.getLogger(__name__)
@@ -247,8 +248,8 @@ class Checkpointer:
   # --- save --------------------------------------------------------------------
 
   def save(self, step: int, state: Any, data_iter: Any | None, *, force: bool = False) -> bool:
-    # A LoRA state's frozen base is never saved: the saved config's init_from names it.
-    state = {k: v for k, v in state.items() if k != 'base'}
+    # Frozen parts are never saved: they are rebuilt from their source (training/frozen.py).
+    state = state_lib.saved(state)
     self._last = (step, state, data_iter)
     saved = self._write(step, state, data_iter, force=force)
     if saved:
@@ -389,15 +390,38 @@ class Checkpointer:
           'checkpoint written by an older version?); rerun with the data config it was written '
           f'with, or move {data_dir} away to resume with the data restarted') from e
 
-  def restore_latest(self, abstract_state: Any, data_iter: Any | None) -> tuple[Any, int] | None:
-    """(state, step) from the newest readable checkpoint, or None when there is none."""
+  def _restore_state(self, step: int, abstract_state: Any, legacy) -> Any:
+    """The state of one step; a checkpoint in an older layout through legacy (its abstract,
+    a function to today's layout) when the tree does not match today's."""
+    def read(abstract):
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      return self.manager.restore(step, args=args)['state']
+    try:
+      return read(abstract_state)
+    except Exception as e:  # pylint: disable=broad-except
+      if legacy is None or 'tree structures do not match' not in str(e):
+        raise
+      old_abstract, to_today = legacy
+      try:
+        state = read(old_abstract)
+      except Exception:  # pylint: disable=broad-except
+        raise e from None  # not the older layout either: today's error
+      log.info('Checkpoint %d is in the layout before frozen parts left the params; read as such',
+               step)
+      return to_today(state)
+
+  def restore_latest(self, abstract_state: Any, data_iter: Any | None,
+                     legacy: tuple[Any, Any] | None = None) -> tuple[Any, int] | None:
+    """(state, step) from the newest readable checkpoint, or None when there is none.
+
+    legacy: (abstract, function to today's layout) of an older layout this config also reads.
+    """
     steps = ours.complete_steps(self.directory)[::-1]
     for step in steps:
       check_compatible(self.directory / str(step), self.config)
-      items = {'state': ocp.args.StandardRestore(abstract_state)}
       has_data = (self.directory / str(step) / 'data').exists()
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._restore_state(step, abstract_state, legacy)
       except Exception as e:  # pylint: disable=broad-except
         if 'tree structures do not match' in str(e):
           # Readable, but a different state layout: the config changed (e.g. optim.clip_norm
@@ -416,7 +440,7 @@ class Checkpointer:
       elif data_iter is not None:
         self._restore_data(step, data_iter)
       log.info('Resumed from %s', self.directory / str(step))
-      return restored['state'], step
+      return restored, step
     if steps:
       raise RuntimeError(f'{self.directory}: no readable checkpoint among steps {steps}; '
                          'refusing to start over in a workdir that has checkpoints')

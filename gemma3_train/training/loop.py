@@ -1,4 +1,4 @@
-"""Train state, the jitted train/eval steps and the loop: `train_and_evaluate(config, workdir)`.
+"""The train loop: `train_and_evaluate(config, workdir)` (state.py builds what it runs).
 
 `train_and_evaluate` runs four sections, each a function below:
   restore or init  the newest checkpoint in the workdir, else checkpoint.init_from (params only;
@@ -18,15 +18,11 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
-import optax
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
@@ -36,22 +32,14 @@ from gemma3_train.infra import cpu_peak
 from gemma3_train.infra import hardware
 from gemma3_train.training import init_from
 from gemma3_train.infra import lease as lease_lib
-from gemma3_train.models import lora as lora_lib
-from gemma3_train.models import lm_head as loss_lib
+from gemma3_train.inference import scoring
 from gemma3_train.training import metrics as metrics_lib
-from gemma3_train.models import decoder as model_lib
-from gemma3_train.training import optimizer as optimizer_lib
 from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import samples as samples_lib
 from gemma3_train import sharding
-from gemma3_train.data import images as images_lib
+from gemma3_train.training.state import Setup, State, abstract_batch, setup
 
 log = logging.getLogger(__name__)
-
-# A train state is a plain dict pytree: {'step': int32[], 'params': nnx.State of Params,
-# 'opt_state': optax state}. Params keep their nnx.Variable wrappers so that the logical axis
-# metadata travels with them (and with the Adam moments optax builds from them).
-State = dict[str, Any]
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None,
@@ -69,195 +57,6 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None,
 def _on_cloud_tpu() -> bool:
   return bool(os.environ.get('TPU_WORKER_HOSTNAMES')
               or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
-
-
-# --- setup: abstract state, shardings, jitted steps ---------------------------
-
-
-@dataclasses.dataclass
-class Setup:
-  config: config_lib.Config
-  mesh: Mesh
-  rules: dict[str, tuple[str, ...]]
-  graphdef: Any
-  abstract_state: State  # ShapeDtypeStructs with shardings; nothing allocated
-  state_shardings: State
-  batch_sharding: dict[str, NamedSharding]
-  schedule: optax.Schedule
-  init_state: Callable[[], State]  # jitted random init, born sharded
-  init_opt_state: Callable[[Any], Any]  # jitted tx.init: params -> sharded optimizer state
-  train_step: Callable[[State, dict], tuple[State, dict]]  # jitted, state donated
-  eval_step: Callable[[State, dict], dict]
-  state: State | None = None
-  # LoRA (lora.rank > 0): the state also holds 'base', frozen and never saved; jitted inits of
-  # the rest (adapters, optimizer state, step) and of the seed's random base.
-  init_trainable: Callable[[], State] | None = None
-  init_base: Callable[[], Any] | None = None
-
-
-def _new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
-  if c.lora.rank:
-    return lora_lib.new_state(c, tx)
-  model = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
-  params = nnx.state(model, nnx.Param)
-  return {'step': jnp.zeros((), jnp.int32), 'params': params,
-          'opt_state': optimizer_lib.init_state(c, tx, params)}
-
-
-def _loss_sums(params, graphdef, batch: dict, c: config_lib.Config,
-               base=None, dropout_key=None, frozen=None) -> tuple[jax.Array, dict]:
-  """Summed (not averaged) loss over the batch's weighted targets, and its parts.
-
-  base (LoRA) and frozen (an untrained image encoder) are parts of the model that are inputs,
-  not differentiated.
-  """
-  model = nnx.merge(graphdef, params, *(p for p in (base, frozen) if p is not None))
-  if dropout_key is not None:  # LoRA adapter dropout: training steps only
-    lora_lib.set_dropout(model, dropout_key, c.lora.dropout)
-  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
-                       images=images_lib.from_batch(batch))
-  targets, weights = loss_lib.mask_image_targets(batch['targets'], batch['weights'],
-                                                 c.model.vocab_size)
-  sums = loss_lib.chunked_cross_entropy(
-      x_BLD, model.embedder.embedding[...], targets, weights,
-      chunk_size=c.train.loss_chunk_size, z_loss=c.train.z_loss,
-      vocab_parallel=c.train.loss_vocab_parallel)
-  total = sums['loss_sum'] + c.train.z_loss * sums['z_loss_sum']
-  return total, sums
-
-
-def _train_step(state: State, batch: dict, *, graphdef, tx, schedule, c: config_lib.Config,
-                mesh: Mesh, rules) -> tuple[State, dict]:
-  """One optimizer step over the global batch, accumulated over microbatches by a scan."""
-  with sharding.use_mesh(mesh, rules):
-    # LoRA's base and a frozen image encoder are inputs of the loss, not differentiated.
-    params, frozen = optimizer_lib.split_frozen(c, state['params'])
-    grad_fn = jax.grad(functools.partial(_loss_sums, base=state.get('base'), frozen=frozen),
-                       has_aux=True)
-    A = c.optim.grad_accum_steps
-    key = _dropout_key(c, state['step'])  # None unless lora.dropout
-    drop = lambda k: {} if k is None else {'dropout_key': k}
-    if A == 1:
-      grads, sums = grad_fn(params, graphdef, batch, c, **drop(key))
-    else:
-      # Strided microbatches (row j*A + a goes to microbatch a) keep every device's rows local.
-      def split(x):
-        x = x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
-        return sharding.constrain(x, (None, 'act_batch', 'act_len')[:x.ndim])
-      micro = jax.tree.map(split, batch)
-
-      def body(carry, mb):
-        mb, a = mb
-        g, s = grad_fn(params, graphdef, mb, c,
-                       **drop(None if key is None else jax.random.fold_in(key, a)))
-        return jax.tree.map(jnp.add, carry, (g, s)), None
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      zero_sums = jax.eval_shape(lambda: grad_fn(params, graphdef, jax.tree.map(
-          lambda x: x[0], micro), c)[1])
-      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
-      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (micro, jnp.arange(A)))
-    weight = jnp.maximum(sums['weight_sum'], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
-    updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_params = optax.apply_updates(params, updates)
-    if frozen is not None:
-      new_params = nnx.merge_state(new_params, frozen)
-    new_state = {'step': state['step'] + 1, 'params': new_params, 'opt_state': opt_state}
-    if 'base' in state:
-      new_state['base'] = state['base']
-    metrics = {'loss': sums['loss_sum'] / weight,
-               'z_loss': sums['z_loss_sum'] / weight,
-               'accuracy': sums['correct_sum'] / weight,
-               'grad_norm': optax.tree.norm(grads),
-               'learning_rate': schedule(state['step']),
-               'tokens': sums['weight_sum']}
-  return new_state, metrics
-
-
-def _dropout_key(c: config_lib.Config, step: jax.Array) -> jax.Array | None:
-  """The LoRA adapter dropout key of a train step: a function of train.seed and the step, so
-  that a resumed run draws the same masks (None without lora.dropout)."""
-  if not (c.lora.rank and c.lora.dropout):
-    return None
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(c.train.seed), 0xD50), step)
-
-
-def _eval_step(state: State, batch: dict, *, graphdef, c: config_lib.Config, mesh, rules):
-  with sharding.use_mesh(mesh, rules):
-    _, sums = _loss_sums(state['params'], graphdef, batch, c, base=state.get('base'))
-  return sums
-
-
-
-def abstract_batch(c: config_lib.Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch: [B, L] token arrays; with model.vision also 'images' uint8
-  [B, data.max_images, S, S, 3] and 'image_counts' int32 [B]. Rows over the batch axes."""
-  B, m = c.train.global_batch_size, c.model
-  shapes = {k: ((B, c.data.seq_len), dtype) for k, dtype in data_lib.BATCH_DTYPES.items()}
-  if m.vision:
-    S = m.vision_image_size
-    image_shapes = {'images': (B, c.data.max_images, S, S, 3), 'image_counts': (B,)}
-    shapes.update({k: (image_shapes[k], dtype)
-                   for k, dtype in data_lib.IMAGE_BATCH_DTYPES.items()})
-  s = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-          for k, (shape, dtype) in shapes.items()}
-
-
-def _init_program(fn: Callable[[], Any], out_shardings: Any, mesh: Mesh) -> Callable[[], Any]:
-  """jit(fn) for a random init, which runs once. On CPU it is compiled at LLVM -O0 (on its
-  first call): threefry makes a long program that the default level compiles in 12.5 s for
-  configs/tiny.py and -O0 in 6.9 s; the values differ from -O3's in the last bit at most."""
-  jitted = jax.jit(fn, out_shardings=out_shardings)
-  if mesh.devices.flat[0].platform != 'cpu':
-    return jitted
-  compiled = []
-
-  def init():
-    if not compiled:
-      compiled.append(jitted.lower().compile(
-          compiler_options={'xla_backend_optimization_level': 0}))
-    return compiled[0]()
-  return init
-
-
-def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
-  """Builds the jitted steps and (unless abstract) the initialized, sharded state."""
-  rules = sharding.parse_rules(c.mesh.rules)
-  tx, schedule = optimizer_lib.make_optimizer(c)
-  new_state = functools.partial(_new_state, c, tx)
-  abstract_state = jax.eval_shape(new_state)
-  state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_shardings)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: lora_lib.build(c, nnx.Rngs(0))))
-  batch_sharding = {k: sharding.batch_sharding(mesh) for k in abstract_batch(c, mesh)}
-  replicated = NamedSharding(mesh, P())
-  train_step = jax.jit(
-      functools.partial(_train_step, graphdef=graphdef, tx=tx, schedule=schedule, c=c,
-                        mesh=mesh, rules=rules),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, replicated),
-      donate_argnums=0)
-  eval_step = jax.jit(
-      functools.partial(_eval_step, graphdef=graphdef, c=c, mesh=mesh, rules=rules),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
-  init_state = _init_program(new_state, state_shardings, mesh)
-  init_opt_state = jax.jit(functools.partial(optimizer_lib.init_state, c, tx),
-                           out_shardings=state_shardings['opt_state'])
-  s = Setup(config=c, mesh=mesh, rules=rules, graphdef=graphdef, abstract_state=abstract_state,
-            state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
-            init_state=init_state, init_opt_state=init_opt_state, train_step=train_step,
-            eval_step=eval_step)
-  if c.lora.rank:  # jit drops what each does not return: no random base when it is loaded
-    rest = {k: v for k, v in state_shardings.items() if k != 'base'}
-    s.init_trainable = _init_program(
-        lambda: {k: v for k, v in new_state().items() if k != 'base'}, rest, mesh)
-    s.init_base = _init_program(lambda: new_state()['base'], state_shardings['base'], mesh)
-  if not abstract:
-    s.state = init_state()
-  return s
 
 
 # --- compile -------------------------------------------------------------------
@@ -337,19 +136,10 @@ class _Flush:
 
 
 def evaluate(s: Setup, state: State, eval_iter: Iterator[dict], num_batches: int) -> dict:
-  totals: dict[str, float] = {}
-  for _ in range(num_batches):
-    try:
-      local = next(eval_iter)
-    except StopIteration:
-      break
-    sums = s.eval_step(state, data_lib.global_batch(local, s.batch_sharding['inputs']))
-    for k, v in _to_host(sums).items():
-      totals[k] = totals.get(k, 0.0) + v
-  weight = max(totals.get('weight_sum', 0.0), 1.0)
-  loss = totals.get('loss_sum', float('nan')) / weight
-  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
-          'accuracy': totals.get('correct_sum', 0.0) / weight, 'tokens': weight}
+  """The objective's eval metrics over up to num_batches batches of eval_iter."""
+  step = lambda local: s.eval_step(state, data_lib.global_batch(local, s.batch_sharding['inputs']))
+  totals, _ = scoring.sum_batches(step, eval_iter, max_batches=num_batches)
+  return s.objective.eval_summary(totals)
 
 
 def _run_eval(s: Setup, state: State, step: int, writer: metrics_lib.MetricWriter) -> None:

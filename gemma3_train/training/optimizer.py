@@ -69,30 +69,3 @@ def make_optimizer(c: config_lib.Config) -> tuple[optax.GradientTransformation, 
   parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, mask=decay_mask(o)))
   return optax.chain(*parts), schedule
-
-
-# --- what trains -----------------------------------------------------------------
-
-
-def _in_vision_encoder(path, _) -> bool:
-  return tuple(path[:2]) == ('vision', 'encoder')
-
-
-def split_frozen(c: config_lib.Config, params: nnx.State) -> tuple[nnx.State, nnx.State | None]:
-  """(trainable, frozen) parts of the train state's params; frozen is None when all train.
-
-  With model.vision and not model.vision_trainable the image encoder is frozen: the train step
-  differentiates only the trainable part and the optimizer state covers only it, so the encoder
-  has neither gradients nor moments; it stays in the params (checkpoints hold it, as part of
-  the model). The projector always trains. A LoRA run's params are its adapters (the tower is
-  in the frozen base already).
-  """
-  if c.lora.rank or not c.model.vision or c.model.vision_trainable:
-    return params, None
-  frozen, trainable = nnx.split_state(params, _in_vision_encoder, ...)
-  return trainable, frozen
-
-
-def init_state(c: config_lib.Config, tx: optax.GradientTransformation, params: nnx.State):
-  """tx's state for the trainable part of params (split_frozen)."""
-  return tx.init(split_frozen(c, params)[0])

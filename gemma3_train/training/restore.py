@@ -1,80 +1,81 @@
 """The restore order of a run: (1) the newest complete checkpoint in the workdir, (2) params from
 checkpoint.init_from (the optimizer state is built from them), (3) a random init born sharded.
 
-A LoRA run restores its adapters, optimizer state and data iterator from the workdir and loads
-the frozen base from checkpoint.init_from on every start (checkpoints never hold the base).
+Frozen parts (frozen.py: a LoRA run's base, a frozen image encoder) are never in a checkpoint:
+on every start they come from checkpoint.init_from, else from the seed's random init.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
-from gemma3_train.training import init_from
-from gemma3_train.models import lora as lora_lib
-from gemma3_train.training import optimizer as optimizer_lib
 from gemma3_train.convert import peft as peft_lib
-
-if TYPE_CHECKING:
-  from gemma3_train.training import loop as train_lib
+from gemma3_train.training import checkpoint as checkpoint_lib
+from gemma3_train.training import frozen as frozen_lib
+from gemma3_train.training import init_from
+from gemma3_train.training import optimizer as optimizer_lib
+from gemma3_train.training import state as state_lib
 
 log = logging.getLogger(__name__)
 
 
-def restore_or_init(s: train_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
-                    train_iter: Iterator[dict] | None) -> tuple[train_lib.State, int]:
+def restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
+                    train_iter: Iterator[dict] | None) -> tuple[state_lib.State, int]:
   """(state, first step) in the restore order above."""
   c = s.config
-  if c.lora.rank:
-    return _lora(s, ckpt, train_iter)
-  restored = ckpt.restore_latest(s.abstract_state, train_iter)
-  if restored is not None:
-    step = restored[1]
-    warn_if_schedule_changed(c, checkpoint_lib.saved_config(ckpt.directory / str(step)), step)
-    return restored
-  if c.checkpoint.init_from:
-    log.info('Initializing params from %s', c.checkpoint.init_from)
-    params = init_from.load_init_params(c.checkpoint.init_from, c, s.abstract_state)
-    step = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step'])
-    return {'step': step, 'params': params, 'opt_state': s.init_opt_state(params)}, 0
-  return s.init_state(), 0
-
-
-def _lora(s: train_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
-          train_iter: Iterator[dict] | None) -> tuple[train_lib.State, int]:
-  """LoRA: adapters, optimizer state and data iterator from the workdir, else fresh adapters
-  (B = 0) or lora.init_adapter's; the frozen base from checkpoint.init_from (else the seed's
-  random init) on every start, as checkpoints never hold it."""
-  c = s.config
-  restored = ckpt.restore_latest({k: v for k, v in s.abstract_state.items() if k != 'base'},
-                                 train_iter)
+  abstract_frozen = s.abstract_state['frozen']
+  restored = ckpt.restore_latest(state_lib.saved(s.abstract_state), train_iter,
+                                 legacy=_legacy_layout(s))
   loaded = None
-  if c.checkpoint.init_from:
-    log.info('Loading the frozen base from %s', c.checkpoint.init_from)
-    loaded = init_from.load_init_params(
-        c.checkpoint.init_from, c, {'params': lora_lib.load_abstract(c, s.abstract_state)})
-    base = lora_lib.base_from_params(loaded, s.abstract_state['base'])
-  else:
-    base = s.init_base()
+  if c.checkpoint.init_from and (restored is None or abstract_frozen):
+    log.info('Loading %s from %s', 'the frozen parts' if restored else 'params',
+             c.checkpoint.init_from)
+    loaded = init_from.load_init_params(c.checkpoint.init_from, c,
+                                        {'params': frozen_lib.load_abstract(c, s.abstract_state)})
+  frozen = frozen_lib.from_loaded(loaded, abstract_frozen) if loaded is not None else None
   if restored is not None:
-    step = restored[1]
+    state, step = restored
     warn_if_schedule_changed(c, checkpoint_lib.saved_config(ckpt.directory / str(step)), step)
-    return {**restored[0], 'base': base}, step
-  state = s.init_trainable()
-  params = state['params']
-  if loaded is not None:
-    params = lora_lib.with_loaded_trainables(params, loaded)
+    if frozen is None:
+      frozen = s.init_frozen() if abstract_frozen else {}
+    return {**state, 'frozen': frozen}, step
+  if loaded is None:
+    state = s.init_state()
+  elif frozen_lib.all_loaded(s.abstract_state['params'], loaded):  # a full model: no random init
+    params = frozen_lib.params_from_loaded(s.abstract_state['params'], loaded)
+    step = jax.device_put(jnp.zeros((), jnp.int32), s.state_shardings['step'])
+    state = {'step': step, 'params': params, 'opt_state': s.init_opt_state(params),
+             'frozen': frozen}
+  else:  # LoRA: fresh adapters (B = 0), the loaded embedding with lora.train_embedding
+    state = s.init_trainable()
+    params = frozen_lib.params_from_loaded(state['params'], loaded)
+    state = {**state, 'params': params, 'opt_state': s.init_opt_state(params), 'frozen': frozen}
   if c.lora.init_adapter:
-    params = peft_lib.read_adapter(c.lora.init_adapter, c, params)
-  if params is not state['params']:
+    params = peft_lib.read_adapter(c.lora.init_adapter, c, state['params'])
     state = {**state, 'params': params, 'opt_state': s.init_opt_state(params)}
-  return {**state, 'base': base}, 0
+  return state, 0
+
+
+def _legacy_layout(s: state_lib.Setup) -> tuple[dict, object] | None:
+  """Checkpoints written before frozen parts left the params (frozen image encoder runs) hold
+  the encoder inside 'params': (their abstract, a function taking such a restored state to
+  today's layout), or None when today's layout is the old one."""
+  frozen = s.abstract_state['frozen']
+  if 'vision_encoder' not in frozen:
+    return None
+  old = {**state_lib.saved(s.abstract_state),
+         'params': nnx.merge_state(s.abstract_state['params'], frozen['vision_encoder'])}
+
+  def convert(state):
+    return {**state, 'params': frozen_lib.split_params(s.config, state['params'])[0]}
+  return old, convert
 
 
 _SCHEDULE_FIELDS = ('train.num_steps', 'optim.lr', 'optim.schedule', 'optim.warmup_steps',

@@ -18,7 +18,7 @@ SAMPLE_TOKENS = 32  # new tokens per train.sample_prompts continuation
 class TrainSamples:
   """train.sample_every: greedy continuations of train.sample_prompts by the current params,
   written to the log, metrics.jsonl and TensorBoard. The Sampler is built and compiled on
-  first use, then reused with each step's params. s is train.Setup, writer a
+  first use, then reused with each step's params. s is train_state.Setup, writer a
   metrics.MetricWriter."""
 
   def __init__(self, s, writer):
@@ -27,8 +27,7 @@ class TrainSamples:
 
   def __call__(self, state: dict, step: int) -> None:
     c = self.s.config
-    parts = (state['params'],) + ((state['base'],) if 'base' in state else ())
-    model = nnx.merge(self.s.graphdef, *parts)
+    model = nnx.merge(self.s.graphdef, state['params'], *state['frozen'].values())
     params = None
     if self.sampler is None:
       self.tok = tokenizer_lib.Tokenizer(c.data.tokenizer_path)

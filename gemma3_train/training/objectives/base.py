@@ -1,0 +1,55 @@
+"""What a train step optimizes: the one interface the train step asks.
+
+The step (training/step.py) never branches on the objective. It asks the Objective for:
+  batch_shapes     the global batch it reads, {key: (shape, dtype)} (rows over the batch axes);
+  frozen_models    the frozen models it needs besides the trained model's own frozen parts (a
+                   DPO or GRPO reference, a distillation teacher): name -> where they come from;
+  loss_sums        (the summed objective to differentiate, its summed parts); the parts hold
+                   'weight_sum', what the step divides the gradients and metrics by;
+  metrics          the logged per-step values from those sums;
+  eval_summary     the eval metrics from sums added over eval batches (host floats);
+  makes_batches    True for an objective (RL) that makes its own batches by sampling; the loop
+                   then asks make_batches instead of reading the data.
+Objectives differ in what they prepare and how they score, not in the loop (docs/training.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from gemma3_train import config as config_lib
+
+Shapes = dict[str, tuple[tuple[int, ...], Any]]
+
+
+class Objective:
+  """The base: subclasses set `name` and implement batch_shapes, loss_sums and metrics."""
+
+  name = ''
+  makes_batches = False
+
+  def __init__(self, c: config_lib.Config):
+    self.config = c
+
+  def batch_shapes(self) -> Shapes:
+    raise NotImplementedError
+
+  def frozen_models(self) -> dict[str, str]:
+    """name -> source (a checkpoint path) of each extra frozen model; none by default."""
+    return {}
+
+  def loss_sums(self, model, batch: dict, frozen_models: dict | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(summed objective, summed parts incl. 'weight_sum') of `model` on `batch`."""
+    raise NotImplementedError
+
+  def metrics(self, sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    raise NotImplementedError
+
+  def eval_summary(self, totals: dict[str, float]) -> dict[str, float]:
+    raise NotImplementedError
+
+  def make_batches(self, *args, **kwargs):
+    raise NotImplementedError(f'train.objective={self.name!r} reads its batches from the data')

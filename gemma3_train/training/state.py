@@ -1,0 +1,125 @@
+"""The train state and what builds it: abstract shapes, shardings, the jitted inits and steps.
+
+A train state is a plain dict pytree:
+  {'step': int32[], 'params': nnx.State of the trainable Params, 'opt_state': optax state of
+   those, 'frozen': {name: nnx.State} (frozen.py: never differentiated, optimized or saved)}.
+Params keep their nnx.Variable wrappers so that the logical axis metadata travels with them
+(and with the Adam moments optax builds from them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train.models import decoder
+from gemma3_train.training import frozen as frozen_lib
+from gemma3_train.training import objectives
+from gemma3_train.training import optimizer as optimizer_lib
+from gemma3_train.training import step as step_lib
+
+State = dict[str, Any]
+
+
+def new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
+  """A random train state: the seed's model split into trainable params and frozen parts."""
+  params, frozen = frozen_lib.split(c, decoder.build(c))
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+          'frozen': frozen}
+
+
+def saved(state: State) -> State:
+  """The part of a train state that checkpoints hold (frozen parts are rebuilt instead)."""
+  return {k: v for k, v in state.items() if k != 'frozen'}
+
+
+@dataclasses.dataclass
+class Setup:
+  config: config_lib.Config
+  mesh: Mesh
+  rules: dict[str, tuple[str, ...]]
+  objective: objectives.base.Objective
+  graphdef: Any
+  abstract_state: State  # ShapeDtypeStructs with shardings; nothing allocated
+  state_shardings: State
+  batch_sharding: dict[str, NamedSharding]
+  schedule: optax.Schedule
+  init_state: Callable[[], State]  # jitted random init, born sharded
+  init_trainable: Callable[[], State]  # the same without the frozen parts
+  init_frozen: Callable[[], dict]  # the frozen parts alone (the seed's)
+  init_opt_state: Callable[[Any], Any]  # jitted tx.init: params -> sharded optimizer state
+  train_step: Callable[[State, dict], tuple[State, dict]]  # jitted, state donated
+  eval_step: Callable[[State, dict], dict]
+  state: State | None = None
+
+
+def abstract_batch(c: config_lib.Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the objective reads, rows over the batch axes."""
+  s = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+          for k, (shape, dtype) in objectives.get(c).batch_shapes().items()}
+
+
+def _init_program(fn: Callable[[], Any], out_shardings: Any, mesh: Mesh) -> Callable[[], Any]:
+  """jit(fn) for a random init, which runs once. On CPU it is compiled at LLVM -O0 (on its
+  first call): threefry makes a long program that the default level compiles in 12.5 s for
+  configs/tiny.py and -O0 in 6.9 s; the values differ from -O3's in the last bit at most."""
+  jitted = jax.jit(fn, out_shardings=out_shardings)
+  if mesh.devices.flat[0].platform != 'cpu':
+    return jitted
+  compiled = []
+
+  def init():
+    if not compiled:
+      compiled.append(jitted.lower().compile(
+          compiler_options={'xla_backend_optimization_level': 0}))
+    return compiled[0]()
+  return init
+
+
+def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
+  """Builds the jitted steps and (unless abstract) the initialized, sharded state."""
+  rules = sharding.parse_rules(c.mesh.rules)
+  objective = objectives.get(c)
+  tx, schedule = optimizer_lib.make_optimizer(c)
+  make = functools.partial(new_state, c, tx)
+  abstract_state = jax.eval_shape(make)
+  state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, state_shardings)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: decoder.build(c, nnx.Rngs(0))))
+  batch_sharding = {k: sharding.batch_sharding(mesh) for k in abstract_batch(c, mesh)}
+  replicated = NamedSharding(mesh, P())
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                        objective=objective, c=c, mesh=mesh, rules=rules),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0)
+  eval_step = jax.jit(
+      functools.partial(step_lib.eval_step, graphdef=graphdef, objective=objective, mesh=mesh,
+                        rules=rules),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
+  # jit drops what each init does not return: no random frozen part where one is loaded.
+  init_state = _init_program(make, state_shardings, mesh)
+  init_trainable = _init_program(lambda: saved(make()), saved(state_shardings), mesh)
+  init_frozen = _init_program(lambda: make()['frozen'], state_shardings['frozen'], mesh)
+  init_opt_state = jax.jit(tx.init, out_shardings=state_shardings['opt_state'])
+  s = Setup(config=c, mesh=mesh, rules=rules, objective=objective, graphdef=graphdef,
+            abstract_state=abstract_state, state_shardings=state_shardings,
+            batch_sharding=batch_sharding, schedule=schedule, init_state=init_state,
+            init_trainable=init_trainable, init_frozen=init_frozen,
+            init_opt_state=init_opt_state, train_step=train_step, eval_step=eval_step)
+  if not abstract:
+    s.state = init_state()
+  return s

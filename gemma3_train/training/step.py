@@ -1,0 +1,85 @@
+"""The jitted train and eval steps: one optimizer step over the global batch (accumulated over
+microbatches by a scan), whatever the objective (objectives/) asks to differentiate."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train.models import lora
+
+State = dict[str, Any]
+
+
+def _loss_sums(params, frozen: dict, batch: dict, *, graphdef, objective,
+               dropout_key=None, dropout_rate: float = 0.0) -> tuple[jax.Array, dict]:
+  """The objective's summed loss and parts; the frozen parts are inputs, not differentiated."""
+  model = nnx.merge(graphdef, params, *frozen.values())
+  if dropout_key is not None:  # LoRA adapter dropout: training steps only
+    lora.set_dropout(model, dropout_key, dropout_rate)
+  return objective.loss_sums(model, batch)
+
+
+def _dropout_key(c: config_lib.Config, step: jax.Array) -> jax.Array | None:
+  """The LoRA adapter dropout key of a train step: a function of train.seed and the step, so
+  that a resumed run draws the same masks (None without lora.dropout)."""
+  if not (c.lora.rank and c.lora.dropout):
+    return None
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(c.train.seed), 0xD50), step)
+
+
+def train_step(state: State, batch: dict, *, graphdef, tx, schedule, objective,
+               c: config_lib.Config, mesh: Mesh, rules) -> tuple[State, dict]:
+  """One optimizer step over the global batch, accumulated over microbatches by a scan."""
+  with sharding.use_mesh(mesh, rules):
+    params = state['params']
+    grad_fn = jax.grad(functools.partial(_loss_sums, graphdef=graphdef, objective=objective,
+                                         dropout_rate=c.lora.dropout), has_aux=True)
+    A = c.optim.grad_accum_steps
+    key = _dropout_key(c, state['step'])  # None unless lora.dropout
+    drop = lambda k: {} if k is None else {'dropout_key': k}
+    if A == 1:
+      grads, sums = grad_fn(params, state['frozen'], batch, **drop(key))
+    else:
+      # Strided microbatches (row j*A + a goes to microbatch a) keep every device's rows local.
+      def split(x):
+        x = x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, 'act_batch', 'act_len')[:x.ndim])
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, mb):
+        mb, a = mb
+        g, s = grad_fn(params, state['frozen'], mb,
+                       **drop(None if key is None else jax.random.fold_in(key, a)))
+        return jax.tree.map(jnp.add, carry, (g, s)), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      zero_sums = jax.eval_shape(lambda: grad_fn(params, state['frozen'], jax.tree.map(
+          lambda x: x[0], micro))[1])
+      zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
+      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (micro, jnp.arange(A)))
+    weight = jnp.maximum(sums['weight_sum'], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
+                 'opt_state': opt_state, 'frozen': state['frozen']}
+    metrics = {**objective.metrics(sums),
+               'grad_norm': optax.tree.norm(grads),
+               'learning_rate': schedule(state['step']),
+               'tokens': sums['weight_sum']}
+  return new_state, metrics
+
+
+def eval_step(state: State, batch: dict, *, graphdef, objective, mesh, rules) -> dict:
+  """The objective's summed parts on one eval batch (no dropout)."""
+  with sharding.use_mesh(mesh, rules):
+    _, sums = _loss_sums(state['params'], state['frozen'], batch, graphdef=graphdef,
+                         objective=objective)
+  return sums
