@@ -188,3 +188,49 @@ def test_vocab_parallel_equals_row_parallel_on_a_mesh(z_loss):
   # The row-parallel loss gathers the table's [V / tensor, D] over fsdp; this one only rows.
   assert gathered and not any(f'[{V // 2},{D}]' in line.split('all-gather(')[0] or
                               f'[{V},{D}]' in line.split('all-gather(')[0] for line in gathered)
+
+
+# --- per-token log-probabilities ---------------------------------------------------------
+
+
+def _full_logprobs(x_BLD, table_VD, targets_BL):
+  logp = jax.nn.log_softmax(jnp.einsum('BLD,VD->BLV', x_BLD, table_VD), axis=-1)
+  return jnp.take_along_axis(logp, targets_BL[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize('chunk_size', [1, 3, 10, 64])
+def test_token_logprobs_equal_full_log_softmax_values_and_grads(chunk_size):
+  """[B, L] log p(target) from the chunked head equals log_softmax of the full logits (a ragged
+  last chunk included), and so do its gradients for arbitrary per-token cotangents."""
+  x, table, targets, _ = _inputs()
+  got = loss_lib.token_logprobs(x, table, targets, chunk_size=chunk_size)
+  np.testing.assert_allclose(got, _full_logprobs(x, table, targets), rtol=1e-5, atol=1e-6)
+  cot = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
+  f = lambda fn: lambda x, t: jnp.sum(cot * fn(x, t))
+  ours = jax.grad(f(lambda x, t: loss_lib.token_logprobs(x, t, targets,
+                                                          chunk_size=chunk_size)), (0, 1))(x, table)
+  want = jax.grad(f(lambda x, t: _full_logprobs(x, t, targets)), (0, 1))(x, table)
+  for a, b in zip(ours, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_token_logprobs_sum_to_the_cross_entropy():
+  """Summed with the loss weights, they are minus chunked_cross_entropy's loss_sum."""
+  x, table, targets, weights = _inputs(seed=3)
+  logp = loss_lib.token_logprobs(x, table, targets, chunk_size=4)
+  sums = loss_lib.chunked_cross_entropy(x, table, targets, weights, chunk_size=4)
+  np.testing.assert_allclose(-jnp.sum(weights * logp), sums['loss_sum'], rtol=1e-6)
+
+
+def test_token_logprobs_never_form_the_full_logits():
+  """The compiled gradient holds no [B, L, V] array: with L = 8 chunks of 16 and V = 4096, every
+  buffer stays below the full logits' size (the scan keeps one chunk's [B, C, V] at a time)."""
+  B, L, D, V, C = 2, 128, 16, 4096, 16
+  x = jnp.zeros((B, L, D), jnp.float32)
+  table = jnp.zeros((V, D), jnp.float32)
+  targets = jnp.zeros((B, L), jnp.int32)
+  grad = jax.jit(jax.grad(lambda x, t: jnp.sum(loss_lib.token_logprobs(x, t, targets,
+                                                                      chunk_size=C)), (0, 1)))
+  memory = grad.lower(x, table).compile().memory_analysis()
+  full_logits_bytes = B * L * V * 4
+  assert memory.temp_size_in_bytes < full_logits_bytes / 2, memory.temp_size_in_bytes

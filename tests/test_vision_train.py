@@ -19,6 +19,9 @@ from gemma3_train import config as config_lib
 from gemma3_train.training import flops
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
+from gemma3_train.training import frozen as frozen_lib
+from gemma3_train.training import restore as restore_lib
+from gemma3_train.training import state as train_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENCODER = ('vision', 'encoder')
@@ -74,13 +77,18 @@ def _under(flat, prefix):
 def frozen():
   """One setup of the frozen-tower config, shared (each test starts from s.init_state())."""
   c = _config(checkpoint=dict(async_save=False))
-  return c, train.setup(c, sharding.make_mesh(c), abstract=True)
+  return c, train_state.setup(c, sharding.make_mesh(c), abstract=True)
+
+
+def _model_state(state):
+  """The whole model's flat state: the trainable params and the frozen parts."""
+  return _flat(frozen_lib.merged(state['params'], state['frozen']))
 
 
 def _steps(c, s, n, seed=0):
-  """(params before, state after n steps) from a fresh init."""
+  """(model state before, state after n steps) from a fresh init."""
   state = s.init_state()
-  before = _flat(state['params'])
+  before = _model_state(state)
   for i in range(n):
     state, metrics = s.train_step(state, _put(_batch(c, seed + i), s))
   assert np.isfinite(float(metrics['loss']))
@@ -102,8 +110,11 @@ def _touches(paths, prefix):
 def test_frozen_tower_has_no_optimizer_state_and_does_not_move(frozen):
   c, s = frozen
   before, state = _steps(c, s, 2)
-  after = _flat(state['params'])
+  after = _model_state(state)
   assert _under(before, ENCODER) and _under(before, PROJECTOR)
+  # The encoder is a frozen part (training/frozen.py), outside the params.
+  assert not _under(_flat(state['params']), ENCODER)
+  assert set(_flat(state['frozen']['vision_encoder'])) == set(_under(before, ENCODER))
   # The encoder: no Adam moments (not even zeros), weights bitwise unchanged.
   paths = _opt_paths(state['opt_state'])
   assert not _touches(paths, ENCODER), sorted(p for p in paths if 'encoder' in p)[:3]
@@ -123,8 +134,9 @@ def test_frozen_tower_has_no_optimizer_state_and_does_not_move(frozen):
 
 def test_trainable_tower_moves_and_has_optimizer_state():
   c = _config(model=dict(vision_trainable=True))
-  before, state = _steps(c, train.setup(c, sharding.make_mesh(c), abstract=True), 2)
-  after = _flat(state['params'])
+  before, state = _steps(c, train_state.setup(c, sharding.make_mesh(c), abstract=True), 2)
+  after = _model_state(state)
+  assert state['frozen'] == {}
   assert _touches(_opt_paths(state['opt_state']), ENCODER)
   moved = [k for k, v in _under(before, ENCODER).items() if not np.array_equal(after[k], v)]
   assert len(moved) == len(_under(before, ENCODER))
@@ -151,13 +163,13 @@ def test_images_change_the_loss_and_image_targets_are_masked(frozen):
 def test_images_are_sharded_over_the_batch_axes():
   c = _config()
   mesh = sharding.make_mesh(c)
-  ab = train.abstract_batch(c, mesh)
+  ab = train_state.abstract_batch(c, mesh)
   S = c.model.vision_image_size
   assert ab['images'].shape == (8, 2, S, S, 3) and ab['images'].dtype == np.uint8
   assert ab['image_counts'].shape == (8,)
   spec = ab['images'].sharding.spec
   assert tuple(spec)[0] == sharding.BATCH_AXES
-  s = train.setup(c, mesh, abstract=True)
+  s = train_state.setup(c, mesh, abstract=True)
   assert set(s.batch_sharding) == set(ab)
 
 
@@ -167,7 +179,7 @@ def test_gradient_accumulation_with_images_equals_one_batch():
   metrics = []
   for accum in (1, 2):
     c = _config(optim=dict(grad_accum_steps=accum), train=dict(global_batch_size=16))
-    s = train.setup(c, sharding.make_mesh(c), abstract=True)
+    s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
     _, m = s.train_step(s.init_state(), _put(_batch(c), s))
     metrics.append({k: float(v) for k, v in m.items()})
   for k in ('loss', 'grad_norm', 'tokens'):
@@ -175,18 +187,22 @@ def test_gradient_accumulation_with_images_equals_one_batch():
 
 
 def test_resume_with_images_is_exact(tmp_path, frozen):
-  """Save after 2 steps, restore, take a 3rd step both ways: bitwise equal (the frozen encoder
-  is in the checkpoint, the optimizer state without it)."""
+  """Save after 2 steps, restore, take a 3rd step both ways: bitwise equal. The checkpoint holds
+  neither the frozen encoder nor optimizer state for it; the encoder is rebuilt from the seed."""
   c, s = frozen
   _, state = _steps(c, s, 2)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), c)
   ckpt.save(2, state, None, force=True)
   ckpt.close()
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path), c)
-  restored, step = ckpt.restore_latest(s.abstract_state, None)
+  restored, step = restore_lib.restore_or_init(s, ckpt, None)
   ckpt.close()
   assert step == 2
-  assert _under(_flat(restored['params']), ENCODER)
+  tree = (tmp_path / 'checkpoints' / '2' / 'state' / '_METADATA').read_text()
+  assert 'projector' in tree and 'encoder' not in tree  # the saved tree's keys
+  assert not _under(_flat(restored['params']), ENCODER)
+  for k, v in _flat(restored['frozen']['vision_encoder']).items():
+    np.testing.assert_array_equal(v, _flat(state['frozen']['vision_encoder'])[k])
   cont_a, _ = s.train_step(state, _put(_batch(c, 2), s))
   cont_b, _ = s.train_step(restored, _put(_batch(c, 2), s))
   a, b = _flat(cont_a['params']), _flat(cont_b['params'])

@@ -256,11 +256,14 @@ def next_token_sums(model, batch: dict, images=None, *, chunk_size: int, z_loss:
 
 
 def summarize(totals: dict[str, float]) -> dict[str, float]:
-  """{loss, perplexity, accuracy, tokens} from sums added over batches (host floats)."""
-  weight = max(totals.get('weight_sum', 0.0), 1.0)
-  loss = totals.get('loss_sum', float('nan')) / weight
+  """{loss, perplexity, accuracy, tokens} from sums added over batches (host floats); NaN
+  metrics when no target had weight."""
+  weight = totals.get('weight_sum', 0.0)
+  if not weight:
+    return {'loss': math.nan, 'perplexity': math.nan, 'accuracy': math.nan, 'tokens': 0.0}
+  loss = totals['loss_sum'] / weight
   return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
-          'accuracy': totals.get('correct_sum', 0.0) / weight, 'tokens': weight}
+          'accuracy': totals['correct_sum'] / weight, 'tokens': weight}
 
 
 # --- per-token log-probabilities ---------------------------------------------------------

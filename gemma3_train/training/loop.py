@@ -148,8 +148,7 @@ def _run_eval(s: Setup, state: State, step: int, writer: metrics_lib.MetricWrite
                                           process_count=jax.process_count())
   with contextlib.closing(eval_iter):
     result = evaluate(s, state, eval_iter, c.train.eval_steps)
-  writer.write_eval(step, {'eval_loss': result['loss'], 'eval_perplexity': result['perplexity'],
-                           'eval_accuracy': result['accuracy']})
+  writer.write_eval(step, {k: v for k, v in result.items() if k != 'tokens'})
 
 
 def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Iterator[dict],

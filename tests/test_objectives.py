@@ -1,0 +1,80 @@
+"""The objective seam: the train step asks one Objective (training/objectives/) for the batch
+it reads, its loss sums and its metrics; nothing about cross-entropy is wired into the step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train.training import objectives
+from gemma3_train.training import state as train_state
+from gemma3_train.training.objectives import ce
+
+
+def _config(**train):
+  c = config_lib.from_config_dict(tiny.get_config())
+  return c.replace(data=dict(source='synthetic', seq_len=16),
+                   model=dict(vocab_size=128, num_layers=1),
+                   train=dict(global_batch_size=8, loss_chunk_size=8, **train))
+
+
+def test_config_names_exactly_the_registered_objectives():
+  assert set(config_lib.OBJECTIVES) == set(objectives.OBJECTIVES)
+  assert isinstance(objectives.get(_config()), ce.CrossEntropy)
+  with pytest.raises(config_lib.ConfigError, match=r"^train.objective='dpo': expected ce$"):
+    config_lib.validate(_config(objective='dpo'))
+
+
+class _Weighted(ce.CrossEntropy):
+  """Cross-entropy with a per-row weight that the batch carries: a new batch key, a new
+  metric, and a loss the step must differentiate as given."""
+
+  def batch_shapes(self):
+    B = self.config.train.global_batch_size
+    return {**super().batch_shapes(), 'row_weight': ((B,), np.float32)}
+
+  def loss_sums(self, model, batch, frozen_models=None):
+    weighted = {**batch, 'weights': batch['weights'] * batch['row_weight'][:, None]}
+    total, sums = super().loss_sums(model, weighted)
+    return total, {**sums, 'row_weight_sum': jnp.sum(batch['row_weight'])}
+
+  def metrics(self, sums):
+    return {**super().metrics(sums), 'row_weight': sums['row_weight_sum']}
+
+
+def _batch(c, row_weight):
+  rng = np.random.default_rng(0)
+  B, L, V = c.train.global_batch_size, c.data.seq_len, c.model.vocab_size
+  tokens = rng.integers(3, V, size=(B, L + 1)).astype(np.int32)
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+          'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+          'segment_ids': np.ones((B, L), np.int32), 'weights': np.ones((B, L), np.float32),
+          'row_weight': np.asarray(row_weight, np.float32)}
+
+
+def test_the_step_reads_the_objectives_batch_loss_and_metrics(monkeypatch):
+  """An objective of its own, swapped in: its batch key gets a sharding, its metric is logged,
+  and its loss is what trains (rows of weight 0 change nothing: the same step as on the rows
+  of weight 1 alone, and the same as plain cross-entropy there)."""
+  c = _config()
+  monkeypatch.setattr(objectives, 'get', _Weighted)
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
+  assert 'row_weight' in s.batch_sharding
+  put = lambda b: {k: jax.device_put(v, s.batch_sharding[k]) for k, v in b.items()}
+  half = [1.0] * 4 + [0.0] * 4
+  state, metrics = s.train_step(s.init_state(), put(_batch(c, half)))
+  assert float(metrics['row_weight']) == 4.0 and float(metrics['tokens']) == 4 * c.data.seq_len
+
+  monkeypatch.undo()
+  s_ce = train_state.setup(c, sharding.make_mesh(c), abstract=True)
+  b = _batch(c, half)
+  b['weights'][4:] = 0.0  # the same rows counted by plain cross-entropy
+  del b['row_weight']
+  state_ce, metrics_ce = s_ce.train_step(s_ce.init_state(), {k: jax.device_put(
+      v, s_ce.batch_sharding[k]) for k, v in b.items()})
+  assert float(metrics['loss']) == pytest.approx(float(metrics_ce['loss']), rel=1e-6)
+  for x, y in zip(jax.tree.leaves(state['params']), jax.tree.leaves(state_ce['params'])):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
