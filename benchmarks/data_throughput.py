@@ -43,8 +43,8 @@ import psutil
 
 from gemma3_train import config as config_lib
 from gemma3_train import data
+from gemma3_train.cli import data as data_cli
 from gemma3_train.data import packing
-from gemma3_train.data import prepare as prepare_lib
 from gemma3_train.data import sources
 
 _CORPORA = flags.DEFINE_list('corpora', ['bundled', '1gb'], 'bundled | 1gb')
@@ -269,8 +269,8 @@ def _bench(name: str, c: config_lib.Config, train_path: str) -> None:
     with open(head, 'w') as f:
       f.writelines(json.dumps({'text': t}) + '\n' for t in texts)
     t0 = time.perf_counter()
-    manifest = prepare_lib.main(['prepare', f'--src={head}', f'--dst={tmp}/prep',
-                                 '--workers=2', f'--rows_per_shard={max(len(texts) // 8, 1)}'])
+    manifest = data_cli.main(['prepare', f'--src={head}', f'--dst={tmp}/prep',
+                              '--workers=2', f'--rows_per_shard={max(len(texts) // 8, 1)}'])
     dt = time.perf_counter() - t0
     print(f'  gemma3-data prepare (2 processes): {manifest["tokens"] / dt:,.0f} tokens/s '
           f'({manifest["tokens"]:,} tokens incl. BOS/EOS, start-up included)')

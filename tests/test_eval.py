@@ -2,6 +2,7 @@
 
 import io
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,6 @@ from gemma3_train.cli import evaluate as eval_cli
 from gemma3_train.inference import scoring as evaluate
 from gemma3_train.convert import layout
 from gemma3_train.models import decoder as model_lib
-from gemma3_train.cli import sample as sample_cli
 from gemma3_train.convert import ours
 from gemma3_train.data import tokenizer as tokenizer_lib
 
@@ -107,12 +107,10 @@ def test_multiple_choice_cli_equals_summed_logprobs(model, tmp_path):
     (['--ckpt=x', '--split=test'], "--split: invalid choice: 'test'"),
     (['--ckpt=x', '--config.data.seq_len=abc'], '--config.data.seq_len=abc: expected int'),
 ])
-def test_eval_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
+def test_eval_cli_bad_input_is_one_line_exit_2(argv, message, capsys, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', [eval_cli.PROG, *argv])
   with pytest.raises(SystemExit) as e:
-    try:
-      eval_cli.main(argv)
-    except (sample_cli.UsageError, config_lib.ConfigError) as err:  # what run() prints
-      sample_cli._fail(str(err), eval_cli.PROG)  # pylint: disable=protected-access
+    eval_cli.run()
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('gemma3-eval: error: ') and message in err

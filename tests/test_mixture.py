@@ -12,8 +12,8 @@ import pytest
 from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import data
+from gemma3_train.cli import data as data_cli
 from gemma3_train.data import mixture
-from gemma3_train.data import prepare as prepare_lib
 from gemma3_train.data import prepared
 from gemma3_train.data import tokenizer as tokenizer_lib
 from tests import test_data
@@ -146,7 +146,7 @@ def test_exhausted_source_stop_ends_the_data_repeat_goes_on(tmp_path):
 def test_mixture_mixes_prepared_with_raw(tmp_path):
   """Any source kind mixes, each with its own paths and format."""
   src = _write(tmp_path / 'p.jsonl', 'banana', 9)
-  prepare_lib.main(['prepare', f'--src={src}', f'--dst={tmp_path / "prep"}', '--workers=1'])
+  data_cli.main(['prepare', f'--src={src}', f'--dst={tmp_path / "prep"}', '--workers=1'])
   c = _config(tmp_path, {'a': 1})
   c = c.replace(data=dict(mixture=c.data.mixture +
                           f'; b:1 source=prepared train_path={tmp_path / "prep"}'))
@@ -168,7 +168,7 @@ def test_a_mixture_of_prepared_sources_reads_ahead_and_resumes(tmp_path, monkeyp
   spec = []
   for name, word in WORDS.items():
     src = _write(tmp_path / f'{name}.jsonl', word, 9)
-    prepare_lib.main(['prepare', f'--src={src}', f'--dst={tmp_path / name}', '--workers=1'])
+    data_cli.main(['prepare', f'--src={src}', f'--dst={tmp_path / name}', '--workers=1'])
     spec.append(f'{name}:1 source=prepared train_path={tmp_path / name}')
   c = _config(tmp_path, {'a': 1}).replace(data=dict(mixture='; '.join(spec)))
   config_lib.validate(c)

@@ -18,7 +18,7 @@ from sentencepiece import sentencepiece_model_pb2
 from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import data
-from gemma3_train.data import prepare as prepare_lib
+from gemma3_train.cli import data as data_cli
 from gemma3_train.data import prepared
 from gemma3_train.data import sources
 from tests import test_data
@@ -55,7 +55,7 @@ def _chats(path, n=24):
 
 
 def _prepare(src, dst, *flags):
-  return prepare_lib.main(['prepare', f'--src={src}', f'--dst={dst}', *flags])
+  return data_cli.main(['prepare', f'--src={src}', f'--dst={dst}', *flags])
 
 
 def _config(**fields):
@@ -186,7 +186,7 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):
   (part / 'shard-00005-of-00008.arrayrecord.tmp999').write_bytes(b'half a shard')  # a kill
   # The rest by the real command with two worker processes (forked: not from this process,
   # which has jax's threads running).
-  r = subprocess.run([sys.executable, '-m', 'gemma3_train.data.prepare', 'prepare',
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.data', 'prepare',
                       f'--src={src}', f'--dst={part}', '--rows_per_shard=10', '--workers=2'],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
@@ -208,7 +208,7 @@ def test_interrupted_prepare_resumes_to_the_same_shards(tmp_path):
 def test_killed_prepare_resumes(tmp_path):
   src = sources.bundled_path('train')
   dst = tmp_path / 'killed'
-  cmd = [sys.executable, '-m', 'gemma3_train.data.prepare', 'prepare', f'--src={src}',
+  cmd = [sys.executable, '-m', 'gemma3_train.cli.data', 'prepare', f'--src={src}',
          f'--dst={dst}', '--rows_per_shard=4', '--workers=1']
   proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 120
@@ -268,7 +268,7 @@ def test_prepared_with_another_tokenizer_is_refused_naming_both(tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'gemma3_train.data.prepare', 'prepare',
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.data', 'prepare',
                       f'--src={tmp_path}/none/*.jsonl', f'--dst={tmp_path / "out"}'],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2, r.stderr

@@ -236,12 +236,10 @@ def test_prompt_longer_than_context_is_an_error(sampler):
     (['--bogus'], 'unrecognized arguments: --bogus'),
     (['--prompt=hi'], '--ckpt=PATH is required'),
 ])
-def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
+def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', [sample_cli.PROG, *argv])
   with pytest.raises(SystemExit) as e:
-    try:
-      sample_cli.main(argv)
-    except sample_cli.UsageError as err:  # what run() prints
-      sample_cli._fail(str(err))  # pylint: disable=protected-access
+    sample_cli.run()
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('gemma3-sample: error: ') and message in err

@@ -15,10 +15,13 @@ import sys
 
 from gemma3_train import config as config_lib
 from gemma3_train import convert
+from gemma3_train.cli import errors
+
+PROG = 'gemma3-convert'
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='gemma3-convert', description=__doc__,
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest='command', required=True, metavar='{import,export,export-lora,info}')
   imp = sub.add_parser('import', help='HF safetensors or Kaggle/Flax Orbax -> our checkpoint.')
@@ -119,12 +122,8 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-  try:
+  with errors.exit_on(PROG, convert.ConversionError, config_lib.ConfigError, OSError):
     main(sys.argv[1:])
-  except (convert.ConversionError, config_lib.ConfigError, OSError) as e:
-    print(f'gemma3-convert: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}',
-          file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

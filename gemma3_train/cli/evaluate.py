@@ -15,19 +15,21 @@ exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Sequence
 
 from gemma3_train import config as config_lib
+from gemma3_train.cli import errors
 from gemma3_train.cli import sample as sample_cli
 
 PROG = 'gemma3-eval'
 
 
-def _parser() -> sample_cli.ArgParser:
-  p = sample_cli.ArgParser(prog=PROG, description=__doc__,
-                           formatter_class=sample_cli.argparse.RawDescriptionHelpFormatter)
+def _parser() -> errors.ArgParser:
+  p = errors.ArgParser(prog=PROG, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--ckpt', required=True, help='checkpoint or workdir to evaluate')
   p.add_argument('--config', default='', help='config file whose data section names the '
                  'dataset (default: the built-in defaults, the bundled corpus)')
@@ -49,9 +51,9 @@ def main(argv: Sequence[str], stdout=None) -> dict:
       tuple(f'model.{f}' for f in config_lib.MODEL_SHAPE_FIELDS))
   args = _parser().parse_args(rest)
   if args.max_batches < 0:
-    raise sample_cli.UsageError(f'--max_batches={args.max_batches}: expected >= 0')
+    raise errors.UsageError(f'--max_batches={args.max_batches}: expected >= 0')
   if args.batch_size < 1:
-    raise sample_cli.UsageError(f'--batch_size={args.batch_size}: expected >= 1')
+    raise errors.UsageError(f'--batch_size={args.batch_size}: expected >= 1')
   cd = (config_lib.load_config_dict(args.config) if args.config
         else config_lib.default_config_dict())
   for section in ('data', 'train'):
@@ -63,7 +65,7 @@ def main(argv: Sequence[str], stdout=None) -> dict:
     try:
       rows = evaluate.read_choices(args.choices)
     except ValueError as e:
-      raise sample_cli.UsageError(f'--choices: {e}') from None
+      raise errors.UsageError(f'--choices: {e}') from None
   # Imported here: a bad command line answers before jax loads.
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top
   from gemma3_train.inference import scoring as evaluate  # pylint: disable=g-import-not-at-top
@@ -71,7 +73,7 @@ def main(argv: Sequence[str], stdout=None) -> dict:
   try:
     model = convert.load(args.ckpt, **overrides.get('model', {}))
   except (convert.ConversionError, OSError) as e:
-    raise sample_cli.UsageError(f'--ckpt={args.ckpt}: {str(e).splitlines()[0]}') from None
+    raise errors.UsageError(f'--ckpt={args.ckpt}: {errors.first_line(e)}') from None
   c = c.replace(model={k: getattr(model.cfg, k) for k in config_lib.MODEL_SHAPE_FIELDS})
   if rows is not None:
     tok = data_lib.Tokenizer(args.tokenizer or c.data.tokenizer_path)
@@ -80,7 +82,7 @@ def main(argv: Sequence[str], stdout=None) -> dict:
     try:
       result = evaluate.dataset_metrics(model, c, split=args.split, max_batches=args.max_batches)
     except data_lib.DataError as e:
-      raise sample_cli.UsageError(str(e)) from None
+      raise errors.UsageError(str(e)) from None
   result = {'ckpt': args.ckpt, **result}
   text = json.dumps(result, indent=2)
   if args.output:
@@ -94,10 +96,8 @@ def main(argv: Sequence[str], stdout=None) -> dict:
 
 
 def run() -> None:
-  try:
+  with errors.exit_on(PROG, errors.UsageError, config_lib.ConfigError, OSError):
     main(sys.argv[1:])
-  except (sample_cli.UsageError, config_lib.ConfigError, OSError) as e:
-    sample_cli._fail(str(e).splitlines()[0] or type(e).__name__, PROG)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

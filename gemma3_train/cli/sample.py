@@ -19,12 +19,10 @@ import sys
 from typing import Any, Sequence
 
 from gemma3_train import config as config_lib
+from gemma3_train.cli import errors
 
 PROG = 'gemma3-sample'
-
-
-class UsageError(ValueError):
-  """A bad command line (printed as one line, exit status 2)."""
+UsageError = errors.UsageError  # a bad command line: one line, exit status 2
 
 
 def _parse_value(name: str, text: str, current: Any) -> Any:
@@ -66,21 +64,9 @@ def split_overrides(argv: Sequence[str], sections: Sequence[str],
   return rest, out
 
 
-def _fail(message: str, prog: str = PROG) -> None:
-  print(f'{prog}: error: {message}', file=sys.stderr)
-  sys.exit(2)
-
-
-class ArgParser(argparse.ArgumentParser):
-  """argparse, but a usage error is one line and exit status 2."""
-
-  def error(self, message):
-    _fail(message, self.prog)
-
-
 def _parser() -> argparse.ArgumentParser:
-  p = ArgParser(prog=PROG, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgParser(prog=PROG, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--ckpt', default='', help='checkpoint or workdir to load (required)')
   p.add_argument('--prompt', action='append', default=[], help='text to continue (repeatable)')
   p.add_argument('--chat', action='store_true', help='Gemma 3 chat template; conversation from '
@@ -129,7 +115,7 @@ def load_sampler(path: str, model_overrides: dict, mesh_overrides: dict):
   try:
     model = convert.load(path, **model_overrides)
   except (convert.ConversionError, OSError) as e:
-    raise UsageError(f'--ckpt={path}: {str(e).splitlines()[0]}') from None
+    raise UsageError(f'--ckpt={path}: {errors.first_line(e)}') from None
   c = config_lib.Config(model=model.cfg, mesh=config_lib.MeshConfig(**mesh_overrides),
                         train=config_lib.TrainConfig(global_batch_size=jax.device_count()))
   config_lib.validate(c)
@@ -215,9 +201,8 @@ def main(argv: Sequence[str], stdin=None, stdout=None) -> None:
 
 def run() -> None:
   try:
-    main(sys.argv[1:])
-  except (UsageError, config_lib.ConfigError) as e:
-    _fail(str(e).splitlines()[0])
+    with errors.exit_on(PROG, UsageError, config_lib.ConfigError):
+      main(sys.argv[1:])
   except KeyboardInterrupt:
     sys.exit(130)
 

@@ -22,6 +22,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from gemma3_train import config as config_lib
+from gemma3_train.cli import errors
+
+PROG = 'gemma3-train'
 
 
 def _config_help() -> str:
@@ -83,33 +86,22 @@ _NEEDS_TOPOLOGY = (_AOT_PLAN, _AOT_REPORT, _AOT_PLAN_REMAT, _AOT_PLAN_ROWS, _AOT
 _OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]*)')
 
 
-def _say(line: str) -> None:
-  """One whole line in one write, so that a log record from another thread cannot split it."""
-  sys.stderr.flush()
-  sys.stderr.write(f'gemma3-train: {line}\n')
-  sys.stderr.flush()
-
-
-def _fail(message: str) -> None:
-  _say(f'error: {message}')
-  sys.exit(2)
-
-
 def main(argv) -> None:
   if _VERBOSE.value:
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.getLogger().setLevel(logging.INFO)
   if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}; fields are set with --config.SECTION.KEY=VALUE')
+    errors.fail(PROG, f'unexpected arguments {argv[1:]}; fields are set with '
+                '--config.SECTION.KEY=VALUE')
   for holder in _NEEDS_TOPOLOGY:
     if holder.value and not _AOT_TOPOLOGY.value:
-      _fail(f'--{holder.name} needs --aot_topology, e.g. --aot_topology=v5p-128')
+      errors.fail(PROG, f'--{holder.name} needs --aot_topology, e.g. --aot_topology=v5p-128')
   if _CONFIG.value is None:
-    _fail('--config is required, e.g. --config=configs/tiny.py')
+    errors.fail(PROG, '--config is required, e.g. --config=configs/tiny.py')
   try:
     config = config_lib.from_config_dict(_CONFIG.value)
   except config_lib.ConfigError as e:
-    _fail(str(e))
+    errors.fail(PROG, str(e))
   # aot and train load jax, flax and orbax (~5 s): imported here so that --help and a bad
   # command line answer at once.
   if _AOT_TOPOLOGY.value:
@@ -124,10 +116,10 @@ def main(argv) -> None:
       else:
         aot.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value)
     except config_lib.ConfigError as e:
-      _fail(str(e))
+      errors.fail(PROG, str(e))
     return
   if not _WORKDIR.value:
-    _fail('--workdir is required to train, e.g. --workdir=/tmp/run')
+    errors.fail(PROG, '--workdir is required to train, e.g. --workdir=/tmp/run')
   _train(config, _WORKDIR.value)
 
 
@@ -143,20 +135,19 @@ def _train(config: config_lib.Config, workdir: str) -> None:
   try:
     train.train_and_evaluate(config, workdir)
   except (config_lib.ConfigError, lease.LeaseHeldError) as e:  # held: writes nothing
-    _fail(str(e))
+    errors.fail(PROG, str(e))
   except storage.StorageError as e:  # a full disk, storage down past the retries
-    _say(f'error: {e}')
-    sys.exit(1)
+    errors.fail(PROG, str(e), code=1)
   except data.DataError as e:  # bad data met mid-run; its async checkpoint write has finished
     step = checkpoint.latest_step(workdir)
-    _fail(f'{e}; ' + (f'the checkpoint at step {step} in {workdir}/checkpoints is intact: fix '
-                      'the data and rerun to resume' if step is not None else 'nothing was saved'))
+    errors.fail(PROG, f'{e}; ' + (f'the checkpoint at step {step} in {workdir}/checkpoints is '
+                                  'intact: fix the data and rerun to resume' if step is not None
+                                  else 'nothing was saved'))
   except KeyboardInterrupt:  # Ctrl-C before the loop's handler was installed (or multi-process)
-    _say('interrupted; exiting without saving')
+    errors.say(PROG, 'interrupted; exiting without saving')
     sys.exit(signals.EXIT_INTERRUPTED)
   except FloatingPointError as e:  # a diverged run: say so plainly, exit non-zero
-    _say(f'error: {e}')
-    sys.exit(1)
+    errors.fail(PROG, str(e), code=1)
 
 
 def _check_command_line(args: list[str]) -> None:
@@ -175,13 +166,13 @@ def _check_command_line(args: list[str]) -> None:
       name = match.group(1)
       if name not in fields:
         close = difflib.get_close_matches(name, fields, n=1)
-        _fail(f'--config.{name}: unknown config field' +
-              (f'; did you mean --config.{close[0]}?' if close else ''))
+        errors.fail(PROG, f'--config.{name}: unknown config field' +
+                    (f'; did you mean --config.{close[0]}?' if close else ''))
   if path:
     try:
       config_lib.load_config_dict(path)
     except config_lib.ConfigError as e:
-      _fail(f'--config={e}')
+      errors.fail(PROG, f'--config={e}')
 
 
 def _short_help() -> str:
@@ -222,7 +213,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
       sys.exit(0)
     raise
   except Exception as e:  # pylint: disable=broad-except  # e.g. `could not convert to float`
-    _fail(' '.join(str(e).split()))
+    errors.fail(PROG, ' '.join(str(e).split()))
 
 
 def run() -> None:

@@ -1,15 +1,15 @@
-"""What every checkpoint reader shares: the error type, the Source interface, the progress line."""
+"""What every checkpoint reader shares: the error type, the Source interface, layers() with
+its progress line."""
 
 from __future__ import annotations
 
-import sys
-import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
 from gemma3_train import config as config_lib
+from gemma3_train.infra import progress as progress_lib
 
 
 class ConversionError(ValueError):
@@ -70,28 +70,13 @@ class Source:
     return False
 
 
-class _Progress:
-  """A one-line progress counter on stderr (rewritten in place on a terminal)."""
-
-  def __init__(self, what: str, total: int):
-    self.what, self.total, self.done, self._last = what, total, 0, 0.0
-    self._tty = sys.stderr.isatty()
-
-  def step(self) -> None:
-    self.done += 1
-    now = time.monotonic()
-    if self.done >= self.total or now - self._last > (0.2 if self._tty else 10.0):
-      self._last = now
-      end = '\n' if self.done >= self.total or not self._tty else ''
-      print(f'\r{self.what}: {self.done}/{self.total} layers', end=end, file=sys.stderr,
-            flush=True)
-
-
 def layers(src: Source, progress: str | None = None) -> Iterator[tuple[int, dict]]:
   """(i, canonical layer) of every layer in src.order(), with a progress line when `progress`
   names what is being done."""
-  bar = _Progress(progress, src.cfg.num_layers) if progress else None
-  for i in src.order():
+  bar = progress_lib.Progress(progress, src.cfg.num_layers, 'layers') if progress else None
+  for done, i in enumerate(src.order(), 1):
     yield i, src.layer(i)
     if bar:
-      bar.step()
+      bar.update(done)
+  if bar:
+    bar.close()

@@ -15,6 +15,7 @@ go to SHARD.stats.json; a rerun of the same command skips the shards that have o
 DIR/.prepare.json pins the plan (input files and rows, tokenizer, format, shard size), so a
 rerun with different input is refused instead of mixing two corpora. manifest.json (tokenizer
 path and sha256, counts, shard list) is written last: a directory without it is unfinished.
+(The command line itself is cli/data.py.)
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from typing import Any
 
 from array_record.python import array_record_module
@@ -36,8 +36,10 @@ from etils import epath
 from gemma3_train import config as config_lib
 from gemma3_train.data import documents
 from gemma3_train.data import prepared
+from gemma3_train.data import select
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.infra import progress as progress_lib
 
 _WRITER_OPTIONS = 'group_size:1'  # one record per chunk: cheap random access when shuffled
 _EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.gz': 'jsonl', '.parquet': 'parquet',
@@ -58,7 +60,7 @@ class _Job:
     config_lib.validate(self.config)
     self.tok = tokenizer_lib.Tokenizer(args.tokenizer_path)
     try:
-      self.source = sources.make_source(self.config, 'train')
+      self.source = select.make_source(self.config, 'train')
     except config_lib.ConfigError as e:  # name our flag, not the config field
       raise config_lib.ConfigError(str(e).replace('data.train_path=', '--src=', 1)) from None
     field = args.messages_field if args.format == 'chat' else args.text_field
@@ -118,37 +120,8 @@ def _write_shard(k: int) -> dict[str, Any]:
   return stats
 
 
-class _Progress:
-  """One stderr line: shards, rows, tokens, rate and ETA (redrawn in place on a terminal)."""
-
-  def __init__(self, total_rows: int, total_shards: int, done_rows: int, done_shards: int):
-    self.total_rows, self.total_shards = total_rows, total_shards
-    self.rows, self.shards, self.tokens = done_rows, done_shards, 0
-    self._start_rows, self._t0 = done_rows, time.perf_counter()
-    self._tty = sys.stderr.isatty()
-
-  def update(self, stats: dict[str, Any]) -> None:
-    self.rows += stats['rows']
-    self.shards += 1
-    self.tokens += stats['tokens']
-    dt = max(time.perf_counter() - self._t0, 1e-9)
-    rate = (self.rows - self._start_rows) / dt
-    eta = (self.total_rows - self.rows) / rate if rate else 0.0
-    width = 30
-    filled = width * self.rows // max(self.total_rows, 1)
-    line = (f'prepare [{"#" * filled}{"." * (width - filled)}] {self.shards}/{self.total_shards}'
-            f' shards, {self.rows}/{self.total_rows} rows, {self.tokens / dt:,.0f} tokens/s, '
-            f'ETA {time.strftime("%H:%M:%S", time.gmtime(eta))}')
-    print(('\r' + line) if self._tty else line, end='' if self._tty else '\n', file=sys.stderr,
-          flush=True)
-
-  def close(self) -> None:
-    if self._tty:
-      print(file=sys.stderr)
-
-
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
-  """Writes (or finishes) DIR; returns the manifest."""
+  """Writes (or finishes) DIR; returns the manifest. args: cli/data.py's parsed command line."""
   global _JOB
   job = _JOB = _Job(args)
   dst = epath.Path(args.dst)
@@ -167,8 +140,13 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
   todo = [k for k in range(job.num_shards) if k not in done]
   if args.max_shards:
     todo = todo[:args.max_shards]
-  progress = _Progress(len(job.source), job.num_shards, sum(s['rows'] for s in done.values()),
-                       len(done))
+  rows = sum(s['rows'] for s in done.values())
+  tokens = 0  # written by this run (the rate's)
+  progress = progress_lib.Progress('prepare', job.num_shards, 'shards', done=len(done))
+
+  def note() -> str:
+    return f'{rows}/{len(job.source)} rows, {tokens / progress.elapsed:,.0f} tokens/s'
+
   workers = max(1, min(args.workers, len(todo)))
   if workers == 1:
     results = map(_write_shard, todo)
@@ -179,9 +157,10 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
   try:
     for stats in results:
       done[int(stats['path'].split('-')[1])] = stats
-      progress.update(stats)
+      rows, tokens = rows + stats['rows'], tokens + stats['tokens']
+      progress.update(len(done), note())
   finally:
-    progress.close()
+    progress.close(note())
     if workers > 1:
       pool.terminate()
   if len(done) < job.num_shards:
@@ -201,55 +180,3 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
   print(f'{args.dst}: {manifest["rows"]} rows -> {manifest["documents"]} documents, '
         f'{manifest["tokens"]} tokens in {job.num_shards} shards')
   return manifest
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one line, as every gemma3 command reports bad input
-    raise config_lib.ConfigError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = _Parser(prog='gemma3-data', description=__doc__,
-              formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest='command', required=True, metavar='{prepare}',
-                         parser_class=_Parser)
-  pp = sub.add_parser('prepare', help='Tokenize a corpus once into ArrayRecord shards.')
-  pp.add_argument('--src', required=True, help='File, glob or comma list (as data.train_path).')
-  pp.add_argument('--dst', required=True, help='Output directory (local or gs://); rerun the '
-                  'same command to resume it.')
-  pp.add_argument('--source', default='auto', choices=('auto', 'jsonl', 'parquet',
-                                                       'arrayrecord'),
-                  help='Input kind (auto: from the first file name; default jsonl).')
-  pp.add_argument('--format', default='text', choices=('text', 'chat'), help='As data.format.')
-  pp.add_argument('--text_field', default='text', help='As data.text_field.')
-  pp.add_argument('--messages_field', default='messages', help='As data.messages_field.')
-  pp.add_argument('--tokenizer_path', default='', help="As data.tokenizer_path ('' = the "
-                  'bundled Gemma 3 tokenizer); training must use the same one.')
-  pp.add_argument('--rows_per_shard', type=int, default=50_000, help='Input rows per shard.')
-  pp.add_argument('--workers', type=int, default=os.cpu_count() or 1,
-                  help='Processes writing shards (default: one per CPU).')
-  pp.add_argument('--max_shards', type=int, default=0, help='Write at most N more shards in '
-                  'this run, then stop (0 = all); for bounded jobs on preemptible machines.')
-  return p
-
-
-def main(argv: list[str]) -> dict[str, Any]:
-  args = _parser().parse_args(argv)
-  if args.rows_per_shard < 1:
-    raise config_lib.ConfigError(f'--rows_per_shard={args.rows_per_shard}: expected >= 1')
-  if args.workers < 1:
-    raise config_lib.ConfigError(f'--workers={args.workers}: expected >= 1')
-  return prepare(args)
-
-
-def run() -> None:
-  try:
-    main(sys.argv[1:])
-  except (config_lib.ConfigError, sources.DataError, OSError) as e:
-    print(f'gemma3-data: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}',
-          file=sys.stderr)
-    sys.exit(2)
-
-
-if __name__ == '__main__':
-  run()

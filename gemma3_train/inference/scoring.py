@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -29,34 +27,11 @@ from etils import epath
 from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
 from gemma3_train.models import lm_head as loss_lib
-from gemma3_train.training import metrics as metrics_lib
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.infra import progress as progress_lib
 
 _LOSS_CHUNK = 256  # positions per chunk of the cross-entropy (memory, not results)
-
-
-class Progress:
-  """'<what>: done/total (pct) | rate | ETA' on stderr, at most every `every` seconds."""
-
-  def __init__(self, what: str, total: int | None, unit: str, every: float = 2.0,
-               stream=None):
-    self.what, self.total, self.unit, self.every = what, total, unit, every
-    self.stream = sys.stderr if stream is None else stream
-    self.start = self._last = time.perf_counter()
-
-  def update(self, done: int, final: bool = False) -> None:
-    now = time.perf_counter()
-    if not final and now - self._last < self.every:
-      return
-    self._last = now
-    rate = done / max(now - self.start, 1e-9)
-    parts = [f'{self.what}: {done}' + (f'/{self.total} ({100 * done / self.total:.0f}%)'
-                                       if self.total else f' {self.unit}')]
-    parts.append(f'{rate:.3g} {self.unit}/s')
-    if self.total and not final and rate > 0:
-      parts.append(f'ETA {metrics_lib._duration((self.total - done) / rate)}')  # pylint: disable=protected-access
-    print(' | '.join(parts), file=self.stream, flush=True)
 
 
 def _sums(graphdef, state, batch):
@@ -77,7 +52,8 @@ def dataset_metrics(model, c: config_lib.Config, *, split: str = 'eval', max_bat
   step = jax.jit(lambda state, batch: _sums(graphdef, state, batch))
   c = c.replace(data=dict(num_workers=0, shuffle=False))
   ds = data_lib.make_dataset(c, split, num_epochs=1)
-  meter = Progress(f'eval {split}', max_batches or None, 'batches') if progress else None
+  meter = (progress_lib.Progress(f'eval {split}', max_batches or None, 'batches') if progress
+           else None)
   totals = {k: 0.0 for k in ('loss_sum', 'weight_sum', 'correct_sum')}
   n = 0
   iterator = iter(ds)
@@ -96,7 +72,7 @@ def dataset_metrics(model, c: config_lib.Config, *, split: str = 'eval', max_bat
     if close:
       close()
   if meter:
-    meter.update(n, final=True)
+    meter.close()
   weight = totals['weight_sum']
   loss = totals['loss_sum'] / weight if weight else float('nan')
   return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)) if weight else float('nan'),
@@ -181,10 +157,11 @@ def multiple_choice(model, rows: Sequence[dict[str, Any]], tok: tokenizer_lib.To
     for choice in row['choices']:
       pairs.append((ctx, tok.encode(choice)))
       owner.append(i)
-  meter = Progress('multiple choice', len(pairs), 'choices') if progress else None
+  meter = (progress_lib.Progress('multiple choice', len(pairs), 'choices') if progress
+           else None)
   scores = choice_logprobs(model, pairs, batch_size, meter.update if meter else None)
   if meter:
-    meter.update(len(pairs), final=True)
+    meter.close()
   per_row: list[list[float]] = [[] for _ in rows]
   for i, score in zip(owner, scores):
     per_row[i].append(score)

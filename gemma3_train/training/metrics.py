@@ -22,6 +22,7 @@ import jax
 from etils import epath
 
 from gemma3_train import config as config_lib
+from gemma3_train.infra import progress as progress_lib
 from gemma3_train.infra import storage
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,6 @@ def _scalar(value: Any) -> float | int | None:
     return value
   value = float(value)
   return value if math.isfinite(value) else None
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  h, rest = divmod(seconds, 3600)
-  m, s = divmod(rest, 60)
-  return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
 def _rate(tokens_per_sec: float) -> str:
@@ -225,7 +219,7 @@ class MetricWriter:
     if r.get('mfu') is not None:
       parts.append(f'MFU {100 * r["mfu"]:.1f}%')
     if eta is not None:
-      parts.append(f'ETA {_duration(eta)}')
+      parts.append(f'ETA {progress_lib.duration(eta)}')
     return ' | '.join(parts)
 
   def write_eval(self, step: int, metrics: dict[str, Any]) -> None:
