@@ -12,7 +12,7 @@ A source is only read when the schedule names it, so the mixture iterator's stat
 count plus each source's iterator state: grain checkpoints it with the train state, and a
 resumed run draws exactly the batches an uninterrupted one would. Each row carries its source
 index (SOURCE_KEY) through batching and the worker processes; the last stage, in the main
-process, drops it and counts rows per source (also checkpointed), which train.py logs as
+process, drops it and counts rows per source (also checkpointed), which training/loop.py logs as
 `tokens/NAME`: the token slots (rows x data.seq_len, padding included) drawn from NAME by
 all processes together since step 0. Every process follows the same schedule, so that total is
 exact without any cross-process communication.

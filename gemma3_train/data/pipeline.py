@@ -263,7 +263,7 @@ def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Endless checkpointable iterator (get_state/set_state) of host-local train batches.
 
-  Close and drop it before the interpreter exits (train.py does): grain 0.2.18's prefetch
+  Close and drop it before the interpreter exits (training/loop.py does): grain 0.2.18's prefetch
   iterators close again from __del__, which fails during interpreter teardown (an ignored
   AttributeError on stderr).
   """

@@ -2,7 +2,7 @@
 
 Dataset metrics run the training data pipeline (data.*: any source and format it reads, text or
 chat, packed or padded) once over a split and sum the same chunked cross-entropy the trainer
-uses (loss.py): loss = summed target NLL / weighted targets, perplexity = exp(loss), accuracy =
+uses (models/lm_head.py): loss = summed target NLL / weighted targets, perplexity = exp(loss), accuracy =
 the fraction of targets that are the argmax.
 
 Multiple choice follows lm-eval-harness's log-likelihood rule: each row is {context, choices,
@@ -15,8 +15,7 @@ choice (accuracy_norm, lm-eval's acc_norm).
 from __future__ import annotations
 
 import json
-import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,53 +30,39 @@ from gemma3_train.data import images as images_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.infra import progress as progress_lib
 
-_LOSS_CHUNK = 256  # positions per chunk of the cross-entropy (memory, not results)
-
-
-def _sums(graphdef, state, batch):
-  model = nnx.merge(graphdef, state)
-  x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'],
-                       images=images_lib.from_batch(batch))
-  targets, weights = loss_lib.mask_image_targets(batch['targets'], batch['weights'],
-                                                 model.cfg.vocab_size)
-  return loss_lib.chunked_cross_entropy(x_BLD, model.embedder.embedding[...], targets,
-                                        weights, chunk_size=_LOSS_CHUNK)
-
-
 def dataset_metrics(model, c: config_lib.Config, *, split: str = 'eval', max_batches: int = 0,
                     progress: bool = True) -> dict[str, float]:
   """{loss, perplexity, accuracy, tokens, batches} over one pass of the split (or max_batches
-  batches of train.global_batch_size rows)."""
+  batches of train.global_batch_size rows): the sums the trainer's evals take, summed the same
+  way (sum_batches, lm_head.summarize)."""
   graphdef, state = nnx.split(model)
-  step = jax.jit(lambda state, batch: _sums(graphdef, state, batch))
+  t = c.train
+
+  def sums(state, batch):
+    return loss_lib.next_token_sums(nnx.merge(graphdef, state), batch,
+                                    images_lib.from_batch(batch), chunk_size=t.loss_chunk_size,
+                                    z_loss=t.z_loss)
+  step = jax.jit(sums)
   c = c.replace(data=dict(num_workers=0, shuffle=False))
   ds = data_lib.make_dataset(c, split, num_epochs=1)
   meter = (progress_lib.Progress(f'eval {split}', max_batches or None, 'batches') if progress
            else None)
-  totals = {k: 0.0 for k in ('loss_sum', 'weight_sum', 'correct_sum')}
-  n = 0
   iterator = iter(ds)
   try:
-    for batch in iterator:
-      sums = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
-      for k in totals:
-        totals[k] += float(sums[k])
-      n += 1
-      if meter:
-        meter.update(n)
-      if max_batches and n >= max_batches:
-        break
+    totals, n = sum_batches(lambda b: step(state, {k: jnp.asarray(v) for k, v in b.items()}),
+                            iterator, max_batches=max_batches,
+                            on_batch=meter.update if meter else None)
   finally:
     close = getattr(iterator, 'close', None)
     if close:
       close()
   if meter:
     meter.close()
-  weight = totals['weight_sum']
-  loss = totals['loss_sum'] / weight if weight else float('nan')
-  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)) if weight else float('nan'),
-          'accuracy': totals['correct_sum'] / weight if weight else float('nan'),
-          'tokens': weight, 'batches': n}
+  return {**loss_lib.summarize(totals), 'batches': n}
+
+
+# Positions per chunk of the LM head where no config says (multiple choice): its default.
+_CHUNK = config_lib.TrainConfig().loss_chunk_size
 
 
 # --- multiple choice ---------------------------------------------------------------
@@ -111,23 +96,21 @@ def read_choices(path: str) -> list[dict[str, Any]]:
   return rows
 
 
-def _row_nll(graphdef, state, inputs_BL, targets_BL, weights_BL):
-  """Summed target NLL per row [B] (the loss formula, one row at a time)."""
+def _row_logprob(graphdef, state, inputs_BL, targets_BL, weights_BL, chunk_size: int):
+  """Summed log p(target) of the weighted targets, per row [B] (the chunked LM head's
+  per-token log-probabilities)."""
   model = nnx.merge(graphdef, state)
-  x_BLD = model.hidden(inputs_BL)
-  table_VD = model.embedder.embedding[...]
-
-  def one(x_LD, t_L, w_L):
-    return loss_lib.chunked_cross_entropy(x_LD[None], table_VD, t_L[None], w_L[None],
-                                          chunk_size=_LOSS_CHUNK)['loss_sum']
-  return jax.vmap(one)(x_BLD, targets_BL, weights_BL)
+  logp_BL = loss_lib.token_logprobs(model.hidden(inputs_BL), model.embedder.embedding[...],
+                                    targets_BL, chunk_size=chunk_size)
+  return jnp.sum(weights_BL * logp_BL, axis=1)
 
 
 def choice_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
-                    progress: Callable[[int], None] | None = None) -> list[float]:
+                    progress: Callable[[int], None] | None = None,
+                    chunk_size: int = _CHUNK) -> list[float]:
   """Summed log p(continuation | context) for (context ids, continuation ids) pairs."""
   graphdef, state = nnx.split(model)
-  step = jax.jit(lambda s, i, t, w: _row_nll(graphdef, s, i, t, w))
+  step = jax.jit(lambda s, i, t, w: _row_logprob(graphdef, s, i, t, w, chunk_size))
   out: list[float] = []
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
@@ -141,8 +124,8 @@ def choice_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_s
       n = len(seq) - 1
       inputs[b, :n], targets[b, :n] = seq[:-1], seq[1:]
       weights[b, len(ctx) - 1:n] = 1.0  # the targets that are continuation tokens
-    nll = np.asarray(step(state, inputs, targets, weights))
-    out += [-float(x) for x in nll[:len(chunk)]]
+    logp = np.asarray(step(state, inputs, targets, weights))
+    out += [float(x) for x in logp[:len(chunk)]]
     if progress:
       progress(len(out))
   return out
@@ -175,3 +158,27 @@ def multiple_choice(model, rows: Sequence[dict[str, Any]], tok: tokenizer_lib.To
           'accuracy_norm': sum(r['pred_norm'] == r['answer'] for r in results) / n,
           'num_rows': n, 'rows': results}
 
+
+
+# --- summing over batches --------------------------------------------------------------
+
+
+def sum_batches(step: Callable[[Any], dict], batches: Iterable, *, max_batches: int = 0,
+                on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, float], int]:
+  """(sums of step(batch) added over the batches on the host, batches taken): at most
+  max_batches (0 = until the batches run out). The trainer's evals and gemma3-eval both sum
+  this way; each then summarizes (lm_head.summarize, or its objective's eval_summary)."""
+  totals: dict[str, float] = {}
+  n = 0
+  iterator = iter(batches)
+  while not max_batches or n < max_batches:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      break
+    for k, v in jax.device_get(step(batch)).items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+    n += 1
+    if on_batch:
+      on_batch(n)
+  return totals, n

@@ -138,7 +138,7 @@ class Attention(nnx.Module):
 
   def qkv(self, x_BLD, positions_BL, swapped: bool = False, is_global=None):
     """Projected, QK-normed, RoPE'd q (already scaled), k, v; the training path and the
-    sampler's cached path (sample.py) both call it."""
+    sampler's cached path (inference/sampler.py) both call it."""
     dt = self.dtype
     # lora.einsum: W (dequantized when int8) plus its adapter, when a LoRA run added them.
     q_BLNH = lora.einsum(self._EQS[swapped][0], x_BLD, self, 'q_einsum', dt,

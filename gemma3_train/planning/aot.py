@@ -84,7 +84,7 @@ def _libtpu_env(accelerator: str) -> Iterator[None]:
 
   Several processes may load libtpu at once (pytest-xdist, a trainer beside us); without TPUs
   there is no metadata server to ask; the host name and accelerator type silence its warnings.
-  Restoring matters: train.py reads TPU_WORKER_HOSTNAMES to detect a Cloud TPU VM.
+  Restoring matters: training/loop.py reads TPU_WORKER_HOSTNAMES to detect a Cloud TPU VM.
   """
   env = dict(ALLOW_MULTIPLE_LIBTPU_LOAD='1', TPU_SKIP_MDS_QUERY='1',
              TPU_WORKER_HOSTNAMES='localhost', TPU_ACCELERATOR_TYPE=accelerator)
@@ -294,7 +294,7 @@ StepBuilder = Callable[[config_lib.Config, Any], tuple[Any, tuple[Any, ...], Any
 
 
 def train_step_builder(c: config_lib.Config, mesh) -> tuple[Any, tuple[Any, ...], Any]:
-  """(jitted train step, abstract arguments, abstract state) exactly as train.py builds them."""
+  """(jitted train step, abstract arguments, abstract state) exactly as training/loop.py builds them."""
   s = train_state.setup(c, mesh, abstract=True)
   return s.train_step, (s.abstract_state, train_state.abstract_batch(c, mesh)), s.abstract_state
 

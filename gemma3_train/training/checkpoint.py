@@ -13,7 +13,7 @@ Restore order (restore.py `restore_or_init` follows it):
   (3) random init, born sharded.
 Saves: a failed write is retried with backoff on transient storage errors (logged); a full
 disk raises StorageError (one line: the path, the space needed and free) and the partial write
-is deleted, so earlier checkpoints stay the resume point. train.py takes the workdir lease
+is deleted, so earlier checkpoints stay the resume point. training/loop.py takes the workdir lease
 (lease.py) before the Checkpointer is created.
 Every restore reads straight into the sharded abstract state, so no host ever holds the whole
 model, and a different mesh (8 devices -> 4) reshards on read (init_from: a different

@@ -2,7 +2,7 @@
 
 "Model FLOPs" are fwd + bwd = 3 x the forward matmuls, never the remat recompute; MFU divides
 them by wall time and the chip's peak (train), the AOT report by its step-time estimate (aot).
-The per-layer terms are keyed by the names model.py gives the matmul outputs with
+The per-layer terms are keyed by the names models/decoder.py gives the matmul outputs with
 jax.ad_checkpoint.checkpoint_name, so that aot can count what a remat policy replays.
 """
 

@@ -97,7 +97,7 @@ def _place_streamed(src: convert.Source, cfg: config_lib.ModelConfig,
 def open_init_source(path: str, c: config_lib.Config) -> convert.Source:
   """The init_from checkpoint opened for reading, after checking that it exists, is a kind
   convert reads and has this model's shapes (its config only; no weights are read). Raises
-  ConfigError (one line). train.py calls it before the workdir is touched."""
+  ConfigError (one line). training/loop.py calls it before the workdir is touched."""
   try:
     src = convert.open_source(path, c.model)
   except convert.ConversionError as e:
