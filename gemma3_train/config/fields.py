@@ -211,7 +211,7 @@ class TrainConfig:
   num_steps: int = _f(1000, 'optimizer steps in the whole run')
   global_batch_size: int = _f(8, 'rows per optimizer step over all processes')
   objective: str = _f('ce', 'what a train step optimizes: ' + ' | '.join(OBJECTIVES)
-                      + ' (ce: next-token cross-entropy, pretraining and SFT)')
+                      + ' (ce: the next token cross entropy of pretraining and SFT)')
   eval_every: int = _f(200, 'run eval every N steps (0 = never)')
   eval_steps: int = _f(10, 'eval batches per eval')
   loss_chunk_size: int = _f(1024, 'tokens per chunk of the chunked cross-entropy')
