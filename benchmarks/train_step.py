@@ -107,6 +107,7 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
   from gemma3_train.training import metrics
   from gemma3_train import sharding
   from gemma3_train.training import loop as train
+  from gemma3_train.training import state as train_state
 
   values = json.loads(json.dumps(values))  # deep copy
   values['model']['dtype'] = dtype
@@ -122,7 +123,7 @@ def run_case(name: str, values: dict, dtype: str, args, peaks: dict) -> dict:
   devices = mesh.devices.size
 
   start = time.perf_counter()
-  s = train.setup(c, mesh)
+  s = train_state.setup(c, mesh)
   jax.block_until_ready(s.state)
   init_s = time.perf_counter() - start
   batch = _synthetic_batch(c, s.batch_sharding)

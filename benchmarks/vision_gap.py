@@ -49,11 +49,12 @@ def blanked(steps: int, eval_steps: int) -> float:
   from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
   from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
   from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import state as train_state
 
   blank = lambda batch: {**batch, 'images': np.zeros_like(batch['images'])}
   c = config_lib.load_config_file(str(ROOT / 'configs' / 'tiny_vision.py'))
   c = c.replace(train=dict(num_steps=steps, eval_steps=eval_steps))
-  s = train.setup(c, sharding.make_mesh(c, jax.devices()[:1]), abstract=True)
+  s = train_state.setup(c, sharding.make_mesh(c, jax.devices()[:1]), abstract=True)
   state = s.init_state()
   it = data_lib.make_train_iterator(c, process_index=0, process_count=1)
   with contextlib.closing(it):
