@@ -15,18 +15,18 @@ if nproc > 1:
   jax.distributed.initialize(f'localhost:{port}', nproc, pid)
 
 sys.path.insert(0, __file__.rsplit('/', 2)[0])
-from tests import test_train  # pylint: disable=g-import-not-at-top
+from tests import helpers  # pylint: disable=g-import-not-at-top
 from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
 from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
 
-c = test_train._config(mesh=dict(fsdp=-1))
+c = helpers.small_config(mesh=dict(fsdp=-1))
 mesh = sharding.make_mesh(c)
 s = train.setup(c, mesh)
 step = train.compile_train_step(s)  # as the trainer does: compile, then wait for all processes
 state, losses = s.state, []
 rows = c.train.global_batch_size // nproc
 for i in range(3):
-  full = test_train._batch(c, i)
+  full = helpers.packed_batch(c, i)
   local = {k: v[pid * rows:(pid + 1) * rows] for k, v in full.items()}
   batch = {k: jax.make_array_from_process_local_data(s.batch_sharding[k], v)
            for k, v in local.items()}

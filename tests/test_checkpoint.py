@@ -5,12 +5,9 @@ Gemma-3-shaped model with synthetic data, and reads the per-step losses from met
 """
 
 import json
-import os
 import pathlib
 import signal
 import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -20,82 +17,9 @@ from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
-from tests import test_train
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-SMALL = ['--config=configs/tiny.py', '--config.data.source=synthetic',
-         '--config.model.vocab_size=512', '--config.model.num_layers=7',
-         '--config.data.seq_len=32', '--config.train.global_batch_size=8',
-         '--config.train.eval_every=0', '--config.logging.log_every=1',
-         '--config.logging.tensorboard=False', '--config.checkpoint.every=5',
-         '--config.optim.warmup_steps=5']
-
-
-def _env(devices=8):
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-
-
-def _cmd(workdir, steps, *extra):
-  return [sys.executable, '-m', 'gemma3_train.cli.train', *SMALL, f'--workdir={workdir}',
-          f'--config.train.num_steps={steps}', *extra]
-
-
-def _run(workdir, steps, *extra, devices=8):
-  return subprocess.run(_cmd(workdir, steps, *extra), cwd=ROOT, env=_env(devices),
-                        capture_output=True, text=True, timeout=900)
-
-
-def _train(workdir, steps, *extra, devices=8):
-  r = _run(workdir, steps, *extra, devices=devices)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r
-
-
-def _losses(workdir) -> dict[int, float]:
-  """step -> loss; a step logged twice (before a crash and after the resume) keeps the last."""
-  out = {}
-  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
-    row = json.loads(line)
-    if 'loss' in row and row['loss'] is not None:
-      out[row['step']] = row['loss']
-  return out
-
-
-def _wait_for_step(path, step, proc, timeout=600):
-  t0 = time.time()
-  while time.time() - t0 < timeout:
-    assert proc.poll() is None, 'training ended before it could be interrupted'
-    if path.exists() and any(json.loads(l).get('step', 0) >= step
-                             for l in path.read_text().splitlines() if l.strip()):
-      return
-    time.sleep(0.2)
-  raise TimeoutError(step)
-
-
-def _params(workdir, out=None):
-  """The final params as numpy, read with the trainer's own restore; workdir may be gs:// (then
-  give `out`, the local .npz file to pass them through; else workdir/params.npz)."""
-  out = workdir / 'params.npz' if out is None else out
-  code = f'''
-import sys, numpy as np, jax
-sys.argv = ['x']
-from configs import tiny
-from gemma3_train import config as C, sharding
-from gemma3_train.training import loop as train
-from gemma3_train.training import checkpoint
-from flax import nnx
-c = C.from_config_dict(tiny.get_config())
-c = c.replace(data=dict(source='synthetic', seq_len=32), model=dict(vocab_size=512, num_layers=7),
-              train=dict(global_batch_size=8))
-s = train.setup(c, sharding.make_mesh(c), abstract=True)
-state, step = checkpoint.Checkpointer({str(workdir)!r}, c).restore_latest(s.abstract_state, None)
-flat = jax.tree.leaves(nnx.to_pure_dict(state['params']))
-np.savez({str(out)!r}, *[np.asarray(x) for x in flat])
-'''
-  subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=_env(), check=True, timeout=600)
-  return list(np.load(out).values())
 
 
 # SIGKILL, then a rerun that resumes bitwise (every loss and the final params against an
@@ -104,15 +28,16 @@ np.savez({str(out)!r}, *[np.asarray(x) for x in flat])
 
 @pytest.mark.slow
 def test_sigterm_saves_and_rerun_continues(tmp_path):
-  proc = subprocess.Popen(_cmd(tmp_path, 1000, '--config.checkpoint.every=0'), cwd=ROOT,
-                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for_step(tmp_path / 'metrics.jsonl', 8, proc)
+  proc = subprocess.Popen(helpers.train_cmd(tmp_path, 1000, '--config.checkpoint.every=0'),
+                          cwd=ROOT, env=helpers.cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  helpers.wait_for_step(tmp_path / 'metrics.jsonl', 8, proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-2000:]
   saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert len(saved) == 1 and 8 <= saved[0] < 1000
-  r = _train(tmp_path, saved[0] + 3, '--config.checkpoint.every=0')
+  r = helpers.train_ok(tmp_path, saved[0] + 3, '--config.checkpoint.every=0')
   assert f'checkpoints/{saved[0]}' in r.stderr
   steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert steps[-3:] == [saved[0] + 1, saved[0] + 2, saved[0] + 3]
@@ -128,9 +53,9 @@ def _corrupt(step_dir: pathlib.Path):
 
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
-  _train(tmp_path, 10)
+  helpers.train_ok(tmp_path, 10)
   _corrupt(tmp_path / 'checkpoints' / '10')
-  r = _train(tmp_path, 12)
+  r = helpers.train_ok(tmp_path, 12)
   assert 'checkpoints/10 is unreadable' in r.stderr
   assert 'Resumed from' in r.stderr and 'checkpoints/5' in r.stderr
   steps = [json.loads(l)['step'] for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
@@ -143,19 +68,19 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
 def test_resume_on_fewer_devices(tmp_path):
   straight, moved = tmp_path / 'straight', tmp_path / 'moved'
   flat = '--config.optim.schedule=constant'  # the run lengths differ; the lr must not
-  _train(straight, 15, flat)
-  _train(moved, 10, flat)
-  _train(moved, 15, flat, devices=4)
-  a, b = _losses(straight), _losses(moved)
+  helpers.train_ok(straight, 15, flat)
+  helpers.train_ok(moved, 10, flat)
+  helpers.train_ok(moved, 15, flat, devices=4)
+  a, b = helpers.logged_losses(straight), helpers.logged_losses(moved)
   np.testing.assert_allclose([b[s] for s in range(11, 16)], [a[s] for s in range(11, 16)],
                              rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_other_model_shape_refuses_to_resume(tmp_path):
-  _train(tmp_path, 5)
+  helpers.train_ok(tmp_path, 5)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
-  r = _run(tmp_path, 10, '--config.model.embed_dim=32')
+  r = helpers.run_train(tmp_path, 10, '--config.model.embed_dim=32')
   assert r.returncode == 2
   assert 'model.embed_dim=32: expected 64 to resume' in r.stderr
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
@@ -164,10 +89,10 @@ def test_other_model_shape_refuses_to_resume(tmp_path):
 @pytest.mark.slow
 def test_init_from_our_workdir_takes_params_only(tmp_path):
   first, tuned = tmp_path / 'first', tmp_path / 'tuned'
-  _train(first, 10)
-  r = _train(tuned, 2, f'--config.checkpoint.init_from={first}')
+  helpers.train_ok(first, 10)
+  r = helpers.train_ok(tuned, 2, f'--config.checkpoint.init_from={first}')
   assert 'Took params from step 10' in r.stderr
-  a, b = _losses(first), _losses(tuned)
+  a, b = helpers.logged_losses(first), helpers.logged_losses(tuned)
   # Same data order as `first` began with, but trained params: lower loss on the same batch.
   assert b[1] < a[1] - 0.05
   assert sorted(b) == [1, 2]  # a fresh run: step counter and optimizer start over
@@ -175,8 +100,8 @@ def test_init_from_our_workdir_takes_params_only(tmp_path):
 
 @pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  _train(tmp_path, 5)
-  r = _run(tmp_path, 10, '--config.optim.lr=1e30')
+  helpers.train_ok(tmp_path, 5)
+  r = helpers.run_train(tmp_path, 10, '--config.optim.lr=1e30')
   assert r.returncode == 1
   assert 'is not finite; stopping' in r.stderr and 'checkpoints is intact' in r.stderr
   saved = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
@@ -185,7 +110,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_other_shape_or_layout_is_a_config_error_in_process(tmp_path):
   """The two refusals above without the CLI: a saved step, then configs it cannot resume."""
-  c = test_train._config(model=dict(num_layers=2))
+  c = helpers.small_config(model=dict(num_layers=2))
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(str(tmp_path), c)
   ckpt.save(5, train.setup(c, mesh).state, None, force=True)
@@ -202,9 +127,9 @@ def test_other_shape_or_layout_is_a_config_error_in_process(tmp_path):
 
 @pytest.mark.slow
 def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
-  _train(tmp_path, 5)
+  helpers.train_ok(tmp_path, 5)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
-  r = _run(tmp_path, 10, '--config.optim.clip_norm=0')
+  r = helpers.run_train(tmp_path, 10, '--config.optim.clip_norm=0')
   assert r.returncode == 2
   assert 'train state layout differs from the checkpoint' in r.stderr.splitlines()[-1]
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
@@ -213,14 +138,14 @@ def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
 def _start_pair(workdir, steps, log_prefix, *extra):
   """Two CLI processes x 4 devices joined by jax.distributed on localhost. Their output goes
   to files: two pipes read one after the other would deadlock once the unread one fills."""
-  port = test_train._free_port()
+  port = helpers.free_port()
   procs = []
   for i in range(2):
     with open(f'{log_prefix}_{i}.log', 'wb') as log:
       procs.append(subprocess.Popen(
-          _cmd(workdir, steps, f'--coordinator_address=localhost:{port}', '--num_processes=2',
-               f'--process_id={i}', *extra),
-          cwd=ROOT, env=_env(4), stdout=log, stderr=subprocess.STDOUT))
+          helpers.train_cmd(workdir, steps, f'--coordinator_address=localhost:{port}',
+                            '--num_processes=2', f'--process_id={i}', *extra),
+          cwd=ROOT, env=helpers.cli_env(4), stdout=log, stderr=subprocess.STDOUT))
   return procs
 
 
@@ -238,7 +163,7 @@ def test_two_processes_preempt_save_and_resume_together(tmp_path):
   flags = ('--config.checkpoint.every=0', '--config.optim.schedule=constant')
   # SIGTERM reaches one process only (process 1, not the chief); both must save the same step.
   procs = _start_pair(run, 1000, tmp_path / 'preempted', *flags)
-  _wait_for_step(run / 'metrics.jsonl', 6, procs[0])
+  helpers.wait_for_step(run / 'metrics.jsonl', 6, procs[0])
   procs[1].send_signal(signal.SIGTERM)
   _finish_pair(procs, tmp_path / 'preempted', timeout=300)
   saved = sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit())
@@ -254,6 +179,6 @@ def test_two_processes_preempt_save_and_resume_together(tmp_path):
 
   _finish_pair(_start_pair(straight, stop + 3, tmp_path / 'straight', *flags),
                tmp_path / 'straight')
-  a, b = _losses(straight), _losses(run)
+  a, b = helpers.logged_losses(straight), helpers.logged_losses(run)
   assert sorted(a) == sorted(b) == list(range(1, stop + 4))
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality

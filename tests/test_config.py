@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from configs import base, tiny
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
+from gemma3_train.models import decoder as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZE_CONFIGS = ['tiny', '270m', '1b', '4b', '12b', '27b']
@@ -28,19 +30,38 @@ def test_shipped_configs_validate(name):
       assert getattr(c.model, k) == v, k
 
 
-def test_presets_match_gemma3_table():
-  # The published Gemma 3 text models (their config.json files), column by column.
-  p = config_lib.PRESETS
-  assert list(p) == ['270m', '1b', '4b', '12b', '27b']
-  assert [p[s]['num_layers'] for s in p] == [18, 26, 34, 48, 62]
-  assert [p[s]['embed_dim'] for s in p] == [640, 1152, 2560, 3840, 5376]
-  assert [p[s]['mlp_dim'] for s in p] == [2048, 6912, 10240, 15360, 21504]
-  assert [(p[s]['num_heads'], p[s]['num_kv_heads']) for s in p] == [
-      (4, 1), (4, 1), (8, 4), (16, 8), (32, 16)]
-  assert [p[s]['head_dim'] for s in p] == [256, 256, 256, 256, 128]
-  assert p['27b']['query_pre_attn_scalar'] == 5376 / 32 == 168
-  assert [p[s]['sliding_window'] for s in p] == [512, 512, 1024, 1024, 1024]
-  assert [p[s]['global_rope_scale'] for s in p] == [1, 1, 8, 8, 8]
+# The rows of docs/gemma3.md's size table (the start of their labels) that give each PRESETS
+# field.
+DOC_ROWS = {'layers L': 'num_layers', 'width D': 'embed_dim', 'MLP hidden F': 'mlp_dim',
+            'query heads N': 'num_heads', 'key/value heads K': 'num_kv_heads',
+            'head width H': 'head_dim', 'query_pre_attn_scalar': 'query_pre_attn_scalar',
+            'sliding window W': 'sliding_window', 'global RoPE linear scale': 'global_rope_scale'}
+
+
+def _documented_sizes() -> dict[str, dict[str, float]]:
+  """docs/gemma3.md section 1 (the published checkpoints' facts), read from the page:
+  {row label: {size: the number its cell starts with (M dropped)}}, sizes in column order."""
+  section = (ROOT / 'docs' / 'gemma3.md').read_text().split('\n## 1. Sizes\n')[1]
+  lines = [l for l in section.split('\n## ')[0].splitlines() if l.startswith('|')]
+  header, *rows = [[cell.strip() for cell in l.strip('|').split('|')] for l in lines]
+  return {row[0]: {size: float(re.match(r'[\d.]+', cell).group())
+                   for size, cell in zip(header[1:], row[1:], strict=True)}
+          for row in rows[1:]}  # rows[0] is the |---| line
+
+
+def test_presets_match_the_documented_sizes():
+  table = _documented_sizes()
+  assert list(config_lib.PRESETS) == list(table['layers L'])
+  assert all(set(p) == set(DOC_ROWS.values()) for p in config_lib.PRESETS.values())
+  for prefix, field in DOC_ROWS.items():
+    (label,) = [l for l in table if l.startswith(prefix)]
+    for size, documented in table[label].items():
+      assert config_lib.PRESETS[size][field] == documented, (size, field)
+  # And the shapes give the documented parameter counts (in millions).
+  for size in config_lib.PRESETS:
+    non_embedding, embedding = model_lib.param_count(config_lib.ModelConfig.from_preset(size))
+    assert round(non_embedding / 1e6, 1) == table['non-embedding parameters'][size], size
+    assert round(embedding / 1e6, 1) == table['embedding parameters (262144 x D)'][size], size
 
 
 # --- one declaration: dataclasses -> ConfigDict, help ---------------------------------------

@@ -17,35 +17,8 @@ import gemma3_train
 from gemma3_train import config as config_lib
 from gemma3_train import convert
 from gemma3_train.cli import convert as convert_cli
-
-V, D, L, N, K, H, F, W = 512, 64, 8, 4, 2, 16, 128, 8
-TOKENS = np.random.default_rng(0).integers(0, V, size=(2, 24)).astype(np.int32)
-
-
-def _text_config(vocab=V, **kw):
-  return transformers.Gemma3TextConfig(
-      vocab_size=vocab, hidden_size=D, intermediate_size=F, num_hidden_layers=L,
-      num_attention_heads=N, num_key_value_heads=K, head_dim=H, query_pre_attn_scalar=H,
-      sliding_window=W, max_position_embeddings=128,
-      rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 8.0,
-                                          'rope_theta': 1e6},
-                       'sliding_attention': {'rope_type': 'default', 'rope_theta': 1e4}}, **kw)
-
-
-def _randomize(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      # Norm scales too (they init to zero), so that a skipped or misnamed norm shows.
-      std = 0.5 if p.ndim == 1 else 0.2
-      p.copy_(torch.randn(p.shape, generator=g) * std)
-  return model.eval()
-
-
-def _hf_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.from_numpy(tokens).long()).logits.float().numpy()
-
+from tests import helpers
+from tests.helpers import D, F, H, K, L, N, TOKENS, V, W  # the text model's shape
 
 # One compile for every test: the tiny models share a config, so the cache hits.
 _forward = nnx.jit(lambda model, tokens: model(tokens))
@@ -69,7 +42,8 @@ def _tensors(path):
 @pytest.fixture(scope='module')
 def hf_text(tmp_path_factory):
   """A random Gemma3ForCausalLM, saved in small shards (so there is an index json)."""
-  model = _randomize(transformers.Gemma3ForCausalLM(_text_config(attn_implementation='eager')), 1)
+  model = helpers.randomize_hf(
+      transformers.Gemma3ForCausalLM(helpers.hf_text_config(attn_implementation='eager')), 1)
   path = tmp_path_factory.mktemp('hf_text')
   model.save_pretrained(path, max_shard_size='100KB')
   return path, model
@@ -80,10 +54,10 @@ def hf_mm(tmp_path_factory):
   """A random Gemma3ForConditionalGeneration whose text vocabulary is padded by 64 rows."""
   vision = dict(model_type='siglip_vision_model', hidden_size=32, intermediate_size=64,
                 num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
-  config = transformers.Gemma3Config(text_config=_text_config(vocab=V + 64).to_dict(),
+  config = transformers.Gemma3Config(text_config=helpers.hf_text_config(vocab=V + 64).to_dict(),
                                      vision_config=vision, mm_tokens_per_image=4,
                                      image_token_index=V, attn_implementation='eager')
-  model = _randomize(transformers.Gemma3ForConditionalGeneration(config), 2)
+  model = helpers.randomize_hf(transformers.Gemma3ForConditionalGeneration(config), 2)
   path = tmp_path_factory.mktemp('hf_mm')
   model.save_pretrained(path)
   return path, model
@@ -96,7 +70,7 @@ def test_hf_text_import_matches_transformers(hf_text):
   assert (cfg.vocab_size, cfg.num_layers, cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
           cfg.head_dim, cfg.mlp_dim, cfg.sliding_window) == (V, L, D, N, K, H, F, W)
   assert (cfg.global_rope_scale, cfg.global_rope_base, cfg.local_rope_base) == (8.0, 1e6, 1e4)
-  ours, ref = _ours(path), _hf_logits(model, TOKENS)
+  ours, ref = _ours(path), helpers.hf_logits(model, TOKENS)
   assert ours.shape == (2, 24, V)
   print('text rel err', _rel(ours, ref))
   assert _rel(ours, ref) < 1e-5
@@ -105,7 +79,7 @@ def test_hf_text_import_matches_transformers(hf_text):
 def test_hf_multimodal_import_both_layouts(hf_mm, tmp_path):
   path, model = hf_mm
   assert any(k.startswith('language_model.model.') for k in _tensors(path))
-  ref = _hf_logits(model, TOKENS)
+  ref = helpers.hf_logits(model, TOKENS)
   assert ref.shape[-1] == V + 64
   ours = _ours(path)
   print('multimodal rel err', _rel(ours, ref[..., :V]))
@@ -127,7 +101,7 @@ def test_legacy_flat_rope_fields_read_like_rope_parameters():
                 query_pre_attn_scalar=H, sliding_window=W, vocab_size=V, rope_theta=1e6,
                 rope_local_base_freq=1e4, rope_scaling={'rope_type': 'linear', 'factor': 8.0},
                 sliding_window_pattern=6)
-  new = _text_config().to_dict()
+  new = helpers.hf_text_config().to_dict()
   assert convert.hf_config_to_model(legacy) == convert.hf_config_to_model(new)
   # A hub 4b config lists only what differs from Gemma3TextConfig's defaults.
   hub = {'model_type': 'gemma3', 'text_config': {
@@ -143,7 +117,7 @@ def test_import_then_export_loads_in_transformers_without_warnings(hf_text, tmp_
   convert.import_checkpoint(path, ours_dir, progress=False)
   assert convert.checkpoint_kind(ours_dir) == 'params'
   ours = _ours(ours_dir)
-  assert _rel(ours, _hf_logits(model, TOKENS)) < 1e-5
+  assert _rel(ours, helpers.hf_logits(model, TOKENS)) < 1e-5
   convert.export_hf(ours_dir, hf_dir, dtype='float32', shard_size=60_000, progress=False)
   assert (hf_dir / 'model.safetensors.index.json').exists()
   transformers.utils.logging.enable_propagation()
@@ -154,7 +128,7 @@ def test_import_then_export_loads_in_transformers_without_warnings(hf_text, tmp_
   assert not any(info.values()), info
   warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert not warnings, warnings
-  exported = _hf_logits(back.eval(), TOKENS)
+  exported = helpers.hf_logits(back.eval(), TOKENS)
   print('export rel err', _rel(exported, ours))
   assert _rel(exported, ours) < 1e-5
 
@@ -249,7 +223,7 @@ def test_kaggle_layouts_import_like_hf(hf_text, tmp_path, layout):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   if layout == 'flat':  # and end to end: Kaggle -> ours -> logits equal to transformers'
     convert.import_checkpoint(tmp_path / 'kaggle', tmp_path / 'ours', cfg, progress=False)
-    assert _rel(_ours(tmp_path / 'ours'), _hf_logits(model, TOKENS)) < 1e-5
+    assert _rel(_ours(tmp_path / 'ours'), helpers.hf_logits(model, TOKENS)) < 1e-5
 
 
 def test_kaggle_config_inferred_from_shapes(hf_text, tmp_path, monkeypatch):

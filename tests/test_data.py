@@ -15,6 +15,7 @@ from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import data
 from gemma3_train.data import pipeline
+from tests import helpers
 
 KEYS = tuple(data.BATCH_DTYPES)
 
@@ -262,13 +263,6 @@ def test_shuffle_is_per_epoch_and_seeded(tmp_path):
 # --- checkpointable iterator ----------------------------------------------------------
 
 
-def _assert_same(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
-    for k in KEYS:
-      np.testing.assert_array_equal(x[k], y[k])
-
-
 @pytest.mark.parametrize('fields', [dict(), dict(packing=False, prefetch=0)])
 def test_restored_iterator_yields_the_same_batches(fields):
   c = make_config(**fields)
@@ -279,22 +273,7 @@ def test_restored_iterator_yields_the_same_batches(fields):
   want = [next(it) for _ in range(6)]
   restored = data.make_train_iterator(c)
   restored.set_state(json.loads(json.dumps(state)))  # the state survives JSON (orbax handler)
-  _assert_same([next(restored) for _ in range(6)], want)
-
-
-def assert_resumes(c, skip: int, n: int) -> None:
-  """After `skip` batches, get_state; a new iterator set to that state gives the n batches the
-  first one went on to give."""
-  it = data.make_train_iterator(c)
-  for _ in range(skip):
-    next(it)
-  state = it.get_state()
-  want = [next(it) for _ in range(n)]
-  it.close()
-  restored = data.make_train_iterator(c)
-  restored.set_state(state)
-  _assert_same([next(restored) for _ in range(n)], want)
-  restored.close()
+  helpers.assert_same_batches([next(restored) for _ in range(6)], want)
 
 
 def test_split_batches_equal_plain_batches_and_resume_at_every_position():
@@ -327,7 +306,7 @@ def test_split_batches_equal_plain_batches_and_resume_at_every_position():
 
 @pytest.mark.slow  # starting grain worker processes takes 10-25 s here
 def test_restore_with_worker_processes():
-  assert_resumes(make_config(num_workers=2, seq_len=64), 3, 4)
+  helpers.assert_resumes(make_config(num_workers=2, seq_len=64), 3, 4)
 
 
 def test_orbax_checkpoint_of_iterator(tmp_path):
@@ -341,7 +320,7 @@ def test_orbax_checkpoint_of_iterator(tmp_path):
     want = [next(it) for _ in range(3)]
     restored = data.make_train_iterator(c)
     mngr.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
-  _assert_same([next(restored) for _ in range(3)], want)
+  helpers.assert_same_batches([next(restored) for _ in range(3)], want)
 
 
 # --- global arrays -----------------------------------------------------------------------

@@ -2,10 +2,9 @@
 SIGKILL inside async checkpoint writes, a full disk, vanished data, a short soak.
 
 gs:// faults (the emulator stopped mid-save, SIGTERM, corrupt checkpoints on gs://) are in
-tests/test_faults_gcs.py. The CLI runs reuse tests/test_checkpoint.py's small model.
+tests/test_faults_gcs.py. The CLI runs reuse the small model of tests/helpers.py.
 """
 
-# pylint: disable=protected-access  # tests/test_checkpoint.py's CLI helpers
 import json
 import os
 import pathlib
@@ -22,9 +21,9 @@ import pytest
 
 from gemma3_train.infra import lease
 from gemma3_train.convert import ours
-from tests import test_checkpoint as tc
+from tests import helpers
 
-ROOT = tc.ROOT
+ROOT = helpers.ROOT
 
 
 def _snapshot(root: pathlib.Path) -> dict[str, bytes]:
@@ -82,11 +81,34 @@ def test_stale_lease_is_taken_over_with_a_warning_and_a_fresh_one_is_not(tmp_pat
     taker.release()
 
 
-def test_a_holder_gone_from_this_host_is_stale_at_once(tmp_path):
-  (tmp_path / 'LEASE').write_bytes(_dead_holder(1, host=socket.gethostname()).to_bytes())
+def test_a_holder_gone_from_this_host_is_stale_at_once(tmp_path, caplog):
+  """The same lease (this host, heartbeat 1 s old, timeout 600 s) is refused while its process
+  lives and taken over, with a WARNING, as soon as that process is gone."""
+  proc = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])
+  try:
+    then = time.time() - 1
+    holder = lease.Holder(host=socket.gethostname(), pid=proc.pid, started=then - 60,
+                          heartbeat=then, run_id='child')
+    (tmp_path / 'LEASE').write_bytes(holder.to_bytes())
+    with pytest.raises(lease.LeaseHeldError, match=rf'pid {proc.pid}, since .*last heartbeat'):
+      lease.Lease(str(tmp_path), timeout_s=600).acquire()
+    assert (tmp_path / 'LEASE').read_bytes() == holder.to_bytes()  # refused: left as it was
+  finally:
+    proc.kill()
+    proc.wait()  # reaped: the pid no longer exists
   taker = lease.Lease(str(tmp_path), timeout_s=600)
-  taker.acquire()
-  taker.release()
+  with caplog.at_level('WARNING', logger='gemma3_train.infra.lease'):
+    taker.acquire()
+  try:
+    held = lease.Holder.from_bytes((tmp_path / 'LEASE').read_bytes())
+    assert (held.pid, held.run_id) == (os.getpid(), taker.holder.run_id)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+    assert warning.startswith(f'Took over the stale lease {tmp_path / "LEASE"} from host '
+                              f'{socket.gethostname()}, pid {proc.pid}, since ')
+    assert warning.endswith(': that process is gone from this host'), warning
+  finally:
+    taker.release()
+  assert not (tmp_path / 'LEASE').exists()
 
 
 def test_second_gemma3_train_on_a_held_workdir_stops_at_start_and_writes_nothing(tmp_path):
@@ -94,7 +116,7 @@ def test_second_gemma3_train_on_a_held_workdir_stops_at_start_and_writes_nothing
   holder.acquire()
   try:
     before = _snapshot(tmp_path)
-    r = tc._run(tmp_path, 3)
+    r = helpers.run_train(tmp_path, 3)
     assert r.returncode == 2, r.stderr[-2000:]
     (line,) = _error_lines(r.stderr)
     assert re.fullmatch(
@@ -124,9 +146,9 @@ held.release()
 
 
 def _lease_pair(workdir, hold_s):
-  port = str(tc.test_train._free_port())
+  port = str(helpers.free_port())
   return [subprocess.Popen([sys.executable, '-c', _LEASE_WORKER, str(i), port, str(workdir),
-                            str(hold_s)], cwd=ROOT, env=tc._env(1), stdout=subprocess.PIPE,
+                            str(hold_s)], cwd=ROOT, env=helpers.cli_env(1), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
@@ -166,15 +188,15 @@ def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
   every_step = ['--config.checkpoint.every=1', '--config.checkpoint.keep=2',
                 '--config.checkpoint.lease_timeout_s=600']
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  tc._train(straight, steps)
+  helpers.train_ok(straight, steps)
   rng = random.Random(19)
   resumed = []
   for trial in range(KILL_TRIALS):
     log_path = tmp_path / f'trial{trial}.log'
     complete = ours.complete_steps(killed / 'checkpoints')  # what the rerun must resume from
     with open(log_path, 'w') as err:
-      proc = subprocess.Popen(tc._cmd(killed, steps, *every_step), cwd=ROOT,
-                              env=tc._env(), stdout=subprocess.DEVNULL, stderr=err)
+      proc = subprocess.Popen(helpers.train_cmd(killed, steps, *every_step), cwd=ROOT,
+                              env=helpers.cli_env(), stdout=subprocess.DEVNULL, stderr=err)
       deadline = time.time() + 600
       writes = rng.randint(1, 3)  # the 2nd write starts once the 1st has completed
       while log_path.read_text().count('being written') < writes:
@@ -195,12 +217,12 @@ def test_sigkill_inside_async_saves_then_rerun_resumes_bitwise(tmp_path):
     else:
       assert m is None, text[-3000:]
   assert resumed == sorted(resumed) and resumed and resumed[-1] < steps
-  r = tc._train(killed, steps, *every_step)
+  r = helpers.train_ok(killed, steps, *every_step)
   assert 'Resumed from' in r.stderr
-  a, b = tc._losses(straight), tc._losses(killed)
+  a, b = helpers.logged_losses(straight), helpers.logged_losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, steps + 1))
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
-  for x, y in zip(tc._params(straight), tc._params(killed)):
+  for x, y in zip(helpers.final_params(straight), helpers.final_params(killed)):
     np.testing.assert_array_equal(x, y)
 
 
@@ -236,8 +258,8 @@ def test_full_disk_stops_with_one_line_keeps_earlier_checkpoints_and_resumes(sma
   # less than any checkpoint of this model (5.7 to 10 MB on disk, as orbax's OCDBT packs it),
   # so the next save (step 10, or 15 if 10 had already been written) fails part way.
   workdir = small_disk / 'run'
-  proc = subprocess.Popen(tc._cmd(workdir, 15), cwd=ROOT, env=tc._env(8), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc = subprocess.Popen(helpers.train_cmd(workdir, 15), cwd=ROOT, env=helpers.cli_env(8),
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   try:
     first = workdir / 'checkpoints' / '5'
     while not first.exists() and proc.poll() is None:
@@ -265,7 +287,7 @@ def test_full_disk_stops_with_one_line_keeps_earlier_checkpoints_and_resumes(sma
       range(5, failed, 5))
   assert not (workdir / 'LEASE').exists()  # released on the way out
   ballast.unlink()  # space freed, as the message says
-  r = tc._train(workdir, 15)
+  r = helpers.train_ok(workdir, 15)
   assert re.search(rf'Resumed from \S+/checkpoints/{failed - 5}\b', r.stderr)
   steps = [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert steps[-(20 - failed):] == list(range(failed - 4, 16))
@@ -340,7 +362,7 @@ def test_short_soak_memory_fds_threads_and_workdir_stay_flat(tmp_path):
   r = subprocess.run(
       [sys.executable, 'benchmarks/soak.py', f'--workdir={tmp_path / "run"}', '--steps=300',
        '--every=50', f'--json={out}', '--small'],
-      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=1800)
+      cwd=ROOT, env=helpers.cli_env(), capture_output=True, text=True, timeout=1800)
   assert r.returncode == 0, r.stderr[-3000:]
   rows = json.loads(out.read_text())
   assert [row['step'] for row in rows] == list(range(50, 301, 50))

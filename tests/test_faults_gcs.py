@@ -3,7 +3,6 @@ generation preconditions; workdir, data and tokenizer on gs://; SIGTERM, resume,
 corrupt-checkpoint fallback and `gemma3-convert export` there; and the emulator stopped during a
 checkpoint write (retried with backoff and logged, not fatal)."""
 
-# pylint: disable=protected-access  # tests/test_checkpoint.py's CLI helpers
 import json
 import pathlib
 import re
@@ -18,10 +17,10 @@ from etils import epath
 
 from gemma3_train.infra import lease
 from gemma3_train.data import sources
-from tests import test_checkpoint as tc
+from tests import helpers
 from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
 
-ROOT = tc.ROOT
+ROOT = helpers.ROOT
 
 
 def _steps(workdir: str) -> list[int]:
@@ -78,7 +77,7 @@ def text_run(gcs):
        '--config.data.train_path=gs://run/data/train.jsonl.gz',
        '--config.data.tokenizer_path=gs://run/tok/tokenizer.model',
        '--config.logging.tensorboard=False', '--config.logging.log_every=1'],
-      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=900)
+      cwd=ROOT, env=helpers.cli_env(), capture_output=True, text=True, timeout=900)
   return workdir, r
 
 
@@ -90,6 +89,29 @@ def test_gcs_workdir_data_and_tokenizer_train(text_run):
   assert not epath.Path(workdir, 'LEASE').exists()
 
 
+def _logits_of_the_newest_checkpoint(workdir: str, tokens: np.ndarray) -> np.ndarray:
+  """Our model's float32 logits with the params of the workdir's newest checkpoint, restored
+  from there by training's Checkpointer with the config saved beside them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gemma3_train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import state as train_state  # pylint: disable=g-import-not-at-top
+  step_dir = epath.Path(workdir, 'checkpoints', str(_complete(workdir)[-1]))
+  c = config_lib.from_dict(checkpoint.saved_config(step_dir))
+  assert c.model.dtype == c.model.param_dtype == 'float32'
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
+  assert not s.abstract_state['frozen']  # the trained model is its params alone
+  ckpt = checkpoint.Checkpointer(workdir, c)
+  try:
+    state, _ = ckpt.restore_latest(train_state.saved(s.abstract_state), None)
+  finally:
+    ckpt.close()
+  model = nnx.merge(s.graphdef, state['params'])
+  return np.asarray(jax.jit(lambda t: model(t))(tokens))
+
+
 @pytest.mark.slow
 def test_gcs_export_from_a_gs_workdir(text_run, tmp_path):
   workdir, r = text_run
@@ -98,13 +120,18 @@ def test_gcs_export_from_a_gs_workdir(text_run, tmp_path):
   r = subprocess.run(
       [sys.executable, '-m', 'gemma3_train.cli.convert', 'export', f'--src={workdir}',
        f'--dst={hf}', '--dtype=float32', '--tokenizer=gs://run/tok/tokenizer.model'],
-      cwd=ROOT, env=tc._env(), capture_output=True, text=True, timeout=900)
+      cwd=ROOT, env=helpers.cli_env(), capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
-  logits = model(torch.tensor([[2, 100, 200]])).logits
-  assert logits.shape == (1, 3, 262144) and bool(torch.isfinite(logits).all())
+  tokens = np.array([[2, *np.random.default_rng(0).integers(3, 262144, 15)]], np.int32)
+  got = helpers.hf_logits(model, tokens)
+  # The reference: the same checkpoint read back from gs:// by the trainer's own restore and
+  # run by our model (JAX), not by the converter nor by transformers.
+  want = _logits_of_the_newest_checkpoint(workdir, tokens)
+  assert got.shape == want.shape == (1, 16, 262144)
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
   tok = ROOT / 'gemma3_train' / 'assets' / 'tokenizer_gemma3.model'
   assert (hf / 'tokenizer.model').read_bytes() == tok.read_bytes()
 
@@ -113,7 +140,7 @@ def test_gcs_export_from_a_gs_workdir(text_run, tmp_path):
 def test_gcs_sigterm_resume_and_corrupt_checkpoint_fallback(gcs):
   del gcs
   workdir = 'gs://run/small'
-  proc = subprocess.Popen(tc._cmd(workdir, 1000), cwd=ROOT, env=tc._env(),
+  proc = subprocess.Popen(helpers.train_cmd(workdir, 1000), cwd=ROOT, env=helpers.cli_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
   while not any(s >= 12 for s in _steps(workdir)):
@@ -132,7 +159,7 @@ def test_gcs_sigterm_resume_and_corrupt_checkpoint_fallback(gcs):
   for p in files:
     data = p.read_bytes()
     p.write_bytes(data[:len(data) // 3])
-  r = tc._run(workdir, stop + 3)
+  r = helpers.run_train(workdir, stop + 3)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f'checkpoints/{stop} is unreadable' in r.stderr
   previous = max(s for s in saved if s < stop)
@@ -152,7 +179,7 @@ def _wait_for(done, log_path, proc, timeout: float = 600) -> None:
 def _same_final_loss_as_a_local_run(workdir: str, local: pathlib.Path, steps: int,
                                     flags: list[str]) -> pathlib.Path:
   """Trains the same run in the local dir `local` and checks both logged the same final loss."""
-  tc._train(local, steps, *flags)
+  helpers.train_ok(local, steps, *flags)
   a = json.loads(epath.Path(workdir, 'metrics.jsonl').read_text().splitlines()[-1])
   b = json.loads((local / 'metrics.jsonl').read_text().splitlines()[-1])
   assert a['step'] == b['step'] == steps and a['loss'] == b['loss']
@@ -169,7 +196,7 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
   quiet = ['--config.checkpoint.every=2', '--config.logging.log_every=1000']
   log_path = tmp_path / 'run.log'
   with open(log_path, 'w') as err:
-    proc = subprocess.Popen(tc._cmd(workdir, 12, *quiet), cwd=ROOT, env=tc._env(),
+    proc = subprocess.Popen(helpers.train_cmd(workdir, 12, *quiet), cwd=ROOT, env=helpers.cli_env(),
                             stdout=subprocess.DEVNULL, stderr=err)
     _wait_for(lambda t: 'Checkpoint for step 4 being written' in t, log_path, proc)
     gcs.stop()
@@ -196,7 +223,7 @@ def test_gcs_outage_past_gcsfs_retries_is_retried_by_the_checkpointer(gcs, tmp_p
   quiet = ['--config.checkpoint.every=2', '--config.logging.log_every=1000']
   log_path = tmp_path / 'run.log'
   with open(log_path, 'w') as err:
-    proc = subprocess.Popen(tc._cmd(workdir, 12, *quiet), cwd=ROOT, env=tc._env(),
+    proc = subprocess.Popen(helpers.train_cmd(workdir, 12, *quiet), cwd=ROOT, env=helpers.cli_env(),
                             stdout=subprocess.DEVNULL, stderr=err)
     try:
       _wait_for(lambda t: 'Checkpoint for step 4 being written' in t, log_path, proc)
@@ -221,5 +248,6 @@ def test_gcs_outage_past_gcsfs_retries_is_retried_by_the_checkpointer(gcs, tmp_p
   assert 'Traceback' not in text and 'cannot schedule new futures' not in text, text[-3000:]
   assert 12 in _complete(workdir)
   local = _same_final_loss_as_a_local_run(workdir, tmp_path / 'local', 12, quiet)
-  for x, y in zip(tc._params(workdir, tmp_path / 'gcs.npz'), tc._params(local), strict=True):
+  for x, y in zip(helpers.final_params(workdir, tmp_path / 'gcs.npz'), helpers.final_params(local),
+                  strict=True):
     np.testing.assert_array_equal(x, y)

@@ -17,14 +17,14 @@ import safetensors.numpy
 from gemma3_train import config as config_lib
 from gemma3_train.training import optimizer
 from gemma3_train.training import restore
-from tests import test_checkpoint
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _run(workdir, steps, *extra, check=True):
-  r = subprocess.run(test_checkpoint._cmd(workdir, steps, *extra), cwd=ROOT,
-                     env=test_checkpoint._env(devices=1), capture_output=True, text=True,
+  r = subprocess.run(helpers.train_cmd(workdir, steps, *extra), cwd=ROOT,
+                     env=helpers.cli_env(devices=1), capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0 or not check, r.stderr[-3000:]
   return r
@@ -104,7 +104,7 @@ def _tiny(workdir, *extra):
 
 def _fails_untouched(tmp_path, *extra, match):
   workdir = tmp_path / 'run'
-  r = subprocess.run(_tiny(workdir, *extra), cwd=ROOT, env=test_checkpoint._env(devices=1),
+  r = subprocess.run(_tiny(workdir, *extra), cwd=ROOT, env=helpers.cli_env(devices=1),
                      capture_output=True, text=True, timeout=300)
   errors = [l for l in r.stderr.splitlines() if l.startswith('gemma3-train: error:')]
   assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
@@ -159,7 +159,7 @@ def test_bad_chat_row_mid_run_is_one_line_and_keeps_the_checkpoint(tmp_path):
                            '--config.data.format=chat', '--config.data.shuffle=False',
                            '--config.data.seq_len=64', '--config.train.eval_every=0',
                            '--config.checkpoint.every=2', '--config.logging.tensorboard=False'),
-                     cwd=ROOT, env=test_checkpoint._env(devices=1), capture_output=True,
+                     cwd=ROOT, env=helpers.cli_env(devices=1), capture_output=True,
                      text=True, timeout=600)
   errors = [l for l in r.stderr.splitlines() if l.startswith('gemma3-train: error:')]
   assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
@@ -183,10 +183,10 @@ def test_ctrl_c_saves_exits_0_and_the_resume_is_bitwise(tmp_path):
   compiled = sorted((tmp_path / 'cache' / 'jax').iterdir())
   assert compiled and (tmp_path / 'cache' / 'cpu_peak.json').exists()
 
-  proc = subprocess.Popen(test_checkpoint._cmd(stopped, 30, *flags), cwd=ROOT,
-                          env=test_checkpoint._env(devices=1), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(helpers.train_cmd(stopped, 30, *flags), cwd=ROOT,
+                          env=helpers.cli_env(devices=1), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
-  test_checkpoint._wait_for_step(stopped / 'metrics.jsonl', 4, proc)
+  helpers.wait_for_step(stopped / 'metrics.jsonl', 4, proc)
   os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C does
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
@@ -200,10 +200,10 @@ def test_ctrl_c_saves_exits_0_and_the_resume_is_bitwise(tmp_path):
   assert f'Resumed from {stopped}/checkpoints/{step}' in r.stderr
   # Neither the stopped run nor its resume compiled anything: all from the persistent cache.
   assert sorted((tmp_path / 'cache' / 'jax').iterdir()) == compiled
-  a, b = test_checkpoint._losses(straight), test_checkpoint._losses(stopped)
+  a, b = helpers.logged_losses(straight), helpers.logged_losses(stopped)
   assert sorted(a) == sorted(b) == list(range(1, 31))
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
-  for x, y in zip(test_checkpoint._params(straight), test_checkpoint._params(stopped)):
+  for x, y in zip(helpers.final_params(straight), helpers.final_params(stopped)):
     np.testing.assert_array_equal(x, y)
 
 
@@ -211,9 +211,9 @@ def test_ctrl_c_saves_exits_0_and_the_resume_is_bitwise(tmp_path):
 def test_second_ctrl_c_exits_at_once(tmp_path):
   # Both interrupts land while the main thread compiles (an empty cache: a real compile of
   # several seconds), where no Python signal handler can run: the second must still end it.
-  proc = subprocess.Popen(test_checkpoint._cmd(tmp_path, 100_000, '--config.checkpoint.every=0',
+  proc = subprocess.Popen(helpers.train_cmd(tmp_path, 100_000, '--config.checkpoint.every=0',
                                                f'--config.train.cache_dir={tmp_path}/cache'),
-                          cwd=ROOT, env=test_checkpoint._env(devices=1),
+                          cwd=ROOT, env=helpers.cli_env(devices=1),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   err = []
   for line in proc.stderr:

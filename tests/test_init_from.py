@@ -13,38 +13,39 @@ from gemma3_train import config as config_lib
 from gemma3_train.training import init_from
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
-from tests import test_convert as tc
+from tests import helpers
 
 
 def test_init_from_hf_directory_gives_hf_logits(tmp_path):
-  hf = tc._randomize(transformers.Gemma3ForCausalLM(tc._text_config(attn_implementation='eager')),
-                     3)
+  hf = helpers.randomize_hf(
+      transformers.Gemma3ForCausalLM(helpers.hf_text_config(attn_implementation='eager')), 3)
   hf.save_pretrained(tmp_path, max_shard_size='100KB')
   c = config_lib.from_config_dict(tiny.get_config()).replace(
-      model=dict(vocab_size=tc.V, embed_dim=tc.D, num_layers=tc.L, num_heads=tc.N,
-                 num_kv_heads=tc.K, head_dim=tc.H, mlp_dim=tc.F, sliding_window=tc.W,
-                 query_pre_attn_scalar=float(tc.H), global_rope_scale=8.0),
+      model=dict(vocab_size=helpers.V, embed_dim=helpers.D, num_layers=helpers.L,
+                 num_heads=helpers.N, num_kv_heads=helpers.K, head_dim=helpers.H,
+                 mlp_dim=helpers.F, sliding_window=helpers.W,
+                 query_pre_attn_scalar=float(helpers.H), global_rope_scale=8.0),
       mesh=dict(fsdp=4, tensor=2), checkpoint=dict(init_from=str(tmp_path)))
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
   params = init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   emb = params['embedder']['embedding'].get_value()
   assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')  # born sharded
   model = nnx.merge(s.graphdef, params)
-  ours = np.asarray(jax.jit(lambda t: model(t))(tc.TOKENS))
-  ref = tc._hf_logits(hf, tc.TOKENS)
+  ours = np.asarray(jax.jit(lambda t: model(t))(helpers.TOKENS))
+  ref = helpers.hf_logits(hf, helpers.TOKENS)
   assert np.abs(ours - ref).max() / np.abs(ref).max() <= 1e-5
 
 
 def test_init_from_wrong_shape_names_the_field(tmp_path):
-  hf = transformers.Gemma3ForCausalLM(tc._text_config(attn_implementation='eager'))
+  hf = transformers.Gemma3ForCausalLM(helpers.hf_text_config(attn_implementation='eager'))
   hf.save_pretrained(tmp_path)
   c = config_lib.from_config_dict(tiny.get_config()).replace(
-      model=dict(vocab_size=tc.V, embed_dim=tc.D * 2, num_layers=tc.L))
+      model=dict(vocab_size=helpers.V, embed_dim=helpers.D * 2, num_layers=helpers.L))
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
   try:
     init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   except config_lib.ConfigError as e:
-    assert str(e).startswith(f'model.embed_dim={tc.D * 2}: checkpoint.init_from=')
+    assert str(e).startswith(f'model.embed_dim={helpers.D * 2}: checkpoint.init_from=')
   else:
     raise AssertionError('no error')
 
@@ -58,16 +59,16 @@ def test_init_from_reads_one_layer_at_a_time(tmp_path):
   from gemma3_train import convert
   from gemma3_train.convert import layout
   layers, wide = 26, 1024
-  config = tc._text_config(attn_implementation='eager')
+  config = helpers.hf_text_config(attn_implementation='eager')
   config.num_hidden_layers, config.intermediate_size = layers, wide
   config.layer_types = ['full_attention' if (i + 1) % 6 == 0 else 'sliding_attention'
                         for i in range(layers)]
   hf = transformers.Gemma3ForCausalLM(config)
   hf.save_pretrained(tmp_path, max_shard_size='2MB')
   c = config_lib.from_config_dict(tiny.get_config()).replace(
-      model=dict(vocab_size=tc.V, embed_dim=tc.D, num_layers=layers, num_heads=tc.N,
-                 num_kv_heads=tc.K, head_dim=tc.H, mlp_dim=wide, sliding_window=tc.W,
-                 query_pre_attn_scalar=float(tc.H), global_rope_scale=8.0),
+      model=dict(vocab_size=helpers.V, embed_dim=helpers.D, num_layers=layers, num_heads=helpers.N,
+                 num_kv_heads=helpers.K, head_dim=helpers.H, mlp_dim=wide, sliding_window=helpers.W,
+                 query_pre_attn_scalar=float(helpers.H), global_rope_scale=8.0),
       mesh=dict(fsdp=4, tensor=2))
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
   # Once before measuring: the modules the loader imports lazily are not the arrays' memory.
@@ -86,7 +87,7 @@ def test_init_from_reads_one_layer_at_a_time(tmp_path):
     want = var.get_value()
     total += want.nbytes
     np.testing.assert_array_equal(np.asarray(got[key].get_value()), want, err_msg=str(key))
-  layer_bytes = 3 * tc.D * wide * 4
+  layer_bytes = 3 * helpers.D * wide * 4
   assert total > layers * layer_bytes
   assert peak < 4 * layer_bytes + total / 10, (peak, total)
 
@@ -101,7 +102,7 @@ def test_training_workdir_source_streams(tmp_path):
   from gemma3_train.convert import layout
   layers, wide = 26, 1024
   c = config_lib.from_config_dict(tiny.get_config()).replace(
-      model=dict(vocab_size=tc.V, embed_dim=tc.D, num_layers=layers, mlp_dim=wide),
+      model=dict(vocab_size=helpers.V, embed_dim=helpers.D, num_layers=layers, mlp_dim=wide),
       mesh=dict(fsdp=4, tensor=2))
   s = train.setup(c, sharding.make_mesh(c))
   rng = np.random.default_rng(0)
@@ -122,7 +123,7 @@ def test_training_workdir_source_streams(tmp_path):
   assert sorted(got) == list(range(layers))
   for i in range(layers):
     assert got[i] == {k: float(np.sum(v)) for k, v in want[i].items()}, i
-  layer_bytes = 3 * tc.D * wide * 4
+  layer_bytes = 3 * helpers.D * wide * 4
   total = sum(x.nbytes for x in jax.tree.leaves(top)) + sum(
       x.nbytes for layer in want for x in layer.values())
   assert total > layers * layer_bytes

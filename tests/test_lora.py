@@ -29,10 +29,9 @@ from gemma3_train.models import decoder as model_lib
 from gemma3_train import sharding
 from gemma3_train.training import loop as train
 from gemma3_train.convert import peft as peft_lib
-from tests import test_checkpoint
-from tests import test_hf_reference as hf_ref
+from tests import helpers
 
-TOKENS = np.random.default_rng(0).integers(0, hf_ref.VOCAB, (2, 20)).astype(np.int32)
+TOKENS = np.random.default_rng(0).integers(0, helpers.REFERENCE_VOCAB, (2, 20)).astype(np.int32)
 
 
 def _config(model: config_lib.ModelConfig, **sections) -> config_lib.Config:
@@ -169,8 +168,8 @@ def _rel(a, b):
 @pytest.fixture(scope='module')
 def hf_base(tmp_path_factory):
   """(our ModelConfig, HF model, its saved directory) of a random 8-layer Gemma 3."""
-  cfg, hf_cfg = hf_ref._configs(**hf_ref.CASES['gqa_ropescale_scanned'])
-  hf_model = hf_ref._hf_model(hf_cfg, seed=3)
+  cfg, hf_cfg = helpers.reference_configs(**helpers.REFERENCE_CASES['gqa_ropescale_scanned'])
+  hf_model = helpers.reference_hf_model(hf_cfg, seed=3)
   path = tmp_path_factory.mktemp('hf_base')
   hf_model.save_pretrained(path)
   return cfg, hf_model, path
@@ -189,7 +188,7 @@ def lora_run(hf_base, tmp_path_factory):
 def _peft_logits(hf_model, adapter_dir):
   model = peft.PeftModel.from_pretrained(hf_model, str(adapter_dir)).eval()
   try:
-    return hf_ref._hf_logits(model, TOKENS)
+    return helpers.hf_logits(model, TOKENS)
   finally:
     model.unload()  # the base module back as it was, for the other tests
 
@@ -200,7 +199,7 @@ def test_trained_adapter_matches_peft_and_merged_export(hf_base, lora_run, tmp_p
   c, workdir = lora_run
   ours = convert.load(workdir)
   got = np.asarray(ours(jnp.asarray(TOKENS)))
-  base = hf_ref._hf_logits(hf_model, TOKENS)
+  base = helpers.hf_logits(hf_model, TOKENS)
   assert _rel(got, base) > 1e-3  # the adapters learned something
   adapter = tmp_path / 'adapter'
   peft_lib.export_adapter(workdir, adapter)
@@ -212,7 +211,7 @@ def test_trained_adapter_matches_peft_and_merged_export(hf_base, lora_run, tmp_p
   merged = tmp_path / 'merged'
   convert.export_hf(workdir, merged, dtype='float32', progress=False)
   merged_model = transformers.Gemma3ForCausalLM.from_pretrained(merged).eval()
-  err = _rel(hf_ref._hf_logits(merged_model, TOKENS), want)
+  err = _rel(helpers.hf_logits(merged_model, TOKENS), want)
   print(f'merged export vs adapter export: max rel logit error {err:.2e}')
   assert err <= 1e-5
 
@@ -255,7 +254,7 @@ def test_int8_base_stays_close_to_float32(hf_base):
     logits = np.asarray(model(jnp.asarray(TOKENS)))
     if ref is None:
       ref = logits
-      np.testing.assert_allclose(ref, hf_ref._hf_logits(hf_model, TOKENS), rtol=0, atol=1e-4 *
+      np.testing.assert_allclose(ref, helpers.hf_logits(hf_model, TOKENS), rtol=0, atol=1e-4 *
                                  np.abs(ref).max())
     errs[dtype] = _rel(logits, ref)
   print('max rel logit error vs the float32 base:', errs)
@@ -272,8 +271,8 @@ def test_int8_base_stays_close_to_float32(hf_base):
 ])
 def test_bad_lora_config_is_one_line_exit_2(tmp_path, overrides, expected):
   r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
-                      f'--workdir={tmp_path / "w"}', *overrides], cwd=test_checkpoint.ROOT,
-                     env=test_checkpoint._env(1), capture_output=True, text=True, timeout=300)
+                      f'--workdir={tmp_path / "w"}', *overrides], cwd=helpers.ROOT,
+                     env=helpers.cli_env(1), capture_output=True, text=True, timeout=300)
   assert r.returncode == 2, r.stderr[-2000:]
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('gemma3-train: error: '), r.stderr
@@ -284,7 +283,7 @@ def test_bad_lora_config_is_one_line_exit_2(tmp_path, overrides, expected):
 def test_export_lora_of_a_non_lora_dir_is_one_line_exit_2(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.convert', 'export-lora',
                       f'--src={tmp_path}', f'--dst={tmp_path / "out"}'],
-                     cwd=test_checkpoint.ROOT, env=test_checkpoint._env(1), capture_output=True,
+                     cwd=helpers.ROOT, env=helpers.cli_env(1), capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert 'not a LoRA training workdir' in r.stderr and not (tmp_path / 'out').exists()
@@ -296,18 +295,18 @@ def test_lora_sigkill_then_rerun_resumes_exactly(tmp_path):
   extra = ['--config.lora.rank=4', '--config.lora.targets=q,v,down',
            '--config.lora.base_dtype=int8', '--config.lora.dropout=0.1']
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  test_checkpoint._train(straight, 20, *extra)
-  proc = subprocess.Popen(test_checkpoint._cmd(killed, 20, *extra), cwd=test_checkpoint.ROOT,
-                          env=test_checkpoint._env(), stdout=subprocess.DEVNULL,
+  helpers.train_ok(straight, 20, *extra)
+  proc = subprocess.Popen(helpers.train_cmd(killed, 20, *extra), cwd=helpers.ROOT,
+                          env=helpers.cli_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   # Step 12 is past the save at 10, which waited for the save at 5 to finish.
-  test_checkpoint._wait_for_step(killed / 'metrics.jsonl', 12, proc)
+  helpers.wait_for_step(killed / 'metrics.jsonl', 12, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert max(test_checkpoint._losses(killed)) < 20
-  r = test_checkpoint._train(killed, 20, *extra)
+  assert max(helpers.logged_losses(killed)) < 20
+  r = helpers.train_ok(killed, 20, *extra)
   assert 'Resumed from' in r.stderr
-  a, b = test_checkpoint._losses(straight), test_checkpoint._losses(killed)
+  a, b = helpers.logged_losses(straight), helpers.logged_losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, 21))
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
   _, x = peft_lib.read_trainables(straight)
@@ -351,7 +350,7 @@ def test_lora_27b_config_is_the_one_its_aot_proof_compiled():
   from configs import lora_27b  # pylint: disable=g-import-not-at-top
   from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
   c = config_lib.from_config_dict(lora_27b.get_config())
-  r = json.loads((test_checkpoint.ROOT / 'docs' / 'aot' / 'lora_27b_v5e-16.json').read_text())
+  r = json.loads((helpers.ROOT / 'docs' / 'aot' / 'lora_27b_v5e-16.json').read_text())
   assert r['fits'] and r['headroom'] >= aot.HEADROOM and not r['error'] and r['tpu_kernels'] > 0
   want = dict(config='27b', topology='v5e-16', chips=16, hbm_gib=16.0,
               mesh=sharding.mesh_shape(c, 16), remat_policy=c.model.remat_policy,
@@ -361,6 +360,6 @@ def test_lora_27b_config_is_the_one_its_aot_proof_compiled():
   # The state it compiled: int8 projections, bfloat16 rest, rank-16 adapters and their Adam.
   assert (c.lora.rank, c.lora.base_dtype, c.lora.target_list()) == (
       16, 'int8', config_lib.LoraConfig().target_list())
-  full = json.loads((test_checkpoint.ROOT / 'docs' / 'aot' / '27b_full_v5e-16.json').read_text())
+  full = json.loads((helpers.ROOT / 'docs' / 'aot' / '27b_full_v5e-16.json').read_text())
   assert not full['fits'] and full['state_gib'] > full['hbm_gib']
   assert (full['seq_len'], full['global_batch']) == (r['seq_len'], r['global_batch'])

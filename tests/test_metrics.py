@@ -17,6 +17,7 @@ from tensorboardX.proto import event_pb2
 from gemma3_train import config as config_lib
 from gemma3_train.infra import cpu_peak
 from gemma3_train.training import metrics
+from tests import helpers
 
 
 def test_throughput_arithmetic():
@@ -132,16 +133,6 @@ def test_profile_steps_parsing():
     metrics.profile_steps('5-6')
 
 
-def traced_steps(workdir) -> list[list[int]]:
-  """Per trace file under WORKDIR/profile: the step_num of its 'train' step annotations."""
-  out = []
-  for path in sorted(pathlib.Path(workdir, 'profile').rglob('*.xplane.pb')):
-    data = jax.profiler.ProfileData.from_file(str(path))
-    out.append(sorted(dict(e.stats)['step_num'] for p in data.planes for line in p.lines
-                      for e in line.events if e.name == 'train'))
-  return out
-
-
 def test_profiler_traces_chosen_steps(tmp_path):
   profiler = metrics.Profiler(str(tmp_path), {1, 2, 5})
   f = jax.jit(lambda x: x @ x)
@@ -154,7 +145,7 @@ def test_profiler_traces_chosen_steps(tmp_path):
   # Consecutive steps share one trace; a gap starts another.
   runs = sorted(p.name for p in (tmp_path / 'profile' / 'plugins' / 'profile').iterdir())
   assert len(runs) == 2, runs
-  assert traced_steps(tmp_path) == [[1, 2], [5]]
+  assert helpers.traced_steps(tmp_path) == [[1, 2], [5]]
 
 
 def test_profiler_non_chief_traces_nothing(tmp_path):

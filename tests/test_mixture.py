@@ -16,7 +16,7 @@ from gemma3_train.cli import data as data_cli
 from gemma3_train.data import mixture
 from gemma3_train.data import prepared
 from gemma3_train.data import tokenizer as tokenizer_lib
-from tests import test_data
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = {'a': 'apple', 'b': 'banana'}
@@ -181,7 +181,7 @@ def test_a_mixture_of_prepared_sources_reads_ahead_and_resumes(tmp_path, monkeyp
   for x, y in zip(draw(c), draw(c.replace(data=dict(prefetch=0))), strict=True):
     for k in y:
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-  test_data.assert_resumes(c, 4, 6)
+  helpers.assert_resumes(c, 4, 6)
 
 
 @pytest.mark.parametrize('spec,expected', [

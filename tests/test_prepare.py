@@ -21,7 +21,7 @@ from gemma3_train import data
 from gemma3_train.cli import data as data_cli
 from gemma3_train.data import prepared
 from gemma3_train.data import sources
-from tests import test_data
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -113,7 +113,7 @@ def test_prepared_iterator_resumes_where_it_stood(tmp_path, workers):
   iterator from that state gives the batches the first one went on to give."""
   src = _corpus(tmp_path / 'in.jsonl', n=200)
   _prepare(src, tmp_path / 'prep', '--rows_per_shard=30', '--workers=1')
-  test_data.assert_resumes(
+  helpers.assert_resumes(
       _config(source='prepared', train_path=str(tmp_path / 'prep'), num_workers=workers), 5, 9)
 
 
@@ -141,7 +141,7 @@ def test_records_read_ahead_give_the_same_batches_and_resume(tmp_path, monkeypat
   ahead = _batches(ready(2), 10)
   _assert_same(ahead, _batches(ready(0), 10))
   _assert_same(ahead, _batches(_config(source='jsonl', train_path=src, **fields), 10))
-  test_data.assert_resumes(ready(2), 3, 6)
+  helpers.assert_resumes(ready(2), 3, 6)
 
 
 def test_local_records_are_read_in_order(tmp_path):

@@ -21,7 +21,7 @@ from gemma3_train.convert import ours
 from gemma3_train.convert import layout
 from gemma3_train.data import tokenizer as tokenizer_lib
 
-import test_hf_reference as hf_ref
+from tests import helpers
 
 TOL = 1e-5
 # 8 layers = one scanned block of six + a two-layer tail; window 5 is passed many times over.
@@ -114,9 +114,9 @@ def test_greedy_equals_transformers_generate():
   """48 greedy tokens equal transformers' generate(do_sample=False) token for token, on a random
   model whose window (5) is far shorter than the output; our prompts run as one padded batch
   and through Gemma3.generate."""
-  cfg, hf_cfg = hf_ref._configs(**hf_ref.CASES['gqa_ropescale_scanned'])  # pylint: disable=protected-access
-  hf_model = hf_ref._hf_model(hf_cfg, seed=2)  # pylint: disable=protected-access
-  ours_model = hf_ref._ours(cfg, hf_model)  # pylint: disable=protected-access
+  cfg, hf_cfg = helpers.reference_configs(**helpers.REFERENCE_CASES['gqa_ropescale_scanned'])
+  hf_model = helpers.reference_hf_model(hf_cfg, seed=2)
+  ours_model = helpers.reference_ours(cfg, hf_model)
   prompts = _prompts([4, 9], seed=1)
   got = ours_model.generate(prompts, 48)
   for p, g in zip(prompts, got):

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -12,43 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import tiny
 from gemma3_train.training import checkpoint as checkpoint_lib
-from gemma3_train import config as config_lib
 from gemma3_train.training import init_from
 from gemma3_train import sharding
 from gemma3_train.training import restore
 from gemma3_train.training import loop as train
-from tests.test_metrics import traced_steps
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _config(**sections):
-  c = config_lib.from_config_dict(tiny.get_config())
-  base = dict(model=dict(num_layers=7, vocab_size=512), data=dict(seq_len=32),
-              train=dict(global_batch_size=8, z_loss=1e-4, loss_chunk_size=16),
-              optim=dict(warmup_steps=0, schedule='constant', lr=1e-2))
-  for k, v in sections.items():
-    base[k] = {**base.get(k, {}), **v}
-  return c.replace(**base)
-
-
-def _batch(c, seed=0):
-  """Random packed rows: two documents per row, one padded tail (weights 0)."""
-  rng = np.random.default_rng(seed)
-  B, L = c.train.global_batch_size, c.data.seq_len
-  tokens = rng.integers(3, c.model.vocab_size, size=(B, L + 1)).astype(np.int32)
-  cut = L // 2 + 3
-  seg = np.where(np.arange(L) < cut, 1, 2).astype(np.int32)
-  seg[-4:] = 0
-  pos = np.where(np.arange(L) < cut, np.arange(L), np.arange(L) - cut).astype(np.int32)
-  pos[-4:] = 0
-  weights = (seg > 0).astype(np.float32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'positions': np.broadcast_to(pos, (B, L)).copy(),
-          'segment_ids': np.broadcast_to(seg, (B, L)).copy(),
-          'weights': np.broadcast_to(weights, (B, L)).copy()}
 
 
 def _put(batch, s):
@@ -99,9 +69,9 @@ LAYERS = [2, pytest.param(7, marks=pytest.mark.slow)]
 
 @pytest.mark.parametrize('num_layers', LAYERS)
 def test_sharded_gradients_match_one_device(num_layers):
-  c1 = _config(mesh=dict(fsdp=-1), model=dict(num_layers=num_layers))
-  c8 = _config(mesh=dict(fsdp=4, tensor=2), model=dict(num_layers=num_layers))
-  batch = _batch(c1, 0)
+  c1 = helpers.small_config(mesh=dict(fsdp=-1), model=dict(num_layers=num_layers))
+  c8 = helpers.small_config(mesh=dict(fsdp=4, tensor=2), model=dict(num_layers=num_layers))
+  batch = helpers.packed_batch(c1, 0)
   g1 = _grads(c1, jax.devices()[:1], batch)
   g8 = _grads(c8, jax.devices(), batch)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g8), jax.tree.leaves(g1)):
@@ -109,20 +79,63 @@ def test_sharded_gradients_match_one_device(num_layers):
     assert err <= 1e-5, (jax.tree_util.keystr(path), err)
 
 
-def test_params_and_moments_are_sharded():
-  c = _config(mesh=dict(fsdp=4, tensor=2), model=dict(num_kv_heads=2))
+def _expected_specs(t, f, kv):
+  """Each parameter's PartitionSpec, by its name: its logical axes (commented) mapped by hand
+  with the default rules ('vocab', 'heads', 'kv_heads', 'mlp' -> tensor; 'embed' -> fsdp;
+  'head_dim', 'norm' replicated). t, f, kv: the mesh axis that 'vocab' / 'heads' / 'mlp',
+  'embed' and 'kv_heads' land on, or None where it has size 1 or does not divide the dimension.
+  A scanned block's parameters have a leading 'layers' axis, replicated."""
+  return {'embedding': (t, f),  # vocab, embed
+          'q_einsum': (t, f, None),  # heads, embed, head_dim
+          'k_einsum': (kv, f, None),  # kv_heads, embed, head_dim
+          'v_einsum': (kv, f, None),  # kv_heads, embed, head_dim
+          'attn_vec_einsum': (t, None, f),  # heads, head_dim, embed
+          'gate': (t, f), 'up': (t, f), 'linear': (t, f),  # mlp, embed
+          'scale': (None,)}  # norm
+
+
+def _is_variable(x):
+  return isinstance(x, nnx.Variable)
+
+
+@pytest.mark.parametrize('mesh,kv_heads,axes', [
+    (dict(fsdp=4, tensor=2), 2, ('tensor', 'fsdp', 'tensor')),
+    (dict(fsdp=4, tensor=2), 1, ('tensor', 'fsdp', None)),  # 1 key/value head: not split
+    (dict(fsdp=8, tensor=1), 2, (None, 'fsdp', None)),  # tensor of size 1: not used
+])
+def test_params_and_moments_are_sharded(mesh, kv_heads, axes):
+  c = helpers.small_config(mesh=mesh, model=dict(num_kv_heads=kv_heads))
   s = train.setup(c, sharding.make_mesh(c), abstract=True)
-  emb = s.state_shardings['params']['embedder']['embedding'].get_value()
-  assert emb.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
-  specs = {str(leaf.spec) for leaf in jax.tree.leaves(s.state_shardings)}
-  assert any('fsdp' in x for x in specs) and any('tensor' in x for x in specs)
+  want = _expected_specs(*axes)
+  params = {}
+  for path, var in jax.tree_util.tree_leaves_with_path(s.state_shardings['params'],
+                                                       is_leaf=_is_variable):
+    name = jax.tree_util.keystr(path)
+    scanned = (None,) if name.startswith("['blocks']") else ()
+    params[name] = tuple(var.get_value().spec)
+    assert params[name] == scanned + want[path[-1].key], name
+  # 7 layers of 13 parameters (six in the scanned block, one in the tail), the embedding and
+  # the final norm.
+  assert len(params) == 7 * 13 + 2
+  # Adam's two moments of each parameter are placed as the parameter; the rest is replicated.
+  moments = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(s.state_shardings['opt_state'],
+                                                        is_leaf=_is_variable):
+    name = jax.tree_util.keystr(path)
+    if not _is_variable(leaf):
+      assert tuple(leaf.spec) == (), name
+      continue
+    (param,) = [p for p in params if name.endswith(p)]
+    assert tuple(leaf.get_value().spec) == params[param], name
+    moments.append(param)
+  assert sorted(moments) == sorted(2 * list(params))
 
 
 def _accumulation_setup(num_layers):
   """The big-batch config (32 rows, fsdp 4 x tensor 2) and two batches of it."""
-  big = _config(mesh=dict(fsdp=4, tensor=2), model=dict(num_layers=num_layers),
+  big = helpers.small_config(mesh=dict(fsdp=4, tensor=2), model=dict(num_layers=num_layers),
                 train=dict(global_batch_size=32))
-  batches = [_batch(big, i) for i in range(2)]
+  batches = [helpers.packed_batch(big, i) for i in range(2)]
   # Make the padding differ across rows so per-microbatch weights differ.
   for b in batches:
     b['weights'][::3, :10] = 0.0
@@ -163,7 +176,7 @@ def test_gradient_accumulation_equals_big_batch():
 
 
 def test_init_from_builds_the_optimizer_state_from_the_loaded_params(tmp_path, monkeypatch):
-  c = _config(mesh=dict(fsdp=2, tensor=2), model=dict(num_layers=2),
+  c = helpers.small_config(mesh=dict(fsdp=2, tensor=2), model=dict(num_layers=2),
               checkpoint=dict(init_from='/loaded'))
   s = train.setup(c, sharding.make_mesh(c, jax.devices()[:4]), abstract=True)
   other = train.setup(c.replace(train=dict(seed=7)), s.mesh).state['params']
@@ -184,7 +197,7 @@ def test_init_from_builds_the_optimizer_state_from_the_loaded_params(tmp_path, m
 
 
 def _loop_config():
-  return _config(data=dict(source='synthetic'), model=dict(num_layers=2),
+  return helpers.small_config(data=dict(source='synthetic'), model=dict(num_layers=2),
                  train=dict(num_steps=7, eval_every=4, eval_steps=1),
                  logging=dict(log_every=3, tensorboard=False, peak_tflops=1.0,
                               profile_steps='2,3'),
@@ -206,7 +219,7 @@ def test_loop_logs_evaluates_saves_and_profiles(tmp_path, capsys):
   assert all(r['tokens_per_sec'] > 0 and r['mfu'] > 0 for r in train_rows[1:])
   assert train_rows[-1]['loss'] < train_rows[0]['loss']
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['5', '7']
-  assert traced_steps(tmp_path) == [[2, 3]]  # both profiled steps in one trace
+  assert helpers.traced_steps(tmp_path) == [[2, 3]]  # both profiled steps in one trace
   out = capsys.readouterr().out
   assert 'ETA' not in out.splitlines()[0] and 'ETA' in out.splitlines()[1]
 
@@ -221,19 +234,13 @@ def test_resumed_loop_continues_after_the_checkpoint(tmp_path):
   assert rows[5]['tokens_per_sec'] is None  # resumed after 7; its first interval compiles
 
 
-def _free_port():
-  with socket.socket() as sock:
-    sock.bind(('localhost', 0))
-    return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   worker = ROOT / 'tests' / 'multiprocess_worker.py'
   def env(devices):
     return dict(os.environ, JAX_PLATFORMS='cpu',
                 XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  port = _free_port()
+  port = helpers.free_port()
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), '2', str(port),
                              str(tmp_path / f'p{i}.json')], env=env(4), cwd=ROOT)
            for i in range(2)]
