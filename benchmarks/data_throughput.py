@@ -41,9 +41,9 @@ from absl import flags
 import numpy as np
 import psutil
 
+from gemma3_train.cli import data as data_cli
 from gemma3_train import config as config_lib
 from gemma3_train import data
-from gemma3_train.cli import data as data_cli
 from gemma3_train.data import packing
 from gemma3_train.data import sources
 

@@ -23,8 +23,8 @@ import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gemma3_train import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _parse_args(argv):

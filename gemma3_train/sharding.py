@@ -73,8 +73,9 @@ _require = config_lib.require
 def mesh_shape(c: config_lib.Config, num_devices: int, num_slices: int = 1) -> dict[str, int]:
   """Resolves -1 degrees against the device count; checks the product and the batch.
 
-  Returns {'dcn_<axis>': degree, '<axis>': degree} over MESH_AXES, ICI degrees per slice. Raises ConfigError when the mesh cannot cover exactly num_devices devices or the
-  global batch does not divide over the data-parallel degree.
+  Returns {'dcn_<axis>': degree, '<axis>': degree} over MESH_AXES, ICI degrees per slice.
+  Raises ConfigError when the mesh cannot cover exactly num_devices devices or the global batch
+  does not divide over the data-parallel degree.
   """
   m = c.mesh
   dcn = list(m.dcn())

@@ -13,9 +13,9 @@ import dataclasses
 import json
 import sys
 
+from gemma3_train.cli import errors
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.cli import errors
 
 PROG = 'gemma3-convert'
 

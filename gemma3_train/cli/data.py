@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any
 
-from gemma3_train import config as config_lib
 from gemma3_train.cli import errors
+from gemma3_train import config as config_lib
 from gemma3_train.data import prepare
 from gemma3_train.data import sources
 

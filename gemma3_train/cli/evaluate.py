@@ -7,8 +7,9 @@ The dataset is whatever the config's data section reads (any source, text or cha
 the bundled corpus's eval split), batched by train.global_batch_size rows of data.seq_len;
 --config.data.*/--config.train.global_batch_size override fields, --config.model.* the model's
 non-shape fields (dtype). The checkpoint fixes the model shape. --choices scores a JSONL of
-{"context", "choices", "answer"} rows by summed log-likelihood (inference/scoring.py). The result is JSON
-on stdout, or in --output, with per-row scores for --choices; progress and ETA go to stderr.
+{"context", "choices", "answer"} rows by summed log-likelihood (inference/scoring.py). The
+result is JSON on stdout, or in --output, with per-row scores for --choices; progress and
+ETA go to stderr.
 A bad command line, a missing checkpoint or a bad file is one line `gemma3-eval: error: ...` and
 exit status 2.
 """
@@ -20,9 +21,9 @@ import json
 import sys
 from typing import Sequence
 
-from gemma3_train import config as config_lib
 from gemma3_train.cli import errors
 from gemma3_train.cli import sample as sample_cli
+from gemma3_train import config as config_lib
 
 PROG = 'gemma3-eval'
 

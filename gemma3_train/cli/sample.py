@@ -18,8 +18,8 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from gemma3_train import config as config_lib
 from gemma3_train.cli import errors
+from gemma3_train import config as config_lib
 
 PROG = 'gemma3-sample'
 UsageError = errors.UsageError  # a bad command line: one line, exit status 2

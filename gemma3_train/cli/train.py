@@ -21,8 +21,8 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from gemma3_train import config as config_lib
 from gemma3_train.cli import errors
+from gemma3_train import config as config_lib
 
 PROG = 'gemma3-train'
 

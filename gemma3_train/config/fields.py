@@ -18,8 +18,8 @@ GLOBAL_EVERY = 6  # layer i is global (full attention) when i % 6 == 5
 
 # The fields that fix the parameter shapes: a checkpoint resumes or initializes a model only
 # when they all agree (the vocabulary may be cut from a larger table on import).
-MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_heads', 'num_kv_heads',
-                      'head_dim')
+MODEL_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'mlp_dim', 'num_heads',
+                      'num_kv_heads', 'head_dim')
 
 REMAT_POLICIES = ('none', 'full', 'minimal', 'save_decoder_layer_input', 'save_qkv_proj')
 REMAT_UNITS = ('block', 'layer')

@@ -8,8 +8,9 @@ import re
 from typing import Any
 
 from gemma3_train.config import mixture
-from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS, MESH_AXES,
-                                        MIXTURE_EXHAUSTED, OBJECTIVES, REMAT_POLICIES, REMAT_UNITS,
+from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS,
+                                        MESH_AXES, MIXTURE_EXHAUSTED, OBJECTIVES, REMAT_POLICIES,
+                                        REMAT_UNITS,
                                         SCAN_UNITS, SCHEDULES, SOURCES, Config, ConfigError,
                                         LoraConfig, ModelConfig, lora_dims)
 

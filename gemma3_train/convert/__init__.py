@@ -17,25 +17,25 @@ from etils import epath
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train.convert import layout
-from gemma3_train.models import decoder as model_lib
 from gemma3_train.convert import hf
-from gemma3_train.convert import hf_tokenizer
-from gemma3_train.convert import kaggle
-from gemma3_train.convert import ours
-from gemma3_train.convert import peft
 from gemma3_train.convert.hf import HfSource
 from gemma3_train.convert.hf import hf_config_to_model
 from gemma3_train.convert.hf import hf_to_canonical
 from gemma3_train.convert.hf import model_to_hf_config
+from gemma3_train.convert import hf_tokenizer
+from gemma3_train.convert import kaggle
 from gemma3_train.convert.kaggle import KaggleSource
+from gemma3_train.convert import layout
+from gemma3_train.convert import ours
 from gemma3_train.convert.ours import PARAMS_CONFIG
 from gemma3_train.convert.ours import ParamsSource
 from gemma3_train.convert.ours import TrainSource
+from gemma3_train.convert import peft
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import layers
+from gemma3_train.models import decoder as model_lib
 
 
 def checkpoint_kind(path) -> str:
@@ -75,7 +75,8 @@ def open_source(path, cfg: config_lib.ModelConfig | None = None,
   if kind == 'params':
     return ParamsSource(path)
   if kind == 'train':
-    merged = peft.open_lora_source(path, open_source)  # a LoRA run: its base with the adapters folded in
+    # A LoRA run: its base with the adapters folded in.
+    merged = peft.open_lora_source(path, open_source)
     if merged is not None:
       return merged
     return TrainSource(path)

@@ -21,11 +21,11 @@ from etils import epath
 from gemma3_train import config as config_lib
 from gemma3_train.convert import hf_tokenizer
 from gemma3_train.convert import source
-from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import check
 from gemma3_train.convert.source import preset_name
+from gemma3_train.convert import vision_keys
 
 VOCAB = 262144  # gemma-lib vocabulary; HF multimodal checkpoints pad to 262208
 

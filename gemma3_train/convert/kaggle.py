@@ -22,13 +22,13 @@ import numpy as np
 from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
 from gemma3_train.convert import orbax_tree
-from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import check
 from gemma3_train.convert.source import layers as source_layers
 from gemma3_train.convert.source import preset_name
+from gemma3_train.convert import vision_keys
 
 _LAYER = {  # canonical name -> (path under layer_i, index into the stacked kv leaf)
     'pre_attention_norm': ('pre_attention_norm/scale', None),

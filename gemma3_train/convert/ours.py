@@ -24,13 +24,13 @@ from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
-from gemma3_train.models import decoder as model_lib
 from gemma3_train.convert import orbax_tree
-from gemma3_train.convert import vision_keys
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import check
+from gemma3_train.convert import vision_keys
+from gemma3_train.models import decoder as model_lib
 
 PARAMS_CONFIG = 'gemma3_config.json'  # marks one of our params-only checkpoints
 _PARAMS_TREE = 'params'

@@ -29,13 +29,13 @@ from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
-from gemma3_train.models import decoder as model_lib
-from gemma3_train.models import lora
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import ours
 from gemma3_train.convert import source
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
+from gemma3_train.models import decoder as model_lib
+from gemma3_train.models import lora
 
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'

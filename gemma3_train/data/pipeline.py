@@ -22,7 +22,6 @@ import jax
 import numpy as np
 
 from gemma3_train import config as config_lib
-from gemma3_train.infra import signals
 from gemma3_train.data import documents
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import mixture
@@ -32,6 +31,7 @@ from gemma3_train.data import prepared
 from gemma3_train.data import select
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.infra import signals
 
 log = logging.getLogger(__name__)
 

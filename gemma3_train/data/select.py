@@ -13,8 +13,8 @@ def make_source(c: config_lib.Config, split: str):
   d = c.data
   field = d.messages_field if d.format == 'chat' else d.text_field
   if d.source == 'synthetic':
-    return sources.SyntheticSource(1 << 20 if split == 'train' else 1 << 10, d.seed + (split == 'eval'),
-                           c.model.vocab_size, d.seq_len)
+    return sources.SyntheticSource(1 << 20 if split == 'train' else 1 << 10,
+                                   d.seed + (split == 'eval'), c.model.vocab_size, d.seq_len)
   if d.source == 'bundled':
     return sources.JsonlSource(sources.bundled_path(split), 'data.source')
   if d.source == 'tfds':

@@ -41,11 +41,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from gemma3_train import config as config_lib
+from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.models import attention
 from gemma3_train.models import decoder
-from gemma3_train import config as config_lib
 from gemma3_train import sharding
-from gemma3_train.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Dataset metrics run the training data pipeline (data.*: any source and format it reads, text or
 chat, packed or padded) once over a split and sum the same chunked cross-entropy the trainer
-uses (models/lm_head.py): loss = summed target NLL / weighted targets, perplexity = exp(loss), accuracy =
-the fraction of targets that are the argmax.
+uses (models/lm_head.py): loss = summed target NLL / weighted targets, perplexity = exp(loss),
+accuracy = the fraction of targets that are the argmax.
 
 Multiple choice follows lm-eval-harness's log-likelihood rule: each row is {context, choices,
 answer}; a choice's score is the summed log-probability of its tokens after [BOS] + context
@@ -25,10 +25,10 @@ from etils import epath
 
 from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
-from gemma3_train.models import lm_head as loss_lib
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.infra import progress as progress_lib
+from gemma3_train.models import lm_head as loss_lib
 
 def dataset_metrics(model, c: config_lib.Config, *, split: str = 'eval', max_batches: int = 0,
                     progress: bool = True) -> dict[str, float]:

@@ -1,1 +1,2 @@
-"""Run safety and the machine: workdir lease, signals, storage retries, hardware table. Imports nothing else from the package."""
+"""Run safety and the machine: the workdir lease, stop signals, storage retries, the hardware
+table and measured CPU peak, progress lines. Imports nothing else from gemma3_train."""

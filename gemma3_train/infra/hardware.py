@@ -157,8 +157,9 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
 def main(argv: list[str]) -> int:
   """`python3 gemma3_train/infra/hardware.py TPU_TYPE`: the slice's facts as shell assignments."""
   if len(argv) != 2 or argv[1].startswith('-'):
-    print('usage: python3 gemma3_train/infra/hardware.py TPU_TYPE (e.g. v5p-128): prints ACCELERATOR, '
-          'TOPOLOGY, HOSTS, CHIPS_PER_HOST and XPK_TPU_TYPE as shell assignments', file=sys.stderr)
+    print('usage: python3 gemma3_train/infra/hardware.py TPU_TYPE (e.g. v5p-128): prints '
+          'ACCELERATOR, TOPOLOGY, HOSTS, CHIPS_PER_HOST and XPK_TPU_TYPE as shell assignments',
+          file=sys.stderr)
     return 2
   try:
     topo = parse_topology(argv[1])

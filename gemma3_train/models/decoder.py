@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from gemma3_train import config as config_lib
 from gemma3_train.models import attention
 from gemma3_train.models import layers
-from gemma3_train import config as config_lib
 from gemma3_train.models import lora
 from gemma3_train.models import vision
 from gemma3_train import sharding

@@ -159,7 +159,8 @@ class Encoder(nnx.Module):
     patches = images_BSS3.reshape(B, G, P, G, P, 3).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(B, G * G, P, P, 3).astype(dt)
     x_BLW = jnp.einsum('BLPQC,PQCW->BLW', patches, self.patch_kernel[...].astype(dt))
-    x_BLW = x_BLW + _row(self.patch_bias[...].astype(dt), 3) + self.pos_embedding[...].astype(dt)[None]
+    pos_BLW = self.pos_embedding[...].astype(dt)[None]
+    x_BLW = x_BLW + _row(self.patch_bias[...].astype(dt), 3) + pos_BLW
     return x_BLW.astype(dt)
 
   def __call__(self, images_BSS3):

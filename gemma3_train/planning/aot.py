@@ -38,14 +38,12 @@ import numpy as np
 from etils import epath
 from jax.experimental import topologies
 
-from gemma3_train.models import attention
 from gemma3_train import config as config_lib
-from gemma3_train.training import flops
 from gemma3_train.infra import hardware
-from gemma3_train.models import decoder as model
+from gemma3_train.models import attention
 from gemma3_train.models import layers
 from gemma3_train import sharding
-from gemma3_train.training import loop as train
+from gemma3_train.training import flops
 from gemma3_train.training import state as train_state
 
 GIB = 2**30
@@ -294,7 +292,8 @@ StepBuilder = Callable[[config_lib.Config, Any], tuple[Any, tuple[Any, ...], Any
 
 
 def train_step_builder(c: config_lib.Config, mesh) -> tuple[Any, tuple[Any, ...], Any]:
-  """(jitted train step, abstract arguments, abstract state) exactly as training/loop.py builds them."""
+  """(jitted train step, abstract arguments, abstract state) exactly as the trainer builds them
+  (training/state.py)."""
   s = train_state.setup(c, mesh, abstract=True)
   return s.train_step, (s.abstract_state, train_state.abstract_batch(c, mesh)), s.abstract_state
 

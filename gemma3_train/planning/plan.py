@@ -32,12 +32,11 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from gemma3_train.planning import aot
 from gemma3_train import config as config_lib
-from gemma3_train.training import flops
 from gemma3_train.infra import hardware
+from gemma3_train.planning import aot
 from gemma3_train import sharding
-from gemma3_train.training import loop as train
+from gemma3_train.training import flops
 from gemma3_train.training import state as train_state
 
 log = logging.getLogger(__name__)

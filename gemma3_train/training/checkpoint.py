@@ -39,10 +39,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from gemma3_train import config as config_lib
+from gemma3_train.convert import ours
 from gemma3_train.infra import signals
 from gemma3_train.infra import storage
 from gemma3_train.training import state as state_lib
-from gemma3_train.convert import ours
 
 log = logging.getLogger(__name__)
 

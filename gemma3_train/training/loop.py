@@ -24,19 +24,19 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
-from gemma3_train.training import flops as flops_lib
+from gemma3_train.inference import scoring
 from gemma3_train.infra import cpu_peak
 from gemma3_train.infra import hardware
-from gemma3_train.training import init_from
 from gemma3_train.infra import lease as lease_lib
-from gemma3_train.inference import scoring
+from gemma3_train import sharding
+from gemma3_train.training import checkpoint as checkpoint_lib
+from gemma3_train.training import flops as flops_lib
+from gemma3_train.training import init_from
 from gemma3_train.training import metrics as metrics_lib
 from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import samples as samples_lib
-from gemma3_train import sharding
 from gemma3_train.training.state import Setup, State, abstract_batch, setup
 
 log = logging.getLogger(__name__)

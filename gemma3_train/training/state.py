@@ -20,8 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma3_train import config as config_lib
-from gemma3_train import sharding
 from gemma3_train.models import decoder
+from gemma3_train import sharding
 from gemma3_train.training import frozen as frozen_lib
 from gemma3_train.training import objectives
 from gemma3_train.training import optimizer as optimizer_lib

@@ -13,8 +13,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gemma3_train import config as config_lib
-from gemma3_train import sharding
 from gemma3_train.models import lora
+from gemma3_train import sharding
 
 State = dict[str, Any]
 
