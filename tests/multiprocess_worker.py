@@ -18,10 +18,11 @@ sys.path.insert(0, __file__.rsplit('/', 2)[0])
 from tests import helpers  # pylint: disable=g-import-not-at-top
 from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
 from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
+from gemma3_train.training import state as train_state
 
 c = helpers.small_config(mesh=dict(fsdp=-1))
 mesh = sharding.make_mesh(c)
-s = train.setup(c, mesh)
+s = train_state.setup(c, mesh)
 step = train.compile_train_step(s)  # as the trainer does: compile, then wait for all processes
 state, losses = s.state, []
 rows = c.train.global_batch_size // nproc

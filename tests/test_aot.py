@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gemma3_train.planning import aot
 from gemma3_train import config as config_lib
-from gemma3_train.training import flops
 from gemma3_train.infra import hardware
+from gemma3_train.planning import aot
 from gemma3_train.planning import plan
 from gemma3_train import sharding
+from gemma3_train.training import flops
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ def test_topology_devices(name, slices, count, kind):
   assert len(devs) == count and {d.device_kind for d in devs} == {kind}
   assert {getattr(d, 'slice_index', 0) for d in devs} == set(range(slices))
   assert jax.default_backend() == 'cpu'  # libtpu must not take over the test backend
-  assert 'TPU_WORKER_HOSTNAMES' not in os.environ  # train.py reads it to detect a TPU VM
+  assert 'TPU_WORKER_HOSTNAMES' not in os.environ  # training/loop.py reads it to detect a TPU VM
 
 
 @needs_libtpu

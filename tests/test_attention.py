@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-from gemma3_train.models import attention
 from gemma3_train import config as config_lib
+from gemma3_train.models import attention
 from gemma3_train import sharding
 
 

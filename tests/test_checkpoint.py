@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
-from gemma3_train.training import loop as train
+from gemma3_train.training import checkpoint
+from gemma3_train.training import state as train_state
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def test_other_shape_or_layout_is_a_config_error_in_process(tmp_path):
   c = helpers.small_config(model=dict(num_layers=2))
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(str(tmp_path), c)
-  ckpt.save(5, train.setup(c, mesh).state, None, force=True)
+  ckpt.save(5, train_state.setup(c, mesh).state, None, force=True)
   ckpt.close()
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
   for change, error in ((dict(optim=dict(clip_norm=0.0)), 'train state layout differs'),
@@ -121,7 +121,7 @@ def test_other_shape_or_layout_is_a_config_error_in_process(tmp_path):
     other = c.replace(**change)
     with pytest.raises(config_lib.ConfigError, match=error):
       checkpoint.Checkpointer(str(tmp_path), other).restore_latest(
-          train.setup(other, mesh, abstract=True).abstract_state, None)
+          train_state.setup(other, mesh, abstract=True).abstract_state, None)
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
 
 

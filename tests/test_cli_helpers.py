@@ -4,8 +4,8 @@ import io
 
 import pytest
 
-from gemma3_train import config as config_lib
 from gemma3_train.cli import errors
+from gemma3_train import config as config_lib
 from gemma3_train.infra import progress as progress_lib
 
 

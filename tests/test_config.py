@@ -13,8 +13,8 @@ import pytest
 
 from configs import base, tiny
 from gemma3_train import config as config_lib
-from gemma3_train import sharding
 from gemma3_train.models import decoder as model_lib
+from gemma3_train import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZE_CONFIGS = ['tiny', '270m', '1b', '4b', '12b', '27b']

@@ -14,9 +14,9 @@ import transformers
 from flax import nnx
 
 import gemma3_train
+from gemma3_train.cli import convert as convert_cli
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.cli import convert as convert_cli
 from tests import helpers
 from tests.helpers import D, F, H, K, L, N, TOKENS, V, W  # the text model's shape
 

@@ -10,12 +10,12 @@ from flax import nnx
 
 import gemma3_train
 from configs import tiny
-from gemma3_train.training import checkpoint
+from gemma3_train.cli import convert as convert_cli
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.cli import convert as convert_cli
 from gemma3_train import sharding
-from gemma3_train.training import loop as train
+from gemma3_train.training import checkpoint
+from gemma3_train.training import state as train_state
 
 V = 512
 # Longer than the tiny window (32), so the local layers' mask matters.
@@ -36,7 +36,7 @@ def run(tmp_path_factory):
   c = config_lib.from_config_dict(tiny.get_config()).replace(
       model=dict(vocab_size=V, num_layers=7), data=dict(source='synthetic', seq_len=32),
       train=dict(global_batch_size=8))
-  s = train.setup(c, sharding.make_mesh(c))
+  s = train_state.setup(c, sharding.make_mesh(c))
   rng = np.random.default_rng(1)
   # Norm scales init to zero: random values make a skipped or swapped norm show.
   rand = lambda x: jax.device_put(

@@ -120,7 +120,7 @@ def test_packing_invariants(tmp_path, sp, packing):
                   prefetch=0)
   batches = list(pipeline.make_dataset(c, num_epochs=1, batch_size=4))
   for b in batches:
-    assert {k: v.dtype for k, v in b.items()} == data.BATCH_DTYPES  # what train.py compiles for
+    assert {k: v.dtype for k, v in b.items()} == data.BATCH_DTYPES  # what training/loop.py compiles for
     assert b['inputs'].dtype == b['targets'].dtype == np.int32
     assert b['positions'].dtype == b['segment_ids'].dtype == np.int32
     assert b['weights'].dtype == np.float32

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gemma3_train import config as config_lib
 from gemma3_train.cli import evaluate as eval_cli
-from gemma3_train.inference import scoring as evaluate
+from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
-from gemma3_train.models import decoder as model_lib
 from gemma3_train.convert import ours
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.inference import scoring as evaluate
+from gemma3_train.models import decoder as model_lib
 
 DOCS = ['The cat sat on the mat.', 'Paris is the capital of France.', 'One two three four five.']
 ROWS = [{'context': 'The capital of France is', 'choices': [' Paris', ' Berlin', ' a big city'],

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from gemma3_train.infra import lease
 from gemma3_train.convert import ours
+from gemma3_train.infra import lease
 from tests import helpers
 
 ROOT = helpers.ROOT

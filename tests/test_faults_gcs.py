@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from gemma3_train.infra import lease
 from gemma3_train.data import sources
+from gemma3_train.infra import lease
 from tests import helpers
 from tests.gcs_emulator import gcs  # pylint: disable=unused-import  # the fixture
 

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train.training import flops
 from gemma3_train.models import decoder as model
+from gemma3_train.training import flops
 
 TINY = config_lib.ModelConfig(
     preset='t', vocab_size=97, num_layers=8, embed_dim=24, mlp_dim=40, num_heads=4,

@@ -8,11 +8,11 @@ import transformers
 from flax import nnx
 
 from configs import tiny
-from gemma3_train.training import checkpoint
 from gemma3_train import config as config_lib
-from gemma3_train.training import init_from
 from gemma3_train import sharding
-from gemma3_train.training import loop as train
+from gemma3_train.training import checkpoint
+from gemma3_train.training import init_from
+from gemma3_train.training import state as train_state
 from tests import helpers
 
 
@@ -26,7 +26,7 @@ def test_init_from_hf_directory_gives_hf_logits(tmp_path):
                  mlp_dim=helpers.F, sliding_window=helpers.W,
                  query_pre_attn_scalar=float(helpers.H), global_rope_scale=8.0),
       mesh=dict(fsdp=4, tensor=2), checkpoint=dict(init_from=str(tmp_path)))
-  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
   params = init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   emb = params['embedder']['embedding'].get_value()
   assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')  # born sharded
@@ -41,7 +41,7 @@ def test_init_from_wrong_shape_names_the_field(tmp_path):
   hf.save_pretrained(tmp_path)
   c = config_lib.from_config_dict(tiny.get_config()).replace(
       model=dict(vocab_size=helpers.V, embed_dim=helpers.D * 2, num_layers=helpers.L))
-  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
   try:
     init_from.load_init_params(str(tmp_path), c, s.abstract_state)
   except config_lib.ConfigError as e:
@@ -70,7 +70,7 @@ def test_init_from_reads_one_layer_at_a_time(tmp_path):
                  num_kv_heads=helpers.K, head_dim=helpers.H, mlp_dim=wide, sliding_window=helpers.W,
                  query_pre_attn_scalar=float(helpers.H), global_rope_scale=8.0),
       mesh=dict(fsdp=4, tensor=2))
-  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
   # Once before measuring: the modules the loader imports lazily are not the arrays' memory.
   jax.tree.map(lambda x: x.delete(),
                jax.tree.leaves(init_from.load_init_params(str(tmp_path), c, s.abstract_state)))
@@ -104,7 +104,7 @@ def test_training_workdir_source_streams(tmp_path):
   c = config_lib.from_config_dict(tiny.get_config()).replace(
       model=dict(vocab_size=helpers.V, embed_dim=helpers.D, num_layers=layers, mlp_dim=wide),
       mesh=dict(fsdp=4, tensor=2))
-  s = train.setup(c, sharding.make_mesh(c))
+  s = train_state.setup(c, sharding.make_mesh(c))
   rng = np.random.default_rng(0)
   rand = lambda x: jax.device_put(rng.standard_normal(x.shape).astype(x.dtype), x.sharding)
   saved = jax.tree.map(rand, s.state['params'])

@@ -22,13 +22,14 @@ from flax import nnx
 from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.training import flops
 from gemma3_train.convert import layout
-from gemma3_train.models import lora
-from gemma3_train.models import decoder as model_lib
-from gemma3_train import sharding
-from gemma3_train.training import loop as train
 from gemma3_train.convert import peft as peft_lib
+from gemma3_train.models import decoder as model_lib
+from gemma3_train.models import lora
+from gemma3_train import sharding
+from gemma3_train.training import flops
+from gemma3_train.training import loop as train
+from gemma3_train.training import state as train_state
 from tests import helpers
 
 TOKENS = np.random.default_rng(0).integers(0, helpers.REFERENCE_VOCAB, (2, 20)).astype(np.int32)
@@ -57,7 +58,7 @@ def test_zero_b_gives_the_base_logits_exactly(scan):
   c = _tiny(num_layers=7)
   c = c.replace(model=dict(scan_layers=scan))
   base = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
-  adapted = lora.build(c)
+  adapted = model_lib.build(c)
   n = len(jax.tree.leaves(nnx.state(adapted, lora.TRAINABLE)))
   assert n == 2 * 7 * 7  # A and B of seven targets per layer (scanned: stacked over blocks)
   np.testing.assert_array_equal(np.asarray(adapted(TOKENS)), np.asarray(base(TOKENS)))
@@ -66,7 +67,8 @@ def test_zero_b_gives_the_base_logits_exactly(scan):
 def _two_steps(s, c):
   """(init state's host copy, state after two steps) of setup s from its fresh random init."""
   state = s.init_state()
-  before = jax.tree.map(np.asarray, {k: nnx.to_pure_dict(state[k]) for k in ('params', 'base')})
+  before = jax.tree.map(np.asarray, {'params': nnx.to_pure_dict(state['params']),
+                                     'base': nnx.to_pure_dict(state['frozen']['base'])})
   batch = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in _batch(c).items()}
   for _ in range(2):
     state, m = s.train_step(state, batch)
@@ -84,7 +86,7 @@ def tiny_steps():
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   runs = {}
   for name, cd in (('plain', c), ('dropout', c.replace(lora=dict(dropout=0.3)))):
-    s = train.setup(cd, mesh, abstract=True)
+    s = train_state.setup(cd, mesh, abstract=True)
     runs[name] = (cd, s, *_two_steps(s, cd))
   runs['dropout_again'] = (runs['dropout'][0], runs['dropout'][1],
                            *_two_steps(runs['dropout'][1], runs['dropout'][0]))
@@ -94,7 +96,7 @@ def tiny_steps():
 def test_only_adapters_train_and_the_optimizer_holds_only_them(tiny_steps):
   _, _, before, state = tiny_steps['plain']
   jax.tree.map(np.testing.assert_array_equal,
-               jax.tree.map(np.asarray, nnx.to_pure_dict(state['base'])), before['base'])
+               jax.tree.map(np.asarray, nnx.to_pure_dict(state['frozen']['base'])), before['base'])
   after = jax.tree.map(np.asarray, nnx.to_pure_dict(state['params']))
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(after),
                           jax.tree.leaves(before['params'])):
@@ -114,9 +116,9 @@ def test_dropout_changes_training_reproducibly_and_not_eval(tiny_steps):
   assert all(not np.array_equal(x, y) for x, y in zip(params(plain), params(drop)))
   jax.tree.map(np.testing.assert_array_equal, params(drop), params(again))
   jax.tree.map(np.testing.assert_array_equal,
-               jax.tree.map(np.asarray, nnx.to_pure_dict(drop['base'])), before1['base'])
+               jax.tree.map(np.asarray, nnx.to_pure_dict(drop['frozen']['base'])), before1['base'])
   # Without dropout the step draws no random bits at all (the program is the plain one).
-  args = (s0.abstract_state, train.abstract_batch(c0, s0.mesh))
+  args = (s0.abstract_state, train_state.abstract_batch(c0, s0.mesh))
   assert 'threefry' not in s0.train_step.lower(*args).as_text()
   assert 'threefry' in s1.train_step.lower(*args).as_text()  # (the check sees random bits)
   # Eval never drops: the same state evaluates bitwise equally with and without lora.dropout.
@@ -224,13 +226,13 @@ def test_peft_adapter_imports_to_continue_training(hf_base, lora_run, tmp_path):
   peft_lib.export_adapter(workdir, adapter)
   _, trained = peft_lib.read_trainables(workdir)
   c2 = c.replace(lora=dict(init_adapter=str(adapter)))
-  s = train.setup(c2, sharding.make_mesh(c2, jax.devices()[:2]), abstract=True)
+  s = train_state.setup(c2, sharding.make_mesh(c2, jax.devices()[:2]), abstract=True)
   params = peft_lib.read_adapter(adapter, c2, s.init_trainable()['params'])
   for p, var in nnx.to_flat_state(params):
     np.testing.assert_array_equal(np.asarray(var.get_value()), trained[peft_lib._key(p)])
   # An adapter of another base shape: one line naming it.
   other = c2.replace(model=dict(embed_dim=48))
-  s = train.setup(other, sharding.make_mesh(other, jax.devices()[:2]), abstract=True)
+  s = train_state.setup(other, sharding.make_mesh(other, jax.devices()[:2]), abstract=True)
   with pytest.raises(config_lib.ConfigError, match='another base shape') as e:
     peft_lib.read_adapter(adapter, other, s.init_trainable()['params'])
   assert '\n' not in str(e.value)
@@ -246,7 +248,7 @@ def test_int8_base_stays_close_to_float32(hf_base):
   ref = None
   for dtype in ('float32', 'bfloat16', 'int8'):
     cd = c.replace(lora=dict(base_dtype=dtype))
-    model = nnx.eval_shape(lambda: lora.build(cd, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: model_lib.build(cd, nnx.Rngs(0)))
     base = lora.base_from_params(plain, nnx.state(model, lora.FROZEN))
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                          nnx.state(model, lora.TRAINABLE))

@@ -1,7 +1,7 @@
 """Chunked cross-entropy equals the plain full-logits computation (values and gradients).
 
 The reference differentiates the full [B, L, V] logits with ordinary autodiff, so these tests
-also check loss.py's hand-written custom_vjp (forward-formed p @ E and p^T @ (w x) products).
+also check models/lm_head.py's hand-written custom_vjp (forward-formed p @ E and p^T @ (w x) products).
 """
 
 import jax

@@ -82,7 +82,7 @@ def test_helpfull_lists_every_field_with_its_default_and_help():
 def test_help_shows_our_flags_and_the_common_fields(how):
   if how == 'module':
     r = _cli('--help')
-  else:  # as the installed `gemma3-train` script runs it: main.py is not the main module
+  else:  # as the installed `gemma3-train` script runs it: cli/train.py is not the main module
     r = subprocess.run([sys.executable, '-c', 'from gemma3_train.cli import train; train.run()',
                         '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from gemma3_train.cli import data as data_cli
 from gemma3_train import config as config_lib
 from gemma3_train import data
-from gemma3_train.cli import data as data_cli
 from gemma3_train.data import mixture
 from gemma3_train.data import prepared
 from gemma3_train.data import tokenizer as tokenizer_lib
@@ -219,7 +219,7 @@ def test_cli_bad_mixture_is_one_line_exit_2(tmp_path, override, expected):
                       f'--workdir={workdir}', '--config.mesh.fsdp=-1', override],
                      cwd=ROOT, capture_output=True, text=True, timeout=300,
                      env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  # (train.py logs the mesh at INFO before it builds the data: that line may come first.)
+  # (training/loop.py logs the mesh at INFO before it builds the data: that line may come first.)
   lines = [l for l in r.stderr.splitlines() if 'error' in l]
   assert r.returncode == 2 and len(lines) == 1, r.stderr
   assert lines[0] == r.stderr.strip().splitlines()[-1], r.stderr

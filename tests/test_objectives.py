@@ -10,8 +10,8 @@ from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
 from gemma3_train.training import objectives
-from gemma3_train.training import state as train_state
 from gemma3_train.training.objectives import ce
+from gemma3_train.training import state as train_state
 
 
 def _config(**train):

@@ -10,11 +10,11 @@ import types
 
 import pytest
 
-from gemma3_train.planning import aot
 from gemma3_train import config as config_lib
-from gemma3_train.training import flops
+from gemma3_train.planning import aot
 from gemma3_train.planning import plan
 from gemma3_train import sharding
+from gemma3_train.training import flops
 
 if not aot.libtpu_available() and os.environ.get('CI'):
   raise RuntimeError('libtpu is not installed; CI must install the test extra (it pins libtpu)')

@@ -16,9 +16,9 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from configs import tiny
+from gemma3_train.cli import data as data_cli
 from gemma3_train import config as config_lib
 from gemma3_train import data
-from gemma3_train.cli import data as data_cli
 from gemma3_train.data import prepared
 from gemma3_train.data import sources
 from tests import helpers

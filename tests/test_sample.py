@@ -12,14 +12,15 @@ import pytest
 import torch
 from flax import nnx
 
-from gemma3_train import config as config_lib
-from gemma3_train.models import decoder as model_lib
-from gemma3_train.inference import sampler as sample
+import gemma3_train
 from gemma3_train.cli import sample as sample_cli
-from gemma3_train import sharding
-from gemma3_train.convert import ours
+from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
+from gemma3_train.convert import ours
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.inference import sampler as sample
+from gemma3_train.models import decoder as model_lib
+from gemma3_train import sharding
 
 from tests import helpers
 
@@ -118,7 +119,7 @@ def test_greedy_equals_transformers_generate():
   hf_model = helpers.reference_hf_model(hf_cfg, seed=2)
   ours_model = helpers.reference_ours(cfg, hf_model)
   prompts = _prompts([4, 9], seed=1)
-  got = ours_model.generate(prompts, 48)
+  got = sample.generate(ours_model, prompts, 48)
   for p, g in zip(prompts, got):
     with torch.no_grad():
       want = hf_model.generate(torch.tensor([p]), max_new_tokens=48, do_sample=False,
@@ -253,13 +254,23 @@ def _save(tmp_path, m):
   return tmp_path / 'ckpt'
 
 
+def test_load_gives_a_model_that_generates(tmp_path):
+  """gemma3_train.load returns the decoder with generate() (inference adds it: a model does not
+  import the sampler); its greedy output is the sampler's on the same weights."""
+  m = _model(num_layers=2)
+  loaded = gemma3_train.load(_save(tmp_path, m))
+  assert isinstance(loaded, model_lib.Gemma3)
+  prompts = _prompts([3, 7], seed=4)
+  assert loaded.generate(prompts, 5) == sample.generate(m, prompts, 5)
+
+
 def test_cli_streams_a_continuation_and_rejects_a_long_prompt(tmp_path):
   """The real gemma3-sample: a greedy continuation equal to Gemma3.generate's, then a prompt
   longer than the model's context (a 1b-shaped context of 32k tokens) is one line, exit 2."""
   m = _model(vocab_size=262144, global_rope_scale=1.0, num_layers=2)
   ckpt = _save(tmp_path, m)
   tok = tokenizer_lib.Tokenizer()
-  want = tok.decode([t for t in m.generate([sample.prompt_tokens('Hello', tok)], 6)[0]
+  want = tok.decode([t for t in sample.generate(m, [sample.prompt_tokens('Hello', tok)], 6)[0]
                      if t not in sample.STOP_TOKENS])
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   cmd = [sys.executable, '-m', 'gemma3_train.cli.sample', f'--ckpt={ckpt}']

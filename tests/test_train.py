@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gemma3_train import sharding
 from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train.training import init_from
-from gemma3_train import sharding
-from gemma3_train.training import restore
 from gemma3_train.training import loop as train
+from gemma3_train.training import restore
+from gemma3_train.training import state as train_state
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -28,7 +29,7 @@ def _put(batch, s):
 def _run(c, devices, batches):
   """(losses, grad norms, final params) of c's train step over the batches."""
   mesh = sharding.make_mesh(c, devices)
-  s = train.setup(c, mesh)
+  s = train_state.setup(c, mesh)
   state, losses, norms = s.state, [], []
   for b in batches:
     state, m = s.train_step(state, _put(b, s))
@@ -55,9 +56,10 @@ def _assert_params_close(a, b, rtol):
 
 def _grads(c, devices, batch):
   mesh = sharding.make_mesh(c, devices)
-  s = train.setup(c, mesh)
+  s = train_state.setup(c, mesh)
   def grads(params, b):
-    return jax.grad(lambda p: train._loss_sums(p, s.graphdef, b, c)[0])(params)
+    return jax.grad(lambda p: s.objective.loss_sums(
+        nnx.merge(s.graphdef, p, *s.state['frozen'].values()), b)[0])(params)
   with sharding.use_mesh(mesh, s.rules):
     g = jax.jit(grads)(s.state['params'], _put(batch, s))
   return jax.tree.map(np.asarray, nnx.to_pure_dict(g))
@@ -105,7 +107,7 @@ def _is_variable(x):
 ])
 def test_params_and_moments_are_sharded(mesh, kv_heads, axes):
   c = helpers.small_config(mesh=mesh, model=dict(num_kv_heads=kv_heads))
-  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
   want = _expected_specs(*axes)
   params = {}
   for path, var in jax.tree_util.tree_leaves_with_path(s.state_shardings['params'],
@@ -178,8 +180,8 @@ def test_gradient_accumulation_equals_big_batch():
 def test_init_from_builds_the_optimizer_state_from_the_loaded_params(tmp_path, monkeypatch):
   c = helpers.small_config(mesh=dict(fsdp=2, tensor=2), model=dict(num_layers=2),
               checkpoint=dict(init_from='/loaded'))
-  s = train.setup(c, sharding.make_mesh(c, jax.devices()[:4]), abstract=True)
-  other = train.setup(c.replace(train=dict(seed=7)), s.mesh).state['params']
+  s = train_state.setup(c, sharding.make_mesh(c, jax.devices()[:4]), abstract=True)
+  other = train_state.setup(c.replace(train=dict(seed=7)), s.mesh).state['params']
   want = jax.tree.map(np.asarray, nnx.to_pure_dict(other))
   monkeypatch.setattr(init_from, 'load_init_params', lambda path, cfg, abstract: other)
   def no_random_init():

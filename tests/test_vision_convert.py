@@ -16,16 +16,17 @@ from flax import nnx
 
 from configs import tiny
 import gemma3_train
-from gemma3_train.training import checkpoint
+from gemma3_train.cli import convert as convert_cli
 from gemma3_train import config as config_lib
 from gemma3_train import convert
-from gemma3_train.training import init_from
 from gemma3_train.convert import layout
-from gemma3_train import sharding
-from gemma3_train.training import loop as train
-from gemma3_train.cli import convert as convert_cli
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import vision_keys
+from gemma3_train import sharding
+from gemma3_train.training import checkpoint
+from gemma3_train.training import frozen
+from gemma3_train.training import init_from
+from gemma3_train.training import state as train_state
 
 V, D, L, N, K, H, F, W = 256, 32, 2, 2, 1, 16, 64, 8
 VW, VM, VL, VN, S, P, T = 32, 48, 2, 4, 56, 14, 4  # 4x4 patches pooled 2x2 to 4 soft tokens
@@ -299,7 +300,7 @@ def _run_config(init_from, **model):
 def test_text_run_from_a_multimodal_checkpoint_skips_vision(hf_cond, caplog):
   path, _ = hf_cond
   c = _run_config(path)
-  s = train.setup(c, sharding.make_mesh(c), abstract=True)
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
   with caplog.at_level(logging.INFO, logger='gemma3_train.training.init_from'):
     params = init_from.load_init_params(str(path), c, s.abstract_state)
   skipped = [r for r in caplog.records if 'vision' in r.getMessage()]
@@ -374,14 +375,20 @@ def test_load_gives_a_vision_model_for_every_source(hf_cond, tmp_path):
 
 def test_vision_run_from_hf_saves_a_workdir_that_exports_the_originals(hf_cond, tmp_path):
   """init_from a CondGen dir (scanned encoder: stacked leaves placed layer by layer), saved by
-  training's Checkpointer, exported from the workdir: the original tensors, bit for bit."""
+  training's Checkpointer, exported from the workdir: the original tensors, bit for bit. The
+  encoder is frozen, so the checkpoint does not hold it: the export reads it from init_from."""
   path, _ = hf_cond
   c = _run_config(path, **_VISION, scan_layers=True)
-  s = train.setup(c, sharding.make_mesh(c), abstract=True)
-  params = init_from.load_init_params(str(path), c, s.abstract_state)
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
+  loaded = init_from.load_init_params(str(path), c,
+                                      {'params': frozen.load_abstract(c, s.abstract_state)})
+  params, parts = frozen.split_params(c, loaded)
+  assert set(parts) == {'vision_encoder'}
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'run'), c)
-  ckpt.save(1, {'params': params}, None, force=True)  # a convert source reads only params
+  ckpt.save(1, {'params': params, 'frozen': parts}, None, force=True)  # params are read
   ckpt.close()
+  tree = (tmp_path / 'run' / 'checkpoints' / '1' / 'state' / '_METADATA').read_text()
+  assert 'projector' in tree and 'encoder' not in tree
   assert convert.open_source(tmp_path / 'run').has_vision()
   convert.export_hf(tmp_path / 'run', tmp_path / 'hf', dtype='float32', progress=False)
   expected = _rename(_tensors(path), 'v5_saved', 'hub')

@@ -20,9 +20,9 @@ from transformers import Gemma3TextConfig
 from transformers.models.gemma3 import modeling_gemma3
 
 import gemma3_train
-from gemma3_train.models import attention
 from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
+from gemma3_train.models import attention
 from gemma3_train.models import decoder as model_lib
 from gemma3_train.models import vision
 

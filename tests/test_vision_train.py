@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import gemma3_train
 from configs import tiny
-from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train import config as config_lib
-from gemma3_train.training import flops
 from gemma3_train import sharding
-from gemma3_train.training import loop as train
+from gemma3_train.training import checkpoint as checkpoint_lib
+from gemma3_train.training import flops
 from gemma3_train.training import frozen as frozen_lib
 from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import state as train_state
@@ -277,3 +277,19 @@ def test_tiny_vision_trains_from_the_cli(tmp_path):
   assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0], rows
   assert any(r.get('eval_loss') is not None for r in rows), rows
   assert (tmp_path / 'run' / 'checkpoints' / '3').is_dir()
+
+
+def test_a_frozen_tower_workdir_loads_whole(tmp_path, frozen):
+  """A frozen-tower run's checkpoint holds no encoder; reading its workdir (gemma3_train.load,
+  export, init_from) takes the encoder from the run's source, here the seed's random init: the
+  loaded model is the trained one, every parameter bitwise."""
+  c, s = frozen
+  _, state = _steps(c, s, 1)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path), c)
+  ckpt.save(1, state, None, force=True)
+  ckpt.close()
+  loaded = _flat(nnx.state(gemma3_train.load(str(tmp_path)), nnx.Param))
+  want = _model_state(state)
+  assert sorted(loaded) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(loaded[k], v, err_msg=str(k))

@@ -31,6 +31,7 @@ from gemma3_train.convert.ours import PARAMS_CONFIG
 from gemma3_train.convert.ours import ParamsSource
 from gemma3_train.convert.ours import TrainSource
 from gemma3_train.convert import peft
+from gemma3_train.convert import run_source
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
 from gemma3_train.convert.source import absolute
@@ -79,7 +80,8 @@ def open_source(path, cfg: config_lib.ModelConfig | None = None,
     merged = peft.open_lora_source(path, open_source)
     if merged is not None:
       return merged
-    return TrainSource(path)
+    return TrainSource(path, lambda: run_source.init_source(run_source.run_config(path),
+                                                            open_source))
   if kind == 'hf':
     return HfSource(path, vocab_size)
   return KaggleSource(path, cfg)

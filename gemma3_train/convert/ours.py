@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -32,6 +32,7 @@ from gemma3_train.convert.source import check
 from gemma3_train.convert import vision_keys
 from gemma3_train.models import decoder as model_lib
 
+_ENCODER = ('vision', 'encoder')  # a frozen encoder's params (training/frozen.py)
 PARAMS_CONFIG = 'gemma3_config.json'  # marks one of our params-only checkpoints
 _PARAMS_TREE = 'params'
 # The folder inside PARAMS_TREE that orbax v1's partial save writes the PyTree to.
@@ -157,7 +158,9 @@ class TrainSource(Source):
   order() takes those layers in turn: at most num_layers // 6 layers' worth at once.
   """
 
-  def __init__(self, path):
+  def __init__(self, path, frozen: Callable[[], Source] | None = None):
+    """frozen: opens what the run started from (run_source.init_source), read for the weights
+    the checkpoint does not hold: a frozen image encoder (training/frozen.py)."""
     self.path = train_step_dir(path)
     if not ocp.step.is_path_finalized(self.path):
       raise ConversionError(f'{self.path}: checkpoint write did not complete')
@@ -171,8 +174,12 @@ class TrainSource(Source):
     if not stored:
       raise ConversionError(f'{self._state_dir}: no params in the train state')
     self._keys = {}  # nnx path -> stored key path
+    self._frozen_encoder = None  # the run's source when the checkpoint holds no encoder
     for path_, var in nnx.to_flat_state(model_lib.abstract_state(self.cfg)):
       name = tuple(str(k) for k in path_)
+      if name not in stored and name[:2] == _ENCODER and frozen is not None and (
+          self.cfg.vision and not self.cfg.vision_trainable):
+        continue  # a frozen encoder: from the run's source (vision below)
       if name not in stored:
         raise ConversionError(f'{self._state_dir}: params/{"/".join(name)} missing from the '
                               'checkpoint')
@@ -182,6 +189,8 @@ class TrainSource(Source):
                               f'{shape}, expected {tuple(var.shape)}')
       self._keys[path_] = stored[name]
     self._cache: dict[tuple, np.ndarray] = {}
+    if self.cfg.vision and not any(p[:2] == _ENCODER for p in self._keys):
+      self._frozen_encoder = frozen()
 
   def _read(self, paths: list[tuple]) -> None:
     """Reads the leaves at these nnx paths into the cache (those not there yet)."""
@@ -218,6 +227,13 @@ class TrainSource(Source):
   def vision(self):
     if not self.cfg.vision:
       return None
+    if self._frozen_encoder is not None:  # the trained projector, the encoder as it started
+      encoder_top, encoder_layers = self._frozen_encoder.vision()
+      own = {n: p for n, p in layout.VISION_TOP_PATHS.items() if p[:2] != _ENCODER}
+      self._read(list(own.values()))
+      top = {n: encoder_top[n] for n, p in layout.VISION_TOP_PATHS.items() if p[:2] == _ENCODER}
+      top.update({name: self._cache.pop(p) for name, p in own.items()})
+      return top, encoder_layers
     paths = list(layout.VISION_TOP_PATHS.values())
     self._read(paths)
     top = {name: self._cache.pop(p) for name, p in layout.VISION_TOP_PATHS.items()}

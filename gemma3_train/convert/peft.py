@@ -18,7 +18,7 @@ lora_B = B.reshape(r, -1).T.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from gemma3_train import config as config_lib
 from gemma3_train.convert import layout
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import ours
+from gemma3_train.convert import run_source
 from gemma3_train.convert import source
 from gemma3_train.convert.source import ConversionError
 from gemma3_train.convert.source import Source
@@ -68,23 +69,8 @@ def _key(path: tuple) -> tuple[str, ...]:
 
 def lora_run_config(path) -> config_lib.Config | None:
   """The Config of a LoRA run's workdir or step directory; None for anything else."""
-  path = epath.Path(path)
-  if not ((path / 'checkpoints').is_dir() or (path / 'state').is_dir()):
-    return None
-  try:
-    step_dir = ours.train_step_dir(path)
-  except ConversionError:
-    return None
-  config_file = step_dir / 'config' / 'metadata'
-  if not config_file.exists():
-    return None
-  saved = json.loads(config_file.read_text())
-  if not saved.get('lora', {}).get('rank'):
-    return None
-  try:
-    return config_lib.from_dict(saved)
-  except config_lib.ConfigError as e:
-    raise ConversionError(f'{config_file}: {e}') from None
+  c = run_source.run_config(path)
+  return c if c is not None and c.lora.rank else None
 
 
 def read_trainables(path) -> tuple[config_lib.Config, dict[tuple[str, ...], np.ndarray]]:
@@ -107,45 +93,6 @@ def read_trainables(path) -> tuple[config_lib.Config, dict[tuple[str, ...], np.n
   return c, out
 
 
-class _MemorySource(Source):
-  """A canonical (top, layers) held in memory."""
-
-  def __init__(self, cfg, top, layers, vision=None):
-    self.cfg, self._top, self._layers, self._vision = cfg, top, layers, vision
-
-  def top(self):
-    return self._top
-
-  def layer(self, i):
-    return self._layers[i]
-
-  def vision(self):
-    return self._vision
-
-  def has_vision(self):
-    return self._vision is not None
-
-
-# (path, ModelConfig) -> Source: convert.open_source, passed in (it opens LoRA runs with us).
-OpenSource = Callable[[Any, config_lib.ModelConfig], Source]
-
-
-def base_source(c: config_lib.Config, open_source: OpenSource) -> Source:
-  """The frozen base of a LoRA run: checkpoint.init_from, else the seed's random init."""
-  if c.checkpoint.init_from:
-    src = open_source(c.checkpoint.init_from, c.model)
-    for k in config_lib.MODEL_SHAPE_FIELDS:
-      if getattr(src.cfg, k) != getattr(c.model, k):
-        raise ConversionError(f'model.{k}={getattr(c.model, k)}: the base '
-                              f'{c.checkpoint.init_from} has {getattr(src.cfg, k)}')
-    return src
-  model = model_lib.Gemma3(c.model, rngs=nnx.Rngs(c.train.seed))
-  state = nnx.state(model, nnx.Param)
-  top, layers = layout.state_to_canonical(c.model, state)
-  vision = layout.vision_state_to_canonical(c.model, state) if c.model.vision else None
-  return _MemorySource(c.model, top, layers, vision)
-
-
 def _delta(a: np.ndarray, b: np.ndarray, weight: str) -> np.ndarray:
   """A [in..., r] B [r, out...] -> the weight's update in its own axis order."""
   in_axes = lora.TARGETS[lora.WEIGHT_TARGET[weight]][1]
@@ -160,10 +107,10 @@ class MergedSource(Source):
   """A LoRA run read as a plain checkpoint: its base with the adapters folded in (W + B A * s),
   in float32, and its trained embedding with lora.train_embedding."""
 
-  def __init__(self, path, open_source: OpenSource):
+  def __init__(self, path, open_source: run_source.OpenSource):
     self.run, self.trainables = read_trainables(path)
     self.path = ours.train_step_dir(path)
-    self.base = base_source(self.run, open_source)
+    self.base = run_source.init_source(self.run, open_source)
     self.cfg = self.base.cfg
 
   def order(self):
@@ -201,12 +148,12 @@ def _take(trainables, cfg, i, target, part) -> np.ndarray:
   return x if block is None else x[block]
 
 
-def open_lora_source(path, open_source: OpenSource) -> MergedSource | None:
+def open_lora_source(path, open_source: run_source.OpenSource) -> MergedSource | None:
   """A MergedSource when path is a LoRA run's workdir or step, else None."""
   return MergedSource(path, open_source) if lora_run_config(path) is not None else None
 
 
-def load_adapted(path, open_source: OpenSource, model_cls=None,
+def load_adapted(path, open_source: run_source.OpenSource, model_cls=None,
                  **model_overrides) -> nnx.Module:
   """The adapted model of a LoRA workdir: its base (in lora.base_dtype) plus its adapters,
   computing what training computed."""
@@ -214,7 +161,7 @@ def load_adapted(path, open_source: OpenSource, model_cls=None,
   c = c.replace(model=model_overrides)
   model_cls = model_cls or model_lib.Gemma3
   model = nnx.eval_shape(lambda: lora.adapt(model_cls(c.model, rngs=nnx.Rngs(0)), c))
-  src = base_source(c, open_source)
+  src = run_source.init_source(c, open_source)
   by_index = dict(source.layers(src))
   plain = layout.canonical_to_state(c.model, src.top(),
                                     [by_index[i] for i in range(c.model.num_layers)])

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma3_train import config as config_lib
 from gemma3_train.models import decoder
+from gemma3_train.models import layers
 from gemma3_train import sharding
 from gemma3_train.training import frozen as frozen_lib
 from gemma3_train.training import objectives
@@ -70,20 +71,7 @@ def abstract_batch(c: config_lib.Config, mesh: Mesh) -> dict[str, jax.ShapeDtype
 
 
 def _init_program(fn: Callable[[], Any], out_shardings: Any, mesh: Mesh) -> Callable[[], Any]:
-  """jit(fn) for a random init, which runs once. On CPU it is compiled at LLVM -O0 (on its
-  first call): threefry makes a long program that the default level compiles in 12.5 s for
-  configs/tiny.py and -O0 in 6.9 s; the values differ from -O3's in the last bit at most."""
-  jitted = jax.jit(fn, out_shardings=out_shardings)
-  if mesh.devices.flat[0].platform != 'cpu':
-    return jitted
-  compiled = []
-
-  def init():
-    if not compiled:
-      compiled.append(jitted.lower().compile(
-          compiler_options={'xla_backend_optimization_level': 0}))
-    return compiled[0]()
-  return init
+  return layers.init_program(fn, out_shardings, cpu=mesh.devices.flat[0].platform == 'cpu')
 
 
 def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
