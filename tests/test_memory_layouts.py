@@ -68,8 +68,16 @@ def _assert_same_results(got, want):
       _assert_close(a[k], b[k], f'layer {i} {k}')
 
 
-@pytest.mark.parametrize('scan', [True, False], ids=['scanned', 'unscanned'])
-@pytest.mark.parametrize('policy', ['full', 'save_qkv_proj'])
+# The fast lane keeps one case of each test (the shipped 1b/4b/270m policy, scanned; the layer
+# scan under full remat); the slow marker runs the rest (~10 s each on 2 cores).
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize('scan,policy', [
+    pytest.param(True, 'save_qkv_proj', id='save_qkv_proj-scanned'),
+    pytest.param(False, 'save_qkv_proj', id='save_qkv_proj-unscanned', marks=_SLOW),
+    pytest.param(True, 'full', id='full-scanned', marks=_SLOW),
+    pytest.param(False, 'full', id='full-unscanned', marks=_SLOW)])
 def test_layer_unit_equals_block_unit(scan, policy):
   tokens_BL = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)), jnp.int32)
   results = {}
@@ -83,8 +91,9 @@ def test_layer_unit_equals_block_unit(scan, policy):
   assert 0.01 < scale < 100
 
 
-@pytest.mark.parametrize('policy,remat_unit', [('full', 'layer'), ('save_qkv_proj', 'layer'),
-                                               ('full', 'block'), ('none', 'block')])
+@pytest.mark.parametrize('policy,remat_unit', [
+    ('full', 'layer'), pytest.param('save_qkv_proj', 'layer', marks=_SLOW),
+    pytest.param('full', 'block', marks=_SLOW), pytest.param('none', 'block', marks=_SLOW)])
 def test_layer_scan_equals_block_layout(policy, remat_unit):
   """scan_unit='layer' (each block's six layers as an inner scan, the layer type as data: the
   RoPE frequencies by select, the attention kernel by lax.cond) computes the block layout's
