@@ -10,7 +10,7 @@ The step (training/step.py) never branches on the objective. It asks the Objecti
   eval_summary     the eval metrics from sums added over eval batches (host floats);
   makes_batches    True for an objective (RL) that makes its own batches by sampling; the loop
                    then asks make_batches instead of reading the data.
-Objectives differ in what they prepare and how they score, not in the loop (docs/training.md).
+Objectives differ in what they prepare and how they score, not in the loop (docs/architecture.md).
 """
 
 from __future__ import annotations
