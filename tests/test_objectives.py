@@ -1,17 +1,24 @@
 """The objective seam: the train step asks one Objective (training/objectives/) for the batch
-it reads, its loss sums and its metrics; nothing about cross-entropy is wired into the step."""
+it reads, the frozen models it needs, its loss sums and its metrics; nothing about
+cross-entropy is wired into the step."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import tiny
 from gemma3_train import config as config_lib
 from gemma3_train import sharding
+from gemma3_train.convert import layout
+from gemma3_train.convert import ours
+from gemma3_train.models import decoder
+from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train.training import objectives
-from gemma3_train.training.objectives import ce
+from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import state as train_state
+from gemma3_train.training.objectives import ce
 
 
 def _config(**train):
@@ -78,3 +85,61 @@ def test_the_step_reads_the_objectives_batch_loss_and_metrics(monkeypatch):
   assert float(metrics['loss']) == pytest.approx(float(metrics_ce['loss']), rel=1e-6)
   for x, y in zip(jax.tree.leaves(state['params']), jax.tree.leaves(state_ce['params'])):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+class _Anchored(ce.CrossEntropy):
+  """Cross-entropy plus a frozen reference model's loss on the same batch, as a metric: the
+  shape of a preference or distillation objective."""
+
+  def __init__(self, c, reference_path):
+    super().__init__(c)
+    self.reference_path = reference_path
+
+  def frozen_models(self):
+    return {'reference': self.reference_path}
+
+  def loss_sums(self, model, batch, frozen_models=None):
+    total, sums = super().loss_sums(model, batch)
+    _, ref = super().loss_sums(frozen_models['reference'], batch)
+    return total, {**sums, 'reference_loss_sum': ref['loss_sum']}
+
+  def metrics(self, sums):
+    weight = jnp.maximum(sums['weight_sum'], 1.0)
+    return {**super().metrics(sums), 'reference_loss': sums['reference_loss_sum'] / weight}
+
+
+def test_an_objectives_frozen_model_is_loaded_passed_and_never_trained_or_saved(
+    tmp_path, monkeypatch):
+  """objective.frozen_models() names a checkpoint: it is loaded at the start, handed to
+  loss_sums, never moved by a step, has no optimizer state and is not in the checkpoint."""
+  c = _config()
+  reference = decoder.Gemma3(c.model, rngs=nnx.Rngs(7))  # another seed than the trained model
+  top, layers = layout.state_to_canonical(c.model, nnx.state(reference, nnx.Param))
+  ours.save_params(tmp_path / 'reference', c.model, top, enumerate(layers))
+  monkeypatch.setattr(objectives, 'get', lambda c: _Anchored(c, str(tmp_path / 'reference')))
+  s = train_state.setup(c, sharding.make_mesh(c), abstract=True)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / 'run'), c)
+  state, step = restore_lib.restore_or_init(s, ckpt, None)
+  assert step == 0
+  want = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(reference,
+                                                                                  nnx.Param))}
+  flat = lambda part: {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(part)}
+  for k, v in flat(state['frozen_models']['reference']).items():
+    np.testing.assert_array_equal(v, want[k], err_msg=str(k))
+
+  batch = {k: v for k, v in _batch(c, [1.0] * 8).items() if k != 'row_weight'}
+  new_state, metrics = s.train_step(state, {k: jax.device_put(v, s.batch_sharding[k])
+                                            for k, v in batch.items()})
+  ref_sums = ce.CrossEntropy(c).loss_sums(reference, {k: jnp.asarray(v)
+                                                      for k, v in batch.items()})[1]
+  assert float(metrics['reference_loss']) == pytest.approx(
+      float(ref_sums['loss_sum'] / ref_sums['weight_sum']), rel=1e-5)
+  for k, v in flat(new_state['frozen_models']['reference']).items():
+    np.testing.assert_array_equal(v, want[k], err_msg=str(k))
+  trainable = sum(x.size for x in jax.tree.leaves(new_state['params']))
+  moments = sum(x.size for x in jax.tree.leaves(new_state['opt_state']) if x.ndim > 0)
+  assert moments == 2 * trainable
+  ckpt.save(1, new_state, None, force=True)
+  ckpt.close()
+  tree = (tmp_path / 'run' / 'checkpoints' / '1' / 'state' / '_METADATA').read_text()
+  assert 'embedder' in tree and 'frozen_models' not in tree and 'reference' not in tree

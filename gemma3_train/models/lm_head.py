@@ -85,6 +85,22 @@ def _zero_sums():
   return {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}
 
 
+def _chunks(chunk_size: int, *arrays_BL):
+  """[B, L, ...] arrays -> [n, B, C, ...] (C = min(chunk_size, L)), a ragged last chunk padded
+  with zeros: the scan axis leads and rows stay where they are (the batch keeps its sharding)."""
+  if chunk_size < 1:
+    raise ValueError(f'train.loss_chunk_size={chunk_size}: expected >= 1')
+  B, L = arrays_BL[0].shape[:2]
+  C = min(chunk_size, L)
+  n = -(-L // C)
+  out = []
+  for a in arrays_BL:
+    if n * C > L:
+      a = jnp.pad(a, ((0, 0), (0, n * C - L)) + ((0, 0),) * (a.ndim - 2))
+    out.append(a.reshape(B, n, C, *a.shape[2:]).swapaxes(0, 1))
+  return out
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _sums_nBC(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float,
               vocab_parallel: bool):
@@ -210,20 +226,7 @@ def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_
   the maximum logit (ties count as correct). Gradients flow to x_BLD and embedding_VD.
   vocab_parallel: the gradient pass splits the vocabulary over the batch axes (module doc).
   """
-  B, L, D = x_BLD.shape
-  if chunk_size < 1:
-    raise ValueError(f'train.loss_chunk_size={chunk_size}: expected >= 1')
-  C = min(chunk_size, L)
-  num_chunks = -(-L // C)
-  pad = num_chunks * C - L
-  if pad:
-    x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
-    targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
-    weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
-  # [B, n*C, ...] -> [n, B, C, ...]: the scan axis leads, rows stay where they are.
-  x_nBCD = x_BLD.reshape(B, num_chunks, C, D).swapaxes(0, 1)
-  targets_nBC = targets_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
-  weights_nBC = weights_BL.reshape(B, num_chunks, C).swapaxes(0, 1)
+  x_nBCD, targets_nBC, weights_nBC = _chunks(chunk_size, x_BLD, targets_BL, weights_BL)
   return _sums_nBC(x_nBCD, embedding_VD, targets_nBC, weights_nBC, float(z_loss),
                    bool(vocab_parallel))
 
@@ -278,17 +281,9 @@ def token_logprobs(x_BLD, embedding_VD, targets_BL, *, chunk_size: int) -> jax.A
   backward pass recomputes them chunk by chunk instead of keeping every chunk's (which would be
   the [B, L, V] array again). Gradients flow to x_BLD and embedding_VD.
   """
-  B, L, D = x_BLD.shape
-  if chunk_size < 1:
-    raise ValueError(f'chunk_size={chunk_size}: expected >= 1')
-  C = min(chunk_size, L)
-  n = -(-L // C)
-  pad = n * C - L
-  if pad:
-    x_BLD = jnp.pad(x_BLD, ((0, 0), (0, pad), (0, 0)))
-    targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
-  x_nBCD = x_BLD.reshape(B, n, C, D).swapaxes(0, 1)
-  targets_nBC = targets_BL.reshape(B, n, C).swapaxes(0, 1)
+  B, L, _ = x_BLD.shape
+  x_nBCD, targets_nBC = _chunks(chunk_size, x_BLD, targets_BL)
+  n, _, C = targets_nBC.shape
 
   @jax.checkpoint
   def chunk(x_BCD, targets_BC):

@@ -2,8 +2,9 @@
 
 What does not train is a frozen part: a LoRA run's base (every weight that is not an adapter,
 'base'), or a vision model's image encoder with model.vision_trainable=False
-('vision_encoder'). The objectives' own frozen models (a DPO or GRPO reference, a distillation
-teacher) follow the same three rules. Every frozen part
+('vision_encoder'). The models an objective names (objective.frozen_models(): a DPO or GRPO
+reference, a distillation teacher) are held the same way under state['frozen_models'], loaded
+from their checkpoints by restore.py. Every frozen part
   - lives in the train state under state['frozen'][name], an input of the train step: never
     differentiated, never in the optimizer state and never in a checkpoint;
   - is rebuilt from its source at each start: checkpoint.init_from (cast, or int8-quantized, to

@@ -28,7 +28,25 @@ log = logging.getLogger(__name__)
 
 def restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
                     train_iter: Iterator[dict] | None) -> tuple[state_lib.State, int]:
-  """(state, first step) in the restore order above."""
+  """(state, first step) in the restore order above, with the objective's frozen models."""
+  state, step = _restore_or_init(s, ckpt, train_iter)
+  frozen_models = s.objective.frozen_models()
+  if frozen_models:
+    state = {**state, 'frozen_models': {
+        name: _load_frozen_model(s, name, path) for name, path in frozen_models.items()}}
+  return state, step
+
+
+def _load_frozen_model(s: state_lib.Setup, name: str, path: str) -> nnx.State:
+  """An objective's frozen model from its checkpoint, into its shardings (init_from's reader:
+  any checkpoint convert reads, of the trained model's shapes)."""
+  log.info('Loading the frozen %s model from %s', name, path)
+  return init_from.load_init_params(
+      path, s.config, {'params': s.abstract_state['frozen_models'][name]})
+
+
+def _restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
+                     train_iter: Iterator[dict] | None) -> tuple[state_lib.State, int]:
   c = s.config
   abstract_frozen = s.abstract_state['frozen']
   restored = ckpt.restore_latest(state_lib.saved(s.abstract_state), train_iter,

@@ -2,7 +2,9 @@
 
 A train state is a plain dict pytree:
   {'step': int32[], 'params': nnx.State of the trainable Params, 'opt_state': optax state of
-   those, 'frozen': {name: nnx.State} (frozen.py: never differentiated, optimized or saved)}.
+   those, 'frozen': {name: nnx.State} (frozen.py: never differentiated, optimized or saved)}
+  and, when the objective names frozen models (a reference, a teacher), 'frozen_models':
+  {name: nnx.State}, held the same way.
 Params keep their nnx.Variable wrappers so that the logical axis metadata travels with them
 (and with the Adam moments optax builds from them).
 """
@@ -39,8 +41,14 @@ def new_state(c: config_lib.Config, tx: optax.GradientTransformation) -> State:
 
 
 def saved(state: State) -> State:
-  """The part of a train state that checkpoints hold (frozen parts are rebuilt instead)."""
-  return {k: v for k, v in state.items() if k != 'frozen'}
+  """The part of a train state that checkpoints hold (frozen parts and models are rebuilt)."""
+  return {k: v for k, v in state.items() if k not in ('frozen', 'frozen_models')}
+
+
+def frozen_model_abstract(c: config_lib.Config) -> nnx.State:
+  """The Params of a frozen model an objective names (frozen.py): the trained model's shapes
+  without LoRA, in model.param_dtype."""
+  return decoder.abstract_state(c.model)
 
 
 @dataclasses.dataclass
@@ -50,6 +58,7 @@ class Setup:
   rules: dict[str, tuple[str, ...]]
   objective: objectives.base.Objective
   graphdef: Any
+  frozen_model_graphdef: Any  # of objective.frozen_models()'s models
   abstract_state: State  # ShapeDtypeStructs with shardings; nothing allocated
   state_shardings: State
   batch_sharding: dict[str, NamedSharding]
@@ -81,30 +90,38 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   tx, schedule = optimizer_lib.make_optimizer(c)
   make = functools.partial(new_state, c, tx)
   abstract_state = jax.eval_shape(make)
+  frozen_models = objective.frozen_models()
+  if frozen_models:  # loaded at each start (restore.py), never randomly initialized
+    abstract_state['frozen_models'] = {name: frozen_model_abstract(c) for name in frozen_models}
   state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: decoder.build(c, nnx.Rngs(0))))
+  frozen_model_graphdef = nnx.graphdef(
+      nnx.eval_shape(lambda: decoder.Gemma3(c.model, rngs=nnx.Rngs(0))))
   batch_sharding = {k: sharding.batch_sharding(mesh) for k in abstract_batch(c, mesh)}
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
-      functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+      functools.partial(step_lib.train_step, graphdef=graphdef,
+                        frozen_model_graphdef=frozen_model_graphdef, tx=tx, schedule=schedule,
                         objective=objective, c=c, mesh=mesh, rules=rules),
       in_shardings=(state_shardings, batch_sharding),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0)
   eval_step = jax.jit(
-      functools.partial(step_lib.eval_step, graphdef=graphdef, objective=objective, mesh=mesh,
-                        rules=rules),
+      functools.partial(step_lib.eval_step, graphdef=graphdef,
+                        frozen_model_graphdef=frozen_model_graphdef, objective=objective,
+                        mesh=mesh, rules=rules),
       in_shardings=(state_shardings, batch_sharding), out_shardings=replicated)
   # jit drops what each init does not return: no random frozen part where one is loaded.
-  init_state = _init_program(make, state_shardings, mesh)
+  own = {k: v for k, v in state_shardings.items() if k != 'frozen_models'}
+  init_state = _init_program(make, own, mesh)
   init_trainable = _init_program(lambda: saved(make()), saved(state_shardings), mesh)
   init_frozen = _init_program(lambda: make()['frozen'], state_shardings['frozen'], mesh)
   init_opt_state = jax.jit(tx.init, out_shardings=state_shardings['opt_state'])
   s = Setup(config=c, mesh=mesh, rules=rules, objective=objective, graphdef=graphdef,
-            abstract_state=abstract_state, state_shardings=state_shardings,
+            frozen_model_graphdef=frozen_model_graphdef, abstract_state=abstract_state, state_shardings=state_shardings,
             batch_sharding=batch_sharding, schedule=schedule, init_state=init_state,
             init_trainable=init_trainable, init_frozen=init_frozen,
             init_opt_state=init_opt_state, train_step=train_step, eval_step=eval_step)

@@ -19,13 +19,17 @@ from gemma3_train import sharding
 State = dict[str, Any]
 
 
-def _loss_sums(params, frozen: dict, batch: dict, *, graphdef, objective,
-               dropout_key=None, dropout_rate: float = 0.0) -> tuple[jax.Array, dict]:
-  """The objective's summed loss and parts; the frozen parts are inputs, not differentiated."""
-  model = nnx.merge(graphdef, params, *frozen.values())
+def _loss_sums(params, state: State, batch: dict, *, graphdef, frozen_model_graphdef,
+               objective, dropout_key=None, dropout_rate: float = 0.0
+               ) -> tuple[jax.Array, dict]:
+  """The objective's summed loss and parts. The frozen parts and the objective's frozen models
+  come from the state: inputs, not differentiated."""
+  model = nnx.merge(graphdef, params, *state['frozen'].values())
   if dropout_key is not None:  # LoRA adapter dropout: training steps only
     lora.set_dropout(model, dropout_key, dropout_rate)
-  return objective.loss_sums(model, batch)
+  frozen_models = {name: nnx.merge(frozen_model_graphdef, part)
+                   for name, part in state.get('frozen_models', {}).items()}
+  return objective.loss_sums(model, batch, frozen_models)
 
 
 def _dropout_key(c: config_lib.Config, step: jax.Array) -> jax.Array | None:
@@ -36,18 +40,20 @@ def _dropout_key(c: config_lib.Config, step: jax.Array) -> jax.Array | None:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(c.train.seed), 0xD50), step)
 
 
-def train_step(state: State, batch: dict, *, graphdef, tx, schedule, objective,
-               c: config_lib.Config, mesh: Mesh, rules) -> tuple[State, dict]:
+def train_step(state: State, batch: dict, *, graphdef, frozen_model_graphdef, tx, schedule,
+               objective, c: config_lib.Config, mesh: Mesh, rules) -> tuple[State, dict]:
   """One optimizer step over the global batch, accumulated over microbatches by a scan."""
   with sharding.use_mesh(mesh, rules):
     params = state['params']
-    grad_fn = jax.grad(functools.partial(_loss_sums, graphdef=graphdef, objective=objective,
-                                         dropout_rate=c.lora.dropout), has_aux=True)
+    grad_fn = jax.grad(functools.partial(_loss_sums, graphdef=graphdef,
+                                         frozen_model_graphdef=frozen_model_graphdef,
+                                         objective=objective, dropout_rate=c.lora.dropout),
+                       has_aux=True)
     A = c.optim.grad_accum_steps
     key = _dropout_key(c, state['step'])  # None unless lora.dropout
     drop = lambda k: {} if k is None else {'dropout_key': k}
     if A == 1:
-      grads, sums = grad_fn(params, state['frozen'], batch, **drop(key))
+      grads, sums = grad_fn(params, state, batch, **drop(key))
     else:
       # Strided microbatches (row j*A + a goes to microbatch a) keep every device's rows local.
       def split(x):
@@ -57,19 +63,19 @@ def train_step(state: State, batch: dict, *, graphdef, tx, schedule, objective,
 
       def body(carry, mb):
         mb, a = mb
-        g, s = grad_fn(params, state['frozen'], mb,
+        g, s = grad_fn(params, state, mb,
                        **drop(None if key is None else jax.random.fold_in(key, a)))
         return jax.tree.map(jnp.add, carry, (g, s)), None
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      zero_sums = jax.eval_shape(lambda: grad_fn(params, state['frozen'], jax.tree.map(
+      zero_sums = jax.eval_shape(lambda: grad_fn(params, state, jax.tree.map(
           lambda x: x[0], micro))[1])
       zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums)
       (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (micro, jnp.arange(A)))
     weight = jnp.maximum(sums['weight_sum'], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(params, updates),
-                 'opt_state': opt_state, 'frozen': state['frozen']}
+    new_state = {**state, 'step': state['step'] + 1, 'opt_state': opt_state,
+                 'params': optax.apply_updates(params, updates)}
     metrics = {**objective.metrics(sums),
                'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state['step']),
@@ -77,9 +83,10 @@ def train_step(state: State, batch: dict, *, graphdef, tx, schedule, objective,
   return new_state, metrics
 
 
-def eval_step(state: State, batch: dict, *, graphdef, objective, mesh, rules) -> dict:
+def eval_step(state: State, batch: dict, *, graphdef, frozen_model_graphdef, objective, mesh,
+              rules) -> dict:
   """The objective's summed parts on one eval batch (no dropout)."""
   with sharding.use_mesh(mesh, rules):
-    _, sums = _loss_sums(state['params'], state['frozen'], batch, graphdef=graphdef,
-                         objective=objective)
+    _, sums = _loss_sums(state['params'], state, batch, graphdef=graphdef,
+                         frozen_model_graphdef=frozen_model_graphdef, objective=objective)
   return sums
