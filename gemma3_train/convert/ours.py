@@ -31,8 +31,9 @@ from gemma3_train.convert.source import absolute
 from gemma3_train.convert.source import check
 from gemma3_train.convert import vision_keys
 from gemma3_train.models import decoder as model_lib
+from gemma3_train.models import vision
 
-_ENCODER = ('vision', 'encoder')  # a frozen encoder's params (training/frozen.py)
+_ENCODER = vision.ENCODER_PATH  # a frozen encoder's params (training/frozen.py)
 PARAMS_CONFIG = 'gemma3_config.json'  # marks one of our params-only checkpoints
 _PARAMS_TREE = 'params'
 # The folder inside PARAMS_TREE that orbax v1's partial save writes the PyTree to.

@@ -201,6 +201,11 @@ class Projector(nnx.Module):
     return jnp.einsum('BTW,WD->BTD', x_BTW, self.projection[...].astype(self.dtype))
 
 
+# Where the image encoder's parameters live in a Gemma3 model's state (Gemma3.vision.encoder):
+# what a frozen tower leaves out of training (training/frozen.py) and of checkpoints.
+ENCODER_PATH = ('vision', 'encoder')
+
+
 class Vision(nnx.Module):
   """The encoder and the projector: images [B, N, S, S, 3] -> soft tokens [B, N, T, D]."""
 

@@ -24,12 +24,13 @@ from flax import nnx
 from gemma3_train import config as config_lib
 from gemma3_train.models import decoder
 from gemma3_train.models import lora
+from gemma3_train.models import vision
 
 State = nnx.State
 
 
 def _in_vision_encoder(path, _) -> bool:
-  return tuple(path[:2]) == ('vision', 'encoder')
+  return tuple(path[:2]) == vision.ENCODER_PATH
 
 
 def split(c: config_lib.Config, model: nnx.Module) -> tuple[State, dict[str, State]]:
