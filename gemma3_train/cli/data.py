@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from gemma3_train.cli import errors
+from gemma3_train.cli import logs
 from gemma3_train import config as config_lib
 from gemma3_train.data import prepare
 from gemma3_train.data import sources
@@ -59,6 +60,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 def run() -> None:
+  logs.setup()  # the trainer's absl format (cli/logs.py)
   with errors.exit_on(PROG, errors.UsageError, config_lib.ConfigError, sources.DataError,
                       OSError):
     main(sys.argv[1:])

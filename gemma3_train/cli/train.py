@@ -10,18 +10,16 @@ are one line and exit status 2 as well; Ctrl-C is signals.py's (save, then exit 
 libraries' flags.
 """
 
-import difflib
-import logging
 import re
 import sys
 import textwrap
 
 from absl import app
 from absl import flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from gemma3_train.cli import errors
+from gemma3_train.cli import logs
 from gemma3_train import config as config_lib
 
 PROG = 'gemma3-train'
@@ -88,8 +86,7 @@ _OVERRIDE = re.compile(r'--?(?:no)?config\.([^=]*)')
 
 def main(argv) -> None:
   if _VERBOSE.value:
-    absl_logging.set_verbosity(absl_logging.INFO)
-    logging.getLogger().setLevel(logging.INFO)
+    logs.verbose()
   if len(argv) > 1:
     errors.fail(PROG, f'unexpected arguments {argv[1:]}; fields are set with '
                 '--config.SECTION.KEY=VALUE')
@@ -164,10 +161,9 @@ def _check_command_line(args: list[str]) -> None:
       path = arg.split('=', 1)[1] if '=' in arg else (args[i + 1] if i + 1 < len(args) else '')
     elif match := _OVERRIDE.match(arg):
       name = match.group(1)
-      if name not in fields:
-        close = difflib.get_close_matches(name, fields, n=1)
+      if name not in fields:  # another trainer's name for a field maps to ours (aliases.py)
         errors.fail(PROG, f'--config.{name}: unknown config field' +
-                    (f'; did you mean --config.{close[0]}?' if close else ''))
+                    config_lib.field_hint(name, '--config.'))
   if path:
     try:
       config_lib.load_config_dict(path)
@@ -217,10 +213,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-  # Before app.run, so that --verbosity and --logger_levels on the command line still win.
-  # Without an explicit verbosity, app.run raises absl's (the root logger's) level to INFO.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger('gemma3_train').setLevel(logging.INFO)
+  logs.setup(absl_app=True)  # before app.run, so that --verbosity and --logger_levels still win
   app.run(main, flags_parser=_parse_flags)
 
 

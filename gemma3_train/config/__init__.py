@@ -5,6 +5,7 @@ The bottom of the package: it imports nothing else from gemma3_train (nor jax), 
 `from gemma3_train import config` stays light for the CLIs' --help and for config files.
 """
 
+from gemma3_train.config.aliases import hint as field_hint
 from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, GLOBAL_EVERY, LORA_BASE_DTYPES,
                                         LORA_TARGETS, MESH_AXES, MESH_AXIS_TABLE,
                                         MIXTURE_EXHAUSTED, MODEL_SHAPE_FIELDS, OBJECTIVES, PRESETS,
@@ -50,6 +51,7 @@ __all__ = [
     'TrainConfig',
     'default_config_dict',
     'field_docs',
+    'field_hint',
     'from_config_dict',
     'from_dict',
     'load_config_dict',

@@ -158,7 +158,9 @@ MeshConfig = dataclasses.make_dataclass(
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = _f('bundled', ' | '.join(SOURCES))
+  source: str = _f('bundled', ' | '.join(SOURCES) + " (left at 'bundled' with "
+                   'data.train_path set: taken from its kind, .jsonl[.gz] | .parquet | '
+                   '.arrayrecord | a prepared directory)')
   train_path: str = _f('', 'file, glob or comma list (local or gs://) for train data')
   eval_path: str = _f('', "same for the held-out eval split ('' = source's own eval split)")
   format: str = _f('text', 'text (pretraining) | chat (SFT with Gemma chat format)')

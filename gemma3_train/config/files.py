@@ -11,6 +11,7 @@ from typing import Any
 
 import ml_collections
 
+from gemma3_train.config import aliases
 from gemma3_train.config.fields import Config, ConfigError
 from gemma3_train.config.validate import validate
 
@@ -68,8 +69,9 @@ def _section(name: str, cls: type, values: dict[str, Any]) -> Any:
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))
   if unknown:
-    raise ConfigError(f'{name}.{unknown[0]}: unknown config field; expected one of '
-                      f'{", ".join(sorted(fields))}')
+    hint = aliases.hint(f'{name}.{unknown[0]}')
+    raise ConfigError(f'{name}.{unknown[0]}: unknown config field' + (
+        hint or f'; expected one of {", ".join(sorted(fields))}'))
   kwargs = {k: _check_type(f'{name}.{k}', v, fields[k].type) for k, v in values.items()}
   return cls(**kwargs)
 

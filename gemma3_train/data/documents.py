@@ -148,7 +148,7 @@ class ToDocument(grain.transforms.Map):
       try:
         obj = json.loads(text)
       except json.JSONDecodeError as e:
-        sources.note(f'not valid JSON ({e.msg})', where)
+        sources.note('not valid JSON', where, detail=str(e))  # msg: line N column M
         return None
       if not isinstance(obj, dict):
         sources.note(f'not a JSON object ({type(obj).__name__})', where)

@@ -13,6 +13,7 @@ and, when model.vision, IMAGE_BATCH_DTYPES:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -100,6 +101,8 @@ def _probe(to_doc: documents.ToDocument, indices, field_name: str) -> None:
       if to_doc.document(int(i)) is not None:
         return
   new = sorted(set(reasons))
+  if len(new) > 3:  # the same reason at other columns, say: the first three, then a count
+    new = new[:3] + [f'{len(new) - 3} more']
   if new:
     n = min(len(indices), sources.PROBE_ROWS)
     raise config_lib.ConfigError(
@@ -112,6 +115,7 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
                  process_count: int = 1, num_epochs: int | None = None,
                  batch_size: int | None = None) -> grain.IterDataset:
   """The batch pipeline for this process's shard; num_epochs None repeats forever."""
+  c = select.resolve(c)  # data.source from data.train_path, when left at 'bundled'
   d = c.data
   if not 0 <= process_index < process_count:
     raise config_lib.ConfigError(f'process_index={process_index}: expected 0 <= index < '
@@ -212,13 +216,15 @@ def _all_prepared(c: config_lib.Config, mixed: bool) -> bool:
   read inline."""
   if not mixed:
     return c.data.source == 'prepared'
-  return all(config_lib.source_data(c.data, m).source == 'prepared'
+  return all(select.resolve(dataclasses.replace(c, data=config_lib.source_data(c.data, m)),
+                            warn=False).data.source == 'prepared'
              for m in config_lib.parse_mixture(c.data.mixture) if m.weight > 0)
 
 
 def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
                  process_index: int, process_count: int) -> grain.IterDataset:
   """One source's packed (or padded) rows for this process's shard of its documents."""
+  c = select.resolve(c, warn=False)  # a mixture source's data.source, from its train_path
   d = c.data
   tok = _tokenizer(c)
   source = select.make_source(c, split)
@@ -267,6 +273,7 @@ def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,
   iterators close again from __del__, which fails during interpreter teardown (an ignored
   AttributeError on stderr).
   """
+  c = select.resolve(c)
   it = iter(make_dataset(c, 'train', process_index=process_index,
                          process_count=process_count))
   log.info('data: %s train batches of %s x %d for process %d/%d', c.data.source,

@@ -52,11 +52,15 @@ class DataError(ValueError):
   """A record that must not be silently skipped; the message names the file and row."""
 
 
-def note(reason: str, where: str, *, skipped: bool = True) -> None:
-  """Counts a skipped (or split) record; warns of the first few skipped rows of each reason."""
+def note(reason: str, where: str, *, skipped: bool = True, detail: str = '') -> None:
+  """Counts a skipped (or split) record; warns of the first few skipped rows of each reason.
+
+  Rows are counted by `reason`; `detail` (e.g. a JSON decoder's message with its line and
+  column) is shown after it in the row's warning and in a start-up probe's error."""
   key = f'{"skipped" if skipped else "split"}: {reason}'
+  shown = f'{key} ({detail})' if detail else key
   for keys in _recorders:
-    keys.append(key)
+    keys.append(shown)
   if not skipped:
     COUNTS[key] += 1
     if COUNTS[key] <= _WARN_FIRST:
@@ -70,7 +74,7 @@ def note(reason: str, where: str, *, skipped: bool = True) -> None:
   rows.add(row)
   COUNTS[key] += 1
   if len(rows) <= _WARN_FIRST:  # the first few of each file and reason
-    log.warning('data: %s at %s', key, where)
+    log.warning('data: %s at %s', shown, where)
   if len(rows) == _WARN_FIRST:
     log.warning('data: further rows of %s %s are counted, not shown; totals at the end',
                 file.rpartition(' ')[0] or where, key)

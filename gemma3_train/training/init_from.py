@@ -116,11 +116,15 @@ _VISION_SHAPE_FIELDS = ('vision_image_size', 'vision_patch_size', 'vision_width'
                         'vision_depth', 'vision_mlp_dim', 'vision_num_heads')
 
 
+_SAID_SKIPPED: set[str] = set()  # the init_from paths whose skipped vision weights were logged
+
+
 def _check_vision(src: convert.Source, path: str, m: config_lib.ModelConfig) -> None:
   """A text-only run from a multimodal checkpoint skips its vision weights (logged); a vision
   run needs them, of its shapes: random ones would leave a frozen tower that sees nothing."""
   if not m.vision:
-    if src.has_vision():
+    if src.has_vision() and path not in _SAID_SKIPPED:  # said once (preflight, then the load)
+      _SAID_SKIPPED.add(path)
       log.info('checkpoint.init_from=%s has vision weights; model.vision is False, so they '
                'are skipped (text decoder only)', path)
     return
