@@ -277,3 +277,15 @@ def test_text_run_from_a_vision_workdir_says_skipped_once(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   said = [l for l in r.stderr.splitlines() if 'has vision weights' in l]
   assert len(said) == 1 and 'so they are skipped' in said[0], r.stderr
+
+
+@pytest.mark.slow
+def test_a_relative_workdir_is_the_current_directorys(tmp_path):
+  """--workdir=run (relative) trains into CWD/run; orbax itself needs absolute paths."""
+  r = _script('gemma3-train', f'--config={ROOT / "configs" / "tiny.py"}', '--workdir=run',
+              '--config.data.source=synthetic', '--config.model.vocab_size=512',
+              '--config.model.num_layers=1', '--config.data.seq_len=16',
+              '--config.train.num_steps=1', '--config.train.eval_every=0',
+              '--config.train.cache_dir=', cwd=tmp_path)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert (tmp_path / 'run' / 'checkpoints' / '1').is_dir()

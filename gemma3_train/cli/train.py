@@ -10,6 +10,7 @@ are one line and exit status 2 as well; Ctrl-C is signals.py's (save, then exit 
 libraries' flags.
 """
 
+import os
 import re
 import sys
 import textwrap
@@ -117,7 +118,10 @@ def main(argv) -> None:
     return
   if not _WORKDIR.value:
     errors.fail(PROG, '--workdir is required to train, e.g. --workdir=/tmp/run')
-  _train(config, _WORKDIR.value)
+  workdir = _WORKDIR.value
+  if '://' not in workdir:  # orbax wants absolute paths; a relative one is the current dir's
+    workdir = os.path.abspath(workdir)
+  _train(config, workdir)
 
 
 def _train(config: config_lib.Config, workdir: str) -> None:
