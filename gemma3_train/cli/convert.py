@@ -9,8 +9,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import sys
 
 from gemma3_train.cli import errors
@@ -61,10 +61,17 @@ def _parser() -> argparse.ArgumentParser:
                     'base), or with --merge what `export` writes.')
   lora.add_argument('--merge', action='store_true', help='Write the base with the adapters '
                     'merged in (W + B A alpha/r) as a Gemma3ForCausalLM directory.')
+  lora.add_argument('--with_base', action='store_true', help='Also write the base (what the '
+                    'run started from) as a Hugging Face directory DST/base and point the '
+                    'adapter\'s base_model_name_or_path at it. Without it, that is init_from when '
+                    'init_from is a Hugging Face directory, else null (docs/lora.md).')
   lora.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
-                    help='--merge only: dtype of the written tensors.')
-  info = sub.add_parser('info', help='Print the kind of a checkpoint and its model config.')
-  info.add_argument('--src', required=True, help='Any checkpoint directory gemma3-convert reads.')
+                    help='--merge and --with_base: dtype of the written model tensors.')
+  info = sub.add_parser('info', help='Print what a checkpoint is, as JSON: its kind (training, '
+                       'lora, params, hf, kaggle, peft), a run\'s step and base (init_from), '
+                       'the LoRA settings and the model config.')
+  info.add_argument('--src', required=True, help='Any checkpoint directory gemma3-convert reads, '
+                    'or a PEFT adapter directory.')
   return p
 
 
@@ -91,6 +98,19 @@ def _hf_class(cfg: config_lib.ModelConfig) -> str:
   return 'Gemma3ForConditionalGeneration' if cfg.vision else 'Gemma3ForCausalLM'
 
 
+def _umask_modes(dst: str) -> None:
+  """Every file written under a local dst readable as open() creates files (0666 less the
+  umask): safetensors' save_file creates its file 0600 (model.safetensors was 0600, the JSON
+  beside it 0644)."""
+  if '://' in dst:
+    return
+  mask = os.umask(0)
+  os.umask(mask)
+  for root, _, files in os.walk(dst):
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def main(argv: list[str]) -> None:
   args = _parser().parse_args(argv)
   if args.command == 'import':
@@ -103,22 +123,29 @@ def main(argv: list[str]) -> None:
   elif args.command == 'export':
     cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype,
                             shard_size=_size(args.shard_size), tokenizer_path=args.tokenizer)
+    _umask_modes(args.dst)
     print(f'{args.dst}: {_hf_class(cfg)} ({cfg.preset}), {args.dtype}')
   elif args.command == 'export-lora':
     if convert.peft.lora_run_config(args.src) is None:
       raise convert.ConversionError(f'--src={args.src}: not a LoRA training workdir '
                                     '(one trained with lora.rank > 0)')
+    if args.merge and args.with_base:
+      raise convert.ConversionError('--with_base goes with the adapter export, not --merge '
+                                    '(a merged export is a whole model already)')
     if args.merge:
       cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype)
       print(f'{args.dst}: {_hf_class(cfg)} ({cfg.preset}) with the adapters merged, '
             f'{args.dtype}')
     else:
-      c = convert.peft.export_adapter(args.src, args.dst)
-      print(f'{args.dst}: PEFT LoRA adapter, r={c.lora.rank}, targets {c.lora.targets}')
+      c, base = convert.peft.export_adapter(args.src, args.dst, with_base=args.with_base,
+                                            open_source=convert.open_source, dtype=args.dtype)
+      print(f'{args.dst}: PEFT LoRA adapter, r={c.lora.rank}, targets {c.lora.targets}, '
+            + (f'base_model_name_or_path {base}' if base else
+               f'base_model_name_or_path null: the base ({c.checkpoint.init_from or "random init"}'
+               ') is not a Hugging Face directory; --with_base exports it beside the adapter'))
+    _umask_modes(args.dst)
   else:
-    src = convert.open_source(args.src)
-    print(json.dumps({'kind': convert.checkpoint_kind(args.src),
-                      'model': dataclasses.asdict(src.cfg)}, indent=2))
+    print(json.dumps(convert.info(args.src), indent=2))
 
 
 def run() -> None:

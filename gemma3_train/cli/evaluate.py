@@ -4,12 +4,15 @@
   gemma3-eval --ckpt=DIR --choices=FILE.jsonl [--output=scores.json]
 
 The dataset is whatever the config's data section reads (any source, text or chat; default:
-the bundled corpus's eval split), batched by train.global_batch_size rows of data.seq_len;
+the bundled corpus's eval split), batched by train.global_batch_size rows of data.seq_len; the
+first train.eval_steps batches by default, as the trainer's evals (--max_batches=N: N of them,
+--max_batches=0: the whole split);
 --config.data.*/--config.train.global_batch_size override fields, --config.model.* the model's
 non-shape fields (dtype). The checkpoint fixes the model shape. --choices scores a JSONL of
 {"context", "choices", "answer"} rows by summed log-likelihood (inference/scoring.py). The
-result is JSON on stdout, or in --output, with per-row scores for --choices; progress and
-ETA go to stderr.
+result is JSON on stdout, or in --output, with per-row scores for --choices; what is read and
+one progress line with its rate and ETA go to stderr (redrawn in place on a terminal, a line
+every 5 s in a log).
 A bad command line, a missing checkpoint or a bad file is one line `gemma3-eval: error: ...` and
 exit status 2.
 """
@@ -35,7 +38,8 @@ def _parser() -> errors.ArgParser:
   p.add_argument('--config', default='', help='config file whose data section names the '
                  'dataset (default: the built-in defaults, the bundled corpus)')
   p.add_argument('--split', default='eval', choices=('eval', 'train'), help='dataset split')
-  p.add_argument('--max_batches', type=int, default=0, help='stop after N batches (0 = all)')
+  p.add_argument('--max_batches', type=int, default=None, help="stop after N batches (default: "
+                 "the config's train.eval_steps; 0 = the whole split)")
   p.add_argument('--choices', default='', help='JSONL of {context, choices, answer} rows: '
                  'multiple-choice log-likelihood scoring instead of the dataset')
   p.add_argument('--batch_size', type=int, default=8, help='--choices: sequences per batch')
@@ -45,13 +49,23 @@ def _parser() -> errors.ArgParser:
   return p
 
 
+def _reading(c: config_lib.Config, split: str, max_batches: int, default: bool) -> str:
+  """The stderr line that says how much of the split is read, and how to read more."""
+  rows = f'{c.train.global_batch_size} x {c.data.seq_len} tokens'
+  if not max_batches:
+    return f'{PROG}: the whole {split} split, in batches of {rows} (--max_batches=N: N batches)'
+  why = ("the config's train.eval_steps; --max_batches=N for N, 0 for the whole split"
+         if default else '--max_batches; 0 for the whole split')
+  return f'{PROG}: {max_batches} batches of {rows} from the {split} split ({why})'
+
+
 def main(argv: Sequence[str], stdout=None) -> dict:
   stdout = sys.stdout if stdout is None else stdout
   rest, overrides = sample_cli.split_overrides(
       argv, ('model', 'data', 'train'),
       tuple(f'model.{f}' for f in config_lib.MODEL_SHAPE_FIELDS))
   args = _parser().parse_args(rest)
-  if args.max_batches < 0:
+  if args.max_batches is not None and args.max_batches < 0:
     raise errors.UsageError(f'--max_batches={args.max_batches}: expected >= 0')
   if args.batch_size < 1:
     raise errors.UsageError(f'--batch_size={args.batch_size}: expected >= 1')
@@ -80,8 +94,11 @@ def main(argv: Sequence[str], stdout=None) -> dict:
     tok = data_lib.Tokenizer(args.tokenizer or c.data.tokenizer_path)
     result = evaluate.multiple_choice(model, rows, tok, batch_size=args.batch_size)
   else:
+    max_batches = c.train.eval_steps if args.max_batches is None else args.max_batches
+    print(_reading(c, args.split, max_batches, args.max_batches is None), file=sys.stderr,
+          flush=True)
     try:
-      result = evaluate.dataset_metrics(model, c, split=args.split, max_batches=args.max_batches)
+      result = evaluate.dataset_metrics(model, c, split=args.split, max_batches=max_batches)
     except data_lib.DataError as e:
       raise errors.UsageError(str(e)) from None
   result = {'ckpt': args.ckpt, **result}

@@ -133,6 +133,47 @@ def export_kaggle(src_path, dst_path, dtype: str | None = None) -> config_lib.Mo
   return src.cfg
 
 
+_KINDS = {'params': 'our params-only checkpoint', 'hf': 'a Hugging Face directory',
+          'kaggle': 'a Kaggle/Flax Orbax checkpoint'}
+
+
+def _model_fields(cfg: config_lib.ModelConfig) -> dict:
+  """The model config, its vision_* fields only for a model with the image encoder."""
+  fields = dataclasses.asdict(cfg)
+  return {k: v for k, v in fields.items() if cfg.vision or not k.startswith('vision_')}
+
+
+def info(path) -> dict:
+  """What a checkpoint is (gemma3-convert info): its kind ('training', 'lora': a LoRA run's
+  adapters, 'params', 'hf', 'kaggle', or 'peft': an exported adapter) and a sentence saying so;
+  for a run, its step and where it started from (`base`: checkpoint.init_from, else the seed's
+  random init) and, for LoRA, the lora section; the model config. Reads configs, no weights
+  (a Kaggle checkpoint's shapes excepted)."""
+  if (epath.Path(path) / peft.ADAPTER_CONFIG).exists():
+    return peft.adapter_info(path)
+  kind = checkpoint_kind(path)
+  c = run_source.run_config(path) if kind == 'train' else None
+  if c is None:
+    cfg = open_source(path).cfg
+    out = {'kind': 'training' if kind == 'train' else kind,
+           'what': _KINDS.get(kind, 'a training checkpoint')}
+  else:
+    cfg = c.model
+    out = {'kind': 'lora' if c.lora.rank else 'training',
+           'what': ('a LoRA run: the adapters, trained on a frozen base' if c.lora.rank else
+                    'a training checkpoint: params and optimizer state')}
+  if kind == 'train':
+    step_dir = ours.train_step_dir(path)
+    out.update(path=str(step_dir), step=int(step_dir.name) if step_dir.name.isdigit() else None)
+  if c is not None:
+    out['base'] = c.checkpoint.init_from or f'random init (train.seed={c.train.seed})'
+    if c.lora.rank:
+      out['lora'] = {k: v for k, v in dataclasses.asdict(c.lora).items()
+                     if k != 'init_adapter' or v}
+  out['model'] = _model_fields(cfg)
+  return out
+
+
 def load(path, model_cls: type[model_lib.Gemma3] = model_lib.Gemma3,
          **model_overrides) -> model_lib.Gemma3:
   """A model_cls (a models.decoder.Gemma3) with the weights of a HF directory, a Kaggle
@@ -160,5 +201,5 @@ def load(path, model_cls: type[model_lib.Gemma3] = model_lib.Gemma3,
 
 __all__ = ['ConversionError', 'HfSource', 'KaggleSource', 'PARAMS_CONFIG', 'ParamsSource',
            'Source', 'TrainSource', 'checkpoint_kind', 'export_hf', 'hf_config_to_model',
-           'hf_to_canonical', 'import_checkpoint', 'layers', 'load', 'load_canonical',
+           'hf_to_canonical', 'import_checkpoint', 'info', 'layers', 'load', 'load_canonical',
            'model_to_hf_config', 'open_source']

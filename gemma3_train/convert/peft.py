@@ -28,6 +28,8 @@ from etils import epath
 from flax import nnx
 
 from gemma3_train import config as config_lib
+from gemma3_train.convert import hf
+from gemma3_train.convert import hf_tokenizer
 from gemma3_train.convert import layout
 from gemma3_train.convert import orbax_tree
 from gemma3_train.convert import ours
@@ -175,10 +177,23 @@ def load_adapted(path, open_source: run_source.OpenSource, model_cls=None,
 # --- PEFT export ---------------------------------------------------------------
 
 
-def adapter_config(c: config_lib.Config) -> dict[str, Any]:
-  """adapter_config.json for PEFT (fields PEFT leaves out take its defaults)."""
+def hf_base(c: config_lib.Config) -> str | None:
+  """The absolute path of the run's base when checkpoint.init_from is a Hugging Face directory
+  (config.json + safetensors) on local disk, the one base_model_name_or_path PEFT can load;
+  else None (one of our checkpoints, Kaggle, a random init, a URL)."""
+  if not c.checkpoint.init_from or '://' in c.checkpoint.init_from:
+    return None
+  path = source.absolute(c.checkpoint.init_from)
+  hf_dir = ((path / 'config.json').exists() and not (path / ours.PARAMS_CONFIG).exists()
+            and any(path.glob('*.safetensors')))
+  return str(path) if hf_dir else None
+
+
+def adapter_config(c: config_lib.Config, base: str | None = None) -> dict[str, Any]:
+  """adapter_config.json for PEFT (fields PEFT leaves out take its defaults); `base` is
+  base_model_name_or_path, a Hugging Face directory (None: none that PEFT could load)."""
   return {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM',
-          'base_model_name_or_path': c.checkpoint.init_from or None,
+          'base_model_name_or_path': base,
           'r': c.lora.rank, 'lora_alpha': c.lora.alpha, 'lora_dropout': c.lora.dropout,
           'target_modules': sorted(HF_MODULES[t].split('.')[-1] for t in c.lora.target_list()),
           'bias': 'none', 'fan_in_fan_out': False, 'use_rslora': False, 'use_dora': False,
@@ -198,20 +213,54 @@ def adapter_tensors(c: config_lib.Config, trainables) -> dict[str, np.ndarray]:
   return out
 
 
-def export_adapter(src_path, dst_path) -> config_lib.Config:
-  """A LoRA workdir -> a PEFT adapter directory that peft.PeftModel.from_pretrained loads."""
+BASE_DIR = 'base'  # export_adapter(with_base=True) writes the base here, beside the adapter
+
+
+def export_adapter(src_path, dst_path, *, with_base: bool = False,
+                   open_source: run_source.OpenSource | None = None, dtype: str = 'bfloat16',
+                   progress: bool = True) -> tuple[config_lib.Config, str | None]:
+  """A LoRA workdir -> a PEFT adapter directory that peft.PeftModel.from_pretrained loads;
+  (the run's config, the adapter's base_model_name_or_path).
+
+  base_model_name_or_path is checkpoint.init_from (absolute) when that is a Hugging Face
+  directory. with_base (needs open_source, convert.open_source) also writes the base (what the
+  run started from: init_from of any kind, or the seed's random init) as a Hugging Face
+  directory DST/base, in `dtype` with the run's tokenizer, and points the adapter at it; so
+  AutoPeftModelForCausalLM.from_pretrained(DST) loads base and adapter alone."""
   c, trainables = read_trainables(src_path)
   if c.lora.train_embedding:
     raise ConversionError(f'{src_path}: lora.train_embedding=True trains the whole embedding, '
                           'which a LoRA adapter does not hold; export it with --merge')
-  dst = epath.Path(dst_path)
+  dst = source.absolute(dst_path)
   if dst.exists() and any(dst.iterdir()):
     raise ConversionError(f'{dst}: destination exists and is not empty')
   tensors = adapter_tensors(c, trainables)
+  base = hf_base(c)
   dst.mkdir(parents=True, exist_ok=True)
+  if with_base:
+    if open_source is None:
+      raise ValueError('with_base needs open_source (convert.open_source)')
+    tokenizer = hf_tokenizer.training_tokenizer_path(
+        ours.train_step_dir(src_path) / 'config' / 'metadata')
+    hf.write(run_source.init_source(c, open_source), dst / BASE_DIR, dtype,
+             progress=progress, tokenizer_path=tokenizer)
+    base = str(dst / BASE_DIR)
   (dst / ADAPTER_WEIGHTS).write_bytes(safetensors.numpy.save(tensors, metadata={'format': 'pt'}))
-  (dst / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(c), indent=2))
-  return c
+  (dst / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(c, base), indent=2))
+  return c, base
+
+
+def adapter_info(path) -> dict[str, Any]:
+  """gemma3-convert info of a PEFT adapter directory: its LoRA settings and base."""
+  path = epath.Path(path)
+  try:
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+  except (OSError, ValueError) as e:
+    raise ConversionError(f'{path / ADAPTER_CONFIG}: {type(e).__name__}: {e}') from None
+  return {'kind': 'peft', 'what': f'a PEFT {config.get("peft_type")} adapter directory',
+          'base': config.get('base_model_name_or_path'),
+          'lora': {k: config.get(k) for k in ('r', 'lora_alpha', 'lora_dropout',
+                                             'target_modules')}}
 
 
 # --- PEFT import ---------------------------------------------------------------

@@ -45,7 +45,7 @@ def dataset_metrics(model, c: config_lib.Config, *, split: str = 'eval', max_bat
   step = jax.jit(sums)
   c = c.replace(data=dict(num_workers=0, shuffle=False))
   ds = data_lib.make_dataset(c, split, num_epochs=1)
-  meter = (progress_lib.Progress(f'eval {split}', max_batches or None, 'batches') if progress
+  meter = (progress_lib.Progress(f'{split} split', max_batches or None, 'batches') if progress
            else None)
   iterator = iter(ds)
   try:

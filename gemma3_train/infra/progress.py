@@ -5,8 +5,9 @@
 
 On a terminal the line is redrawn in place (at most every TTY_EVERY seconds); elsewhere (a log
 file, a pipe) the first update is written at once and then one line at most every EVERY
-seconds. close() writes the final line, with the time taken instead of the ETA. The rate counts
-only what this run did (a resumed job's earlier work, `done=` at the start, is left out).
+seconds, none for the last count of a known total (the final line follows). close() writes the
+final line, once, with the time taken instead of the ETA. The rate counts only what this run did
+(a resumed job's earlier work, `done=` at the start, is left out).
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class Progress:
     now = clock()
     if self._closed or (self._last is not None and now - self._last < self.every):
       return
+    if not self.tty and self.total and done >= self.total:
+      return  # close() writes this count's line, with the time taken: not twice in a log
     self._last = now
     self._write(self.line(), final=False)
 

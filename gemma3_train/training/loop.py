@@ -119,10 +119,13 @@ class _Flush:
   log_every: int
   always: tuple[int, int]  # the run's first and last step
   data_tokens: Callable[[int], dict] = lambda step: {}  # data.mixture's tokens/NAME at a step
+  step: int = 0  # the last step fetched
+  tokens: float = 0.0  # the weighted targets of the steps fetched (the run's summary)
 
   def __call__(self, step: int, metrics: dict) -> dict[str, float]:
     host = _to_host(metrics)
     _check_finite(step, host, self.workdir)
+    self.step, self.tokens = step, self.tokens + host.get('tokens', 0.0)
     if step % self.log_every == 0 or step in self.always:
       timing = self.timer.update(step)
       step_time = timing.pop('step_time_s', None)
@@ -236,7 +239,10 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   """Trains to c.train.num_steps, resuming from workdir; returns the last step's metrics.
 
   A workdir already at num_steps returns {} at once: nothing is built, compiled or written.
+  Otherwise process 0 ends with one summary line on stdout, once the checkpoint writes are
+  complete (summary_line: losses, wall time, tokens, the checkpoint).
   """
+  start = time.perf_counter()
   done = checkpoint_lib.latest_step(workdir)
   if done is not None and done >= c.train.num_steps:
     checkpoint_lib.check_compatible(epath.Path(workdir) / 'checkpoints' / str(done), c)
@@ -279,4 +285,14 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
              c.train.num_steps, tokens, flops)
 
     train_step = compile_train_step(s)
-    return _loop(s, state, start_step, train_step, train_iter, ckpt, writer, profiler, flush)
+    last = _loop(s, state, start_step, train_step, train_iter, ckpt, writer, profiler, flush)
+  # Here the checkpointer is closed: its background writes are complete (or raised).
+  if pid == 0:
+    saved = checkpoint_lib.latest_step(workdir)
+    print(metrics_lib.summary_line(
+        step=flush.step, total_steps=c.train.num_steps, loss=last.get('loss'),
+        last_eval=writer.last_eval, seconds=time.perf_counter() - start, tokens=flush.tokens,
+        resumed_at=start_step,
+        checkpoint=None if saved is None else (saved, str(ckpt.directory / str(saved)))),
+        flush=True)
+  return last

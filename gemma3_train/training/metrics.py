@@ -155,6 +155,7 @@ class MetricWriter:
     self._local = not str(workdir).startswith(('gs://', 's3://'))
     self._lines: list[str] = []
     self._dropped = 0  # rows a full disk took
+    self.last_eval: tuple[int, dict[str, Any]] | None = None  # (step, row) of the last eval
     if not is_chief:
       return
     self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,6 +228,7 @@ class MetricWriter:
     record = {'step': int(step)}
     for key, value in metrics.items():
       record[key if key.startswith('eval_') else f'eval_{key}'] = _scalar(value)
+    self.last_eval = (int(step), record)
     if not self._chief:
       return
     self._append(record)
@@ -252,6 +254,25 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+
+
+def summary_line(*, step: int, total_steps: int, loss: float | None,
+                 last_eval: tuple[int, dict[str, Any]] | None, seconds: float, tokens: float,
+                 resumed_at: int, checkpoint: tuple[int, str] | None) -> str:
+  """The run's last line: where it ended, the final train loss, the last eval loss, the wall
+  time, the tokens trained on and the checkpoint that is complete on storage."""
+  parts = [f'{"Finished" if step >= total_steps else "Stopped"} at step {step}/{total_steps}']
+  if loss is not None:
+    parts.append(f'loss {loss:.4f}')
+  eval_loss = last_eval[1].get('eval_loss') if last_eval else None
+  if eval_loss is not None:
+    parts.append(f'eval_loss {eval_loss:.4f} (step {last_eval[0]})')
+  since = f' (steps {resumed_at}..{step})' if resumed_at else ''
+  parts.append(f'{progress_lib.duration(seconds)} wall')
+  parts.append(f'{tokens:,.0f} tokens{since}')
+  parts.append(f'checkpoint step {checkpoint[0]} written to {checkpoint[1]}' if checkpoint
+               else 'no checkpoint written')
+  return ' | '.join(parts)
 
 
 # --- profiling ---------------------------------------------------------------
