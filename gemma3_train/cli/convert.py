@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from gemma3_train.cli import errors
+from gemma3_train.cli import logs
 from gemma3_train import config as config_lib
 from gemma3_train import convert
 
@@ -98,19 +98,6 @@ def _hf_class(cfg: config_lib.ModelConfig) -> str:
   return 'Gemma3ForConditionalGeneration' if cfg.vision else 'Gemma3ForCausalLM'
 
 
-def _umask_modes(dst: str) -> None:
-  """Every file written under a local dst readable as open() creates files (0666 less the
-  umask): safetensors' save_file creates its file 0600 (model.safetensors was 0600, the JSON
-  beside it 0644)."""
-  if '://' in dst:
-    return
-  mask = os.umask(0)
-  os.umask(mask)
-  for root, _, files in os.walk(dst):
-    for name in files:
-      os.chmod(os.path.join(root, name), 0o666 & ~mask)
-
-
 def main(argv: list[str]) -> None:
   args = _parser().parse_args(argv)
   if args.command == 'import':
@@ -123,7 +110,6 @@ def main(argv: list[str]) -> None:
   elif args.command == 'export':
     cfg = convert.export_hf(args.src, args.dst, dtype=args.dtype,
                             shard_size=_size(args.shard_size), tokenizer_path=args.tokenizer)
-    _umask_modes(args.dst)
     print(f'{args.dst}: {_hf_class(cfg)} ({cfg.preset}), {args.dtype}')
   elif args.command == 'export-lora':
     if convert.peft.lora_run_config(args.src) is None:
@@ -143,12 +129,12 @@ def main(argv: list[str]) -> None:
             + (f'base_model_name_or_path {base}' if base else
                f'base_model_name_or_path null: the base ({c.checkpoint.init_from or "random init"}'
                ') is not a Hugging Face directory; --with_base exports it beside the adapter'))
-    _umask_modes(args.dst)
   else:
     print(json.dumps(convert.info(args.src), indent=2))
 
 
 def run() -> None:
+  logs.setup()
   with errors.exit_on(PROG, convert.ConversionError, config_lib.ConfigError, OSError):
     main(sys.argv[1:])
 

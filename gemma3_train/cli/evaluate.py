@@ -25,6 +25,7 @@ import sys
 from typing import Sequence
 
 from gemma3_train.cli import errors
+from gemma3_train.cli import logs
 from gemma3_train.cli import sample as sample_cli
 from gemma3_train import config as config_lib
 
@@ -114,6 +115,7 @@ def main(argv: Sequence[str], stdout=None) -> dict:
 
 
 def run() -> None:
+  logs.setup()
   with errors.exit_on(PROG, errors.UsageError, config_lib.ConfigError, OSError):
     main(sys.argv[1:])
 

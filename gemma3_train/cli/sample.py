@@ -19,6 +19,7 @@ import sys
 from typing import Any, Sequence
 
 from gemma3_train.cli import errors
+from gemma3_train.cli import logs
 from gemma3_train import config as config_lib
 
 PROG = 'gemma3-sample'
@@ -200,6 +201,7 @@ def main(argv: Sequence[str], stdin=None, stdout=None) -> None:
 
 
 def run() -> None:
+  logs.setup()
   try:
     with errors.exit_on(PROG, UsageError, config_lib.ConfigError):
       main(sys.argv[1:])

@@ -10,6 +10,7 @@ config.json mapping: docs/gemma3.md section 5.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Iterable, Mapping
 
 import jax.numpy as jnp
@@ -367,6 +368,10 @@ class _ShardWriter:
   def _flush(self) -> None:
     f = self.path / f'.shard-{len(self.files):05d}.safetensors'
     safetensors.numpy.save_file(self.pending, str(f), metadata={'format': 'pt'})
+    # save_file creates its file 0600; as open() would: 0666 less the umask (like the JSON).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f, 0o666 & ~umask)
     self.files.append((f, list(self.pending)))
     self.pending = {}
 
