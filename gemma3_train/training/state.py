@@ -121,8 +121,8 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   init_frozen = _init_program(lambda: make()['frozen'], state_shardings['frozen'], mesh)
   init_opt_state = jax.jit(tx.init, out_shardings=state_shardings['opt_state'])
   s = Setup(config=c, mesh=mesh, rules=rules, objective=objective, graphdef=graphdef,
-            frozen_model_graphdef=frozen_model_graphdef, abstract_state=abstract_state, state_shardings=state_shardings,
-            batch_sharding=batch_sharding, schedule=schedule, init_state=init_state,
+            frozen_model_graphdef=frozen_model_graphdef, abstract_state=abstract_state,
+            state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule, init_state=init_state,
             init_trainable=init_trainable, init_frozen=init_frozen,
             init_opt_state=init_opt_state, train_step=train_step, eval_step=eval_step)
   if not abstract:
