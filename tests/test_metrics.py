@@ -5,6 +5,7 @@ import math
 import pathlib
 import re
 import struct
+import subprocess
 import sys
 import time
 
@@ -45,6 +46,54 @@ def test_cpu_matmul_peak_is_2n3_over_the_median_time(monkeypatch):
   monkeypatch.setattr(cpu_peak.time, 'perf_counter', lambda: next(clock))
   peak = cpu_peak.measure_cpu_matmul_peak('float32', n=100, repeats=3)
   assert peak == pytest.approx(2 * 100**3 / 0.002 / 1e12)
+
+
+def test_cached_peak_keeps_the_best_reading_and_refreshes_on_request(tmp_path, monkeypatch):
+  """The first reading is cached; a remeasure that reads lower (a busy box) keeps the old peak
+  and its date, a higher one replaces both; a cached peak is not measured again."""
+  readings = iter([0.30, 0.20, 0.35])
+  calls = []
+
+  def measure(dtype):
+    calls.append(dtype)
+    return next(readings)
+  monkeypatch.setattr(cpu_peak, 'measure_cpu_matmul_peak', measure)
+  stamps = iter(['2026-12-01 10:00', '2026-12-03 10:00'])  # taken only when a peak is kept
+  monkeypatch.setattr(cpu_peak, '_now', lambda: next(stamps))
+  cache = str(tmp_path)
+  assert cpu_peak.cached_cpu_matmul_peak('float32', cache) == (0.30, '2026-12-01 10:00')
+  assert cpu_peak.cached_cpu_matmul_peak('float32', cache) == (0.30, '2026-12-01 10:00')
+  assert len(calls) == 1  # cached: not measured again
+  assert cpu_peak.cached_cpu_matmul_peak('float32', cache, remeasure=True) == (
+      0.30, '2026-12-01 10:00')  # 0.20 read on a busy box never lowers it
+  assert cpu_peak.cached_cpu_matmul_peak('float32', cache, remeasure=True) == (
+      0.35, '2026-12-03 10:00')
+  table = json.loads((tmp_path / 'cpu_peak.json').read_text())
+  assert table == {cpu_peak.machine_key('float32'): {'tflops': 0.35,
+                                                     'measured': '2026-12-03 10:00',
+                                                     'n': cpu_peak.PEAK_N}}
+
+
+def test_peak_cache_key_names_what_sets_the_speed():
+  key = cpu_peak.machine_key('bfloat16')
+  assert re.fullmatch(r'.+ \| flags [0-9a-f]{10} \| \d+ cores \| \d+ MHz \| jax [\d.]+ \| bfloat16',
+                      key), key
+  assert key != cpu_peak.machine_key('float32')
+
+
+def test_remeasure_peak_cli_prints_and_keeps_it(tmp_path):
+  """gemma3-train --remeasure_peak without --workdir: one line with the peak, kept in the
+  cache, exit 0."""
+  r = subprocess.run([str(pathlib.Path(sys.executable).parent / 'gemma3-train'),
+                      '--config=configs/tiny.py', '--remeasure_peak',
+                      f'--config.train.cache_dir={tmp_path}'], cwd=helpers.ROOT,
+                     env=helpers.cli_env(devices=1), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  line, = r.stdout.splitlines()
+  gflops = float(re.fullmatch(r'CPU matmul peak \(float32\): ([\d.]+) GFLOP/s, measured '
+                              r'\d{4}-\d\d-\d\d \d\d:\d\d in .+cpu_peak\.json', line).group(1))
+  (entry,) = json.loads((tmp_path / 'cpu_peak.json').read_text()).values()
+  assert entry['tflops'] * 1e3 == pytest.approx(gflops, abs=0.05)
 
 
 def _matmul_times(n, repeats):

@@ -70,6 +70,10 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
                                    'multi-process runs off TPU/GKE (auto-detected there).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (0-based).')
+_REMEASURE_PEAK = flags.DEFINE_bool(
+    'remeasure_peak', False, "Measure this CPU's matmul peak (what MFU on CPU is against) again "
+    "and keep it in train.cache_dir when higher than the cached one; then train if --workdir is "
+    'given, else exit.')
 _VERBOSE = flags.DEFINE_bool('verbose', False, "Show every library's INFO log lines too (orbax, "
                              'grain, jax); by default only ours and warnings.')
 
@@ -116,12 +120,26 @@ def main(argv) -> None:
     except config_lib.ConfigError as e:
       errors.fail(PROG, str(e))
     return
+  if _REMEASURE_PEAK.value:
+    _remeasure_peak(config)
+    if not _WORKDIR.value:
+      return
   if not _WORKDIR.value:
     errors.fail(PROG, '--workdir is required to train, e.g. --workdir=/tmp/run')
   workdir = _WORKDIR.value
   if '://' not in workdir:  # orbax wants absolute paths; a relative one is the current dir's
     workdir = os.path.abspath(workdir)
   _train(config, workdir)
+
+
+def _remeasure_peak(config: config_lib.Config) -> None:
+  """--remeasure_peak: one line, the cached peak after a fresh measurement."""
+  from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
+  dtype, cache = config.model.dtype, config.train.cache_dir
+  tflops, measured = cpu_peak.cached_cpu_matmul_peak(dtype, cache, remeasure=True)
+  where = f' in {cache}/cpu_peak.json' if cache else ' (train.cache_dir is off: not kept)'
+  print(f'CPU matmul peak ({dtype}): {tflops * 1e3:.1f} GFLOP/s, measured {measured}{where}',
+        flush=True)
 
 
 def _train(config: config_lib.Config, workdir: str) -> None:

@@ -85,11 +85,13 @@ def _peak_tflops(c: config_lib.Config) -> float | None:
   device = jax.devices()[0]
   peak = hardware.peak_tflops(device, c.logging.peak_tflops)
   if peak is None and device.platform == 'cpu':
-    # No datasheet for a CPU: the XLA matmul peak measured on this machine (once, then
+    # No datasheet for a CPU: the XLA matmul peak measured on this machine (the best reading,
     # cached), shared by the simulated devices (they run on the same cores).
-    peak = cpu_peak.cached_cpu_matmul_peak(c.model.dtype, c.train.cache_dir)
-    peak /= jax.local_device_count()
-    log.info('CPU matmul peak (%s): %.4f TFLOP/s per device', c.model.dtype, peak)
+    machine, measured = cpu_peak.cached_cpu_matmul_peak(c.model.dtype, c.train.cache_dir)
+    peak = machine / jax.local_device_count()
+    log.info('MFU against the CPU matmul peak (%s): %.4f TFLOP/s for the machine, measured %s '
+             '(gemma3-train --remeasure_peak measures again); %.4f per device', c.model.dtype,
+             machine, measured, peak)
   return peak
 
 
@@ -255,6 +257,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   pid, nproc = jax.process_index(), jax.process_count()
   log.info('Process %d/%d, %d devices, mesh %s', pid, nproc, jax.device_count(),
            dict(mesh.shape))
+  peak = _peak_tflops(c)  # said in the first lines: every MFU of the run is against it
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(data_lib.sources.log_summary)  # skipped rows per file, when the run ends
     train_iter = cleanup.enter_context(contextlib.closing(
@@ -274,7 +277,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
                                       enable_tensorboard=c.logging.tensorboard,
                                       is_chief=pid == 0)
     cleanup.callback(writer.close)
-    timer = metrics_lib.StepTimer(tokens, flops, jax.device_count(), _peak_tflops(c))
+    timer = metrics_lib.StepTimer(tokens, flops, jax.device_count(), peak)
     profiler = metrics_lib.Profiler(workdir, metrics_lib.profile_steps(c.logging.profile_steps),
                                     is_chief=pid == 0)
     cleanup.callback(profiler.stop)  # a trace still open when the run ends
