@@ -53,6 +53,7 @@ def _fresh_said(monkeypatch):
 # --- 1: data.train_path without data.source ------------------------------------------------
 
 
+@pytest.mark.slow  # a CLI training run (fast lane budget)
 def test_train_path_alone_trains_on_that_file_and_says_so(tmp_path):
   """Through gemma3-train: the jsonl is read (its bad row is warned of, with the decoder's
   whole message, in absl's format), not the bundled corpus; exit 0."""

@@ -279,6 +279,7 @@ def test_tiny_vision_trains_from_the_cli(tmp_path):
   assert (tmp_path / 'run' / 'checkpoints' / '3').is_dir()
 
 
+@pytest.mark.slow  # two train steps, a save and a whole load
 def test_a_frozen_tower_workdir_loads_whole(tmp_path, frozen):
   """A frozen-tower run's checkpoint holds no encoder; reading its workdir (gemma3_train.load,
   export, init_from) takes the encoder from the run's source, here the seed's random init: the
