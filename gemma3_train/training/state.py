@@ -45,12 +45,6 @@ def saved(state: State) -> State:
   return {k: v for k, v in state.items() if k not in ('frozen', 'frozen_models')}
 
 
-def frozen_model_abstract(c: config_lib.Config) -> nnx.State:
-  """The Params of a frozen model an objective names (frozen.py): the trained model's shapes
-  without LoRA, in model.param_dtype."""
-  return decoder.abstract_state(c.model)
-
-
 @dataclasses.dataclass
 class Setup:
   config: config_lib.Config
@@ -58,7 +52,7 @@ class Setup:
   rules: dict[str, tuple[str, ...]]
   objective: objectives.base.Objective
   graphdef: Any
-  frozen_model_graphdef: Any  # of objective.frozen_models()'s models
+  frozen_model_graphdef: Any  # of objective.frozen_models()'s models (None without any)
   abstract_state: State  # ShapeDtypeStructs with shardings; nothing allocated
   state_shardings: State
   batch_sharding: dict[str, NamedSharding]
@@ -91,15 +85,16 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   make = functools.partial(new_state, c, tx)
   abstract_state = jax.eval_shape(make)
   frozen_models = objective.frozen_models()
-  if frozen_models:  # loaded at each start (restore.py), never randomly initialized
-    abstract_state['frozen_models'] = {name: frozen_model_abstract(c) for name in frozen_models}
+  frozen_model_graphdef = None
+  if frozen_models:  # the trained model's shapes without LoRA; loaded at each start (restore.py)
+    plain = nnx.eval_shape(lambda: decoder.Gemma3(c.model, rngs=nnx.Rngs(0)))
+    frozen_model_graphdef = nnx.graphdef(plain)
+    abstract_state['frozen_models'] = {name: nnx.state(plain, nnx.Param) for name in frozen_models}
   state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: decoder.build(c, nnx.Rngs(0))))
-  frozen_model_graphdef = nnx.graphdef(
-      nnx.eval_shape(lambda: decoder.Gemma3(c.model, rngs=nnx.Rngs(0))))
   batch_sharding = {k: sharding.batch_sharding(mesh) for k in abstract_batch(c, mesh)}
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
@@ -122,8 +117,8 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   init_opt_state = jax.jit(tx.init, out_shardings=state_shardings['opt_state'])
   s = Setup(config=c, mesh=mesh, rules=rules, objective=objective, graphdef=graphdef,
             frozen_model_graphdef=frozen_model_graphdef, abstract_state=abstract_state,
-            state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule, init_state=init_state,
-            init_trainable=init_trainable, init_frozen=init_frozen,
+            state_shardings=state_shardings, batch_sharding=batch_sharding, schedule=schedule,
+            init_state=init_state, init_trainable=init_trainable, init_frozen=init_frozen,
             init_opt_state=init_opt_state, train_step=train_step, eval_step=eval_step)
   if not abstract:
     s.state = init_state()
