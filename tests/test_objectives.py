@@ -19,6 +19,7 @@ from gemma3_train.training import objectives
 from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import state as train_state
 from gemma3_train.training.objectives import ce
+from tests import helpers
 
 
 def _config(**train):
@@ -53,13 +54,8 @@ class _Weighted(ce.CrossEntropy):
 
 
 def _batch(c, row_weight):
-  rng = np.random.default_rng(0)
-  B, L, V = c.train.global_batch_size, c.data.seq_len, c.model.vocab_size
-  tokens = rng.integers(3, V, size=(B, L + 1)).astype(np.int32)
-  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-          'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-          'segment_ids': np.ones((B, L), np.int32), 'weights': np.ones((B, L), np.float32),
-          'row_weight': np.asarray(row_weight, np.float32)}
+  """helpers.packed_batch's rows, each with its weight under the objective's own batch key."""
+  return {**helpers.packed_batch(c), 'row_weight': np.asarray(row_weight, np.float32)}
 
 
 def test_the_step_reads_the_objectives_batch_loss_and_metrics(monkeypatch):
@@ -72,8 +68,10 @@ def test_the_step_reads_the_objectives_batch_loss_and_metrics(monkeypatch):
   assert 'row_weight' in s.batch_sharding
   put = lambda b: {k: jax.device_put(v, s.batch_sharding[k]) for k, v in b.items()}
   half = [1.0] * 4 + [0.0] * 4
-  state, metrics = s.train_step(s.init_state(), put(_batch(c, half)))
-  assert float(metrics['row_weight']) == 4.0 and float(metrics['tokens']) == 4 * c.data.seq_len
+  batch = _batch(c, half)
+  state, metrics = s.train_step(s.init_state(), put(batch))
+  assert float(metrics['row_weight']) == 4.0
+  assert float(metrics['tokens']) == batch['weights'][:4].sum()  # the weighted rows' targets
 
   monkeypatch.undo()
   s_ce = train_state.setup(c, sharding.make_mesh(c), abstract=True)
