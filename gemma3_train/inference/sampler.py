@@ -17,6 +17,10 @@ six layers of a block carries the same leading [num_blocks] axis, and both steps
 blocks. Attention goes through the modules' own code (Attention.qkv / output, the MLP, the
 norms: DecoderLayer.apply), so whatever those modules add (LoRA adapters) applies here too.
 
+Images (model.vision; image_prompts.py lays them out): the prefill embeds each prompt's image
+blocks and attends them both ways, as training does; every image token is in the prompt, so the
+decode steps are unchanged.
+
 Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k and top-p
 (nucleus: the smallest set of most likely tokens whose probability reaches top_p), then a
 categorical draw with jax.random.fold_in(PRNGKey(seed), step). A row stops after EOS or
@@ -43,6 +47,7 @@ from jax.sharding import Mesh
 
 from gemma3_train import config as config_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.inference import image_prompts
 from gemma3_train.models import attention
 from gemma3_train.models import decoder
 from gemma3_train import sharding
@@ -57,8 +62,7 @@ CONTEXT_UNSCALED, CONTEXT_SCALED = 32_768, 131_072
 _CACHE_NAMES = ('act_batch', None, 'act_kv_heads', None)
 
 
-class PromptError(ValueError):
-  """A prompt the model cannot take (empty, or longer than its context)."""
+PromptError = image_prompts.PromptError  # empty, too long, or with images that do not fit
 
 
 def context_length(cfg: config_lib.ModelConfig) -> int:
@@ -129,17 +133,20 @@ def _ring_columns(t, size: int):
   return t - jnp.mod(t - s, size)
 
 
-def _prefill_attend(positions_BP, segment_ids_BP, cache_sizes: dict[bool, int], new_cache: list):
-  """attend(attn, h) for the prompt: the training kernel over the prompt itself, and the
-  prompt's keys and values written to a fresh cache (appended to new_cache)."""
+def _prefill_attend(positions_BP, segment_ids_BP, blocks_BP, cache_sizes: dict[bool, int],
+                    new_cache: list):
+  """attend(attn, h) for the prompt: the training kernel over the prompt itself (with its image
+  blocks, or None), and the prompt's keys and values written to a fresh cache (appended to
+  new_cache)."""
   def attend(attn, h_BPD):
     q_BPNH, k_BPKH, v_BPKH = attn.qkv(h_BPD, positions_BP)
-    impl = attention.resolve(attn.impl, q_BPNH.dtype)
+    impl = attention.resolve(attn.impl, q_BPNH.dtype, images=blocks_BP is not None)
     P = h_BPD.shape[1]
     if impl == 'splash' and P > attn.block_size and P % attn.block_size:
       impl = 'reference'  # splash needs the block to divide the length
     out_BPNH = attention.attend(q_BPNH, k_BPKH, v_BPKH, positions_BP, segment_ids_BP,
-                                window=attn.window, impl=impl, block_size=attn.block_size)
+                                window=attn.window, impl=impl, block_size=attn.block_size,
+                                image_blocks_BL=blocks_BP)
     C = cache_sizes[attn.is_global]
     n = min(P, C)
     slots = np.arange(P - n, P) % C  # static: the last n prompt columns
@@ -215,8 +222,10 @@ def _logits_last(model, x_BTD):
 # --- the jitted steps ------------------------------------------------------------
 
 
-def _prefill(graphdef, state, tokens_BP, pad_B, key, s, *, total: int, mesh, rules):
-  """(cache, first new token [B], its logits [B, V]) for left-padded prompts."""
+def _prefill(graphdef, state, tokens_BP, pad_B, key, s, images=None, *, total: int, mesh,
+             rules):
+  """(cache, first new token [B], its logits [B, V]) for left-padded prompts; images float32
+  [B, N, S, S, 3] or None."""
   with _maybe_mesh(mesh, rules):
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
@@ -225,11 +234,14 @@ def _prefill(graphdef, state, tokens_BP, pad_B, key, s, *, total: int, mesh, rul
     positions_BP = jnp.maximum(cols_P[None, :] - pad_B[:, None], 0)
     segment_ids_BP = (cols_P[None, :] >= pad_B[:, None]).astype(jnp.int32)
     sizes = {True: total, False: min(cfg.sliding_window, total)}
-    x_BPD = sharding.constrain(model.embedder.encode(tokens_BP), ('act_batch', 'act_len',
-                                                                  'act_embed'))
+    if images is None:
+      x_BPD, blocks_BP = model.embedder.encode(tokens_BP), None
+    else:  # the model's own merge of the soft tokens, and the image blocks of the mask
+      x_BPD, blocks_BP = model._embed(tokens_BP, images)  # pylint: disable=protected-access
+    x_BPD = sharding.constrain(x_BPD, ('act_batch', 'act_len', 'act_embed'))
     x_BPD, cache = _layers(
-        model, x_BPD, lambda _, out: _prefill_attend(positions_BP, segment_ids_BP, sizes, out),
-        None)
+        model, x_BPD,
+        lambda _, out: _prefill_attend(positions_BP, segment_ids_BP, blocks_BP, sizes, out), None)
     logits_BV = _logits_last(model, x_BPD)
     return cache, sample_logits(logits_BV, jax.random.fold_in(key, 0), s), logits_BV
 
@@ -344,13 +356,16 @@ class Sampler:
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                sampling: Sampling = Sampling(), seed: int = 0, *, params=None,
                on_token: Callable[[int, int], None] | None = None,
-               return_logits: bool = False, stop_tokens: Sequence[int] = STOP_TOKENS):
+               return_logits: bool = False, stop_tokens: Sequence[int] = STOP_TOKENS,
+               images: Sequence[Sequence] | None = None):
     """New token ids per prompt (each ending with its first stop token, if one came).
 
     params: a state to sample instead of the model's (e.g. training's current params);
     on_token(row, token) is called as each row's tokens arrive (streaming);
-    return_logits: also return the logits [steps, B, V] that chose each token (tests).
+    return_logits: also return the logits [steps, B, V] that chose each token (tests);
+    images: one list per prompt, image k filling its k-th <start_of_image> (image_prompts).
     """
+    prompts, pixels = image_prompts.prepare(prompts, images, self.cfg)
     self.check(prompts, max_new_tokens)
     if max_new_tokens <= 0:
       return ([[] for _ in prompts], np.zeros((0, len(prompts), self.cfg.vocab_size))
@@ -364,7 +379,8 @@ class Sampler:
     key = jax.random.PRNGKey(seed)
     pad_B = jnp.asarray(pad_B)
     stops = jnp.asarray(list(stop_tokens), jnp.int32).reshape(-1)
-    cache, tokens_B, logits_BV = prefill(state, jnp.asarray(tokens_BP), pad_B, key, knobs)
+    cache, tokens_B, logits_BV = prefill(state, jnp.asarray(tokens_BP), pad_B, key, knobs,
+                                         None if pixels is None else jnp.asarray(pixels))
     carry = {'cache': cache, 'tokens': tokens_B, 'step': jnp.int32(0),
              'done': jnp.any(tokens_B[:, None] == stops[None, :], axis=-1),
              'out': jnp.zeros((N, B), jnp.int32).at[0].set(tokens_B),
@@ -394,12 +410,15 @@ class Sampler:
     return out
 
 
-def chat_prompt(messages: list[dict], tok: tokenizer_lib.Tokenizer) -> list[int]:
+def chat_prompt(messages: list[dict], tok: tokenizer_lib.Tokenizer,
+                cfg: config_lib.ModelConfig | None = None) -> list[int]:
   """The Gemma 3 chat template with the generation prompt: the conversation as training formats
   it (data.format_chat: BOS, then <start_of_turn>{role}\\n{text}<end_of_turn>\\n per turn), less
-  its closing EOS, then <start_of_turn>model\\n."""
+  its closing EOS, then <start_of_turn>model\\n. cfg (a vision model's): each <start_of_image>
+  in the text becomes an image block, as training lays it out."""
   from gemma3_train.data import documents  # pylint: disable=g-import-not-at-top  (grain)
-  tokens, _ = documents.format_chat(messages, tok)
+  encode = image_prompts.chat_encoder(tok, cfg) if cfg is not None and cfg.vision else None
+  tokens, _ = documents.format_chat(messages, tok, encode=encode)
   return [int(x) for x in tokens[:-1]] + [tokenizer_lib.START_OF_TURN] + tok.encode('model\n')
 
 
@@ -410,10 +429,10 @@ def prompt_tokens(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0) -> list[list[int]]:
+             seed: int = 0, images: Sequence[Sequence] | None = None) -> list[list[int]]:
   """One-off sampling of a model (compiles for these shapes); Gemma3.generate below."""
   return Sampler(model).generate(prompts, max_new_tokens,
-                                 Sampling(temperature, top_k, top_p), seed)
+                                 Sampling(temperature, top_k, top_p), seed, images=images)
 
 
 class Gemma3(decoder.Gemma3):
@@ -421,8 +440,11 @@ class Gemma3(decoder.Gemma3):
   inference; the sampler adds it here)."""
 
   def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0):
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               images=None):
     """Token-id lists (any lengths) -> the new token ids per prompt, ending with the first EOS
-    or <end_of_turn> when one is produced; temperature 0 is greedy."""
+    or <end_of_turn> when one is produced; temperature 0 is greedy. images: one list per
+    prompt (paths, PIL images, uint8 arrays), image k where the prompt's k-th
+    <start_of_image> is (image_prompts.encode lays text out as Hugging Face's processor)."""
     return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, seed=seed)
+                    top_p=top_p, seed=seed, images=images)
