@@ -101,3 +101,46 @@ def test_greedy_with_two_images_equals_transformers_generate(hf_model, ours):
     assert len(g) == n  # no early stop: every step compared
   # The images matter: swapping the two of the first prompt changes its continuation.
   assert ours.generate(prompts[:1], n, images=[[b, a]]) != got[:1]
+
+
+@pytest.fixture(scope='module')
+def export(hf_model, tmp_path_factory):
+  dst = tmp_path_factory.mktemp('export') / 'hf'
+  convert.export_hf(hf_model[0], dst, dtype='float32', progress=False)
+  return dst
+
+
+def test_autoprocessor_on_the_export_gives_our_logits(export):
+  """AutoProcessor builds Gemma3Processor from the export alone; its ids are ours, and
+  transformers on the export gives our logits with the same two images, within 1e-4."""
+  assert json.loads((export / 'processor_config.json').read_text()) == {
+      'processor_class': 'Gemma3Processor', 'image_seq_length': T}
+  processor = transformers.AutoProcessor.from_pretrained(export)
+  assert type(processor).__name__ == 'Gemma3Processor'
+  hf_tok = processor.tokenizer
+  assert (hf_tok.boi_token_id, hf_tok.image_token_id, hf_tok.eoi_token_id) == (
+      BOI, V, tokenizer_lib.END_OF_IMAGE)
+  text = 'Compare <start_of_image> with<start_of_image>: which one is brighter?'
+  images = [_image(4), _image(5, (60, 30))]
+  inputs = processor(text=[text], images=[images], return_tensors='pt')
+  hf = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+      export, attn_implementation='eager').eval()
+  with torch.no_grad():
+    want = hf(**inputs).logits[0, :, :V].numpy()
+  model = gemma3_train.load(export, dtype='float32', attention_impl='reference')
+  ids = image_prompts.encode(text, tokenizer_lib.Tokenizer(), model.cfg, 2)
+  assert ids == inputs['input_ids'][0].tolist()
+  prompts, pixels = image_prompts.prepare([ids], [images], model.cfg)
+  got = np.asarray(model(np.asarray(prompts), images=pixels))[0]
+  text_pos = np.asarray(ids) != V  # no logits are read at image positions
+  err = np.abs(got - want)[text_pos].max()
+  print(f'max abs logit error {err:.2e} (logits up to {np.abs(want).max():.1f})')
+  assert err < 1e-4
+  # The processor's chat template with an image part: our chat prompt's ids.
+  messages = [{'role': 'user', 'content': [{'type': 'image', 'image': Image.fromarray(images[0])},
+                                           {'type': 'text', 'text': 'What is it?'}]}]
+  chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=True, return_tensors='np')
+  assert chat['input_ids'][0].tolist() == sample.chat_prompt(
+      [{'role': 'user', 'content': '<start_of_image>What is it?'}], tokenizer_lib.Tokenizer(),
+      model.cfg)

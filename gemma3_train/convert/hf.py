@@ -407,7 +407,9 @@ def write(src: Source, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 * 
   if dst.exists() and any(dst.iterdir()):
     raise ConversionError(f'{dst}: destination exists and is not empty')
   # Before anything is written: a bad tokenizer fails with dst untouched.
-  tokenizer = hf_tokenizer.tokenizer_files(tokenizer_path, src.cfg.vocab_size)
+  tokenizer = hf_tokenizer.tokenizer_files(
+      tokenizer_path, src.cfg.vocab_size,
+      src.cfg.tokens_per_image if src.cfg.vision else None)  # + the processor's files
   vision = src.vision() if src.cfg.vision else None
   if src.cfg.vision and vision is None:
     raise ConversionError('model.vision is set but the checkpoint has no vision weights')

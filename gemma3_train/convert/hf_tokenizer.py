@@ -7,6 +7,15 @@ Written beside config.json and the safetensors:
                            pipeline does), and the Gemma 3 chat template
   special_tokens_map.json  the same special tokens, for older readers
   generation_config.json   BOS 2, PAD 0, and generation stops at EOS 1 or <end_of_turn> 106
+  processor_config.json    a vision model's only: Gemma3Processor and its image_seq_length
+  chat_template.jinja      a vision model's only: the chat template again, for the processor's
+                           apply_chat_template (messages with image parts)
+
+A vision model's tokenizer also names the image tokens Gemma3Processor reads: boi_token (id
+255999), eoi_token (id 256000, whatever the SentencePiece model spells it: the bundled one says
+<unused99> where Google's HF release says <end_of_image>) and image_token <image_soft_token>, which
+is no SentencePiece piece, so transformers appends it after the pieces: id 262144, the
+image_token_index of a model with the Gemma 3 vocabulary.
 
 No tokenizer.json: transformers (v5) builds its fast BPE tokenizer from tokenizer.model when it
 loads (about 5-10 s for the 262k pieces on a 2-core box), and the same ids result, but for one
@@ -80,6 +89,7 @@ _CHAT_TEMPLATE = """\
 
 FILES = ('tokenizer.model', 'tokenizer_config.json', 'special_tokens_map.json',
          'generation_config.json')
+IMAGE_TOKEN = '<image_soft_token>'  # Hugging Face's name of the image placeholder
 
 
 def _special_tokens(sp: spm.SentencePieceProcessor) -> dict[str, str]:
@@ -88,8 +98,14 @@ def _special_tokens(sp: spm.SentencePieceProcessor) -> dict[str, str]:
           'pad_token': sp.IdToPiece(tokenizer_lib.PAD), 'unk_token': sp.IdToPiece(sp.unk_id())}
 
 
-def hf_tokenizer_files(model_proto: bytes) -> dict[str, bytes]:
-  """File name -> contents of the tokenizer files for this SentencePiece model."""
+def _image_tokens(sp: spm.SentencePieceProcessor) -> dict[str, str]:
+  return {'boi_token': sp.IdToPiece(tokenizer_lib.START_OF_IMAGE),
+          'eoi_token': sp.IdToPiece(tokenizer_lib.END_OF_IMAGE), 'image_token': IMAGE_TOKEN}
+
+
+def hf_tokenizer_files(model_proto: bytes, images: bool = False) -> dict[str, bytes]:
+  """File name -> contents of the tokenizer files for this SentencePiece model; images: with
+  the image tokens (module docstring)."""
   sp = spm.SentencePieceProcessor()
   try:
     sp.LoadFromSerializedProto(model_proto)
@@ -113,6 +129,8 @@ def hf_tokenizer_files(model_proto: bytes) -> dict[str, bytes]:
       'chat_template': _CHAT_TEMPLATE.replace('@SOT@', sot).replace('@EOT@', eot).replace(
           '@BOI@', sp.IdToPiece(tokenizer_lib.START_OF_IMAGE)),
   }
+  if images:  # as attributes (tokenizer.boi_token_id, ...) that Gemma3Processor reads
+    config.update(_image_tokens(sp), extra_special_tokens=_image_tokens(sp))
   generation = {'bos_token_id': tokenizer_lib.BOS, 'pad_token_id': tokenizer_lib.PAD,
                 'eos_token_id': [tokenizer_lib.EOS, tokenizer_lib.END_OF_TURN]}
   as_json = lambda d: (json.dumps(d, indent=2, ensure_ascii=False) + '\n').encode()
@@ -129,11 +147,28 @@ def training_tokenizer_path(config_file: epath.Path) -> str:
     return ''
 
 
-def tokenizer_files(tokenizer_path: str = '', vocab_size: int | None = None) -> dict[str, bytes]:
+def processor_config(tokens_per_image: int) -> bytes:
+  """processor_config.json of a vision model: AutoProcessor builds Gemma3Processor from it, the
+  tokenizer files and preprocessor_config.json."""
+  return (json.dumps({'processor_class': 'Gemma3Processor', 'image_seq_length': tokens_per_image},
+                     indent=2) + '\n').encode()
+
+
+def tokenizer_files(tokenizer_path: str = '', vocab_size: int | None = None,
+                    tokens_per_image: int | None = None) -> dict[str, bytes]:
   """FILES for the model at tokenizer_path ('' = the bundled Gemma 3 one), checked and built
-  before anything is written."""
+  before anything is written; with tokens_per_image (a vision model) the image tokens too, and
+  the processor's processor_config.json and chat_template.jinja."""
   tok = tokenizer_lib.Tokenizer(tokenizer_path)  # ConfigError when missing or not a model
   if vocab_size is not None and tok.vocab_size != vocab_size:
-    log.info('tokenizer %s has %d pieces but the model %d embedding rows',
-             tokenizer_path or tokenizer_lib.BUNDLED, tok.vocab_size, vocab_size)
-  return hf_tokenizer_files(tok.model_proto)
+    # With vision, the processor's image token (appended after the pieces) is then not the
+    # model's image_token_index.
+    level = logging.WARNING if tokens_per_image else logging.INFO
+    log.log(level, 'tokenizer %s has %d pieces but the model %d embedding rows',
+            tokenizer_path or tokenizer_lib.BUNDLED, tok.vocab_size, vocab_size)
+  files = hf_tokenizer_files(tok.model_proto, images=tokens_per_image is not None)
+  if tokens_per_image is not None:
+    files['processor_config.json'] = processor_config(tokens_per_image)
+    files['chat_template.jinja'] = json.loads(files['tokenizer_config.json'])[
+        'chat_template'].encode()
+  return files
