@@ -32,8 +32,9 @@ def _config(**train):
 def test_config_names_exactly_the_registered_objectives():
   assert set(config_lib.OBJECTIVES) == set(objectives.OBJECTIVES)
   assert isinstance(objectives.get(_config()), ce.CrossEntropy)
-  with pytest.raises(config_lib.ConfigError, match=r"^train.objective='dpo': expected ce$"):
-    config_lib.validate(_config(objective='dpo'))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^train.objective='rlhf': expected ce \| dpo$"):
+    config_lib.validate(_config(objective='rlhf'))
 
 
 class _Weighted(ce.CrossEntropy):

@@ -11,7 +11,7 @@ from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, GLOBAL_EVERY, L
                                         MIXTURE_EXHAUSTED, MODEL_SHAPE_FIELDS, OBJECTIVES, PRESETS,
                                         REMAT_POLICIES, REMAT_UNITS, SCAN_UNITS, SCHEDULES,
                                         SOURCES, CheckpointConfig,
-                                        Config, ConfigError, DataConfig, FieldDoc, LoggingConfig,
+                                        Config, ConfigError, DataConfig, DpoConfig, FieldDoc, LoggingConfig,
                                         LoraConfig, MeshConfig, ModelConfig, OptimConfig,
                                         TrainConfig, default_config_dict, field_docs,
                                         lora_dims, sections, use_chat_data)
@@ -27,6 +27,7 @@ __all__ = [
     'ConfigError',
     'DTYPES',
     'DataConfig',
+    'DpoConfig',
     'FieldDoc',
     'GLOBAL_EVERY',
     'LORA_BASE_DTYPES',

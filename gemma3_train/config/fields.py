@@ -30,7 +30,12 @@ SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'p
            'shapes')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 MIXTURE_EXHAUSTED = ('repeat', 'stop')
-OBJECTIVES = ('ce',)  # train.objective: training/objectives/ implements each
+OBJECTIVES = ('ce', 'dpo')  # train.objective: training/objectives/ implements each
+DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'simpo')  # dpo.loss (docs/preference.md)
+DPO_REFERENCE_LOGPS = ('online', 'precompute')
+DPO_REFERENCE_DTYPES = ('', 'float32', 'bfloat16')
+QAT_MODES = ('int8', 'int4_channel', 'q4_0')  # quant.qat (models/quant.py)
+QAT_EMBEDDING_MODES = ('int8', 'int4_channel', 'q8_0', 'q4_0')  # quant.embedding
 
 
 class ConfigError(ValueError):
@@ -213,7 +218,8 @@ class TrainConfig:
   num_steps: int = _f(1000, 'optimizer steps in the whole run')
   global_batch_size: int = _f(8, 'rows per optimizer step over all processes')
   objective: str = _f('ce', 'what a train step optimizes: ' + ' | '.join(OBJECTIVES)
-                      + ' (ce: the next token cross entropy of pretraining and SFT)')
+                      + ' (ce: the next token cross entropy of pretraining and SFT; dpo: '
+                      'preference pairs, the dpo.* fields)')
   eval_every: int = _f(200, 'run eval every N steps (0 = never)')
   eval_steps: int = _f(10, 'eval batches per eval')
   loss_chunk_size: int = _f(1024, 'tokens per chunk of the chunked cross-entropy')
@@ -278,6 +284,40 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """Quantization-aware training (docs/quantization.md): weights fake-quantized in the forward
+  pass, the gradient passed straight through."""
+  qat: str = _f('', "the decoder's linear weights: '' (off) | " + ' | '.join(QAT_MODES)
+                + ' (int4_channel: int4 per output channel; q4_0: GGUF Q4_0 blocks of 32 with '
+                'a float16 scale; int8: int8 per output channel)')
+  embedding: str = _f('', "the embedding table (also the tied LM head): '' (float) | "
+                      + ' | '.join(QAT_EMBEDDING_MODES))
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoConfig:
+  """train.objective='dpo': preference pairs (docs/preference.md; TRL's DPO/CPO/ORPO trainers'
+  formulas and defaults)."""
+  loss: str = _f('sigmoid', ' | '.join(DPO_LOSSES) + ' (orpo and simpo need no reference)')
+  beta: float = _f(0.1, "the reward scale beta (TRL's DPOConfig/CPOConfig beta; IPO's tau)")
+  label_smoothing: float = _f(0.0, 'conservative DPO / SimPO: the assumed share of flipped '
+                              'labels, in [0, 0.5)')
+  simpo_gamma: float = _f(0.5, "simpo: the target reward margin gamma (TRL's simpo_gamma)")
+  orpo_lambda: float = _f(0.1, "orpo: the weight of the odds-ratio term (TRL's ORPOConfig "
+                          'beta); the chosen NLL has weight 1')
+  prompt_field: str = _f('prompt', 'field of the prompt: a string or a list of messages')
+  chosen_field: str = _f('chosen', 'field of the preferred completion (string or messages)')
+  rejected_field: str = _f('rejected', 'field of the dispreferred completion')
+  max_prompt_len: int = _f(0, 'prompt tokens kept, from the end (0 = no limit)')
+  max_len: int = _f(0, 'tokens of prompt + completion kept, completion cut from the end '
+                    '(0 = data.seq_len // 2: both sequences of a pair fit one row)')
+  reference_logps: str = _f('online', 'online (a frozen reference each step) | precompute '
+                            '(one pass before training; no reference held while training)')
+  reference_dtype: str = _f('', "a full fine-tune's frozen reference: '' (model.param_dtype) "
+                            '| float32 | bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = _f(ModelConfig(), 'Gemma 3 decoder shape (defaults: the 1b preset)')
   mesh: MeshConfig = _f(MeshConfig(), 'device mesh and sharding')
@@ -287,6 +327,8 @@ class Config:
   checkpoint: CheckpointConfig = _f(CheckpointConfig(), 'orbax saves and fine-tune init')
   logging: LoggingConfig = _f(LoggingConfig(), 'metrics, TensorBoard, profiles')
   lora: LoraConfig = _f(LoraConfig(), 'LoRA / QLoRA adapters on a frozen base (init_from)')
+  quant: QuantConfig = _f(QuantConfig(), 'quantization-aware training (quant.qat)')
+  dpo: DpoConfig = _f(DpoConfig(), 'preference tuning (train.objective=dpo)')
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

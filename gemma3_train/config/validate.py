@@ -8,7 +8,9 @@ import re
 from typing import Any
 
 from gemma3_train.config import mixture
-from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS,
+from gemma3_train.config.fields import QAT_EMBEDDING_MODES, QAT_MODES
+from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_LOSSES, DPO_REFERENCE_DTYPES,
+                                        DPO_REFERENCE_LOGPS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS,
                                         MESH_AXES, MIXTURE_EXHAUSTED, OBJECTIVES, REMAT_POLICIES,
                                         REMAT_UNITS,
                                         SCAN_UNITS, SCHEDULES, SOURCES, Config, ConfigError,
@@ -112,6 +114,10 @@ def validate(c: Config) -> None:
           'logging.profile_steps', g.profile_steps, "a comma list of steps, e.g. '5,6'")
   if c.lora != LoraConfig():
     _validate_lora(c)
+  if c.quant.qat or c.quant.embedding:
+    _validate_quant(c)
+  if t.objective == 'dpo':
+    _validate_dpo(c)
   if c.data.mixture:
     for m in mixture.parse_mixture(c.data.mixture):  # each source as if it were data.*
       try:
@@ -132,6 +138,24 @@ def _validate_vision(m: ModelConfig) -> None:
           f'a divisor of the patch grid side {grid}')
   require(m.vision_width % m.vision_num_heads == 0, 'model.vision_num_heads',
           m.vision_num_heads, f'a divisor of model.vision_width={m.vision_width}')
+
+
+def _validate_quant(c: Config) -> None:
+  """The quant.* checks: known modes, and rows that Q4_0 / Q8_0 cut into blocks of 32."""
+  q, m = c.quant, c.model
+  require(q.qat in ('',) + QAT_MODES, 'quant.qat', q.qat, "'' (off) | " + ' | '.join(QAT_MODES))
+  require(q.embedding in ('',) + QAT_EMBEDDING_MODES, 'quant.embedding', q.embedding,
+          "'' (off) | " + ' | '.join(QAT_EMBEDDING_MODES))
+  rows = {'model.embed_dim': m.embed_dim, 'model.mlp_dim': m.mlp_dim,
+          'model.num_heads * model.head_dim': m.num_heads * m.head_dim}
+  for field, mode, sizes in (('quant.qat', q.qat, rows),
+                             ('quant.embedding', q.embedding, {'model.embed_dim': m.embed_dim})):
+    if mode in ('q4_0', 'q8_0'):
+      for name, size in sizes.items():
+        require(size % 32 == 0, field, mode, f'rows in blocks of 32, but {name}={size} is not '
+                'a multiple of 32')
+  require(not (q.qat and c.lora.rank and c.lora.dropout), 'lora.dropout', c.lora.dropout,
+          '0 with quant.qat (a QAT LoRA forward merges the adapters into the quantized weight)')
 
 
 def _validate_lora(c: Config) -> None:
@@ -158,3 +182,32 @@ def _validate_lora(c: Config) -> None:
   require(0 <= r.dropout < 1, 'lora.dropout', r.dropout, 'in [0, 1)')
   require(r.base_dtype in LORA_BASE_DTYPES, 'lora.base_dtype', r.base_dtype,
           ' | '.join(LORA_BASE_DTYPES))
+
+
+def _validate_dpo(c: Config) -> None:
+  """The dpo.* checks of train.objective='dpo'."""
+  p = c.dpo
+  require(p.loss in DPO_LOSSES, 'dpo.loss', p.loss, ' | '.join(DPO_LOSSES))
+  require(p.beta > 0, 'dpo.beta', p.beta, '> 0')
+  require(0 <= p.label_smoothing < 0.5, 'dpo.label_smoothing', p.label_smoothing, 'in [0, 0.5)')
+  require(p.simpo_gamma >= 0, 'dpo.simpo_gamma', p.simpo_gamma, '>= 0')
+  require(p.orpo_lambda >= 0, 'dpo.orpo_lambda', p.orpo_lambda, '>= 0')
+  require(p.max_prompt_len >= 0, 'dpo.max_prompt_len', p.max_prompt_len, '>= 0 (0 = no limit)')
+  half = c.data.seq_len // 2
+  require(0 <= p.max_len <= half, 'dpo.max_len', p.max_len,
+          f'in [0, data.seq_len // 2 = {half}] (both sequences of a pair share a row)')
+  require(p.max_prompt_len < (p.max_len or half), 'dpo.max_prompt_len', p.max_prompt_len,
+          f'< dpo.max_len ({p.max_len or half}), leaving room for the completion')
+  for k in ('prompt_field', 'chosen_field', 'rejected_field'):
+    require(bool(getattr(p, k)), f'dpo.{k}', getattr(p, k), 'a field name')
+  require(p.reference_logps in DPO_REFERENCE_LOGPS, 'dpo.reference_logps', p.reference_logps,
+          ' | '.join(DPO_REFERENCE_LOGPS))
+  require(p.reference_dtype in DPO_REFERENCE_DTYPES, 'dpo.reference_dtype', p.reference_dtype,
+          "'' (model.param_dtype) | " + ' | '.join(DPO_REFERENCE_DTYPES[1:]))
+  require(c.data.packing, 'data.packing', c.data.packing,
+          'True for train.objective=dpo (a row holds whole pairs, by segment ids)')
+  require(not c.data.mixture, 'data.mixture', c.data.mixture,
+          "'' for train.objective=dpo (one preference source)")
+  require(not (c.lora.rank and c.lora.train_embedding), 'lora.train_embedding',
+          c.lora.train_embedding, 'False for train.objective=dpo (the reference is the base '
+          'with the adapters off, which needs the base embedding)')

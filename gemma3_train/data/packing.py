@@ -3,7 +3,9 @@
 Pieces ({'inputs', 'targets', 'weights'}, each at most seq_len long) are taken GROUP at a time;
 a group is packed first-fit-decreasing (longest piece first, into the first row with room) and
 its rows are emitted in an order shuffled by (seed, group index). Rows carry 'positions' (0 at
-each piece start) and 'segment_ids' (1, 2, ... per piece, 0 on padding).
+each piece start) and 'segment_ids' (1, 2, ... per piece, 0 on padding). A piece may hold several
+sequences (a preference pair, data/preference.py): it then carries its own 'positions' and local
+'segment_ids' 1..k, which continue the row's numbering.
 
 Why not grain's FirstFitPackIterDataset: it spends ~250 us of Python per piece (measured with
 benchmarks/data_throughput.py), as much as tokenizing ~300 tokens, which caps prepared-shard reads
@@ -73,15 +75,21 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: in
     row = {'inputs': np.zeros(seq_len, np.int32), 'targets': np.zeros(seq_len, np.int32),
            'weights': np.zeros(seq_len, np.float32), 'positions': np.zeros(seq_len, np.int32),
            'segment_ids': np.zeros(seq_len, np.int32)}
-    start = 0
-    for segment, k in enumerate(sorted(ks), 1):  # input order within a row
+    start, segment = 0, 0
+    for k in sorted(ks):  # input order within a row
       piece = pieces[k]
       end = start + lengths[k]
       row['inputs'][start:end] = piece['inputs']
       row['targets'][start:end] = piece['targets']
       row['weights'][start:end] = piece['weights']
-      row['positions'][start:end] = arange[:end - start]
-      row['segment_ids'][start:end] = segment
+      if 'segment_ids' in piece:  # a piece of several sequences (a preference pair)
+        row['positions'][start:end] = piece['positions']
+        row['segment_ids'][start:end] = segment + piece['segment_ids']
+        segment += int(piece['segment_ids'][-1])
+      else:
+        segment += 1
+        row['positions'][start:end] = arange[:end - start]
+        row['segment_ids'][start:end] = segment
       start = end
     if max_images:
       row.update(image_slots([pieces[k]['images'] for k in sorted(ks)], max_images))

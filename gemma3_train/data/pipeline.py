@@ -28,6 +28,7 @@ from gemma3_train.data import images as images_lib
 from gemma3_train.data import mixture
 from gemma3_train.data import order
 from gemma3_train.data import packing
+from gemma3_train.data import preference
 from gemma3_train.data import prepared
 from gemma3_train.data import select
 from gemma3_train.data import sources
@@ -230,7 +231,12 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
   source = select.make_source(c, split)
   field = d.messages_field if d.format == 'chat' else d.text_field
   image_spec = images_lib.spec(c)
-  if d.source == 'prepared':  # documents tokenized by gemma3-data prepare
+  pairs = c.train.objective == 'dpo'
+  if pairs:  # one piece per preference pair, never split (data/preference.py)
+    p = c.dpo
+    to_doc = preference.ToPair(source, tok, (p.prompt_field, p.chosen_field, p.rejected_field),
+                               p.max_prompt_len, p.max_len or d.seq_len // 2)
+  elif d.source == 'prepared':  # documents tokenized by gemma3-data prepare
     to_doc = prepared.ToDocument(source, d.seq_len)
   else:
     to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len, images=image_spec)
@@ -242,7 +248,8 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
     raise config_lib.ConfigError(f'data: {len(source)} documents cannot feed '
                                  f'{process_count} processes')
   if source.record not in ('tokens', 'prepared'):
-    _probe(to_doc, mine, 'data.messages_field' if d.format == 'chat' else 'data.text_field')
+    _probe(to_doc, mine, 'dpo.prompt_field' if pairs else
+           'data.messages_field' if d.format == 'chat' else 'data.text_field')
   ids = order.DocumentOrder(len(source), process_index=process_index,
                             process_count=process_count, num_epochs=num_epochs,
                             shuffle_seed=d.seed if d.shuffle and split == 'train' else None)
@@ -256,7 +263,8 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
     # keeps 4 reader threads busy.
     ds = ids.map(to_doc).to_iter_dataset(grain.ReadOptions(
         num_threads=1 if d.num_workers else 4, prefetch_buffer_size=16))
-    ds = grain.experimental.FlatMapIterDataset(ds, split_rows)
+    if not pairs:
+      ds = grain.experimental.FlatMapIterDataset(ds, split_rows)
   if d.packing:
     ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed,
                               max_images=image_spec.max_images if image_spec else 0)

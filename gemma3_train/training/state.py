@@ -87,7 +87,10 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   frozen_models = objective.frozen_models()
   frozen_model_graphdef = None
   if frozen_models:  # the trained model's shapes without LoRA; loaded at each start (restore.py)
-    plain = nnx.eval_shape(lambda: decoder.Gemma3(c.model, rngs=nnx.Rngs(0)))
+    m = c.model
+    if objective.frozen_param_dtype():
+      m = dataclasses.replace(m, param_dtype=objective.frozen_param_dtype())
+    plain = nnx.eval_shape(lambda: decoder.Gemma3(m, rngs=nnx.Rngs(0)))
     frozen_model_graphdef = nnx.graphdef(plain)
     abstract_state['frozen_models'] = {name: nnx.state(plain, nnx.Param) for name in frozen_models}
   state_shardings = sharding.state_shardings(abstract_state, mesh, rules)

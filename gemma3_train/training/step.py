@@ -79,7 +79,7 @@ def train_step(state: State, batch: dict, *, graphdef, frozen_model_graphdef, tx
     metrics = {**objective.metrics(sums),
                'grad_norm': optax.tree.norm(grads),
                'learning_rate': schedule(state['step']),
-               'tokens': sums['weight_sum']}
+               'tokens': sums.get('token_sum', sums['weight_sum'])}
   return new_state, metrics
 
 

@@ -5,7 +5,8 @@ The step (training/step.py) never branches on the objective. It asks the Objecti
   frozen_models    the frozen models it needs besides the trained model's own frozen parts (a
                    DPO or GRPO reference, a distillation teacher): name -> where they come from;
   loss_sums        (the summed objective to differentiate, its summed parts); the parts hold
-                   'weight_sum', what the step divides the gradients and metrics by;
+                   'weight_sum', what the step divides the gradients and metrics by, and may
+                   hold 'token_sum', the tokens trained on (else weight_sum is);
   metrics          the logged per-step values from those sums;
   eval_summary     the eval metrics from sums added over eval batches (host floats);
   makes_batches    True for an objective (RL) that makes its own batches by sampling; the loop
@@ -37,8 +38,13 @@ class Objective:
     raise NotImplementedError
 
   def frozen_models(self) -> dict[str, str]:
-    """name -> source (a checkpoint path) of each extra frozen model; none by default."""
+    """name -> source of each extra frozen model: a checkpoint path, or '' for the seed's
+    random init (the trained model's start); none by default."""
     return {}
+
+  def frozen_param_dtype(self) -> str:
+    """The storage dtype of the frozen models ('' = model.param_dtype)."""
+    return ''
 
   def loss_sums(self, model, batch: dict, frozen_models: dict | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -1,0 +1,239 @@
+"""Preference tuning (train.objective=dpo): every dpo.loss against TRL on the same random Gemma 3.
+
+The reference side is transformers' Gemma3ForCausalLM on the pairs as TRL lays them out (each
+sequence on its own row, right-padded, a completion mask), its per-sequence log-probabilities
+summed over the completion tokens, then TRL's losses: the trainers' own loss functions where
+TRL has them standalone (CPOTrainer.cpo_loss for simpo and the smoothed sigmoid,
+ORPOTrainer.odds_ratio_loss for orpo), and DPOTrainer's sigmoid, ipo and hinge lines written out
+in torch. Ours runs on the same pairs packed several to a row (data/preference.py). Losses and
+gradients (every parameter; with LoRA, every adapter through PEFT) agree to float32 precision.
+"""
+
+import copy
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gemma3_train import config as config_lib
+from gemma3_train import convert
+from gemma3_train.convert import layout
+from gemma3_train.convert import peft as peft_lib
+from gemma3_train.data import packing
+from gemma3_train.data import preference
+from gemma3_train.models import decoder
+from gemma3_train.models import lora
+from gemma3_train.training.objectives import dpo
+from tests import helpers
+
+os.environ.setdefault('TRL_EXPERIMENTAL_SILENCE', '1')  # trl.experimental's import warning
+
+SEQ_LEN = 64
+
+
+def _pairs(seed=0, n=6):
+  """n pairs of random token ids: (prompt, chosen, rejected), BOS first in the prompt."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    prompt = [2, *rng.integers(3, helpers.REFERENCE_VOCAB, rng.integers(2, 8))]
+    chosen, rejected = (list(rng.integers(3, helpers.REFERENCE_VOCAB, rng.integers(2, 10)))
+                        for _ in range(2))
+    out.append((prompt, chosen, rejected))
+  return out
+
+
+def _packed_batch(pairs, rows=4):
+  """The pairs as our pipeline packs them (pair_piece, then first-fit rows), [rows, SEQ_LEN]."""
+  pieces = []
+  for prompt, chosen, rejected in pairs:
+    seqs = []
+    for completion in (chosen, rejected):
+      tokens = np.asarray(prompt + completion, np.int32)
+      mask = np.r_[np.zeros(len(prompt)), np.ones(len(completion))].astype(np.float32)
+      seqs.append((tokens, mask))
+    pieces.append(preference.pair_piece(*seqs))
+  packed = packing.pack_group(pieces, SEQ_LEN)
+  assert len(packed) <= rows
+  empty = {k: np.zeros_like(v) for k, v in packed[0].items()}
+  packed += [empty] * (rows - len(packed))
+  return {k: jnp.asarray(np.stack([r[k] for r in packed])) for k in packed[0]}
+
+
+def _trl_logps(model, pairs):
+  """TRL's layout: rows [chosen..., rejected...], right-padded; per-sequence summed
+  log-probabilities of the completion tokens and the completion token counts."""
+  import torch  # pylint: disable=g-import-not-at-top
+  seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
+  masks = ([[0] * len(p) + [1] * len(c) for p, c, _ in pairs]
+           + [[0] * len(p) + [1] * len(r) for p, _, r in pairs])
+  T = max(map(len, seqs))
+  ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+  attention = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs])
+  completion = torch.tensor([m + [0] * (T - len(m)) for m in masks]).float()
+  logits = model(input_ids=ids, attention_mask=attention).logits
+  per_token = torch.gather(logits[:, :-1].log_softmax(-1), 2, ids[:, 1:, None])[..., 0]
+  logps = (per_token * completion[:, 1:]).sum(1)
+  counts = completion[:, 1:].sum(1)
+  return logps.chunk(2), counts.chunk(2), (per_token, completion[:, 1:])
+
+
+def _trl_loss(loss: str, policy, reference, p: config_lib.DpoConfig):
+  """TRL's mean loss over the pairs (docs/preference.md cites each)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from trl.experimental.cpo import CPOTrainer  # pylint: disable=g-import-not-at-top
+  from trl.experimental.orpo import ORPOTrainer  # pylint: disable=g-import-not-at-top
+  (pc, pr), (n_c, n_r), (per_token, completion) = policy
+  cpu = types.SimpleNamespace(device='cpu')
+  if loss in ('simpo', 'orpo'):
+    ac, ar = pc / n_c, pr / n_r  # CPO/ORPO's average_log_prob=True
+    if loss == 'simpo':
+      trainer = types.SimpleNamespace(alpha=0.0, beta=p.beta, simpo_gamma=p.simpo_gamma,
+                                      label_smoothing=p.label_smoothing, loss_type='simpo',
+                                      accelerator=cpu)
+      return CPOTrainer.cpo_loss(trainer, ac, ar)[0].mean()
+    trainer = types.SimpleNamespace(beta=p.orpo_lambda, accelerator=cpu)
+    losses = ORPOTrainer.odds_ratio_loss(trainer, ac, ar)[0]
+    n = len(pc)  # the chosen rows come first
+    nll = -(per_token[:n] * completion[:n]).sum() / completion[:n].sum()
+    return nll - losses.mean()  # ORPOTrainer.get_batch_loss_metrics
+  (rc, rr), _, _ = reference
+  chosen, rejected = pc - rc, pr - rr
+  b = p.beta
+  if loss == 'sigmoid':
+    if p.label_smoothing:  # conservative DPO: CPO's smoothed sigmoid on the log-ratios
+      trainer = types.SimpleNamespace(alpha=0.0, beta=b, label_smoothing=p.label_smoothing,
+                                      loss_type='sigmoid', accelerator=cpu)
+      return CPOTrainer.cpo_loss(trainer, chosen, rejected)[0].mean()
+    return (-F.logsigmoid(b * (chosen - rejected))).mean()
+  if loss == 'hinge':
+    return torch.relu(1 - b * (chosen - rejected)).mean()
+  return ((chosen / n_c - rejected / n_r - 1 / (2 * b)) ** 2).mean()  # ipo
+
+
+@pytest.fixture(scope='module')
+def models():
+  """(our ModelConfig, HF policy, HF reference): two random models of one shape."""
+  cfg, hf_cfg = helpers.reference_configs(**helpers.REFERENCE_CASES['gqa_ropescale_scanned'])
+  return cfg, helpers.reference_hf_model(hf_cfg, seed=0), helpers.reference_hf_model(hf_cfg,
+                                                                                       seed=1)
+
+
+def _config(cfg, loss, **dpo_fields):
+  c = config_lib.Config(model=cfg)
+  return c.replace(data=dict(seq_len=SEQ_LEN), train=dict(objective='dpo', loss_chunk_size=24),
+                   dpo=dict(loss=loss, **dpo_fields))
+
+
+def _hf_grads_as_ours(cfg, hf_model):
+  """The torch gradients of every HF parameter, in our parameter layout."""
+  grads = {k: p.grad.detach().numpy() for k, p in hf_model.named_parameters()}
+  top, layers = convert.hf_to_canonical(grads, cfg)
+  return {k: np.asarray(v.get_value())
+          for k, v in nnx.to_flat_state(layout.canonical_to_state(cfg, top, layers))}
+
+
+def _assert_close(ours, theirs, what, tol=1e-5):
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  scale = max(1.0, float(np.max(np.abs(theirs))))
+  assert np.max(np.abs(ours - theirs)) <= tol * scale, (what, np.max(np.abs(ours - theirs)))
+
+
+_slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize('loss,smoothing', [
+    ('sigmoid', 0.0), pytest.param('sigmoid', 0.1, marks=_slow),
+    pytest.param('ipo', 0.0, marks=_slow), pytest.param('hinge', 0.0, marks=_slow),
+    pytest.param('simpo', 0.1, marks=_slow), ('orpo', 0.0)])
+def test_full_finetune_loss_and_gradient_equal_trl(models, loss, smoothing):
+  cfg, hf_policy, hf_reference = models
+  c = _config(cfg, loss, label_smoothing=smoothing, beta=0.5)
+  pairs = _pairs()
+  hf_policy.zero_grad()
+  policy = _trl_logps(hf_policy, pairs)
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    reference = _trl_logps(hf_reference, pairs)
+  want = _trl_loss(loss, policy, reference, c.dpo)
+  want.backward()
+  want_grads = _hf_grads_as_ours(cfg, hf_policy)
+
+  ours = helpers.reference_ours(cfg, hf_policy)
+  ours_ref = helpers.reference_ours(cfg, hf_reference)
+  objective = dpo.Preference(c)
+  graphdef, params = nnx.split(ours, nnx.Param)
+  batch = _packed_batch(pairs)
+
+  def mean_loss(params):
+    total, sums = objective.loss_sums(nnx.merge(graphdef, params), batch,
+                                      {dpo.REFERENCE: ours_ref})
+    return total / sums['weight_sum'], sums
+  (value, sums), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)
+  assert float(sums['weight_sum']) == len(pairs)
+  _assert_close(value, want.item(), 'loss')
+  for k, g in nnx.to_flat_state(grads):
+    _assert_close(g.get_value(), want_grads[k], k)
+
+
+def _adapter_dir(path, c, values):
+  """A PEFT adapter directory holding `values` (our LoRA trainables' layout) as A and B."""
+  import json  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  path.mkdir()
+  tensors = peft_lib.adapter_tensors(c, {peft_lib._key(k): np.asarray(v.get_value())
+                                         for k, v in nnx.to_flat_state(values)})
+  (path / peft_lib.ADAPTER_WEIGHTS).write_bytes(safetensors.numpy.save(tensors))
+  (path / peft_lib.ADAPTER_CONFIG).write_text(json.dumps(peft_lib.adapter_config(c)))
+  return path
+
+
+@pytest.mark.parametrize('loss', ['sigmoid', pytest.param('ipo', marks=_slow),
+                                  pytest.param('hinge', marks=_slow)])
+def test_lora_loss_and_adapter_gradient_equal_trl_with_peft(models, loss, tmp_path):
+  """LoRA: the reference is the base with the adapters off, as TRL with a PEFT model
+  (model.disable_adapter()); the gradients of every A and B agree through PEFT."""
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  cfg, hf_base, _ = models
+  c = _config(cfg, loss, beta=0.5).replace(lora=dict(rank=4, alpha=8.0))
+  model = decoder.build(c, nnx.Rngs(0))
+  nnx.update(model, nnx.state(helpers.reference_ours(cfg, hf_base), nnx.Param))
+  graphdef, adapters, base = nnx.split(model, lora.TRAINABLE, ...)
+  keys = iter(jax.random.split(jax.random.key(3), len(jax.tree.leaves(adapters))))
+  adapters = jax.tree.map(lambda a: 0.2 * jax.random.normal(next(keys), a.shape, a.dtype),
+                          adapters)
+  hf = peft.PeftModel.from_pretrained(copy.deepcopy(hf_base), str(_adapter_dir(tmp_path / 'a', c, adapters)),
+                                      is_trainable=True)
+  pairs = _pairs(seed=1)
+  policy = _trl_logps(hf, pairs)
+  with torch.no_grad(), hf.disable_adapter():
+    reference = _trl_logps(hf, pairs)
+  want = _trl_loss(loss, policy, reference, c.dpo)
+  want.backward()
+  grad_dir = tmp_path / 'g'
+  grad_dir.mkdir()
+  import safetensors.torch  # pylint: disable=g-import-not-at-top
+  named = {k.replace('.default', ''): p.grad for k, p in hf.named_parameters() if 'lora_' in k}
+  safetensors.torch.save_file({k: v.contiguous() for k, v in named.items()},
+                              str(grad_dir / peft_lib.ADAPTER_WEIGHTS))
+  (grad_dir / peft_lib.ADAPTER_CONFIG).write_text(
+      (tmp_path / 'a' / peft_lib.ADAPTER_CONFIG).read_text())
+  want_grads = peft_lib.read_adapter(grad_dir, c, adapters)
+
+  objective = dpo.Preference(c)
+  batch = _packed_batch(pairs)
+
+  def mean_loss(adapters):
+    total, sums = objective.loss_sums(nnx.merge(graphdef, adapters, base), batch, {})
+    return total / sums['weight_sum']
+  value, grads = jax.jit(jax.value_and_grad(mean_loss))(adapters)
+  _assert_close(value, want.item(), 'loss')
+  want_flat = dict(nnx.to_flat_state(want_grads))
+  for k, g in nnx.to_flat_state(grads):
+    _assert_close(g.get_value(), want_flat[k].get_value(), k)
