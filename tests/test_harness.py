@@ -1,0 +1,182 @@
+"""lm-evaluation-harness with our model (inference/harness.py) against the harness's own `hf`
+model on the same random Gemma 3, exported to a Hugging Face directory: local task YAMLs over
+local JSONL data, no network."""
+
+import json
+import os
+
+# Before datasets / huggingface_hub read them at import; the fixture below also sets their
+# constants, for a session that imported them earlier.
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from tests import helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+VOCAB = 262144  # the real tokenizer's: the hf model tokenizes with the export's tokenizer
+MC_ROWS = [
+    {'question': 'The capital of France is', 'choices': ['Paris', 'Berlin', 'a big city'],
+     'answer': 0},
+    {'question': 'One two three', 'choices': ['four', 'seven', 'eleven twelve'], 'answer': 1},
+    {'question': 'Water is made of hydrogen and', 'choices': ['oxygen', 'gold'], 'answer': 0},
+    {'question': 'A long question that runs past the sliding window of eight tokens, and so',
+     'choices': ['on', 'forth and back again', 'stop'], 'answer': 2},
+]
+GEN_ROWS = [{'question': 'What is 2+2?', 'answer': '4'},
+            {'question': 'Name a colour, please, in one word:', 'answer': 'red'},
+            {'question': 'Hi', 'answer': 'hello'}]
+MC_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+GEN_YAML = """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n", "Q:"]
+  max_gen_toks: 10
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+@pytest.fixture(scope='module', autouse=True)
+def offline():
+  import datasets  # pylint: disable=g-import-not-at-top
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+  datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+  yield
+  datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+@pytest.fixture(scope='module')
+def export_dir(tmp_path_factory):
+  """A random Gemma 3 (8 layers, window 8, 4b-style RoPE scaling) exported by gemma3-convert
+  in float32 with its tokenizer files."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  from gemma3_train.cli import convert as convert_cli  # pylint: disable=g-import-not-at-top
+  src = tmp_path_factory.mktemp('src')
+  model = helpers.randomize_hf(transformers.Gemma3ForCausalLM(helpers.hf_text_config(VOCAB)), 3)
+  model.save_pretrained(src)
+  dst = tmp_path_factory.mktemp('export') / 'hf'
+  convert_cli.main(['export', f'--src={src}', f'--dst={dst}', '--dtype=float32'])
+  return dst
+
+
+@pytest.fixture(scope='module')
+def tasks_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('tasks')
+  for name, rows, yaml in (('mc', MC_ROWS, MC_YAML), ('gen', GEN_ROWS, GEN_YAML)):
+    (d / f'{name}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    (d / f'{name}.yaml').write_text(yaml.format(data=d / f'{name}.jsonl'))
+  return d
+
+
+@pytest.fixture(scope='module')
+def ours(export_dir):
+  import gemma3_train  # pylint: disable=g-import-not-at-top
+  from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top
+  return harness.Gemma3LM(gemma3_train.load(str(export_dir)), batch_size=4)
+
+
+@pytest.fixture(scope='module')
+def reference(export_dir):
+  """The harness's hf model on the same export, told to add BOS (Gemma 3 needs it)."""
+  from lm_eval.models import huggingface  # pylint: disable=g-import-not-at-top
+  return huggingface.HFLM(pretrained=str(export_dir), backend='causal', device='cpu',
+                          dtype='float32', batch_size=4, add_bos_token=True)
+
+
+def _run(lm, tasks_dir):
+  from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top
+  return harness.run_tasks(lm, ['tiny_mc', 'tiny_gen'], include_path=str(tasks_dir),
+                           log_samples=True, bootstrap_iters=0)
+
+
+def _responses(results, task):
+  return [s['filtered_resps'] for s in sorted(results['samples'][task], key=lambda s: s['doc_id'])]
+
+
+def test_harness_matches_hf_model(ours, reference, tasks_dir):
+  """The same tasks through the harness: per-choice log-likelihoods within 1e-4, the same
+  greedy flags and accuracies, the same greedy generations."""
+  got, want = _run(ours, tasks_dir), _run(reference, tasks_dir)
+  ours_mc, hf_mc = _responses(got, 'tiny_mc'), _responses(want, 'tiny_mc')
+  assert [len(r) for r in ours_mc] == [len(r['choices']) for r in MC_ROWS]
+  for a, b in zip(ours_mc, hf_mc):
+    np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], atol=1e-4, rtol=0)
+    assert [x[1] for x in a] == [x[1] for x in b]
+  for metric in ('acc,none', 'acc_norm,none'):
+    assert got['results']['tiny_mc'][metric] == want['results']['tiny_mc'][metric]
+  gens, hf_gens = _responses(got, 'tiny_gen'), _responses(want, 'tiny_gen')
+  assert gens == hf_gens and any(g[0] for g in gens)
+  assert got['results']['tiny_gen'] == want['results']['tiny_gen']
+
+
+def _instances(kind, args):
+  from lm_eval.api.instance import Instance  # pylint: disable=g-import-not-at-top
+  return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def test_requests_match_hf_model(ours, reference):
+  """Requests handed to both models directly: a greedy continuation scores as greedy; an empty
+  context scores after BOS alone; rolling log-likelihoods over several windows (the hf model
+  without add_bos_token: its tok_encode would put BOS in the text it scores after BOS)."""
+  gen_kwargs = {'until': ['\n\n'], 'max_gen_toks': 6, 'do_sample': False}
+  prompts = ['The capital of France is', 'Once upon a time there was']
+  gens = ours.generate_until(_instances('generate_until', [(p, gen_kwargs) for p in prompts]))
+  assert gens == reference.generate_until(
+      _instances('generate_until', [(p, gen_kwargs) for p in prompts]))
+  pairs = [(p, g) for p, g in zip(prompts, gens)] + [('', 'Hello world'), ('Say ', 'yes')]
+  got = ours.loglikelihood(_instances('loglikelihood', pairs))
+  want = reference.loglikelihood(_instances('loglikelihood', pairs))
+  np.testing.assert_allclose([x[0] for x in got], [x[0] for x in want], atol=1e-4, rtol=0)
+  assert [x[1] for x in got] == [x[1] for x in want] and got[0][1] and got[1][1]
+
+  texts = [' '.join(f'word{i}' for i in range(90)), 'A short text.']
+  # pylint: disable=protected-access
+  saved = ours.max_length, reference._max_length, reference.add_bos_token
+  ours.max_length = reference._max_length = 100
+  reference.add_bos_token = False
+  try:
+    assert len(ours.tok.encode(texts[0])) > 2 * ours.max_length  # three windows
+    got = ours.loglikelihood_rolling(_instances('loglikelihood_rolling', [(t,) for t in texts]))
+    want = reference.loglikelihood_rolling(
+        _instances('loglikelihood_rolling', [(t,) for t in texts]))
+  finally:
+    ours.max_length, reference._max_length, reference.add_bos_token = saved
+  # pylint: enable=protected-access
+  # 1e-4, plus the float32 resolution of the hf model's totals (its window sums are float32:
+  # one ulp of -3600 is 2.4e-4).
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=2 ** -23)
+
+
+@pytest.mark.parametrize('add_generation_prompt', [True, False])
+def test_chat_template_matches_hf_tokenizer(ours, reference, add_generation_prompt):
+  chat = [{'role': 'system', 'content': ' Be brief. '}, {'role': 'user', 'content': 'Hi!\n'},
+          {'role': 'assistant', 'content': ' Hello.'}, {'role': 'user', 'content': '2+2?'}]
+  if not add_generation_prompt:
+    chat.append({'role': 'assistant', 'content': 'It is'})
+  text = ours.apply_chat_template(chat, add_generation_prompt)
+  assert text == reference.apply_chat_template(chat, add_generation_prompt)
+  assert ours.tok_encode(text) == reference.tok_encode(text)
