@@ -2,6 +2,7 @@
 
   gemma3-convert import --src=HF_OR_KAGGLE_DIR --dst=OUR_DIR
   gemma3-convert export --src=OUR_DIR --dst=HF_DIR [--dtype=bfloat16] [--tokenizer=MODEL]
+  gemma3-convert export --format=gguf --quant=q4_0 --src=OUR_DIR --dst=FILE.gguf
   gemma3-convert export-lora --src=LORA_WORKDIR --dst=DIR [--merge] [--dtype=bfloat16]
   gemma3-convert info --src=DIR
 """
@@ -43,10 +44,19 @@ def _parser() -> argparse.ArgumentParser:
                    'special_tokens_map.json, generation_config.json).')
   exp.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                    help='dtype of the written tensors (default: bfloat16, as released).')
-  exp.add_argument('--format', default='hf', choices=('hf', 'kaggle'),
+  exp.add_argument('--format', default='hf', choices=('hf', 'kaggle', 'gguf'),
                    help='hf: a Hugging Face directory (default); kaggle: a Kaggle/Flax FLAT '
                    'Orbax checkpoint with the released names (no tokenizer; --tokenizer and '
-                   '--shard_size do not apply; the host holds the whole model once).')
+                   '--shard_size do not apply; the host holds the whole model once); gguf: one '
+                   'GGUF file for llama.cpp / Ollama with the tokenizer and chat template '
+                   '(--dst a .gguf file, or a directory to hold gemma3-<preset>-<quant>.gguf; '
+                   'docs/quantization.md).')
+  exp.add_argument('--quant', default=None, choices=('f32', 'f16', 'bf16', 'q8_0', 'q4_0'),
+                   help='--format=gguf: the linear weights\' GGUF type (default f16); a QAT '
+                   'run\'s weights are written as its forward quantized them.')
+  exp.add_argument('--embedding_quant', default=None,
+                   choices=('f32', 'f16', 'bf16', 'q8_0', 'q4_0'),
+                   help='--format=gguf: the embedding\'s GGUF type (default: --quant).')
   exp.add_argument('--tokenizer', default=None, help='The SentencePiece model to write as '
                    'tokenizer.model (local or gs://); default: the training run\'s '
                    'data.tokenizer_path for a training checkpoint, else the bundled Gemma 3 one.')
@@ -104,6 +114,15 @@ def main(argv: list[str]) -> None:
     cfg = _model_config(args.config) if args.config else None
     cfg = convert.import_checkpoint(args.src, args.dst, cfg)
     print(f'{args.dst}: {cfg.preset} model, {cfg.num_layers} layers, vocab {cfg.vocab_size}')
+  elif args.command == 'export' and args.format != 'gguf' and (args.quant or
+                                                                 args.embedding_quant):
+    raise convert.ConversionError(f'--quant / --embedding_quant apply to --format=gguf, not '
+                                  f'--format={args.format} (no int8/int4 Hugging Face export: '
+                                  'docs/quantization.md)')
+  elif args.command == 'export' and args.format == 'gguf':
+    cfg, path = convert.export_gguf(args.src, args.dst, args.quant or 'f16', args.tokenizer,
+                                    args.embedding_quant)
+    print(f'{path}: GGUF gemma3 ({cfg.preset}), {args.quant or "f16"}')
   elif args.command == 'export' and args.format == 'kaggle':
     cfg = convert.export_kaggle(args.src, args.dst, dtype=args.dtype)
     print(f'{args.dst}: Kaggle/Flax checkpoint ({cfg.preset}), {args.dtype}')

@@ -2,8 +2,9 @@
 
 Every reader is a Source (source.py) giving the canonical layout (layout.py) one layer at a
 time: hf.py, kaggle.py, ours.py (params-only and training checkpoints). Writers: ours.save_params
-(our params-only checkpoint) and hf.write (a Gemma3ForCausalLM directory, or with vision a
-Gemma3ForConditionalGeneration one, with the tokenizer files of hf_tokenizer.py). The vision
+(our params-only checkpoint), hf.write (a Gemma3ForCausalLM directory, or with vision a
+Gemma3ForConditionalGeneration one, with the tokenizer files of hf_tokenizer.py) and gguf.write
+(one GGUF file for llama.cpp / Ollama). The vision
 tower's names in every layout: vision_keys.py. cli.py is gemma3-convert.
 """
 
@@ -17,6 +18,7 @@ from etils import epath
 from flax import nnx
 
 from gemma3_train import config as config_lib
+from gemma3_train.convert import gguf
 from gemma3_train.convert import hf
 from gemma3_train.convert.hf import HfSource
 from gemma3_train.convert.hf import hf_config_to_model
@@ -122,6 +124,26 @@ def export_hf(src_path, dst_path, dtype: str = 'bfloat16', shard_size: int = 5 *
   return src.cfg
 
 
+def export_gguf(src_path, dst_path, quant: str = 'f16', tokenizer_path: str | None = None,
+                embedding: str | None = None, progress: bool = True) -> tuple[
+                    config_lib.ModelConfig, epath.Path]:
+  """Any checkpoint we read -> one GGUF file (gguf.py): dst_path itself when it ends in .gguf,
+  else DST/gemma3-<preset>-<quant>.gguf. A training run's quant.qat / quant.embedding pick the
+  fake-quantized numbers its forward used. Returns (model config, the file written)."""
+  src = open_source(src_path)
+  run = run_source.run_config(src_path) if checkpoint_kind(src_path) == 'train' else None
+  if tokenizer_path is None:
+    tokenizer_path = (hf_tokenizer.training_tokenizer_path(src.path / 'config' / 'metadata')
+                      if isinstance(src, (TrainSource, peft.MergedSource)) else '')
+  dst = absolute(dst_path)
+  if dst.suffix != '.gguf':
+    dst = dst / f'gemma3-{src.cfg.preset}-{quant}.gguf'
+  gguf.write(src, dst, quant, tokenizer_path, qat=run.quant.qat if run else '',
+             qat_embedding=run.quant.embedding if run else '', embedding=embedding,
+             progress=progress)
+  return src.cfg, dst
+
+
 def export_kaggle(src_path, dst_path, dtype: str | None = None) -> config_lib.ModelConfig:
   """Any checkpoint we read -> a Kaggle/Flax FLAT Orbax checkpoint (the released Gemma 3 names,
   vision tower included), in the source's dtypes unless dtype is given."""
@@ -200,6 +222,6 @@ def load(path, model_cls: type[model_lib.Gemma3] = model_lib.Gemma3,
 
 
 __all__ = ['ConversionError', 'HfSource', 'KaggleSource', 'PARAMS_CONFIG', 'ParamsSource',
-           'Source', 'TrainSource', 'checkpoint_kind', 'export_hf', 'hf_config_to_model',
-           'hf_to_canonical', 'import_checkpoint', 'info', 'layers', 'load', 'load_canonical',
+           'Source', 'TrainSource', 'checkpoint_kind', 'export_gguf', 'export_hf',
+           'hf_config_to_model', 'hf_to_canonical', 'import_checkpoint', 'info', 'layers', 'load', 'load_canonical',
            'model_to_hf_config', 'open_source']
