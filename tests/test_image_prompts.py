@@ -144,3 +144,54 @@ def test_autoprocessor_on_the_export_gives_our_logits(export):
   assert chat['input_ids'][0].tolist() == sample.chat_prompt(
       [{'role': 'user', 'content': '<start_of_image>What is it?'}], tokenizer_lib.Tokenizer(),
       model.cfg)
+
+
+def _png(tmp_path, name, pixels):
+  path = tmp_path / name
+  Image.fromarray(pixels).save(path)  # lossless: the same pixels read back
+  return str(path)
+
+
+def _cli(argv, stdin=''):
+  out = io.StringIO()
+  sample_cli.main([*argv, '--temperature=0', '--config.model.dtype=float32',
+                   '--config.model.attention_impl=reference'], io.StringIO(stdin), out)
+  return out.getvalue()
+
+
+def test_cli_image_goes_where_the_prompt_says(hf_model, ours, tmp_path):
+  """gemma3-sample --image: the continuation is generate()'s with the image where the prompt
+  says; a prompt with no marker gets the image at its start."""
+  tok = tokenizer_lib.Tokenizer()
+  a = _image(6)
+  text = 'A picture of'
+  got = _cli([f'--ckpt={hf_model[0]}', f'--prompt={text}', f'--image={_png(tmp_path, "a.png", a)}',
+              '--max_new_tokens=5'])
+  ids = image_prompts.encode(text, tok, ours.cfg, 1)
+  assert ids == image_prompts.encode('<start_of_image>' + text, tok, ours.cfg, 1)
+  want = ours.generate([ids], 5, images=[[a]])[0]
+  assert got == text + tok.decode([t for t in want if t not in sample.STOP_TOKENS]) + '\n'
+
+
+@pytest.mark.slow  # four prompt shapes compiled twice (~40 s here)
+def test_cli_chat_takes_image_lines(hf_model, ours, tmp_path, capsys):
+  """gemma3-sample --chat: `/image PATH` adds an image to the next user message (at its start,
+  or at its marker), the chat keeps its images, and an unreadable one is an error line that does
+  not end the chat. Replies are generate()'s on the chat prompt with the images so far."""
+  tok = tokenizer_lib.Tokenizer()
+  a, b = _image(7), _image(8, (30, 60))
+  lines = [f'/image {_png(tmp_path, "a.png", a)}', 'What is this?', '/image /no/such.png',
+           f'/image {_png(tmp_path, "b.png", b)}', 'And<start_of_image> this one?', '']
+  got = _cli([f'--ckpt={hf_model[0]}', '--chat', '--max_new_tokens=4'], '\n'.join(lines) + '\n')
+  messages, replies = [], []
+  for text, images in (('<start_of_image>What is this?', [a]),
+                       ('And<start_of_image> this one?', [a, b])):
+    messages.append({'role': 'user', 'content': text})
+    ids = sample.chat_prompt(messages, tok, ours.cfg)
+    reply = tok.decode([t for t in ours.generate([ids], 4, images=[images])[0]
+                        if t not in sample.STOP_TOKENS])
+    messages.append({'role': 'model', 'content': reply})
+    replies.append(reply)
+  assert got == f'> > {replies[0]}\n> > > {replies[1]}\n> '
+  err = capsys.readouterr().err
+  assert 'gemma3-sample: error: /image=/no/such.png: ' in err and err.count('error') == 1

@@ -2,12 +2,17 @@
 
   gemma3-sample --ckpt=DIR --prompt="The capital of France is" [--prompt=...]
   gemma3-sample --ckpt=DIR --chat            # multi-turn: one user message per stdin line
+  gemma3-sample --ckpt=DIR --image=cat.png --prompt="<start_of_image>A photo of"
 
 DIR is one of our training workdirs (its newest step) or checkpoints, a Hugging Face directory or
 a Kaggle/Flax checkpoint. One prompt streams token by token; several are sampled as one batch
 and printed in order. Sampling defaults are the released models' (temperature 1.0, top_k 64,
 top_p 0.95); --temperature=0 is greedy. --config.model.dtype=bfloat16, --config.mesh.fsdp=4 and
 the other model (non-shape) and mesh fields change how the model runs.
+
+Images (a vision model): --image=PATH (repeatable) goes where the prompt says <start_of_image>,
+image k at the k-th marker, or all at the start when the prompt has none; with --chat they open
+the first user turn, and a line `/image PATH` adds an image to the next user message.
 A bad command line, a missing checkpoint or a prompt longer than the model's context prints one
 line `gemma3-sample: error: ...` and exits with status 2.
 """
@@ -80,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument('--top_p', type=float, default=0.95, help='1 = off')
   p.add_argument('--seed', type=int, default=0, help='sampling seed')
   p.add_argument('--tokenizer', default='', help="SentencePiece model ('' = bundled Gemma 3)")
+  p.add_argument('--image', action='append', default=[], help='an image (path or gs://) for a '
+                 'vision model, where the prompt says <start_of_image> (repeatable)')
   return p
 
 
@@ -95,6 +102,8 @@ def parse_args(argv: Sequence[str]):
                      'directory)')
   if args.chat == bool(args.prompt):
     raise UsageError('give either --prompt=TEXT (repeatable) or --chat')
+  if args.image and len(args.prompt) > 1:
+    raise UsageError('--image goes with one --prompt (or --chat)')
   if args.max_new_tokens < 1:
     raise UsageError(f'--max_new_tokens={args.max_new_tokens}: expected >= 1')
   if args.temperature < 0:
@@ -149,8 +158,20 @@ def _text(tok, ids) -> str:
   return tok.decode([t for t in ids if t not in sample.STOP_TOKENS])
 
 
+def _pixels(ref: str, cfg, flag: str = '--image'):
+  """An image as the model reads it (float32 [S, S, 3]); UsageError when it cannot be read."""
+  from gemma3_train.inference import image_prompts  # pylint: disable=g-import-not-at-top
+  if not cfg.vision:
+    raise UsageError(f'{flag}: the model has no vision tower')
+  try:
+    return image_prompts.pixels(ref, cfg)
+  except image_prompts.PromptError as e:
+    raise UsageError(f'{flag}={ref}: {e}') from None
+
+
 def main(argv: Sequence[str], stdin=None, stdout=None) -> None:
   args, model_overrides, mesh_overrides = parse_args(argv)
+  from gemma3_train.inference import image_prompts  # pylint: disable=g-import-not-at-top
   from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top
   from gemma3_train.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   stdin = sys.stdin if stdin is None else stdin
@@ -169,18 +190,25 @@ def main(argv: Sequence[str], stdin=None, stdout=None) -> None:
     except sample.PromptError as e:
       raise UsageError(f'{e}') from None
 
-  def run(prompts, stream):
+  def run(prompts, stream, images=None):
     check(prompts)
     limit = sample.context_length(sampler.cfg) - max(len(p) for p in prompts)
     return sampler.generate(prompts, min(args.max_new_tokens, limit), sampling, args.seed,
-                            on_token=stream)
+                            on_token=stream, images=images)
 
+  images = [_pixels(ref, sampler.cfg) for ref in args.image]
   if not args.chat:
-    prompts = [sample.prompt_tokens(p, tok) for p in args.prompt]
+    if images:
+      try:
+        prompts = [image_prompts.encode(args.prompt[0], tok, sampler.cfg, len(images))]
+      except image_prompts.PromptError as e:
+        raise UsageError(f'--image: {e}') from None
+    else:
+      prompts = [sample.prompt_tokens(p, tok) for p in args.prompt]
     check(prompts)  # before anything is printed
     if len(prompts) == 1:
       stdout.write(args.prompt[0])
-      run(prompts, _Stream(tok, stdout))
+      run(prompts, _Stream(tok, stdout), [images] if images else None)
       stdout.write('\n')
     else:
       for text, ids in zip(args.prompt, run(prompts, None)):
@@ -188,14 +216,31 @@ def main(argv: Sequence[str], stdin=None, stdout=None) -> None:
     stdout.flush()
     return
   messages = [{'role': 'system', 'content': args.system}] if args.system else []
+  shown, pending = [], images  # the chat's images so far; those of the next user message
   while True:
     stdout.write('> ')
     stdout.flush()
     line = stdin.readline()
     if not line.strip():
       break
-    messages.append({'role': 'user', 'content': line.strip()})
-    ids = run([sample.chat_prompt(messages, tok)], _Stream(tok, stdout))[0]
+    text = line.strip()
+    if text.startswith('/image '):
+      try:
+        pending.append(_pixels(text[len('/image '):].strip(), sampler.cfg, '/image'))
+      except UsageError as e:  # a typo in a path should not end the conversation
+        print(f'{PROG}: error: {e}', file=sys.stderr)
+      continue
+    markers = text.count(tokenizer_lib.IMAGE_MARKER)
+    if pending and not markers:
+      text = tokenizer_lib.IMAGE_MARKER * len(pending) + text
+    elif markers != len(pending):
+      print(f'{PROG}: error: {markers} {tokenizer_lib.IMAGE_MARKER} in the message for '
+            f'{len(pending)} images', file=sys.stderr)
+      continue
+    messages.append({'role': 'user', 'content': text})
+    shown, pending = shown + pending, []
+    ids = run([sample.chat_prompt(messages, tok, sampler.cfg)], _Stream(tok, stdout),
+              [shown] if shown else None)[0]
     stdout.write('\n')
     messages.append({'role': 'model', 'content': _text(tok, ids)})
 
