@@ -4,6 +4,7 @@ local JSONL data, no network."""
 
 import json
 import os
+import re
 
 # Before datasets / huggingface_hub read them at import; the fixture below also sets their
 # constants, for a session that imported them earlier.
@@ -117,10 +118,15 @@ def _responses(results, task):
   return [s['filtered_resps'] for s in sorted(results['samples'][task], key=lambda s: s['doc_id'])]
 
 
-def test_harness_matches_hf_model(ours, reference, tasks_dir):
+@pytest.fixture(scope='module')
+def hf_results(reference, tasks_dir):
+  return _run(reference, tasks_dir)
+
+
+def test_harness_matches_hf_model(ours, hf_results, tasks_dir):
   """The same tasks through the harness: per-choice log-likelihoods within 1e-4, the same
   greedy flags and accuracies, the same greedy generations."""
-  got, want = _run(ours, tasks_dir), _run(reference, tasks_dir)
+  got, want = _run(ours, tasks_dir), hf_results
   ours_mc, hf_mc = _responses(got, 'tiny_mc'), _responses(want, 'tiny_mc')
   assert [len(r) for r in ours_mc] == [len(r['choices']) for r in MC_ROWS]
   for a, b in zip(ours_mc, hf_mc):
@@ -180,3 +186,36 @@ def test_chat_template_matches_hf_tokenizer(ours, reference, add_generation_prom
   text = ours.apply_chat_template(chat, add_generation_prompt)
   assert text == reference.apply_chat_template(chat, add_generation_prompt)
   assert ours.tok_encode(text) == reference.tok_encode(text)
+
+
+def test_eval_cli_tasks_writes_harness_results(export_dir, tasks_dir, hf_results, tmp_path,
+                                               capsys):
+  """gemma3-eval --tasks on a mesh of the 8 test devices: the harness's results JSON, with the
+  hf model's scores."""
+  from gemma3_train.cli import evaluate as eval_cli  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'results.json'
+  eval_cli.main([f'--ckpt={export_dir}', '--tasks=tiny_mc,tiny_gen',
+                 f'--include_path={tasks_dir}', '--num_fewshot=0', '--limit=3',
+                 f'--output={out}'])
+  got = json.loads(out.read_text())
+  assert set(got) >= {'results', 'configs', 'versions', 'n-shot', 'config'}
+  assert got['n-shot'] == {'tiny_mc': 0, 'tiny_gen': 0}
+  assert got['n-samples']['tiny_mc'] == {'original': len(MC_ROWS), 'effective': 3}
+  want = {s['doc_id']: s for s in hf_results['samples']['tiny_mc']}
+  acc = np.mean([want[i]['acc'] for i in range(3)])
+  assert got['results']['tiny_mc']['acc,none'] == pytest.approx(acc)
+  assert 'tiny_mc' in capsys.readouterr().err  # the harness's table
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--tasks=arc_easy'], 'dataset allenai/ai2_arc (ARC-Easy) is not available'),
+    (['--tasks=no_such_task'], "--tasks: unknown task 'no_such_task'"),
+    (['--tasks=arc_easy', '--choices=x.jsonl'], '--tasks and --choices: give one of them'),
+])
+def test_eval_cli_tasks_bad_input_is_one_line(export_dir, argv, message):
+  """A task whose dataset is not in the cache (offline) names it and how to fetch it."""
+  from gemma3_train.cli import errors  # pylint: disable=g-import-not-at-top
+  from gemma3_train.cli import evaluate as eval_cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.UsageError, match=re.escape(message)) as e:
+    eval_cli.main([f'--ckpt={export_dir}', *argv])
+  assert '\n' not in str(e.value)

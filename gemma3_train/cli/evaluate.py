@@ -2,6 +2,8 @@
 
   gemma3-eval --ckpt=DIR [--config=configs/x.py] [--split=eval] [--max_batches=N]
   gemma3-eval --ckpt=DIR --choices=FILE.jsonl [--output=scores.json]
+  gemma3-eval --ckpt=DIR --tasks=hellaswag,arc_easy [--num_fewshot=N] [--limit=N]
+              [--include_path=DIR] [--output=results.json]
 
 The dataset is whatever the config's data section reads (any source, text or chat; default:
 the bundled corpus's eval split), batched by train.global_batch_size rows of data.seq_len; the
@@ -13,8 +15,11 @@ non-shape fields (dtype). The checkpoint fixes the model shape. --choices scores
 result is JSON on stdout, or in --output, with per-row scores for --choices; what is read and
 one progress line with its rate and ETA go to stderr (redrawn in place on a terminal, a line
 every 5 s in a log).
+--tasks runs lm-evaluation-harness tasks by the harness's names (or local task YAMLs under
+--include_path) on our model (inference/harness.py; the `eval` extra installs lm-eval); the
+result is the harness's own results JSON (docs/evaluation.md).
 A bad command line, a missing checkpoint or a bad file is one line `gemma3-eval: error: ...` and
-exit status 2.
+exit status 2; so is a harness task whose dataset is not available (it names the dataset).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from gemma3_train.cli import errors
 from gemma3_train.cli import logs
@@ -43,7 +48,17 @@ def _parser() -> errors.ArgParser:
                  "the config's train.eval_steps; 0 = the whole split)")
   p.add_argument('--choices', default='', help='JSONL of {context, choices, answer} rows: '
                  'multiple-choice log-likelihood scoring instead of the dataset')
-  p.add_argument('--batch_size', type=int, default=8, help='--choices: sequences per batch')
+  p.add_argument('--tasks', default='', help='comma-separated lm-evaluation-harness task names '
+                 '(e.g. hellaswag,arc_easy): run them instead of the dataset')
+  p.add_argument('--num_fewshot', type=int, default=None, help="--tasks: few-shot examples "
+                 "(default: each task's own)")
+  p.add_argument('--limit', type=float, default=None, help='--tasks: at most N documents per '
+                 'task (a value below 1: that fraction of them)')
+  p.add_argument('--include_path', default='', help='--tasks: a folder of local task YAMLs')
+  p.add_argument('--apply_chat_template', action='store_true', help='--tasks: prompts in the '
+                 'Gemma 3 chat format (instruction-tuned models)')
+  p.add_argument('--batch_size', type=int, default=8, help='--choices, --tasks: sequences per '
+                 'batch')
   p.add_argument('--tokenizer', default='', help="--choices: SentencePiece model ('' = the "
                  "config's data.tokenizer_path)")
   p.add_argument('--output', default='', help='write the JSON result here (default: stdout)')
@@ -60,6 +75,52 @@ def _reading(c: config_lib.Config, split: str, max_batches: int, default: bool) 
   return f'{PROG}: {max_batches} batches of {rows} from the {split} split ({why})'
 
 
+def _tasks(args) -> tuple[list[str], Any]:
+  """(--tasks names, the harness module), the names checked against the harness's index
+  before the checkpoint loads."""
+  tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
+  if args.limit is not None and args.limit <= 0:
+    raise errors.UsageError(f'--limit={args.limit:g}: expected > 0')
+  try:
+    from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if not (e.name or '').startswith('lm_eval'):
+      raise
+    raise errors.UsageError("--tasks needs lm-evaluation-harness: pip install "
+                            "'gemma3-train[eval]'") from None
+  try:
+    harness.task_manager(tuple(tasks), args.include_path)
+  except harness.HarnessError as e:
+    raise errors.UsageError(f'--tasks: {e}') from None
+  return tasks, harness
+
+
+def _run_tasks(model, c: config_lib.Config, args, tasks: list[str], harness) -> dict:
+  """The harness's results dict for --tasks, run on a mesh of all devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gemma3_train.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+  c = c.replace(train=dict(global_batch_size=jax.device_count()), optim=dict(grad_accum_steps=1))
+  lm = harness.Gemma3LM(model, tokenizer_lib.Tokenizer(args.tokenizer or c.data.tokenizer_path),
+                        batch_size=args.batch_size, mesh=sharding.make_mesh(c),
+                        rules=sharding.parse_rules(c.mesh.rules))
+  limit = None if args.limit is None else args.limit if args.limit < 1 else int(args.limit)
+  try:
+    results = harness.run_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit,
+                                include_path=args.include_path,
+                                apply_chat_template=args.apply_chat_template)
+  except harness.HarnessError as e:
+    raise errors.UsageError(f'--tasks: {e}') from None
+  print(harness.table(results), file=sys.stderr, flush=True)
+  return results
+
+
+def _jsonable(x):
+  """What the harness's results hold besides JSON types (numpy numbers, functions in task
+  configs), as the harness writes them."""
+  return x.item() if hasattr(x, 'item') else str(x)
+
+
 def main(argv: Sequence[str], stdout=None) -> dict:
   stdout = sys.stdout if stdout is None else stdout
   rest, overrides = sample_cli.split_overrides(
@@ -70,6 +131,8 @@ def main(argv: Sequence[str], stdout=None) -> dict:
     raise errors.UsageError(f'--max_batches={args.max_batches}: expected >= 0')
   if args.batch_size < 1:
     raise errors.UsageError(f'--batch_size={args.batch_size}: expected >= 1')
+  if args.tasks and args.choices:
+    raise errors.UsageError('--tasks and --choices: give one of them')
   cd = (config_lib.load_config_dict(args.config) if args.config
         else config_lib.default_config_dict())
   for section in ('data', 'train'):
@@ -82,6 +145,7 @@ def main(argv: Sequence[str], stdout=None) -> dict:
       rows = evaluate.read_choices(args.choices)
     except ValueError as e:
       raise errors.UsageError(f'--choices: {e}') from None
+  tasks, harness = _tasks(args) if args.tasks else ([], None)
   # Imported here: a bad command line answers before jax loads.
   from gemma3_train import convert  # pylint: disable=g-import-not-at-top
   from gemma3_train.inference import scoring as evaluate  # pylint: disable=g-import-not-at-top
@@ -91,7 +155,9 @@ def main(argv: Sequence[str], stdout=None) -> dict:
   except (convert.ConversionError, OSError) as e:
     raise errors.UsageError(f'--ckpt={args.ckpt}: {errors.first_line(e)}') from None
   c = c.replace(model={k: getattr(model.cfg, k) for k in config_lib.MODEL_SHAPE_FIELDS})
-  if rows is not None:
+  if tasks:
+    result = _run_tasks(model, c, args, tasks, harness)
+  elif rows is not None:
     tok = data_lib.Tokenizer(args.tokenizer or c.data.tokenizer_path)
     result = evaluate.multiple_choice(model, rows, tok, batch_size=args.batch_size)
   else:
@@ -103,12 +169,13 @@ def main(argv: Sequence[str], stdout=None) -> dict:
     except data_lib.DataError as e:
       raise errors.UsageError(str(e)) from None
   result = {'ckpt': args.ckpt, **result}
-  text = json.dumps(result, indent=2)
+  text = json.dumps(result, indent=2, default=_jsonable)
   if args.output:
     with open(args.output, 'w') as f:
       f.write(text + '\n')
-    summary = {k: v for k, v in result.items() if k != 'rows'}
-    print(json.dumps(summary), file=stdout)
+    summary = ({k: v for k, v in result.items() if k != 'rows'} if not tasks
+               else {'ckpt': args.ckpt, 'results': result['results']})
+    print(json.dumps(summary, default=_jsonable), file=stdout)
   else:
     print(text, file=stdout)
   return result

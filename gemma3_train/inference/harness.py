@@ -368,3 +368,8 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
       name = metric if filt in ('', 'none') else f'{metric}_{filt}'
       out[f'eval/{task}/{name}'] = float(value)
   return out
+
+
+def table(results: dict[str, Any]) -> str:
+  """The harness's own results table (as its CLI prints it)."""
+  return lm_utils.make_table(results)
