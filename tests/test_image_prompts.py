@@ -195,3 +195,39 @@ def test_cli_chat_takes_image_lines(hf_model, ours, tmp_path, capsys):
   assert got == f'> > {replies[0]}\n> > > {replies[1]}\n> '
   err = capsys.readouterr().err
   assert 'gemma3-sample: error: /image=/no/such.png: ' in err and err.count('error') == 1
+
+
+def _hf_choice_logprob(model, ids, cont, pixels):
+  """transformers' summed log p(cont | ids) over the text vocabulary (ours has no 64 extra
+  rows, so the softmax is taken over the first V logits)."""
+  seq = torch.tensor([ids + cont])
+  with torch.no_grad():
+    logits = model(input_ids=seq, pixel_values=pixels,
+                   token_type_ids=(seq == V).long()).logits[0, :, :V].double()
+  logp = torch.log_softmax(logits, -1)
+  return sum(float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+def test_multiple_choice_with_images_scores_as_transformers(hf_model, ours, tmp_path):
+  """{context, choices, answer, images} rows (paths relative to the JSONL): each choice's score
+  is transformers' summed log-probability with the same images; a row without images beside."""
+  tok = tokenizer_lib.Tokenizer()
+  a, b = _image(9), _image(10, (50, 20))
+  _png(tmp_path, 'a.png', a)
+  _png(tmp_path, 'b.png', b)
+  rows = [{'context': 'Is<start_of_image> brighter than<start_of_image>?', 'choices': [' yes', ' no'],
+           'answer': 0, 'images': ['a.png', 'b.png']},
+          {'context': 'Its colour is', 'choices': [' red', ' green', ' blue'], 'answer': 2,
+           'images': [str(tmp_path / 'b.png')]},
+          {'context': 'No image here:', 'choices': [' fine', ' odd'], 'answer': 1}]
+  path = tmp_path / 'choices.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  result = scoring.multiple_choice(ours, scoring.read_choices(str(path)), tok, batch_size=4,
+                                   progress=False)
+  for row, got in zip(rows, result['rows']):
+    images = [{'a.png': a, 'b.png': b}[x.rpartition('/')[2]] for x in row.get('images', [])]
+    ids = (image_prompts.encode(row['context'], tok, ours.cfg, len(images)) if images
+           else [tokenizer_lib.BOS] + tok.encode(row['context']))
+    pixels = _hf_pixels(images) if images else None
+    want = [_hf_choice_logprob(hf_model[1], ids, tok.encode(c), pixels) for c in row['choices']]
+    np.testing.assert_allclose(got['scores'], want, rtol=1e-5)

@@ -9,7 +9,9 @@ Multiple choice follows lm-eval-harness's log-likelihood rule: each row is {cont
 answer}; a choice's score is the summed log-probability of its tokens after [BOS] + context
 (context and choice tokenized separately, so a choice usually starts with a space). The
 prediction is the highest score (accuracy), and also the highest score per UTF-8 byte of the
-choice (accuracy_norm, lm-eval's acc_norm).
+choice (accuracy_norm, lm-eval's acc_norm). A row may add `images` (paths, relative to the JSONL's
+folder) for a vision model: they go where the context says <start_of_image>, or at its start, as
+gemma3-sample places them (inference/image_prompts.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.inference import image_prompts
 from gemma3_train.infra import progress as progress_lib
 from gemma3_train.models import lm_head as loss_lib
 
@@ -69,8 +72,9 @@ _CHUNK = config_lib.TrainConfig().loss_chunk_size
 
 
 def read_choices(path: str) -> list[dict[str, Any]]:
-  """Rows of a JSONL of {context: str, choices: [str, ...], answer: int}; raises ValueError
-  naming the file and line of the first bad row."""
+  """Rows of a JSONL of {context: str, choices: [str, ...], answer: int, images?: [str, ...]}
+  (image paths made relative to the file's folder); raises ValueError naming the file and line
+  of the first bad row."""
   p = epath.Path(path)
   if not p.exists():
     raise ValueError(f'{path}: no such file')
@@ -86,31 +90,41 @@ def read_choices(path: str) -> list[dict[str, Any]]:
     ok = (isinstance(row, dict) and isinstance(row.get('context'), str)
           and isinstance(row.get('choices'), list) and len(row['choices']) >= 1
           and all(isinstance(x, str) and x for x in row['choices'])
-          and isinstance(row.get('answer'), int) and 0 <= row['answer'] < len(row['choices']))
+          and isinstance(row.get('answer'), int) and 0 <= row['answer'] < len(row['choices'])
+          and isinstance(row.get('images', []), list)
+          and all(isinstance(x, str) and x for x in row.get('images', [])))
     if not ok:
       raise ValueError(f'{where}: expected {{"context": str, "choices": [non-empty str, ...], '
-                       f'"answer": index into choices}}, got {line[:80]!r}')
+                       f'"answer": index into choices, optional "images": [path, ...]}}, got '
+                       f'{line[:80]!r}')
+    if row.get('images'):
+      row['images'] = [x if '://' in x or epath.Path(x).is_absolute() else str(p.parent / x)
+                       for x in row['images']]
     rows.append(row)
   if not rows:
     raise ValueError(f'{path}: no rows')
   return rows
 
 
-def _row_logprob(graphdef, state, inputs_BL, targets_BL, weights_BL, chunk_size: int):
+def _row_logprob(graphdef, state, inputs_BL, targets_BL, weights_BL, images, chunk_size: int):
   """Summed log p(target) of the weighted targets, per row [B] (the chunked LM head's
-  per-token log-probabilities)."""
+  per-token log-probabilities); images float32 [B, N, S, S, 3] or None."""
   model = nnx.merge(graphdef, state)
-  logp_BL = loss_lib.token_logprobs(model.hidden(inputs_BL), model.embedder.embedding[...],
+  logp_BL = loss_lib.token_logprobs(model.hidden(inputs_BL, images=images),
+                                    model.embedder.embedding[...],
                                     targets_BL, chunk_size=chunk_size)
   return jnp.sum(weights_BL * logp_BL, axis=1)
 
 
 def choice_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 8,
                     progress: Callable[[int], None] | None = None,
-                    chunk_size: int = _CHUNK) -> list[float]:
-  """Summed log p(continuation | context) for (context ids, continuation ids) pairs."""
+                    chunk_size: int = _CHUNK,
+                    images: Sequence[Sequence[Any]] | None = None) -> list[float]:
+  """Summed log p(continuation | context) for (context ids, continuation ids) pairs; images:
+  per pair, the images of its context's image blocks (image_prompts), read a batch at a time."""
   graphdef, state = nnx.split(model)
-  step = jax.jit(lambda s, i, t, w: _row_logprob(graphdef, s, i, t, w, chunk_size))
+  step = jax.jit(lambda s, i, t, w, x: _row_logprob(graphdef, s, i, t, w, x, chunk_size))
+  N = max((len(x) for x in images), default=0) if images is not None else 0
   out: list[float] = []
   for start in range(0, len(pairs), batch_size):
     chunk = pairs[start:start + batch_size]
@@ -124,7 +138,19 @@ def choice_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_s
       n = len(seq) - 1
       inputs[b, :n], targets[b, :n] = seq[:-1], seq[1:]
       weights[b, len(ctx) - 1:n] = 1.0  # the targets that are continuation tokens
-    logp = np.asarray(step(state, inputs, targets, weights))
+    # Image placeholders (id vocab_size, weight 0) as targets would gather NaN into the sums.
+    targets[targets >= model.cfg.vocab_size] = 0
+    pixels = None
+    if N:  # one N for every batch: one compiled shape; a row's choices share its images
+      S = model.cfg.vision_image_size
+      pixels = np.zeros((batch_size, N, S, S, 3), np.float32)
+      read = {}
+      for b, refs in enumerate(images[start:start + batch_size]):
+        if refs:
+          if id(refs) not in read:
+            read[id(refs)] = [image_prompts.pixels(x, model.cfg) for x in refs]
+          pixels[b, :len(refs)] = read[id(refs)]
+    logp = np.asarray(step(state, inputs, targets, weights, pixels))
     out += [float(x) for x in logp[:len(chunk)]]
     if progress:
       progress(len(out))
@@ -134,15 +160,26 @@ def choice_logprobs(model, pairs: Sequence[tuple[list[int], list[int]]], batch_s
 def multiple_choice(model, rows: Sequence[dict[str, Any]], tok: tokenizer_lib.Tokenizer, *,
                     batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
   """{accuracy, accuracy_norm, rows: [{index, scores, pred, pred_norm, answer}]}."""
-  pairs, owner = [], []
+  pairs, owner, images = [], [], []
   for i, row in enumerate(rows):
-    ctx = [tokenizer_lib.BOS] + tok.encode(row['context'])
+    refs = row.get('images') or []
+    if refs:
+      if not model.cfg.vision:
+        raise ValueError(f'row {i} has images but the model has no vision tower')
+      try:
+        ctx = image_prompts.encode(row['context'], tok, model.cfg, len(refs))
+      except image_prompts.PromptError as e:
+        raise ValueError(f'row {i}: {e}') from None
+    else:
+      ctx = [tokenizer_lib.BOS] + tok.encode(row['context'])
     for choice in row['choices']:
       pairs.append((ctx, tok.encode(choice)))
       owner.append(i)
+      images.append(refs)
   meter = (progress_lib.Progress('multiple choice', len(pairs), 'choices') if progress
            else None)
-  scores = choice_logprobs(model, pairs, batch_size, meter.update if meter else None)
+  scores = choice_logprobs(model, pairs, batch_size, meter.update if meter else None,
+                           images=images)
   if meter:
     meter.close()
   per_row: list[list[float]] = [[] for _ in rows]
