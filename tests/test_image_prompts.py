@@ -8,6 +8,7 @@ of 6 layers (one scanned block: five local, one global) with window 3, narrower 
 block, so the local layers' composition of window and image block is exercised.
 """
 
+import dataclasses
 import io
 import json
 
@@ -194,7 +195,7 @@ def test_cli_chat_takes_image_lines(hf_model, ours, tmp_path, capsys):
     replies.append(reply)
   assert got == f'> > {replies[0]}\n> > > {replies[1]}\n> '
   err = capsys.readouterr().err
-  assert 'gemma3-sample: error: /image=/no/such.png: ' in err and err.count('error') == 1
+  assert 'gemma3-sample: error: /image: /no/such.png: ' in err and err.count('error') == 1
 
 
 def _hf_choice_logprob(model, ids, cont, pixels):
@@ -231,3 +232,33 @@ def test_multiple_choice_with_images_scores_as_transformers(hf_model, ours, tmp_
     pixels = _hf_pixels(images) if images else None
     want = [_hf_choice_logprob(hf_model[1], ids, tok.encode(c), pixels) for c in row['choices']]
     np.testing.assert_allclose(got['scores'], want, rtol=1e-5)
+
+
+def test_image_blocks_and_bad_image_prompts(ours):
+  cfg, tok = ours.cfg, tokenizer_lib.Tokenizer()
+  block = [BOI] + [V] * T + [tokenizer_lib.END_OF_IMAGE]
+  assert image_prompts.expand([2, BOI, 5], cfg) == ([2, *block, 5], 1)
+  assert image_prompts.expand([2, *block, 5], cfg) == ([2, *block, 5], 1)  # kept as given
+  for bad in ([2, V, 5], [2, BOI, V, V, tokenizer_lib.END_OF_IMAGE]):
+    with pytest.raises(sample.PromptError):
+      image_prompts.expand(bad, cfg)
+  with pytest.raises(sample.PromptError, match='1 <start_of_image> but 2 images'):
+    ours.generate([[2, BOI]], 2, images=[[_image(0), _image(1)]])
+  with pytest.raises(sample.PromptError, match='2 <start_of_image> in the prompt for 1 images'):
+    image_prompts.encode('<start_of_image>a<start_of_image>', tok, cfg, 1)
+  with pytest.raises(sample.PromptError, match='no vision tower'):
+    image_prompts.prepare([[2]], [[_image(0)]], dataclasses.replace(cfg, vision=False))
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--ckpt=x', '--prompt=a', '--prompt=b', '--image=a.png'], '--image goes with one --prompt'),
+    (['--prompt=a', '--image=/no/such.png'], '--image: /no/such.png: FileNotFoundError'),
+])
+def test_cli_bad_image_is_one_line_exit_2(hf_model, argv, message, capsys, monkeypatch):
+  argv = [f'--ckpt={hf_model[0]}', *argv] if argv[0] != '--ckpt=x' else argv
+  monkeypatch.setattr('sys.argv', [sample_cli.PROG, *argv])
+  with pytest.raises(SystemExit) as e:
+    sample_cli.run()
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('gemma3-sample: error: ') and message in err

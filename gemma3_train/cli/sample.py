@@ -166,7 +166,7 @@ def _pixels(ref: str, cfg, flag: str = '--image'):
   try:
     return image_prompts.pixels(ref, cfg)
   except image_prompts.PromptError as e:
-    raise UsageError(f'{flag}={ref}: {e}') from None
+    raise UsageError(f'{flag}: {e}') from None
 
 
 def main(argv: Sequence[str], stdin=None, stdout=None) -> None:

@@ -93,7 +93,7 @@ def pixels(ref: Any, cfg: config_lib.ModelConfig) -> np.ndarray:
   try:
     return images_lib.to_model_input(images_lib.load(ref, S)[0])
   except images_lib.ImageError as e:
-    raise PromptError(f'image {e}') from None
+    raise PromptError(str(e)) from None  # it names the image
 
 
 def prepare(prompts: Sequence[Sequence[int]], images: Sequence[Sequence[Any]] | None,
