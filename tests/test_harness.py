@@ -219,3 +219,48 @@ def test_eval_cli_tasks_bad_input_is_one_line(export_dir, argv, message):
   with pytest.raises(errors.UsageError, match=re.escape(message)) as e:
     eval_cli.main([f'--ckpt={export_dir}', *argv])
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+def test_training_logs_eval_tasks(tasks_dir, tmp_path):
+  """train.eval_tasks: eval/TASK/METRIC rows in metrics.jsonl at every train.eval_tasks_every
+  step, the same scores as the harness gives the final checkpoint after the run."""
+  import gemma3_train  # pylint: disable=g-import-not-at-top
+  from gemma3_train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import loop as train  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_config_file('configs/tiny.py').replace(
+      model=dict(num_layers=2), data=dict(seq_len=32, prefetch=0),
+      train=dict(num_steps=2, eval_every=0, eval_tasks='tiny_mc, tiny_gen', eval_tasks_every=1,
+                 eval_tasks_limit=3, eval_tasks_include_path=str(tasks_dir)),
+      checkpoint=dict(every=0, async_save=False), logging=dict(tensorboard=False, log_every=1),
+      mesh=dict(fsdp=-1))
+  train.train_and_evaluate(c, str(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  tasks = [r for r in rows if any(k.startswith('eval/') for k in r)]
+  assert [r['step'] for r in tasks] == [1, 2]
+  assert set(tasks[-1]) == {'step', 'eval/tiny_mc/acc', 'eval/tiny_mc/acc_norm',
+                            'eval/tiny_gen/exact_match'}
+  lm = harness.Gemma3LM(gemma3_train.load(str(tmp_path)), batch_size=4)
+  after = harness.flat_metrics(harness.run_tasks(lm, ['tiny_mc', 'tiny_gen'], limit=3,
+                                                 include_path=str(tasks_dir), bootstrap_iters=0))
+  assert after == {k: v for k, v in tasks[-1].items() if k != 'step'}
+
+
+@pytest.mark.parametrize('train,message', [
+    (dict(eval_tasks_every=5), "train.eval_tasks='': expected task names"),
+    (dict(eval_tasks_every=-1), 'train.eval_tasks_every=-1: expected >= 0'),
+    (dict(eval_tasks='x', eval_tasks_limit=-2), 'train.eval_tasks_limit=-2: expected >= 0'),
+    (dict(eval_tasks='tiny_mc,nope', eval_tasks_every=1),
+     "train.eval_tasks: unknown task 'nope'"),
+])
+def test_eval_tasks_config_errors_are_one_line(tasks_dir, train, message):
+  """Checked before the workdir is touched: the fields, then (preflight) the task names."""
+  from gemma3_train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import loop as train_loop  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)) as e:
+    c = config_lib.Config().replace(
+        train=dict(eval_every=0, eval_tasks_include_path=str(tasks_dir), **train))
+    config_lib.validate(c)
+    train_loop.preflight(c, resuming=False)
+  assert '\n' not in str(e.value)

@@ -78,7 +78,6 @@ def _reading(c: config_lib.Config, split: str, max_batches: int, default: bool) 
 def _tasks(args) -> tuple[list[str], Any]:
   """(--tasks names, the harness module), the names checked against the harness's index
   before the checkpoint loads."""
-  tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
   if args.limit is not None and args.limit <= 0:
     raise errors.UsageError(f'--limit={args.limit:g}: expected > 0')
   try:
@@ -88,6 +87,7 @@ def _tasks(args) -> tuple[list[str], Any]:
       raise
     raise errors.UsageError("--tasks needs lm-evaluation-harness: pip install "
                             "'gemma3-train[eval]'") from None
+  tasks = harness.task_names(args.tasks)
   try:
     harness.task_manager(tuple(tasks), args.include_path)
   except harness.HarnessError as e:

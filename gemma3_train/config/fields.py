@@ -230,6 +230,12 @@ class TrainConfig:
                          'the log, metrics.jsonl and TensorBoard (0 = never)')
   sample_prompts: str = _f('The capital of France is|Once upon a time',
                            "prompts to sample, separated by '|'")
+  eval_tasks: str = _f('', 'comma-separated lm-evaluation-harness tasks (hellaswag,arc_easy) run '
+                       'on the current params every train.eval_tasks_every steps, logged as '
+                       "eval/TASK/METRIC (needs the eval extra; docs/evaluation.md)")
+  eval_tasks_every: int = _f(0, 'run train.eval_tasks every N steps (0 = never)')
+  eval_tasks_limit: int = _f(0, 'at most N documents per train.eval_tasks task (0 = all)')
+  eval_tasks_include_path: str = _f('', 'a folder of local task YAMLs for train.eval_tasks')
   z_loss: float = _f(0.0, 'weight of the z-loss (log Z)^2 term (0 = off)')
   cache_dir: str = _f('~/.cache/gemma3_train', "per-machine cache: jax's persistent "
                       "compilation cache (jax/) and the measured CPU matmul peak ('' = off)")

@@ -100,6 +100,11 @@ def validate(c: Config) -> None:
   require(not t.sample_every or any(p.strip() for p in t.sample_prompts.split('|')),
           'train.sample_prompts', t.sample_prompts, "one or more prompts separated by '|'")
   require(t.z_loss >= 0, 'train.z_loss', t.z_loss, '>= 0')
+  require(t.eval_tasks_every >= 0, 'train.eval_tasks_every', t.eval_tasks_every,
+          '>= 0 (0 = never)')
+  require(not t.eval_tasks_every or bool(t.eval_tasks.strip(' ,')), 'train.eval_tasks',
+          t.eval_tasks, 'task names separated by commas (train.eval_tasks_every is set)')
+  require(t.eval_tasks_limit >= 0, 'train.eval_tasks_limit', t.eval_tasks_limit, '>= 0 (0 = all)')
 
   k = c.checkpoint
   require(k.every >= 0, 'checkpoint.every', k.every, '>= 0')

@@ -357,17 +357,53 @@ def run_tasks(lm: Gemma3LM, tasks: Sequence[str], *, num_fewshot: int | None = N
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
   """{'eval/TASK/METRIC': value} of a results dict's numbers ('acc,none' -> 'acc'; another
-  filter is kept: 'exact_match,strict-match' -> 'exact_match_strict-match'), stderr left out."""
+  filter is kept: 'exact_match,strict-match' -> 'exact_match_strict-match'); stderr and the
+  document count left out."""
   out = {}
   for task, metrics in results.get('results', {}).items():
     for key, value in metrics.items():
       metric, _, filt = key.partition(',')
       if (not isinstance(value, (int, float)) or isinstance(value, bool)
-          or metric.endswith('_stderr') or metric == 'alias'):
+          or metric.endswith('_stderr') or metric == 'sample_len'):
         continue
       name = metric if filt in ('', 'none') else f'{metric}_{filt}'
       out[f'eval/{task}/{name}'] = float(value)
   return out
+
+
+def task_names(text: str) -> list[str]:
+  """'hellaswag, arc_easy' -> ['hellaswag', 'arc_easy']."""
+  return [t.strip() for t in text.split(',') if t.strip()]
+
+
+class TrainTasks:
+  """train.eval_tasks during training: the harness tasks on the current params, on the
+  training mesh (no checkpoint round trip), as {'eval/TASK/METRIC': value}. The LM (and its
+  compiled calls) is built on first use, then given each eval's params. s is the trainer's
+  Setup (graphdef, config, mesh, rules)."""
+
+  def __init__(self, s):
+    self.s = s
+    self.lm: Gemma3LM | None = None
+
+  def __call__(self, state: dict) -> dict[str, float]:
+    c = self.s.config
+    model = nnx.merge(self.s.graphdef, state['params'], *state['frozen'].values())
+    if self.lm is None:
+      tok = tokenizer_lib.Tokenizer(c.data.tokenizer_path)
+      if tok.vocab_size > c.model.vocab_size:
+        log.warning('train.eval_tasks: the tokenizer has %d pieces but model.vocab_size=%d; '
+                    'not evaluating', tok.vocab_size, c.model.vocab_size)
+        return {}
+      self.lm = Gemma3LM(model, tok, batch_size=c.train.global_batch_size,
+                         chunk_size=c.train.loss_chunk_size, mesh=self.s.mesh,
+                         rules=self.s.rules)
+    else:
+      self.lm.set_params(nnx.split(model)[1])
+    results = run_tasks(self.lm, task_names(c.train.eval_tasks),
+                        limit=c.train.eval_tasks_limit or None,
+                        include_path=c.train.eval_tasks_include_path, bootstrap_iters=0)
+    return flat_metrics(results)
 
 
 def table(results: dict[str, Any]) -> str:

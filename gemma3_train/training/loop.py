@@ -156,12 +156,48 @@ def _run_eval(s: Setup, state: State, step: int, writer: metrics_lib.MetricWrite
   writer.write_eval(step, {k: v for k, v in result.items() if k != 'tokens'})
 
 
+def _check_eval_tasks(c: config_lib.Config) -> None:
+  """train.eval_tasks: lm-eval is installed and knows every name (ConfigError otherwise)."""
+  try:
+    from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if not (e.name or '').startswith('lm_eval'):
+      raise
+    raise config_lib.ConfigError(
+        f'train.eval_tasks={c.train.eval_tasks!r} needs lm-evaluation-harness: '
+        "pip install 'gemma3-train[eval]'") from None
+  try:
+    harness.task_manager(tuple(harness.task_names(c.train.eval_tasks)),
+                         c.train.eval_tasks_include_path)
+  except harness.HarnessError as e:
+    raise config_lib.ConfigError(f'train.eval_tasks: {e}') from None
+
+
+def _run_eval_tasks(s: Setup, state: State, step: int, writer: metrics_lib.MetricWriter,
+                    tasks) -> object:
+  """Runs train.eval_tasks (harness.TrainTasks, built on the first call and returned) and logs
+  eval/TASK/METRIC to metrics.jsonl and TensorBoard, in a row of its own."""
+  from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top  (lm-eval)
+  tasks = tasks or harness.TrainTasks(s)
+  start = time.perf_counter()
+  record = tasks(state)
+  log.info('Ran train.eval_tasks in %.1f s', time.perf_counter() - start)
+  if record and jax.process_index() == 0:
+    # The writer's own sinks; its write_eval would prefix every key with eval_.
+    writer._append({'step': int(step), **record})  # pylint: disable=protected-access
+    writer._scalars(step, record)  # pylint: disable=protected-access
+    shown = ' | '.join(f'{k} {v:.4g}' for k, v in record.items())
+    print(f'eval tasks @ step {step} | {shown}', flush=True)
+  return tasks
+
+
 def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Iterator[dict],
           ckpt: checkpoint_lib.Checkpointer, writer: metrics_lib.MetricWriter,
           profiler: metrics_lib.Profiler, flush: _Flush) -> dict[str, float]:
   """Steps start_step..num_steps; returns the last step's metrics."""
   c = s.config
   samples = samples_lib.TrainSamples(s, writer)
+  tasks = None  # harness.TrainTasks, on the first train.eval_tasks_every step
   pending: tuple[int, dict] | None = None  # (step, device metrics) not yet fetched
   last: dict[str, float] = {}
   step = saved = start_step
@@ -185,12 +221,15 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
     save_due = stop or step == c.train.num_steps or bool(
         c.checkpoint.every and step % c.checkpoint.every == 0)
     eval_due = bool(c.train.eval_every and step % c.train.eval_every == 0 and c.train.eval_steps)
-    if save_due or eval_due:  # fetched now, so that a NaN is never saved or evaluated
+    tasks_due = bool(c.train.eval_tasks_every and step % c.train.eval_tasks_every == 0)
+    if save_due or eval_due or tasks_due:  # fetched now: a NaN is never saved or evaluated
       last, pending = flush(*pending), None
     if eval_due:
       _run_eval(s, state, step, writer)
     if c.train.sample_every and step % c.train.sample_every == 0:
       samples(state, step)
+    if tasks_due:
+      tasks = _run_eval_tasks(s, state, step, writer, tasks)
     if save_due:
       ckpt.save(step, state, train_iter, force=True)
       saved = step
@@ -218,12 +257,15 @@ def preflight(c: config_lib.Config, *, resuming: bool, process_index: int = 0,
   """Checks what the user's files can make fail later, before the workdir is touched (the train
   data and tokenizer are checked by building the train iterator): the eval data, when evals
   are due, and checkpoint.init_from (exists, a known kind, this model's shapes), when it will
-  be read. Raises ConfigError or data.DataError (one line)."""
+  be read; train.eval_tasks' names, when they will run. Raises ConfigError or data.DataError
+  (one line)."""
   if c.train.eval_every and c.train.eval_steps and c.train.eval_every <= c.train.num_steps:
     data_lib.make_dataset(c.replace(data=dict(num_workers=0)), 'eval',
                           process_index=process_index, process_count=process_count)
   if c.checkpoint.init_from and not resuming:
     init_from.open_init_source(c.checkpoint.init_from, c)
+  if c.train.eval_tasks_every and c.train.eval_tasks_every <= c.train.num_steps:
+    _check_eval_tasks(c)
 
 
 def enable_compilation_cache(c: config_lib.Config) -> None:
