@@ -6,7 +6,7 @@ The bottom of the package: it imports nothing else from gemma3_train (nor jax), 
 """
 
 from gemma3_train.config.aliases import hint as field_hint
-from gemma3_train.config.fields import (ATTENTION_IMPLS, DTYPES, GLOBAL_EVERY, LORA_BASE_DTYPES,
+from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_REFERENCE_FREE, DTYPES, GLOBAL_EVERY, LORA_BASE_DTYPES,
                                         LORA_TARGETS, MESH_AXES, MESH_AXIS_TABLE,
                                         MIXTURE_EXHAUSTED, MODEL_SHAPE_FIELDS, OBJECTIVES, PRESETS,
                                         REMAT_POLICIES, REMAT_UNITS, SCAN_UNITS, SCHEDULES,
@@ -25,6 +25,7 @@ __all__ = [
     'CheckpointConfig',
     'Config',
     'ConfigError',
+    'DPO_REFERENCE_FREE',
     'DTYPES',
     'DataConfig',
     'DpoConfig',

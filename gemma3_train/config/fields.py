@@ -32,6 +32,7 @@ SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 MIXTURE_EXHAUSTED = ('repeat', 'stop')
 OBJECTIVES = ('ce', 'dpo')  # train.objective: training/objectives/ implements each
 DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'simpo')  # dpo.loss (docs/preference.md)
+DPO_REFERENCE_FREE = ('orpo', 'simpo')  # the dpo.loss values that need no reference model
 DPO_REFERENCE_LOGPS = ('online', 'precompute')
 DPO_REFERENCE_DTYPES = ('', 'float32', 'bfloat16')
 QAT_MODES = ('int8', 'int4_channel', 'q4_0')  # quant.qat (models/quant.py)
@@ -319,6 +320,8 @@ class DpoConfig:
                     '(0 = data.seq_len // 2: both sequences of a pair fit one row)')
   reference_logps: str = _f('online', 'online (a frozen reference each step) | precompute '
                             '(one pass before training; no reference held while training)')
+  reference_logps_dir: str = _f('', "precompute: where the tables are stored ('' = "
+                                "WORKDIR/reference_logps)")
   reference_dtype: str = _f('', "a full fine-tune's frozen reference: '' (model.param_dtype) "
                             '| float32 | bfloat16')
 

@@ -31,6 +31,7 @@ import numpy as np
 
 GROUP = 256  # pieces packed together; more packs tighter, holds more pieces in memory
 GROUP_IMAGES = 64  # the same with images (a 896 x 896 image is 2.4 MB)
+EXTRA_KEYS = ('reference_logps',)  # per-token float32 values a piece may carry (precomputed DPO)
 
 
 def image_slots(images: list[np.ndarray], max_images: int) -> dict[str, np.ndarray]:
@@ -75,6 +76,9 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: in
     row = {'inputs': np.zeros(seq_len, np.int32), 'targets': np.zeros(seq_len, np.int32),
            'weights': np.zeros(seq_len, np.float32), 'positions': np.zeros(seq_len, np.int32),
            'segment_ids': np.zeros(seq_len, np.int32)}
+    extra = [k for k in EXTRA_KEYS if k in pieces[ks[0]]]
+    for k in extra:
+      row[k] = np.zeros(seq_len, np.float32)
     start, segment = 0, 0
     for k in sorted(ks):  # input order within a row
       piece = pieces[k]
@@ -82,6 +86,8 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: in
       row['inputs'][start:end] = piece['inputs']
       row['targets'][start:end] = piece['targets']
       row['weights'][start:end] = piece['weights']
+      for k in extra:
+        row[k][start:end] = piece[k]
       if 'segment_ids' in piece:  # a piece of several sequences (a preference pair)
         row['positions'][start:end] = piece['positions']
         row['segment_ids'][start:end] = segment + piece['segment_ids']

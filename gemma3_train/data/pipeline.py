@@ -234,8 +234,12 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
   pairs = c.train.objective == 'dpo'
   if pairs:  # one piece per preference pair, never split (data/preference.py)
     p = c.dpo
+    table = None  # dpo.reference_logps=precompute: the reference's table of this shard
+    if (p.reference_logps == 'precompute' and p.loss not in config_lib.DPO_REFERENCE_FREE
+        and p.reference_logps_dir):
+      table = preference.table_path(p.reference_logps_dir, split, process_index, process_count)
     to_doc = preference.ToPair(source, tok, (p.prompt_field, p.chosen_field, p.rejected_field),
-                               p.max_prompt_len, p.max_len or d.seq_len // 2)
+                               p.max_prompt_len, p.max_len or d.seq_len // 2, reference=table)
   elif d.source == 'prepared':  # documents tokenized by gemma3-data prepare
     to_doc = prepared.ToDocument(source, d.seq_len)
   else:

@@ -23,12 +23,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from etils import epath
 import grain
 import numpy as np
 
 from gemma3_train.data import documents
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
+
+
+def table_path(directory, split: str, process_index: int, process_count: int) -> epath.Path:
+  """Where training/precompute.py stores a process's table of reference log-probabilities."""
+  return epath.Path(directory) / f'{split}.{process_index}-of-{process_count}.npz'
 
 
 def _messages(value: Any) -> list | None:
@@ -55,10 +61,31 @@ class ToPair(grain.transforms.Map):
   """Index into the source -> a pair piece, or None (skipped and counted)."""
 
   def __init__(self, source, tok: tokenizer_lib.Tokenizer, fields: tuple[str, str, str],
-               max_prompt_len: int, max_len: int):
+               max_prompt_len: int, max_len: int, reference: epath.Path | None = None):
     self.source, self.tok, self.fields = source, tok, fields
     self.max_prompt_len, self.max_len = max_prompt_len, max_len
     self.field = fields[0]  # what the start-up probe names
+    self.reference = reference  # a table of reference log-probs, read at the first pair
+    self._table = None
+
+  def _reference_logps(self, i: int, piece: dict[str, np.ndarray]) -> np.ndarray:
+    """[n] float32: the chosen and rejected reference sums at their segments' first
+    positions (the objective sums them per segment), zeros elsewhere."""
+    if self._table is None:
+      try:
+        with epath.Path(self.reference).open('rb') as f:
+          self._table = np.load(f)['logps']
+      except OSError as e:
+        raise sources.DataError(f'{self.reference}: the precomputed reference log-probabilities '
+                                f'are unreadable ({e})') from None
+    values = self._table[i] if i < len(self._table) else (np.nan, np.nan)
+    if np.isnan(values).any():
+      raise sources.DataError(f'{self.source.where(i)}: no precomputed reference log-probability '
+                              f'in {self.reference} (the data changed since it was computed?)')
+    out = np.zeros(len(piece['segment_ids']), np.float32)
+    starts = np.flatnonzero(np.diff(piece['segment_ids'], prepend=0))
+    out[starts] = values
+    return out
 
   def _record(self, raw: Any, where: str) -> dict | None:
     if self.source.record == 'dict':
@@ -104,11 +131,15 @@ class ToPair(grain.transforms.Map):
       tokens, mask, cut = tokens[:self.max_len], mask[:self.max_len], True
     return tokens, mask, cut
 
-  def document(self, i: int) -> dict[str, np.ndarray] | None:  # (the start-up probe's name)
-    return self.map(i)
-
   def map(self, i: int) -> dict[str, np.ndarray] | None:
     i = int(i)
+    piece = self.document(i)
+    if piece is not None and self.reference is not None:
+      piece['reference_logps'] = self._reference_logps(i, piece)
+    return piece
+
+  def document(self, i: int) -> dict[str, np.ndarray] | None:
+    """The pair piece of record i without reference values, or None (skipped, counted)."""
     raw = self.source[i]
     if raw is None:
       return None

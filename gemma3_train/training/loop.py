@@ -35,6 +35,7 @@ from gemma3_train.training import checkpoint as checkpoint_lib
 from gemma3_train.training import flops as flops_lib
 from gemma3_train.training import init_from
 from gemma3_train.training import metrics as metrics_lib
+from gemma3_train.training import objectives
 from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import samples as samples_lib
 from gemma3_train.training.state import Setup, State, abstract_batch, setup
@@ -294,6 +295,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
              c.train.num_steps)
     return {}
   # Everything that can reject the config runs before the workdir is touched.
+  c = objectives.get(c).resolve(c, workdir)
   enable_compilation_cache(c)
   mesh = sharding.make_mesh(c)
   pid, nproc = jax.process_index(), jax.process_count()
@@ -309,6 +311,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
     # The first write to the workdir; a second run on it stops here (lease.py).
     cleanup.callback(lease_lib.acquire(workdir, c.checkpoint.lease_timeout_s).release)
     ckpt = checkpoint_lib.Checkpointer(workdir, c)
+    s.objective.prepare(s, workdir, functools.partial(restore_lib.initial_state, s))
     state, start_step = restore_lib.restore_or_init(s, ckpt, train_iter)
     cleanup.callback(ckpt.close)
     ckpt.install_signal_handlers()

@@ -70,6 +70,24 @@ def _restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
     if frozen is None:
       frozen = s.init_frozen() if abstract_frozen else {}
     return {**state, 'frozen': frozen}, step
+  return _fresh_state(s, loaded, frozen), 0
+
+
+def initial_state(s: state_lib.Setup) -> state_lib.State:
+  """The state a run starts from when its workdir has no checkpoint (orders (2) and (3)), with
+  no frozen models: what a precomputing objective scores before training."""
+  c = s.config
+  loaded = frozen = None
+  if c.checkpoint.init_from:
+    loaded = init_from.load_init_params(c.checkpoint.init_from, c,
+                                        {'params': frozen_lib.load_abstract(c, s.abstract_state)})
+    frozen = frozen_lib.from_loaded(loaded, s.abstract_state['frozen'])
+  return _fresh_state(s, loaded, frozen)
+
+
+def _fresh_state(s: state_lib.Setup, loaded, frozen) -> state_lib.State:
+  """The step-0 state from the params loaded from init_from (None: the seed's init)."""
+  c = s.config
   if loaded is None:
     state = s.init_state()
   elif frozen_lib.all_loaded(s.abstract_state['params'], loaded):  # a full model: no random init
@@ -84,7 +102,7 @@ def _restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
   if c.lora.init_adapter:
     params = peft_lib.read_adapter(c.lora.init_adapter, c, state['params'])
     state = {**state, 'params': params, 'opt_state': s.init_opt_state(params)}
-  return state, 0
+  return state
 
 
 def _legacy_layout(s: state_lib.Setup) -> tuple[dict, object] | None:

@@ -10,7 +10,9 @@ The step (training/step.py) never branches on the objective. It asks the Objecti
   metrics          the logged per-step values from those sums;
   eval_summary     the eval metrics from sums added over eval batches (host floats);
   makes_batches    True for an objective (RL) that makes its own batches by sampling; the loop
-                   then asks make_batches instead of reading the data.
+                   then asks make_batches instead of reading the data;
+  resolve, prepare the run's config with workdir-relative defaults, and one pass before training
+                   (both do nothing by default).
 Objectives differ in what they prepare and how they score, not in the loop (docs/architecture.md).
 """
 
@@ -41,6 +43,16 @@ class Objective:
     """name -> source of each extra frozen model: a checkpoint path, or '' for the seed's
     random init (the trained model's start); none by default."""
     return {}
+
+  def resolve(self, c: config_lib.Config, workdir: str) -> config_lib.Config:
+    """The run's config with the objective's workdir-relative defaults filled in."""
+    del workdir
+    return c
+
+  def prepare(self, s, workdir: str, initial_state) -> None:
+    """One pass before training (after the workdir lease, before the first batch is read):
+    e.g. DPO's precomputed reference log-probabilities. s is the Setup; initial_state() builds
+    the state the run would start from. Nothing by default."""
 
   def frozen_param_dtype(self) -> str:
     """The storage dtype of the frozen models ('' = model.param_dtype)."""

@@ -26,14 +26,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
+from gemma3_train import sharding
 from gemma3_train.data import images as images_lib
 from gemma3_train.models import lm_head
 from gemma3_train.models import lora
+from gemma3_train.training import precompute
 from gemma3_train.training.objectives import base
 
 REFERENCE = 'reference'
-NO_REFERENCE = ('orpo', 'simpo')
+NO_REFERENCE = config_lib.DPO_REFERENCE_FREE
 _SUMS = ('loss_sum', 'weight_sum', 'token_sum', 'chosen_reward_sum', 'rejected_reward_sum',
          'accuracy_sum', 'chosen_logps_sum', 'rejected_logps_sum')
 
@@ -130,6 +133,32 @@ class Preference(base.Objective):
 
   def frozen_param_dtype(self) -> str:
     return self.config.dpo.reference_dtype
+
+  def _precomputes(self) -> bool:
+    c = self.config
+    return c.dpo.reference_logps == 'precompute' and c.dpo.loss not in NO_REFERENCE
+
+  def resolve(self, c, workdir):
+    if not self._precomputes() or c.dpo.reference_logps_dir:
+      return c
+    return c.replace(dpo=dict(reference_logps_dir=str(precompute.table_dir(c, workdir))))
+
+  def prepare(self, s, workdir, initial_state):
+    """dpo.reference_logps=precompute: the tables of the train (and eval) pairs."""
+    if not self._precomputes():
+      return
+    c = s.config
+
+    def score(state, batch):
+      with sharding.use_mesh(s.mesh, s.rules):
+        model = nnx.merge(s.graphdef, state['params'], *state['frozen'].values())
+        if c.lora.rank:
+          model = adapters_off(model)
+        chosen, rejected = pair_sums(sequence_logps(model, batch, c.train.loss_chunk_size),
+                                     batch['segment_ids'])
+        return chosen[:, 0], rejected[:, 0]
+    splits = ('train', 'eval') if c.train.eval_every and c.train.eval_steps else ('train',)
+    precompute.ensure(s, workdir, splits, initial_state=initial_state, score=jax.jit(score))
 
   def reference_logps(self, model, batch, frozen_models) -> jax.Array:
     """The reference's log p(target) * weight per position [B, L], not differentiated."""

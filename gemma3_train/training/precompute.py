@@ -1,0 +1,142 @@
+"""dpo.reference_logps=precompute: the reference's log-probabilities of every pair, computed in
+one pass before training and stored in the workdir, so that training holds no reference model.
+
+The pass scores each record of this process's shard (the documents i % process_count ==
+process_index, in index order) with the run's starting model (checkpoint.init_from, else the
+seed's init; with LoRA its base, the adapters off), one pair per row. The table is float32
+[records, 2] (chosen, rejected; NaN where a record is skipped), keyed by record index: the data
+pipeline (data/preference.py) looks each pair up wherever the shuffled, packed order puts it,
+so a resumed run reads the same values. It is written to
+dpo.reference_logps_dir/{split}.{process}-of-{count}.npz (default WORKDIR/reference_logps)
+with the settings it depends on; a run whose settings differ computes it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from gemma3_train import config as config_lib
+from gemma3_train import data as data_lib
+from gemma3_train import sharding
+from gemma3_train.data import packing
+from gemma3_train.data import preference
+from gemma3_train.data import select
+from gemma3_train.infra import progress as progress_lib
+
+log = logging.getLogger(__name__)
+
+_DEPENDS_ON = ('data.train_path', 'data.eval_path', 'data.tokenizer_path', 'data.seq_len',
+               'dpo.prompt_field', 'dpo.chosen_field', 'dpo.rejected_field',
+               'dpo.max_prompt_len', 'dpo.max_len', 'checkpoint.init_from', 'train.seed',
+               'lora.init_adapter')
+
+
+def table_dir(c: config_lib.Config, workdir: str) -> epath.Path:
+  return epath.Path(c.dpo.reference_logps_dir or f'{workdir}/reference_logps')
+
+
+def _key(c: config_lib.Config) -> str:
+  """What the table depends on: the data, the tokenization, the reference model's source."""
+  values = {k: getattr(getattr(c, k.split('.')[0]), k.split('.')[1]) for k in _DEPENDS_ON}
+  values['model'] = {k: getattr(c.model, k) for k in config_lib.MODEL_SHAPE_FIELDS}
+  return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def _pair_rows(c: config_lib.Config, split: str, pid: int, nproc: int):
+  """(records in the source, an iterator of (record index, one-pair row)) of this process's
+  shard, in index order."""
+  c = select.resolve(c, warn=False)
+  tok = data_lib.Tokenizer(c.data.tokenizer_path)
+  source = select.make_source(c, split)
+  p = c.dpo
+  to_pair = preference.ToPair(source, tok, (p.prompt_field, p.chosen_field, p.rejected_field),
+                              p.max_prompt_len, p.max_len or c.data.seq_len // 2)
+
+  def rows():
+    for i in range(pid, len(source), nproc):
+      piece = to_pair.document(i)
+      if piece is not None:
+        yield i, packing.pack_group([piece], c.data.seq_len)[0]
+  return len(source), rows()
+
+
+def _gather_rows(x, pid: int, nproc: int, rows: int) -> np.ndarray:
+  """This process's rows of a batch-sharded global array."""
+  if nproc > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)[pid * rows:(pid + 1) * rows]
+
+
+def compute(s, state, split: str, score) -> np.ndarray:
+  """The table of this process's shard of `split` (see the module docstring); score(state,
+  batch) -> (chosen [B], rejected [B]) is jitted, the first pair slot of each row."""
+  c = s.config
+  pid, nproc = jax.process_index(), jax.process_count()
+  B = c.train.global_batch_size // nproc
+  n, rows = _pair_rows(c, split, pid, nproc)
+  table = np.full((n, 2), np.nan, np.float32)
+  empty = {k: np.zeros(c.data.seq_len, v) for k, v in data_lib.BATCH_DTYPES.items()}
+  batch_sharding = sharding.batch_sharding(s.mesh)
+  bar = progress_lib.Progress(f'reference log-probs of the {split} pairs',
+                              -(-n // nproc), 'pairs') if pid == 0 else None
+  done, start = 0, time.perf_counter()
+  while True:
+    chunk = [r for _, r in zip(range(B), rows)]
+    # Every process runs the same number of batches, while any has rows left.
+    left = np.asarray([len(chunk)], np.int32)
+    if nproc > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      left = multihost_utils.process_allgather(left)
+    if not np.any(left):
+      break
+    local = [row for _, row in chunk] + [empty] * (B - len(chunk))
+    batch = {k: np.stack([r[k] for r in local]) for k in data_lib.BATCH_DTYPES}
+    chosen, rejected = (_gather_rows(x, pid, nproc, B) for x in
+                        score(state, data_lib.global_batch(batch, batch_sharding)))
+    for k, (i, _) in enumerate(chunk):
+      table[i] = chosen[k], rejected[k]
+    done += len(chunk)
+    if bar:
+      bar.update(done)
+  if bar:
+    bar.close()
+  log.info('Reference log-probabilities of %d %s pairs in %.1f s', done, split,
+           time.perf_counter() - start)
+  return table
+
+
+def ensure(s, workdir: str, splits: tuple[str, ...], *, initial_state, score) -> None:
+  """Computes (or finds, with matching settings) the tables of `splits` in table_dir.
+  initial_state() builds the starting state only when a table is computed."""
+  c = s.config
+  directory = table_dir(c, workdir)
+  pid, nproc = jax.process_index(), jax.process_count()
+  key = _key(c)
+  state = None
+  for split in splits:
+    path = preference.table_path(directory, split, pid, nproc)
+    if path.exists():
+      with path.open('rb') as f:
+        stored = np.load(f)
+        if str(stored['key']) == key:
+          log.info('Reference log-probabilities (%s) from %s', split, path)
+          continue
+      log.info('%s was computed with other settings; computing it again', path)
+    if state is None:
+      state = initial_state()
+    table = compute(s, state, split, score)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (path.name + '.tmp')
+    with tmp.open('wb') as f:
+      np.savez(f, logps=table, key=np.asarray(key))
+    tmp.rename(path)
+  del state
