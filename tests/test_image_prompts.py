@@ -1,6 +1,6 @@
 """Prompts with images (inference/image_prompts.py, the sampler's prefill, the export's processor
-files, gemma3-sample --image, multiple choice) against transformers: Gemma3ForConditionalGeneration
-'s generate and logits, and AutoProcessor on our export.
+files, gemma3-sample --image, multiple choice) against transformers: the generate and logits of
+Gemma3ForConditionalGeneration, and AutoProcessor on our export.
 
 One random tiny vision model with the real vocabulary (the processor's <image_soft_token> is id
 262144 = model.vocab_size): 28 x 28 images, patch 7, pool 2 -> 4 soft tokens per image; a decoder
@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from transformers.models.gemma3 import image_processing_pil_gemma3
 
 import gemma3_train
 from gemma3_train import convert
@@ -71,7 +72,6 @@ def _image(seed, shape=(40, 33)):
 
 def _hf_pixels(images):
   """Hugging Face's Gemma 3 image processor (the reference preprocessing): [n, 3, S, S]."""
-  from transformers.models.gemma3 import image_processing_pil_gemma3  # pylint: disable=g-import-not-at-top
   processor = image_processing_pil_gemma3.Gemma3ImageProcessorPil(
       size={'height': S, 'width': S}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
   return torch.tensor(processor(images=list(images), return_tensors='np')['pixel_values'])
@@ -216,8 +216,8 @@ def test_multiple_choice_with_images_scores_as_transformers(hf_model, ours, tmp_
   a, b = _image(9), _image(10, (50, 20))
   _png(tmp_path, 'a.png', a)
   _png(tmp_path, 'b.png', b)
-  rows = [{'context': 'Is<start_of_image> brighter than<start_of_image>?', 'choices': [' yes', ' no'],
-           'answer': 0, 'images': ['a.png', 'b.png']},
+  rows = [{'context': 'Is<start_of_image> brighter than<start_of_image>?',
+           'choices': [' yes', ' no'], 'answer': 0, 'images': ['a.png', 'b.png']},
           {'context': 'Its colour is', 'choices': [' red', ' green', ' blue'], 'answer': 2,
            'images': [str(tmp_path / 'b.png')]},
           {'context': 'No image here:', 'choices': [' fine', ' odd'], 'answer': 1}]
