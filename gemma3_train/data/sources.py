@@ -61,6 +61,8 @@ def note(reason: str, where: str, *, skipped: bool = True, detail: str = '') -> 
   shown = f'{key} ({detail})' if detail else key
   for keys in _recorders:
     keys.append(shown)
+  if _recorders:  # a start-up probe: the pipeline reads (and counts) these rows again
+    return
   if not skipped:
     COUNTS[key] += 1
     if COUNTS[key] <= _WARN_FIRST:
