@@ -26,6 +26,7 @@ from gemma3_train import config as config_lib
 from gemma3_train.models import attention
 from gemma3_train.models import layers
 from gemma3_train.models import lora
+from gemma3_train.models import quant
 from gemma3_train.models import vision
 from gemma3_train import sharding
 
@@ -39,15 +40,21 @@ class Embedder(nnx.Module):
                             cfg.param_dtype, ('vocab', 'embed'))
     self.dtype = cfg.dtype
 
+  def table(self):
+    """The embedding table as the model reads it: fake-quantized (float32) with
+    quant.embedding (quant.apply sets self.qat), else as stored."""
+    mode = getattr(self, 'qat', '')
+    return quant.fake_quant(self.embedding[...], (1,), mode) if mode else self.embedding[...]
+
   def encode(self, tokens_BL):
-    table_VD = self.embedding[...]
+    table_VD = self.table()
     x_BLD = jnp.take(table_VD, tokens_BL, axis=0)
     # As HF: sqrt(D) as a float32 tensor, cast to the weight dtype (bf16: 50.596 -> 50.5).
-    scale = jnp.asarray(np.float32(x_BLD.shape[-1] ** 0.5)).astype(table_VD.dtype)
-    return (x_BLD * scale).astype(self.dtype)
+    scale = jnp.asarray(np.float32(x_BLD.shape[-1] ** 0.5)).astype(self.embedding.dtype)
+    return (x_BLD * scale.astype(table_VD.dtype)).astype(self.dtype)
 
   def decode(self, x_BLD):
-    table_VD = self.embedding[...].astype(self.dtype)
+    table_VD = self.table().astype(self.dtype)
     logits_BLV = jnp.einsum('BLD,VD->BLV', x_BLD, table_VD, preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BLV, ('act_batch', 'act_len', 'act_vocab'))
 
@@ -56,7 +63,7 @@ class Embedder(nnx.Module):
     them. The product is formed as [V, B] and transposed after a barrier: XLA's CPU dot that
     writes [B, V] reads the table at ~10 GB/s, the [V, B] one at ~16 (gemma3_640's 671 MB
     table at batch 8: 70 vs 40 ms, benchmarks/decode.py), and a decode step is mostly that."""
-    table_VD = self.embedding[...].astype(self.dtype)
+    table_VD = self.table().astype(self.dtype)
     logits_VB = jnp.einsum('VD,BD->VB', table_VD, x_BD, preferred_element_type=jnp.float32)
     logits_VB = jax.lax.optimization_barrier(logits_VB)  # else XLA folds the .T into the dot
     return sharding.constrain(logits_VB.T, ('act_batch', 'act_vocab'))
@@ -349,9 +356,22 @@ class Gemma3(nnx.Module):
 
 
 def build(c: config_lib.Config, rngs: nnx.Rngs | None = None) -> Gemma3:
-  """The model of a config: Gemma3, adapted when lora.rank > 0 (random base: the seed's)."""
+  """The model of a config: Gemma3, adapted when lora.rank > 0 (random base: the seed's), with
+  quantization-aware training set up by quant.*."""
   model = Gemma3(c.model, rngs=rngs or nnx.Rngs(c.train.seed))
-  return lora.adapt(model, c) if c.lora.rank else model
+  model = lora.adapt(model, c) if c.lora.rank else model
+  return set_qat(model, c.quant.qat, c.quant.embedding)
+
+
+def set_qat(model: Gemma3, qat: str, embedding: str = '') -> Gemma3:
+  """Marks the decoder's projections (Attention, MLP: lora.einsum reads the mark) and the
+  embedding to run fake-quantized; '' leaves them float. In place; returns the model."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, (Attention, MLP)) and qat:
+      node.qat = qat
+    elif isinstance(node, Embedder) and embedding:
+      node.qat = embedding
+  return model
 
 
 def abstract_state(cfg: config_lib.ModelConfig) -> nnx.State:

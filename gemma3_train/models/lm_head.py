@@ -253,7 +253,7 @@ def next_token_sums(model, batch: dict, images=None, *, chunk_size: int, z_loss:
   x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], images=images)
   targets, weights = mask_image_targets(batch['targets'], batch['weights'],
                                         model.cfg.vocab_size)
-  return chunked_cross_entropy(x_BLD, model.embedder.embedding[...], targets, weights,
+  return chunked_cross_entropy(x_BLD, model.embedder.table(), targets, weights,
                                chunk_size=chunk_size, z_loss=z_loss,
                                vocab_parallel=vocab_parallel)
 

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from gemma3_train import config as config_lib
+from gemma3_train.models import quant
 
 # target -> (module attribute holding the weight, the weight's input (contracted) axes).
 # Outputs are the other axes; A is [in..., r], B [r, out...], both in the weight's axis order.
@@ -77,6 +78,15 @@ class Adapter(nnx.Module):
     y = jnp.einsum(f'{batch}r,r{kept}->{out}', h, self.b[...].astype(dtype))
     return y * jnp.asarray(self.scale, dtype)
 
+  def delta(self, ws: str, in_axes: tuple[int, ...]):
+    """B A * scale in float32 in the weight's axis order `ws` (e.g. 'NDH', inputs at in_axes):
+    the update a QAT forward merges before it quantizes."""
+    ins = ''.join(ws[i] for i in in_axes)
+    outs = ''.join(ch for ch in ws if ch not in ins)
+    d = jnp.einsum(f'{ins}r,r{outs}->{ws}', self.a[...].astype(jnp.float32),
+                   self.b[...].astype(jnp.float32))
+    return d * jnp.float32(self.scale)
+
 
 class DropoutKey(nnx.Variable):
   """One train step's dropout key of one adapter (one per layer when stacked in the blocks)."""
@@ -106,12 +116,34 @@ def einsum(eq: str, x, module: nnx.Module, weight: str, dtype, adapter_eq: str |
   """
   w = getattr(module, weight)[...]
   scale = getattr(module, f'{weight}_scale', None)
-  w = w.astype(dtype) if scale is None else w.astype(dtype) * scale[...].astype(dtype)
-  y = jnp.einsum(eq, x, w)
   adapter = getattr(module, f'{WEIGHT_TARGET[weight]}_lora', None)
+  mode = getattr(module, 'qat', '')
+  if mode:  # QAT: the (merged) weight fake-quantized in its stored layout (quant.apply)
+    return jnp.einsum(eq, x, _qat_weight(w, scale, adapter, eq, adapter_eq or eq, weight, mode)
+                      .astype(dtype))
+  w = w.astype(dtype) if scale is None else quant.channel_dequantize(w, scale[...], dtype)
+  y = jnp.einsum(eq, x, w)
   if adapter is not None:
     y = y + adapter(adapter_eq or eq, x, dtype)
   return y
+
+
+def _qat_weight(w, scale, adapter, eq: str, stored_eq: str, weight: str, mode: str):
+  """The float32 weight a QAT forward multiplies by: (W, dequantized when int8, + B A * s when
+  adapted), fake-quantized along its input axes in the stored axis order (which a sampler's
+  swapped layout `eq` is transposed to and back), so that an export of the merged weights
+  quantizes to these same numbers."""
+  spec = lambda e: e.split('->')[0].split(',')[1]
+  w = w.astype(jnp.float32) if scale is None else quant.channel_dequantize(w, scale[...])
+  if spec(eq) != spec(stored_eq):
+    w = jnp.einsum(f'{spec(eq)}->{spec(stored_eq)}', w)
+  in_axes = TARGETS[WEIGHT_TARGET[weight]][1]
+  if adapter is not None:
+    w = w + adapter.delta(spec(stored_eq), in_axes)
+  w = quant.fake_quant(w, in_axes, mode)
+  if spec(eq) != spec(stored_eq):
+    w = jnp.einsum(f'{spec(stored_eq)}->{spec(eq)}', w)
+  return w
 
 
 # --- building the adapted model ------------------------------------------------
@@ -127,11 +159,8 @@ def _split_axes(shape, names, in_axes, lead: int):
 
 
 def quantize(w, in_axes: tuple[int, ...]):
-  """(int8 weight, float32 scale with size-1 input axes): symmetric absmax per output channel."""
-  w32 = w.astype(jnp.float32)
-  absmax = jnp.max(jnp.abs(w32), axis=in_axes, keepdims=True)
-  scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
-  return jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8), scale
+  """(int8 weight, float32 scale with size-1 input axes): quant.py's int8 per output channel."""
+  return quant.channel_quantize(w, in_axes, bits=8)
 
 
 def _stacked(path: tuple) -> int:
