@@ -47,21 +47,9 @@ def _pairs(seed=0, n=6):
   return out
 
 
-def _packed_batch(pairs, rows=4):
-  """The pairs as our pipeline packs them (pair_piece, then first-fit rows), [rows, SEQ_LEN]."""
-  pieces = []
-  for prompt, chosen, rejected in pairs:
-    seqs = []
-    for completion in (chosen, rejected):
-      tokens = np.asarray(prompt + completion, np.int32)
-      mask = np.r_[np.zeros(len(prompt)), np.ones(len(completion))].astype(np.float32)
-      seqs.append((tokens, mask))
-    pieces.append(preference.pair_piece(*seqs))
-  packed = packing.pack_group(pieces, SEQ_LEN)
-  assert len(packed) <= rows
-  empty = {k: np.zeros_like(v) for k, v in packed[0].items()}
-  packed += [empty] * (rows - len(packed))
-  return {k: jnp.asarray(np.stack([r[k] for r in packed])) for k in packed[0]}
+def _packed_batch(pairs):
+  """The pairs as our pipeline packs them (pair_piece, then first-fit rows), [4, SEQ_LEN]."""
+  return jax.tree.map(jnp.asarray, _packed_batch_rows(pairs, SEQ_LEN, 4))
 
 
 def _trl_logps(model, pairs):
@@ -237,3 +225,66 @@ def test_lora_loss_and_adapter_gradient_equal_trl_with_peft(models, loss, tmp_pa
   want_flat = dict(nnx.to_flat_state(want_grads))
   for k, g in nnx.to_flat_state(grads):
     _assert_close(g.get_value(), want_flat[k].get_value(), k)
+
+
+# --- the train step: sharded and one device ------------------------------------------------
+
+
+def _step_grads(c, devices, batch):
+  """The gradient of the mean DPO loss at the seed's init, the reference being that init."""
+  from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import state as train_state  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(c, devices)
+  s = train_state.setup(c, mesh)
+  put = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in batch.items()}
+
+  def grads(params):
+    def mean(p):
+      model = nnx.merge(s.graphdef, p, *s.state['frozen'].values())
+      ref = {} if c.lora.rank else {dpo.REFERENCE: nnx.merge(s.graphdef, params)}
+      total, sums = s.objective.loss_sums(model, put, ref)
+      return total / sums['weight_sum']
+    return jax.grad(mean)(params)
+  with sharding.use_mesh(mesh, s.rules):
+    params = s.state['params']
+    if c.lora.rank:  # adapters away from B = 0, so that policy and reference differ
+      params = jax.tree.map(lambda a: a + 0.05, params)
+    g = jax.jit(grads)(params)
+  return [np.asarray(x) for x in jax.tree.leaves(g)]
+
+
+@pytest.mark.parametrize('lora_rank', [0, pytest.param(4, marks=_slow)])
+def test_sharded_equals_one_device(lora_rank):
+  """(fsdp=4, tensor=2) on 8 CPU devices: the same gradients as one device."""
+  lora_cfg = dict(rank=lora_rank, alpha=8.0) if lora_rank else {}
+  base = dict(train=dict(objective='dpo'), lora=lora_cfg, model=dict(num_layers=2))
+  c1 = helpers.small_config(mesh=dict(fsdp=-1), **base)
+  c8 = helpers.small_config(mesh=dict(fsdp=4, tensor=2), **base)
+  rng = np.random.default_rng(0)
+  pairs = []
+  for _ in range(12):
+    prompt = [2, *rng.integers(3, 512, rng.integers(1, 4))]
+    pairs.append((prompt, list(rng.integers(3, 512, rng.integers(1, 4))),
+                  list(rng.integers(3, 512, rng.integers(1, 4)))))
+  batch = _packed_batch_rows(pairs, c1.data.seq_len, c1.train.global_batch_size)
+  g1 = _step_grads(c1, jax.devices()[:1], batch)
+  g8 = _step_grads(c8, jax.devices(), batch)
+  assert any(np.abs(x).max() > 0 for x in g1)
+  for x, y in zip(g8, g1):
+    err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
+    assert err <= 1e-5, err
+
+
+def _packed_batch_rows(pairs, seq_len, rows):
+  """The pairs as our pipeline packs them (pair_piece, then first-fit rows), numpy
+  [rows, seq_len]."""
+  pieces = []
+  for prompt, chosen, rejected in pairs:
+    pieces.append(preference.pair_piece(*[
+        (np.asarray(prompt + comp, np.int32),
+         np.r_[np.zeros(len(prompt)), np.ones(len(comp))].astype(np.float32))
+        for comp in (chosen, rejected)]))
+  packed = packing.pack_group(pieces, seq_len)
+  assert len(packed) <= rows
+  packed += [{k: np.zeros_like(v) for k, v in packed[0].items()}] * (rows - len(packed))
+  return {k: np.stack([r[k] for r in packed]) for k in packed[0]}
