@@ -7,7 +7,8 @@ same function (layout.py maps both to the released checkpoints' layout). scan_un
 each block's six layers as an inner scan over single layers (docs/memory.md). Every parameter
 carries `logical_axes` metadata that sharding.py maps to mesh axes; stacked block parameters carry a
 leading 'layers' axis. The seven projections go through lora.einsum, which adds a LoRA run's
-adapters and dequantizes an int8 base (lora.adapt installs both after construction).
+adapters and dequantizes an int8 base (lora.adapt installs both after construction), and with
+quant.qat fake-quantizes them (set_qat marks the modules; models/quant.py).
 
 Parameters are stored in ModelConfig.param_dtype and cast to ModelConfig.dtype for matmuls;
 norms, RoPE, attention logits/softmax and the output logits run in float32. The architecture

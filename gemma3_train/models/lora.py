@@ -13,7 +13,9 @@ state then splits the model in two (training/frozen.py): the trainable LoraParam
 Base storage (lora.base_dtype): float32 or bfloat16 casts every base parameter; int8 stores the
 seven projection matrices as int8 with one float32 scale per output channel (symmetric absmax over
 the input axes, `<weight>_scale` QuantScale variables) and the rest (embedding, norms) in bfloat16;
-a weight is dequantized (int8 * scale, in the compute dtype) where its matmul reads it.
+a weight is dequantized (int8 * scale, in the compute dtype) where its matmul reads it; the int8
+math is models/quant.py's. With quant.qat, einsum fake-quantizes the weight it reads, the
+adapters merged in first (docs/quantization.md).
 """
 
 from __future__ import annotations
