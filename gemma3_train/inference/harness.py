@@ -316,17 +316,21 @@ def _missing_dataset(e: BaseException) -> str | None:
           f'with network access: python -c "import datasets; datasets.load_dataset({call})"')
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
+def _index(include_path: str, defaults: bool):
+  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+  return TaskManager(include_path=include_path or None, include_defaults=defaults)
+
+
 def task_manager(tasks: tuple[str, ...], include_path: str = ''):
   """An lm_eval TaskManager that knows these task names: over include_path's YAMLs alone when
   they name every task (indexing the harness's own ~200 folders takes seconds), else over both.
   Cached: the trainer asks again at each eval. Raises HarnessError for an unknown name."""
-  from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
   if include_path:
-    local = TaskManager(include_path=include_path, include_defaults=False)
+    local = _index(include_path, False)
     if all(t in local.all_tasks for t in tasks):
       return local
-  manager = TaskManager(include_path=include_path or None)
+  manager = _index(include_path, True)
   unknown = [t for t in tasks if t not in manager.all_tasks]
   if unknown:
     raise HarnessError(f'unknown task {unknown[0]!r} (`lm-eval ls tasks` lists the harness\'s; '
