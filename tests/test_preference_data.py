@@ -106,3 +106,35 @@ def test_precompute_and_packing_errors_name_the_field(tmp_path):
     config_lib.validate(c.replace(dpo=dict(max_len=40)))
   with pytest.raises(config_lib.ConfigError, match=r"^dpo.loss='kto': expected sigmoid \| ipo"):
     config_lib.validate(c.replace(dpo=dict(loss='kto')))
+
+
+def test_image_pairs_carry_the_prompts_images_for_both_sequences(tmp_path):
+  """model.vision: a pair's piece holds the prompt's images once per sequence, in the order
+  their blocks appear in the row, and the blocks are context, never targets."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import tiny_vision  # pylint: disable=g-import-not-at-top
+  for k, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+    Image.fromarray(np.full((48, 48, 3), colour, np.uint8)).save(tmp_path / f'{k}.png')
+  rows = [{'prompt': 'The colour is', 'images': ['0.png'], 'chosen': ' red', 'rejected': ' blue'},
+          {'prompt': [{'role': 'user', 'content': [{'type': 'image', 'path': '1.png'},
+                                                   {'type': 'text', 'text': 'Colour?'}]}],
+           'chosen': [{'role': 'assistant', 'content': 'blue'}],
+           'rejected': [{'role': 'assistant', 'content': 'red'}]}]
+  c = config_lib.from_config_dict(tiny_vision.get_config())
+  c = c.replace(data=dict(source='jsonl', train_path=str(_write(tmp_path / 'p.jsonl', rows)),
+                          seq_len=64, shuffle=False, max_images=4),
+                train=dict(objective='dpo', global_batch_size=1))
+  batches = list(data.make_dataset(c, num_epochs=1))
+  placeholder = c.model.vocab_size
+  seen = 0
+  for b in batches:
+    n = int(b['image_counts'][0])
+    assert n == 2  # one pair per row here: its image, once per sequence
+    red = b['images'][0][:n, 0, 0, 0] == 255
+    assert red[0] == red[1]  # both sequences see the same image
+    seen += n
+    soft = b['inputs'][0] == placeholder
+    per_segment = [soft[b['segment_ids'][0] == s].sum() for s in (1, 2)]
+    assert per_segment == [c.model.tokens_per_image] * 2
+    assert not b['weights'][0][soft].any()
+  assert seen == 4

@@ -247,7 +247,7 @@ class ToDocument(grain.transforms.Map):
       return None
     crops = [len(p) - 1 for p in pixels]
     self._check_images(len(refs) + sum(crops), where)
-    encode = _image_encoder(self.tok, crops, spec, where)
+    encode = image_encoder(self.tok, crops, spec, where)
     if self.fmt == 'chat':
       tokens, mask = format_chat(value, self.tok, where, encode=encode)
     else:
@@ -279,7 +279,7 @@ class ToDocument(grain.transforms.Map):
     return self.document(int(i))
 
 
-def _image_encoder(tok: tokenizer_lib.Tokenizer, crops: list[int],
+def image_encoder(tok: tokenizer_lib.Tokenizer, crops: list[int],
                    spec: images_lib.ImageSpec, where: str) -> Callable[[str], list[int]]:
   """Text -> ids with its IMAGE_MARKERs expanded; successive calls (a chat's turns) take the
   next images."""

@@ -239,7 +239,8 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
         and p.reference_logps_dir):
       table = preference.table_path(p.reference_logps_dir, split, process_index, process_count)
     to_doc = preference.ToPair(source, tok, (p.prompt_field, p.chosen_field, p.rejected_field),
-                               p.max_prompt_len, p.max_len or d.seq_len // 2, reference=table)
+                               p.max_prompt_len, p.max_len or d.seq_len // 2, reference=table,
+                               images=image_spec)
   elif d.source == 'prepared':  # documents tokenized by gemma3-data prepare
     to_doc = prepared.ToDocument(source, d.seq_len)
   else:

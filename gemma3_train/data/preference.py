@@ -12,6 +12,11 @@ The piece is the chosen sequence then the rejected one, with local segment ids 1
 positions from 0 in each; packing (data/packing.py) gives a row's k-th pair the segment ids
 2k+1 (chosen) and 2k+2 (rejected), which is how the objective tells them apart.
 
+With model.vision the prompt's images (a conversational prompt's image parts, or a standard
+row's data.images_field list, placed at its <start_of_image> markers or before the text) go
+with both sequences: the piece carries them twice, one block per sequence, and the prompt may
+not be truncated through an image.
+
 Truncation (as TRL's max_prompt_length / max_length): the prompt keeps its last
 dpo.max_prompt_len tokens after BOS, then each sequence its first dpo.max_len tokens; a pair
 truncated is counted ("split: ..."). Skipped and counted: a missing or empty field, chosen equal
@@ -28,6 +33,7 @@ import grain
 import numpy as np
 
 from gemma3_train.data import documents
+from gemma3_train.data import images as images_lib
 from gemma3_train.data import sources
 from gemma3_train.data import tokenizer as tokenizer_lib
 
@@ -61,8 +67,10 @@ class ToPair(grain.transforms.Map):
   """Index into the source -> a pair piece, or None (skipped and counted)."""
 
   def __init__(self, source, tok: tokenizer_lib.Tokenizer, fields: tuple[str, str, str],
-               max_prompt_len: int, max_len: int, reference: epath.Path | None = None):
+               max_prompt_len: int, max_len: int, reference: epath.Path | None = None,
+               images: images_lib.ImageSpec | None = None):
     self.source, self.tok, self.fields = source, tok, fields
+    self.images = images  # None: a text-only model
     self.max_prompt_len, self.max_len = max_prompt_len, max_len
     self.field = fields[0]  # what the start-up probe names
     self.reference = reference  # a table of reference log-probs, read at the first pair
@@ -101,11 +109,13 @@ class ToPair(grain.transforms.Map):
       return None
     return obj
 
-  def _sequence(self, prompt: Any, completion: Any, where: str
+  def _sequence(self, prompt: Any, completion: Any, where: str, encoder=None
                 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens, target mask, prompt length) of prompt + completion."""
+    """(tokens, target mask, prompt length) of prompt + completion; encoder() makes a text ->
+    ids function that expands image markers (None: plain text)."""
+    encode = encoder() if encoder else self.tok.encode
     if isinstance(prompt, str) and isinstance(completion, str):
-      p = [tokenizer_lib.BOS, *self.tok.encode(prompt)]
+      p = [tokenizer_lib.BOS, *encode(prompt)]
       c = [*self.tok.encode(completion), tokenizer_lib.EOS]
       tokens = np.asarray(p + c, np.int32)
       mask = np.concatenate([np.zeros(len(p), np.float32), np.ones(len(c), np.float32)])
@@ -114,8 +124,10 @@ class ToPair(grain.transforms.Map):
     if prompt_msgs is None or completion_msgs is None:
       raise sources.DataError(f'{where}: {self.fields[0]!r} and the completions must be all '
                               'strings or all lists of messages')
-    prompt_tokens, _ = documents.format_chat(prompt_msgs, self.tok, where)
-    tokens, mask = documents.format_chat(prompt_msgs + completion_msgs, self.tok, where)
+    prompt_tokens, _ = documents.format_chat(prompt_msgs, self.tok, where,
+                                             encode=encoder() if encoder else None)
+    tokens, mask = documents.format_chat(prompt_msgs + completion_msgs, self.tok, where,
+                                         encode=encoder() if encoder else None)
     n = len(prompt_tokens) - 1  # the prompt's tokens without its closing EOS
     mask[:n] = 0.0  # the prompt's own model turns are context
     return tokens, mask, n
@@ -157,9 +169,25 @@ class ToPair(grain.transforms.Map):
     if chosen == rejected:
       sources.note('chosen equals rejected', where)
       return None
+    encoder, pixels = None, None
+    if self.images is not None:
+      loaded = self._load_images(obj, prompt, i, where)
+      if loaded is None:
+        return None
+      prompt, encoder, pixels = loaded
     pieces, any_cut = [], False
     for completion in (chosen, rejected):
-      tokens, mask, n_prompt = self._sequence(prompt, completion, where)
+      tokens, mask, n_prompt = self._sequence(prompt, completion, where, encoder)
+      if pixels is not None and len(pixels):
+        # an image block stays whole: the prompt is never cut through it
+        last_image = np.flatnonzero(tokens == tokenizer_lib.END_OF_IMAGE)
+        if self.max_prompt_len and len(last_image) and n_prompt - 1 > self.max_prompt_len:
+          raise sources.DataError(f'{where}: a prompt with images is longer than '
+                                  f'dpo.max_prompt_len={self.max_prompt_len}; raise it or set 0')
+        if len(last_image) and last_image[-1] >= self.max_len:
+          sources.note(f'images beyond dpo.max_len={self.max_len}', where)
+          return None
+        mask[tokens == self.images.placeholder] = 0.0
       tokens, mask, cut = self._truncate(tokens, mask, n_prompt)
       any_cut |= cut
       if mask[1:].sum() == 0:
@@ -168,7 +196,41 @@ class ToPair(grain.transforms.Map):
       pieces.append((tokens, mask))
     if any_cut:
       sources.note('pair truncated to dpo.max_prompt_len / dpo.max_len', where, skipped=False)
-    return pair_piece(*pieces)
+    piece = pair_piece(*pieces)
+    if pixels is not None:
+      piece['images'] = np.concatenate([pixels, pixels])  # one block per sequence
+    return piece
+
+  def _load_images(self, obj: dict, prompt: Any, i: int, where: str):
+    """(prompt, encoder factory, pixels [n, S, S, 3]) of a row for a vision model, or None
+    (an unreadable image: skipped and counted)."""
+    spec = self.images
+    msgs = _messages(prompt) if not isinstance(prompt, str) else None
+    if msgs is not None:
+      refs = documents.chat_images(msgs)
+    else:
+      refs = obj.get(spec.field) or []
+      refs = list(refs) if isinstance(refs, (list, tuple, np.ndarray)) else [refs]
+      markers = prompt.count(tokenizer_lib.IMAGE_MARKER)
+      if refs and not markers:  # as Hugging Face's processor: the images open the prompt
+        prompt = ' '.join([tokenizer_lib.IMAGE_MARKER] * len(refs)) + ' ' + prompt
+      elif markers != len(refs):
+        raise sources.DataError(f'{where}: {markers} {tokenizer_lib.IMAGE_MARKER} in the prompt '
+                                f'but {len(refs)} images in field {spec.field!r}')
+    base = self.source.directory(i) if hasattr(self.source, 'directory') else None
+    try:
+      loaded = [images_lib.load(r, spec.size, crops=spec.pan_and_scan, base=base) for r in refs]
+    except images_lib.ImageError as e:
+      sources.note(f'unreadable image {e}', where)
+      return None
+    crops = [len(p) - 1 for p in loaded]
+    n = len(refs) + sum(crops)
+    if 2 * n > spec.max_images:
+      raise sources.DataError(f'{where}: a pair with {n} images needs {2 * n} image slots (one '
+                              f'block per sequence) but a row holds data.max_images='
+                              f'{spec.max_images}')
+    pixels = np.concatenate(loaded) if loaded else spec.empty()
+    return prompt, lambda: documents.image_encoder(self.tok, crops, spec, where), pixels
 
 
 def pair_piece(chosen: tuple[np.ndarray, np.ndarray], rejected: tuple[np.ndarray, np.ndarray]

@@ -75,7 +75,7 @@ def _continuation_scores(graphdef, state, inputs_BL, starts_B, targets_BK, *, ch
     idx_BK = jnp.minimum(starts_B[:, None] + jnp.arange(K, dtype=jnp.int32)[None, :],
                          inputs_BL.shape[1] - 1)
     x_BKD = jnp.take_along_axis(x_BLD, idx_BK[:, :, None], axis=1)
-    table_VD = model.embedder.embedding[...]
+    table_VD = model.embedder.table()
     # lm_head.token_logprobs' chunks, keeping the max logit too (is_greedy: the harness's acc
     # on loglikelihood tasks); no gradients here, so no checkpoint.
     # pylint: disable=protected-access

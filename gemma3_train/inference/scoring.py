@@ -111,7 +111,7 @@ def _row_logprob(graphdef, state, inputs_BL, targets_BL, weights_BL, images, chu
   per-token log-probabilities); images float32 [B, N, S, S, 3] or None."""
   model = nnx.merge(graphdef, state)
   logp_BL = loss_lib.token_logprobs(model.hidden(inputs_BL, images=images),
-                                    model.embedder.embedding[...],
+                                    model.embedder.table(),
                                     targets_BL, chunk_size=chunk_size)
   return jnp.sum(weights_BL * logp_BL, axis=1)
 

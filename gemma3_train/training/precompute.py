@@ -26,6 +26,7 @@ from etils import epath
 from gemma3_train import config as config_lib
 from gemma3_train import data as data_lib
 from gemma3_train import sharding
+from gemma3_train.data import images as images_lib
 from gemma3_train.data import packing
 from gemma3_train.data import preference
 from gemma3_train.data import select
@@ -57,14 +58,15 @@ def _pair_rows(c: config_lib.Config, split: str, pid: int, nproc: int):
   tok = data_lib.Tokenizer(c.data.tokenizer_path)
   source = select.make_source(c, split)
   p = c.dpo
+  spec = images_lib.spec(c)
   to_pair = preference.ToPair(source, tok, (p.prompt_field, p.chosen_field, p.rejected_field),
-                              p.max_prompt_len, p.max_len or c.data.seq_len // 2)
+                              p.max_prompt_len, p.max_len or c.data.seq_len // 2, images=spec)
 
   def rows():
     for i in range(pid, len(source), nproc):
       piece = to_pair.document(i)
       if piece is not None:
-        yield i, packing.pack_group([piece], c.data.seq_len)[0]
+        yield i, packing.pack_group([piece], c.data.seq_len, spec.max_images if spec else 0)[0]
   return len(source), rows()
 
 
@@ -85,6 +87,12 @@ def compute(s, state, split: str, score) -> np.ndarray:
   n, rows = _pair_rows(c, split, pid, nproc)
   table = np.full((n, 2), np.nan, np.float32)
   empty = {k: np.zeros(c.data.seq_len, v) for k, v in data_lib.BATCH_DTYPES.items()}
+  keys = list(data_lib.BATCH_DTYPES)
+  if c.model.vision:
+    keys += list(data_lib.IMAGE_BATCH_DTYPES)
+    S = c.model.vision_image_size
+    empty.update(images=np.zeros((c.data.max_images, S, S, 3), np.uint8),
+                 image_counts=np.int32(0))
   batch_sharding = sharding.batch_sharding(s.mesh)
   bar = progress_lib.Progress(f'reference log-probs of the {split} pairs',
                               -(-n // nproc), 'pairs') if pid == 0 else None
@@ -99,7 +107,7 @@ def compute(s, state, split: str, score) -> np.ndarray:
     if not np.any(left):
       break
     local = [row for _, row in chunk] + [empty] * (B - len(chunk))
-    batch = {k: np.stack([r[k] for r in local]) for k in data_lib.BATCH_DTYPES}
+    batch = {k: np.stack([r[k] for r in local]) for k in keys}
     chosen, rejected = (_gather_rows(x, pid, nproc, B) for x in
                         score(state, data_lib.global_batch(batch, batch_sharding)))
     for k, (i, _) in enumerate(chunk):

@@ -72,7 +72,7 @@ def sequence_logps(model, batch: dict, chunk_size: int) -> jax.Array:
   x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'], images=images)
   targets, weights = lm_head.mask_image_targets(batch['targets'], batch['weights'],
                                                 model.cfg.vocab_size)
-  logp_BL = lm_head.token_logprobs(x_BLD, model.embedder.embedding[...], targets,
+  logp_BL = lm_head.token_logprobs(x_BLD, model.embedder.table(), targets,
                                    chunk_size=chunk_size)
   return logp_BL * weights
 
