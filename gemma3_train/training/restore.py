@@ -39,16 +39,19 @@ def restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
 
 def _load_frozen_model(s: state_lib.Setup, name: str, path: str) -> nnx.State:
   """An objective's frozen model from its checkpoint, into its shardings (init_from's reader:
-  any checkpoint convert reads, of the trained model's shapes); path '' is the seed's random
-  init, the trained model's start."""
+  any checkpoint convert reads, of objective.frozen_model_config's shapes); path '' is the
+  seed's random init, the trained model's start."""
   abstract = s.abstract_state['frozen_models'][name]
   if not path:
     log.info('The frozen %s model is the seed\'s random init', name)
     start = s.init_trainable()['params']
     return frozen_lib.params_from_loaded(abstract, frozen_lib.merged(start, s.init_frozen()))
   log.info('Loading the frozen %s model from %s', name, path)
-  return init_from.load_init_params(
-      path, s.config, {'params': s.abstract_state['frozen_models'][name]})
+  c = s.config
+  m = s.objective.frozen_model_config(name)
+  if m != c.model:  # another model's shapes (a larger teacher)
+    c = dataclasses.replace(c, model=m)
+  return init_from.load_init_params(path, c, {'params': abstract})
 
 
 def _restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,

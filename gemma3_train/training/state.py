@@ -52,7 +52,7 @@ class Setup:
   rules: dict[str, tuple[str, ...]]
   objective: objectives.base.Objective
   graphdef: Any
-  frozen_model_graphdef: Any  # of objective.frozen_models()'s models (None without any)
+  frozen_model_graphdef: dict  # name -> graphdef of each of objective.frozen_models()
   abstract_state: State  # ShapeDtypeStructs with shardings; nothing allocated
   state_shardings: State
   batch_sharding: dict[str, NamedSharding]
@@ -85,14 +85,18 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   make = functools.partial(new_state, c, tx)
   abstract_state = jax.eval_shape(make)
   frozen_models = objective.frozen_models()
-  frozen_model_graphdef = None
-  if frozen_models:  # the trained model's shapes without LoRA; loaded at each start (restore.py)
-    m = c.model
-    if objective.frozen_param_dtype():
-      m = dataclasses.replace(m, param_dtype=objective.frozen_param_dtype())
-    plain = nnx.eval_shape(lambda: decoder.Gemma3(m, rngs=nnx.Rngs(0)))
-    frozen_model_graphdef = nnx.graphdef(plain)
-    abstract_state['frozen_models'] = {name: nnx.state(plain, nnx.Param) for name in frozen_models}
+  frozen_model_graphdef = {}
+  if frozen_models:  # plain models (no LoRA) of their configs; loaded at each start (restore.py)
+    plain = {}  # one eval_shape per distinct config
+    abstract_state['frozen_models'] = {}
+    for name in frozen_models:
+      m = objective.frozen_model_config(name)
+      if objective.frozen_param_dtype():
+        m = dataclasses.replace(m, param_dtype=objective.frozen_param_dtype())
+      if m not in plain:
+        plain[m] = nnx.eval_shape(lambda: decoder.Gemma3(m, rngs=nnx.Rngs(0)))
+      frozen_model_graphdef[name] = nnx.graphdef(plain[m])
+      abstract_state['frozen_models'][name] = nnx.state(plain[m], nnx.Param)
   state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -19,6 +19,12 @@ from gemma3_train import sharding
 State = dict[str, Any]
 
 
+def _frozen_models(state: State, frozen_model_graphdef) -> dict:
+  """The objective's frozen models, built from the state (inputs, not differentiated)."""
+  return {name: nnx.merge(frozen_model_graphdef[name], part)
+          for name, part in state.get('frozen_models', {}).items()}
+
+
 def _loss_sums(params, state: State, batch: dict, *, graphdef, frozen_model_graphdef,
                objective, dropout_key=None, dropout_rate: float = 0.0
                ) -> tuple[jax.Array, dict]:
@@ -27,9 +33,17 @@ def _loss_sums(params, state: State, batch: dict, *, graphdef, frozen_model_grap
   model = nnx.merge(graphdef, params, *state['frozen'].values())
   if dropout_key is not None:  # LoRA adapter dropout: training steps only
     lora.set_dropout(model, dropout_key, dropout_rate)
-  frozen_models = {name: nnx.merge(frozen_model_graphdef, part)
-                   for name, part in state.get('frozen_models', {}).items()}
-  return objective.loss_sums(model, batch, frozen_models)
+  return objective.loss_sums(model, batch, _frozen_models(state, frozen_model_graphdef))
+
+
+def _with_step(objective, state: State, batch: dict) -> dict:
+  """objective.reads_step: the batch with 'step' and 'row' ([B] int32), so that an objective's
+  draws depend on (seed, step, row, column) only, not on microbatches, sharding or a resume."""
+  if not objective.reads_step:
+    return batch
+  B = batch['inputs'].shape[0]
+  return {**batch, 'step': jnp.full((B,), state['step'], jnp.int32),
+          'row': jnp.arange(B, dtype=jnp.int32)}
 
 
 def _dropout_key(c: config_lib.Config, step: jax.Array) -> jax.Array | None:
@@ -45,6 +59,7 @@ def train_step(state: State, batch: dict, *, graphdef, frozen_model_graphdef, tx
   """One optimizer step over the global batch, accumulated over microbatches by a scan."""
   with sharding.use_mesh(mesh, rules):
     params = state['params']
+    batch = _with_step(objective, state, batch)
     grad_fn = jax.grad(functools.partial(_loss_sums, graphdef=graphdef,
                                          frozen_model_graphdef=frozen_model_graphdef,
                                          objective=objective, dropout_rate=c.lora.dropout),
@@ -87,6 +102,6 @@ def eval_step(state: State, batch: dict, *, graphdef, frozen_model_graphdef, obj
               rules) -> dict:
   """The objective's summed parts on one eval batch (no dropout)."""
   with sharding.use_mesh(mesh, rules):
-    _, sums = _loss_sums(state['params'], state, batch, graphdef=graphdef,
-                         frozen_model_graphdef=frozen_model_graphdef, objective=objective)
-  return sums
+    model = nnx.merge(graphdef, state['params'], *state['frozen'].values())
+    return objective.eval_sums(model, _with_step(objective, state, batch),
+                               _frozen_models(state, frozen_model_graphdef))

@@ -4,11 +4,16 @@ The step (training/step.py) never branches on the objective. It asks the Objecti
   batch_shapes     the global batch it reads, {key: (shape, dtype)} (rows over the batch axes);
   frozen_models    the frozen models it needs besides the trained model's own frozen parts (a
                    DPO or GRPO reference, a distillation teacher): name -> where they come from;
+                   frozen_model_config gives each one's ModelConfig (a teacher's may differ);
   loss_sums        (the summed objective to differentiate, its summed parts); the parts hold
                    'weight_sum', what the step divides the gradients and metrics by, and may
                    hold 'token_sum', the tokens trained on (else weight_sum is);
   metrics          the logged per-step values from those sums;
+  eval_sums        the sums of an eval batch (loss_sums' parts by default);
   eval_summary     the eval metrics from sums added over eval batches (host floats);
+  reads_step       True for an objective that draws random numbers per position: the step then
+                   adds 'step' and 'row' ([B] int32: the step, each row's index in the global
+                   batch) to the batch it is given;
   makes_batches    True for an objective (RL) that makes its own batches by sampling; the loop
                    then asks make_batches instead of reading the data;
   resolve, prepare the run's config with workdir-relative defaults, and one pass before training
@@ -32,6 +37,7 @@ class Objective:
 
   name = ''
   makes_batches = False
+  reads_step = False
 
   def __init__(self, c: config_lib.Config):
     self.config = c
@@ -43,6 +49,12 @@ class Objective:
     """name -> source of each extra frozen model: a checkpoint path, or '' for the seed's
     random init (the trained model's start); none by default."""
     return {}
+
+  def frozen_model_config(self, name: str) -> config_lib.ModelConfig:
+    """The ModelConfig of frozen model `name` (its storage dtype: frozen_param_dtype): the
+    trained model's by default."""
+    del name
+    return self.config.model
 
   def resolve(self, c: config_lib.Config, workdir: str) -> config_lib.Config:
     """The run's config with the objective's workdir-relative defaults filled in."""
@@ -65,6 +77,11 @@ class Objective:
 
   def metrics(self, sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     raise NotImplementedError
+
+  def eval_sums(self, model, batch: dict, frozen_models: dict | None = None
+                ) -> dict[str, jax.Array]:
+    """The summed parts of an eval batch: loss_sums' by default."""
+    return self.loss_sums(model, batch, frozen_models)[1]
 
   def eval_summary(self, totals: dict[str, float]) -> dict[str, float]:
     raise NotImplementedError
