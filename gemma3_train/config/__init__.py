@@ -11,7 +11,7 @@ from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_REFERENCE_FREE, DTY
                                         MIXTURE_EXHAUSTED, MODEL_SHAPE_FIELDS, OBJECTIVES, PRESETS,
                                         REMAT_POLICIES, REMAT_UNITS, SCAN_UNITS, SCHEDULES,
                                         SOURCES, CheckpointConfig,
-                                        Config, ConfigError, DataConfig, DpoConfig, FieldDoc, LoggingConfig,
+                                        Config, ConfigError, DataConfig, DistillConfig, DpoConfig, FieldDoc, LoggingConfig,
                                         LoraConfig, MeshConfig, ModelConfig, OptimConfig,
                                         TrainConfig, default_config_dict, field_docs,
                                         lora_dims, sections, use_chat_data)
@@ -28,6 +28,7 @@ __all__ = [
     'DPO_REFERENCE_FREE',
     'DTYPES',
     'DataConfig',
+    'DistillConfig',
     'DpoConfig',
     'FieldDoc',
     'GLOBAL_EVERY',

@@ -30,11 +30,13 @@ SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'p
            'shapes')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 MIXTURE_EXHAUSTED = ('repeat', 'stop')
-OBJECTIVES = ('ce', 'dpo')  # train.objective: training/objectives/ implements each
+OBJECTIVES = ('ce', 'dpo', 'distill')  # train.objective: training/objectives/ implements each
 DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'simpo')  # dpo.loss (docs/preference.md)
 DPO_REFERENCE_FREE = ('orpo', 'simpo')  # the dpo.loss values that need no reference model
 DPO_REFERENCE_LOGPS = ('online', 'precompute')
 DPO_REFERENCE_DTYPES = ('', 'float32', 'bfloat16')
+DISTILL_LOSSES = ('sampled', 'topk', 'kl')  # distill.loss (docs/distillation.md)
+DISTILL_TEACHER_DTYPES = ('bfloat16', 'float32')
 QAT_MODES = ('int8', 'int4_channel', 'q4_0')  # quant.qat (models/quant.py)
 QAT_EMBEDDING_MODES = ('int8', 'int4_channel', 'q8_0', 'q4_0')  # quant.embedding
 
@@ -220,7 +222,8 @@ class TrainConfig:
   global_batch_size: int = _f(8, 'rows per optimizer step over all processes')
   objective: str = _f('ce', 'what a train step optimizes: ' + ' | '.join(OBJECTIVES)
                       + ' (ce: the next token cross entropy of pretraining and SFT; dpo: '
-                      'preference pairs, the dpo.* fields)')
+                      'preference pairs, the dpo.* fields; distill: a frozen teacher, the '
+                      'distill.* fields)')
   eval_every: int = _f(200, 'run eval every N steps (0 = never)')
   eval_steps: int = _f(10, 'eval batches per eval')
   loss_chunk_size: int = _f(1024, 'tokens per chunk of the chunked cross-entropy')
@@ -327,6 +330,22 @@ class DpoConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """train.objective='distill': knowledge distillation from a frozen teacher of any size with
+  the same tokenizer (docs/distillation.md)."""
+  teacher: str = _f('', 'the teacher checkpoint: one of our workdirs or checkpoints, a HF or '
+                    'Kaggle directory (its shapes are read from it)')
+  teacher_dtype: str = _f('bfloat16', "the teacher's storage dtype: "
+                          + ' | '.join(DISTILL_TEACHER_DTYPES))
+  loss: str = _f('sampled', ' | '.join(DISTILL_LOSSES) + " (sampled: the Gemma 3 report's "
+                 "distill.samples draws per token; topk: the teacher's top distill.samples; "
+                 'kl: the full-vocabulary KL(teacher || student))')
+  samples: int = _f(256, 'sampled: token ids drawn per position (with replacement); topk: k')
+  temperature: float = _f(1.0, "the teacher's softmax temperature (the student's is 1)")
+  alpha: float = _f(0.0, 'loss = (1 - alpha) * distillation + alpha * next-token CE on the data')
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = _f(ModelConfig(), 'Gemma 3 decoder shape (defaults: the 1b preset)')
   mesh: MeshConfig = _f(MeshConfig(), 'device mesh and sharding')
@@ -338,6 +357,7 @@ class Config:
   lora: LoraConfig = _f(LoraConfig(), 'LoRA / QLoRA adapters on a frozen base (init_from)')
   quant: QuantConfig = _f(QuantConfig(), 'quantization-aware training (quant.qat)')
   dpo: DpoConfig = _f(DpoConfig(), 'preference tuning (train.objective=dpo)')
+  distill: DistillConfig = _f(DistillConfig(), 'knowledge distillation (train.objective=distill)')
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from gemma3_train.config import mixture
 from gemma3_train.config.fields import QAT_EMBEDDING_MODES, QAT_MODES
+from gemma3_train.config.fields import DISTILL_LOSSES, DISTILL_TEACHER_DTYPES
 from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_LOSSES, DPO_REFERENCE_DTYPES,
                                         DPO_REFERENCE_LOGPS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS,
                                         MESH_AXES, MIXTURE_EXHAUSTED, OBJECTIVES, REMAT_POLICIES,
@@ -123,6 +124,8 @@ def validate(c: Config) -> None:
     _validate_quant(c)
   if t.objective == 'dpo':
     _validate_dpo(c)
+  if t.objective == 'distill':
+    _validate_distill(c)
   if c.data.mixture:
     for m in mixture.parse_mixture(c.data.mixture):  # each source as if it were data.*
       try:
@@ -187,6 +190,22 @@ def _validate_lora(c: Config) -> None:
   require(0 <= r.dropout < 1, 'lora.dropout', r.dropout, 'in [0, 1)')
   require(r.base_dtype in LORA_BASE_DTYPES, 'lora.base_dtype', r.base_dtype,
           ' | '.join(LORA_BASE_DTYPES))
+
+
+def _validate_distill(c: Config) -> None:
+  """The distill.* checks of train.objective='distill'."""
+  d = c.distill
+  require(bool(d.teacher), 'distill.teacher', d.teacher,
+          'a teacher checkpoint (our workdir or checkpoint, a HF or Kaggle directory)')
+  require(d.teacher_dtype in DISTILL_TEACHER_DTYPES, 'distill.teacher_dtype', d.teacher_dtype,
+          ' | '.join(DISTILL_TEACHER_DTYPES))
+  require(d.loss in DISTILL_LOSSES, 'distill.loss', d.loss, ' | '.join(DISTILL_LOSSES))
+  require(1 <= d.samples <= c.model.vocab_size, 'distill.samples', d.samples,
+          f'in [1, model.vocab_size = {c.model.vocab_size}]')
+  require(d.temperature > 0, 'distill.temperature', d.temperature, '> 0')
+  require(0 <= d.alpha <= 1, 'distill.alpha', d.alpha, 'in [0, 1]')
+  require(not c.model.vision, 'model.vision', c.model.vision,
+          'False for train.objective=distill (the teacher reads text only)')
 
 
 def _validate_dpo(c: Config) -> None:

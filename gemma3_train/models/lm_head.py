@@ -296,3 +296,103 @@ def token_logprobs(x_BLD, embedding_VD, targets_BL, *, chunk_size: int) -> jax.A
 
   _, logp_nBC = _scan_chunks(body, None, (x_nBCD, targets_nBC), n)
   return logp_nBC.swapaxes(0, 1).reshape(B, n * C)[:, :L]
+
+
+# --- soft targets: a teacher's distribution (distillation) ---------------------------------
+
+
+def draw_ids(p_BCV, u_BCK):
+  """Ids drawn from p by inverse CDF: per position the first id whose cumulative probability
+  exceeds u * total (an id of probability 0 is never drawn). Memory [B, C, V], where
+  jax.random.categorical's Gumbel noise would be [B, C, K, V]."""
+  cdf_BCV = jnp.cumsum(p_BCV, axis=-1)
+  search = jax.vmap(jax.vmap(functools.partial(jnp.searchsorted, side='right')))
+  ids = search(cdf_BCV, u_BCK * cdf_BCV[..., -1:])
+  return jnp.minimum(ids, p_BCV.shape[-1] - 1).astype(jnp.int32)
+
+
+def teacher_targets(x_BLD, embedding_VD, *, k: int, temperature: float, chunk_size: int,
+                    uniforms=None) -> tuple[jax.Array, jax.Array]:
+  """A teacher's targets per position: (ids [B, L, k] int32, q [B, L, k] float32, q summing
+  to 1 over a position's ids), p = softmax(logits / temperature), chunk by chunk. Not
+  differentiated (the teacher is frozen).
+
+  uniforms None: the k most probable ids, q their p renormalized (top-k). Else uniforms(chunk
+  index, C) -> [B, C, k] values in [0, 1), and k ids drawn from p with replacement; q is p on
+  the distinct drawn ids renormalized, 0 on repeats (the Gemma 3 report's targets: sorted ids,
+  each distinct one weighted once).
+  """
+  x_nBCD, = _chunks(chunk_size, jax.lax.stop_gradient(x_BLD))
+  table_VD = jax.lax.stop_gradient(embedding_VD)
+  n, B, C, _ = x_nBCD.shape
+
+  def body(_, xs):
+    i, x_BCD = xs
+    logp_BCV = jax.nn.log_softmax(_chunk_logits(x_BCD, table_VD) / temperature, axis=-1)
+    if uniforms is None:
+      logp_BCK, ids_BCK = jax.lax.top_k(logp_BCV, k)
+      p_BCK = jnp.exp(logp_BCK)
+    else:
+      p_BCV = jnp.exp(logp_BCV)
+      ids_BCK = jnp.sort(draw_ids(p_BCV, uniforms(i, C)), axis=-1)
+      first_BCK = jnp.concatenate([jnp.ones((B, C, 1), bool),
+                                   ids_BCK[..., 1:] != ids_BCK[..., :-1]], axis=-1)
+      p_BCK = jnp.where(first_BCK, jnp.take_along_axis(p_BCV, ids_BCK, axis=-1), 0.0)
+    return None, (ids_BCK.astype(jnp.int32), p_BCK / jnp.sum(p_BCK, axis=-1, keepdims=True))
+
+  _, (ids_nBCK, q_nBCK) = _scan_chunks(body, None, (jnp.arange(n), x_nBCD), n)
+  L = x_BLD.shape[1]
+  unchunk = lambda a: a.swapaxes(0, 1).reshape(B, n * C, k)[:, :L]
+  return unchunk(ids_nBCK), unchunk(q_nBCK)
+
+
+def _soft_scan(chunk, arrays_BL, chunk_size: int) -> dict[str, jax.Array]:
+  """Sums of chunk(*chunk's arrays) over the chunks; chunk runs under jax.checkpoint, so the
+  backward pass recomputes each chunk's [B, C, V] logits instead of keeping them."""
+  chunk = jax.checkpoint(chunk)
+
+  def body(totals, xs):
+    return jax.tree.map(jnp.add, totals, chunk(*xs)), None
+
+  xs = _chunks(chunk_size, *arrays_BL)
+  zeros = {**_zero_sums(), 'soft_sum': jnp.zeros((), jnp.float32)}
+  totals, _ = _scan_chunks(body, zeros, tuple(xs), xs[0].shape[0])
+  return totals
+
+
+def _hard_sums(logits_BCV, targets_BC, weights_BC, z_loss: float):
+  """(the ce sums of a chunk, logsumexp [B, C])."""
+  lse_BC, target_BC, max_BC = _chunk_stats(logits_BCV, targets_BC)
+  return _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss), lse_BC
+
+
+def soft_target_sums(x_BLD, embedding_VD, ids_BLK, q_BLK, targets_BL, weights_BL, *,
+                     chunk_size: int, z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """chunked_cross_entropy's sums of the hard targets plus soft_sum = sum over positions of
+  w * -sum_k q_k log p(ids_k): the cross-entropy to soft targets on k ids per position, from
+  the log-softmax over the whole vocabulary. Gradients flow to x_BLD and embedding_VD."""
+  def chunk(x_BCD, ids_BCK, q_BCK, targets_BC, weights_BC):
+    logits_BCV = _chunk_logits(x_BCD, embedding_VD)
+    sums, lse_BC = _hard_sums(logits_BCV, targets_BC, weights_BC, z_loss)
+    at_ids_BCK = jnp.take_along_axis(logits_BCV, ids_BCK, axis=-1)
+    soft_BC = jnp.sum(q_BCK * (lse_BC[..., None] - at_ids_BCK), axis=-1)
+    return {**sums, 'soft_sum': jnp.sum(weights_BC.astype(jnp.float32) * soft_BC)}
+  return _soft_scan(chunk, (x_BLD, ids_BLK, q_BLK, targets_BL, weights_BL), chunk_size)
+
+
+def kl_sums(x_BLD, embedding_VD, teacher_x_BLD, teacher_VD, targets_BL, weights_BL, *,
+            temperature: float, chunk_size: int, z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """chunked_cross_entropy's sums of the hard targets plus soft_sum = sum over positions of
+  w * KL(p_teacher || p) over the whole vocabulary (p_teacher = softmax(teacher logits /
+  temperature)), chunk by chunk: no [B, L, V] logits of either model. The teacher's inputs
+  are not differentiated; gradients flow to x_BLD and embedding_VD."""
+  teacher_x_BLD = jax.lax.stop_gradient(teacher_x_BLD)
+  teacher_VD = jax.lax.stop_gradient(teacher_VD)
+
+  def chunk(x_BCD, tx_BCD, targets_BC, weights_BC):
+    logits_BCV = _chunk_logits(x_BCD, embedding_VD)
+    sums, lse_BC = _hard_sums(logits_BCV, targets_BC, weights_BC, z_loss)
+    logp_BCV = jax.nn.log_softmax(_chunk_logits(tx_BCD, teacher_VD) / temperature, axis=-1)
+    kl_BC = jnp.sum(jnp.exp(logp_BCV) * (logp_BCV - logits_BCV + lse_BC[..., None]), axis=-1)
+    return {**sums, 'soft_sum': jnp.sum(weights_BC.astype(jnp.float32) * kl_BC)}
+  return _soft_scan(chunk, (x_BLD, teacher_x_BLD, targets_BL, weights_BL), chunk_size)

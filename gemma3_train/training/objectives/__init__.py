@@ -5,10 +5,11 @@ from __future__ import annotations
 from gemma3_train import config as config_lib
 from gemma3_train.training.objectives import base
 from gemma3_train.training.objectives import ce
+from gemma3_train.training.objectives import distill
 from gemma3_train.training.objectives import dpo
 
 OBJECTIVES: dict[str, type[base.Objective]] = {
-    o.name: o for o in (ce.CrossEntropy, dpo.Preference)}
+    o.name: o for o in (ce.CrossEntropy, dpo.Preference, distill.Distill)}
 
 
 def get(c: config_lib.Config) -> base.Objective:

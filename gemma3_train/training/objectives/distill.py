@@ -1,0 +1,168 @@
+"""Knowledge distillation from a frozen teacher: train.objective='distill', distill.loss picks
+the loss (docs/distillation.md).
+
+The teacher is any checkpoint convert reads (distill.teacher), of any size with the student's
+tokenizer: its ModelConfig is read from the checkpoint (frozen_model_config), it is held in
+distill.teacher_dtype, sharded by the same rules and never differentiated, optimized or saved
+(a frozen model of the objective seam). Per position, with p_T = softmax(teacher logits / T)
+(T = distill.temperature) and log q the student's log-softmax over the whole vocabulary:
+  sampled  -sum_i t_i log q_i over the distinct ids of distill.samples draws from p_T (with
+           replacement), t = p_T on those ids renormalized (the Gemma 3 report: "The teacher's
+           target distribution is set to zero probability for non-sampled logits, and
+           renormalized"); the draws are a function of (train.seed, step, row, column) only
+  topk     the same on the teacher's distill.samples most probable ids
+  kl       KL(p_T || q) over the whole vocabulary
+and loss = (1 - alpha) * that + alpha * the next-token cross-entropy on the data (+ train.z_loss
+* the z-loss), summed over the weighted targets; the step divides by their count. Every
+[B, C, V] logits array lives in one chunk of the sequence (models/lm_head.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from gemma3_train import config as config_lib
+from gemma3_train import convert
+from gemma3_train import data as data_lib
+from gemma3_train.models import lm_head
+from gemma3_train.training.objectives import base
+
+TEACHER = 'teacher'
+# What a teacher takes from its checkpoint; the rest (dtype, scan, attention kernel) is the
+# student's, so that the teacher runs the way the student does.
+_ARCHITECTURE = config_lib.MODEL_SHAPE_FIELDS + (
+    'preset', 'query_pre_attn_scalar', 'sliding_window', 'local_rope_base', 'global_rope_base',
+    'global_rope_scale', 'rms_norm_eps')
+_SAMPLE_TAG = 0xD157  # folded into the seed's key: draws of their own, not dropout's
+
+
+def teacher_config(c: config_lib.Config) -> config_lib.ModelConfig:
+  """The teacher's ModelConfig: its checkpoint's architecture (config only, no weights read)
+  with the student's runtime fields. Raises ConfigError (one line)."""
+  path = c.distill.teacher
+  try:
+    src = convert.open_source(path)
+  except convert.ConversionError as e:
+    raise config_lib.ConfigError(f'distill.teacher={path!r}: {e}') from e
+  if src.cfg.vocab_size != c.model.vocab_size:
+    raise config_lib.ConfigError(
+        f'distill.teacher={path!r}: its vocabulary has {src.cfg.vocab_size} pieces, '
+        f'model.vocab_size is {c.model.vocab_size} (the same tokenizer is needed)')
+  return dataclasses.replace(c.model, vision=False,
+                             **{k: getattr(src.cfg, k) for k in _ARCHITECTURE})
+
+
+def uniforms(seed: int, step_B, row_B, k: int):
+  """uniforms(chunk index, C) -> [B, C, k] in [0, 1): a position's values come from the key
+  fold_in(seed's key, tag, step, row, column), whatever the chunking, microbatches or mesh."""
+  key = jax.random.fold_in(jax.random.key(seed), _SAMPLE_TAG)
+
+  def position(step, row, col):
+    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(
+        jax.random.fold_in(key, step), row), col), (k,))
+
+  def fn(i, C):
+    cols = i * C + jnp.arange(C)
+    return jax.vmap(lambda s, r: jax.vmap(lambda col: position(s, r, col))(cols))(step_B, row_B)
+  return fn
+
+
+class Distill(base.Objective):
+  name = 'distill'
+  reads_step = True  # the sampled loss's draws
+
+  def __init__(self, c: config_lib.Config):
+    super().__init__(c)
+    self._teacher_cfg = None
+
+  def batch_shapes(self) -> base.Shapes:
+    """ce's [B, L] token arrays (text only)."""
+    c = self.config
+    B, L = c.train.global_batch_size, c.data.seq_len
+    return {k: ((B, L), dtype) for k, dtype in data_lib.BATCH_DTYPES.items()}
+
+  def frozen_models(self) -> dict[str, str]:
+    return {TEACHER: self.config.distill.teacher}
+
+  def frozen_model_config(self, name):
+    if self._teacher_cfg is None:
+      self._teacher_cfg = teacher_config(self.config)
+    return self._teacher_cfg
+
+  def frozen_param_dtype(self) -> str:
+    return self.config.distill.teacher_dtype
+
+  def _inputs(self, model, teacher, batch):
+    """(student hidden states, teacher hidden states, targets, weights)."""
+    args = batch['inputs'], batch['positions'], batch['segment_ids']
+    x_BLD = model.hidden(*args)
+    teacher_x_BLD = jax.lax.stop_gradient(teacher.hidden(*args))
+    targets, weights = lm_head.mask_image_targets(batch['targets'], batch['weights'],
+                                                  model.cfg.vocab_size)
+    return x_BLD, teacher_x_BLD, targets, weights
+
+  def _sums(self, model, teacher, batch, inputs):
+    c = self.config
+    d, t = c.distill, c.train
+    x_BLD, teacher_x_BLD, targets, weights = inputs
+    table_VD, teacher_VD = model.embedder.table(), teacher.embedder.table()
+    if d.loss == 'kl':
+      return lm_head.kl_sums(x_BLD, table_VD, teacher_x_BLD, teacher_VD, targets, weights,
+                             temperature=d.temperature, chunk_size=t.loss_chunk_size,
+                             z_loss=t.z_loss)
+    draws = None
+    if d.loss == 'sampled':
+      draws = uniforms(t.seed, batch['step'], batch['row'], d.samples)
+    ids, q = lm_head.teacher_targets(teacher_x_BLD, teacher_VD, k=d.samples,
+                                     temperature=d.temperature,
+                                     chunk_size=t.loss_chunk_size, uniforms=draws)
+    return lm_head.soft_target_sums(x_BLD, table_VD, ids, q, targets, weights,
+                                    chunk_size=t.loss_chunk_size, z_loss=t.z_loss)
+
+  def _loss(self, model, teacher, batch, inputs):
+    c = self.config
+    sums = self._sums(model, teacher, batch, inputs)
+    a = c.distill.alpha
+    total = (1.0 - a) * sums['soft_sum'] + a * sums['loss_sum']
+    if c.train.z_loss:
+      total = total + c.train.z_loss * sums['z_loss_sum']
+    sums = {'objective_sum': total, 'distill_sum': sums.pop('soft_sum'),
+            'hard_sum': sums.pop('loss_sum'), **sums}
+    return total, sums
+
+  def loss_sums(self, model, batch, frozen_models=None):
+    teacher = frozen_models[TEACHER]
+    return self._loss(model, teacher, batch, self._inputs(model, teacher, batch))
+
+  def eval_sums(self, model, batch, frozen_models=None):
+    """loss_sums' parts and the exact KL(teacher || student) at temperature 1, in chunks."""
+    c = self.config
+    teacher = frozen_models[TEACHER]
+    inputs = self._inputs(model, teacher, batch)
+    _, sums = self._loss(model, teacher, batch, inputs)
+    if c.distill.loss == 'kl' and c.distill.temperature == 1.0:
+      kl = sums['distill_sum']
+    else:
+      x_BLD, teacher_x_BLD, targets, weights = inputs
+      kl = lm_head.kl_sums(x_BLD, model.embedder.table(), teacher_x_BLD,
+                           teacher.embedder.table(), targets, weights, temperature=1.0,
+                           chunk_size=c.train.loss_chunk_size)['soft_sum']
+    return {**sums, 'kl_to_teacher_sum': kl}
+
+  def metrics(self, sums):
+    weight = jnp.maximum(sums['weight_sum'], 1.0)
+    return {'loss': sums['objective_sum'] / weight, 'distill/loss': sums['distill_sum'] / weight,
+            'loss/hard': sums['hard_sum'] / weight, 'z_loss': sums['z_loss_sum'] / weight,
+            'accuracy': sums['correct_sum'] / weight}
+
+  def eval_summary(self, totals):
+    hard = lm_head.summarize({**totals, 'loss_sum': totals.get('hard_sum', 0.0)})
+    weight = max(totals.get('weight_sum', 0.0), 1.0)
+    return {'loss': totals['objective_sum'] / weight,
+            'distill/loss': totals['distill_sum'] / weight,
+            'distill/kl_to_teacher': totals['kl_to_teacher_sum'] / weight,
+            'loss/hard': hard['loss'], 'perplexity': hard['perplexity'],
+            'accuracy': hard['accuracy'], 'tokens': hard['tokens']}

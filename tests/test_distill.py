@@ -1,0 +1,265 @@
+"""Distillation (train.objective=distill): the chunked losses against numpy on full logits, the
+draws (the teacher's distribution, a function of (seed, step, row, column) only), a teacher of
+another shape read from its checkpoint, and the sharded step against one device."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train.convert import layout
+from gemma3_train.convert import ours
+from gemma3_train.models import decoder
+from gemma3_train.models import lm_head
+from gemma3_train.training import restore as restore_lib
+from gemma3_train.training import state as train_state
+from gemma3_train.training.objectives import distill
+from tests import helpers
+
+
+def _log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _head(seed=0, B=2, L=10, V=64, D=8, Dt=12):
+  """Random hidden states and tables of a student (D) and a teacher (Dt), targets, weights."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(B, L, D)).astype(np.float32)
+  table = rng.normal(size=(V, D)).astype(np.float32)
+  tx = rng.normal(size=(B, L, Dt)).astype(np.float32)
+  ttable = (1.5 * rng.normal(size=(V, Dt))).astype(np.float32)
+  targets = rng.integers(0, V, size=(B, L)).astype(np.int32)
+  weights = (rng.random((B, L)) > 0.2).astype(np.float32)
+  return x, table, tx, ttable, targets, weights
+
+
+def _numpy_soft_ce(x, table, ids, t, targets, weights):
+  """(soft sum, hard sum, d soft / d x, d soft / d table) in float64 on full logits: the
+  formula sum_pos w * -sum_k t_k log q(id_k), its gradient dlogits = w (sum_k t_k q - t)."""
+  x, table = x.astype(np.float64), table.astype(np.float64)
+  logq = _log_softmax(x @ table.T)
+  soft = -(weights * (t * np.take_along_axis(logq, ids, -1)).sum(-1)).sum()
+  hard = -(weights * np.take_along_axis(logq, targets[..., None], -1)[..., 0]).sum()
+  onehot = np.zeros_like(logq)
+  B, L, K = ids.shape
+  for b in range(B):
+    for l in range(L):
+      for k in range(K):
+        onehot[b, l, ids[b, l, k]] += t[b, l, k]
+  dlogits = weights[..., None] * (t.sum(-1, keepdims=True) * np.exp(logq) - onehot)
+  return soft, hard, np.einsum('blv,vd->bld', dlogits, table), np.einsum('blv,bld->vd',
+                                                                          dlogits, x)
+
+
+def _close(ours, want, tol, what=''):
+  ours, want = np.asarray(ours, np.float64), np.asarray(want, np.float64)
+  scale = max(1.0, float(np.max(np.abs(want))))
+  assert np.max(np.abs(ours - want)) <= tol * scale, (what, np.max(np.abs(ours - want)))
+
+
+@pytest.mark.parametrize('loss', ['sampled', 'topk'])
+def test_sampled_and_topk_loss_and_gradient_equal_numpy(loss):
+  """Given our drawn ids, the targets are the teacher's probabilities on the distinct ids
+  renormalized (topk: on the k most probable), and loss and gradient are the formula's."""
+  x, table, tx, ttable, targets, weights = _head()
+  K, T = 16, 1.7
+  step, row = jnp.array([5, 5], jnp.int32), jnp.array([0, 1], jnp.int32)
+  draws = distill.uniforms(3, step, row, K) if loss == 'sampled' else None
+  ids, q = lm_head.teacher_targets(tx, ttable, k=K, temperature=T, chunk_size=4, uniforms=draws)
+  ids, q = np.asarray(ids), np.asarray(q)
+  p = np.exp(_log_softmax(tx.astype(np.float64) @ ttable.T.astype(np.float64) / T))
+  t = np.zeros(ids.shape)
+  for b in range(ids.shape[0]):
+    for l in range(ids.shape[1]):
+      if loss == 'topk':
+        assert set(ids[b, l]) == set(np.argsort(-p[b, l])[:K])
+      distinct = sorted(set(ids[b, l]))
+      if loss == 'sampled':
+        assert len(distinct) < K  # repeats happen at k = 16 of 64: they count once
+      total = p[b, l, distinct].sum()
+      seen = set()
+      for k, i in enumerate(ids[b, l]):
+        if i not in seen:
+          t[b, l, k] = p[b, l, i] / total
+          seen.add(i)
+  _close(q, t, 1e-6, 'targets')
+
+  def soft(x, table):
+    sums = lm_head.soft_target_sums(x, table, ids, q, targets, weights, chunk_size=4)
+    return sums['soft_sum'], sums
+  (value, sums), (dx, dtable) = jax.value_and_grad(soft, argnums=(0, 1), has_aux=True)(x, table)
+  want, want_hard, want_dx, want_dtable = _numpy_soft_ce(x, table, ids, t, targets, weights)
+  _close(value, want, 1e-6, 'loss')
+  _close(sums['loss_sum'], want_hard, 1e-6, 'hard loss')
+  _close(dx, want_dx, 1e-6, 'dx')
+  _close(dtable, want_dtable, 1e-6, 'dtable')
+
+
+def test_draws_follow_the_teacher_and_depend_on_seed_step_row_column_only():
+  logits = np.array([2.0, 0.5, -1.0, 1.0, -30.0, 0.0, 1.5, -0.5], np.float32)
+  p = np.exp(_log_softmax(logits.astype(np.float64)))
+  n = 200_000
+  u = jax.random.uniform(jax.random.key(0), (1, 1, n))
+  ids = np.asarray(lm_head.draw_ids(jnp.asarray(p, jnp.float32)[None, None], u))[0, 0]
+  freq = np.bincount(ids, minlength=8) / n
+  assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
+
+  def values(seed, step, rows, L, C):
+    fn = distill.uniforms(seed, jnp.full((len(rows),), step, jnp.int32),
+                          jnp.asarray(rows, jnp.int32), 4)
+    return np.concatenate([np.asarray(fn(i, C)) for i in range(-(-L // C))], axis=1)[:, :L]
+  base = values(0, 7, [0, 1, 2], 12, 4)
+  np.testing.assert_array_equal(values(0, 7, [2], 12, 12)[0], base[2])  # chunks, other rows
+  np.testing.assert_array_equal(values(0, 7, [1, 0], 12, 5)[1], base[0])
+  assert not np.array_equal(values(0, 8, [0, 1, 2], 12, 4), base)  # another step
+  assert not np.array_equal(values(1, 7, [0, 1, 2], 12, 4), base)  # another seed
+  assert len(np.unique(base)) == base.size  # every position and slot its own value
+
+
+def test_kl_equals_the_full_logits_kl_and_is_zero_for_the_student_itself():
+  x, table, tx, ttable, targets, weights = _head(seed=1)
+  T = 0.8
+
+  def kl(x, table):
+    return lm_head.kl_sums(x, table, tx, ttable, targets, weights, temperature=T,
+                           chunk_size=3)['soft_sum']
+
+  def full(x, table):  # jax on the full [B, L, V] logits
+    logp = jax.nn.log_softmax(tx @ ttable.T / T)
+    logq = jax.nn.log_softmax(x @ table.T)
+    return jnp.sum(weights * jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+  value, grads = jax.value_and_grad(kl, argnums=(0, 1))(x, table)
+  want_grads = jax.grad(full, argnums=(0, 1))(x, table)
+  logp = _log_softmax(tx.astype(np.float64) @ ttable.T.astype(np.float64) / T)
+  logq = _log_softmax(x.astype(np.float64) @ table.T.astype(np.float64))
+  want = (weights * (np.exp(logp) * (logp - logq)).sum(-1)).sum()
+  _close(value, want, 1e-5, 'kl')
+  for g, w in zip(grads, want_grads):
+    _close(g, w, 1e-5, 'grad')
+  same = lm_head.kl_sums(x, table, x, table, targets, weights, temperature=1.0, chunk_size=3)
+  assert abs(float(same['soft_sum'])) <= 1e-6 * float(weights.sum())
+
+
+# --- the objective: a teacher of another shape, from its checkpoint ---------------------------
+
+
+def _student_and_teacher(tmp_path, **distill_fields):
+  """A 2-layer student config whose distill.teacher is a saved 3-layer teacher of another
+  width (its random init, seed 7), and that teacher."""
+  c = helpers.small_config(model=dict(num_layers=2),
+                           train=dict(objective='distill', seed=0),
+                           distill=dict(teacher=str(tmp_path / 'teacher'), **distill_fields))
+  tcfg = dataclasses.replace(c.model, num_layers=3, embed_dim=48, mlp_dim=96, num_heads=2,
+                             num_kv_heads=1, head_dim=24, query_pre_attn_scalar=24.0)
+  teacher = decoder.Gemma3(tcfg, rngs=nnx.Rngs(7))
+  top, layers = layout.state_to_canonical(tcfg, nnx.state(teacher, nnx.Param))
+  ours.save_params(tmp_path / 'teacher', tcfg, top, enumerate(layers))
+  return c, teacher
+
+
+@pytest.mark.parametrize('loss', ['kl', 'sampled'])
+def test_objective_with_a_larger_teacher_equals_full_logits(tmp_path, loss):
+  """Student and teacher of different shapes: the objective's loss and metrics from the
+  teacher's checkpoint config equal the formula on the models' full logits (numpy)."""
+  c, teacher = _student_and_teacher(tmp_path, loss=loss, alpha=0.3, samples=24,
+                                    temperature=1.3)
+  objective = distill.Distill(c)
+  tcfg = objective.frozen_model_config(distill.TEACHER)
+  assert (tcfg.num_layers, tcfg.embed_dim, tcfg.head_dim) == (3, 48, 24)
+  student = decoder.build(c, nnx.Rngs(0))
+  batch = {k: jnp.asarray(v) for k, v in helpers.packed_batch(c).items()}
+  B = batch['inputs'].shape[0]
+  batch.update(step=jnp.full((B,), 4, jnp.int32), row=jnp.arange(B, dtype=jnp.int32))
+  total, sums = jax.jit(lambda b: objective.loss_sums(student, b, {distill.TEACHER: teacher}))(
+      batch)
+  args = batch['inputs'], batch['positions'], batch['segment_ids']
+  logq = _log_softmax(np.asarray(student.embedder.decode(student.hidden(*args)), np.float64))
+  logp = _log_softmax(np.asarray(teacher.embedder.decode(teacher.hidden(*args)), np.float64) / 1.3)
+  w = np.asarray(batch['weights'])
+  hard = -(w * np.take_along_axis(logq, np.asarray(batch['targets'])[..., None], -1)[..., 0])
+  if loss == 'kl':
+    soft = (w * (np.exp(logp) * (logp - logq)).sum(-1)).sum()
+  else:  # the targets on the ids the objective drew (checked against the formula above)
+    ids, q = lm_head.teacher_targets(
+        teacher.hidden(*args), teacher.embedder.table(), k=24, temperature=1.3,
+        chunk_size=c.train.loss_chunk_size,
+        uniforms=distill.uniforms(0, batch['step'], batch['row'], 24))
+    soft = -(w * (np.asarray(q) * np.take_along_axis(logq, np.asarray(ids), -1)).sum(-1)).sum()
+  want = 0.7 * soft + 0.3 * hard.sum() + c.train.z_loss * sums['z_loss_sum']
+  _close(sums['distill_sum'] / w.sum(), soft / w.sum(), 1e-5, 'distill')
+  _close(sums['hard_sum'] / w.sum(), hard.sum() / w.sum(), 1e-5, 'hard')
+  _close(total / w.sum(), want / w.sum(), 1e-5, 'total')
+
+
+def test_setup_and_restore_hold_the_teacher_of_its_own_shape_in_its_dtype(tmp_path):
+  c, teacher = _student_and_teacher(tmp_path, teacher_dtype='bfloat16')
+  mesh = sharding.make_mesh(c, jax.devices()[:1])
+  s = train_state.setup(c, mesh, abstract=True)
+  loaded = restore_lib._load_frozen_model(s, distill.TEACHER, c.distill.teacher)
+  want = dict(nnx.to_flat_state(nnx.state(teacher, nnx.Param)))
+  for k, v in nnx.to_flat_state(loaded):
+    assert v.get_value().dtype == jnp.bfloat16, k
+    np.testing.assert_array_equal(np.asarray(v.get_value()),
+                                  np.asarray(want[k].get_value().astype(jnp.bfloat16)))
+  assert 'frozen_models' not in train_state.saved(s.abstract_state)
+  assert s.frozen_model_graphdef[distill.TEACHER] != s.graphdef
+
+
+def test_config_checks():
+  c = helpers.small_config(train=dict(objective='distill'))
+  with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher='': expected a teacher"):
+    config_lib.validate(c)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^distill.loss='hard': expected sampled \| topk \| kl$"):
+    config_lib.validate(c.replace(distill=dict(teacher='t', loss='hard')))
+  with pytest.raises(config_lib.ConfigError, match=r'^distill.alpha=1.5: expected in \[0, 1\]$'):
+    config_lib.validate(c.replace(distill=dict(teacher='t', alpha=1.5)))
+
+
+# --- the train step: sharded and one device ------------------------------------------------
+
+
+def _step_grads(c, devices, batch):
+  """The gradient of the mean distillation loss at the seed's init, through the train step's
+  own batch keys (step, row) and the teacher as restore loads it onto the mesh."""
+  mesh = sharding.make_mesh(c, devices)
+  s = train_state.setup(c, mesh)
+  teacher = restore_lib._load_frozen_model(s, distill.TEACHER, c.distill.teacher)
+  put = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in batch.items()}
+
+  def grads(params, teacher_state, batch):
+    B = batch['inputs'].shape[0]
+    batch = {**batch, 'step': jnp.full((B,), 3, jnp.int32), 'row': jnp.arange(B, dtype=jnp.int32)}
+
+    def mean(p):
+      model = nnx.merge(s.graphdef, p, *s.state['frozen'].values())
+      frozen = {distill.TEACHER: nnx.merge(s.frozen_model_graphdef[distill.TEACHER],
+                                           teacher_state)}
+      total, sums = s.objective.loss_sums(model, batch, frozen)
+      return total / sums['weight_sum']
+    return jax.grad(mean)(params)
+  with sharding.use_mesh(mesh, s.rules):
+    g = jax.jit(grads)(s.state['params'], teacher, put)
+  return [np.asarray(x) for x in jax.tree.leaves(g)]
+
+
+@pytest.mark.parametrize('loss', ['sampled', pytest.param('kl', marks=pytest.mark.slow)])
+def test_sharded_equals_one_device(tmp_path, loss):
+  """(fsdp=4, tensor=2) on 8 CPU devices: the same gradients (and draws) as one device."""
+  c1, _ = _student_and_teacher(tmp_path, loss=loss, samples=32, teacher_dtype='float32',
+                               alpha=0.25)
+  c1 = c1.replace(mesh=dict(fsdp=-1))
+  c8 = c1.replace(mesh=dict(fsdp=4, tensor=2))
+  batch = helpers.packed_batch(c1)
+  g1 = _step_grads(c1, jax.devices()[:1], batch)
+  g8 = _step_grads(c8, jax.devices(), batch)
+  assert any(np.abs(x).max() > 0 for x in g1)
+  for x, y in zip(g8, g1):
+    err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
+    assert err <= 1e-5, err
