@@ -3,6 +3,7 @@ draws (the teacher's distribution, a function of (seed, step, row, column) only)
 another shape read from its checkpoint, and the sharded step against one device."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -245,16 +246,23 @@ def _step_grads(c, devices, batch):
       return total / sums['weight_sum']
     return jax.grad(mean)(params)
   with sharding.use_mesh(mesh, s.rules):
-    g = jax.jit(grads)(s.state['params'], teacher, put)
+    params = s.state['params']
+    if c.lora.rank:  # adapters away from B = 0: every adapter gets a gradient
+      params = jax.tree.map(lambda a: a + 0.05, params)
+    g = jax.jit(grads)(params, teacher, put)
   return [np.asarray(x) for x in jax.tree.leaves(g)]
 
 
-@pytest.mark.parametrize('loss', ['sampled', pytest.param('kl', marks=pytest.mark.slow)])
-def test_sharded_equals_one_device(tmp_path, loss):
-  """(fsdp=4, tensor=2) on 8 CPU devices: the same gradients (and draws) as one device."""
+@pytest.mark.parametrize('loss,lora_rank', [
+    ('sampled', 0), pytest.param('kl', 0, marks=pytest.mark.slow),
+    pytest.param('topk', 4, marks=pytest.mark.slow)])
+def test_sharded_equals_one_device(tmp_path, loss, lora_rank):
+  """(fsdp=4, tensor=2) on 8 CPU devices: the same gradients (and draws) as one device; with
+  LoRA, the adapters' gradients (the teacher is a model of its own)."""
   c1, _ = _student_and_teacher(tmp_path, loss=loss, samples=32, teacher_dtype='float32',
                                alpha=0.25)
-  c1 = c1.replace(mesh=dict(fsdp=-1))
+  lora = dict(rank=lora_rank, alpha=8.0, targets='q,v,down') if lora_rank else {}
+  c1 = c1.replace(mesh=dict(fsdp=-1), lora=lora)
   c8 = c1.replace(mesh=dict(fsdp=4, tensor=2))
   batch = helpers.packed_batch(c1)
   g1 = _step_grads(c1, jax.devices()[:1], batch)
@@ -263,3 +271,32 @@ def test_sharded_equals_one_device(tmp_path, loss):
   for x, y in zip(g8, g1):
     err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
     assert err <= 1e-5, err
+
+
+# --- the CLI: a teacher trained first, then distilled into a smaller student ---------------
+
+
+@pytest.mark.slow
+def test_distill_run_from_a_trained_teacher_resumes_exactly(tmp_path):
+  """A 7-layer teacher trained a few steps (ce), distilled (sampled) into a 2-layer student
+  from its workdir: the metrics are logged, eval has the KL to the teacher, and a run resumed
+  at step 2 logs the uninterrupted run's losses bit for bit (the draws follow the step)."""
+  teacher = tmp_path / 'teacher'
+  helpers.train_ok(teacher, 6, devices=1)
+  flags = ['--config.train.objective=distill', f'--config.distill.teacher={teacher}',
+           '--config.model.num_layers=2', '--config.distill.samples=16',
+           '--config.distill.alpha=0.1', '--config.checkpoint.every=2',
+           '--config.train.eval_every=2', '--config.train.eval_steps=1',
+           '--config.optim.schedule=constant', '--config.optim.warmup_steps=0']
+  straight = tmp_path / 'straight'
+  r = helpers.train_ok(straight, 4, *flags, devices=1)
+  assert 'Loading the frozen teacher model from' in r.stderr
+  rows = [json.loads(line) for line in (straight / 'metrics.jsonl').read_text().splitlines()]
+  train = [row for row in rows if 'distill/loss' in row and 'loss/hard' in row]
+  assert len(train) >= 4, rows
+  evals = [row for row in rows if any(k.endswith('distill/kl_to_teacher') for k in row)]
+  assert evals, rows
+  resumed = tmp_path / 'resumed'
+  helpers.train_ok(resumed, 2, *flags, devices=1)
+  assert 'Resumed from' in helpers.train_ok(resumed, 4, *flags, devices=1).stderr
+  assert helpers.logged_losses(resumed) == helpers.logged_losses(straight)  # bitwise
