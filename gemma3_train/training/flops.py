@@ -109,8 +109,20 @@ def vision_flops_per_step(c: config_lib.Config) -> float:
 def train_flops_per_step(c: config_lib.Config) -> float:
   """Training FLOPs of one optimizer step of config c: model_flops_per_step, or with LoRA
   (lora.rank > 0) lora_flops_per_token's count for the frozen base and the adapters; plus
-  the image path's (vision_flops_per_step) with model.vision."""
+  the image path's (vision_flops_per_step) with model.vision, and the frozen reference's
+  forward pass that an objective runs each step (reference_flops_per_step)."""
   T, B = c.data.seq_len, c.train.global_batch_size
+  extra = vision_flops_per_step(c) + reference_flops_per_step(c)
   if c.lora.rank:
-    return lora_flops_per_token(c, T) * T * B + vision_flops_per_step(c)
-  return model_flops_per_step(c.model, T, B) + vision_flops_per_step(c)
+    return lora_flops_per_token(c, T) * T * B + extra
+  return model_flops_per_step(c.model, T, B) + extra
+
+
+def reference_flops_per_step(c: config_lib.Config) -> float:
+  """The forward pass of a frozen reference of the model's shape on the step's rows: DPO with
+  dpo.reference_logps=online and a loss that has one (a third of the 3x-forward step)."""
+  p = c.dpo
+  if (c.train.objective != 'dpo' or p.loss in config_lib.DPO_REFERENCE_FREE
+      or p.reference_logps != 'online'):
+    return 0.0
+  return model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size) / 3
