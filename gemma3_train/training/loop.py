@@ -183,12 +183,8 @@ def _run_eval_tasks(s: Setup, state: State, step: int, writer: metrics_lib.Metri
   start = time.perf_counter()
   record = tasks(state)
   log.info('Ran train.eval_tasks in %.1f s', time.perf_counter() - start)
-  if record and jax.process_index() == 0:
-    # The writer's own sinks; its write_eval would prefix every key with eval_.
-    writer._append({'step': int(step), **record})  # pylint: disable=protected-access
-    writer._scalars(step, record)  # pylint: disable=protected-access
-    shown = ' | '.join(f'{k} {v:.4g}' for k, v in record.items())
-    print(f'eval tasks @ step {step} | {shown}', flush=True)
+  if record:  # (write_eval would prefix every key with eval_)
+    writer.write_scalars(step, record, 'eval tasks')
   return tasks
 
 

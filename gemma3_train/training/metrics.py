@@ -237,6 +237,16 @@ class MetricWriter:
                        if k != 'step' and isinstance(v, float))
     print(f'eval @ step {step} | {shown}', flush=True)
 
+  def write_scalars(self, step: int, record: dict[str, float], title: str) -> None:
+    """Logs a row of named values as they are (e.g. eval/TASK/METRIC) to the same sinks, with
+    one stdout line '{title} @ step N | ...'."""
+    if not self._chief:
+      return
+    self._append({'step': int(step), **record})
+    self._scalars(step, record)
+    shown = ' | '.join(f'{k} {v:.4g}' for k, v in record.items())
+    print(f'{title} @ step {step} | {shown}', flush=True)
+
   def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
     """Logs (prompt, continuation) pairs: one metrics.jsonl row each ({step, sample_prompt,
     sample_text}), TensorBoard text under samples/<i>, and stdout."""
