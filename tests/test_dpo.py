@@ -288,3 +288,37 @@ def _packed_batch_rows(pairs, seq_len, rows):
   assert len(packed) <= rows
   packed += [{k: np.zeros_like(v) for k, v in packed[0].items()}] * (rows - len(packed))
   return {k: np.stack([r[k] for r in packed]) for k in packed[0]}
+
+
+def test_step_flops_count_the_online_reference_forward():
+  from gemma3_train.training import flops  # pylint: disable=g-import-not-at-top
+  c = helpers.small_config(train=dict(objective='dpo'))
+  T, B = c.data.seq_len, c.train.global_batch_size
+  step = flops.model_flops_per_step(c.model, T, B)  # 3 x forward
+  assert flops.train_flops_per_step(c) == pytest.approx(step * 4 / 3, rel=1e-12)
+  for no_reference in (dict(reference_logps='precompute'), dict(loss='orpo'),
+                       dict(loss='simpo')):
+    assert flops.train_flops_per_step(c.replace(dpo=no_reference)) == step
+
+
+@pytest.mark.parametrize('name,topology', [('dpo_1b', 'v5e-8'), ('dpo_lora_27b', 'v5e-16')])
+def test_dpo_configs_are_the_ones_their_aot_proofs_compiled(name, topology):
+  """docs/aot/NAME_TOPOLOGY.json (compiles of 3 and ~25 minutes, rerun by hand with
+  gemma3-train --config=configs/NAME.py --aot_topology=T --aot_report=...) still describes the
+  config, reference forward included, and fits with the shipped configs' headroom."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import flops  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config_dict(importlib.import_module(f'configs.{name}').get_config())
+  r = json.loads((helpers.ROOT / 'docs' / 'aot' / f'{name}_{topology}.json').read_text())
+  assert r['fits'] and r['headroom'] >= aot.HEADROOM and not r['error'] and r['tpu_kernels'] > 0
+  chips = aot.parse_topology(topology).total_chips
+  want = dict(topology=topology, chips=chips, mesh=sharding.mesh_shape(c, chips),
+              remat_policy=c.model.remat_policy, seq_len=c.data.seq_len,
+              global_batch=c.train.global_batch_size, param_dtype=c.model.param_dtype,
+              dtype=c.model.dtype)
+  assert {k: r[k] for k in want} == want
+  assert c.train.objective == 'dpo' and c.dpo.reference_logps == 'online'
+  assert r['model_flops_per_step'] == pytest.approx(flops.train_flops_per_step(c), rel=1e-12)
