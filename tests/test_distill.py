@@ -212,8 +212,14 @@ def test_setup_and_restore_hold_the_teacher_of_its_own_shape_in_its_dtype(tmp_pa
   assert s.frozen_model_graphdef[distill.TEACHER] != s.graphdef
 
 
-def test_config_checks():
+def test_config_checks(tmp_path):
   c = helpers.small_config(train=dict(objective='distill'))
+  with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher='/nonexistent': "):
+    distill.Distill(c.replace(distill=dict(teacher='/nonexistent'))).frozen_model_config('t')
+  other, _ = _student_and_teacher(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=r'its vocabulary has 512 pieces, '
+                     r'model.vocab_size is 1024 \(the same tokenizer is needed\)$'):
+    distill.Distill(other.replace(model=dict(vocab_size=1024))).frozen_model_config('t')
   with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher='': expected a teacher"):
     config_lib.validate(c)
   with pytest.raises(config_lib.ConfigError,

@@ -11,7 +11,8 @@ from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_REFERENCE_FREE, DTY
                                         MIXTURE_EXHAUSTED, MODEL_SHAPE_FIELDS, OBJECTIVES, PRESETS,
                                         REMAT_POLICIES, REMAT_UNITS, SCAN_UNITS, SCHEDULES,
                                         SOURCES, CheckpointConfig,
-                                        Config, ConfigError, DataConfig, DistillConfig, DpoConfig, FieldDoc, LoggingConfig,
+                                        Config, ConfigError, DataConfig, DistillConfig,
+                                        DpoConfig, FieldDoc, LoggingConfig,
                                         LoraConfig, MeshConfig, ModelConfig, OptimConfig,
                                         TrainConfig, default_config_dict, field_docs,
                                         lora_dims, sections, use_chat_data)
