@@ -48,8 +48,11 @@ def test_dpo_runs_resume_exactly_online_and_precomputed(tmp_path):
   data = _pairs(tmp_path / 'pairs.jsonl')
   precompute = '--config.dpo.reference_logps=precompute'
   straight = tmp_path / 'online'
-  _train(straight, 4, data)
-  rows = _rows(straight)
+  _train(straight, 4, data, f'--config.data.eval_path={data}', '--config.train.eval_every=4',
+         '--config.train.eval_steps=1')
+  rows = [r for r in _rows(straight) if 'loss' in r]
+  evals = [r for r in _rows(straight) if 'eval_loss' in r]
+  assert evals and 'eval_rewards/margins' in evals[-1] and 'eval_logps/chosen' in evals[-1]
   assert abs(rows[0]['loss'] - math.log(2)) <= 1e-6  # policy = reference at step 1
   for name in ('rewards/chosen', 'rewards/rejected', 'rewards/margins', 'rewards/accuracies',
                'logps/chosen', 'logps/rejected'):
