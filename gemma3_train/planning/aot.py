@@ -9,7 +9,7 @@ for what fits.
 Figures and where they come from:
   memory        the TPU compiler's memory_analysis() (exact for the compiled program);
   model FLOPs   flops.train_flops_per_step (3 x forward matmuls, no recompute; LoRA: 2 x for
-                the frozen base, whose weights get no gradient);
+                the frozen base, whose weights get no gradient; + 1 x for a DPO reference);
   XLA time      the larger of the compiler's figure (cost_analysis optimal_seconds, else a
                 roofline of its per-chip flops and bytes) and the executed matmul FLOPs from
                 the shapes (model FLOPs less attention, plus the remat replay) at peak: XLA's
@@ -448,8 +448,8 @@ def format_report(r: Report) -> str:
       f'    code         {r.code_gib:8.2f} GiB',
       f'    total        {r.total_gib:8.2f} GiB of {r.hbm_gib:g} GiB HBM: {verdict}, '
       f'{100 * r.headroom:.1f}% headroom',
-      f'  model FLOPs per step {r.model_flops_per_step:.3e} (3 x forward matmuls, '
-      'flops.model_flops_per_step)',
+      f'  model FLOPs per step {r.model_flops_per_step:.3e} (3 x forward matmuls and any '
+      'frozen forward: flops.train_flops_per_step)',
       f'  per chip: compiler FLOPs {r.compiler_flops:.3e} (cost analysis: no Pallas kernels, '
       'scanned loop bodies once), executed XLA matmuls',
       f'    {r.executed_flops:.3e} (from the shapes, with remat replay), splash attention '
