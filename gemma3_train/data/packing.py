@@ -31,7 +31,9 @@ import numpy as np
 
 GROUP = 256  # pieces packed together; more packs tighter, holds more pieces in memory
 GROUP_IMAGES = 64  # the same with images (a 896 x 896 image is 2.4 MB)
-EXTRA_KEYS = ('reference_logps',)  # per-token float32 values a piece may carry (precomputed DPO)
+# Per-token values a piece may carry, and their dtypes: precomputed DPO reference sums, and the
+# record index of a pair (training/precompute.py's pass).
+EXTRA_KEYS = {'reference_logps': np.float32, 'record': np.int32}
 
 
 def image_slots(images: list[np.ndarray], max_images: int) -> dict[str, np.ndarray]:
@@ -78,7 +80,7 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: in
            'segment_ids': np.zeros(seq_len, np.int32)}
     extra = [k for k in EXTRA_KEYS if k in pieces[ks[0]]]
     for k in extra:
-      row[k] = np.zeros(seq_len, np.float32)
+      row[k] = np.zeros(seq_len, EXTRA_KEYS[k])
     start, segment = 0, 0
     for k in sorted(ks):  # input order within a row
       piece = pieces[k]

@@ -3,8 +3,9 @@ one pass before training and stored in the workdir, so that training holds no re
 
 The pass scores each record of this process's shard (the documents i % process_count ==
 process_index, in index order) with the run's starting model (checkpoint.init_from, else the
-seed's init; with LoRA its base, the adapters off), one pair per row. The table is float32
-[records, 2] (chosen, rejected; NaN where a record is skipped), keyed by record index: the data
+seed's init; with LoRA its base, the adapters off), packed as training packs pairs. The table
+is float32 [records, 2] (chosen, rejected; NaN where a record is skipped), keyed by record
+index: the data
 pipeline (data/preference.py) looks each pair up wherever the shuffled, packed order puts it,
 so a resumed run reads the same values. It is written to
 dpo.reference_logps_dir/{split}.{process}-of-{count}.npz (default WORKDIR/reference_logps)
@@ -52,8 +53,9 @@ def _key(c: config_lib.Config) -> str:
 
 
 def _pair_rows(c: config_lib.Config, split: str, pid: int, nproc: int):
-  """(records in the source, an iterator of (record index, one-pair row)) of this process's
-  shard, in index order."""
+  """(records in the source, an iterator of packed rows) of this process's shard: its pairs in
+  index order, packed as training packs them, each token carrying its record index + 1 under
+  'record' (0 on padding)."""
   c = select.resolve(c, warn=False)
   tok = data_lib.Tokenizer(c.data.tokenizer_path)
   source = select.make_source(c, split)
@@ -63,11 +65,22 @@ def _pair_rows(c: config_lib.Config, split: str, pid: int, nproc: int):
                               p.max_prompt_len, p.max_len or c.data.seq_len // 2, images=spec)
 
   def rows():
+    group = []
     for i in range(pid, len(source), nproc):
       piece = to_pair.document(i)
       if piece is not None:
-        yield i, packing.pack_group([piece], c.data.seq_len, spec.max_images if spec else 0)[0]
+        piece['record'] = np.full(len(piece['inputs']), i + 1, np.int32)
+        group.append(piece)
+      if len(group) == packing.GROUP or (group and i + nproc >= len(source)):
+        yield from packing.pack_group(group, c.data.seq_len, spec.max_images if spec else 0)
+        group = []
   return len(source), rows()
+
+
+def _row_records(row: dict[str, np.ndarray]) -> list[int]:
+  """The record index of each pair slot of a packed row, in slot order."""
+  seg, record = row['segment_ids'], row['record']
+  return [int(record[np.argmax(seg == 2 * j + 1)]) - 1 for j in range(int(seg.max()) // 2)]
 
 
 def _gather_rows(x, pid: int, nproc: int, rows: int) -> np.ndarray:
@@ -80,7 +93,7 @@ def _gather_rows(x, pid: int, nproc: int, rows: int) -> np.ndarray:
 
 def compute(s, state, split: str, score) -> np.ndarray:
   """The table of this process's shard of `split` (see the module docstring); score(state,
-  batch) -> (chosen [B], rejected [B]) is jitted, the first pair slot of each row."""
+  batch) -> (chosen [B, P], rejected [B, P]) is jitted: the pair slots of each row."""
   c = s.config
   pid, nproc = jax.process_index(), jax.process_count()
   B = c.train.global_batch_size // nproc
@@ -98,7 +111,7 @@ def compute(s, state, split: str, score) -> np.ndarray:
                               -(-n // nproc), 'pairs') if pid == 0 else None
   done, start = 0, time.perf_counter()
   while True:
-    chunk = [r for _, r in zip(range(B), rows)]
+    chunk = [row for _, row in zip(range(B), rows)]
     # Every process runs the same number of batches, while any has rows left.
     left = np.asarray([len(chunk)], np.int32)
     if nproc > 1:
@@ -106,13 +119,14 @@ def compute(s, state, split: str, score) -> np.ndarray:
       left = multihost_utils.process_allgather(left)
     if not np.any(left):
       break
-    local = [row for _, row in chunk] + [empty] * (B - len(chunk))
+    local = chunk + [empty] * (B - len(chunk))
     batch = {k: np.stack([r[k] for r in local]) for k in keys}
     chosen, rejected = (_gather_rows(x, pid, nproc, B) for x in
                         score(state, data_lib.global_batch(batch, batch_sharding)))
-    for k, (i, _) in enumerate(chunk):
-      table[i] = chosen[k], rejected[k]
-    done += len(chunk)
+    for k, row in enumerate(chunk):
+      for j, i in enumerate(_row_records(row)):
+        table[i] = chosen[k, j], rejected[k, j]
+        done += 1
     if bar:
       bar.update(done)
   if bar:

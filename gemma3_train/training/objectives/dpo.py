@@ -154,9 +154,8 @@ class Preference(base.Objective):
         model = nnx.merge(s.graphdef, state['params'], *state['frozen'].values())
         if c.lora.rank:
           model = adapters_off(model)
-        chosen, rejected = pair_sums(sequence_logps(model, batch, c.train.loss_chunk_size),
-                                     batch['segment_ids'])
-        return chosen[:, 0], rejected[:, 0]
+        return pair_sums(sequence_logps(model, batch, c.train.loss_chunk_size),
+                         batch['segment_ids'])
     splits = ('train', 'eval') if c.train.eval_every and c.train.eval_steps else ('train',)
     precompute.ensure(s, workdir, splits, initial_state=initial_state, score=jax.jit(score))
 
