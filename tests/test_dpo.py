@@ -181,8 +181,8 @@ def _adapter_dir(path, c, values):
   return path
 
 
-@pytest.mark.parametrize('loss', ['sigmoid', pytest.param('ipo', marks=_slow),
-                                  pytest.param('hinge', marks=_slow)])
+@pytest.mark.parametrize('loss', ['sigmoid'] + [pytest.param(loss, marks=_slow) for loss in
+                                                ('ipo', 'hinge', 'simpo', 'orpo')])
 def test_lora_loss_and_adapter_gradient_equal_trl_with_peft(models, loss, tmp_path):
   """LoRA: the reference is the base with the adapters off, as TRL with a PEFT model
   (model.disable_adapter()); the gradients of every A and B agree through PEFT."""
