@@ -33,7 +33,7 @@ def test_config_names_exactly_the_registered_objectives():
   assert set(config_lib.OBJECTIVES) == set(objectives.OBJECTIVES)
   assert isinstance(objectives.get(_config()), ce.CrossEntropy)
   with pytest.raises(config_lib.ConfigError,
-                     match=r"^train.objective='rlhf': expected ce \| dpo \| distill$"):
+                     match=r"^train.objective='rlhf': expected ce \| dpo \| distill \| grpo$"):
     config_lib.validate(_config(objective='rlhf'))
 
 

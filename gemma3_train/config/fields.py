@@ -30,13 +30,15 @@ SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'p
            'shapes')
 SCHEDULES = ('cosine', 'linear', 'constant', 'wsd')
 MIXTURE_EXHAUSTED = ('repeat', 'stop')
-OBJECTIVES = ('ce', 'dpo', 'distill')  # train.objective: training/objectives/ implements each
+OBJECTIVES = ('ce', 'dpo', 'distill', 'grpo')  # train.objective: objectives/ implements each
 DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'simpo')  # dpo.loss (docs/preference.md)
 DPO_REFERENCE_FREE = ('orpo', 'simpo')  # the dpo.loss values that need no reference model
 DPO_REFERENCE_LOGPS = ('online', 'precompute')
 DPO_REFERENCE_DTYPES = ('', 'float32', 'bfloat16')
 DISTILL_LOSSES = ('sampled', 'topk', 'kl')  # distill.loss (docs/distillation.md)
 DISTILL_TEACHER_DTYPES = ('bfloat16', 'float32')
+RL_LOSSES = ('grpo', 'dapo', 'dr_grpo')  # rl.loss (docs/rl.md)
+RL_SCALE_REWARDS = ('', 'group', 'batch', 'none')  # rl.scale_rewards
 QAT_MODES = ('int8', 'int4_channel', 'q4_0')  # quant.qat (models/quant.py)
 QAT_EMBEDDING_MODES = ('int8', 'int4_channel', 'q8_0', 'q4_0')  # quant.embedding
 
@@ -223,7 +225,7 @@ class TrainConfig:
   objective: str = _f('ce', 'what a train step optimizes: ' + ' | '.join(OBJECTIVES)
                       + ' (ce: the next token cross entropy of pretraining and SFT; dpo: '
                       'preference pairs, the dpo.* fields; distill: a frozen teacher, the '
-                      'distill.* fields)')
+                      'distill.* fields; grpo: RL with verifiable rewards, the rl.* fields)')
   eval_every: int = _f(200, 'run eval every N steps (0 = never)')
   eval_steps: int = _f(10, 'eval batches per eval')
   loss_chunk_size: int = _f(1024, 'tokens per chunk of the chunked cross-entropy')
@@ -346,6 +348,37 @@ class DistillConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RlConfig:
+  """train.objective='grpo': RL with verifiable rewards (docs/rl.md; TRL's GRPOConfig formulas
+  and defaults)."""
+  loss: str = _f('dapo', ' | '.join(RL_LOSSES) + " (TRL's loss_type: grpo a per-sequence mean, "
+                 'dapo a token mean over the batch, dr_grpo a sum over max_completion_len)')
+  prompts_per_step: int = _f(4, 'prompts read per rollout; train.global_batch_size must be '
+                             'rl.prompts_per_step * rl.group_size')
+  group_size: int = _f(8, "completions sampled per prompt (TRL's num_generations)")
+  updates_per_batch: int = _f(1, "optimizer steps on each rollout batch (TRL's num_iterations)")
+  max_completion_len: int = _f(256, 'new tokens per completion at most; data.seq_len holds '
+                               'prompt + completion')
+  temperature: float = _f(1.0, 'sampling temperature (> 0); log-probabilities use the same')
+  top_p: float = _f(1.0, 'nucleus sampling mass (1 = off)')
+  top_k: int = _f(0, 'sample among the k most likely tokens (0 = off)')
+  beta: float = _f(0.0, 'weight of the k3 KL to a frozen reference (0 = no reference held)')
+  epsilon_low: float = _f(0.2, "the ratio's lower clip 1 - epsilon_low (TRL's epsilon)")
+  epsilon_high: float = _f(0.2, "the ratio's upper clip 1 + epsilon_high (DAPO: 0.28)")
+  scale_rewards: str = _f('', "advantages divided by the reward std of the group | batch | none "
+                          "('' = group, none for rl.loss=dr_grpo)")
+  rewards: str = _f('accuracy', "comma-separated reward functions: 'module:function' or a "
+                    'built-in (accuracy, format, length)')
+  reward_weights: str = _f('', "comma-separated weights, one per reward ('' = all 1)")
+  prompt_field: str = _f('prompt', 'field of the prompt: a string, a list of messages, or token '
+                         'ids; the other fields go to the rewards')
+  format_regex: str = _f(r'####\s*-?[\d,]*\.?\d+', 'the format reward: 1 when the completion '
+                         'matches (re.search)')
+  reference_dtype: str = _f('', "a full fine-tune's frozen reference: '' (model.param_dtype) "
+                            '| float32 | bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = _f(ModelConfig(), 'Gemma 3 decoder shape (defaults: the 1b preset)')
   mesh: MeshConfig = _f(MeshConfig(), 'device mesh and sharding')
@@ -358,6 +391,7 @@ class Config:
   quant: QuantConfig = _f(QuantConfig(), 'quantization-aware training (quant.qat)')
   dpo: DpoConfig = _f(DpoConfig(), 'preference tuning (train.objective=dpo)')
   distill: DistillConfig = _f(DistillConfig(), 'knowledge distillation (train.objective=distill)')
+  rl: RlConfig = _f(RlConfig(), 'RL with verifiable rewards (train.objective=grpo)')
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -10,6 +10,7 @@ from typing import Any
 from gemma3_train.config import mixture
 from gemma3_train.config.fields import QAT_EMBEDDING_MODES, QAT_MODES
 from gemma3_train.config.fields import DISTILL_LOSSES, DISTILL_TEACHER_DTYPES
+from gemma3_train.config.fields import RL_LOSSES, RL_SCALE_REWARDS
 from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_LOSSES, DPO_REFERENCE_DTYPES,
                                         DPO_REFERENCE_LOGPS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS,
                                         MESH_AXES, MIXTURE_EXHAUSTED, OBJECTIVES, REMAT_POLICIES,
@@ -126,6 +127,8 @@ def validate(c: Config) -> None:
     _validate_dpo(c)
   if t.objective == 'distill':
     _validate_distill(c)
+  if t.objective == 'grpo':
+    _validate_rl(c)
   if c.data.mixture:
     for m in mixture.parse_mixture(c.data.mixture):  # each source as if it were data.*
       try:
@@ -235,3 +238,46 @@ def _validate_dpo(c: Config) -> None:
   require(not (c.lora.rank and c.lora.train_embedding), 'lora.train_embedding',
           c.lora.train_embedding, 'False for train.objective=dpo (the reference is the base '
           'with the adapters off, which needs the base embedding)')
+
+
+def _validate_rl(c: Config) -> None:
+  """The rl.* checks of train.objective='grpo'."""
+  r, t = c.rl, c.train
+  require(r.loss in RL_LOSSES, 'rl.loss', r.loss, ' | '.join(RL_LOSSES))
+  for k in ('prompts_per_step', 'group_size', 'updates_per_batch', 'max_completion_len'):
+    require(getattr(r, k) >= 1, f'rl.{k}', getattr(r, k), '>= 1')
+  require(t.global_batch_size == r.prompts_per_step * r.group_size, 'train.global_batch_size',
+          t.global_batch_size, f'rl.prompts_per_step * rl.group_size = '
+          f'{r.prompts_per_step * r.group_size} for train.objective=grpo (one row per completion)')
+  require(r.max_completion_len < c.data.seq_len, 'rl.max_completion_len', r.max_completion_len,
+          f'< data.seq_len = {c.data.seq_len} (a row holds prompt + completion)')
+  require(r.temperature > 0, 'rl.temperature', r.temperature, '> 0')
+  require(0 < r.top_p <= 1, 'rl.top_p', r.top_p, 'in (0, 1]')
+  require(r.top_k >= 0, 'rl.top_k', r.top_k, '>= 0 (0 = off)')
+  require(r.beta >= 0, 'rl.beta', r.beta, '>= 0')
+  require(0 <= r.epsilon_low < 1, 'rl.epsilon_low', r.epsilon_low, 'in [0, 1)')
+  require(r.epsilon_high >= 0, 'rl.epsilon_high', r.epsilon_high, '>= 0')
+  require(r.scale_rewards in RL_SCALE_REWARDS, 'rl.scale_rewards', r.scale_rewards,
+          "'' (group; none for dr_grpo) | " + ' | '.join(RL_SCALE_REWARDS[1:]))
+  names = [x.strip() for x in r.rewards.split(',')]
+  require(all(names), 'rl.rewards', r.rewards, "comma-separated 'module:function' or built-ins")
+  weights = [x.strip() for x in r.reward_weights.split(',')] if r.reward_weights else []
+  ok = all(re.fullmatch(r'-?(\d+\.?\d*|\.\d+)([eE]-?\d+)?', w) for w in weights)
+  require(ok and len(weights) in (0, len(names)), 'rl.reward_weights', r.reward_weights,
+          f'{len(names)} comma-separated numbers, one per rl.rewards entry')
+  require(bool(r.prompt_field), 'rl.prompt_field', r.prompt_field, 'a field name')
+  try:
+    re.compile(r.format_regex)
+  except re.error as e:
+    raise ConfigError(f'rl.format_regex={r.format_regex!r}: expected a regex ({e})') from None
+  require(r.reference_dtype in DPO_REFERENCE_DTYPES, 'rl.reference_dtype', r.reference_dtype,
+          "'' (model.param_dtype) | " + ' | '.join(DPO_REFERENCE_DTYPES[1:]))
+  require(not (t.eval_every and t.eval_steps), 'train.eval_every', t.eval_every,
+          '0 for train.objective=grpo (the rollout metrics are its evaluation)')
+  require(not c.data.mixture, 'data.mixture', c.data.mixture,
+          "'' for train.objective=grpo (one prompt source)")
+  require(not c.model.vision, 'model.vision', c.model.vision,
+          'False for train.objective=grpo (text prompts)')
+  require(not (c.lora.rank and c.lora.train_embedding and r.beta), 'lora.train_embedding',
+          c.lora.train_embedding, 'False for train.objective=grpo with rl.beta > 0 (the '
+          'reference is the base with the adapters off)')

@@ -199,15 +199,18 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
   last: dict[str, float] = {}
   step = saved = start_step
   while step < c.train.num_steps:
-    try:
-      local_batch = next(train_iter)
+    try:  # an objective that makes its batches (RL) reads train_iter itself, below
+      local_batch = None if s.objective.makes_batches else next(train_iter)
     except StopIteration:  # a finite source ran out (data.mixture_exhausted=stop)
       if pending is not None:  # fetched first, so that a NaN is never saved
         last, pending = flush(*pending), None
       _end_of_data(step, saved, state, train_iter, ckpt, c)
       break
     with profiler.step(step) as trace:
-      batch = data_lib.global_batch(local_batch, s.batch_sharding['inputs'])
+      if local_batch is None:
+        batch = s.objective.make_batches(s, state, step, train_iter)
+      else:
+        batch = data_lib.global_batch(local_batch, s.batch_sharding['inputs'])
       state, metrics = train_step(state, batch)
       trace.wait_for = metrics
     step += 1
@@ -224,7 +227,10 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
     if eval_due:
       _run_eval(s, state, step, writer)
     if c.train.sample_every and step % c.train.sample_every == 0:
-      samples(state, step)
+      if s.objective.makes_batches:  # a few of its own completions
+        writer.write_samples(step, s.objective.samples())
+      else:
+        samples(state, step)
     if tasks_due:
       tasks = _run_eval_tasks(s, state, step, writer, tasks)
     if save_due:
@@ -301,7 +307,7 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(data_lib.sources.log_summary)  # skipped rows per file, when the run ends
     train_iter = cleanup.enter_context(contextlib.closing(
-        data_lib.make_train_iterator(c, process_index=pid, process_count=nproc)))
+        objectives.get(c).train_iterator(c, process_index=pid, process_count=nproc)))
     preflight(c, resuming=done is not None, process_index=pid, process_count=nproc)
     s = setup(c, mesh, abstract=True)
     # The first write to the workdir; a second run on it stops here (lease.py).

@@ -7,9 +7,10 @@ from gemma3_train.training.objectives import base
 from gemma3_train.training.objectives import ce
 from gemma3_train.training.objectives import distill
 from gemma3_train.training.objectives import dpo
+from gemma3_train.training.objectives import grpo
 
 OBJECTIVES: dict[str, type[base.Objective]] = {
-    o.name: o for o in (ce.CrossEntropy, dpo.Preference, distill.Distill)}
+    o.name: o for o in (ce.CrossEntropy, dpo.Preference, distill.Distill, grpo.Grpo)}
 
 
 def get(c: config_lib.Config) -> base.Objective:

@@ -15,7 +15,10 @@ The step (training/step.py) never branches on the objective. It asks the Objecti
                    adds 'step' and 'row' ([B] int32: the step, each row's index in the global
                    batch) to the batch it is given;
   makes_batches    True for an objective (RL) that makes its own batches by sampling; the loop
-                   then asks make_batches instead of reading the data;
+                   then asks make_batches(s, state, step, train_iter) for each step's batch
+                   instead of reading the data, and shows samples() every train.sample_every;
+  train_iterator   the checkpointed iterator the loop reads (the data's batches by default; RL:
+                   prompt rows, data/prompts.py);
   resolve, prepare the run's config with workdir-relative defaults, and one pass before training
                    (both do nothing by default).
 Objectives differ in what they prepare and how they score, not in the loop (docs/architecture.md).
@@ -28,6 +31,7 @@ from typing import Any
 import jax
 
 from gemma3_train import config as config_lib
+from gemma3_train import data as data_lib
 
 Shapes = dict[str, tuple[tuple[int, ...], Any]]
 
@@ -86,5 +90,17 @@ class Objective:
   def eval_summary(self, totals: dict[str, float]) -> dict[str, float]:
     raise NotImplementedError
 
-  def make_batches(self, *args, **kwargs):
+  def train_iterator(self, c: config_lib.Config, *, process_index: int = 0,
+                     process_count: int = 1):
+    """The train data iterator (get_state / set_state: checkpointed with the state)."""
+    return data_lib.make_train_iterator(c, process_index=process_index,
+                                        process_count=process_count)
+
+  def make_batches(self, s, state, step: int, train_iter) -> dict:
+    """makes_batches: the global batch of train step `step`, made with `state` (the Setup s)
+    from what train_iter gives."""
     raise NotImplementedError(f'train.objective={self.name!r} reads its batches from the data')
+
+  def samples(self) -> list[tuple[str, str]]:
+    """makes_batches: (prompt, completion) pairs of the latest batch made, to show."""
+    return []

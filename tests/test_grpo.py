@@ -1,0 +1,294 @@
+"""RL with verifiable rewards (train.objective=grpo) against TRL's GRPOTrainer formulas.
+
+The reference side is transformers' Gemma3ForCausalLM on a rollout batch as TRL lays it out
+(prompts left-padded, completions right-padded with tokens after the stop token present but
+masked), scored as GRPOTrainer._get_per_token_logps_and_entropies does (logits / temperature),
+then _compute_loss's lines and _generate_and_score_completions' advantages written out in
+torch. Ours runs on the same rollout as our rows (rollout.layout: one completion per row, nothing
+after the stop token). Losses, every parameter's gradient, the reference's log-probabilities
+and the kl / entropy / clip metrics agree to float32 precision, for each rl.loss.
+"""
+
+import copy
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gemma3_train import config as config_lib
+from gemma3_train import convert
+from gemma3_train.convert import layout as layout_lib
+from gemma3_train.training import rewards as rewards_lib
+from gemma3_train.training import rollout
+from gemma3_train.training.objectives import grpo
+from tests import helpers
+
+V = helpers.REFERENCE_VOCAB
+SEQ_LEN = 32
+GROUP = 3
+MAX_COMPLETION = 9
+_slow = pytest.mark.slow
+
+
+def _rollout_rows(seed=0, prompts=2):
+  """Prompts (BOS first, lengths 3..7) and GROUP completions each as TRL holds them: up to
+  MAX_COMPLETION ids, some stopped by EOS with garbage after it."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(prompts):
+    prompt = [2, *rng.integers(3, V, rng.integers(2, 7))]
+    for _ in range(GROUP):
+      ids = list(rng.integers(3, V, MAX_COMPLETION))
+      stop = int(rng.integers(0, MAX_COMPLETION + 3))
+      if stop < MAX_COMPLETION:
+        ids[stop] = 1  # EOS; what follows is masked
+      out.append((prompt, ids))
+  return out
+
+
+def _kept(ids):
+  """The completion up to and including its first stop token (what our sampler returns)."""
+  return ids[:ids.index(1) + 1] if 1 in ids else ids
+
+
+def _trl_side(model, ref_model, rows, rewards, old_noise, c):
+  """TRL's loss (a torch scalar, differentiable), per-token reference logps and metrics."""
+  import torch  # pylint: disable=g-import-not-at-top
+  r = c.rl
+  P = max(len(p) for p, _ in rows)
+  prompt_ids = torch.tensor([[0] * (P - len(p)) + p for p, _ in rows])
+  prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p, _ in rows])
+  completion_ids = torch.tensor([ids for _, ids in rows])
+  # completion_mask: up to and including the first EOS (_generate_and_score_completions)
+  is_eos = completion_ids == 1
+  eos_idx = torch.full((len(rows),), MAX_COMPLETION, dtype=torch.long)
+  eos_idx[is_eos.any(dim=1)] = is_eos.int().argmax(dim=1)[is_eos.any(dim=1)]
+  seq_idx = torch.arange(MAX_COMPLETION).expand(len(rows), -1)
+  mask = (seq_idx <= eos_idx.unsqueeze(1)).int()
+  input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+  attention_mask = torch.cat([prompt_mask, mask], dim=1)
+
+  def logps_and_entropy(m):
+    logits = m(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits[:, -MAX_COMPLETION - 1:-1] / r.temperature
+    logp_all = logits.log_softmax(-1)
+    per_token = torch.gather(logp_all, 2, completion_ids[..., None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return per_token, entropy
+
+  # advantages: sum-then-normalize, scaled by the group's std (or none)
+  rewards_t = torch.tensor(rewards, dtype=torch.float32)
+  mean = rewards_t.view(-1, GROUP).mean(dim=1).repeat_interleave(GROUP)
+  std = rewards_t.view(-1, GROUP).std(dim=1).repeat_interleave(GROUP)
+  advantages = rewards_t - mean
+  if rollout.scale_of(c) == 'group':
+    advantages = advantages / (std + 1e-4)
+
+  per_token_logps, entropies = logps_and_entropy(model)
+  old = per_token_logps.detach() if old_noise is None else per_token_logps.detach() + old_noise
+  log_ratio = per_token_logps - old
+  coef_1 = torch.exp(log_ratio)
+  ref = None
+  if r.beta:
+    with torch.no_grad():
+      ref, _ = logps_and_entropy(ref_model)
+    per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+  adv = advantages.unsqueeze(1)
+  coef_2 = torch.clamp(coef_1, 1 - r.epsilon_low, 1 + r.epsilon_high)
+  per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+  if r.beta:
+    per_token_loss = per_token_loss + r.beta * per_token_kl
+  if r.loss == 'grpo':
+    loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+  elif r.loss == 'dr_grpo':
+    loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * r.max_completion_len)
+  else:  # dapo: num_items_in_batch, one process, no accumulation
+    loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+  masked_mean = lambda x: ((x * mask).sum() / mask.sum()).item()
+  low = ((coef_1 < 1 - r.epsilon_low) & (adv < 0)).float()
+  high = ((coef_1 > 1 + r.epsilon_high) & (adv > 0)).float()
+  metrics = {'entropy': masked_mean(entropies), 'clip_ratio/low_mean': masked_mean(low),
+             'clip_ratio/high_mean': masked_mean(high),
+             'clip_ratio/region_mean': masked_mean(torch.maximum(low, high))}
+  if r.beta:
+    metrics['kl'] = masked_mean(per_token_kl.detach())
+  return loss, advantages.numpy(), ref, mask, metrics
+
+
+def _to_rows(values_BC, rows, mask):
+  """TRL's per-completion-position values [B, C] at our row positions [B, SEQ_LEN]."""
+  out = np.zeros((len(rows), SEQ_LEN), np.float32)
+  for b, (p, _) in enumerate(rows):
+    n = int(mask[b].sum())
+    out[b, len(p) - 1:len(p) - 1 + n] = values_BC[b, :n]
+  return out
+
+
+@pytest.fixture(scope='module')
+def models():
+  """(our ModelConfig, HF policy, HF reference): a random model, and a reference near it (as
+  the policy's start is: exp(ref - log p) of two unrelated models would be far out of range)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  cfg, hf_cfg = helpers.reference_configs(**helpers.REFERENCE_CASES['gqa_ropescale_scanned'])
+  policy = helpers.reference_hf_model(hf_cfg, seed=0)
+  reference = copy.deepcopy(policy)
+  gen = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for p in reference.parameters():
+      p.mul_(1 + 0.05 * torch.randn(p.shape, generator=gen))
+  return cfg, policy, reference
+
+
+def _config(cfg, **rl):
+  c = config_lib.Config(model=cfg)
+  rl = dict(dict(group_size=GROUP, prompts_per_step=2, max_completion_len=MAX_COMPLETION), **rl)
+  return c.replace(data=dict(seq_len=SEQ_LEN),
+                   train=dict(objective='grpo', loss_chunk_size=12, global_batch_size=2 * GROUP,
+                              eval_every=0),
+                   rl=rl)
+
+
+def _hf_grads_as_ours(cfg, hf_model):
+  grads = {k: p.grad.detach().numpy() for k, p in hf_model.named_parameters()}
+  top, layers = convert.hf_to_canonical(grads, cfg)
+  return {k: np.asarray(v.get_value())
+          for k, v in nnx.to_flat_state(layout_lib.canonical_to_state(cfg, top, layers))}
+
+
+def _assert_close(ours, theirs, what, tol=1e-5):
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  scale = max(1.0, float(np.max(np.abs(theirs))))
+  assert np.max(np.abs(ours - theirs)) <= tol * scale, (what, np.max(np.abs(ours - theirs)))
+
+
+@pytest.mark.parametrize('loss,beta,updates,temperature', [
+    pytest.param('dapo', 0.0, 1, 1.0, marks=_slow), ('grpo', 0.1, 2, 0.7),
+    pytest.param('dr_grpo', 0.04, 2, 1.3, marks=_slow),
+    pytest.param('grpo', 0.0, 1, 1.0, marks=_slow),
+    pytest.param('dapo', 0.2, 2, 0.9, marks=_slow)])
+def test_loss_and_gradient_equal_trl(models, loss, beta, updates, temperature):
+  """updates > 1: the rollout's old log-probabilities differ from the policy's (clipping on
+  both sides); 1: they are the policy's own, not differentiated."""
+  import torch  # pylint: disable=g-import-not-at-top
+  cfg, hf_policy, hf_reference = models
+  c = _config(cfg, loss=loss, beta=beta, updates_per_batch=updates, temperature=temperature,
+              epsilon_high=0.28)
+  rows = _rollout_rows(seed=len(loss) + updates)
+  rewards = np.random.default_rng(1).integers(0, 3, len(rows)).astype(np.float32)
+  rewards[:GROUP] = 1.0  # a group of equal rewards: zero advantages
+  noise = None
+  if updates > 1:
+    noise = torch.from_numpy(np.random.default_rng(2).normal(0, 0.4, (len(rows), MAX_COMPLETION))
+                             .astype(np.float32))
+  hf_policy.zero_grad()
+  want, want_adv, want_ref, mask, want_metrics = _trl_side(hf_policy, hf_reference, rows,
+                                                           rewards.tolist(), noise, c)
+  want.backward()
+  want_grads = _hf_grads_as_ours(cfg, hf_policy)
+
+  adv, zero_std = rollout.group_advantages(rewards, GROUP, rollout.scale_of(c))
+  _assert_close(adv, want_adv, 'advantages')
+  assert zero_std.tolist() == [1.0] * GROUP + [0.0] * GROUP
+  prompts, completions = [p for p, _ in rows], [_kept(ids) for _, ids in rows]
+  batch = rollout.layout(prompts, completions, SEQ_LEN)
+  np.testing.assert_array_equal(batch['weights'].sum(1), mask.sum(1).numpy())
+  objective = grpo.Grpo(c)
+  ours = helpers.reference_ours(cfg, hf_policy)
+  batch.update(advantages=adv, rewards=rewards[:, None], zero_std=zero_std,
+               truncated=np.zeros(len(rows), np.float32))
+  batch = jax.tree.map(jnp.asarray, batch)
+  if updates > 1:  # the policy's own log-probabilities plus TRL's noise, at our positions
+    own = jax.jit(lambda m, b: objective.logps(m, b)[0])(ours, batch)
+    batch['old_logps'] = own + _to_rows(noise.numpy(), rows, mask)
+  if beta:
+    ours_ref = helpers.reference_ours(cfg, hf_reference)
+    batch['ref_logps'] = jax.jit(lambda m, b: objective.logps(m, b)[0])(ours_ref, batch)
+    _assert_close(batch['ref_logps'] * batch['weights'],
+                  _to_rows(want_ref.numpy(), rows, mask), 'ref_logps')
+  graphdef, params = nnx.split(ours, nnx.Param)
+
+  def mean_loss(params):
+    total, sums = objective.loss_sums(nnx.merge(graphdef, params), batch)
+    return total / sums['weight_sum'], sums
+  (value, sums), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)
+  _assert_close(value, want.item(), 'loss')
+  for k, g in nnx.to_flat_state(grads):
+    _assert_close(g.get_value(), want_grads[k], k)
+  metrics = objective.metrics(sums)
+  for k, v in want_metrics.items():
+    _assert_close(metrics[k], v, k)
+  if updates > 1:
+    assert want_metrics['clip_ratio/low_mean'] > 0 and want_metrics['clip_ratio/high_mean'] > 0
+  assert float(metrics['completions/mean_length']) == pytest.approx(float(mask.sum()) / len(rows))
+
+
+def test_batch_scaled_advantages_equal_trl():
+  import torch  # pylint: disable=g-import-not-at-top
+  rewards = np.random.default_rng(3).normal(size=12).astype(np.float32)
+  adv, _ = rollout.group_advantages(rewards, 4, 'batch')
+  t = torch.from_numpy(rewards)
+  mean = t.view(-1, 4).mean(dim=1).repeat_interleave(4)
+  _assert_close(adv, ((t - mean) / (t.std() + 1e-4)).numpy(), 'advantages')
+
+
+# --- rewards ------------------------------------------------------------------------------
+
+
+def reward_raises(prompts, completions, completion_ids, **_):
+  raise KeyError('no such thing\nsecond line')
+
+
+def reward_short(prompts, completions, completion_ids, **_):
+  return [0.0]
+
+
+def reward_nan(prompts, completions, completion_ids, **_):
+  return [float('nan')] * len(completions)
+
+
+def reward_small_ids(prompts, completions, completion_ids, **_):
+  """The share of a completion's ids below 64: reachable by the small model (learning check)."""
+  return [float(np.mean([t < 64 for t in ids])) for ids in completion_ids]
+
+
+def _rewards(names, **rl):
+  c = config_lib.Config().replace(rl=dict(rewards=names, **rl))
+  return rewards_lib.Rewards(c)
+
+
+def test_builtin_rewards_and_one_line_errors():
+  rw = _rewards('accuracy,format,length', reward_weights='1,0.5,1', max_completion_len=10)
+  completions = ['So 6 * 7 = 42.\n#### 42', [{'role': 'assistant', 'content': 'it is 1,234'}],
+                 '#### 41', 'no number']
+  ids = [[5] * 10, [5] * 3, [5], [5, 5]]
+  got = rw(['q'] * 4, completions, ids, {'answer': ['... #### 42', '#### 1,234', '#### 42',
+                                                    '#### 1']})
+  np.testing.assert_array_equal(got[:, 0], [1, 1, 0, 0])  # accuracy
+  np.testing.assert_array_equal(got[:, 1], [1, 0, 1, 0])  # format: '#### <number>'
+  np.testing.assert_allclose(got[:, 2], [-1.0, -0.3, -0.1, -0.2])  # length
+  assert rw.weights.tolist() == [1.0, 0.5, 1.0]
+  for name, message in (('reward_raises', 'raised KeyError'), ('reward_short', '1 values for 2'),
+                        ('reward_nan', 'nan')):
+    with pytest.raises(rewards_lib.RewardError, match=f'^rl.rewards: tests.test_grpo:{name} .*{message}') as e:
+      _rewards(f'tests.test_grpo:{name}')(['q'] * 2, ['a', 'b'], [[1], [1]], {})
+    assert '\n' not in str(e.value)
+  with pytest.raises(config_lib.ConfigError, match='does not load'):
+    _rewards('tests.test_grpo:missing')
+
+
+def test_config_checks():
+  c = helpers.small_config(train=dict(objective='grpo', eval_every=0),
+                           rl=dict(prompts_per_step=2, group_size=4, max_completion_len=8))
+  config_lib.validate(c)
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^train.global_batch_size=8: expected rl.prompts_per_step \* "):
+    config_lib.validate(c.replace(rl=dict(group_size=8)))
+  with pytest.raises(config_lib.ConfigError, match=r"^rl.loss='ppo': expected grpo \| dapo"):
+    config_lib.validate(c.replace(rl=dict(loss='ppo')))
+  with pytest.raises(config_lib.ConfigError, match=r'^rl.reward_weights='):
+    config_lib.validate(c.replace(rl=dict(rewards='accuracy,format', reward_weights='1')))
