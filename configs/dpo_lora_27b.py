@@ -10,11 +10,15 @@ forward pass per step (docs/preference.md). As configs/lora_27b.py, whose SFT st
 that forward to: fits a v5e-16, docs/aot/dpo_lora_27b_v5e-16.json.
 """
 
-from configs import lora_27b
+import os
+
+from gemma3_train import config as config_lib
 
 
 def get_config():
-  c = lora_27b.get_config()
+  # configs/lora_27b.py beside this file, by path: a config file must load where the repository
+  # is not importable (an installed package, a copied configs folder).
+  c = config_lib.load_config_dict(os.path.join(os.path.dirname(__file__), 'lora_27b.py'))
   c.train.objective = 'dpo'
   c.dpo.loss = 'sigmoid'
   c.dpo.beta = 0.1
