@@ -26,9 +26,9 @@ def get_config():
   c.train.global_batch_size = 64  # = prompts_per_step * group_size: one row per completion
   c.rl.max_completion_len = 512
   c.data.seq_len = 768  # prompt (<= 256 tokens) + completion
-  c.rl.temperature = 1.0  # Gemma 3's recommended sampling (docs/gemma3.md section 4)
-  c.rl.top_k = 64
-  c.rl.top_p = 0.95
+  # TRL's sampling defaults: the full distribution, the one the log-probabilities score (top-k
+  # / top-p would sample from another, and sort the vocabulary at every token).
+  c.rl.temperature = 1.0
   c.rl.epsilon_high = 0.28  # DAPO's clip-higher
   c.rl.beta = 0.0  # TRL's default: no reference held
   c.rl.rewards = 'accuracy,format'

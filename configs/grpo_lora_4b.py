@@ -32,9 +32,7 @@ def get_config():
   c.train.global_batch_size = 64
   c.rl.max_completion_len = 768
   c.data.seq_len = 1024
-  c.rl.temperature = 1.0
-  c.rl.top_k = 64
-  c.rl.top_p = 0.95
+  c.rl.temperature = 1.0  # no top-k / top-p: as configs/grpo_1b.py
   c.rl.epsilon_high = 0.28
   c.rl.rewards = 'accuracy,format'
   c.rl.reward_weights = '1.0,0.1'

@@ -99,8 +99,14 @@ def _knobs(s: Sampling) -> dict[str, jax.Array]:
 
 def filter_logits(logits_BV: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
   """float32 logits / temperature with everything outside top-k and top-p set to -inf."""
-  B, V = logits_BV.shape
   z_BV = logits_BV.astype(jnp.float32) / jnp.maximum(knobs['temperature'], 1e-6)
+  # Both off (RL's default): no sort of the vocabulary per token (~1 s for 16 x 262k on CPU).
+  return jax.lax.cond((knobs['top_k'] <= 0) & (knobs['top_p'] >= 1.0), lambda: z_BV,
+                      lambda: _top_k_top_p(z_BV, knobs))
+
+
+def _top_k_top_p(z_BV: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
+  B, V = z_BV.shape
   sorted_BV = jnp.flip(jnp.sort(z_BV, axis=-1), axis=-1)  # descending; one sort for both
   k = jnp.where(knobs['top_k'] > 0, jnp.minimum(knobs['top_k'], V), V)
   kth_B1 = jnp.take_along_axis(sorted_BV, jnp.broadcast_to(k - 1, (B, 1)), axis=-1)
