@@ -410,3 +410,14 @@ def test_resume_is_exact_among_the_updates_of_one_rollout(tmp_path):
   pick = lambda w: [{k: x[k] for k in keys} for x in _rows(w) if 'loss' in x]
   assert pick(tmp_path / 'resumed') == pick(tmp_path / 'straight')
   assert abs(pick(tmp_path / 'straight')[0]['kl']) <= 1e-6  # policy = reference at the start
+
+
+@_slow
+def test_lora_reference_is_the_base_with_the_adapters_off(tmp_path):
+  """LoRA with rl.beta: no frozen copy; the KL starts at 0 (B = 0: the policy is the base) and
+  grows once the adapters train."""
+  data = _prompts(tmp_path / 'prompts.jsonl')
+  _train(tmp_path / 'lora', 3, data, '--config.lora.rank=4', '--config.rl.beta=0.1',
+         '--config.optim.lr=3e-2')
+  kl = [x['kl'] for x in _rows(tmp_path / 'lora') if 'kl' in x]
+  assert len(kl) == 3 and abs(kl[0]) <= 1e-6 and kl[-1] > 1e-4, kl
