@@ -81,7 +81,8 @@ def _trl(model_dir: str, rows: list[dict], args, out: str) -> tuple[float, int]:
                       max_steps=args.steps + args.skip, learning_rate=1e-6, beta=0.1,
                       loss_type=['sigmoid'], max_length=args.seq_len // 2, report_to=[],
                       logging_steps=1000, save_strategy='no', use_cpu=True, bf16=False,
-                      dataloader_num_workers=0, seed=0)
+                      dataloader_num_workers=0, seed=0,
+                      gradient_checkpointing=False)  # TRL's default is on; ours has no remat
   trainer = trl.DPOTrainer(model=model, args=cfg, processing_class=tok,
                            train_dataset=datasets.Dataset.from_list(rows),
                            callbacks=[Clock()])
