@@ -97,7 +97,7 @@ def _tokenizer(c: config_lib.Config) -> tokenizer_lib.Tokenizer | None:
 
 def _probe(to_doc: documents.ToDocument, indices, field_name: str) -> None:
   """Start-up check that a systematic mistake (wrong field, format) is an error, not skips."""
-  with sources.recording() as reasons:
+  with sources.recording() as reasons, sources.probing():
     for i in indices[:sources.PROBE_ROWS]:
       if to_doc.document(int(i)) is not None:
         return

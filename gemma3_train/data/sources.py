@@ -61,7 +61,7 @@ def note(reason: str, where: str, *, skipped: bool = True, detail: str = '') -> 
   shown = f'{key} ({detail})' if detail else key
   for keys in _recorders:
     keys.append(shown)
-  if _recorders:  # a start-up probe: the pipeline reads (and counts) these rows again
+  if _probing:  # a start-up probe: the pipeline reads (and counts) these rows again
     return
   if not skipped:
     COUNTS[key] += 1
@@ -80,6 +80,20 @@ def note(reason: str, where: str, *, skipped: bool = True, detail: str = '') -> 
   if len(rows) == _WARN_FIRST:
     log.warning('data: further rows of %s %s are counted, not shown; totals at the end',
                 file.rpartition(' ')[0] or where, key)
+
+
+_probing: list[bool] = []
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+  """Notes inside the block are recorded but neither counted nor logged: a start-up probe
+  reads rows that the pipeline will read (and count) again."""
+  _probing.append(True)
+  try:
+    yield
+  finally:
+    _probing.pop()
 
 
 @contextlib.contextmanager
