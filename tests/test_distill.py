@@ -164,6 +164,7 @@ def _student_and_teacher(tmp_path, **distill_fields):
   return c, teacher
 
 
+@pytest.mark.slow  # (fast-lane budget: 10-13 s each)
 @pytest.mark.parametrize('loss', ['kl', 'sampled'])
 def test_objective_with_a_larger_teacher_equals_full_logits(tmp_path, loss):
   """Student and teacher of different shapes: the objective's loss and metrics from the
@@ -260,7 +261,8 @@ def _step_grads(c, devices, batch):
 
 
 @pytest.mark.parametrize('loss,lora_rank', [
-    ('sampled', 0), pytest.param('kl', 0, marks=pytest.mark.slow),
+    pytest.param('sampled', 0, marks=pytest.mark.slow),
+    pytest.param('kl', 0, marks=pytest.mark.slow),
     pytest.param('topk', 4, marks=pytest.mark.slow)])
 def test_sharded_equals_one_device(tmp_path, loss, lora_rank):
   """(fsdp=4, tensor=2) on 8 CPU devices: the same gradients (and draws) as one device; with

@@ -138,7 +138,7 @@ _slow = pytest.mark.slow
 @pytest.mark.parametrize('loss,smoothing', [
     ('sigmoid', 0.0), pytest.param('sigmoid', 0.1, marks=_slow),
     pytest.param('ipo', 0.0, marks=_slow), pytest.param('hinge', 0.0, marks=_slow),
-    pytest.param('simpo', 0.1, marks=_slow), ('orpo', 0.0)])
+    pytest.param('simpo', 0.1, marks=_slow), pytest.param('orpo', 0.0, marks=_slow)])
 def test_full_finetune_loss_and_gradient_equal_trl(models, loss, smoothing):
   cfg, hf_policy, hf_reference = models
   c = _config(cfg, loss, label_smoothing=smoothing, beta=0.5)
@@ -181,8 +181,8 @@ def _adapter_dir(path, c, values):
   return path
 
 
-@pytest.mark.parametrize('loss', ['sigmoid'] + [pytest.param(loss, marks=_slow) for loss in
-                                                ('ipo', 'hinge', 'simpo', 'orpo')])
+@_slow
+@pytest.mark.parametrize('loss', ['sigmoid', 'ipo', 'hinge', 'simpo', 'orpo'])
 def test_lora_loss_and_adapter_gradient_equal_trl_with_peft(models, loss, tmp_path):
   """LoRA: the reference is the base with the adapters off, as TRL with a PEFT model
   (model.disable_adapter()); the gradients of every A and B agree through PEFT."""
@@ -253,7 +253,8 @@ def _step_grads(c, devices, batch):
   return [np.asarray(x) for x in jax.tree.leaves(g)]
 
 
-@pytest.mark.parametrize('lora_rank', [0, pytest.param(4, marks=_slow)])
+@_slow
+@pytest.mark.parametrize('lora_rank', [0, 4])
 def test_sharded_equals_one_device(lora_rank):
   """(fsdp=4, tensor=2) on 8 CPU devices: the same gradients as one device."""
   lora_cfg = dict(rank=lora_rank, alpha=8.0) if lora_rank else {}

@@ -101,7 +101,8 @@ def load_hf(path):
   return model.eval(), info
 
 
-@pytest.mark.parametrize('kind', ['f16', 'bf16', 'q8_0', 'q4_0'])
+@pytest.mark.parametrize('kind', ['f16', 'bf16', pytest.param('q8_0', marks=pytest.mark.slow),
+                                  pytest.param('q4_0', marks=pytest.mark.slow)])
 def test_transformers_loads_the_file_with_our_logits(small, tmp_path, kind):
   d, top, layers, tok = small
   out = tmp_path / f'm-{kind}.gguf'

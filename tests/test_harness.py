@@ -188,6 +188,7 @@ def test_chat_template_matches_hf_tokenizer(ours, reference, add_generation_prom
   assert ours.tok_encode(text) == reference.tok_encode(text)
 
 
+@pytest.mark.slow  # (fast-lane budget: the CLI loads the harness each time)
 def test_eval_cli_tasks_writes_harness_results(export_dir, tasks_dir, hf_results, tmp_path,
                                                capsys):
   """gemma3-eval --tasks on a mesh of the 8 test devices: the harness's results JSON, with the
@@ -207,6 +208,7 @@ def test_eval_cli_tasks_writes_harness_results(export_dir, tasks_dir, hf_results
   assert 'tiny_mc' in capsys.readouterr().err  # the harness's table
 
 
+@pytest.mark.slow  # (fast-lane budget: the CLI loads the harness each time)
 @pytest.mark.parametrize('argv,message', [
     (['--tasks=arc_easy'], 'dataset allenai/ai2_arc (ARC-Easy) is not available'),
     (['--tasks=no_such_task'], "--tasks: unknown task 'no_such_task'"),
@@ -247,6 +249,7 @@ def test_training_logs_eval_tasks(tasks_dir, tmp_path):
   assert after == {k: v for k, v in tasks[-1].items() if k != 'step'}
 
 
+@pytest.mark.slow  # (fast-lane budget)
 @pytest.mark.parametrize('train,message', [
     (dict(eval_tasks_every=5), "train.eval_tasks='': expected task names"),
     (dict(eval_tasks_every=-1), 'train.eval_tasks_every=-1: expected >= 0'),

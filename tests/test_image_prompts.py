@@ -111,6 +111,7 @@ def export(hf_model, tmp_path_factory):
   return dst
 
 
+@pytest.mark.slow  # (fast-lane budget)
 def test_autoprocessor_on_the_export_gives_our_logits(export):
   """AutoProcessor builds Gemma3Processor from the export alone; its ids are ours, and
   transformers on the export gives our logits with the same two images, within 1e-4."""
@@ -160,6 +161,7 @@ def _cli(argv, stdin=''):
   return out.getvalue()
 
 
+@pytest.mark.slow  # (fast-lane budget)
 def test_cli_image_goes_where_the_prompt_says(hf_model, ours, tmp_path):
   """gemma3-sample --image: the continuation is generate()'s with the image where the prompt
   says; a prompt with no marker gets the image at its start."""

@@ -104,8 +104,10 @@ _logits = nnx.jit(lambda model: model(jnp.asarray(TOKENS)))
 _grad = nnx.jit(nnx.grad(_loss))
 
 
-@pytest.mark.parametrize('qat, embedding', [('int8', ''), ('int4_channel', ''),
-                                            ('q4_0', 'q8_0')])
+@pytest.mark.parametrize('qat, embedding', [
+    pytest.param('int8', '', marks=pytest.mark.slow),
+    pytest.param('int4_channel', '', marks=pytest.mark.slow),
+    pytest.param('q4_0', 'q8_0', marks=pytest.mark.slow)])
 def test_forward_is_the_dequantized_model(qat, embedding):
   c = _config(quant=dict(qat=qat, embedding=embedding))
   model = model_lib.build(c)
@@ -171,6 +173,7 @@ def _delta(a, b, ws, in_axes):
   return jnp.einsum(f'{ins}r,r{outs}->{ws}', a, b) * 2.0  # alpha / rank = 8 / 4
 
 
+@pytest.mark.slow  # (fast-lane budget)
 def test_qlora_int8_base_is_unchanged_by_qat_off():
   """lora.einsum without quant.qat: an int8 base reads int8 * scale in the compute dtype, as
   before the move onto quant.py."""

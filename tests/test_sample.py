@@ -64,6 +64,7 @@ def test_cached_logits_equal_full_forward(scan_layers, sampler):
   _assert_cached_equals_full(sampler if scan_layers else sample.Sampler(_model(scan_layers=False)))
 
 
+@pytest.mark.slow  # (fast-lane budget: 19 s)
 def test_cached_logits_equal_full_forward_with_adapters_on_an_int8_base():
   """The decode loop reads q and the output projection relaid out (sample.swap_projections):
   their int8 scales and LoRA adapters (non-zero B) must come along."""
