@@ -197,24 +197,20 @@ class Preference(base.Objective):
 
   def metrics(self, sums):
     """TRL's names: rewards/* and logps/* are means over the step's pairs."""
-    pairs = jnp.maximum(sums['weight_sum'], 1.0)
-    chosen, rejected = sums['chosen_reward_sum'] / pairs, sums['rejected_reward_sum'] / pairs
-    return {'loss': sums['loss_sum'] / pairs,
-            'rewards/chosen': chosen, 'rewards/rejected': rejected,
-            'rewards/margins': chosen - rejected,
-            'rewards/accuracies': sums['accuracy_sum'] / pairs,
-            'logps/chosen': sums['chosen_logps_sum'] / pairs,
-            'logps/rejected': sums['rejected_logps_sum'] / pairs,
-            'pairs': sums['weight_sum']}
+    return _means(sums, jnp.maximum(sums['weight_sum'], 1.0))
 
   def eval_summary(self, totals):
-    pairs = max(totals.get('weight_sum', 0.0), 1.0)
-    chosen = totals['chosen_reward_sum'] / pairs
-    rejected = totals['rejected_reward_sum'] / pairs
-    return {'loss': totals['loss_sum'] / pairs,
-            'rewards/chosen': chosen, 'rewards/rejected': rejected,
-            'rewards/margins': chosen - rejected,
-            'rewards/accuracies': totals['accuracy_sum'] / pairs,
-            'logps/chosen': totals['chosen_logps_sum'] / pairs,
-            'logps/rejected': totals['rejected_logps_sum'] / pairs,
-            'pairs': totals.get('weight_sum', 0.0), 'tokens': totals.get('token_sum', 0.0)}
+    return {**_means(totals, max(totals.get('weight_sum', 0.0), 1.0)),
+            'tokens': totals.get('token_sum', 0.0)}
+
+
+def _means(sums: dict, pairs) -> dict:
+  """The logged values of summed parts (a step's arrays or an eval's host floats)."""
+  chosen, rejected = sums['chosen_reward_sum'] / pairs, sums['rejected_reward_sum'] / pairs
+  return {'loss': sums['loss_sum'] / pairs,
+          'rewards/chosen': chosen, 'rewards/rejected': rejected,
+          'rewards/margins': chosen - rejected,
+          'rewards/accuracies': sums['accuracy_sum'] / pairs,
+          'logps/chosen': sums['chosen_logps_sum'] / pairs,
+          'logps/rejected': sums['rejected_logps_sum'] / pairs,
+          'pairs': sums['weight_sum']}
