@@ -273,6 +273,33 @@ def reference_ours(cfg, hf_model):
   return ours
 
 
+def hf_grads_as_ours(cfg, hf_model):
+  """The torch gradients of every parameter of a transformers Gemma 3 (after backward()), in
+  our parameter layout: {state path: array}."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gemma3_train import convert  # pylint: disable=g-import-not-at-top
+  from gemma3_train.convert import layout  # pylint: disable=g-import-not-at-top
+  grads = {k: p.grad.detach().numpy() for k, p in hf_model.named_parameters()}
+  top, layers = convert.hf_to_canonical(grads, cfg)
+  return {k: np.asarray(v.get_value())
+          for k, v in nnx.to_flat_state(layout.canonical_to_state(cfg, top, layers))}
+
+
+def assert_close(ours, theirs, what, tol=1e-5):
+  """max |ours - theirs| <= tol * max(1, max |theirs|), in float64."""
+  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+  scale = max(1.0, float(np.max(np.abs(theirs))))
+  assert np.max(np.abs(ours - theirs)) <= tol * scale, (what, np.max(np.abs(ours - theirs)))
+
+
+def assert_same_grads(sharded, single, tol=1e-5):
+  """Two lists of gradient leaves agree (relative L2 error per leaf), and are not all zero."""
+  assert any(np.abs(x).max() > 0 for x in single)
+  for x, y in zip(sharded, single):
+    err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
+    assert err <= tol, err
+
+
 # --- data iterators ----------------------------------------------------------------------
 
 

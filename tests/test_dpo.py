@@ -20,8 +20,6 @@ import pytest
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import convert
-from gemma3_train.convert import layout
 from gemma3_train.convert import peft as peft_lib
 from gemma3_train.data import packing
 from gemma3_train.data import preference
@@ -118,20 +116,6 @@ def _config(cfg, loss, **dpo_fields):
                    dpo=dict(loss=loss, **dpo_fields))
 
 
-def _hf_grads_as_ours(cfg, hf_model):
-  """The torch gradients of every HF parameter, in our parameter layout."""
-  grads = {k: p.grad.detach().numpy() for k, p in hf_model.named_parameters()}
-  top, layers = convert.hf_to_canonical(grads, cfg)
-  return {k: np.asarray(v.get_value())
-          for k, v in nnx.to_flat_state(layout.canonical_to_state(cfg, top, layers))}
-
-
-def _assert_close(ours, theirs, what, tol=1e-5):
-  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  scale = max(1.0, float(np.max(np.abs(theirs))))
-  assert np.max(np.abs(ours - theirs)) <= tol * scale, (what, np.max(np.abs(ours - theirs)))
-
-
 _slow = pytest.mark.slow
 
 
@@ -150,7 +134,7 @@ def test_full_finetune_loss_and_gradient_equal_trl(models, loss, smoothing):
     reference = _trl_logps(hf_reference, pairs)
   want = _trl_loss(loss, policy, reference, c.dpo)
   want.backward()
-  want_grads = _hf_grads_as_ours(cfg, hf_policy)
+  want_grads = helpers.hf_grads_as_ours(cfg, hf_policy)
 
   ours = helpers.reference_ours(cfg, hf_policy)
   ours_ref = helpers.reference_ours(cfg, hf_reference)
@@ -164,9 +148,9 @@ def test_full_finetune_loss_and_gradient_equal_trl(models, loss, smoothing):
     return total / sums['weight_sum'], sums
   (value, sums), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)
   assert float(sums['weight_sum']) == len(pairs)
-  _assert_close(value, want.item(), 'loss')
+  helpers.assert_close(value, want.item(), 'loss')
   for k, g in nnx.to_flat_state(grads):
-    _assert_close(g.get_value(), want_grads[k], k)
+    helpers.assert_close(g.get_value(), want_grads[k], k)
 
 
 def _adapter_dir(path, c, values):
@@ -221,10 +205,10 @@ def test_lora_loss_and_adapter_gradient_equal_trl_with_peft(models, loss, tmp_pa
     total, sums = objective.loss_sums(nnx.merge(graphdef, adapters, base), batch, {})
     return total / sums['weight_sum']
   value, grads = jax.jit(jax.value_and_grad(mean_loss))(adapters)
-  _assert_close(value, want.item(), 'loss')
+  helpers.assert_close(value, want.item(), 'loss')
   want_flat = dict(nnx.to_flat_state(want_grads))
   for k, g in nnx.to_flat_state(grads):
-    _assert_close(g.get_value(), want_flat[k].get_value(), k)
+    helpers.assert_close(g.get_value(), want_flat[k].get_value(), k)
 
 
 # --- the train step: sharded and one device ------------------------------------------------
@@ -270,10 +254,7 @@ def test_sharded_equals_one_device(lora_rank):
   batch = _packed_batch_rows(pairs, c1.data.seq_len, c1.train.global_batch_size)
   g1 = _step_grads(c1, jax.devices()[:1], batch)
   g8 = _step_grads(c8, jax.devices(), batch)
-  assert any(np.abs(x).max() > 0 for x in g1)
-  for x, y in zip(g8, g1):
-    err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
-    assert err <= 1e-5, err
+  helpers.assert_same_grads(g8, g1)
 
 
 def _packed_batch_rows(pairs, seq_len, rows):

@@ -21,8 +21,6 @@ import pytest
 from flax import nnx
 
 from gemma3_train import config as config_lib
-from gemma3_train import convert
-from gemma3_train.convert import layout as layout_lib
 from gemma3_train.training import rewards as rewards_lib
 from gemma3_train.training import rollout
 from gemma3_train.training.objectives import grpo
@@ -153,19 +151,6 @@ def _config(cfg, **rl):
                    rl=rl)
 
 
-def _hf_grads_as_ours(cfg, hf_model):
-  grads = {k: p.grad.detach().numpy() for k, p in hf_model.named_parameters()}
-  top, layers = convert.hf_to_canonical(grads, cfg)
-  return {k: np.asarray(v.get_value())
-          for k, v in nnx.to_flat_state(layout_lib.canonical_to_state(cfg, top, layers))}
-
-
-def _assert_close(ours, theirs, what, tol=1e-5):
-  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  scale = max(1.0, float(np.max(np.abs(theirs))))
-  assert np.max(np.abs(ours - theirs)) <= tol * scale, (what, np.max(np.abs(ours - theirs)))
-
-
 @pytest.mark.parametrize('loss,beta,updates,temperature', [
     pytest.param('dapo', 0.0, 1, 1.0, marks=_slow), ('grpo', 0.1, 2, 0.7),
     pytest.param('dr_grpo', 0.04, 2, 1.3, marks=_slow),
@@ -189,10 +174,10 @@ def test_loss_and_gradient_equal_trl(models, loss, beta, updates, temperature):
   want, want_adv, want_ref, mask, want_metrics = _trl_side(hf_policy, hf_reference, rows,
                                                            rewards.tolist(), noise, c)
   want.backward()
-  want_grads = _hf_grads_as_ours(cfg, hf_policy)
+  want_grads = helpers.hf_grads_as_ours(cfg, hf_policy)
 
   adv, zero_std = rollout.group_advantages(rewards, GROUP, rollout.scale_of(c))
-  _assert_close(adv, want_adv, 'advantages')
+  helpers.assert_close(adv, want_adv, 'advantages')
   assert zero_std.tolist() == [1.0] * GROUP + [0.0] * GROUP
   prompts, completions = [p for p, _ in rows], [_kept(ids) for _, ids in rows]
   batch = rollout.layout(prompts, completions, SEQ_LEN)
@@ -208,7 +193,7 @@ def test_loss_and_gradient_equal_trl(models, loss, beta, updates, temperature):
   if beta:
     ours_ref = helpers.reference_ours(cfg, hf_reference)
     batch['ref_logps'] = jax.jit(lambda m, b: objective.logps(m, b)[0])(ours_ref, batch)
-    _assert_close(batch['ref_logps'] * batch['weights'],
+    helpers.assert_close(batch['ref_logps'] * batch['weights'],
                   _to_rows(want_ref.numpy(), rows, mask), 'ref_logps')
   graphdef, params = nnx.split(ours, nnx.Param)
 
@@ -216,12 +201,12 @@ def test_loss_and_gradient_equal_trl(models, loss, beta, updates, temperature):
     total, sums = objective.loss_sums(nnx.merge(graphdef, params), batch)
     return total / sums['weight_sum'], sums
   (value, sums), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)
-  _assert_close(value, want.item(), 'loss')
+  helpers.assert_close(value, want.item(), 'loss')
   for k, g in nnx.to_flat_state(grads):
-    _assert_close(g.get_value(), want_grads[k], k)
+    helpers.assert_close(g.get_value(), want_grads[k], k)
   metrics = objective.metrics(sums)
   for k, v in want_metrics.items():
-    _assert_close(metrics[k], v, k)
+    helpers.assert_close(metrics[k], v, k)
   if updates > 1:
     assert want_metrics['clip_ratio/low_mean'] > 0 and want_metrics['clip_ratio/high_mean'] > 0
   assert float(metrics['completions/mean_length']) == pytest.approx(float(mask.sum()) / len(rows))
@@ -233,7 +218,7 @@ def test_batch_scaled_advantages_equal_trl():
   adv, _ = rollout.group_advantages(rewards, 4, 'batch')
   t = torch.from_numpy(rewards)
   mean = t.view(-1, 4).mean(dim=1).repeat_interleave(4)
-  _assert_close(adv, ((t - mean) / (t.std() + 1e-4)).numpy(), 'advantages')
+  helpers.assert_close(adv, ((t - mean) / (t.std() + 1e-4)).numpy(), 'advantages')
 
 
 # --- rewards ------------------------------------------------------------------------------
@@ -333,10 +318,7 @@ def test_sharded_equals_one_device():
                ref_logps=rng.normal(-6.5, 0.3, (8, c1.data.seq_len)).astype(np.float32))
   g1 = _step_grads(c1, jax.devices()[:1], batch)
   g8 = _step_grads(c8, jax.devices(), batch)
-  assert any(np.abs(x).max() > 0 for x in g1)
-  for x, y in zip(g8, g1):
-    err = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
-    assert err <= 1e-5, err
+  helpers.assert_same_grads(g8, g1)
 
 
 # --- through the CLI: learning, samples, resume ----------------------------------------------
