@@ -117,7 +117,7 @@ def test_token_expansion_equals_hf_processor(hf_processor, tok, pan_and_scan):
               '<start_of_turn>model\nTwo squares.<end_of_turn>\n')
   want = hf_processor(text=[rendered], images=[[wide, square]], do_pan_and_scan=pan_and_scan)
   spec = images.ImageSpec(S, 4, PH, 9, pan_and_scan, 'images')
-  encode = documents._image_encoder(tok, [2 * pan_and_scan, 0], spec, 'chat')
+  encode = documents.image_encoder(tok, [2 * pan_and_scan, 0], spec, 'chat')
   tokens, _ = documents.format_chat(messages, tok, encode=encode)
   assert tokens.tolist() == list(want['input_ids'][0]) + [tokenizer_lib.EOS]
   assert documents.chat_images(messages) == ['a.png', 'b.png']
