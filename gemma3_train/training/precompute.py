@@ -20,7 +20,6 @@ import logging
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -83,12 +82,17 @@ def _row_records(row: dict[str, np.ndarray]) -> list[int]:
   return [int(record[np.argmax(seg == 2 * j + 1)]) - 1 for j in range(int(seg.max()) // 2)]
 
 
+def _allgather(x, nproc: int, tiled: bool = False):
+  """x from every process (itself with one process)."""
+  if nproc == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(x, tiled=tiled)
+
+
 def _gather_rows(x, pid: int, nproc: int, rows: int) -> np.ndarray:
   """This process's rows of a batch-sharded global array."""
-  if nproc > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)[pid * rows:(pid + 1) * rows]
+  return np.asarray(_allgather(x, nproc, tiled=True))[pid * rows:(pid + 1) * rows]
 
 
 def compute(s, state, split: str, score) -> np.ndarray:
@@ -113,10 +117,7 @@ def compute(s, state, split: str, score) -> np.ndarray:
   while True:
     chunk = [row for _, row in zip(range(B), rows)]
     # Every process runs the same number of batches, while any has rows left.
-    left = np.asarray([len(chunk)], np.int32)
-    if nproc > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      left = multihost_utils.process_allgather(left)
+    left = _allgather(np.asarray([len(chunk)], np.int32), nproc)
     if not np.any(left):
       break
     local = chunk + [empty] * (B - len(chunk))
