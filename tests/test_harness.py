@@ -177,6 +177,26 @@ def test_requests_match_hf_model(ours, reference):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=2 ** -23)
 
 
+@pytest.mark.slow  # (fast-lane budget: two new generate shapes on each side)
+def test_until_strings_stop_generation_as_hf_model(ours, reference, monkeypatch):
+  """`until` strings from the middle of free runs (one may end inside a token): our rows stop
+  there, well before max_gen_toks, and the texts equal the hf model's cut ones."""
+  prompts = ['The capital of France is', 'Once upon a time there was', 'Q: What is 2+2?\nA:']
+  free_kwargs = {'until': [], 'max_gen_toks': 24, 'do_sample': False}
+  free = ours.generate_until(_instances('generate_until', [(p, free_kwargs) for p in prompts]))
+  until = [t[len(t) // 2:len(t) // 2 + 3] for t in free]
+  gen_kwargs = {'until': until, 'max_gen_toks': 24, 'do_sample': False}
+  drawn = []
+  generate = ours.sampler.generate
+  monkeypatch.setattr(ours.sampler, 'generate', lambda *a, **k: drawn.append(generate(*a, **k))
+                      or drawn[-1])
+  gens = ours.generate_until(_instances('generate_until', [(p, gen_kwargs) for p in prompts]))
+  assert gens == reference.generate_until(
+      _instances('generate_until', [(p, gen_kwargs) for p in prompts]))
+  assert all(len(g) < len(t) // 2 + 3 for g, t in zip(gens, free))
+  assert max(len(ids) for ids in drawn[0]) < 24  # stopped early
+
+
 @pytest.mark.parametrize('add_generation_prompt', [True, False])
 def test_chat_template_matches_hf_tokenizer(ours, reference, add_generation_prompt):
   chat = [{'role': 'system', 'content': ' Be brief. '}, {'role': 'user', 'content': 'Hi!\n'},

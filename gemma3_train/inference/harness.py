@@ -6,7 +6,8 @@ Gemma3LM answers the harness's three request kinds:
                            length; only the continuation's positions reach the head, so a long
                            context costs its forward pass and no [L, V] logits;
   generate_until           the KV-cache sampler (sampler.py) with the request's max_gen_toks and
-                           sampling settings; the text is cut at the first `until` string;
+                           sampling settings, stopping each row at its first `until` string
+                           (checked between chunks of decode steps); the text is cut there;
   apply_chat_template      the Gemma 3 chat format (docs/gemma3.md section 4).
 Every sequence starts with BOS, as training documents do (Gemma 3 scores badly without it; the
 harness's `hf` model needs add_bos_token=True for the same inputs). Text is tokenized as the
@@ -277,8 +278,10 @@ class Gemma3LM(lm_model.TemplateLM):
       order = sorted(indices, key=lambda i: -len(prompts[i]))
       for first in range(0, len(order), self.batch_size):
         batch = order[first:first + self.batch_size]
+        # A row stops once its text holds an `until` string; the loop, once every row has.
         new = self.sampler.generate([prompts[i] for i in batch], max_gen, sampling, self.seed,
-                                    params=self.params)
+                                    params=self.params, stop_strings=until,
+                                    detokenize=self.tok.decode)
         for i, ids in zip(batch, new):
           text = self.tok.decode([t for t in ids if t not in sampler_lib.STOP_TOKENS])
           out[i] = lm_model_utils.postprocess_generated_text(text, until, None)

@@ -1,6 +1,7 @@
 """KV-cache sampling: a jitted prefill over the prompts, then the decode steps inside one jitted
-while loop (one call for the whole continuation, or one call per token when streaming), so no
-host round trip, parameter flattening or logits transfer happens per token.
+while loop (one call for the whole continuation, one call per token when streaming, or one per
+STOP_CHUNK tokens when the host looks for stop strings between calls; the cache carries over),
+so no host round trip, parameter flattening or logits transfer happens per token.
 
 Prompts of different lengths are left-padded to one length P (rounded up to a multiple of
 PROMPT_BUCKET, so that nearby lengths share a compiled step). Column c of a row holds the token
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 
 STOP_TOKENS = (tokenizer_lib.EOS, tokenizer_lib.END_OF_TURN)
 PROMPT_BUCKET = 16
+# Decode steps per loop call between the host's stop-string checks: a row overshoots its stop
+# string by at most this many tokens; each check costs a host round trip and a detokenize.
+STOP_CHUNK = 16
 # The context length of the released models (HF max_position_embeddings, docs/gemma3.md
 # section 1): 32k for the sizes without global RoPE scaling (270m, 1b), 128k with it (4b+).
 CONTEXT_UNSCALED, CONTEXT_SCALED = 32_768, 131_072
@@ -314,6 +318,48 @@ def left_pad(prompts: Sequence[Sequence[int]], bucket: int = PROMPT_BUCKET
   return tokens, np.asarray([P - n for n in lengths], np.int32)
 
 
+def _row_stop_strings(stop_strings, B: int) -> list[tuple[str, ...]]:
+  """Each row's non-empty stop strings from one list for all rows or one list per row."""
+  if isinstance(stop_strings, str):
+    stop_strings = [stop_strings]
+  rows = list(stop_strings)
+  if not rows or all(isinstance(x, str) for x in rows):
+    rows = [rows] * B
+  elif len(rows) != B:
+    raise ValueError(f'stop_strings: {len(rows)} lists for {B} prompts')
+  return [tuple(x for x in ([r] if isinstance(r, str) else r) if x) for r in rows]
+
+
+def _row_end(row: list[int], seen: int, stop_tokens, strings: Sequence[str],
+             detokenize: Callable[[list[int]], str] | None,
+             on_token: Callable[[int], None] | None) -> int | None:
+  """The row's length if it has stopped within row[seen:] (after its first stop token, or
+  after the token whose text completes one of strings), else None; on_token(t) for each new
+  token up to there."""
+  end = None
+  for j in range(seen, len(row)):
+    if row[j] in stop_tokens:
+      end = j + 1
+      break
+  text_end = end - 1 if end is not None else len(row)  # the stop token's text is not searched
+  if strings and text_end > seen and any(x in detokenize(row[:text_end]) for x in strings):
+    # The first prefix whose text holds a stop string (earlier prefixes were checked before).
+    end = next(k for k in range(seen + 1, text_end + 1)
+               if k == text_end or any(x in detokenize(row[:k]) for x in strings))
+  if on_token is not None:
+    for t in row[seen:end]:
+      on_token(t)
+  return end
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process) array's full value on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class Sampler:
   """Jitted prefill/decode over a model's graph; params come with each call (so training can
   sample its current state) or from the model given at construction.
@@ -363,13 +409,22 @@ class Sampler:
                sampling: Sampling = Sampling(), seed: int = 0, *, params=None,
                on_token: Callable[[int, int], None] | None = None,
                return_logits: bool = False, stop_tokens: Sequence[int] = STOP_TOKENS,
-               images: Sequence[Sequence] | None = None):
-    """New token ids per prompt (each ending with its first stop token, if one came).
+               images: Sequence[Sequence] | None = None,
+               stop_strings: Sequence[str] | Sequence[Sequence[str]] = (),
+               detokenize: Callable[[list[int]], str] | None = None,
+               stop_chunk: int = STOP_CHUNK):
+    """New token ids per prompt (each ending with its first stop token, or with the token that
+    completes its first stop string, if one came).
 
     params: a state to sample instead of the model's (e.g. training's current params);
     on_token(row, token) is called as each row's tokens arrive (streaming);
     return_logits: also return the logits [steps, B, V] that chose each token (tests);
-    images: one list per prompt, image k filling its k-th <start_of_image> (image_prompts).
+    images: one list per prompt, image k filling its k-th <start_of_image> (image_prompts);
+    stop_strings: texts that also end a row (one list for all rows, or one per prompt): the
+    loop runs stop_chunk tokens per call, and between calls the host decodes each row's new
+    tokens with detokenize (default: the bundled tokenizer's decode) and looks for them;
+    generation ends once every row has stopped. The text to keep is the row's decoded text cut
+    before its first stop string (as lm-eval cuts it); the tokens drawn do not depend on it.
     """
     prompts, pixels = image_prompts.prepare(prompts, images, self.cfg)
     self.check(prompts, max_new_tokens)
@@ -393,26 +448,26 @@ class Sampler:
              'logits': jnp.zeros((N, B, logits_BV.shape[-1]), jnp.float32).at[0].set(
                  logits_BV.astype(jnp.float32)) if return_logits else None}
     args = (jnp.int32(P), pad_B, key, knobs, stops)
-    if on_token is None:  # the whole continuation in one call
-      carry = decode(state, carry, jnp.int32(N - 1), *args)
+    strings_B = _row_stop_strings(stop_strings, B)
+    if any(strings_B) and detokenize is None:
+      detokenize = tokenizer_lib.Tokenizer().decode
+    # Tokens per loop call: one when streaming, a chunk between stop-string checks, else all.
+    chunk = 1 if on_token is not None else max(1, stop_chunk) if any(strings_B) else N
+    ends: list[int | None] = [None] * B  # a row's length once it has stopped
+    steps, seen = 1, 0  # tokens drawn per row; tokens the host has looked at
+    while True:
+      out_NB = _host(carry['out'])[:steps]
+      for b in (b for b in range(B) if ends[b] is None):
+        ends[b] = _row_end(out_NB[:, b].tolist(), seen, stop_tokens, strings_B[b], detokenize,
+                           None if on_token is None else functools.partial(on_token, b))
+      seen = steps
+      if steps == N or all(e is not None for e in ends):
+        break
+      carry = decode(state, carry, jnp.int32(min(steps - 1 + chunk, N - 1)), *args)
       steps = int(carry['step']) + 1
-    else:  # one call per token, streamed as it arrives
-      done = np.zeros(B, bool)
-      for steps in range(1, N + 1):
-        host = np.asarray(carry['tokens'])
-        for b in np.flatnonzero(~done):
-          on_token(int(b), int(host[b]))
-          done[b] = host[b] in stop_tokens
-        if done.all() or steps == N:
-          break
-        carry = decode(state, carry, jnp.int32(steps), *args)
-    out_NB = np.asarray(carry['out'])[:steps]
-    out = []
-    for row in out_NB.T.tolist():
-      ends = [i for i, x in enumerate(row) if x in stop_tokens]
-      out.append(row[:ends[0] + 1] if ends else row)
+    out = [row[:end] for row, end in zip(out_NB.T.tolist(), ends)]
     if return_logits:
-      return out, np.asarray(carry['logits'])[:steps]
+      return out, _host(carry['logits'])[:steps]
     return out
 
 
@@ -435,10 +490,13 @@ def prompt_tokens(text: str, tok: tokenizer_lib.Tokenizer) -> list[int]:
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, images: Sequence[Sequence] | None = None) -> list[list[int]]:
+             seed: int = 0, images: Sequence[Sequence] | None = None,
+             stop_strings: Sequence[str] | Sequence[Sequence[str]] = (),
+             detokenize: Callable[[list[int]], str] | None = None) -> list[list[int]]:
   """One-off sampling of a model (compiles for these shapes); Gemma3.generate below."""
   return Sampler(model).generate(prompts, max_new_tokens,
-                                 Sampling(temperature, top_k, top_p), seed, images=images)
+                                 Sampling(temperature, top_k, top_p), seed, images=images,
+                                 stop_strings=stop_strings, detokenize=detokenize)
 
 
 class Gemma3(decoder.Gemma3):
@@ -447,10 +505,13 @@ class Gemma3(decoder.Gemma3):
 
   def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               images=None):
+               images=None, stop_strings=(), detokenize=None):
     """Token-id lists (any lengths) -> the new token ids per prompt, ending with the first EOS
     or <end_of_turn> when one is produced; temperature 0 is greedy. images: one list per
     prompt (paths, PIL images, uint8 arrays), image k where the prompt's k-th
-    <start_of_image> is (image_prompts.encode lays text out as Hugging Face's processor)."""
+    <start_of_image> is (image_prompts.encode lays text out as Hugging Face's processor).
+    stop_strings: texts that also end a row, at the token that completes one (its text via
+    detokenize, by default the bundled tokenizer's; Sampler.generate)."""
     return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, seed=seed, images=images)
+                    top_p=top_p, seed=seed, images=images, stop_strings=stop_strings,
+                    detokenize=detokenize)
