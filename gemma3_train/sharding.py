@@ -25,7 +25,8 @@ MESH_AXES = config_lib.MESH_AXES
 BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both (FSDP = ZeRO-3 DP)
 
 # logical name -> mesh axes. FSDP shards every weight's embed dimension over all chips;
-# tensor parallelism (mesh.tensor > 1) splits heads and the MLP hidden dimension.
+# tensor parallelism (mesh.tensor > 1) splits heads and the MLP hidden dimension; context
+# parallelism (mesh.context > 1) splits the sequence of every activation (models/context.py).
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'layers': (),
     'vocab': ('tensor',),
@@ -36,7 +37,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'head_dim': (),
     'norm': (),
     'act_batch': BATCH_AXES,
-    'act_len': (),
+    'act_len': ('context',),
     'act_embed': (),
     'act_heads': ('tensor',),
     'act_kv_heads': ('tensor',),
@@ -100,6 +101,12 @@ def mesh_shape(c: config_lib.Config, num_devices: int, num_slices: int = 1) -> d
   _require(micro % batch_degree == 0, 'train.global_batch_size', c.train.global_batch_size,
            f'a batch (per microbatch: {micro}) divisible by the data-parallel degree '
            f'{batch_degree} (data x fsdp x dcn)')
+  context = shape['context'] * shape['dcn_context']
+  if context > 1:  # the balanced layout cuts the sequence into two chunks per shard
+    pieces = context * (2 if c.model.context_layout == 'balanced' else 1)
+    _require(c.data.seq_len % pieces == 0, 'data.seq_len', c.data.seq_len,
+             f'a length divisible by {pieces} (context degree {context}'
+             f'{" x 2: model.context_layout=balanced" if pieces > context else ""})')
   return shape
 
 
@@ -191,6 +198,24 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of [B, L] input arrays: rows over the data-parallel axes."""
+def sequence_axes(length: int) -> tuple[str, ...]:
+  """The mesh axes (of the active use_mesh) that split a sequence of `length` positions:
+  'act_len''s, where they divide it; () without a mesh or at context degree 1."""
+  context = _CONTEXT.get()
+  if context is None:
+    return ()
+  mesh, rules = context
+  spec = logical_to_spec((None, 'act_len'), rules, (1, length), mesh)[1]
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int] | None = None,
+                   rules: dict[str, tuple[str, ...]] | None = None) -> NamedSharding:
+  """Sharding of input arrays: rows over the data-parallel axes and, for a [B, L] array
+  (shape given, rank 2), positions over the axes of 'act_len' (the context axis), the layout
+  the model's activations take."""
+  if shape is not None and len(shape) == 2:
+    seq = logical_to_spec((None, 'act_len'), rules or DEFAULT_RULES, shape, mesh)[1]
+    if seq is not None:
+      return NamedSharding(mesh, P(BATCH_AXES, seq))
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -204,10 +204,10 @@ def test_mesh_shape_fill_and_errors():
   c = config_lib.from_config_dict(tiny.get_config())
   assert sharding.mesh_shape(c, 8)['fsdp'] == 8
   c2 = c.replace(mesh=dict(fsdp=4, tensor=2))
-  assert sharding.mesh_shape(c2, 8) == dict(dcn_data=1, dcn_fsdp=1, dcn_tensor=1, data=1,
-                                              fsdp=4, tensor=2)
+  assert sharding.mesh_shape(c2, 8) == dict(dcn_data=1, dcn_fsdp=1, dcn_context=1,
+                                              dcn_tensor=1, data=1, fsdp=4, context=1, tensor=2)
   with pytest.raises(config_lib.ConfigError,
-                     match=r'^mesh.*=\(1, 2, 2\): expected a product equal to the device count'):
+                     match=r'^mesh.*=\(1, 2, 1, 2\): expected a product equal to the device count'):
     sharding.mesh_shape(c.replace(mesh=dict(fsdp=2, tensor=2)), 8)
   with pytest.raises(config_lib.ConfigError,
                      match=(r'^train.global_batch_size=6: .*divisible by '

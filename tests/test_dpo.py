@@ -301,6 +301,60 @@ def test_dpo_configs_are_the_ones_their_aot_proofs_compiled(name, topology):
               remat_policy=c.model.remat_policy, seq_len=c.data.seq_len,
               global_batch=c.train.global_batch_size, param_dtype=c.model.param_dtype,
               dtype=c.model.dtype)
+  r['mesh'] = {**{k: 1 for k in want['mesh']}, **r['mesh']}  # reports before the context axis
   assert {k: r[k] for k in want} == want
   assert c.train.objective == 'dpo' and c.dpo.reference_logps == 'online'
   assert r['model_flops_per_step'] == pytest.approx(flops.train_flops_per_step(c), rel=1e-12)
+
+
+@_slow
+def test_int8_reference_holds_the_start_quantized_per_channel_and_scores_with_it():
+  """dpo.reference_dtype=int8 (a full fine-tune): the reference holds the seven projections as
+  int8 with one absmax / 127 scale per output channel (of the weights read in bfloat16, as a
+  QLoRA base loads them) and the rest in bfloat16; its
+  log-probabilities are those of a float model with the dequantized weights (numpy)."""
+  from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import restore as restore_lib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import state as train_state  # pylint: disable=g-import-not-at-top
+  c = helpers.small_config(train=dict(objective='dpo'), dpo=dict(reference_dtype='int8'),
+                           model=dict(num_layers=2))
+  s = train_state.setup(c, sharding.make_mesh(c, jax.devices()[:1]))
+  ref = restore_lib._load_frozen_model(s, dpo.REFERENCE, '')  # pylint: disable=protected-access
+  start = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(s.state['params'])}
+  held = {k: v.get_value() for k, v in nnx.to_flat_state(ref)}
+  dequantized = {}
+  for k, w in start.items():
+    if k[-1] in lora.WEIGHT_TARGET:
+      w = np.asarray(jnp.asarray(w).astype(jnp.bfloat16).astype(jnp.float32))
+      q, scale = np.asarray(held[k]), np.asarray(held[k[:-1] + (f'{k[-1]}_scale',)])
+      axes = lora.weight_in_axes(k)
+      assert q.dtype == np.int8 and scale.dtype == np.float32, k
+      np.testing.assert_allclose(scale, np.abs(w).max(axis=axes, keepdims=True) / 127,
+                                 rtol=2.4e-7)  # 2 ulp: XLA divides by multiplying by 1/127
+      dequantized[k] = q.astype(np.float32) * scale
+      err = np.abs(dequantized[k] - w) / scale
+      assert np.all(err <= 0.5 + 1e-5), (k, err.max(), np.abs(q).max())
+    else:
+      assert held[k].dtype == jnp.bfloat16, k
+      dequantized[k] = np.asarray(held[k].astype(jnp.float32))
+  rng = np.random.default_rng(0)
+  pairs = [([2, *rng.integers(3, 512, 3)], list(rng.integers(3, 512, 4)),
+            list(rng.integers(3, 512, 5))) for _ in range(6)]
+  batch = jax.tree.map(jnp.asarray, _packed_batch_rows(pairs, c.data.seq_len,
+                                                       c.train.global_batch_size))
+  float_model = nnx.merge(s.graphdef, nnx.from_flat_state(
+      [(k, v.replace(jnp.asarray(dequantized[k]))) for k, v in
+       nnx.to_flat_state(s.state['params'])]))
+  objective = s.objective
+  int8_model = nnx.merge(s.frozen_model_graphdef[dpo.REFERENCE], ref)
+  got = objective.reference_logps(None, batch, {dpo.REFERENCE: int8_model})
+  want = objective.reference_logps(None, batch, {dpo.REFERENCE: float_model})
+  helpers.assert_close(got, want, 'reference logps')
+  # The train step reads the int8 reference from the state, placed by its shardings.
+  policy = nnx.merge(s.graphdef, s.state['params'])
+  _, sums = objective.loss_sums(policy, batch, {dpo.REFERENCE: float_model})
+  want_loss = objective.metrics(sums)['loss']
+  state = {**s.state, 'frozen_models': {dpo.REFERENCE: ref}}
+  _, metrics = s.train_step(state, {k: jax.device_put(v, s.batch_sharding[k])
+                                    for k, v in batch.items()})
+  helpers.assert_close(metrics['loss'], want_loss, 'loss')

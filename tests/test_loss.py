@@ -158,7 +158,7 @@ def test_vocab_parallel_equals_row_parallel_on_a_mesh(z_loss):
   table onto every device (its all-gathers move rows, not [V, D])."""
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), sharding.MESH_AXES)
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 1, 2), sharding.MESH_AXES)
   B, L, D, V = 8, 12, 16, 64
   x, table, targets, weights = _inputs(B=B, L=L, D=D, V=V, seed=5)
   rows = NamedSharding(mesh, P(sharding.BATCH_AXES))

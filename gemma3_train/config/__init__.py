@@ -6,7 +6,7 @@ The bottom of the package: it imports nothing else from gemma3_train (nor jax), 
 """
 
 from gemma3_train.config.aliases import hint as field_hint
-from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_REFERENCE_FREE, DTYPES, GLOBAL_EVERY, LORA_BASE_DTYPES,
+from gemma3_train.config.fields import (ATTENTION_IMPLS, CONTEXT_LAYOUTS, DPO_REFERENCE_FREE, DTYPES, GLOBAL_EVERY, LORA_BASE_DTYPES,
                                         LORA_TARGETS, MESH_AXES, MESH_AXIS_TABLE,
                                         MIXTURE_EXHAUSTED, MODEL_SHAPE_FIELDS, OBJECTIVES, PRESETS,
                                         REMAT_POLICIES, REMAT_UNITS, SCAN_UNITS, SCHEDULES,
@@ -23,6 +23,7 @@ from gemma3_train.config.validate import require, validate
 
 __all__ = [
     'ATTENTION_IMPLS',
+    'CONTEXT_LAYOUTS',
     'CheckpointConfig',
     'Config',
     'ConfigError',

@@ -25,6 +25,7 @@ REMAT_POLICIES = ('none', 'full', 'minimal', 'save_decoder_layer_input', 'save_q
 REMAT_UNITS = ('block', 'layer')
 SCAN_UNITS = ('block', 'layer')
 ATTENTION_IMPLS = ('reference', 'cudnn', 'splash', 'auto')
+CONTEXT_LAYOUTS = ('balanced', 'contiguous')
 DTYPES = ('float32', 'bfloat16', 'float16')
 SOURCES = ('bundled', 'synthetic', 'jsonl', 'parquet', 'arrayrecord', 'tfds', 'prepared',
            'shapes')
@@ -34,9 +35,9 @@ OBJECTIVES = ('ce', 'dpo', 'distill', 'grpo')  # train.objective: objectives/ im
 DPO_LOSSES = ('sigmoid', 'ipo', 'hinge', 'orpo', 'simpo')  # dpo.loss (docs/preference.md)
 DPO_REFERENCE_FREE = ('orpo', 'simpo')  # the dpo.loss values that need no reference model
 DPO_REFERENCE_LOGPS = ('online', 'precompute')
-DPO_REFERENCE_DTYPES = ('', 'float32', 'bfloat16')
+DPO_REFERENCE_DTYPES = ('', 'float32', 'bfloat16', 'int8')
 DISTILL_LOSSES = ('sampled', 'topk', 'kl')  # distill.loss (docs/distillation.md)
-DISTILL_TEACHER_DTYPES = ('bfloat16', 'float32')
+DISTILL_TEACHER_DTYPES = ('bfloat16', 'float32', 'int8')
 RL_LOSSES = ('grpo', 'dapo', 'dr_grpo')  # rl.loss (docs/rl.md)
 RL_SCALE_REWARDS = ('', 'group', 'batch', 'none')  # rl.scale_rewards
 QAT_MODES = ('int8', 'int4_channel', 'q4_0')  # quant.qat (models/quant.py)
@@ -107,6 +108,9 @@ class ModelConfig:
   attention_impl: str = _f('auto', 'auto (splash on TPU, cudnn on GPU, else reference) | '
                            'reference | cudnn | splash')
   attention_block_size: int = _f(512, 'splash attention q/kv block size (TPU)')
+  context_layout: str = _f('balanced', 'with mesh.context > 1: balanced (each shard holds two '
+                           'chunks from opposite ends of the sequence, so the causal work is '
+                           'even) | contiguous (shard i holds the i-th slice; docs/long_context.md)')
   # The SigLIP So400m/14 encoder of the 4b, 12b and 27b checkpoints (docs/vision.md).
   vision: bool = _f(False, 'add the SigLIP image encoder and its projector: model(tokens, '
                     'images=...) (the released 4b, 12b and 27b have it)')
@@ -139,6 +143,7 @@ class ModelConfig:
 MESH_AXIS_TABLE: dict[str, tuple[str, int]] = {
     'data': ('data-parallel', 1),
     'fsdp': ('fully-sharded data-parallel', -1),
+    'context': ('context-parallel (the sequence of activations)', 1),
     'tensor': ('tensor-parallel', 1),
 }
 MESH_AXES = tuple(MESH_AXIS_TABLE)
@@ -328,7 +333,8 @@ class DpoConfig:
   reference_logps_dir: str = _f('', "precompute: where the tables are stored ('' = "
                                 "WORKDIR/reference_logps)")
   reference_dtype: str = _f('', "a full fine-tune's frozen reference: '' (model.param_dtype) "
-                            '| float32 | bfloat16')
+                            '| float32 | bfloat16 | int8 (projections int8 per output channel, the rest '
+                            'bfloat16)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +342,11 @@ class DistillConfig:
   """train.objective='distill': knowledge distillation from a frozen teacher of any size with
   the same tokenizer (docs/distillation.md)."""
   teacher: str = _f('', 'the teacher checkpoint: one of our workdirs or checkpoints, a HF or '
-                    'Kaggle directory (its shapes are read from it)')
+                    "Kaggle directory (its shapes are read from it); '' = offline: the "
+                    'targets stored in the prepared shards (gemma3-data prepare --teacher)')
+  teacher_preset: str = _f('', "the teacher's architecture from a preset (e.g. 27b) instead of "
+                           "its checkpoint's config, e.g. to compile without the checkpoint "
+                           "(--aot_topology); '' = read it from the checkpoint")
   teacher_dtype: str = _f('bfloat16', "the teacher's storage dtype: "
                           + ' | '.join(DISTILL_TEACHER_DTYPES))
   loss: str = _f('sampled', ' | '.join(DISTILL_LOSSES) + " (sampled: the Gemma 3 report's "
@@ -375,7 +385,8 @@ class RlConfig:
   format_regex: str = _f(r'####\s*-?[\d,]*\.?\d+', 'the format reward: 1 when the completion '
                          'matches (re.search)')
   reference_dtype: str = _f('', "a full fine-tune's frozen reference: '' (model.param_dtype) "
-                            '| float32 | bfloat16')
+                            '| float32 | bfloat16 | int8 (projections int8 per output channel, the rest '
+                            'bfloat16)')
 
 
 @dataclasses.dataclass(frozen=True)

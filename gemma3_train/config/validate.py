@@ -9,9 +9,9 @@ from typing import Any
 
 from gemma3_train.config import mixture
 from gemma3_train.config.fields import QAT_EMBEDDING_MODES, QAT_MODES
-from gemma3_train.config.fields import DISTILL_LOSSES, DISTILL_TEACHER_DTYPES
+from gemma3_train.config.fields import DISTILL_LOSSES, DISTILL_TEACHER_DTYPES, PRESETS
 from gemma3_train.config.fields import RL_LOSSES, RL_SCALE_REWARDS
-from gemma3_train.config.fields import (ATTENTION_IMPLS, DPO_LOSSES, DPO_REFERENCE_DTYPES,
+from gemma3_train.config.fields import (ATTENTION_IMPLS, CONTEXT_LAYOUTS, DPO_LOSSES, DPO_REFERENCE_DTYPES,
                                         DPO_REFERENCE_LOGPS, DTYPES, LORA_BASE_DTYPES, LORA_TARGETS,
                                         MESH_AXES, MIXTURE_EXHAUSTED, OBJECTIVES, REMAT_POLICIES,
                                         REMAT_UNITS,
@@ -48,6 +48,8 @@ def validate(c: Config) -> None:
           "'block' when model.scan_layers=False (the inner scan runs inside the block scan)")
   require(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl', m.attention_impl,
           ' | '.join(ATTENTION_IMPLS))
+  require(m.context_layout in CONTEXT_LAYOUTS, 'model.context_layout', m.context_layout,
+          ' | '.join(CONTEXT_LAYOUTS))
   if m.vision:
     _validate_vision(m)
 
@@ -198,8 +200,10 @@ def _validate_lora(c: Config) -> None:
 def _validate_distill(c: Config) -> None:
   """The distill.* checks of train.objective='distill'."""
   d = c.distill
-  require(bool(d.teacher), 'distill.teacher', d.teacher,
-          'a teacher checkpoint (our workdir or checkpoint, a HF or Kaggle directory)')
+  require(bool(d.teacher) or d.loss != 'kl', 'distill.loss', d.loss,
+          "sampled or topk without distill.teacher (stored targets); 'kl' needs the teacher")
+  require(not d.teacher_preset or d.teacher_preset in PRESETS, 'distill.teacher_preset',
+          d.teacher_preset, "'' or one of " + ' | '.join(PRESETS))
   require(d.teacher_dtype in DISTILL_TEACHER_DTYPES, 'distill.teacher_dtype', d.teacher_dtype,
           ' | '.join(DISTILL_TEACHER_DTYPES))
   require(d.loss in DISTILL_LOSSES, 'distill.loss', d.loss, ' | '.join(DISTILL_LOSSES))

@@ -32,6 +32,7 @@ from gemma3_train.data import preference
 from gemma3_train.data import prepared
 from gemma3_train.data import select
 from gemma3_train.data import sources
+from gemma3_train.data import teacher
 from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.infra import signals
 
@@ -55,10 +56,34 @@ class SplitRows(grain.experimental.FlatMapTransform):
     L = self.seq_len
     pieces = [{'inputs': x[s:s + L], 'targets': y[s:s + L], 'weights': w[s:s + L]}
               for s in range(0, len(x), L)]
+    # Distillation (data/teacher.py): stored targets per position; the draws' keys (record
+    # index, position in the document).
+    for s, piece in zip(range(0, len(x), L), pieces):
+      for k in ('teacher_ids', 'teacher_probs'):
+        if k in doc:
+          piece[k] = doc[k][s:s + L]
+      if 'record' in doc:
+        n = len(piece['inputs'])
+        piece['record'] = np.full(n, doc['record'], np.int32)
+        piece['record_pos'] = np.arange(s, s + n, dtype=np.int32)
     if self.images is not None:  # documents with images fit one row (documents.ToDocument)
       for k, piece in enumerate(pieces):
         piece['images'] = doc['images'] if k == 0 and 'images' in doc else self.images.empty()
     return pieces
+
+
+class _WithRecord(grain.transforms.Map):
+  """Index -> the document with its record index (distillation's draw keys, data/teacher.py)."""
+
+  def __init__(self, to_doc: documents.ToDocument):
+    self.to_doc, self.source, self.field = to_doc, to_doc.source, to_doc.field
+
+  def document(self, i: int) -> dict[str, np.ndarray] | None:
+    return self.to_doc.document(i)
+
+  def map(self, i: int) -> dict[str, np.ndarray] | None:
+    doc = self.to_doc.map(i)
+    return None if doc is None else {**doc, 'record': np.int32(i)}
 
 
 class _PadRow(grain.transforms.Map):
@@ -74,6 +99,9 @@ class _PadRow(grain.transforms.Map):
            'weights': pad(piece['weights']),
            'positions': pad(np.arange(n, dtype=np.int32)),
            'segment_ids': pad(np.ones(n, np.int32))}
+    for k in packing.EXTRA_KEYS:
+      if k in piece:
+        row[k] = np.pad(piece[k], ((0, L - n),) + ((0, 0),) * (piece[k].ndim - 1))
     if 'images' in piece:
       row.update(packing.image_slots([piece['images']], self.max_images))
     return row
@@ -242,9 +270,19 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
                                p.max_prompt_len, p.max_len or d.seq_len // 2, reference=table,
                                images=image_spec)
   elif d.source == 'prepared':  # documents tokenized by gemma3-data prepare
-    to_doc = prepared.ToDocument(source, d.seq_len)
+    keys = teacher.batch_keys(c)
+    if 'teacher_ids' in keys:  # distillation on stored targets: the shards must hold them
+      teacher.check(c, source.teacher, f'{source.field}={source.spec!r}')
+    to_doc = prepared.ToDocument(source, d.seq_len, record='record' in keys,
+                                 targets='teacher_ids' in keys)
   else:
+    if 'teacher_ids' in teacher.batch_keys(c):
+      raise config_lib.ConfigError(
+          f"distill.teacher='': data.source={d.source!r} has no stored teacher targets; "
+          'train on shards of gemma3-data prepare --teacher (data.source=prepared)')
     to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len, images=image_spec)
+    if 'record' in teacher.batch_keys(c):
+      to_doc = _WithRecord(to_doc)
 
   # Each process sees only the documents i % process_count == process_index, shuffled
   # per epoch by (seed, epoch) (data/order.py).
@@ -306,7 +344,10 @@ def make_eval_iterator(c: config_lib.Config, *, process_index: int = 0,
 
 
 def global_batch(local_batch: dict[str, np.ndarray],
-                 sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-  """Host-local rows -> global jax.Arrays laid out by `sharding` (batch axis over processes)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
+                 sharding: jax.sharding.NamedSharding | dict) -> dict[str, jax.Array]:
+  """Host-local rows -> global jax.Arrays laid out by `sharding` (batch axis over processes),
+  or by sharding[key] per array (a train Setup's batch_sharding: [B, L] arrays' positions on
+  the context axis). Each process holds whole rows: a context axis stays within a process."""
+  pick = (lambda k: sharding[k]) if isinstance(sharding, dict) else (lambda k: sharding)
+  return {k: jax.make_array_from_process_local_data(pick(k), v)
           for k, v in local_batch.items()}

@@ -49,13 +49,21 @@ def make_mask(positions_BL: jax.Array, segment_ids_BL: jax.Array, window: int | 
               image_blocks_BL: jax.Array | None = None) -> jax.Array:
   """Boolean [B, T, S] mask: same segment, causal on positions (or the same image block), and
   the window if given."""
-  q_BT1 = positions_BL[:, :, None]
-  k_B1S = positions_BL[:, None, :]
+  return cross_mask(positions_BL, segment_ids_BL, positions_BL, segment_ids_BL, window,
+                    image_blocks_BL, image_blocks_BL)
+
+
+def cross_mask(q_positions_BT, q_segments_BT, k_positions_BS, k_segments_BS,
+               window: int | None, q_blocks_BT=None, k_blocks_BS=None) -> jax.Array:
+  """make_mask between T queries and S other keys (context parallelism: a shard's queries
+  against gathered or halo keys), each side with its own positions, segments and blocks."""
+  q_BT1 = q_positions_BT[:, :, None]
+  k_B1S = k_positions_BS[:, None, :]
   visible_BTS = k_B1S <= q_BT1
-  if image_blocks_BL is not None:
-    block_BT1 = image_blocks_BL[:, :, None]
-    visible_BTS |= (block_BT1 == image_blocks_BL[:, None, :]) & (block_BT1 > 0)
-  mask_BTS = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]) & visible_BTS
+  if q_blocks_BT is not None:
+    block_BT1 = q_blocks_BT[:, :, None]
+    visible_BTS |= (block_BT1 == k_blocks_BS[:, None, :]) & (block_BT1 > 0)
+  mask_BTS = (q_segments_BT[:, :, None] == k_segments_BS[:, None, :]) & visible_BTS
   if window is not None:
     mask_BTS &= k_B1S > q_BT1 - window
   return mask_BTS

@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gemma3_train import config as config_lib
 from gemma3_train.models import attention
+from gemma3_train.models import context
 from gemma3_train.models import layers
 from gemma3_train.models import lora
 from gemma3_train.models import quant
@@ -119,13 +120,21 @@ class Attention(nnx.Module):
     self.query_scale = cfg.query_pre_attn_scalar ** -0.5
     self.impl = cfg.attention_impl
     self.block_size = cfg.attention_block_size
+    self.context_layout = cfg.context_layout
+    # an image block sees itself both ways: a local layer's halo reaches this far ahead
+    self.lookahead = cfg.tokens_per_image - 1 if cfg.vision else 0
     self.dtype = cfg.dtype
 
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, image_blocks_BL=None,
                is_global=None):
     q_BLNH, k_BLKH, v_BLKH = self.qkv(x_BLD, positions_BL, is_global=is_global)
+    layout = context.active_layout(self.context_layout, x_BLD.shape[1])
 
     def kernel(window):
+      if layout is not None:  # the sequence is split over the context axis
+        return lambda q, k, v: context.attend(
+            q, k, v, positions_BL, segment_ids_BL, image_blocks_BL, window=window,
+            lookahead=self.lookahead, layout=layout)
       return lambda q, k, v: attention.attend(
           q, k, v, positions_BL, segment_ids_BL, window=window, impl=self.impl,
           block_size=self.block_size, image_blocks_BL=image_blocks_BL)
@@ -332,6 +341,13 @@ class Gemma3(nnx.Module):
       segment_ids_BL = jnp.ones((B, L), jnp.int32)
     x_BLD, blocks_BL = self._embed(tokens_BL, images)
     x_BLD = sharding.constrain(x_BLD, ACT)
+    # Under context parallelism the layers may run in the balanced order (models/context.py).
+    balanced = context.active_layout(self.cfg.context_layout, L) == 'balanced'
+    if balanced:
+      x_BLD, positions_BL, segment_ids_BL = context.to_balanced(x_BLD, positions_BL,
+                                                                segment_ids_BL)
+      if blocks_BL is not None:
+        blocks_BL, = context.to_balanced(blocks_BL)
     six = config_lib.GLOBAL_EVERY
     if self.cfg.scan_layers:
       if self.blocks is not None:
@@ -350,6 +366,8 @@ class Gemma3(nnx.Module):
       groups += [[layer] for layer in list(self.layers)[num_blocks * six:]]
       for group in groups:
         x_BLD = self._run(group, x_BLD, positions_BL, segment_ids_BL, blocks_BL)
+    if balanced:
+      x_BLD, = context.from_balanced(x_BLD)
     return sharding.constrain(self.final_norm(x_BLD), ACT)
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, images=None):

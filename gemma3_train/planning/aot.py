@@ -177,8 +177,10 @@ def _replays_attention(policy: str) -> bool:
 
 
 def _attention_shards(c: config_lib.Config, mesh_shape: dict[str, int]) -> int:
-  """Chips sharing the attention work: batch rows over data/fsdp, kv heads over tensor."""
+  """Chips sharing the attention work: batch rows over data/fsdp, positions over context, kv
+  heads over tensor."""
   rows = math.prod(mesh_shape[a] * mesh_shape[f'dcn_{a}'] for a in sharding.BATCH_AXES)
+  rows *= mesh_shape.get('context', 1) * mesh_shape.get('dcn_context', 1)
   heads = mesh_shape['tensor'] * mesh_shape['dcn_tensor']
   if c.model.num_kv_heads % heads:
     heads = 1  # sharding.logical_to_spec leaves kv heads unsplit when the degree does not divide

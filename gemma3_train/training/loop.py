@@ -143,7 +143,7 @@ class _Flush:
 
 def evaluate(s: Setup, state: State, eval_iter: Iterator[dict], num_batches: int) -> dict:
   """The objective's eval metrics over up to num_batches batches of eval_iter."""
-  step = lambda local: s.eval_step(state, data_lib.global_batch(local, s.batch_sharding['inputs']))
+  step = lambda local: s.eval_step(state, data_lib.global_batch(local, s.batch_sharding))
   totals, _ = scoring.sum_batches(step, eval_iter, max_batches=num_batches)
   return s.objective.eval_summary(totals)
 
@@ -210,7 +210,7 @@ def _loop(s: Setup, state: State, start_step: int, train_step, train_iter: Itera
       if local_batch is None:
         batch = s.objective.make_batches(s, state, step, train_iter)
       else:
-        batch = data_lib.global_batch(local_batch, s.batch_sharding['inputs'])
+        batch = data_lib.global_batch(local_batch, s.batch_sharding)
       state, metrics = train_step(state, batch)
       trace.wait_for = metrics
     step += 1

@@ -67,9 +67,11 @@ class Setup:
 
 
 def abstract_batch(c: config_lib.Config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch the objective reads, rows over the batch axes."""
-  s = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+  """The global batch the objective reads, rows over the batch axes ([B, L] arrays' positions
+  over the context axis)."""
+  rules = sharding.parse_rules(c.mesh.rules)
+  return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                  sharding=sharding.batch_sharding(mesh, shape, rules))
           for k, (shape, dtype) in objectives.get(c).batch_shapes().items()}
 
 
@@ -90,19 +92,17 @@ def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
     plain = {}  # one eval_shape per distinct config
     abstract_state['frozen_models'] = {}
     for name in frozen_models:
-      m = objective.frozen_model_config(name)
-      if objective.frozen_param_dtype():
-        m = dataclasses.replace(m, param_dtype=objective.frozen_param_dtype())
-      if m not in plain:
-        plain[m] = nnx.eval_shape(lambda: decoder.Gemma3(m, rngs=nnx.Rngs(0)))
-      frozen_model_graphdef[name] = nnx.graphdef(plain[m])
-      abstract_state['frozen_models'][name] = nnx.state(plain[m], nnx.Param)
+      key = objective.frozen_model_config(name), objective.frozen_param_dtype()
+      if key not in plain:
+        plain[key] = frozen_lib.abstract_model(*key)
+      frozen_model_graphdef[name] = nnx.graphdef(plain[key])
+      abstract_state['frozen_models'][name] = nnx.state(plain[key], frozen_lib.MODEL_VARIABLES)
   state_shardings = sharding.state_shardings(abstract_state, mesh, rules)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, state_shardings)
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: decoder.build(c, nnx.Rngs(0))))
-  batch_sharding = {k: sharding.batch_sharding(mesh) for k in abstract_batch(c, mesh)}
+  batch_sharding = {k: a.sharding for k, a in abstract_batch(c, mesh).items()}
   replicated = NamedSharding(mesh, P())
   train_step = jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef,

@@ -1,0 +1,156 @@
+"""Context parallelism (models/context.py): attention with the sequence split over the context
+axis equals attention over whole rows, for global and local layers, both layouts, packed rows,
+windows shorter and longer than a chunk, and image blocks straddling a shard boundary."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests import helpers
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train.models import attention
+from gemma3_train.models import context
+from gemma3_train.models import decoder
+from gemma3_train.training import objectives
+
+
+def _mesh(degree, **mesh):
+  c = config_lib.Config().replace(mesh=dict(context=degree, fsdp=-1, **mesh),
+                                  data=dict(seq_len=64))
+  return sharding.make_mesh(c)
+
+
+def _rows(B, L, rng):
+  """Packed rows: three documents of random lengths (positions restart), a padded tail
+  (segment 0, positions 0, as the pipeline pads) on all rows but the first."""
+  segments = np.zeros((B, L), np.int32)
+  positions = np.zeros((B, L), np.int32)
+  for b in range(B):
+    cuts = [0] + sorted(rng.choice(np.arange(4, L - 4), 3, replace=False).tolist()) + [L]
+    for s, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+      if s == 3 and b > 0:
+        continue  # padding
+      segments[b, lo:hi] = s + 1
+      positions[b, lo:hi] = np.arange(hi - lo)
+  return positions, segments
+
+
+def _blocks(B, L, width, starts):
+  """Image block ids: a block of `width` tokens at each of `starts` (numbered 1, 2, ...)."""
+  blocks = np.zeros((B, L), np.int32)
+  for i, s in enumerate(starts):
+    blocks[:, s:s + width] = i + 1
+  return blocks
+
+
+def _split_attend(mesh, layout, q, k, v, pos, seg, blk, window, lookahead):
+  def f(q, k, v, pos, seg, blk):
+    if layout == 'balanced':
+      q, k, v, pos, seg = context.to_balanced(q, k, v, pos, seg)
+      blk = None if blk is None else context.to_balanced(blk)[0]
+    out = context.attend(q, k, v, pos, seg, blk, window=window, lookahead=lookahead,
+                         layout=layout)
+    return context.from_balanced(out)[0] if layout == 'balanced' else out
+  with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+    return jax.jit(f)(q, k, v, pos, seg, blk)
+
+
+@pytest.mark.parametrize('degree,layout,window,image', [
+    (2, 'contiguous', None, False),
+    (2, 'contiguous', 5, False),
+    (4, 'balanced', None, False),
+    (4, 'balanced', 5, False),
+    (4, 'balanced', 20, False),   # W - 1 > a chunk of 8: halos from two chunks back
+    (2, 'balanced', 3, True),     # an image block straddling a shard boundary
+    (4, 'contiguous', 12, True),
+])
+def test_split_attention_equals_whole_rows(degree, layout, window, image):
+  B, L, N, K, H = 2, 64, 4, 2, 8
+  rng = np.random.default_rng(degree * 7 + (window or 0))
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
+             for s in ((B, L, N, H), (B, L, K, H), (B, L, K, H)))
+  pos, seg = _rows(B, L, rng)
+  # A block of 10 across position 32 (a shard boundary for both degrees), one of 6 at 13.
+  blk = _blocks(B, L, 10, [27, 13 - 6]) if image else None
+  want = attention.reference(q, k, v, attention.make_mask(pos, seg, window, blk))
+  got = _split_attend(_mesh(degree), layout, q, k, v, jnp.asarray(pos), jnp.asarray(seg),
+                      None if blk is None else jnp.asarray(blk), window, 9 if image else 0)
+  real = seg > 0  # padded queries attend differently (to padding only): the loss ignores them
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5,
+                             atol=1e-5)
+
+
+# --- the whole model: losses and gradients at context degree 1, 2 and 4 ----------------------
+
+
+def _config(degree, layout='balanced', **sections):
+  """helpers.small_config (7 layers: a block of six and a tail) in float32 with rows of 64 and
+  a window of 6: shorter than the chunks at degree 2 (16 or 32) and longer than the balanced
+  chunks of 8 at degree 4 (halos from two chunks back)."""
+  base = dict(model=dict(sliding_window=6, dtype='float32',
+                         param_dtype='float32', context_layout=layout),
+              data=dict(seq_len=64), mesh=dict(context=degree, fsdp=-1))
+  for k, v in sections.items():
+    base[k] = {**base.get(k, {}), **v}
+  return helpers.small_config(**base)
+
+
+def _loss_and_grads(c, batch):
+  """The ce objective's summed loss, parts and gradients (every parameter) on c's mesh."""
+  mesh = sharding.make_mesh(c)
+  rules = sharding.parse_rules(c.mesh.rules)
+  graphdef, params, rest = nnx.split(decoder.build(c), nnx.Param, ...)
+  objective = objectives.get(c)
+
+  def f(params, batch):
+    with sharding.use_mesh(mesh, rules):
+      return objective.loss_sums(nnx.merge(graphdef, params, rest), batch)
+  put = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape, rules))
+         for k, v in batch.items()}
+  grads, sums = jax.jit(jax.grad(f, has_aux=True))(params, put)
+  return sums, [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
+def _packed(c, seed=0):
+  """helpers.packed_batch with three documents per row and a padded tail."""
+  batch = helpers.packed_batch(c, seed)
+  L = c.data.seq_len
+  seg = np.repeat([1, 2, 3, 0], [21, 17, L - 44, 6]).astype(np.int32)
+  pos = np.concatenate([np.arange(21), np.arange(17), np.arange(L - 44), np.zeros(6)])
+  B = c.train.global_batch_size
+  batch.update(segment_ids=np.broadcast_to(seg, (B, L)).copy(),
+               positions=np.broadcast_to(pos.astype(np.int32), (B, L)).copy(),
+               weights=np.broadcast_to((seg > 0).astype(np.float32), (B, L)).copy())
+  return batch
+
+
+def _assert_same(got, want):
+  (sums_g, grads_g), (sums_w, grads_w) = got, want
+  for k in sums_w:
+    helpers.assert_close(sums_g[k], sums_w[k], k)
+  assert len(grads_g) == len(grads_w)
+  for i, (a, b) in enumerate(zip(grads_g, grads_w)):
+    helpers.assert_close(a, b, f'gradient leaf {i}')
+  assert any(np.abs(g).max() > 0 for g in grads_w)
+
+
+# ~25 s each on 2 cores (compiling three meshes' programs): all in the slow lane.
+@pytest.mark.slow
+@pytest.mark.parametrize('degree,layout', [(2, 'contiguous'), (4, 'balanced'), (2, 'balanced'),
+                                           (4, 'contiguous')])
+def test_loss_and_grads_equal_context_1(degree, layout):
+  """Packed rows of three documents and padding, window 6 over rows of 64: within 1e-5."""
+  batch = _packed(_config(1))
+  want = _loss_and_grads(_config(1), batch)
+  _assert_same(_loss_and_grads(_config(degree, layout), batch), want)
+
+
+@pytest.mark.slow
+def test_lora_loss_and_grads_equal_context_1():
+  lora = dict(rank=4, alpha=8.0)
+  batch = _packed(_config(1))
+  want = _loss_and_grads(_config(1, lora=lora), batch)
+  _assert_same(_loss_and_grads(_config(4, lora=lora), batch), want)
