@@ -1,6 +1,7 @@
 """Prompts with images (inference/image_prompts.py, the sampler's prefill, the export's processor
-files, gemma3-sample --image, multiple choice) against transformers: the generate and logits of
-Gemma3ForConditionalGeneration, and AutoProcessor on our export.
+files, gemma3-sample --image, multiple choice, the harness's multimodal generate_until) against
+transformers: the generate and logits of Gemma3ForConditionalGeneration, AutoProcessor on our
+export, and lm-eval's hf-multimodal model.
 
 One random tiny vision model with the real vocabulary (the processor's <image_soft_token> is id
 262144 = model.vocab_size): 28 x 28 images, patch 7, pool 2 -> 4 soft tokens per image; a decoder
@@ -264,3 +265,77 @@ def test_cli_bad_image_is_one_line_exit_2(hf_model, argv, message, capsys, monke
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and err.startswith('gemma3-sample: error: ') and message in err
+
+
+VQA_YAML = """task: tiny_vqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+process_docs: !function images_utils.load_images
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_image: images
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+VQA_UTILS = '''from PIL import Image
+
+
+def load_images(dataset):
+  return dataset.map(lambda doc: {'images': [Image.open(p).convert('RGB') for p in doc['paths']]})
+'''
+
+
+@pytest.fixture(scope='module')
+def vqa_tasks(tmp_path_factory):
+  """A local multimodal generate_until task: PIL images in its documents (process_docs opens
+  them, as a hub dataset's Image feature gives them); two images in one context."""
+  d = tmp_path_factory.mktemp('vqa')
+  paths = [_png(d, f'{k}.png', _image(20 + k, shape)) for k, shape in
+           enumerate([(40, 33), (20, 50), (28, 28)])]
+  rows = [{'question': 'Compare <image> with <image>: which is brighter?', 'paths': paths[:2],
+           'answer': 'left'},
+          {'question': '<image>What is in the picture?', 'paths': paths[2:], 'answer': 'noise'},
+          {'question': 'Describe <image> in one word.', 'paths': paths[1:2], 'answer': 'blue'}]
+  (d / 'vqa.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (d / 'vqa.yaml').write_text(VQA_YAML.format(data=d / 'vqa.jsonl'))
+  (d / 'images_utils.py').write_text(VQA_UTILS)
+  return d
+
+
+@pytest.mark.slow  # (fast-lane budget: the harness and its hf-multimodal model)
+def test_harness_multimodal_generate_until_matches_hf_multimodal(ours, export, vqa_tasks):
+  """A multimodal task through lm-eval with our Gemma3LM and with its own hf-multimodal model
+  (Gemma3ForConditionalGeneration.generate, AutoProcessor on our export): the same greedy
+  texts."""
+  from lm_eval.models import hf_vlms  # pylint: disable=g-import-not-at-top
+  from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top
+  lm = harness.Gemma3LM(ours, batch_size=4)
+  # Gemma3Processor expands <start_of_image>; the harness's default would put the soft token.
+  hf = hf_vlms.HFMultimodalLM(pretrained=str(export), image_string='<start_of_image>',
+                              device='cpu', dtype='float32', batch_size=4)
+
+  def texts(model):
+    results = harness.run_tasks(model, ['tiny_vqa'], include_path=str(vqa_tasks),
+                                log_samples=True, bootstrap_iters=0)
+    return [s['resps'][0][0] for s in sorted(results['samples']['tiny_vqa'],
+                                              key=lambda s: s['doc_id'])]
+  got, want = texts(lm), texts(hf)
+  assert got == want and all(got)
+  # The images matter: the first document with a black first image reads otherwise.
+  from lm_eval.api.instance import Instance  # pylint: disable=g-import-not-at-top
+  images = [Image.new('RGB', (S, S)), Image.open(vqa_tasks / '1.png')]
+  kwargs = {'until': ['\n\n'], 'max_gen_toks': 8, 'do_sample': False}
+  black = lm.generate_until([Instance('generate_until', {}, (
+      'Compare <image> with <image>: which is brighter?', kwargs, {'visual': images}), 0)])
+  assert black != got[:1]
+  with pytest.raises(harness.HarnessError, match='log-likelihoods with images'):
+    lm.loglikelihood([Instance('loglikelihood', {}, ('<image>Is it', ' red', {'visual': images}),
+                               0)])

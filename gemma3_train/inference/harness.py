@@ -7,7 +7,8 @@ Gemma3LM answers the harness's three request kinds:
                            context costs its forward pass and no [L, V] logits;
   generate_until           the KV-cache sampler (sampler.py) with the request's max_gen_toks and
                            sampling settings, stopping each row at its first `until` string
-                           (checked between chunks of decode steps); the text is cut there;
+                           (checked between chunks of decode steps); the text is cut there; a
+                           vision model (MULTIMODAL) takes a multimodal task's images;
   apply_chat_template      the Gemma 3 chat format (docs/gemma3.md section 4).
 Every sequence starts with BOS, as training documents do (Gemma 3 scores badly without it; the
 harness's `hf` model needs add_bos_token=True for the same inputs). Text is tokenized as the
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from gemma3_train import config as config_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
+from gemma3_train.inference import image_prompts
 from gemma3_train.inference import sampler as sampler_lib
 from gemma3_train.models import lm_head
 from gemma3_train import sharding
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 _BOS_TEXT = '<bos>'  # a chat-templated context starts with it (the hf model's tokenizer text)
 _EOS_TEXT = '<eos>'  # the harness adds the EOS text to every request's `until`
+_IMAGE_TEXT = '<image>'  # where a multimodal task's context puts an image (the harness's)
 _CHUNK = config_lib.TrainConfig().loss_chunk_size
 MAX_GEN_TOKS = 256  # the harness's default for a request that names none (its hf model's)
 
@@ -140,6 +143,8 @@ class Gemma3LM(lm_model.TemplateLM):
     self.max_length = max_length or sampler_lib.context_length(model.cfg)
     self.max_gen_toks = max_gen_toks
     self.seed = seed
+    if model.cfg.vision:  # the harness then hands it multimodal tasks' images
+      self.MULTIMODAL = True  # pylint: disable=invalid-name
     self._score = jax.jit(lambda state, i, s, t: _continuation_scores(
         self.sampler.graphdef, state, i, s, t, chunk_size=chunk_size, mesh=mesh,
         rules=self.rules))
@@ -227,6 +232,12 @@ class Gemma3LM(lm_model.TemplateLM):
     return tuple(jax.make_array_from_callback(a.shape, rows, lambda idx, a=a: a[idx])
                  for a in arrays)
 
+  def loglikelihood(self, requests, disable_tqdm: bool = False):
+    if any(len(req.args) > 2 and req.args[2].get('visual') for req in requests):
+      raise HarnessError('log-likelihoods with images (a multimodal multiple-choice task) are '
+                         'not supported; multimodal generate_until tasks are')
+    return super().loglikelihood(requests, disable_tqdm)
+
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
     del kwargs
     out = self.score_tokens([(ctx, cont) for _, ctx, cont in requests],
@@ -256,9 +267,24 @@ class Gemma3LM(lm_model.TemplateLM):
 
   # --- generation -----------------------------------------------------------------
 
+  def _prompt(self, args, keep: int) -> tuple[list[int], list]:
+    """A generate_until request's (ids, images). A multimodal task's request carries
+    {'visual': images} third: image k goes where the context's k-th <image> is (all at the
+    start when it has none), laid out as Gemma3Processor lays <start_of_image> out; such a
+    prompt is not truncated (an image block cannot be cut)."""
+    visual = args[2].get('visual') if len(args) > 2 else None
+    images = [] if visual is None else list(visual) if isinstance(visual, (list, tuple)) else [
+        visual]
+    if not images:
+      return self.tok_encode(args[0], left_truncate_len=keep), []
+    text = lm_model_utils.replace_placeholders(args[0].removeprefix(_BOS_TEXT), _IMAGE_TEXT,
+                                               tokenizer_lib.IMAGE_MARKER, len(images))
+    return image_prompts.encode(text, self.tok, self.cfg, len(images)), images
+
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """Continuations (greedy unless the request samples), cut at the first `until` string;
-    requests with the same settings run together, longest prompt first."""
+    requests with the same settings run together, longest prompt first; a multimodal task's
+    images go into the prompt (_prompt)."""
     groups: dict[str, list[int]] = collections.defaultdict(list)
     for i, req in enumerate(requests):
       groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
@@ -273,19 +299,21 @@ class Gemma3LM(lm_model.TemplateLM):
           temperature=float(kwargs.get('temperature') or 0.0) if kwargs.get('do_sample') else 0.0,
           top_k=kwargs.get('top_k') or None, top_p=kwargs.get('top_p'))  # others: ignored
       keep = max(1, self.max_length - max_gen)
-      prompts = {i: self.tok_encode(requests[i].args[0], left_truncate_len=keep)
-                 for i in indices}
-      order = sorted(indices, key=lambda i: -len(prompts[i]))
+      prompts = {i: self._prompt(requests[i].args, keep) for i in indices}
+      order = sorted(indices, key=lambda i: -len(prompts[i][0]))
       for first in range(0, len(order), self.batch_size):
         batch = order[first:first + self.batch_size]
+        images = [prompts[i][1] for i in batch]
         # A row stops once its text holds an `until` string; the loop, once every row has.
-        new = self.sampler.generate([prompts[i] for i in batch], max_gen, sampling, self.seed,
+        new = self.sampler.generate([prompts[i][0] for i in batch], max_gen, sampling, self.seed,
                                     params=self.params, stop_strings=until,
-                                    detokenize=self.tok.decode)
+                                    detokenize=self.tok.decode,
+                                    images=images if any(images) else None)
         for i, ids in zip(batch, new):
           text = self.tok.decode([t for t in ids if t not in sampler_lib.STOP_TOKENS])
           out[i] = lm_model_utils.postprocess_generated_text(text, until, None)
-          self.cache_hook.add_partial('generate_until', requests[i].args, out[i])
+          # Keyed by (context, settings), as the hf models key it: images do not hash.
+          self.cache_hook.add_partial('generate_until', requests[i].args[:2], out[i])
         bar.update(len(batch))
     bar.close()
     return out  # type: ignore[return-value]
