@@ -209,6 +209,12 @@ def sequence_axes(length: int) -> tuple[str, ...]:
   return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
 
 
+def sequence_shards(length: int) -> int:
+  """How many pieces sequence_axes(length) cut a sequence into (1: whole)."""
+  axes = sequence_axes(length)
+  return math.prod(_CONTEXT.get()[0].shape[a] for a in axes) if axes else 1
+
+
 def batch_sharding(mesh: Mesh, shape: Sequence[int] | None = None,
                    rules: dict[str, tuple[str, ...]] | None = None) -> NamedSharding:
   """Sharding of input arrays: rows over the data-parallel axes and, for a [B, L] array

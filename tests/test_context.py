@@ -154,3 +154,32 @@ def test_lora_loss_and_grads_equal_context_1():
   batch = _packed(_config(1))
   want = _loss_and_grads(_config(1, lora=lora), batch)
   _assert_same(_loss_and_grads(_config(4, lora=lora), batch), want)
+
+
+# --- the chunked LM head under a split sequence ---------------------------------------------
+
+
+def test_chunked_loss_and_logprobs_under_context():
+  """lm_head's chunks take positions from every shard (a ragged last chunk too): the same
+  sums, gradients and per-position log-probabilities as without a mesh."""
+  from gemma3_train.models import lm_head  # pylint: disable=g-import-not-at-top
+  B, L, D, V = 4, 48, 8, 32
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, V, (B, L)), jnp.int32)
+  weights = jnp.asarray(rng.random((B, L)) > 0.2, jnp.float32)
+
+  def run(x, table):
+    sums, grads = jax.value_and_grad(
+        lambda x, t: lm_head.chunked_cross_entropy(x, t, targets, weights, chunk_size=20,
+                                                   z_loss=1e-2)['loss_sum'],
+        argnums=(0, 1))(x, table)
+    return sums, grads, lm_head.token_logprobs(x, table, targets, chunk_size=20)
+  want = jax.jit(run)(x, table)
+  mesh = _mesh(4)
+  with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+    assert sharding.sequence_shards(L) == 4
+    got = jax.jit(run)(x, table)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -141,7 +141,7 @@ def attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL, image_blocks_BL
   B, L, N, H = q_BLNH.shape
   K = k_BLKH.shape[2]
   axes = sharding.sequence_axes(L)
-  c = int(np.prod([mesh.shape[a] for a in axes]))
+  c = sharding.sequence_shards(L)
   ids_SM = chunk_ids(c, layout)
   batch, seq, heads = sharding.logical_to_spec(('act_batch', 'act_len', 'act_kv_heads'),
                                                rules, (B, L, K), mesh)
@@ -169,7 +169,7 @@ def _relayout(arrays_BL, src: str, dst: str):
   mesh, rules = sharding.active()
   B, L = arrays_BL[0].shape[:2]
   axes = sharding.sequence_axes(L)
-  c = int(np.prod([mesh.shape[a] for a in axes]))
+  c = sharding.sequence_shards(L)
   # Both layouts as two chunks per shard: contiguous shard s holds chunks 2s and 2s + 1.
   held_SM = chunk_ids(c, src) if src == 'balanced' else np.arange(2 * c).reshape(c, 2)
   want_SM = chunk_ids(c, dst) if dst == 'balanced' else np.arange(2 * c).reshape(c, 2)

@@ -87,18 +87,39 @@ def _zero_sums():
 
 def _chunks(chunk_size: int, *arrays_BL):
   """[B, L, ...] arrays -> [n, B, C, ...] (C = min(chunk_size, L)), a ragged last chunk padded
-  with zeros: the scan axis leads and rows stay where they are (the batch keeps its sharding)."""
+  with zeros: the scan axis leads and rows stay where they are (the batch keeps its sharding).
+
+  With the sequence split over s context shards (sharding.sequence_shards), a chunk takes C / s
+  positions from each shard's slice instead of C consecutive ones, so that every chunk keeps
+  the sequence's sharding and all shards work on every step of the scan (sums do not depend on
+  the order; _unchunk undoes it for per-position results)."""
   if chunk_size < 1:
     raise ValueError(f'train.loss_chunk_size={chunk_size}: expected >= 1')
   B, L = arrays_BL[0].shape[:2]
-  C = min(chunk_size, L)
-  n = -(-L // C)
+  s = sharding.sequence_shards(L)
+  T = L // s
+  Cs = min(-(-chunk_size // s), T)  # positions per shard in a chunk
+  n = -(-T // Cs)
   out = []
   for a in arrays_BL:
-    if n * C > L:
-      a = jnp.pad(a, ((0, 0), (0, n * C - L)) + ((0, 0),) * (a.ndim - 2))
-    out.append(a.reshape(B, n, C, *a.shape[2:]).swapaxes(0, 1))
+    a = a.reshape(B, s, T, *a.shape[2:])
+    if n * Cs > T:
+      a = jnp.pad(a, ((0, 0), (0, 0), (0, n * Cs - T)) + ((0, 0),) * (a.ndim - 3))
+    a = jnp.moveaxis(a.reshape(B, s, n, Cs, *a.shape[3:]), 2, 0)
+    a = a.reshape(n, B, s * Cs, *a.shape[4:])
+    if s > 1:
+      a = sharding.constrain(a, (None, 'act_batch', 'act_len') + (None,) * (a.ndim - 3))
+    out.append(a)
   return out
+
+
+def _unchunk(a_nBC, L: int):
+  """_chunks' inverse for one [n, B, C, ...] array of per-position results: [B, L, ...]."""
+  n, B, C = a_nBC.shape[:3]
+  s = sharding.sequence_shards(L)
+  a = a_nBC.reshape(n, B, s, C // s, *a_nBC.shape[3:])
+  a = jnp.moveaxis(a, 0, 2).reshape(B, s, n * (C // s), *a_nBC.shape[3:])
+  return a[:, :, :L // s].reshape(B, L, *a_nBC.shape[3:])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -281,9 +302,9 @@ def token_logprobs(x_BLD, embedding_VD, targets_BL, *, chunk_size: int) -> jax.A
   backward pass recomputes them chunk by chunk instead of keeping every chunk's (which would be
   the [B, L, V] array again). Gradients flow to x_BLD and embedding_VD.
   """
-  B, L, _ = x_BLD.shape
+  L = x_BLD.shape[1]
   x_nBCD, targets_nBC = _chunks(chunk_size, x_BLD, targets_BL)
-  n, _, C = targets_nBC.shape
+  n = targets_nBC.shape[0]
 
   @jax.checkpoint
   def chunk(x_BCD, targets_BC):
@@ -295,7 +316,7 @@ def token_logprobs(x_BLD, embedding_VD, targets_BL, *, chunk_size: int) -> jax.A
     return None, chunk(*xs)
 
   _, logp_nBC = _scan_chunks(body, None, (x_nBCD, targets_nBC), n)
-  return logp_nBC.swapaxes(0, 1).reshape(B, n * C)[:, :L]
+  return _unchunk(logp_nBC, L)
 
 
 # --- soft targets: a teacher's distribution (distillation) ---------------------------------
@@ -342,8 +363,7 @@ def teacher_targets(x_BLD, embedding_VD, *, k: int, temperature: float, chunk_si
 
   _, (ids_nBCK, q_nBCK) = _scan_chunks(body, None, (jnp.arange(n), x_nBCD), n)
   L = x_BLD.shape[1]
-  unchunk = lambda a: a.swapaxes(0, 1).reshape(B, n * C, k)[:, :L]
-  return unchunk(ids_nBCK), unchunk(q_nBCK)
+  return _unchunk(ids_nBCK, L), _unchunk(q_nBCK, L)
 
 
 def _soft_scan(chunk, arrays_BL, chunk_size: int) -> dict[str, jax.Array]:
