@@ -219,14 +219,25 @@ def adapt(model: nnx.Module, c: config_lib.Config) -> nnx.Module:
       setattr(module, f'{target}_lora', Adapter(
           a.astype(pdt), b, lead_names + in_names + (RANK_AXIS,),
           lead_names + (RANK_AXIS,) + out_names, scaling(r)))
-    if r.base_dtype == 'int8':
-      in_axes = tuple(lead + a for a in TARGETS[target][1])
-      q, scale = quantize(var.get_value(), in_axes)
-      var.set_value(q)
-      setattr(module, f'{weight}_scale', QuantScale(scale, logical_axes=names))
+  if r.base_dtype == 'int8':
+    quantize_projections(model)
   if r.train_embedding:
     emb = model.embedder.embedding
     model.embedder.embedding = LoraParam(emb.get_value().astype(pdt), **emb.get_metadata())
+  return model
+
+
+def quantize_projections(model: nnx.Module) -> nnx.Module:
+  """Stores the seven projection matrices as int8 with a per-output-channel QuantScale, in place
+  (a QLoRA base, or a frozen model held in int8: training/frozen.py); the rest is unchanged."""
+  for _, module, weight in _projection_modules(model):
+    var = getattr(module, weight)
+    names = tuple(var.get_metadata()['logical_axes'])
+    lead = 1 if names[0] == 'layers' else 0
+    in_axes = tuple(lead + a for a in TARGETS[WEIGHT_TARGET[weight]][1])
+    q, scale = quantize(var.get_value(), in_axes)
+    var.set_value(q)
+    setattr(module, f'{weight}_scale', QuantScale(scale, logical_axes=names))
   return model
 
 

@@ -100,3 +100,47 @@ def all_loaded(params: State, loaded: State) -> bool:
   """Whether the load covers every trainable path (then no random init is needed)."""
   have = {path for path, _ in nnx.to_flat_state(loaded)}
   return all(path in have for path, _ in nnx.to_flat_state(params))
+
+
+# --- an objective's frozen models (a reference, a teacher) ---------------------
+
+# What a frozen model holds: its Params, and the scales of its int8 projections.
+MODEL_VARIABLES = (nnx.Param, lora.QuantScale)
+
+
+def abstract_model(m: config_lib.ModelConfig, dtype: str) -> nnx.Module:
+  """The abstract plain model (no LoRA) of a frozen model of shape m, held in dtype: '' is
+  m.param_dtype; int8 stores the projections as int8 with per-output-channel scales and the
+  rest (embedding, norms) in bfloat16, as a QLoRA base does."""
+  if dtype:
+    m = dataclasses.replace(m, param_dtype='bfloat16' if dtype == 'int8' else dtype)
+
+  def build():
+    model = decoder.Gemma3(m, rngs=nnx.Rngs(0))
+    return lora.quantize_projections(model) if dtype == 'int8' else model
+  return nnx.eval_shape(build)
+
+
+def _quantized(abstract: State) -> bool:
+  return any(isinstance(var, lora.QuantScale) for _, var in nnx.to_flat_state(abstract))
+
+
+def float_abstract(abstract: State) -> State:
+  """What a checkpoint load fills for a frozen model: its Params, the int8 ones in bfloat16
+  (quantized after the load by `stored`)."""
+  flat = []
+  for path, var in nnx.to_flat_state(abstract):
+    if isinstance(var, lora.QuantScale):
+      continue
+    a = var.get_value()
+    if a.dtype == jnp.int8:
+      var = var.replace(jax.ShapeDtypeStruct(a.shape, jnp.bfloat16,
+                                             sharding=getattr(a, 'sharding', None)))
+    flat.append((path, var))
+  return nnx.from_flat_state(flat)
+
+
+def stored(loaded: State, abstract: State) -> State:
+  """A frozen model as `abstract` holds it, from its loaded float params (int8 projections
+  quantized on their devices)."""
+  return lora.base_from_params(loaded, abstract) if _quantized(abstract) else loaded

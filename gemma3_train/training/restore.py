@@ -45,13 +45,16 @@ def _load_frozen_model(s: state_lib.Setup, name: str, path: str) -> nnx.State:
   if not path:
     log.info('The frozen %s model is the seed\'s random init', name)
     start = s.init_trainable()['params']
-    return frozen_lib.params_from_loaded(abstract, frozen_lib.merged(start, s.init_frozen()))
+    start = frozen_lib.merged(start, s.init_frozen())
+    return frozen_lib.stored(frozen_lib.params_from_loaded(
+        frozen_lib.float_abstract(abstract), start), abstract)
   log.info('Loading the frozen %s model from %s', name, path)
   c = s.config
   m = s.objective.frozen_model_config(name)
   if m != c.model:  # another model's shapes (a larger teacher)
     c = dataclasses.replace(c, model=m)
-  return init_from.load_init_params(path, c, {'params': abstract})
+  loaded = init_from.load_init_params(path, c, {'params': frozen_lib.float_abstract(abstract)})
+  return frozen_lib.stored(loaded, abstract)
 
 
 def _restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
