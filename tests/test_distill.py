@@ -1,5 +1,5 @@
 """Distillation (train.objective=distill): the chunked losses against numpy on full logits, the
-draws (the teacher's distribution, a function of (seed, step, row, column) only), a teacher of
+draws (the teacher's distribution, a function of (seed, record, position) only), a teacher of
 another shape read from its checkpoint, and the sharded step against one device."""
 
 import dataclasses
@@ -58,6 +58,13 @@ def _numpy_soft_ce(x, table, ids, t, targets, weights):
                                                                           dlogits, x)
 
 
+def _keys(B, L):
+  """The sampled loss's draw keys of [B, L] rows: row b is record 10 + b, from position 2."""
+  record = np.repeat(np.arange(10, 10 + B, dtype=np.int32)[:, None], L, 1)
+  return {'record': record, 'record_pos': np.broadcast_to(np.arange(2, 2 + L, dtype=np.int32),
+                                                          (B, L)).copy()}
+
+
 def _close(ours, want, tol, what=''):
   ours, want = np.asarray(ours, np.float64), np.asarray(want, np.float64)
   scale = max(1.0, float(np.max(np.abs(want))))
@@ -70,9 +77,10 @@ def test_sampled_and_topk_loss_and_gradient_equal_numpy(loss):
   renormalized (topk: on the k most probable), and loss and gradient are the formula's."""
   x, table, tx, ttable, targets, weights = _head()
   K, T = 16, 1.7
-  step, row = jnp.array([5, 5], jnp.int32), jnp.array([0, 1], jnp.int32)
-  draws = distill.uniforms(3, step, row, K) if loss == 'sampled' else None
-  ids, q = lm_head.teacher_targets(tx, ttable, k=K, temperature=T, chunk_size=4, uniforms=draws)
+  keys = _keys(*targets.shape)
+  draws = dict(seed=3, record_BL=keys['record'], pos_BL=keys['record_pos'])
+  draws = draws if loss == 'sampled' else {}
+  ids, q = lm_head.teacher_targets(tx, ttable, k=K, temperature=T, chunk_size=4, **draws)
   ids, q = np.asarray(ids), np.asarray(q)
   p = np.exp(_log_softmax(tx.astype(np.float64) @ ttable.T.astype(np.float64) / T))
   t = np.zeros(ids.shape)
@@ -102,7 +110,7 @@ def test_sampled_and_topk_loss_and_gradient_equal_numpy(loss):
   _close(dtable, want_dtable, 1e-6, 'dtable')
 
 
-def test_draws_follow_the_teacher_and_depend_on_seed_step_row_column_only():
+def test_draws_follow_the_teacher_and_depend_on_seed_record_position_only():
   logits = np.array([2.0, 0.5, -1.0, 1.0, -30.0, 0.0, 1.5, -0.5], np.float32)
   p = np.exp(_log_softmax(logits.astype(np.float64)))
   n = 200_000
@@ -111,15 +119,15 @@ def test_draws_follow_the_teacher_and_depend_on_seed_step_row_column_only():
   freq = np.bincount(ids, minlength=8) / n
   assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
 
-  def values(seed, step, rows, L, C):
-    fn = distill.uniforms(seed, jnp.full((len(rows),), step, jnp.int32),
-                          jnp.asarray(rows, jnp.int32), 4)
-    return np.concatenate([np.asarray(fn(i, C)) for i in range(-(-L // C))], axis=1)[:, :L]
-  base = values(0, 7, [0, 1, 2], 12, 4)
-  np.testing.assert_array_equal(values(0, 7, [2], 12, 12)[0], base[2])  # chunks, other rows
-  np.testing.assert_array_equal(values(0, 7, [1, 0], 12, 5)[1], base[0])
-  assert not np.array_equal(values(0, 8, [0, 1, 2], 12, 4), base)  # another step
-  assert not np.array_equal(values(1, 7, [0, 1, 2], 12, 4), base)  # another seed
+  def values(seed, records, start, L):
+    record = jnp.asarray(np.repeat(np.asarray(records, np.int32)[:, None], L, 1))
+    pos = jnp.broadcast_to(jnp.arange(start, start + L, dtype=jnp.int32), record.shape)
+    return np.asarray(lm_head.position_uniforms(seed, record, pos, 4))
+  base = values(0, [0, 1, 2], 0, 12)
+  np.testing.assert_array_equal(values(0, [2], 0, 12)[0], base[2])  # other rows
+  np.testing.assert_array_equal(values(0, [1, 0], 5, 7)[1], base[0, 5:])  # other columns
+  assert not np.array_equal(values(0, [3, 4, 5], 0, 12), base)  # other records
+  assert not np.array_equal(values(1, [0, 1, 2], 0, 12), base)  # another seed
   assert len(np.unique(base)) == base.size  # every position and slot its own value
 
 
@@ -177,7 +185,7 @@ def test_objective_with_a_larger_teacher_equals_full_logits(tmp_path, loss):
   student = decoder.build(c, nnx.Rngs(0))
   batch = {k: jnp.asarray(v) for k, v in helpers.packed_batch(c).items()}
   B = batch['inputs'].shape[0]
-  batch.update(step=jnp.full((B,), 4, jnp.int32), row=jnp.arange(B, dtype=jnp.int32))
+  batch.update(_keys(B, batch['inputs'].shape[1]))
   total, sums = jax.jit(lambda b: objective.loss_sums(student, b, {distill.TEACHER: teacher}))(
       batch)
   args = batch['inputs'], batch['positions'], batch['segment_ids']
@@ -191,7 +199,7 @@ def test_objective_with_a_larger_teacher_equals_full_logits(tmp_path, loss):
     ids, q = lm_head.teacher_targets(
         teacher.hidden(*args), teacher.embedder.table(), k=24, temperature=1.3,
         chunk_size=c.train.loss_chunk_size,
-        uniforms=distill.uniforms(0, batch['step'], batch['row'], 24))
+        seed=0, record_BL=batch['record'], pos_BL=batch['record_pos'])
     soft = -(w * (np.asarray(q) * np.take_along_axis(logq, np.asarray(ids), -1)).sum(-1)).sum()
   want = 0.7 * soft + 0.3 * hard.sum() + c.train.z_loss * sums['z_loss_sum']
   _close(sums['distill_sum'] / w.sum(), soft / w.sum(), 1e-5, 'distill')
@@ -221,8 +229,14 @@ def test_config_checks(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r'its vocabulary has 512 pieces, '
                      r'model.vocab_size is 1024 \(the same tokenizer is needed\)$'):
     distill.Distill(other.replace(model=dict(vocab_size=1024))).frozen_model_config('t')
-  with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher='': expected a teacher"):
-    config_lib.validate(c)
+  config_lib.validate(c)  # no teacher: the stored targets (tests/test_teacher_labels.py)
+  with pytest.raises(config_lib.ConfigError, match=r"^distill.loss='kl': expected sampled or "
+                     r"topk without distill.teacher"):
+    config_lib.validate(c.replace(distill=dict(loss='kl')))
+  with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher_preset='5b': expected "):
+    config_lib.validate(c.replace(distill=dict(teacher='t', teacher_preset='5b')))
+  preset = distill.teacher_config(c.replace(distill=dict(teacher='t', teacher_preset='27b')))
+  assert (preset.num_layers, preset.embed_dim, preset.vocab_size) == (62, 5376, 512)
   with pytest.raises(config_lib.ConfigError,
                      match=r"^distill.loss='hard': expected sampled \| topk \| kl$"):
     config_lib.validate(c.replace(distill=dict(teacher='t', loss='hard')))
@@ -234,16 +248,14 @@ def test_config_checks(tmp_path):
 
 
 def _step_grads(c, devices, batch):
-  """The gradient of the mean distillation loss at the seed's init, through the train step's
-  own batch keys (step, row) and the teacher as restore loads it onto the mesh."""
+  """The gradient of the mean distillation loss at the seed's init, through the batch's draw
+  keys (record, record_pos) and the teacher as restore loads it onto the mesh."""
   mesh = sharding.make_mesh(c, devices)
   s = train_state.setup(c, mesh)
   teacher = restore_lib._load_frozen_model(s, distill.TEACHER, c.distill.teacher)
   put = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in batch.items()}
 
   def grads(params, teacher_state, batch):
-    B = batch['inputs'].shape[0]
-    batch = {**batch, 'step': jnp.full((B,), 3, jnp.int32), 'row': jnp.arange(B, dtype=jnp.int32)}
 
     def mean(p):
       model = nnx.merge(s.graphdef, p, *s.state['frozen'].values())
@@ -273,6 +285,8 @@ def test_sharded_equals_one_device(tmp_path, loss, lora_rank):
   c1 = c1.replace(mesh=dict(fsdp=-1), lora=lora)
   c8 = c1.replace(mesh=dict(fsdp=4, tensor=2))
   batch = helpers.packed_batch(c1)
+  if loss == 'sampled':
+    batch.update(_keys(*batch['inputs'].shape))
   g1 = _step_grads(c1, jax.devices()[:1], batch)
   g8 = _step_grads(c8, jax.devices(), batch)
   helpers.assert_same_grads(g8, g1)
@@ -285,7 +299,7 @@ def test_sharded_equals_one_device(tmp_path, loss, lora_rank):
 def test_distill_run_from_a_trained_teacher_resumes_exactly(tmp_path):
   """A 7-layer teacher trained a few steps (ce), distilled (sampled) into a 2-layer student
   from its workdir: the metrics are logged, eval has the KL to the teacher, and a run resumed
-  at step 2 logs the uninterrupted run's losses bit for bit (the draws follow the step)."""
+  at step 2 logs the uninterrupted run's losses bit for bit (the draws follow the data)."""
   teacher = tmp_path / 'teacher'
   helpers.train_ok(teacher, 6, devices=1)
   flags = ['--config.train.objective=distill', f'--config.distill.teacher={teacher}',

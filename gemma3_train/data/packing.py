@@ -31,9 +31,11 @@ import numpy as np
 
 GROUP = 256  # pieces packed together; more packs tighter, holds more pieces in memory
 GROUP_IMAGES = 64  # the same with images (a 896 x 896 image is 2.4 MB)
-# Per-token values a piece may carry, and their dtypes: precomputed DPO reference sums, and the
-# record index of a pair (training/precompute.py's pass).
-EXTRA_KEYS = {'reference_logps': np.float32, 'record': np.int32}
+# Per-token values a piece may carry ([n] or [n, k]), and their dtypes: precomputed DPO
+# reference sums, the record index of a pair or document (training/precompute.py's pass,
+# distillation's draw keys) and the position in it, stored teacher targets (data/teacher.py).
+EXTRA_KEYS = {'reference_logps': np.float32, 'record': np.int32, 'record_pos': np.int32,
+              'teacher_ids': np.int32, 'teacher_probs': np.float32}
 
 
 def image_slots(images: list[np.ndarray], max_images: int) -> dict[str, np.ndarray]:
@@ -80,7 +82,7 @@ def pack_group(pieces: list[dict[str, np.ndarray]], seq_len: int, max_images: in
            'segment_ids': np.zeros(seq_len, np.int32)}
     extra = [k for k in EXTRA_KEYS if k in pieces[ks[0]]]
     for k in extra:
-      row[k] = np.zeros(seq_len, EXTRA_KEYS[k])
+      row[k] = np.zeros((seq_len, *pieces[ks[0]][k].shape[1:]), EXTRA_KEYS[k])
     start, segment = 0, 0
     for k in sorted(ks):  # input order within a row
       piece = pieces[k]

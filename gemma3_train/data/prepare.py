@@ -15,7 +15,11 @@ go to SHARD.stats.json; a rerun of the same command skips the shards that have o
 DIR/.prepare.json pins the plan (input files and rows, tokenizer, format, shard size), so a
 rerun with different input is refused instead of mixing two corpora. manifest.json (tokenizer
 path and sha256, counts, shard list) is written last: a directory without it is unfinished.
-(The command line itself is cli/data.py.)
+With --teacher=PATH (cli/data.py builds the teacher pass, training/teacher_labels.py) each
+record also holds the teacher's distillation targets of every position (data/teacher.py): the
+teacher runs in this process (--workers is 1), on documents split at --seq_len as training
+splits them, and the manifest's 'teacher' entry records what they are, the teacher's tokens/s
+and the bytes per token. (The command line itself is cli/data.py.)
 """
 
 from __future__ import annotations
@@ -38,10 +42,12 @@ from gemma3_train.data import documents
 from gemma3_train.data import prepared
 from gemma3_train.data import select
 from gemma3_train.data import sources
+from gemma3_train.data import teacher as teacher_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.infra import progress as progress_lib
 
 _WRITER_OPTIONS = 'group_size:1'  # one record per chunk: cheap random access when shuffled
+_TEACHER_BLOCK = 64  # documents per call of the teacher pass
 _EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.gz': 'jsonl', '.parquet': 'parquet',
                '.arrayrecord': 'arrayrecord', '.array_record': 'arrayrecord'}
 
@@ -49,7 +55,7 @@ _EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.gz': 'jsonl', '.parquet': 
 class _Job:
   """What a worker needs to write any shard; inherited by fork (the source is not copied)."""
 
-  def __init__(self, args: argparse.Namespace):
+  def __init__(self, args: argparse.Namespace, labeler=None):
     kind = args.source
     if kind == 'auto':
       first = args.src.split(',')[0].strip()
@@ -75,6 +81,9 @@ class _Job:
         'rows_per_shard': args.rows_per_shard,
         'tokenizer': {'path': args.tokenizer_path,
                       'sha256': prepared.tokenizer_sha256(self.tok)}}
+    self.labeler = labeler  # (record index, document) list -> per document (ids, q)
+    if labeler is not None:
+      self.plan['teacher'] = {k: getattr(labeler.spec, k) for k in teacher_lib.PLAN_KEYS}
 
   def name(self, k: int) -> str:
     return f'shard-{k:05d}-of-{self.num_shards:05d}.arrayrecord'
@@ -96,16 +105,19 @@ def _write_shard(k: int) -> dict[str, Any]:
   local = not str(dst).startswith(('gs://', 's3://'))
   tmp_dir = str(dst) if local else tempfile.mkdtemp()
   tmp = os.path.join(tmp_dir, job.name(k) + f'.tmp{os.getpid()}')
-  docs = tokens = 0
+  docs = tokens = nbytes = 0
   writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
   try:
     with sources.recording() as reasons:  # why rows were skipped, each row counted
-      for i in range(lo, hi):
-        doc = job.to_doc.document(i)
-        if doc is not None:
-          docs += 1
-          tokens += len(doc['tokens'])
-        writer.write(prepared.encode(doc, job.format))
+      block = _TEACHER_BLOCK if job.labeler is not None else 1
+      for b in range(lo, hi, block):
+        rows = [(i, job.to_doc.document(i)) for i in range(b, min(b + block, hi))]
+        found = [(i, d) for i, d in rows if d is not None]
+        docs += len(found)
+        tokens += sum(len(d['tokens']) for _, d in found)
+        for record in _records(job, rows, found):
+          nbytes += len(record)
+          writer.write(record)
   finally:
     writer.close()
   if local:
@@ -115,15 +127,28 @@ def _write_shard(k: int) -> dict[str, Any]:
     os.remove(tmp)
     os.rmdir(tmp_dir)
   stats = {'path': job.name(k), 'rows': hi - lo, 'documents': docs, 'tokens': tokens,
-           'counts': dict(collections.Counter(reasons))}
+           'counts': dict(collections.Counter(reasons)), 'bytes': nbytes}
+  if job.labeler is not None:  # this process's teacher pass so far
+    stats['teacher'] = {'tokens': job.labeler.tokens, 'seconds': job.labeler.seconds}
   (dst / (job.name(k) + '.stats.json')).write_text(json.dumps(stats))
   return stats
 
 
-def prepare(args: argparse.Namespace) -> dict[str, Any]:
-  """Writes (or finishes) DIR; returns the manifest. args: cli/data.py's parsed command line."""
+def _records(job: _Job, rows: list, found: list) -> list[bytes]:
+  """The records of rows [(index, document or None)]; found: those with a document."""
+  if job.labeler is None:
+    return [prepared.encode(d, job.format) for _, d in rows]
+  labels = dict(zip((i for i, _ in found), job.labeler(found)))
+  return [b'' if d is None else teacher_lib.encode(prepared.encode(d, job.format),
+                                                   len(d['tokens']), *labels[i])
+          for i, d in rows]
+
+
+def prepare(args: argparse.Namespace, labeler=None) -> dict[str, Any]:
+  """Writes (or finishes) DIR; returns the manifest. args: cli/data.py's parsed command line;
+  labeler: the teacher pass of --teacher (training/teacher_labels.Labeler) or None."""
   global _JOB
-  job = _JOB = _Job(args)
+  job = _JOB = _Job(args, labeler)
   dst = epath.Path(args.dst)
   dst.mkdir(parents=True, exist_ok=True)
   plan_path = dst / '.prepare.json'
@@ -147,7 +172,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
   def note() -> str:
     return f'{rows}/{len(job.source)} rows, {tokens / progress.elapsed:,.0f} tokens/s'
 
-  workers = max(1, min(args.workers, len(todo)))
+  # The teacher runs in this process: forked workers cannot share its initialized runtime.
+  workers = 1 if labeler is not None else max(1, min(args.workers, len(todo)))
   if workers == 1:
     results = map(_write_shard, todo)
   else:
@@ -176,7 +202,27 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
       'documents': sum(s['documents'] for s in shards),
       'tokens': sum(s['tokens'] for s in shards), 'counts': dict(sorted(counts.items())),
       'shards': [{k: s[k] for k in ('path', 'rows', 'documents', 'tokens')} for s in shards]}
+  if labeler is not None:
+    manifest['teacher'] = {**job.plan['teacher'], **_teacher_figures(shards, manifest)}
   (dst / prepared.MANIFEST).write_text(json.dumps(manifest, indent=1))
   print(f'{args.dst}: {manifest["rows"]} rows -> {manifest["documents"]} documents, '
         f'{manifest["tokens"]} tokens in {job.num_shards} shards')
+  if labeler is not None:
+    t = manifest['teacher']
+    print(f'teacher targets: {t["bytes_per_token"]:.1f} bytes per token '
+          f'({t["target_bytes_per_token"]:.1f} of them targets), teacher '
+          f'{t["tokens_per_sec"]:,.0f} tokens/s')
   return manifest
+
+
+def _teacher_figures(shards: list[dict], manifest: dict) -> dict[str, float]:
+  """Bytes per token of the records (and of the targets alone) and the teacher's tokens/s
+  (its positions over its seconds, the last shard's figures of each process)."""
+  tokens = max(manifest['tokens'], 1)
+  nbytes = sum(s.get('bytes', 0) for s in shards)
+  # the tokens' own bytes: 4 per token (5 for chats) and the 4-byte count of each record
+  plain = manifest['tokens'] * (5 if manifest['format'] == 'chat' else 4) + 4 * manifest['documents']
+  t = [s['teacher'] for s in shards if 'teacher' in s]
+  rate = max((x['tokens'] / x['seconds'] for x in t if x['seconds']), default=0.0)
+  return {'bytes_per_token': nbytes / tokens, 'target_bytes_per_token': (nbytes - plain) / tokens,
+          'tokens_per_sec': rate}

@@ -8,7 +8,8 @@ shuffles and shards exactly as it does the raw input and yields the same batches
   text: the document's int32 tokens (little-endian), BOS ... EOS as documents.ToDocument makes
         them; the loss mask is the text mask (every target counts);
   chat: the int32 tokens followed by one uint8 mask byte per token (model turns only);
-  an empty record: a row the prepare skipped (counted in the manifest), skipped here too.
+  an empty record: a row the prepare skipped (counted in the manifest), skipped here too;
+  with --teacher, a uint32 token count first and the teacher's targets after (data/teacher.py).
 
 What depends on data.seq_len is decided here, as documents.ToDocument decides it: a chat
 longer than seq_len + 1 tokens is skipped, a longer text is split (counted).
@@ -28,6 +29,7 @@ import numpy as np
 from gemma3_train import config as config_lib
 from gemma3_train.data import order
 from gemma3_train.data import sources
+from gemma3_train.data import teacher as teacher_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
 
 MANIFEST = 'manifest.json'
@@ -47,9 +49,14 @@ def encode(doc: dict[str, np.ndarray] | None, fmt: str) -> bytes:
   return tokens + doc['mask'].astype(np.uint8).tobytes() if fmt == 'chat' else tokens
 
 
-def decode(record: bytes, fmt: str) -> dict[str, np.ndarray] | None:
+def decode(record: bytes, fmt: str, teacher_k: int = 0) -> dict[str, np.ndarray] | None:
+  """A record -> its document; teacher_k: the record holds teacher targets of k ids a position
+  (teacher_ids, teacher_probs [n - 1, k] added)."""
   if not record:
     return None
+  if teacher_k:
+    record, ids_PK, q_PK = teacher_lib.decode(record, fmt == 'chat', teacher_k)
+    return {**decode(record, fmt), 'teacher_ids': ids_PK, 'teacher_probs': q_PK}
   if fmt == 'chat':
     n = len(record) // 5
     tokens = np.frombuffer(record, TOKEN_DTYPE, count=n).astype(np.int32, copy=False)
@@ -84,7 +91,7 @@ class PreparedSource(sources._Files):  # pylint: disable=protected-access
 
   def __init__(self, spec: str, field: str, tokenizer_path: str):
     ours = tokenizer_lib.Tokenizer(tokenizer_path)
-    paths, rows, formats = [], [], set()
+    paths, rows, formats, teachers = [], [], set(), []
     for directory in (d.strip() for d in spec.split(',') if d.strip()):  # one or a comma list
       manifest = read_manifest(directory, field)
       made = manifest['tokenizer']
@@ -95,13 +102,20 @@ class PreparedSource(sources._Files):  # pylint: disable=protected-access
             f'{tokenizer_path or tokenizer_lib.BUNDLED!r} is sha256 '
             f'{tokenizer_sha256(ours)[:12]}; use that tokenizer or rerun gemma3-data prepare')
       formats.add(manifest['format'])
+      teachers.append(manifest.get('teacher'))
       paths += [str(epath.Path(directory) / s['path']) for s in manifest['shards']]
       rows += [range(s['rows']) for s in manifest['shards']]
     if len(formats) > 1:
       raise config_lib.ConfigError(f'{field}={spec!r}: mixes prepared formats '
                                    f'{" and ".join(sorted(formats))}; use a mixture')
     self.format = formats.pop() if formats else 'text'
+    plans = {None if t is None else tuple(t[k] for k in teacher_lib.PLAN_KEYS) for t in teachers}
+    if len(plans) > 1:
+      raise config_lib.ConfigError(f'{field}={spec!r}: mixes directories prepared with '
+                                   'different teachers (or with and without one)')
+    self.teacher = teachers[0] if teachers else None  # the manifest's 'teacher' entry
     super().__init__(paths, rows, field, spec)
+    self.field, self.spec = field, spec
     self._source = grain.sources.ArrayRecordDataSource(paths)
     self._remote = any('://' in p for p in paths)
 
@@ -123,20 +137,30 @@ class PreparedSource(sources._Files):  # pylint: disable=protected-access
 
 
 class ToDocument(grain.transforms.Map):
-  """Index -> document, as documents.ToDocument would have made it from the raw row."""
+  """Index -> document, as documents.ToDocument would have made it from the raw row.
+
+  record: add the record index ('record', distillation's draw keys); targets: add the stored
+  teacher targets (distill.teacher='')."""
 
   field = ''  # (the pipeline's start-up probe is not run on prepared data)
 
-  def __init__(self, source: PreparedSource, seq_len: int):
+  def __init__(self, source: PreparedSource, seq_len: int, record: bool = False,
+               targets: bool = False):
     self.source, self.seq_len = source, seq_len
+    self.record, self.targets = record, targets
+    self._k = source.teacher['samples'] if source.teacher else 0
 
   def document(self, i: int) -> dict[str, np.ndarray] | None:
     return self.from_record(self.source[i], i)
 
   def from_record(self, record: bytes, i: int) -> dict[str, np.ndarray] | None:
-    doc = decode(record, self.source.format)
+    doc = decode(record, self.source.format, self._k)
     if doc is None:
       return None
+    if self._k and not self.targets:
+      doc = {'tokens': doc['tokens'], 'mask': doc['mask']}
+    if self.record:
+      doc['record'] = np.int32(i)
     n = len(doc['tokens'])
     if n - 1 > self.seq_len:
       where = self.source.where(i)

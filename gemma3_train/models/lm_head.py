@@ -332,36 +332,67 @@ def draw_ids(p_BCV, u_BCK):
   return jnp.minimum(ids, p_BCV.shape[-1] - 1).astype(jnp.int32)
 
 
+_DRAW_TAG = 0xD157  # folded into the seed's key: draws of their own, not dropout's
+
+
+def position_uniforms(seed: int, record_BC, pos_BC, k: int):
+  """[B, C, k] values in [0, 1): a position's come from the key fold_in(key(seed), tag,
+  record, pos) alone (its document's record index, its place in the document), so the online
+  loss and `gemma3-data prepare --teacher` draw the same ids whatever the packing, chunking,
+  step, microbatches or mesh."""
+  key = jax.random.fold_in(jax.random.key(seed), _DRAW_TAG)
+
+  def position(record, pos):
+    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, record), pos), (k,))
+  return jax.vmap(jax.vmap(position))(record_BC, pos_BC)
+
+
+def _distinct_first(ids_BCK, p_BCK):
+  """Sorted ids -> (ids, p) with each distinct id once, in order, at the front; repeats (p 0)
+  after them. Stored targets keep the front only (data/teacher.py)."""
+  B, C, _ = ids_BCK.shape
+  first_BCK = jnp.concatenate([jnp.ones((B, C, 1), bool),
+                               ids_BCK[..., 1:] != ids_BCK[..., :-1]], axis=-1)
+  order_BCK = jnp.argsort(~first_BCK, axis=-1, stable=True)
+  ids_BCK = jnp.take_along_axis(ids_BCK, order_BCK, axis=-1)
+  first_BCK = jnp.take_along_axis(first_BCK, order_BCK, axis=-1)
+  return ids_BCK, jnp.where(first_BCK, jnp.take_along_axis(p_BCK, order_BCK, axis=-1), 0.0)
+
+
 def teacher_targets(x_BLD, embedding_VD, *, k: int, temperature: float, chunk_size: int,
-                    uniforms=None) -> tuple[jax.Array, jax.Array]:
+                    seed: int | None = None, record_BL=None, pos_BL=None
+                    ) -> tuple[jax.Array, jax.Array]:
   """A teacher's targets per position: (ids [B, L, k] int32, q [B, L, k] float32, q summing
   to 1 over a position's ids), p = softmax(logits / temperature), chunk by chunk. Not
   differentiated (the teacher is frozen).
 
-  uniforms None: the k most probable ids, q their p renormalized (top-k). Else uniforms(chunk
-  index, C) -> [B, C, k] values in [0, 1), and k ids drawn from p with replacement; q is p on
-  the distinct drawn ids renormalized, 0 on repeats (the Gemma 3 report's targets: sorted ids,
-  each distinct one weighted once).
+  seed None: the k most probable ids, q their p renormalized (top-k). Else k ids drawn from p
+  with replacement, with position_uniforms(seed, record, pos); q is p on the distinct drawn
+  ids renormalized (the Gemma 3 report's targets): the distinct ids first, ascending, then the
+  repeats with q 0.
   """
   x_nBCD, = _chunks(chunk_size, jax.lax.stop_gradient(x_BLD))
   table_VD = jax.lax.stop_gradient(embedding_VD)
   n, B, C, _ = x_nBCD.shape
+  if seed is None:
+    keys = (jnp.zeros((n, B, C), jnp.int32),) * 2  # (unused)
+  else:
+    keys = tuple(_chunks(chunk_size, record_BL, pos_BL))
 
   def body(_, xs):
-    i, x_BCD = xs
+    x_BCD, record_BC, pos_BC = xs
     logp_BCV = jax.nn.log_softmax(_chunk_logits(x_BCD, table_VD) / temperature, axis=-1)
-    if uniforms is None:
+    if seed is None:
       logp_BCK, ids_BCK = jax.lax.top_k(logp_BCV, k)
       p_BCK = jnp.exp(logp_BCK)
     else:
       p_BCV = jnp.exp(logp_BCV)
-      ids_BCK = jnp.sort(draw_ids(p_BCV, uniforms(i, C)), axis=-1)
-      first_BCK = jnp.concatenate([jnp.ones((B, C, 1), bool),
-                                   ids_BCK[..., 1:] != ids_BCK[..., :-1]], axis=-1)
-      p_BCK = jnp.where(first_BCK, jnp.take_along_axis(p_BCV, ids_BCK, axis=-1), 0.0)
+      ids_BCK = jnp.sort(draw_ids(p_BCV, position_uniforms(seed, record_BC, pos_BC, k)),
+                         axis=-1)
+      ids_BCK, p_BCK = _distinct_first(ids_BCK, jnp.take_along_axis(p_BCV, ids_BCK, axis=-1))
     return None, (ids_BCK.astype(jnp.int32), p_BCK / jnp.sum(p_BCK, axis=-1, keepdims=True))
 
-  _, (ids_nBCK, q_nBCK) = _scan_chunks(body, None, (jnp.arange(n), x_nBCD), n)
+  _, (ids_nBCK, q_nBCK) = _scan_chunks(body, None, (x_nBCD, *keys), n)
   L = x_BLD.shape[1]
   return _unchunk(ids_nBCK, L), _unchunk(q_nBCK, L)
 

@@ -9,12 +9,17 @@ distill.teacher_dtype, sharded by the same rules and never differentiated, optim
   sampled  -sum_i t_i log q_i over the distinct ids of distill.samples draws from p_T (with
            replacement), t = p_T on those ids renormalized (the Gemma 3 report: "The teacher's
            target distribution is set to zero probability for non-sampled logits, and
-           renormalized"); the draws are a function of (train.seed, step, row, column) only
+           renormalized"); the draws are a function of (train.seed, the document's record
+           index, the position in the document) only: the batch's 'record' and 'record_pos'
   topk     the same on the teacher's distill.samples most probable ids
   kl       KL(p_T || q) over the whole vocabulary
 and loss = (1 - alpha) * that + alpha * the next-token cross-entropy on the data (+ train.z_loss
 * the z-loss), summed over the weighted targets; the step divides by their count. Every
 [B, C, V] logits array lives in one chunk of the sequence (models/lm_head.py).
+
+distill.teacher='' is offline: no teacher is held or run; sampled and topk read the targets
+`gemma3-data prepare --teacher` stored with the tokens (the batch's 'teacher_ids' and
+'teacher_probs', data/teacher.py), drawn with the same keys, so the losses are the online run's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 from gemma3_train import config as config_lib
 from gemma3_train import convert
 from gemma3_train import data as data_lib
+from gemma3_train.data import teacher as teacher_data
 from gemma3_train.models import lm_head
 from gemma3_train.training.objectives import base
 
@@ -36,13 +42,17 @@ TEACHER = 'teacher'
 _ARCHITECTURE = config_lib.MODEL_SHAPE_FIELDS + (
     'preset', 'query_pre_attn_scalar', 'sliding_window', 'local_rope_base', 'global_rope_base',
     'global_rope_scale', 'rms_norm_eps')
-_SAMPLE_TAG = 0xD157  # folded into the seed's key: draws of their own, not dropout's
 
 
 def teacher_config(c: config_lib.Config) -> config_lib.ModelConfig:
-  """The teacher's ModelConfig: its checkpoint's architecture (config only, no weights read)
-  with the student's runtime fields. Raises ConfigError (one line)."""
+  """The teacher's ModelConfig: its checkpoint's architecture (config only, no weights read),
+  or distill.teacher_preset's, with the student's runtime fields. Raises ConfigError (one
+  line)."""
   path = c.distill.teacher
+  if c.distill.teacher_preset:
+    arch = {k: getattr(config_lib.ModelConfig(), k) for k in _ARCHITECTURE if k != 'vocab_size'}
+    arch.update(config_lib.PRESETS[c.distill.teacher_preset], preset=c.distill.teacher_preset)
+    return dataclasses.replace(c.model, vision=False, **arch)
   try:
     src = convert.open_source(path)
   except convert.ConversionError as e:
@@ -55,37 +65,26 @@ def teacher_config(c: config_lib.Config) -> config_lib.ModelConfig:
                              **{k: getattr(src.cfg, k) for k in _ARCHITECTURE})
 
 
-def uniforms(seed: int, step_B, row_B, k: int):
-  """uniforms(chunk index, C) -> [B, C, k] in [0, 1): a position's values come from the key
-  fold_in(seed's key, tag, step, row, column), whatever the chunking, microbatches or mesh."""
-  key = jax.random.fold_in(jax.random.key(seed), _SAMPLE_TAG)
-
-  def position(step, row, col):
-    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(
-        jax.random.fold_in(key, step), row), col), (k,))
-
-  def fn(i, C):
-    cols = i * C + jnp.arange(C)
-    return jax.vmap(lambda s, r: jax.vmap(lambda col: position(s, r, col))(cols))(step_B, row_B)
-  return fn
-
-
 class Distill(base.Objective):
   name = 'distill'
-  reads_step = True  # the sampled loss's draws
 
   def __init__(self, c: config_lib.Config):
     super().__init__(c)
     self._teacher_cfg = None
+    self.online = bool(c.distill.teacher)  # else the stored targets (data/teacher.py)
 
   def batch_shapes(self) -> base.Shapes:
-    """ce's [B, L] token arrays (text only)."""
+    """ce's [B, L] token arrays (text only), and data/teacher.py's: the sampled draws' record
+    keys [B, L] online, the stored targets [B, L, distill.samples] offline."""
     c = self.config
     B, L = c.train.global_batch_size, c.data.seq_len
-    return {k: ((B, L), dtype) for k, dtype in data_lib.BATCH_DTYPES.items()}
+    shapes = {k: ((B, L), dtype) for k, dtype in data_lib.BATCH_DTYPES.items()}
+    for k, (trailing, dtype) in teacher_data.batch_keys(c).items():
+      shapes[k] = ((B, L, *trailing), dtype)
+    return shapes
 
   def frozen_models(self) -> dict[str, str]:
-    return {TEACHER: self.config.distill.teacher}
+    return {TEACHER: self.config.distill.teacher} if self.online else {}
 
   def frozen_model_config(self, name):
     if self._teacher_cfg is None:
@@ -96,10 +95,10 @@ class Distill(base.Objective):
     return self.config.distill.teacher_dtype
 
   def _inputs(self, model, teacher, batch):
-    """(student hidden states, teacher hidden states, targets, weights)."""
+    """(student hidden states, teacher hidden states or None (offline), targets, weights)."""
     args = batch['inputs'], batch['positions'], batch['segment_ids']
     x_BLD = model.hidden(*args)
-    teacher_x_BLD = jax.lax.stop_gradient(teacher.hidden(*args))
+    teacher_x_BLD = None if teacher is None else jax.lax.stop_gradient(teacher.hidden(*args))
     targets, weights = lm_head.mask_image_targets(batch['targets'], batch['weights'],
                                                   model.cfg.vocab_size)
     return x_BLD, teacher_x_BLD, targets, weights
@@ -108,17 +107,20 @@ class Distill(base.Objective):
     c = self.config
     d, t = c.distill, c.train
     x_BLD, teacher_x_BLD, targets, weights = inputs
-    table_VD, teacher_VD = model.embedder.table(), teacher.embedder.table()
-    if d.loss == 'kl':
-      return lm_head.kl_sums(x_BLD, table_VD, teacher_x_BLD, teacher_VD, targets, weights,
-                             temperature=d.temperature, chunk_size=t.loss_chunk_size,
+    table_VD = model.embedder.table()
+    if teacher is None:  # offline: the stored targets
+      ids, q = batch['teacher_ids'], batch['teacher_probs']
+    elif d.loss == 'kl':
+      return lm_head.kl_sums(x_BLD, table_VD, teacher_x_BLD, teacher.embedder.table(), targets,
+                             weights, temperature=d.temperature, chunk_size=t.loss_chunk_size,
                              z_loss=t.z_loss)
-    draws = None
-    if d.loss == 'sampled':
-      draws = uniforms(t.seed, batch['step'], batch['row'], d.samples)
-    ids, q = lm_head.teacher_targets(teacher_x_BLD, teacher_VD, k=d.samples,
-                                     temperature=d.temperature,
-                                     chunk_size=t.loss_chunk_size, uniforms=draws)
+    else:
+      keys = {}
+      if d.loss == 'sampled':
+        keys = dict(seed=t.seed, record_BL=batch['record'], pos_BL=batch['record_pos'])
+      ids, q = lm_head.teacher_targets(teacher_x_BLD, teacher.embedder.table(), k=d.samples,
+                                       temperature=d.temperature,
+                                       chunk_size=t.loss_chunk_size, **keys)
     return lm_head.soft_target_sums(x_BLD, table_VD, ids, q, targets, weights,
                                     chunk_size=t.loss_chunk_size, z_loss=t.z_loss)
 
@@ -133,16 +135,22 @@ class Distill(base.Objective):
             'hard_sum': sums.pop('loss_sum'), **sums}
     return total, sums
 
+  def _teacher(self, frozen_models):
+    return frozen_models[TEACHER] if self.online else None
+
   def loss_sums(self, model, batch, frozen_models=None):
-    teacher = frozen_models[TEACHER]
+    teacher = self._teacher(frozen_models)
     return self._loss(model, teacher, batch, self._inputs(model, teacher, batch))
 
   def eval_sums(self, model, batch, frozen_models=None):
-    """loss_sums' parts and the exact KL(teacher || student) at temperature 1, in chunks."""
+    """loss_sums' parts and, online, the exact KL(teacher || student) at temperature 1, in
+    chunks (offline there is no teacher to take it from)."""
     c = self.config
-    teacher = frozen_models[TEACHER]
+    teacher = self._teacher(frozen_models)
     inputs = self._inputs(model, teacher, batch)
     _, sums = self._loss(model, teacher, batch, inputs)
+    if teacher is None:
+      return sums
     if c.distill.loss == 'kl' and c.distill.temperature == 1.0:
       kl = sums['distill_sum']
     else:
@@ -163,6 +171,7 @@ class Distill(base.Objective):
     weight = max(totals.get('weight_sum', 0.0), 1.0)
     return {'loss': totals['objective_sum'] / weight,
             'distill/loss': totals['distill_sum'] / weight,
-            'distill/kl_to_teacher': totals['kl_to_teacher_sum'] / weight,
             'loss/hard': hard['loss'], 'perplexity': hard['perplexity'],
-            'accuracy': hard['accuracy'], 'tokens': hard['tokens']}
+            'accuracy': hard['accuracy'], 'tokens': hard['tokens'],
+            **({'distill/kl_to_teacher': totals['kl_to_teacher_sum'] / weight}
+               if 'kl_to_teacher_sum' in totals else {})}
