@@ -2,6 +2,9 @@
 axis equals attention over whole rows, for global and local layers, both layouts, packed rows,
 windows shorter and longer than a chunk, and image blocks straddling a shard boundary."""
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -183,3 +186,92 @@ def test_chunked_loss_and_logprobs_under_context():
     got = jax.jit(run)(x, table)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --- what the compiled program moves ---------------------------------------------------------
+
+
+def _collective_bytes(fn, *args):
+  """{op: bytes of its per-device results} over the compiled program's collectives."""
+  sizes = {'f32': 4, 's32': 4, 'bf16': 2, 'pred': 1}
+  out = {}
+  for line in jax.jit(fn).lower(*args).compile().as_text().splitlines():
+    m = re.search(r'= (\w+)\[([\d,]*)\]\S* (collective-permute|all-gather|all-reduce|all-to-all)'
+                  r'\(', line)
+    if m:
+      n = np.prod([int(d) for d in m.group(2).split(',') if d])
+      out[m.group(3)] = out.get(m.group(3), 0) + int(n) * sizes[m.group(1)]
+  return out
+
+
+@pytest.mark.parametrize('layout', ['contiguous', 'balanced'])
+def test_local_layer_moves_only_the_halo(layout):
+  """A local layer's collectives are ppermutes of W - 1 keys, values, positions and segments
+  per chunk (one chunk per shard contiguous, two balanced); a global layer all-gathers."""
+  B, L, N, K, H, W = 2, 64, 4, 2, 8, 6
+  mesh = _mesh(4)  # context 4 x fsdp 2: one row per device
+  q, k = jnp.zeros((B, L, N, H)), jnp.zeros((B, L, K, H))
+  pos = jnp.zeros((B, L), jnp.int32)
+  attend = lambda window: lambda q, k, v, p, s: context.attend(
+      q, k, v, p, s, None, window=window, lookahead=0, layout=layout)
+  with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+    local = _collective_bytes(attend(W), q, k, k, pos, pos)
+    whole = _collective_bytes(attend(None), q, k, k, pos, pos)
+  chunks = 2 if layout == 'balanced' else 1
+  # per chunk, per row: W - 1 keys and values (K x H float32) and their position and segment
+  halo = chunks * 1 * (W - 1) * (2 * K * H * 4 + 2 * 4)
+  assert set(local) == {'collective-permute'}
+  assert local['collective-permute'] == halo
+  assert whole == {'all-gather': 1 * L * (2 * K * H * 4 + 2 * 4)}
+
+
+_VISION = dict(vision=True, vision_image_size=16, vision_patch_size=4, vision_width=16,
+               vision_depth=2, vision_mlp_dim=32, vision_num_heads=2, vision_pool=2,
+               vision_trainable=True)
+
+
+def _vision_batch(c, seed=0):
+  """_packed's rows with two images of 4 soft tokens each in the first document, the second
+  across position 32 (a shard boundary at degree 2 and 4, a chunk boundary balanced)."""
+  batch = _packed(c, seed)
+  V, T = c.model.vocab_size, c.model.tokens_per_image
+  for start in (5, 30):
+    batch['inputs'][:, start:start + T] = V
+  batch['targets'] = np.concatenate([batch['inputs'][:, 1:], batch['targets'][:, -1:]], 1)
+  batch['weights'] = np.where(batch['targets'] == V, 0.0, batch['weights']).astype(np.float32)
+  rng = np.random.default_rng(seed)
+  B, S = c.train.global_batch_size, c.model.vision_image_size
+  batch['images'] = rng.integers(0, 256, size=(B, 2, S, S, 3)).astype(np.uint8)
+  batch['image_counts'] = np.full((B,), 2, np.int32)
+  return batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('degree', [2, 4])
+def test_vision_loss_and_grads_equal_context_1(degree):
+  """Bidirectional image blocks, one straddling a shard boundary: a local layer's halo reaches
+  ahead into the next shard."""
+  c1 = _config(1, model=_VISION, data=dict(max_images=2))
+  batch = _vision_batch(c1)
+  want = _loss_and_grads(c1, batch)
+  _assert_same(_loss_and_grads(_config(degree, model=_VISION, data=dict(max_images=2)), batch),
+               want)
+
+
+# --- the planner ---------------------------------------------------------------------------
+
+
+def test_planner_adds_context_degrees_for_long_rows():
+  """Auto degrees: 1, and for long rows each leaving LONG_SHARD positions a shard (dividing the
+  sequence into 2 chunks a shard); candidates split the chips over fsdp x context x tensor."""
+  from gemma3_train.planning import aot, plan  # pylint: disable=g-import-not-at-top
+  c = dataclasses.replace(config_lib.Config(), model=config_lib.ModelConfig.from_preset('4b'))
+  assert plan.context_degrees(c.replace(data=dict(seq_len=4096)), plan.PlanSpace()) == (1,)
+  long = c.replace(data=dict(seq_len=32768))
+  assert plan.context_degrees(long, plan.PlanSpace()) == (1, 2, 4, 8)
+  assert plan.context_degrees(long, plan.parse_plan_space(context='1,3,4')) == (1, 4)
+  space = plan.PlanSpace(remat_policies=('full',), rows_per_shard=(1,), tensor_degrees=(1, 2),
+                         layouts=('layer/layer',))
+  got = {(k.tensor, k.context, k.trial.mesh.fsdp, k.trial.train.global_batch_size)
+         for k in plan._candidates(long, aot.parse_topology('v5e-16'), space)}
+  assert got == {(t, x, 16 // (t * x), 16 // (t * x)) for t in (1, 2) for x in (1, 2, 4, 8)}

@@ -53,6 +53,9 @@ _AOT_PLAN_ROWS = flags.DEFINE_string('aot_plan_rows', '', 'With --aot_plan: comm
                                      'per batch shard to try (default: 1,2,4,8).')
 _AOT_PLAN_TENSOR = flags.DEFINE_string('aot_plan_tensor', '', 'With --aot_plan: comma list of '
                                        'tensor-parallel degrees to try (default: 1,2,4,8).')
+_AOT_PLAN_CONTEXT = flags.DEFINE_string('aot_plan_context', '', 'With --aot_plan: comma list '
+                                        'of context-parallel degrees to try (default: 1, and '
+                                        'for long rows those leaving 4096+ positions a shard).')
 _AOT_PLAN_CONFIRM = flags.DEFINE_string('aot_plan_confirm', '', 'With --aot_plan: N > 0 '
                                         'predicts each candidate from compiles of the model '
                                         'shortened to 2 and 3 blocks, then compiles the best N '
@@ -112,7 +115,8 @@ def main(argv) -> None:
     try:
       space = plan.parse_plan_space(_AOT_PLAN_REMAT.value, _AOT_PLAN_ROWS.value,
                                     _AOT_PLAN_TENSOR.value, _AOT_PLAN_CONFIRM.value,
-                                    _AOT_PLAN_LAYOUTS.value, _AOT_PLAN_ALL.value)
+                                    _AOT_PLAN_LAYOUTS.value, _AOT_PLAN_ALL.value,
+                                    _AOT_PLAN_CONTEXT.value)
       if _AOT_PLAN.value:
         plan.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, space=space)
       else:

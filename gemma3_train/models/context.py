@@ -53,19 +53,27 @@ def chunk_ids(c: int, layout: str) -> np.ndarray:
 def _fetch(pieces, held_SM: np.ndarray, want_SM: np.ndarray, axes):
   """Per slot b, the pieces of chunk want_SM[s, b] from the shard that holds it (held_SM: the
   layout the pieces are in), zeros where want_SM < 0. pieces: one pytree per slot of held_SM.
-  One ppermute per (source slot, destination slot) pair that moves anything."""
+  One ppermute per (source slot, destination slot) pair that moves anything between shards;
+  a chunk that is already on its shard is selected, not sent."""
   where = {int(g): (s, j) for (s, j), g in np.ndenumerate(held_SM)}
+  shard = jax.lax.axis_index(axes)
   out = []
   for b in range(want_SM.shape[1]):
     got = None
     for a in range(held_SM.shape[1]):
-      perm = [(where[g][0], s) for s, g in enumerate(want_SM[:, b].tolist())
-              if g >= 0 and where[g][1] == a]
-      if not perm:
-        continue
-      moved = jax.tree.map(functools.partial(jax.lax.ppermute, axis_name=axes, perm=perm),
-                           pieces[a])
-      got = moved if got is None else jax.tree.map(jnp.add, got, moved)
+      pairs = [(where[g][0], s) for s, g in enumerate(want_SM[:, b].tolist())
+               if g >= 0 and where[g][1] == a]
+      perm = [(i, j) for i, j in pairs if i != j]
+      here = [j for i, j in pairs if i == j]
+      if perm:
+        moved = jax.tree.map(functools.partial(jax.lax.ppermute, axis_name=axes, perm=perm),
+                             pieces[a])
+        got = moved if got is None else jax.tree.map(jnp.add, got, moved)
+      if here:
+        keep = jnp.isin(shard, jnp.asarray(here))
+        kept = jax.tree.map(lambda x, keep=keep: jnp.where(keep, x, jnp.zeros_like(x)),
+                            pieces[a])
+        got = kept if got is None else jax.tree.map(jnp.add, got, kept)
     out.append(jax.tree.map(jnp.zeros_like, pieces[0]) if got is None else got)
   return out
 

@@ -1,4 +1,5 @@
-"""The AOT planner: the remat x batch x (fsdp, tensor) choices that fit a TPU slice, fastest first.
+"""The AOT planner: the remat x batch x (fsdp, context, tensor) choices that fit a TPU slice,
+fastest first.
 
 `gemma3-train --config=... --aot_topology=v5p-128 --aot_plan` compiles candidates with
 aot.compile_report (libtpu's compile-only devices, no TPU) and ranks the ones that fit by the
@@ -50,6 +51,9 @@ class PlanSpace:
   remat_policies: tuple[str, ...] = config_lib.REMAT_POLICIES
   rows_per_shard: tuple[int, ...] = (1, 2, 4, 8)  # rows per batch shard (fsdp x data x dcn)
   tensor_degrees: tuple[int, ...] = (1, 2, 4, 8)
+  # context-parallel degrees (mesh.context); () = auto: 1, and for long rows each degree that
+  # leaves a shard at least LONG_SHARD positions (context_degrees)
+  context_degrees: tuple[int, ...] = ()
   confirm: int = 0
   # memory layouts 'REMAT_UNIT/SCAN_UNIT' (model.remat_unit, model.scan_unit), tried in this
   # order for each candidate until one fits: the first is the fastest (no second replay), the
@@ -59,7 +63,7 @@ class PlanSpace:
 
 
 def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm: str = '',
-                     layouts: str = '', every: bool = False) -> PlanSpace:
+                     layouts: str = '', every: bool = False, context: str = '') -> PlanSpace:
   """PlanSpace from the --aot_plan_* flags (comma lists; empty keeps the default)."""
   def ints(flag: str, text: str, default: tuple[int, ...]) -> tuple[int, ...]:
     if not text:
@@ -92,6 +96,7 @@ def parse_plan_space(remat: str = '', rows: str = '', tensor: str = '', confirm:
   return PlanSpace(remat_policies=policies, layouts=layout_list,
                    rows_per_shard=ints('aot_plan_rows', rows, PlanSpace.rows_per_shard),
                    tensor_degrees=ints('aot_plan_tensor', tensor, PlanSpace.tensor_degrees),
+                   context_degrees=ints('aot_plan_context', context, PlanSpace.context_degrees),
                    confirm=int(confirm) if confirm else PlanSpace.confirm, every=every)
 
 
@@ -108,18 +113,34 @@ def _plan_report(r: aot.Report, **changes) -> PlanReport:
 
 
 def _unsplit() -> dict[str, int]:
-  """Degree 1 on every mesh axis: the planner then sets the fsdp and tensor degrees it tries."""
+  """Degree 1 on every mesh axis: the planner then sets the fsdp, context and tensor degrees it
+  tries."""
   return {a: 1 for a in config_lib.MESH_AXES}
 
 
+# Auto context degrees: only rows long enough that each shard keeps this many positions.
+LONG_SHARD = 4096
+
+
+def context_degrees(c: config_lib.Config, space: PlanSpace) -> tuple[int, ...]:
+  """The context degrees to try: space's, else 1 and each of 2, 4, 8, 16 that leaves every
+  shard at least LONG_SHARD positions; only those the sequence divides into (2 chunks per
+  shard with model.context_layout=balanced)."""
+  pieces = 2 if c.model.context_layout == 'balanced' else 1
+  degrees = space.context_degrees or tuple(
+      d for d in (1, 2, 4, 8, 16) if d == 1 or c.data.seq_len // d >= LONG_SHARD)
+  return tuple(d for d in degrees if d == 1 or not c.data.seq_len % (d * pieces))
+
+
 def _with(c: config_lib.Config, *, remat: str, tensor: int, fsdp: int, batch: int,
-          layout: str = 'block/block') -> config_lib.Config:
+          layout: str = 'block/block', context: int = 1) -> config_lib.Config:
   """c with one candidate's remat policy, memory layout, mesh split and (per-microbatch) batch."""
   remat_unit, scan_unit = layout.split('/')
   return dataclasses.replace(
       c, model=dataclasses.replace(c.model, remat_policy=remat, remat_unit=remat_unit,
                                    scan_unit=scan_unit),
-      mesh=dataclasses.replace(c.mesh, **{**_unsplit(), 'fsdp': fsdp, 'tensor': tensor}),
+      mesh=dataclasses.replace(c.mesh, **{**_unsplit(), 'fsdp': fsdp, 'tensor': tensor,
+                                          'context': context}),
       train=dataclasses.replace(c.train, global_batch_size=batch * c.optim.grad_accum_steps))
 
 
@@ -238,12 +259,13 @@ def search_plans(c: config_lib.Config, topo: hardware.Topology,
            f'predicted from {len(PROBE_BLOCKS)} compiles each of the model shortened to '
            f'{" and ".join(map(str, PROBE_BLOCKS))} of its {blocks} blocks, then the best '
            f'{space.confirm} compiled whole')
-  log.info('Planning %s on %s: up to %d candidates (tensor %s x remat %s x rows per batch '
-           'shard %s x layouts %s; a batch stops growing at its first misfit; a layout is '
+  log.info('Planning %s on %s: up to %d candidates (tensor %s x context %s x remat %s x rows '
+           'per batch shard %s x layouts %s; a batch stops growing at its first misfit; a layout is '
            'compiled only when none before it fits with 10%% free), %s. Each compile can take '
            'minutes; narrow the search with --aot_plan_remat/_rows/_tensor/_layouts.',
            c.model.preset, topo.name, len(candidates),
            '/'.join(map(str, sorted({k.tensor for k in candidates}))),
+           '/'.join(map(str, sorted({k.context for k in candidates}))),
            '/'.join(space.remat_policies), '/'.join(map(str, space.rows_per_shard)),
            ', '.join(space.layouts), stage)
   if space.every or space.confirm:
@@ -263,6 +285,7 @@ def search_plans(c: config_lib.Config, topo: hardware.Topology,
 @dataclasses.dataclass(frozen=True)
 class _Candidate:
   tensor: int
+  context: int
   remat: str
   rows: int  # per batch shard
   layout: str  # 'REMAT_UNIT/SCAN_UNIT'
@@ -273,11 +296,11 @@ class _Candidate:
 def _candidates(c: config_lib.Config, topo: hardware.Topology,
                 space: PlanSpace) -> list[_Candidate]:
   """Every candidate in the search's nested order (tensor, remat, rows ascending, layout)."""
-  splits = [t for t in space.tensor_degrees
-            if not topo.chips % t and (t == 1 or not c.model.num_kv_heads % t)]
+  splits = [(t, x) for t in space.tensor_degrees for x in context_degrees(c, space)
+            if not topo.chips % (t * x) and (t == 1 or not c.model.num_kv_heads % t)]
   out = []
-  for tensor in splits:
-    fsdp = topo.chips // tensor
+  for tensor, context in splits:
+    fsdp = topo.chips // (tensor * context)
     shards = fsdp * c.mesh.dcn_data * c.mesh.dcn_fsdp
     for remat in space.remat_policies:
       # Without remat there is no checkpoint to place per layer: one layout is enough.
@@ -285,8 +308,8 @@ def _candidates(c: config_lib.Config, topo: hardware.Topology,
       for rows in sorted(space.rows_per_shard):
         for layout in layouts:
           trial = _with(c, remat=remat, tensor=tensor, fsdp=fsdp, batch=rows * shards,
-                        layout=layout)
-          out.append(_Candidate(tensor, remat, rows, layout, trial,
+                        layout=layout, context=context)
+          out.append(_Candidate(tensor, context, remat, rows, layout, trial,
                                 aot.throughput_bound(trial, topo)))
   return out
 
@@ -295,8 +318,8 @@ def _compile(k: _Candidate, topo: hardware.Topology, device_list: Sequence,
              predict: bool = False) -> PlanReport:
   r = (predict_report(k.trial, topo, device_list) if predict else
        _plan_report(aot.compile_report(k.trial, topo, device_list=device_list)))
-  log.info('  plan fsdp=%d tensor=%d remat=%s layout=%s batch=%d: %s', r.mesh['fsdp'],
-           k.tensor, k.remat, k.layout, r.global_batch, _describe(r))
+  log.info('  plan fsdp=%d context=%d tensor=%d remat=%s layout=%s batch=%d: %s',
+           r.mesh['fsdp'], k.context, k.tensor, k.remat, k.layout, r.global_batch, _describe(r))
   return r
 
 
@@ -306,10 +329,10 @@ def _search_every(candidates: Sequence[_Candidate], topo: hardware.Topology,
   """Each candidate compiled (or predicted) in the nested order, the (trial, report) of those
   that fit: a layout only when none before it fits with aot.HEADROOM free, rows until no
   layout fits."""
-  found, ended = [], set()  # (tensor, remat) whose batch stopped growing
-  for (tensor, remat, rows), group in itertools.groupby(
-      candidates, key=lambda k: (k.tensor, k.remat, k.rows)):
-    if (tensor, remat) in ended:
+  found, ended = [], set()  # (tensor, context, remat) whose batch stopped growing
+  for (tensor, context, remat, rows), group in itertools.groupby(
+      candidates, key=lambda k: (k.tensor, k.context, k.remat, k.rows)):
+    if (tensor, context, remat) in ended:
       continue
     fits = False
     for k in group:
@@ -320,7 +343,7 @@ def _search_every(candidates: Sequence[_Candidate], topo: hardware.Topology,
         if r.headroom >= aot.HEADROOM:
           break
     if not fits:
-      ended.add((tensor, remat))
+      ended.add((tensor, context, remat))
   return found
 
 
@@ -333,29 +356,29 @@ def _search_best_first(candidates: Sequence[_Candidate], topo: hardware.Topology
   last); rows beyond a misfit of the same layout are skipped."""
   order = sorted(candidates, key=_bound_key)  # stable: ties keep the nested order
   plans: list[PlanReport] = []
-  misfit_rows: dict[tuple[int, str, str], int] = {}  # smallest rows that did not fit
-  # (tensor, remat, rows) with a layout that fits with aot.HEADROOM free
-  roomy: set[tuple[int, str, int]] = set()
+  misfit_rows: dict[tuple, int] = {}  # smallest rows that did not fit
+  # (tensor, context, remat, rows) with a layout that fits with aot.HEADROOM free
+  roomy: set[tuple] = set()
   compiled = 0
   for k in order:
     best = min((p for p in plans if p.headroom >= aot.HEADROOM), key=_rank, default=None)
-    if best is not None and _bound_key(k) > _rank(best)[1:4]:
+    if best is not None and _bound_key(k) > _rank(best)[1:5]:
       log.info('Stopped after %d compiles of %d candidates: the best plan (%.0f tokens/s '
                'estimated) outranks the bound of every one left (at most %.0f); '
                '--aot_plan_all compiles them all', compiled, len(order),
                best.tokens_per_sec, k.bound)
       break
-    if (k.tensor, k.remat, k.rows) in roomy or k.rows >= misfit_rows.get(
-        (k.tensor, k.remat, k.layout), math.inf):
+    if (k.tensor, k.context, k.remat, k.rows) in roomy or k.rows >= misfit_rows.get(
+        (k.tensor, k.context, k.remat, k.layout), math.inf):
       continue
     r = _compile(k, topo, device_list)
     compiled += 1
     if r.fits:
       plans.append(r)
       if r.headroom >= aot.HEADROOM:
-        roomy.add((k.tensor, k.remat, k.rows))
+        roomy.add((k.tensor, k.context, k.remat, k.rows))
     else:
-      key = (k.tensor, k.remat, k.layout)
+      key = (k.tensor, k.context, k.remat, k.layout)
       misfit_rows[key] = min(k.rows, misfit_rows.get(key, k.rows))
   else:
     log.info('Compiled %d of %d candidates (the others: a batch beyond a misfit, or a layout '
@@ -363,9 +386,9 @@ def _search_best_first(candidates: Sequence[_Candidate], topo: hardware.Topology
   return plans
 
 
-def _bound_key(k: _Candidate) -> tuple[float, int, int]:
+def _bound_key(k: _Candidate) -> tuple[float, int, int, int]:
   """The best _rank key (after the headroom test) a compile of k can get."""
-  return -_six_digits(k.bound), k.tensor, k.trial.train.global_batch_size
+  return -_six_digits(k.bound), k.tensor, k.context, k.trial.train.global_batch_size
 
 
 def _six_digits(x: float) -> float:
@@ -381,14 +404,15 @@ def _describe(r: PlanReport) -> str:
   return f'{gib}{"" if r.fits else " (does not fit)"} ({how})'
 
 
-def _rank(r: PlanReport) -> tuple[bool, float, int, int, float]:
+def _rank(r: PlanReport) -> tuple[bool, float, int, int, int, float]:
   """Sort key, best first: plans that leave aot.HEADROOM of HBM free before those that do not
   (a shipped config must), then estimated tokens/s. The estimate is compute-bound per token, so
   batch sizes and tensor degrees often tie (to rounding, hence 6 digits); then the smaller
   tensor degree (less traffic, which the estimate does not count), the smaller batch (more
-  headroom, for the same split), the most headroom."""
+  headroom, for the same split), the most headroom. The smaller context degree comes right after
+  the tensor degree (its K/V traffic is not counted either)."""
   return (r.headroom < aot.HEADROOM, -_six_digits(r.tokens_per_sec), r.mesh['tensor'],
-          r.global_batch, -r.headroom)
+          r.mesh.get('context', 1), r.global_batch, -r.headroom)
 
 
 # --- stage 2: confirm the best with full compiles --------------------------------------
@@ -436,6 +460,8 @@ def format_plan(results: Sequence[PlanReport]) -> str:
            f'{"tokens/s":>12} {"MFU":>6}  flags']
   for r in results:
     flags = (f'--config.mesh.fsdp={r.mesh["fsdp"]} --config.mesh.tensor={r.mesh["tensor"]} '
+             + (f'--config.mesh.context={r.mesh["context"]} '
+                if r.mesh.get('context', 1) > 1 else '') +
              f'--config.model.remat_policy={r.remat_policy} '
              f'--config.model.remat_unit={r.remat_unit} --config.model.scan_unit={r.scan_unit} '
              f'--config.train.global_batch_size={r.global_batch}')
