@@ -46,6 +46,7 @@ from gemma3_train import config as config_lib
 from gemma3_train import data
 from gemma3_train.data import packing
 from gemma3_train.data import sources
+from gemma3_train.infra import cpu_peak
 
 _CORPORA = flags.DEFINE_list('corpora', ['bundled', '1gb'], 'bundled | 1gb')
 _WORKERS = flags.DEFINE_list('workers', ['0', '1', '2'], 'data.num_workers values')
@@ -278,6 +279,7 @@ def _bench(name: str, c: config_lib.Config, train_path: str) -> None:
 
 
 def main(_):
+  print(f'# {cpu_peak.describe_machine()}', flush=True)
   print(f'machine: {platform.node()} {platform.processor() or platform.machine()}, '
         f'{os.cpu_count()} CPUs; load average {_load()} (1/5/15 min)')
   base = config_lib.Config().replace(

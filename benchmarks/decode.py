@@ -96,6 +96,8 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   import test_hf_reference as hf_ref  # pylint: disable=g-import-not-at-top
   from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top
+  from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
+  print(f'# {cpu_peak.describe_machine()}', flush=True)
   torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
   load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average '

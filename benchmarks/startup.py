@@ -48,6 +48,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', type=int, default=3)
   args = parser.parse_args()
+  from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
+  print(f'# {cpu_peak.describe_machine()}', flush=True)
   results: dict[str, list[dict[str, float]]] = {'cold': [], 'warm': []}
   for _ in range(args.runs):
     with tempfile.TemporaryDirectory() as tmp:

@@ -201,8 +201,9 @@ def main(argv=None) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS)
   dtypes = [d for d in args.dtypes.split(',') if d]
   peaks: dict[str, list[float]] = {}  # CPU matmul peaks measured so far, per dtype
+  from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
   print(f'jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; '
-        f'load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores', flush=True)
+        f'# {cpu_peak.describe_machine()}', flush=True)
   results = []
   for name, values in _case_configs(args):
     for dtype in dtypes:

@@ -40,6 +40,38 @@ def measure_cpu_matmul_peak(dtype: str = 'float32', n: int = PEAK_N, repeats: in
   return 2 * n**3 / statistics.median(times) / 1e12
 
 
+def measure_memory_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+  """GB/s of a jitted sum over an mbytes float32 array (best of repeats after warm-up): the
+  rate at which this machine streams weights from memory, which bounds a decode step (each
+  step reads every weight once)."""
+  cpu = jax.devices('cpu')[0]
+  a = jax.device_put(jnp.ones((mbytes * 2**20 // 4,), jnp.float32), cpu)
+  total = jax.jit(jnp.sum)
+  total(a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    total(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return a.nbytes / best / 1e9
+
+
+def describe_machine(dtype: str = 'float32', cache_dir: str = '~/.cache/gemma3_train') -> str:
+  """One line for a benchmark's first output: the CPU (model, usable cores, widest vector
+  flags, top MHz), the load average now, its matmul peak (cached, with its date) and its
+  memory read bandwidth (measured now), so that a figure travels with what it ran on."""
+  info = _cpuinfo()
+  flags = set(info.get('flags', '').split())
+  vector = [f for f in ('avx512f', 'avx512_bf16', 'amx_tile', 'avx2') if f in flags][:2]
+  tflops, measured = cached_cpu_matmul_peak(dtype, cache_dir)
+  load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
+  return (f'{info.get("model name") or platform.processor() or platform.machine()}, '
+          f'{len(os.sched_getaffinity(0))} cores, {"+".join(vector) or "no avx2"}, '
+          f'{_max_mhz(info)} MHz; load average {load}; {dtype} matmul peak '
+          f'{tflops * 1e3:.0f} GFLOP/s (measured {measured}); memory read '
+          f'{measure_memory_bandwidth():.0f} GB/s')
+
+
 def machine_key(dtype: str) -> str:
   """What identifies this machine's matmul speed (two machines sharing a model name string,
   e.g. 'Intel(R) Xeon(R) Processor', differ in flags, cores or frequency)."""
