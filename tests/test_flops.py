@@ -103,3 +103,19 @@ def test_layer_matmul_flops_are_the_model_checkpoint_names():
   named = _named_matmul_flops(m, seq_len=7)
   assert flops.layer_matmul_flops(m) == {k: v for k, v in named.items() if k != 'attention_out'}
   assert 'attention_out' in named  # probs @ V: attention, counted by attention_flops_per_row
+
+
+def test_distill_counts_the_online_teachers_forward_of_its_own_shape():
+  """An online teacher adds its own forward (a third of its 3x-forward count, at the teacher's
+  shape, not the student's); stored targets (distill.teacher='') add nothing."""
+  c = config_lib.Config().replace(
+      model=config_lib.PRESETS['4b'], data=dict(seq_len=4096),
+      train=dict(objective='distill', global_batch_size=8),
+      distill=dict(teacher='/path/to/27b', teacher_preset='27b'))
+  T, B = 4096, 8
+  student = flops.model_flops_per_step(c.model, T, B)
+  teacher = flops.model_flops_per_step(c.replace(model=config_lib.PRESETS['27b']).model, T, B)
+  assert flops.train_flops_per_step(c) == pytest.approx(student + teacher / 3, rel=1e-12)
+  assert teacher / 3 > student  # the 27b's forward outweighs the 4b's whole step
+  offline = c.replace(distill=dict(teacher='', teacher_preset=''))
+  assert flops.train_flops_per_step(offline) == student

@@ -9,6 +9,7 @@ jax.ad_checkpoint.checkpoint_name, so that aot can count what a remat policy rep
 from __future__ import annotations
 
 from gemma3_train import config as config_lib
+from gemma3_train.training.objectives import distill  # the teacher's shape
 
 
 def layer_matmul_flops(m: config_lib.ModelConfig) -> dict[str, int]:
@@ -109,20 +110,25 @@ def vision_flops_per_step(c: config_lib.Config) -> float:
 def train_flops_per_step(c: config_lib.Config) -> float:
   """Training FLOPs of one optimizer step of config c: model_flops_per_step, or with LoRA
   (lora.rank > 0) lora_flops_per_token's count for the frozen base and the adapters; plus
-  the image path's (vision_flops_per_step) with model.vision, and the frozen reference's
-  forward pass that an objective runs each step (reference_flops_per_step)."""
+  the image path's (vision_flops_per_step) with model.vision, and the frozen models' forward
+  passes that an objective runs each step (frozen_forward_flops_per_step)."""
   T, B = c.data.seq_len, c.train.global_batch_size
-  extra = vision_flops_per_step(c) + reference_flops_per_step(c)
+  extra = vision_flops_per_step(c) + frozen_forward_flops_per_step(c)
   if c.lora.rank:
     return lora_flops_per_token(c, T) * T * B + extra
   return model_flops_per_step(c.model, T, B) + extra
 
 
-def reference_flops_per_step(c: config_lib.Config) -> float:
-  """The forward pass of a frozen reference of the model's shape on the step's rows: DPO with
-  dpo.reference_logps=online and a loss that has one (a third of the 3x-forward step)."""
+def frozen_forward_flops_per_step(c: config_lib.Config) -> float:
+  """The forward passes of frozen models an objective runs on the step's rows (each a third
+  of its model's 3x-forward step count): DPO's reference of the model's shape (with
+  dpo.reference_logps=online and a loss that has one) and distillation's online teacher, of
+  its own shape (distill.teacher set; the stored targets of distill.teacher='' need none)."""
+  T, B = c.data.seq_len, c.train.global_batch_size
   p = c.dpo
-  if (c.train.objective != 'dpo' or p.loss in config_lib.DPO_REFERENCE_FREE
-      or p.reference_logps != 'online'):
-    return 0.0
-  return model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size) / 3
+  if (c.train.objective == 'dpo' and p.loss not in config_lib.DPO_REFERENCE_FREE
+      and p.reference_logps == 'online'):
+    return model_flops_per_step(c.model, T, B) / 3
+  if c.train.objective == 'distill' and c.distill.teacher:
+    return model_flops_per_step(distill.teacher_config(c), T, B) / 3
+  return 0.0
