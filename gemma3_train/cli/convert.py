@@ -123,6 +123,9 @@ def main(argv: list[str]) -> None:
     cfg, path = convert.export_gguf(args.src, args.dst, args.quant or 'f16', args.tokenizer,
                                     args.embedding_quant)
     print(f'{path}: GGUF gemma3 ({cfg.preset}), {args.quant or "f16"}')
+    if cfg.vision:
+      print(f'{convert.gguf_mmproj.path_for(path)}: its vision tower (mmproj), for llama.cpp\'s '
+            '--mmproj')
   elif args.command == 'export' and args.format == 'kaggle':
     cfg = convert.export_kaggle(args.src, args.dst, dtype=args.dtype)
     print(f'{args.dst}: Kaggle/Flax checkpoint ({cfg.preset}), {args.dtype}')

@@ -19,6 +19,7 @@ from flax import nnx
 
 from gemma3_train import config as config_lib
 from gemma3_train.convert import gguf
+from gemma3_train.convert import gguf_mmproj
 from gemma3_train.convert import hf
 from gemma3_train.convert.hf import HfSource
 from gemma3_train.convert.hf import hf_config_to_model
@@ -128,7 +129,8 @@ def export_gguf(src_path, dst_path, quant: str = 'f16', tokenizer_path: str | No
                 embedding: str | None = None, progress: bool = True) -> tuple[
                     config_lib.ModelConfig, epath.Path]:
   """Any checkpoint we read -> one GGUF file (gguf.py): dst_path itself when it ends in .gguf,
-  else DST/gemma3-<preset>-<quant>.gguf. A training run's quant.qat / quant.embedding pick the
+  else DST/gemma3-<preset>-<quant>.gguf; a vision model's tower goes beside it in
+  mmproj-<that name> (gguf_mmproj.py). A training run's quant.qat / quant.embedding pick the
   fake-quantized numbers its forward used. Returns (model config, the file written)."""
   src = open_source(src_path)
   run = run_source.run_config(src_path) if checkpoint_kind(src_path) == 'train' else None
@@ -138,9 +140,13 @@ def export_gguf(src_path, dst_path, quant: str = 'f16', tokenizer_path: str | No
   dst = absolute(dst_path)
   if dst.suffix != '.gguf':
     dst = dst / f'gemma3-{src.cfg.preset}-{quant}.gguf'
+  if src.cfg.vision and gguf_mmproj.path_for(dst).exists():
+    raise ConversionError(f'{gguf_mmproj.path_for(dst)}: destination exists')
   gguf.write(src, dst, quant, tokenizer_path, qat=run.quant.qat if run else '',
              qat_embedding=run.quant.embedding if run else '', embedding=embedding,
              progress=progress)
+  if src.cfg.vision:  # the tower goes beside it: llama.cpp reads it with --mmproj
+    gguf_mmproj.write(src, gguf_mmproj.path_for(dst), quant)
   return src.cfg, dst
 
 

@@ -183,8 +183,6 @@ def write(src: Source, dst_file, kind: str = 'f16', tokenizer_path: str = '',
   if dst.exists():
     raise ConversionError(f'{dst}: destination exists')
   proto = tokenizer_lib.Tokenizer(tokenizer_path).model_proto  # ConfigError when unreadable
-  if cfg.vision:
-    log.info('%s: the text decoder only; the vision tower (mmproj) is not exported', dst)
   dst.parent.mkdir(parents=True, exist_ok=True)
   w = gguf.GGUFWriter(str(dst), ARCH, use_temp_file=True)
   _model_metadata(w, cfg, kind)
