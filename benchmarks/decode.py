@@ -13,8 +13,11 @@ attention with torch's threads set to the cores jax uses (--torch_threads to cha
 The LM head floor: a decode step must read the whole tied [vocab, embed] float32 table (671 MB
 for gemma3_640), so `head tok/s` times that matmul and its argmax alone, per step, on each side
 (jax: the sampler's Embedder.decode_one + argmax; torch: F.linear + argmax), best of --repeats x (new - 1)
-steps. `ceiling` = HF's decode step time / our head-only time: the most any float32 decoder
-reading that table could gain over this HF run.
+steps. `head floor tok/s` = batch x the memory read bandwidth (measured at the start) / the
+table's bytes: the most tokens/s any float32 decoder that reads the table once a step can
+reach on this machine; a head near it streams at the memory bandwidth and cannot be made faster.
+`ceiling` = HF's decode step time / our head-only time: the most any float32 decoder reading
+that table could gain over this HF run.
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def main(argv):
   import test_hf_reference as hf_ref  # pylint: disable=g-import-not-at-top
   from gemma3_train.inference import sampler as sample  # pylint: disable=g-import-not-at-top
   from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
-  print(f'# {cpu_peak.describe_machine()}', flush=True)
+  bandwidth = cpu_peak.measure_memory_bandwidth()
+  print(f'# {cpu_peak.describe_machine(bandwidth_gbs=bandwidth)}', flush=True)
   torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
   load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average '
@@ -105,8 +109,9 @@ def main(argv):
         f'{torch.get_num_threads()} torch threads, prompt {args.prompt}, new {args.new}, '
         'float32, greedy')
   print('| case | batch | ours prefill tok/s | ours decode tok/s | HF prefill tok/s | '
-        'HF decode tok/s | decode ratio | ours head tok/s | HF head tok/s | ceiling |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+        'HF decode tok/s | decode ratio | ours head tok/s | HF head tok/s | head floor tok/s | '
+        'ceiling |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for name in args.cases.split(','):
     fields = _case(name)
     hf_ref.VOCAB = fields['vocab_size']
@@ -152,12 +157,14 @@ def main(argv):
       hf_prefill = min(t for t, _ in hf_times)
       hf_decode = min(t for _, t in hf_times)
       n = B * (args.new - 1)
+      table_bytes = 4 * fields['vocab_size'] * fields['embed_dim']
       head, hf_head = _head_step_times(ours, hf_model, B, args.new - 1, args.repeats)
       steps = args.new - 1
       print(f'| {name} | {B} | {B * args.prompt / prefill:,.0f} | {n / decode:,.0f} | '
             f'{B * args.prompt / hf_prefill:,.0f} | {n / hf_decode:,.0f} | '
             f'{hf_decode / decode:.2f}x | {B / head:,.0f} | {B / hf_head:,.0f} | '
-            f'{hf_decode / steps / head:.2f}x |', flush=True)
+            f'{B * bandwidth * 1e9 / table_bytes:,.0f} | {hf_decode / steps / head:.2f}x |',
+            flush=True)
   print(f'# load average after: {", ".join(f"{x:.1f}" for x in os.getloadavg())}')
 
 

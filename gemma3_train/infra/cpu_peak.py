@@ -56,10 +56,12 @@ def measure_memory_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
   return a.nbytes / best / 1e9
 
 
-def describe_machine(dtype: str = 'float32', cache_dir: str = '~/.cache/gemma3_train') -> str:
+def describe_machine(dtype: str = 'float32', cache_dir: str = '~/.cache/gemma3_train',
+                     bandwidth_gbs: float | None = None) -> str:
   """One line for a benchmark's first output: the CPU (model, usable cores, widest vector
   flags, top MHz), the load average now, its matmul peak (cached, with its date) and its
-  memory read bandwidth (measured now), so that a figure travels with what it ran on."""
+  memory read bandwidth (measured now unless given), so that a figure travels with what it
+  ran on."""
   info = _cpuinfo()
   flags = set(info.get('flags', '').split())
   vector = [f for f in ('avx512f', 'avx512_bf16', 'amx_tile', 'avx2') if f in flags][:2]
@@ -69,7 +71,7 @@ def describe_machine(dtype: str = 'float32', cache_dir: str = '~/.cache/gemma3_t
           f'{len(os.sched_getaffinity(0))} cores, {"+".join(vector) or "no avx2"}, '
           f'{_max_mhz(info)} MHz; load average {load}; {dtype} matmul peak '
           f'{tflops * 1e3:.0f} GFLOP/s (measured {measured}); memory read '
-          f'{measure_memory_bandwidth():.0f} GB/s')
+          f'{bandwidth_gbs or measure_memory_bandwidth():.0f} GB/s')
 
 
 def machine_key(dtype: str) -> str:
