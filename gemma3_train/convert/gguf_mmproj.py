@@ -45,13 +45,17 @@ def tensor_kind(hf_name: str, ndim: int, kind: str) -> str:
     return 'f16'
   if '.embeddings.' in hf_name or ndim == 1:
     return 'f32'
+  return _matrix_kind(kind)
+
+
+def _matrix_kind(kind: str) -> str:
+  """The type of the tower's matrices in a file of `kind`: no quantized tower."""
   return kind if kind in ('f32', 'bf16') else 'f16'
 
 
 def _metadata(w: gguf.GGUFWriter, cfg: config_lib.ModelConfig, kind: str) -> None:
   w.add_type(gguf.GGUFType.MMPROJ)
-  w.add_file_type({'f32': gguf.LlamaFileType.ALL_F32, 'bf16': gguf.LlamaFileType.MOSTLY_BF16}
-                  .get(kind, gguf.LlamaFileType.MOSTLY_F16))
+  w.add_file_type(gguf_text.FILE_TYPES[_matrix_kind(kind)])
   w.add_clip_has_vision_encoder(True)
   w.add_clip_projector_type(gguf.VisionProjectorType.GEMMA3)
   w.add_vision_projection_dim(cfg.embed_dim)
