@@ -84,13 +84,17 @@ def export_dir(tmp_path_factory):
   return dst
 
 
-@pytest.fixture(scope='module')
-def tasks_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('tasks')
+def write_tasks(d):
+  """tiny_mc and tiny_gen: task YAMLs over JSONL data in folder d (returned)."""
   for name, rows, yaml in (('mc', MC_ROWS, MC_YAML), ('gen', GEN_ROWS, GEN_YAML)):
     (d / f'{name}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     (d / f'{name}.yaml').write_text(yaml.format(data=d / f'{name}.jsonl'))
   return d
+
+
+@pytest.fixture(scope='module')
+def tasks_dir(tmp_path_factory):
+  return write_tasks(tmp_path_factory.mktemp('tasks'))
 
 
 @pytest.fixture(scope='module')

@@ -126,7 +126,11 @@ def chat_text(messages: Sequence[dict], add_generation_prompt: bool = True) -> s
 
 class Gemma3LM(lm_model.TemplateLM):
   """An lm_eval LM over a Gemma 3 model (gemma3_train.load's, or the trainer's graph with
-  set_params each eval). mesh/rules: run sharded over that mesh, as training does."""
+  set_params each eval). mesh/rules: run sharded over that mesh, as training does.
+
+  Over several processes it stays the harness's rank 0 of 1 in each: every jitted call is
+  collective over the mesh, so every process runs every request (none splits the documents)
+  and gathers each batch's answers; all end with the same results."""
 
   def __init__(self, model, tokenizer: tokenizer_lib.Tokenizer | None = None, *,
                batch_size: int = 16, max_length: int | None = None,
@@ -215,8 +219,8 @@ class Gemma3LM(lm_model.TemplateLM):
         inputs[b, :len(seq) - 1] = seq[:-1]
         targets[b, :n] = seq[len(seq) - n:]
         starts[b] = len(seq) - 1 - n
-      logp, greedy = jax.device_get(self._score(self.params, *self._put(inputs, starts,
-                                                                        targets)))
+      logp, greedy = map(sampler_lib.to_host,
+                         self._score(self.params, *self._put(inputs, starts, targets)))
       for b, i in enumerate(batch):
         n = rows[i][1]
         out[i] = (float(np.sum(logp[b, :n], dtype=np.float64)), bool(np.all(greedy[b, :n])))

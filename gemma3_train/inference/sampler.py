@@ -413,8 +413,9 @@ def _row_end(row: list[int], seen: int, stop_tokens, strings: Sequence[str],
   return end
 
 
-def _host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-process) array's full value on this host."""
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process) array's full value on this host: over processes, every process
+  gathers it (a collective: all of them must ask)."""
   if x.is_fully_addressable:
     return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -517,7 +518,7 @@ class Sampler:
     ends: list[int | None] = [None] * B  # a row's length once it has stopped
     steps, seen = 1, 0  # tokens drawn per row; tokens the host has looked at
     while True:
-      out_NB = _host(carry['out'])[:steps]
+      out_NB = to_host(carry['out'])[:steps]
       for b in (b for b in range(B) if ends[b] is None):
         ends[b] = _row_end(out_NB[:, b].tolist(), seen, stop_tokens, strings_B[b], detokenize,
                            None if on_token is None else functools.partial(on_token, b))
@@ -528,7 +529,7 @@ class Sampler:
       steps = int(carry['step']) + 1
     out = [row[:end] for row, end in zip(out_NB.T.tolist(), ends)]
     if return_logits:
-      return out, _host(carry['logits'])[:steps]
+      return out, to_host(carry['logits'])[:steps]
     return out
 
 
