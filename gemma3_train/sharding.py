@@ -30,7 +30,7 @@ BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over both (FSDP = 
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'layers': (),
     'vocab': ('tensor',),
-    'embed': ('fsdp',),
+    'embed': ('fsdp', 'context'),  # context chips hold distinct positions: ZeRO-3 over them too
     'mlp': ('tensor',),
     'heads': ('tensor',),
     'kv_heads': ('tensor',),
@@ -45,7 +45,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'act_vocab': ('tensor',),
     # The SigLIP image encoder (vision.py): its width FSDP-sharded like 'embed', its heads and
     # MLP hidden dimension on the tensor axis.
-    'vision_embed': ('fsdp',),
+    'vision_embed': ('fsdp', 'context'),
     'vision_mlp': ('tensor',),
     'vision_heads': ('tensor',),
     'vision_head_dim': (),

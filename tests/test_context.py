@@ -275,3 +275,24 @@ def test_planner_adds_context_degrees_for_long_rows():
   got = {(k.tensor, k.context, k.trial.mesh.fsdp, k.trial.train.global_batch_size)
          for k in plan._candidates(long, aot.parse_topology('v5e-16'), space)}
   assert got == {(t, x, 16 // (t * x), 16 // (t * x)) for t in (1, 2) for x in (1, 2, 4, 8)}
+
+
+@pytest.mark.slow
+def test_train_step_equals_context_1():
+  """The real train step (train.state.setup: parameters ZeRO-3 over fsdp x context, the
+  batch's positions on the context axis): the same loss and gradient norm as context 1."""
+  from gemma3_train.training import state as state_lib  # pylint: disable=g-import-not-at-top
+  metrics = {}
+  for degree in (1, 2):
+    c = _config(degree)
+    s = state_lib.setup(c, sharding.make_mesh(c))
+    if degree > 1:
+      spec = s.state_shardings['params']['embedder']['embedding'].get_value().spec
+      assert spec == jax.sharding.PartitionSpec(None, ('fsdp', 'context'))
+      assert s.batch_sharding['inputs'].spec == jax.sharding.PartitionSpec(
+          sharding.BATCH_AXES, 'context')
+    batch = {k: jax.device_put(v, s.batch_sharding[k]) for k, v in _packed(c).items()}
+    _, m = s.train_step(s.state, batch)
+    metrics[degree] = {k: float(m[k]) for k in ('loss', 'grad_norm')}
+  for k in ('loss', 'grad_norm'):
+    helpers.assert_close(metrics[2][k], metrics[1][k], k)
