@@ -18,7 +18,7 @@ from tests import test_harness
 
 _WORKER = textwrap.dedent('''
     import json, os, sys
-    pid, nproc, port, tasks, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    pid, nproc, (port, tasks, out) = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:6]
     os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={4 // nproc}'
     os.environ['HF_DATASETS_OFFLINE'] = os.environ['HF_HUB_OFFLINE'] = '1'
     import jax
