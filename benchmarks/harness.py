@@ -97,7 +97,9 @@ def main(argv):
   from lm_eval.models import huggingface  # pylint: disable=g-import-not-at-top
   import gemma3_train  # pylint: disable=g-import-not-at-top
   from gemma3_train.inference import harness  # pylint: disable=g-import-not-at-top
+  from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
+  print(f'# {cpu_peak.describe_machine()}', flush=True)
   fields = {**TINY, **(GEMMA3_640 if args.case == 'gemma3_640' else {})}
   before = ', '.join(f'{x:.1f}' for x in os.getloadavg())
   with tempfile.TemporaryDirectory() as tmp:

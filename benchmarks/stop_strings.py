@@ -42,7 +42,8 @@ def main(argv=None) -> None:
   hot = sample.Sampling(1.0)
   free = s.generate(prompts, args.new, hot, stop_tokens=())
   strings = [[tok.decode(r[:args.at])[-3:]] for r in free]
-  print(f'load average before: {os.getloadavg()[0]:.1f}')
+  from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
+  print(f'# {cpu_peak.describe_machine()}', flush=True)
   for label, kw in (('none', {}), ('met', dict(stop_strings=strings)),
                     ('never met', dict(stop_strings=['\x00never']))):
     s.generate(prompts, args.new, hot, stop_tokens=(), detokenize=tok.decode, **kw)  # warm-up
