@@ -44,7 +44,8 @@ _AOT_TOPOLOGY = flags.DEFINE_string('aot_topology', None, 'Compile the train ste
                                     'topology (e.g. v5p-128, v5e-16) without TPUs and report '
                                     'memory and estimated step time instead of training.')
 _AOT_REPORT = flags.DEFINE_string('aot_report', None, 'With --aot_topology: also write the '
-                                  'report as JSON to this file.')
+                                  'report as JSON to this file (train.objective=grpo: the '
+                                  "rollout's to FILE_rollout.json).")
 _AOT_PLAN = flags.DEFINE_bool('aot_plan', False, 'With --aot_topology: try remat policy x '
                               'per-chip batch x (fsdp, tensor) and rank the plans that fit.')
 _AOT_PLAN_REMAT = flags.DEFINE_string('aot_plan_remat', '', 'With --aot_plan: comma list of '
@@ -121,6 +122,9 @@ def main(argv) -> None:
         plan.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value, space=space)
       else:
         aot.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value)
+        if config.train.objective == 'grpo':  # rollouts share the mesh: their programs too
+          from gemma3_train.planning import rollout_aot  # pylint: disable=g-import-not-at-top
+          rollout_aot.main(config, _AOT_TOPOLOGY.value, report_path=_AOT_REPORT.value)
     except config_lib.ConfigError as e:
       errors.fail(PROG, str(e))
     return
