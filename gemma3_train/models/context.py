@@ -23,8 +23,9 @@ the data pipeline produces, and what the cudnn and splash kernels assume too), e
 full-row mask shows a query lies inside these halos, so each query sees the same keys with the
 same mask: the same attention. Keys before the sequence's start are masked out.
 
-Inside the shard the kernel is attention.reference: the splash and cudnn kernels under context
-parallelism are not built (docs/long_context.md).
+Inside the shard the kernel is the splash kernel where attention.resolve picks splash (TPU,
+text rows: models/context_splash.py), else attention.reference: cudnn under context
+parallelism is not built (docs/long_context.md).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from gemma3_train import sharding
 from gemma3_train.models import attention
+from gemma3_train.models import context_splash
 
 
 def chunk_ids(c: int, layout: str) -> np.ndarray:
@@ -113,13 +115,23 @@ def _halo_keys(keys, ids_SM: np.ndarray, before: int, after: int, axes):
   return merged, [jnp.concatenate([v[b] for v in valid], axis=1) for b in range(m)]
 
 
+def _natural_order(x_BL, ids_SM: np.ndarray):
+  """[B, L, ...] gathered in the layout's order (shard-major, then slot) -> sequence order."""
+  chunks = _slots(x_BL, ids_SM.size)
+  return jnp.concatenate([chunks[i] for i in np.argsort(ids_SM.reshape(-1))], axis=1)
+
+
 def _shard_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, blk_BT, *, window, lookahead,
-                     ids_SM, axes):
+                     ids_SM, axes, splash=None):
   """One shard's attention: global layers against the gathered keys, local ones against each
-  chunk's halo keys (module doc)."""
+  chunk's halo keys (module doc). splash: None (the reference), or a dict with the global
+  kernel (a shard_map argument), block and interpret."""
   if window is None:
     gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
     k_BLKH, v_BLKH, pos_BL, seg_BL = map(gather, (k_BTKH, v_BTKH, pos_BT, seg_BT))
+    if splash is not None:
+      k_BLKH, v_BLKH, seg_BL = (_natural_order(x, ids_SM) for x in (k_BLKH, v_BLKH, seg_BL))
+      return context_splash.run(splash['kernel'], q_BTNH, k_BLKH, v_BLKH, seg_BT, seg_BL)
     blk_BL = None if blk_BT is None else gather(blk_BT)
     mask_BTL = attention.cross_mask(pos_BT, seg_BT, pos_BL, seg_BL, None, blk_BT, blk_BL)
     return attention.reference(q_BTNH, k_BLKH, v_BLKH, mask_BTL)
@@ -132,6 +144,15 @@ def _shard_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, blk_BT, *, window, 
   for b in range(m):
     q_BCNH, qpos_BC, qseg_BC = queries[b]
     k_BSKH, v_BSKH, kpos_BS, kseg_BS = merged[b][:4]
+    if splash is not None:  # text rows only (attention.resolve): no image blocks here
+      C, G = q_BCNH.shape[1], q_BCNH.shape[2] // k_BSKH.shape[2]
+      pad = -(window - 1) % splash['block']  # keys a multiple of the kernel's block
+      kernel = context_splash.local_kernel(C, pad, window - 1, window, G, splash['block'],
+                                           splash['interpret'])
+      kseg_BS = context_splash.local_kv_segments(kseg_BS, valid[b], pad)
+      k_BSKH, v_BSKH = (context_splash.pad_keys(x, pad) for x in (k_BSKH, v_BSKH))
+      outs.append(context_splash.run(kernel, q_BCNH, k_BSKH, v_BSKH, qseg_BC, kseg_BS))
+      continue
     qblk_BC = None if blk_BT is None else _slots(blk_BT, m)[b]
     kblk_BS = None if blk_BT is None else merged[b][4]
     mask_BCS = attention.cross_mask(qpos_BC, qseg_BC, kpos_BS, kseg_BS, window, qblk_BC,
@@ -141,10 +162,13 @@ def _shard_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, blk_BT, *, window, 
 
 
 def attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL, image_blocks_BL=None, *,
-           window: int | None, lookahead: int, layout: str):
+           window: int | None, lookahead: int, layout: str, impl: str = 'reference',
+           block_size: int = 512):
   """attention.attend's result with the sequence split over the active mesh's 'act_len' axes:
   one shard_map over the mesh, rows on the batch axes, kv heads on the tensor axis.
-  lookahead: the longest image block - 1 (keys a local layer needs after a chunk)."""
+  lookahead: the longest image block - 1 (keys a local layer needs after a chunk).
+  impl: model.attention_impl; splash (as attention.resolve picks it) runs the splash kernel
+  in the shard, anything else the reference."""
   mesh, rules = sharding.active()
   B, L, N, H = q_BLNH.shape
   K = k_BLKH.shape[2]
@@ -157,17 +181,33 @@ def attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL, image_blocks_BL
   kv = P(batch, seq, heads, None)
   q_spec = P(batch, seq, heads, None, None)
 
-  def run(q_BTKGH, k_BTKH, v_BTKH, pos_BT, seg_BT, blk_BT=None):
+  images = image_blocks_BL is not None
+  use_splash = attention.resolve(impl, q_BLNH.dtype, images=images) == 'splash'
+  splash = None
+  if use_splash:
+    C = L // ids_SM.size
+    splash = dict(block=context_splash.block_for(block_size, C),
+                  interpret=attention.target_platform() != 'tpu')
+
+  def run(q_BTKGH, k_BTKH, v_BTKH, pos_BT, seg_BT, *rest):
+    blk_BT = rest[0] if images else None
+    kernel = dict(splash, kernel=rest[-1]) if splash is not None and window is None else splash
     Bs, T, Ks, G, _ = q_BTKGH.shape
     out_BTNH = _shard_attention(q_BTKGH.reshape(Bs, T, Ks * G, H), k_BTKH, v_BTKH, pos_BT,
                                 seg_BT, blk_BT, window=window, lookahead=lookahead,
-                                ids_SM=ids_SM, axes=axes)
+                                ids_SM=ids_SM, axes=axes, splash=kernel)
     return out_BTNH.reshape(Bs, T, Ks, G, H)
 
   args = (q_BLNH.reshape(B, L, K, N // K, H), k_BLKH, v_BLKH, positions_BL, segment_ids_BL)
   specs = (q_spec, kv, kv, row, row)
-  if image_blocks_BL is not None:
+  if images:
     args, specs = args + (image_blocks_BL,), specs + (row,)
+  if splash is not None and window is None:
+    # the global kernel's block masks are per query row: each shard takes its own rows
+    kernel = context_splash.global_kernel(ids_SM, L // ids_SM.size, N // K, splash['block'],
+                                          splash['interpret'])
+    args, specs = args + (kernel,), specs + (context_splash.global_kernel_spec(kernel, mesh,
+                                                                                axes),)
   out = jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
   return out.reshape(B, L, N, H)
 

@@ -134,7 +134,8 @@ class Attention(nnx.Module):
       if layout is not None:  # the sequence is split over the context axis
         return lambda q, k, v: context.attend(
             q, k, v, positions_BL, segment_ids_BL, image_blocks_BL, window=window,
-            lookahead=self.lookahead, layout=layout)
+            lookahead=self.lookahead, layout=layout, impl=self.impl,
+            block_size=self.block_size)
       return lambda q, k, v: attention.attend(
           q, k, v, positions_BL, segment_ids_BL, window=window, impl=self.impl,
           block_size=self.block_size, image_blocks_BL=image_blocks_BL)
