@@ -319,3 +319,45 @@ def test_distill_run_from_a_trained_teacher_resumes_exactly(tmp_path):
   helpers.train_ok(resumed, 2, *flags, devices=1)
   assert 'Resumed from' in helpers.train_ok(resumed, 4, *flags, devices=1).stderr
   assert helpers.logged_losses(resumed) == helpers.logged_losses(straight)  # bitwise
+
+
+def test_distill_27b_to_4b_holds_a_bfloat16_27b_teacher_without_its_checkpoint():
+  """distill.teacher_preset gives the teacher's shapes without reading its checkpoint (what lets
+  the AOT proof compile the real step anywhere): 27.0e9 bfloat16 teacher params in the
+  abstract state, the draws' keys in the batch."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config_dict(importlib.import_module('configs.distill_27b_to_4b')
+                                  .get_config())
+  mesh = sharding.make_mesh(c, jax.devices()[:1])
+  s = train_state.setup(c, mesh, abstract=True)
+  leaves = jax.tree.leaves(s.abstract_state['frozen_models'][distill.TEACHER])
+  assert {l.dtype for l in leaves} == {jnp.dtype(jnp.bfloat16)}
+  assert sum(l.size for l in leaves) == pytest.approx(27.0e9, rel=1e-3)
+  assert {'record', 'record_pos'} <= set(train_state.abstract_batch(c, mesh))
+
+
+_DISTILL_PROOF = helpers.ROOT / 'docs' / 'aot' / 'distill_27b_to_4b_v6e-32.json'
+
+
+@pytest.mark.skipif(not _DISTILL_PROOF.exists(), reason='the AOT proof is not written yet '
+                    '(docs/distillation.md, Configs)')
+def test_distill_27b_to_4b_is_the_config_its_aot_proof_compiled():
+  """docs/aot/distill_27b_to_4b_v6e-32.json (rerun by hand with gemma3-train
+  --config=configs/distill_27b_to_4b.py --aot_topology=v6e-32 --aot_report=...) still describes
+  the config, the bfloat16 27b teacher's forward included, and fits with the shipped configs'
+  headroom."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import flops  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config_dict(importlib.import_module('configs.distill_27b_to_4b')
+                                  .get_config())
+  r = json.loads(_DISTILL_PROOF.read_text())
+  assert r['fits'] and r['headroom'] >= aot.HEADROOM and not r['error'] and r['tpu_kernels'] > 0
+  chips = aot.parse_topology('v6e-32').total_chips
+  want = dict(topology='v6e-32', chips=chips, mesh=sharding.mesh_shape(c, chips),
+              remat_policy=c.model.remat_policy, seq_len=c.data.seq_len,
+              global_batch=c.train.global_batch_size, param_dtype=c.model.param_dtype,
+              dtype=c.model.dtype)
+  assert {k: r[k] for k in want} == want
+  assert (c.distill.teacher_preset, c.distill.teacher_dtype) == ('27b', 'bfloat16')
+  assert r['model_flops_per_step'] == pytest.approx(flops.train_flops_per_step(c), rel=1e-12)
