@@ -100,3 +100,19 @@ def test_interpreted_kernel_equals_whole_rows_with_gradients(c, layout, window, 
   helpers.assert_close(got, want, 'weighted sum')
   for name, g, e in zip('qkv', got_grads, want_grads):
     helpers.assert_close(g, e, f'd{name}')
+
+
+@pytest.mark.slow
+def test_kernels_compile_under_context_for_v5e():
+  """The TPU compiler takes both kernels inside the context shard_map (trimmed tiny, rows of
+  1,024 over context 2 x fsdp 2 of a v5e-4, balanced chunks of 256, window 32)."""
+  from tests.test_aot import _config, needs_libtpu  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
+  if needs_libtpu.args[0]:
+    pytest.skip('libtpu not installed')
+  c = _config('tiny', model=dict(num_layers=6, vocab_size=4096, attention_impl='splash'),
+              data=dict(seq_len=1024), train=dict(global_batch_size=2),
+              mesh=dict(context=2, fsdp=-1))
+  r = aot.compile_report(c, aot.parse_topology('v5e-4'))
+  assert r.mesh['context'] == 2 and r.fits and not r.error
+  assert r.tpu_kernels > 0  # the splash TPU kernels, not their interpreter
