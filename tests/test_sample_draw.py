@@ -1,4 +1,4 @@
-"""The sampler's draw and cutoffs (inference/sampler.py: draw, _top_k_top_p, _argmax) against
+"""The sampler's token draws (inference/draws.py: categorical, top_k_top_p, argmax) against
 their definitions: token frequencies against softmax, the kept sets against a float64 numpy
 top-k / top-p with ties, greedy against jnp.argmax."""
 
@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma3_train.inference import draws
 from gemma3_train.inference import sampler as sample
 
 
@@ -29,7 +30,7 @@ def _kept(z, k, p):
 
 def test_cutoffs_equal_the_warpers_with_ties_and_masked_tokens():
   rng = np.random.default_rng(0)
-  cut = jax.jit(lambda z, k, p: sample._top_k_top_p(z, {'top_k': k, 'top_p': p}))
+  cut = jax.jit(lambda z, k, p: draws.top_k_top_p(z, {'top_k': k, 'top_p': p}))
   V = 300  # one shape, one compile: fewer tokens are -inf columns
   for trial in range(60):
     z = rng.normal(size=(3, V)) * rng.uniform(0.1, 5)
@@ -53,11 +54,11 @@ def test_draw_frequencies_are_softmax(V):
   z[1, ::3] = -np.inf
   z = jnp.asarray(z, jnp.float32)
   n = 40_000
-  draws = np.asarray(jax.jit(jax.vmap(lambda k: sample.draw(z, k)))(
-      jax.random.split(jax.random.PRNGKey(0), n)))
+  ids = np.asarray(jax.jit(jax.vmap(lambda k: draws.categorical(z, k)))(
+      jax.random.split(jax.random.PRNGKey(0), n)))  # [n, 2]
   for b in range(2):
     p = np.asarray(jax.nn.softmax(z[b]), np.float64)
-    counts = np.bincount(draws[:, b], minlength=V)
+    counts = np.bincount(ids[:, b], minlength=V)
     assert counts[p == 0].sum() == 0
     expected = p * n
     big = expected > 5  # the rest pooled
@@ -70,7 +71,7 @@ def test_draw_frequencies_are_softmax(V):
 
 def test_draw_is_seeded():
   z = jnp.asarray(np.random.default_rng(1).normal(size=(4, 2048)), jnp.float32)
-  draw = jax.jit(sample.draw)
+  draw = jax.jit(draws.categorical)
   key = jax.random.PRNGKey(3)
   assert np.array_equal(draw(z, key), draw(z, key))
   assert not np.array_equal(draw(z, key), draw(z, jax.random.PRNGKey(4)))
@@ -81,7 +82,7 @@ def test_greedy_is_argmax():
   x = np.round(rng.normal(size=(6, 1000)) * 2).astype(np.float32)  # ties: the first wins
   x[5] = -np.inf
   x[5, 17] = 0.0
-  assert np.array_equal(np.asarray(sample._argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+  assert np.array_equal(np.asarray(draws.argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
   logits = jnp.asarray(x)
   out = sample.sample_logits(logits, jax.random.PRNGKey(0), sample.Sampling(0.0))
   assert out.dtype == jnp.int32 and np.array_equal(out, np.argmax(x, axis=-1))
