@@ -26,8 +26,12 @@ def get_config():
   c.train.global_batch_size = 64  # = prompts_per_step * group_size: one row per completion
   c.rl.max_completion_len = 512
   c.data.seq_len = 768  # prompt (<= 256 tokens) + completion
+  c.model.attention_block_size = 256  # splash blocks must divide the 768 columns
+  # The log-probabilities' [rows, chunk, vocab] float32 logits: 8 rows x 128 x 262k per chip
+  # is 1 GiB (the default 1024 positions would be 8 GiB).
+  c.train.loss_chunk_size = 128
   # TRL's sampling defaults: the full distribution, the one the log-probabilities score (top-k
-  # / top-p would sample from another, and sort the vocabulary at every token).
+  # / top-p would sample from another, and cost 64 passes over the vocabulary per token).
   c.rl.temperature = 1.0
   c.rl.epsilon_high = 0.28  # DAPO's clip-higher
   c.rl.beta = 0.0  # TRL's default: no reference held
