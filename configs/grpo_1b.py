@@ -7,7 +7,9 @@ gemma3-train --config=configs/grpo_1b.py --workdir=gs://B/grpo1b \
 Rows: {"prompt": [{"role": "user", "content": "<question> ... end with '#### <answer>'"}],
 "answer": "<worked solution> #### 42"} (GSM8K's answer field as is). Each step samples 8
 completions of 8 prompts on the training mesh and takes one optimizer step on them; rewards
-are the exact-match answer and a format check (docs/rl.md).
+are the exact-match answer and a format check (docs/rl.md). Fits a TPU v5e-8 (fsdp over 8),
+AOT-proven: the train step 7.2 GiB of 16 per chip (docs/aot/grpo_1b_v5e-8.json), the rollout
+2.7 GiB with the train state resident (docs/aot/grpo_1b_v5e-8_rollout.json).
 """
 
 from gemma3_train import config as config_lib

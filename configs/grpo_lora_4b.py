@@ -4,10 +4,10 @@ gemma3-train --config=configs/grpo_lora_4b.py --workdir=gs://B/grpo4b \
   --config.checkpoint.init_from=/path/to/gemma-3-4b-it \
   --config.data.train_path='gs://B/gsm8k/train.jsonl'
 
-Intended slice: a TPU v5e-8 (8 x 16 GiB; fsdp over 8) or one 80 GB GPU; not AOT-proven yet
-(gemma3-train --config=configs/grpo_lora_4b.py --aot_topology=v5e-8 checks the train step; the
-rollout's KV cache, 34 layers x 64 rows x 1024 columns x 4 x 256 keys and values in bfloat16,
-adds 9.1 GB over the mesh: 1.1 GB per chip of a v5e-8).
+Fits a TPU v5e-8 (8 x 16 GiB, fsdp over 8), AOT-proven: the train step 9.1 GiB per chip
+(docs/aot/grpo_lora_4b_v5e-8.json); the rollout, the train state resident, at most 6.6 GiB
+(the decode loop over 64 rows x 1024 columns, its KV cache 1.06 GiB per chip:
+docs/aot/grpo_lora_4b_v5e-8_rollout.json).
 Rows as configs/grpo_1b.py's (docs/rl.md).
 """
 

@@ -279,6 +279,65 @@ def test_config_checks():
     config_lib.validate(c.replace(rl=dict(rewards='accuracy,format', reward_weights='1')))
 
 
+
+@pytest.mark.parametrize('name,topology', [('grpo_1b', 'v5e-8'), ('grpo_lora_4b', 'v5e-8')])
+def test_grpo_configs_are_the_ones_their_aot_proofs_compiled(name, topology):
+  """docs/aot/NAME_TOPOLOGY.json (the train step) and NAME_TOPOLOGY_rollout.json (the prefill,
+  decode loop and scoring forward at the rollout's shapes, the train state resident), both
+  written by gemma3-train --config=configs/NAME.py --aot_topology=T --aot_report=..., still
+  describe the config and fit with the shipped configs' headroom."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from gemma3_train import sharding  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import rollout_aot  # pylint: disable=g-import-not-at-top
+  from gemma3_train.training import flops  # pylint: disable=g-import-not-at-top
+  c = config_lib.from_config_dict(importlib.import_module(f'configs.{name}').get_config())
+  r = json.loads((helpers.ROOT / 'docs' / 'aot' / f'{name}_{topology}.json').read_text())
+  chips = aot.parse_topology(topology).total_chips
+  want = dict(topology=topology, chips=chips, mesh=sharding.mesh_shape(c, chips),
+              remat_policy=c.model.remat_policy, seq_len=c.data.seq_len,
+              global_batch=c.train.global_batch_size, param_dtype=c.model.param_dtype,
+              dtype=c.model.dtype)
+  assert {k: r[k] for k in want} == want
+  assert r['fits'] and r['headroom'] >= aot.HEADROOM and not r['error'] and r['tpu_kernels'] > 0
+  assert r['model_flops_per_step'] == pytest.approx(flops.train_flops_per_step(c), rel=1e-12)
+  rollout = json.loads((helpers.ROOT / 'docs' / 'aot' /
+                        f'{name}_{topology}_rollout.json').read_text())
+  sh = rollout_aot.shapes(c)
+  assert (rollout['rows'], rollout['prompt_columns'], rollout['new_tokens']) == (
+      sh.rows, sh.prompt, sh.new)
+  assert set(rollout) - {'rows', 'prompt_columns', 'new_tokens'} == set(rollout_aot.programs(c))
+  del want['remat_policy']  # the rollout's programs are forward passes: no remat
+  for program in rollout_aot.programs(c):
+    p = rollout[program]
+    assert {k: p[k] for k in want} == want, program
+    assert p['fits'] and p['headroom'] >= aot.HEADROOM and not p['error'], program
+
+
+
+@_slow  # three small TPU compiles (~40 s of CPU)
+def test_cli_compiles_the_rollout_for_a_topology(tmp_path):
+  """--aot_topology with train.objective=grpo also compiles the rollout's programs and writes
+  them beside the train step's report; the decode loop's carry (the cache) is donated."""
+  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
+  if not aot.libtpu_available():
+    pytest.skip('libtpu not installed')
+  report = tmp_path / 'aot.json'
+  flags = [f for f in CLI_FLAGS if not f.startswith(('--config.data.seq_len',
+                                                     '--config.rl.max_completion_len'))]
+  r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.train', *flags,
+                      '--config.data.seq_len=256', '--config.rl.max_completion_len=128',
+                      '--config.rl.beta=0.1', '--aot_topology=v5e-4', f'--aot_report={report}'],
+                     cwd=helpers.ROOT, env=helpers.cli_env(1), capture_output=True, text=True,
+                     timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rollout = json.loads((tmp_path / 'aot_rollout.json').read_text())
+  assert (rollout['rows'], rollout['prompt_columns'], rollout['new_tokens']) == (16, 128, 128)
+  assert rollout['prefill']['tpu_kernels'] > 0  # the prefill runs splash, as training does
+  assert rollout['decode']['alias_gib'] > 0 and rollout['score']['fits']
+  assert 'decode' in r.stdout and json.loads(report.read_text())['fits']
+
+
 # --- the train step: sharded and one device ------------------------------------------------
 
 
