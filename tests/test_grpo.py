@@ -327,7 +327,8 @@ def test_cli_compiles_the_rollout_for_a_topology(tmp_path):
                                                      '--config.rl.max_completion_len'))]
   r = subprocess.run([sys.executable, '-m', 'gemma3_train.cli.train', *flags,
                       '--config.data.seq_len=256', '--config.rl.max_completion_len=128',
-                      '--config.rl.beta=0.1', '--aot_topology=v5e-4', f'--aot_report={report}'],
+                      '--config.rl.beta=0.1', '--config.mesh.fsdp=-1', '--aot_topology=v5e-4',
+                      f'--aot_report={report}'],
                      cwd=helpers.ROOT, env=helpers.cli_env(1), capture_output=True, text=True,
                      timeout=1800)
   assert r.returncode == 0, r.stderr[-3000:]
