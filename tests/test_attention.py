@@ -155,3 +155,12 @@ def test_splash_rejects_bad_block_size():
   with pytest.raises(ValueError, match='attention_block_size'):
     attention.splash(q, k, v, jnp.ones((1, 200), jnp.int32), None, block_size=128,
                      interpret=True)
+
+
+def test_splash_fits_only_lengths_its_blocks_tile():
+  """A sampler prompt bucket (multiples of 16) shorter than the block is one block, which the
+  kernel takes only at a multiple of 128; longer ones need the block to divide them."""
+  assert attention.splash_fits(256, 512) and attention.splash_fits(1024, 512)
+  assert attention.splash_fits(768, 256)
+  assert not attention.splash_fits(48, 512)  # one block of 48: not a multiple of 128
+  assert not attention.splash_fits(768, 512)  # 512 does not divide 768

@@ -134,8 +134,8 @@ def _prefill_attend(positions_BP, segment_ids_BP, blocks_BP, cache_sizes: dict[b
     q_BPNH, k_BPKH, v_BPKH = attn.qkv(h_BPD, positions_BP)
     impl = attention.resolve(attn.impl, q_BPNH.dtype, images=blocks_BP is not None)
     P = h_BPD.shape[1]
-    if impl == 'splash' and P > attn.block_size and P % attn.block_size:
-      impl = 'reference'  # splash needs the block to divide the length
+    if impl == 'splash' and not attention.splash_fits(P, attn.block_size):
+      impl = 'reference'  # a prompt bucket (a multiple of 16) the kernel's blocks can't tile
     out_BPNH = attention.attend(q_BPNH, k_BPKH, v_BPKH, positions_BP, segment_ids_BP,
                                 window=attn.window, impl=impl, block_size=attn.block_size,
                                 image_blocks_BL=blocks_BP)

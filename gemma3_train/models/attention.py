@@ -118,6 +118,17 @@ def _splash_kernel(T: int, G: int, window: int | None, block: int, interpret: bo
       mask_lib.MultiHeadMask([one] * G), block_sizes=blocks, interpret=interpret), splash
 
 
+# The splash kernel's blocks are multiples of this (its compute blocks: "bkv_compute must be a
+# multiple of 128" on TPU).
+SPLASH_ALIGN = 128
+
+
+def splash_fits(T: int, block_size: int) -> bool:
+  """Whether splash can run a length-T sequence with block_size (a shorter T is one block)."""
+  block = min(block_size, T)
+  return T % block == 0 and block % SPLASH_ALIGN == 0
+
+
 def splash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BL, window: int | None, *,
            block_size: int = 512, interpret: bool = False):
   """Pallas splash attention (TPU; interpret=True runs anywhere, slowly).
