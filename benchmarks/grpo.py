@@ -115,6 +115,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count() or 1)
+  from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
+  print(f'# {cpu_peak.describe_machine()}', flush=True)
   before = ', '.join(f'{x:.1f}' for x in os.getloadavg())
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = _export(TINY, tmp)

@@ -74,6 +74,28 @@ def test_cached_peak_keeps_the_best_reading_and_refreshes_on_request(tmp_path, m
                                                      'n': cpu_peak.PEAK_N}}
 
 
+def test_memory_bandwidth_is_bytes_over_the_best_time(monkeypatch):
+  clock = iter([0.0, 0.004, 1.0, 1.002, 2.0, 2.003])  # 4, 2 and 3 ms: the best is 2
+  monkeypatch.setattr(cpu_peak.time, 'perf_counter', lambda: next(clock))
+  assert cpu_peak.measure_memory_bandwidth(mbytes=4, repeats=3) == pytest.approx(
+      4 * 2**20 / 0.002 / 1e9)
+
+
+def test_speed_benchmarks_print_machine_load_peak_and_bandwidth(tmp_path, monkeypatch):
+  """Every benchmark that reports a speed starts with describe_machine's line."""
+  (tmp_path / 'cpu_peak.json').write_text(json.dumps({cpu_peak.machine_key('float32'): {
+      'tflops': 0.266, 'measured': '2026-12-06 10:00', 'n': cpu_peak.PEAK_N}}))
+  monkeypatch.setattr(cpu_peak, 'measure_memory_bandwidth', lambda: 71.6)
+  line = cpu_peak.describe_machine('float32', str(tmp_path))
+  assert re.fullmatch(r'.+, \d+ cores, .+, \d+ MHz; load average [\d.]+, [\d.]+, [\d.]+; '
+                      r'float32 matmul peak 266 GFLOP/s \(measured 2026-12-06 10:00\); '
+                      r'memory read 72 GB/s', line), line
+  for name in ('decode', 'dpo', 'grpo', 'harness', 'stop_strings', 'train_step',
+               'data_throughput', 'startup'):
+    assert 'cpu_peak.describe_machine(' in (helpers.ROOT / 'benchmarks' / f'{name}.py'
+                                              ).read_text(), name
+
+
 def test_peak_cache_key_names_what_sets_the_speed():
   key = cpu_peak.machine_key('bfloat16')
   assert re.fullmatch(r'.+ \| flags [0-9a-f]{10} \| \d+ cores \| \d+ MHz \| jax [\d.]+ \| bfloat16',
