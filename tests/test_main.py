@@ -36,8 +36,8 @@ def _one_error_line(r) -> str:
     ('--config.zzz.qqq=1', '--config.zzz.qqq: unknown config field'),
     ('--config.model.num_kv_heads=3', 'model.num_kv_heads=3: expected a divisor'),
     ('--config.model.sliding_window=-1', 'model.sliding_window=-1: expected a window > 0'),
-    ('--config.mesh.fsdp=3', 'mesh.(data, fsdp, tensor)=(1, 3, 1): expected a product equal '
-     'to the device'),
+    ('--config.mesh.fsdp=3', 'mesh.(data, fsdp, context, tensor)=(1, 3, 1, 1): expected a '
+     'product equal to the device'),
     ('--config.train.global_batch_size=3', 'train.global_batch_size=3: expected a batch'),
 ])
 def test_bad_override_is_one_line_and_exit_2(tmp_path, override, expected):
