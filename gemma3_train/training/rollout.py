@@ -126,6 +126,9 @@ class Rollouts:
     c = self.s.config
     r, L = c.rl, c.data.seq_len
     G, N = r.group_size, r.max_completion_len
+    # The previous update runs asynchronously: wait for it, so that the logged time is the
+    # rollout's own.
+    jax.block_until_ready(state['params'])
     start = time.perf_counter()
     prompt_ids = []
     for row in rows:
