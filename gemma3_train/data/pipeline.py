@@ -308,8 +308,8 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
         num_threads=1 if d.num_workers else 4, prefetch_buffer_size=16))
     if not pairs:
       ds = grain.experimental.FlatMapIterDataset(ds, split_rows)
-  if d.packing:
-    ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed,
+  if d.packing:  # held-out rows independent of data.seed: evals of runs stay comparable
+    ds = packing.FirstFitPack(ds, d.seq_len, seed=d.seed if split == 'train' else 0,
                               max_images=image_spec.max_images if image_spec else 0)
   else:
     ds = ds.map(_PadRow(d.seq_len, d.max_images))
