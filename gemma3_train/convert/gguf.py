@@ -74,6 +74,21 @@ def encode(w: np.ndarray, kind: str) -> tuple[np.ndarray, T]:
   return blocks.reshape(w.shape[:-1] + (-1,)), QUANTS[kind]
 
 
+def add_encoded(w: gguf.GGUFWriter, name: str, x: np.ndarray, kind: str) -> None:
+  """x encoded as `kind` (encode) and added to w under name; f32/f16 arrays carry their own
+  type, the others are raw bytes of their GGUF type."""
+  data, qtype = encode(x, kind)
+  w.add_tensor(name, data, raw_dtype=None if qtype in (T.F32, T.F16) else qtype)
+
+
+def finish(w: gguf.GGUFWriter) -> None:
+  """Writes w's header, metadata and tensors to its file and closes it."""
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file(progress=False)
+  w.close()
+
+
 def _qat_values(w: np.ndarray, mode: str) -> np.ndarray:
   """A [out, in] matrix as a QAT forward with `mode` read it (float32), or w when mode is ''."""
   return np.asarray(quant.dequantized(w, (1,), mode)) if mode else w
@@ -194,9 +209,7 @@ def write(src: Source, dst_file, kind: str = 'f16', tokenizer_path: str = '',
     gguf_name = names.get_name(base)
     if gguf_name is None:
       raise ConversionError(f'{hf_name}: no GGUF name for it in gguf {gguf.__name__}')
-    data, qtype = encode(x, k)
-    w.add_tensor(f'{gguf_name}.weight', data, raw_dtype=None if qtype in (T.F32, T.F16)
-                 else qtype)
+    add_encoded(w, f'{gguf_name}.weight', x, k)
 
   top = src.top()
   add('model.embed_tokens.weight', _qat_values(np.asarray(top['embedding'], np.float32),
@@ -208,7 +221,4 @@ def write(src: Source, dst_file, kind: str = 'f16', tokenizer_path: str = '',
       else:
         add(name, _qat_values(np.asarray(x, np.float32), qat), kind)
   add('model.norm.weight', _norm(top['final_norm']), 'f32')
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file(progress=False)
-  w.close()
+  finish(w)

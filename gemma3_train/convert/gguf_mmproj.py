@@ -105,11 +105,6 @@ def write(src: Source, dst_file, kind: str = 'f16') -> epath.Path:
     x = np.asarray(x, np.float32)
     if name.endswith('mm_soft_emb_norm.weight'):
       x = x + 1.0
-    data, qtype = gguf_text.encode(x, tensor_kind(name, x.ndim, kind))
-    w.add_tensor(gguf_name, data, raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.BF16
-                 else None)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file(progress=False)
-  w.close()
+    gguf_text.add_encoded(w, gguf_name, x, tensor_kind(name, x.ndim, kind))
+  gguf_text.finish(w)
   return dst
