@@ -212,6 +212,35 @@ def test_loss_and_gradient_equal_trl(models, loss, beta, updates, temperature):
   assert float(metrics['completions/mean_length']) == pytest.approx(float(mask.sum()) / len(rows))
 
 
+def test_completion_window_scores_as_the_whole_row(models):
+  """The head on each row's rl.max_completion_len window (TRL's logits_to_keep) gives the
+  whole row's log-probabilities and entropies on every completion token, 0 outside it; rows
+  whose prompt ends within the last window (start moved left), a full row and an empty one
+  included."""
+  cfg, hf_policy, _ = models
+  ours = helpers.reference_ours(cfg, hf_policy)
+  rng = np.random.default_rng(3)
+  lengths = [(4, 9), (SEQ_LEN - MAX_COMPLETION, MAX_COMPLETION), (SEQ_LEN - 3, 3),
+             (SEQ_LEN - 5, 5), (10, 1)]
+  prompts = [[2, *rng.integers(3, V, n - 1)] for n, _ in lengths]
+  completions = [list(rng.integers(3, V, m)) for _, m in lengths]
+  batch = rollout.layout(prompts, completions, SEQ_LEN)
+  for k in batch:
+    batch[k] = np.concatenate([batch[k], np.zeros_like(batch[k][:1])])  # a padding row
+  batch = jax.tree.map(jnp.asarray, batch)
+  score = jax.jit(lambda m, b, w: grpo.token_logps(m, b, temperature=0.8, chunk_size=4,
+                                                   window=w), static_argnums=2)
+  full = [np.asarray(a) for a in score(ours, batch, None)]
+  cut = [np.asarray(a) for a in score(ours, batch, MAX_COMPLETION)]
+  w = np.asarray(batch['weights']) > 0
+  assert w.sum() == sum(m for _, m in lengths)
+  for a_full, a_cut in zip(full, cut):
+    np.testing.assert_allclose(a_cut[w], a_full[w], rtol=1e-6, atol=1e-6)
+    for b, row in enumerate(w):
+      start = min(int(np.argmax(row)), SEQ_LEN - MAX_COMPLETION)
+      assert not np.any(a_cut[b, :start]) and not np.any(a_cut[b, start + MAX_COMPLETION:])
+
+
 def test_batch_scaled_advantages_equal_trl():
   import torch  # pylint: disable=g-import-not-at-top
   rewards = np.random.default_rng(3).normal(size=12).astype(np.float32)

@@ -65,13 +65,35 @@ def logps_and_entropy(x_BLD, table_VD, targets_BL, *, chunk_size: int):
   return back(logp_nBC), back(ent_nBC)
 
 
-def token_logps(model, batch: dict, *, temperature: float, chunk_size: int):
-  """(log p(target), entropy) [B, L] of logits / temperature, as TRL scores completions."""
+def completion_window(weights_BL, width: int):
+  """[B] int32 start of the `width` columns of each row that hold all its weighted
+  (completion) positions: the first weighted column, moved left to fit in the row. A
+  completion has at most rl.max_completion_len tokens, so that width covers it."""
+  L = weights_BL.shape[1]
+  first_B = jnp.argmax(weights_BL > 0, axis=1).astype(jnp.int32)
+  return jnp.minimum(first_B, L - width)
+
+
+def token_logps(model, batch: dict, *, temperature: float, chunk_size: int,
+                window: int | None = None):
+  """(log p(target), entropy) [B, L] of logits / temperature, as TRL scores completions.
+  window (rl.max_completion_len): the head runs on each row's completion_window only, as TRL's
+  logits_to_keep (the prompt and padding columns, often most of the row, cost no vocabulary
+  matmul); the other columns are 0. None: every column."""
   x_BLD = model.hidden(batch['inputs'], batch['positions'], batch['segment_ids'])
   if temperature != 1.0:
     x_BLD = x_BLD / jnp.asarray(temperature, x_BLD.dtype)  # logits / T: the head is linear
-  return logps_and_entropy(x_BLD, model.embedder.table(), batch['targets'],
-                           chunk_size=chunk_size)
+  table_VD, targets_BL = model.embedder.table(), batch['targets']
+  L = targets_BL.shape[1]
+  if window is None or window >= L or sharding.sequence_shards(L) > 1:
+    return logps_and_entropy(x_BLD, table_VD, targets_BL, chunk_size=chunk_size)
+  start_B = completion_window(batch['weights'], window)
+  cut = jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, window, axis=0))
+  logp_BN, ent_BN = logps_and_entropy(cut(x_BLD, start_B), table_VD, cut(targets_BL, start_B),
+                                      chunk_size=chunk_size)
+  put = jax.vmap(lambda a, s: jax.lax.dynamic_update_slice_in_dim(
+      jnp.zeros((L,), a.dtype), a, s, axis=0))
+  return put(logp_BN, start_B), put(ent_BN, start_B)
 
 
 def per_token_loss(r, logp_BL, old_BL, ref_BL, adv_B):
@@ -138,7 +160,7 @@ class Grpo(base.Objective):
   def logps(self, model, batch):
     c = self.config
     return token_logps(model, batch, temperature=c.rl.temperature,
-                       chunk_size=c.train.loss_chunk_size)
+                       chunk_size=c.train.loss_chunk_size, window=c.rl.max_completion_len)
 
   def loss_sums(self, model, batch, frozen_models=None):
     r = self.config.rl
