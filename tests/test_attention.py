@@ -164,3 +164,23 @@ def test_splash_fits_only_lengths_its_blocks_tile():
   assert attention.splash_fits(768, 256)
   assert not attention.splash_fits(48, 512)  # one block of 48: not a multiple of 128
   assert not attention.splash_fits(768, 512)  # 512 does not divide 768
+
+
+@pytest.mark.parametrize('seq_len,block,context,ok', [
+    (256, 128, 1, True), (384, 256, 1, False), (96, 128, 1, False), (512, 128, 2, True),
+    (256, 128, 2, False)])
+def test_setup_refuses_splash_blocks_that_do_not_tile_a_row(seq_len, block, context, ok):
+  """Before tracing, one line naming the block size: splash over rows of seq_len, or under
+  context parallelism over balanced chunks of seq_len / (2 context); a block is a multiple of
+  128 (one shorter row is one block)."""
+  from gemma3_train.training import state  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  c = helpers.small_config(model=dict(attention_impl='splash', attention_block_size=block),
+                           data=dict(seq_len=seq_len), mesh=dict(context=context, fsdp=1))
+  mesh = sharding.make_mesh(c, jax.devices()[:context])
+  check = lambda: state._check_splash_blocks(c, mesh, sharding.parse_rules(c.mesh.rules))  # pylint: disable=protected-access
+  if ok:
+    check()
+  else:
+    with pytest.raises(config_lib.ConfigError, match=r'^model\.attention_block_size=\d+: splash'):
+      check()

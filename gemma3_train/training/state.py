@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -22,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma3_train import config as config_lib
+from gemma3_train.models import attention
 from gemma3_train.models import decoder
 from gemma3_train.models import layers
 from gemma3_train import sharding
@@ -79,9 +81,29 @@ def _init_program(fn: Callable[[], Any], out_shardings: Any, mesh: Mesh) -> Call
   return layers.init_program(fn, out_shardings, cpu=mesh.devices.flat[0].platform == 'cpu')
 
 
+def _check_splash_blocks(c: config_lib.Config, mesh: Mesh, rules) -> None:
+  """Where the step runs splash (attention.resolve: TPU, or named), its blocks must tile each
+  attention call's sequence: data.seq_len, or under context parallelism one chunk of it.
+  Checked here, before tracing, so that a bad pair is one line naming the fields."""
+  m, L = c.model, c.data.seq_len
+  if attention.resolve(m.attention_impl, m.dtype, images=m.vision) != 'splash':
+    return
+  spec = sharding.logical_to_spec(('act_len',), rules, (L,), mesh)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  chunks = shards * (2 if shards > 1 and m.context_layout == 'balanced' else 1)
+  T = L // chunks
+  if not attention.splash_fits(T, m.attention_block_size):
+    what = f'data.seq_len={L}' + (f' in {chunks} context chunks of {T}' if chunks > 1 else '')
+    raise config_lib.ConfigError(
+        f'model.attention_block_size={m.attention_block_size}: splash attention needs a block '
+        f'that divides {what} and is a multiple of {attention.SPLASH_ALIGN}')
+
+
 def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   """Builds the jitted steps and (unless abstract) the initialized, sharded state."""
   rules = sharding.parse_rules(c.mesh.rules)
+  _check_splash_blocks(c, mesh, rules)
   objective = objectives.get(c)
   tx, schedule = optimizer_lib.make_optimizer(c)
   make = functools.partial(new_state, c, tx)
