@@ -9,9 +9,10 @@ change of the table (or of `--config.mesh.rules`), never of the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import contextvars
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -225,3 +226,68 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int] | None = None,
     if seq is not None:
       return NamedSharding(mesh, P(BATCH_AXES, seq))
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+# --- data groups --------------------------------------------------------------
+
+
+class DataGroup(NamedTuple):
+  """Processes whose devices hold the same rows of every batch; they load those rows alike."""
+  index: int  # this group's place among the groups: the data iterator's process_index
+  count: int  # how many groups split the batch: the data iterator's process_count
+  processes: tuple[int, ...]  # ascending
+  row_shards: tuple[int, ...]  # ascending, of `shards` equal blocks of the batch's rows
+  shards: int
+
+  def rows(self, batch: int) -> np.ndarray:
+    """The global row indices this group loads, ascending: its local batch's rows, in order."""
+    per_shard = batch // self.shards
+    return (np.asarray(self.row_shards)[:, None] * per_shard + np.arange(per_shard)).ravel()
+
+
+def data_groups(devices: np.ndarray, axis_names: Sequence[str],
+                row_axes: Sequence[str] = BATCH_AXES) -> list[DataGroup]:
+  """The data groups of a device grid (a Mesh's `devices`, each with a process_index) whose
+  batches put rows on `row_axes` (batch_sharding: data x fsdp) and positions on context.
+
+  Processes whose devices hold the same row shards form a group, and the groups split the
+  global batch: a process's data iterator gets its group's index and the group count in
+  place of process_index / process_count, so every process of a group loads the same rows in
+  the same order, and data.global_batch gives each device its rows and positions of them.
+  With the context axis (and tensor) within each process every process is a group of its own
+  (index and count are the process's: nothing changes); a context group over 4 hosts (long_27b
+  on a v5p-32) is one group, each host loading the whole row. Groups are ordered by their
+  first process. Raises ConfigError when processes hold overlapping but different rows.
+  """
+  grid = np.asarray(devices)
+  axes = [list(axis_names).index(a) for a in row_axes if a in axis_names]
+  sizes = [grid.shape[i] for i in axes]
+  held: dict[int, set[int]] = {}  # process -> the row shards its devices hold
+  for where in np.ndindex(grid.shape):
+    # NamedSharding numbers the shards of P(row_axes) row-major over row_axes.
+    shard = int(np.ravel_multi_index([where[i] for i in axes], sizes)) if axes else 0
+    held.setdefault(int(grid[where].process_index), set()).add(shard)
+  by_rows: dict[tuple[int, ...], list[int]] = {}
+  for p in sorted(held):
+    by_rows.setdefault(tuple(sorted(held[p])), []).append(p)
+  order = sorted(by_rows.items(), key=lambda kv: kv[1][0])
+  shards = math.prod(sizes)
+  flat = [r for rows, _ in order for r in rows]
+  if len(flat) != len(set(flat)) or len({len(rows) for rows, _ in order}) > 1:
+    raise config_lib.ConfigError(
+        f'mesh={dict(zip(axis_names, grid.shape))}: processes hold overlapping or unequal '
+        f'sets of batch rows ({[p for _, p in order]}); expected a layout where processes '
+        'holding rows in common hold the same rows')
+  return [DataGroup(i, len(order), tuple(procs), rows, shards)
+          for i, (rows, procs) in enumerate(order)]
+
+
+@functools.lru_cache(maxsize=8)
+def data_group(batch: NamedSharding) -> DataGroup:
+  """This process's data group (data_groups) under a batch sharding: rows on the mesh axes of
+  its first dimension (batch_sharding(mesh): data x fsdp)."""
+  rows = batch.spec[0] if batch.spec else None
+  row_axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+  me = jax.process_index()
+  return next(g for g in data_groups(batch.mesh.devices, batch.mesh.axis_names, row_axes)
+              if me in g.processes)

@@ -1,4 +1,5 @@
-"""Two real jax processes on localhost: per-process batches assemble into one global batch."""
+"""Two real jax processes on localhost: per-process batches assemble into one global batch;
+and the data groups (sharding.data_groups) of layouts whose context axis spans processes."""
 
 import os
 import pathlib
@@ -6,8 +7,16 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 
+import numpy as np
 import pytest
+
+from configs import long_27b
+from tests import helpers
+from gemma3_train import config as config_lib
+from gemma3_train import sharding
+from gemma3_train.data import pipeline
 
 _WORKER = textwrap.dedent('''
     import os, sys
@@ -57,3 +66,57 @@ def test_global_batch_across_two_processes(tmp_path):
   outs = [p.communicate(timeout=180)[0] for p in procs]
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0 and f'OK {i}' in out, out[-3000:]
+
+
+def _grid(shape, devices_per_process):
+  """A fake device grid over MESH_AXES: device i (row-major) on process i // devices_per_process."""
+  n = int(np.prod(shape))
+  return np.array([types.SimpleNamespace(id=i, process_index=i // devices_per_process)
+                   for i in range(n)], dtype=object).reshape(shape)
+
+
+def _groups(shape, devices_per_process):
+  return [(g.processes, g.row_shards)
+          for g in sharding.data_groups(_grid(shape, devices_per_process), sharding.MESH_AXES)]
+
+
+def test_data_groups_of_context_within_and_across_processes():
+  # data, fsdp, context, tensor. Context within a process: every process is its own group.
+  assert _groups((1, 2, 4, 1), 4) == [((0,), (0,)), ((1,), (1,))]
+  # long_27b on a v5p-32: context 16 over 4 hosts of 4 chips; the hosts load the one row.
+  assert _groups((1, 1, 16, 1), 4) == [((0, 1, 2, 3), (0,))]
+  c = config_lib.from_config_dict(long_27b.get_config())
+  [group] = [g for g in sharding.data_groups(_grid((1, 1, 16, 1), 4), sharding.MESH_AXES)
+             if 2 in g.processes]  # host 2's: what its iterator gets
+  assert (group.index, group.count) == (0, 1)
+  assert pipeline.local_batch_size(c, group.count) == 1
+  with pytest.raises(config_lib.ConfigError, match='number of data groups 4'):
+    pipeline.local_batch_size(c, 4)  # the per-process split this replaces
+  # data x fsdp x context: each context group of 4 spans two processes of 2 devices.
+  groups = sharding.data_groups(_grid((2, 2, 4, 1), 2), sharding.MESH_AXES)
+  assert [(g.processes, g.row_shards) for g in groups] == [
+      ((0, 1), (0,)), ((2, 3), (1,)), ((4, 5), (2,)), ((6, 7), (3,))]
+  assert [g.rows(8).tolist() for g in groups] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_processes_holding_overlapping_rows_are_an_error():
+  grid = _grid((1, 2, 2, 1), 3)  # process 0 holds row shards 0 and 1, process 1 only 1
+  with pytest.raises(config_lib.ConfigError, match='overlapping or unequal'):
+    sharding.data_groups(grid, sharding.MESH_AXES)
+
+
+@pytest.mark.parametrize('shape', [(2, 2, 2, 1), (1, 2, 4, 1), (1, 1, 4, 2)])
+def test_group_rows_are_the_batch_shardings(shape):
+  """A group's rows (group.rows) are those jax's batch_sharding puts on its processes' devices,
+  for a fake split of this process's 8 devices into processes of two."""
+  c = helpers.small_config(mesh=dict(zip(sharding.MESH_AXES, shape)))
+  mesh = sharding.make_mesh(c)
+  process_of = {d.id: i // 2 for i, d in enumerate(mesh.devices.flat)}
+  fake = np.vectorize(lambda d: types.SimpleNamespace(process_index=process_of[d.id]),
+                      otypes=[object])(mesh.devices)
+  B, L = 8, 32
+  where = sharding.batch_sharding(mesh, (B, L)).devices_indices_map((B, L))
+  for g in sharding.data_groups(fake, mesh.axis_names):
+    want = sorted({r for d, index in where.items() if process_of[d.id] in g.processes
+                   for r in range(B)[index[0]]})
+    assert g.rows(B).tolist() == want

@@ -1,7 +1,6 @@
 """The sharded train step: mesh equivalence, gradient accumulation, learning, multi-process."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -236,18 +235,16 @@ def test_resumed_loop_continues_after_the_checkpoint(tmp_path):
   assert rows[5]['tokens_per_sec'] is None  # resumed after 7; its first interval compiles
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def _two_processes_and_one(tmp_path, *mode):
+  """tests/multiprocess_worker.py's results: two processes of 4 CPU devices, one of 8."""
   worker = ROOT / 'tests' / 'multiprocess_worker.py'
-  def env(devices):
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   port = helpers.free_port()
   procs = [subprocess.Popen([sys.executable, str(worker), str(i), '2', str(port),
-                             str(tmp_path / f'p{i}.json')], env=env(4), cwd=ROOT)
+                             str(tmp_path / f'p{i}.json'), *mode], env=helpers.cli_env(4),
+                            cwd=ROOT)
            for i in range(2)]
-  single = subprocess.run([sys.executable, str(worker), '0', '1', '0', str(tmp_path / 's.json')],
-                          env=env(8), cwd=ROOT, timeout=600)
+  single = subprocess.run([sys.executable, str(worker), '0', '1', '0', str(tmp_path / 's.json'),
+                           *mode], env=helpers.cli_env(8), cwd=ROOT, timeout=600)
   assert single.returncode == 0
   assert all(p.wait(timeout=600) == 0 for p in procs)
   one = json.loads((tmp_path / 's.json').read_text())
@@ -255,3 +252,18 @@ def test_two_processes_match_one(tmp_path):
   assert one['devices'] == 8 and two[0]['devices'] == 8
   np.testing.assert_allclose(two[0]['losses'], one['losses'], rtol=1e-5)
   assert two[0]['losses'] == two[1]['losses']
+  return one, two
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  _two_processes_and_one(tmp_path)
+
+
+@pytest.mark.slow  # three jax processes: 57 s of CPU here (106 s wall on the loaded 2 cores)
+def test_context_across_two_processes_matches_one(tmp_path):
+  # mesh.context=8 spans both processes: one data group, both load every row (the one
+  # process's rows) and hold the same iterator state, so each resumes from its own file alike.
+  one, two = _two_processes_and_one(tmp_path, 'context')
+  assert [t['group'] for t in two] == [[0, 1], [0, 1]] == [one['group']] * 2
+  assert two[0]['data_state'] == two[1]['data_state'] == one['data_state']

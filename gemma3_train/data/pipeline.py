@@ -1,6 +1,6 @@
 """The grain pipeline: shard -> shuffle(seed, epoch) -> tokenize -> split -> pack -> batch.
 
-Batches are dicts of numpy arrays [B, L] (B = global batch / process count, L = data.seq_len),
+Batches are dicts of numpy arrays [B, L] (B = global batch / data groups, L = data.seq_len),
 with the keys and dtypes of BATCH_DTYPES:
   inputs, targets int32   targets[j] is the token after inputs[j] in the same document
   positions int32          0 at each document (or split piece) start
@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from gemma3_train import config as config_lib
+from gemma3_train import sharding as sharding_lib
 from gemma3_train.data import documents
 from gemma3_train.data import images as images_lib
 from gemma3_train.data import mixture
@@ -108,10 +109,12 @@ class _PadRow(grain.transforms.Map):
 
 
 def local_batch_size(c: config_lib.Config, process_count: int) -> int:
+  """Rows per batch of one data group (process_count: the number of groups, see
+  sharding.data_groups; each process is one unless a context group spans processes)."""
   if c.train.global_batch_size % process_count:
     raise config_lib.ConfigError(
         f'train.global_batch_size={c.train.global_batch_size}: expected a multiple of the '
-        f'process count {process_count}')
+        f'number of data groups {process_count} (processes loading different rows)')
   return c.train.global_batch_size // process_count
 
 
@@ -320,6 +323,9 @@ def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Endless checkpointable iterator (get_state/set_state) of host-local train batches.
 
+  process_index / process_count: the process's data group and the number of groups
+  (sharding.data_group); the processes of a group get the same batches.
+
   Close and drop it before the interpreter exits (training/loop.py does): grain 0.2.18's prefetch
   iterators close again from __del__, which fails during interpreter teardown (an ignored
   AttributeError on stderr).
@@ -347,7 +353,23 @@ def global_batch(local_batch: dict[str, np.ndarray],
                  sharding: jax.sharding.NamedSharding | dict) -> dict[str, jax.Array]:
   """Host-local rows -> global jax.Arrays laid out by `sharding` (batch axis over processes),
   or by sharding[key] per array (a train Setup's batch_sharding: [B, L] arrays' positions on
-  the context axis). Each process holds whole rows: a context axis stays within a process."""
+  the context axis).
+
+  The local rows are those of the process's data group (sharding.data_group): when each
+  process is a group of its own they are the process's rows; when a context group spans
+  processes, every process of it holds the same whole rows and gives each of its devices
+  that device's rows and positions."""
   pick = (lambda k: sharding[k]) if isinstance(sharding, dict) else (lambda k: sharding)
-  return {k: jax.make_array_from_process_local_data(pick(k), v)
-          for k, v in local_batch.items()}
+  group = sharding_lib.data_group(pick(next(iter(local_batch))))
+  if group.count == jax.process_count():  # a process per group: the rows are its own
+    return {k: jax.make_array_from_process_local_data(pick(k), v)
+            for k, v in local_batch.items()}
+  n = len(next(iter(local_batch.values())))
+  B = n * group.count
+  local_of = np.full(B, -1)  # global row -> its place in local_batch
+  local_of[group.rows(B)] = np.arange(n)
+
+  def one(k, v):
+    return jax.make_array_from_callback(
+        (B,) + v.shape[1:], pick(k), lambda index: v[(local_of[index[0]],) + index[1:]])
+  return {k: one(k, v) for k, v in local_batch.items()}

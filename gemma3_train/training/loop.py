@@ -150,8 +150,9 @@ def evaluate(s: Setup, state: State, eval_iter: Iterator[dict], num_batches: int
 
 def _run_eval(s: Setup, state: State, step: int, writer: metrics_lib.MetricWriter) -> None:
   c = s.config
-  eval_iter = data_lib.make_eval_iterator(c, process_index=jax.process_index(),
-                                          process_count=jax.process_count())
+  group = sharding.data_group(sharding.batch_sharding(s.mesh))
+  eval_iter = data_lib.make_eval_iterator(c, process_index=group.index,
+                                          process_count=group.count)
   with contextlib.closing(eval_iter):
     result = evaluate(s, state, eval_iter, c.train.eval_steps)
   writer.write_eval(step, {k: v for k, v in result.items() if k != 'tokens'})
@@ -301,14 +302,18 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
   enable_compilation_cache(c)
   mesh = sharding.make_mesh(c)
   pid, nproc = jax.process_index(), jax.process_count()
-  log.info('Process %d/%d, %d devices, mesh %s', pid, nproc, jax.device_count(),
-           dict(mesh.shape))
+  # The rows this process loads: its own, or its context group's (every host of it alike).
+  group = sharding.data_group(sharding.batch_sharding(mesh))
+  log.info('Process %d/%d, %d devices, mesh %s, data group %d/%d', pid, nproc,
+           jax.device_count(), dict(mesh.shape), group.index, group.count)
   peak = _peak_tflops(c)  # said in the first lines: every MFU of the run is against it
   with contextlib.ExitStack() as cleanup:
     cleanup.callback(data_lib.sources.log_summary)  # skipped rows per file, when the run ends
     train_iter = cleanup.enter_context(contextlib.closing(
-        objectives.get(c).train_iterator(c, process_index=pid, process_count=nproc)))
-    preflight(c, resuming=done is not None, process_index=pid, process_count=nproc)
+        objectives.get(c).train_iterator(c, process_index=group.index,
+                                         process_count=group.count)))
+    preflight(c, resuming=done is not None, process_index=group.index,
+              process_count=group.count)
     s = setup(c, mesh, abstract=True)
     # The first write to the workdir; a second run on it stops here (lease.py).
     cleanup.callback(lease_lib.acquire(workdir, c.checkpoint.lease_timeout_s).release)

@@ -90,9 +90,9 @@ def _allgather(x, nproc: int, tiled: bool = False):
   return multihost_utils.process_allgather(x, tiled=tiled)
 
 
-def _gather_rows(x, pid: int, nproc: int, rows: int) -> np.ndarray:
-  """This process's rows of a batch-sharded global array."""
-  return np.asarray(_allgather(x, nproc, tiled=True))[pid * rows:(pid + 1) * rows]
+def _gather_rows(x, group: sharding.DataGroup, nproc: int) -> np.ndarray:
+  """This process's data group's rows of a batch-sharded global array."""
+  return np.asarray(_allgather(x, nproc, tiled=True))[group.rows(x.shape[0])]
 
 
 def compute(s, state, split: str, score) -> np.ndarray:
@@ -100,8 +100,10 @@ def compute(s, state, split: str, score) -> np.ndarray:
   batch) -> (chosen [B, P], rejected [B, P]) is jitted: the pair slots of each row."""
   c = s.config
   pid, nproc = jax.process_index(), jax.process_count()
-  B = c.train.global_batch_size // nproc
-  n, rows = _pair_rows(c, split, pid, nproc)
+  batch_sharding = sharding.batch_sharding(s.mesh)
+  group = sharding.data_group(batch_sharding)  # a context group's processes score alike
+  B = c.train.global_batch_size // group.count
+  n, rows = _pair_rows(c, split, group.index, group.count)
   table = np.full((n, 2), np.nan, np.float32)
   empty = {k: np.zeros(c.data.seq_len, v) for k, v in data_lib.BATCH_DTYPES.items()}
   keys = list(data_lib.BATCH_DTYPES)
@@ -110,9 +112,8 @@ def compute(s, state, split: str, score) -> np.ndarray:
     S = c.model.vision_image_size
     empty.update(images=np.zeros((c.data.max_images, S, S, 3), np.uint8),
                  image_counts=np.int32(0))
-  batch_sharding = sharding.batch_sharding(s.mesh)
   bar = progress_lib.Progress(f'reference log-probs of the {split} pairs',
-                              -(-n // nproc), 'pairs') if pid == 0 else None
+                              -(-n // group.count), 'pairs') if pid == 0 else None
   done, start = 0, time.perf_counter()
   while True:
     chunk = [row for _, row in zip(range(B), rows)]
@@ -122,7 +123,7 @@ def compute(s, state, split: str, score) -> np.ndarray:
       break
     local = chunk + [empty] * (B - len(chunk))
     batch = {k: np.stack([r[k] for r in local]) for k in keys}
-    chosen, rejected = (_gather_rows(x, pid, nproc, B) for x in
+    chosen, rejected = (_gather_rows(x, group, nproc) for x in
                         score(state, data_lib.global_batch(batch, batch_sharding)))
     for k, row in enumerate(chunk):
       for j, i in enumerate(_row_records(row)):
@@ -142,11 +143,11 @@ def ensure(s, workdir: str, splits: tuple[str, ...], *, initial_state, score) ->
   initial_state() builds the starting state only when a table is computed."""
   c = s.config
   directory = table_dir(c, workdir)
-  pid, nproc = jax.process_index(), jax.process_count()
+  group = sharding.data_group(sharding.batch_sharding(s.mesh))
   key = _key(c)
   state = None
   for split in splits:
-    path = preference.table_path(directory, split, pid, nproc)
+    path = preference.table_path(directory, split, group.index, group.count)
     if path.exists():
       with path.open('rb') as f:
         stored = np.load(f)
@@ -158,7 +159,8 @@ def ensure(s, workdir: str, splits: tuple[str, ...], *, initial_state, score) ->
       state = initial_state()
     table = compute(s, state, split, score)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (path.name + '.tmp')
+    # The processes of a data group write the same table: each through its own file.
+    tmp = path.parent / f'{path.name}.tmp{jax.process_index()}'
     with tmp.open('wb') as f:
       np.savez(f, logps=table, key=np.asarray(key))
     tmp.rename(path)
