@@ -11,8 +11,11 @@ temperature 1 with no top-k or top-p. A step is one rollout of --prompts x --gro
 of at most --max_new tokens, then one optimizer step on them. The timing covers both sides of a
 step (sampling and update) and leaves out the first --skip steps (compiles: ours compiles
 the sampler once per prompt length bucket of 16, allocator warm-up); ours is timed from one
-rollout's log line to the next. A random model rarely stops, so most completions run to the limit on both sides. The
-load average is printed before and after: other work on the box slows every trainer.
+rollout's log line to the next. Rollout tokens per second: completion tokens (up to and
+including the stop) over the sampling time alone, ours from the rollout log line, TRL's around
+its model.generate call. A random model rarely stops, so most completions run to the limit on
+both sides. The load average is printed before and after: other work on the box slows every
+trainer.
 """
 
 from __future__ import annotations
@@ -57,12 +60,14 @@ def _prompts(path: str, n: int, words_per: int) -> list[dict]:
   return rows
 
 
-def _trl(model_dir: str, rows: list[dict], args, out: str) -> float:
-  """Seconds per step (rollout + update) of TRL's GRPOTrainer, after the first --skip."""
+def _trl(model_dir: str, rows: list[dict], args, out: str) -> tuple[float, float]:
+  """(seconds per step (rollout + update), rollout tokens per second) of TRL's GRPOTrainer,
+  after the first --skip; the rollout is its model.generate call, timed around it."""
   import datasets  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   import trl  # pylint: disable=g-import-not-at-top
-  marks = []
+  marks, generated = [], []  # generated: (seconds, completion tokens) per generate call
 
   class Clock(transformers.TrainerCallback):
     def on_step_end(self, *_, **__):
@@ -73,6 +78,20 @@ def _trl(model_dir: str, rows: list[dict], args, out: str) -> float:
 
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype='float32')
   tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+  generate = model.generate
+
+  def timed_generate(*a, **kw):
+    start = time.perf_counter()
+    ids = generate(*a, **kw)
+    prompt_len = (kw.get('input_ids') if 'input_ids' in kw else a[0]).shape[1]
+    new = ids[:, prompt_len:]
+    stops = torch.isin(new, torch.tensor(list(model.generation_config.eos_token_id or []) +
+                                         [tok.eos_token_id]))
+    # tokens up to and including each row's first stop (generate pads after it)
+    first = torch.where(stops.any(1), stops.int().argmax(1) + 1, new.shape[1])
+    generated.append((time.perf_counter() - start, int(first.sum())))
+    return ids
+  model.generate = timed_generate
   cfg = trl.GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.group,
                        num_generations=args.group, max_completion_length=args.max_new,
                        max_steps=args.steps + args.skip, learning_rate=1e-6, beta=0.0,
@@ -83,11 +102,14 @@ def _trl(model_dir: str, rows: list[dict], args, out: str) -> float:
                             processing_class=tok, train_dataset=datasets.Dataset.from_list(rows),
                             callbacks=[Clock()])
   trainer.train()
-  return (marks[-1] - marks[args.skip - 1]) / (len(marks) - args.skip)
+  timed = generated[args.skip:]
+  return ((marks[-1] - marks[args.skip - 1]) / (len(marks) - args.skip),
+          sum(n for _, n in timed) / sum(t for t, _ in timed))
 
 
-def _ours(model_dir: str, data: str, args, workdir: str) -> tuple[float, float]:
-  """(seconds per step after the first --skip, rollout seconds per step) of gemma3-train."""
+def _ours(model_dir: str, data: str, args, workdir: str) -> tuple[float, float, float]:
+  """(seconds per step after the first --skip, rollout seconds per step, rollout tokens per
+  second) of gemma3-train."""
   B = args.prompts * args.group
   cmd = [sys.executable, '-m', 'gemma3_train.cli.train', '--config=configs/tiny.py',
          f'--workdir={workdir}', f'--config.checkpoint.init_from={model_dir}',
@@ -107,7 +129,12 @@ def _ours(model_dir: str, data: str, args, workdir: str) -> tuple[float, float]:
   stamps = [datetime.datetime.strptime(x.split()[1], '%H:%M:%S.%f') for x in lines]
   seconds = (stamps[-1] - stamps[0]).total_seconds() / (len(stamps) - 1)
   rollouts = [float(x.split(' in ')[1].split(' s,')[0]) for x in lines]
-  return seconds, sum(rollouts) / len(rollouts)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    logged = {row['step']: row for row in map(json.loads, f) if 'completions/mean_length' in row}
+  B = args.prompts * args.group
+  tokens = [logged[step]['completions/mean_length'] * B
+            for step in range(args.skip + 1, args.steps + args.skip + 1)]
+  return seconds, sum(rollouts) / len(rollouts), sum(tokens) / sum(rollouts)
 
 
 def main(argv):
@@ -122,8 +149,8 @@ def main(argv):
     model_dir = _export(TINY, tmp)
     data = os.path.join(tmp, 'prompts.jsonl')
     rows = _prompts(data, 64, args.prompt_words)
-    ours, rollout = _ours(model_dir, data, args, os.path.join(tmp, 'ours'))
-    theirs = _trl(model_dir, rows, args, os.path.join(tmp, 'trl'))
+    ours, rollout, our_tps = _ours(model_dir, data, args, os.path.join(tmp, 'ours'))
+    theirs, their_tps = _trl(model_dir, rows, args, os.path.join(tmp, 'trl'))
   after = ', '.join(f'{x:.1f}' for x in os.getloadavg())
   B = args.prompts * args.group
   print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average '
@@ -131,13 +158,14 @@ def main(argv):
         f'{torch.__version__} ({torch.get_num_threads()} threads); tiny shape, {args.prompts} '
         f'prompts x {args.group} completions of <= {args.max_new} tokens, dapo, float32, '
         f'{args.steps} timed steps after {args.skip}')
-  print('| trainer | completions/step | s/step | completions/s |')
-  print('|---|---|---|---|')
-  for name, dt in (('gemma3-train', ours), (f'TRL {__import__("trl").__version__} GRPOTrainer',
-                                            theirs)):
-    print(f'| {name} | {B} | {dt:.3f} | {B / dt:.2f} |')
-  print(f'ratio ours / TRL, completions/s: {theirs / ours:.2f}x; our rollout: '
-        f'{rollout:.3f} s/step ({rollout / ours:.0%} of the step)')
+  print('| trainer | completions/step | s/step | completions/s | rollout tokens/s |')
+  print('|---|---|---|---|---|')
+  for name, dt, tps in (('gemma3-train', ours, our_tps),
+                        (f'TRL {__import__("trl").__version__} GRPOTrainer', theirs, their_tps)):
+    print(f'| {name} | {B} | {dt:.3f} | {B / dt:.2f} | {tps:.1f} |')
+  print(f'ratio ours / TRL: completions/s {theirs / ours:.2f}x, rollout tokens/s '
+        f'{our_tps / their_tps:.2f}x; our rollout: {rollout:.3f} s/step ({rollout / ours:.0%} '
+        'of the step)')
 
 
 if __name__ == '__main__':
