@@ -193,8 +193,10 @@ class DataConfig:
                      'chunks of records read ahead; local prepared shards are read inline)')
   mixture: str = _f('', "train sources mixed by weight, ';'-separated 'NAME:WEIGHT key=value "
                      "...' (keys: source, train_path, format, text_field, messages_field, "
-                     "tfds_name; unset keys inherit data.*), e.g. 'web:0.7 source=jsonl "
-                     "train_path=web/*.jsonl; code:0.3 source=prepared train_path=code'")
+                     "tfds_name; unset keys inherit data.*; labels=hard: under "
+                     "train.objective=distill the source's rows learn their next tokens, not "
+                     "the teacher), e.g. 'web:0.7 source=jsonl train_path=web/*.jsonl; "
+                     "code:0.3 source=prepared train_path=code'")
   images_field: str = _f('images', "text rows' list of image paths (model.vision), taken in "
                          'order by the <start_of_image> markers of the text')
   max_images: int = _f(2, 'image slots per packed row (model.vision); a document with more '

@@ -11,6 +11,9 @@ from gemma3_train.config.fields import ConfigError, DataConfig
 # The data.* fields a mixture source may set for itself; the rest (tokenizer, seq_len, seed,
 # packing, workers) are shared by the whole mixture.
 KEYS = ('source', 'train_path', 'format', 'text_field', 'messages_field', 'tfds_name')
+# A source's own key that is no data.* field: under train.objective=distill, whether its rows
+# learn the teacher's targets or their hard labels (docs/distillation.md, "Mixtures").
+LABELS = ('teacher', 'hard')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,14 +21,15 @@ class MixtureSource:
   name: str
   weight: float
   fields: tuple[tuple[str, str], ...]  # (data.* key, value) overrides
+  labels: str = 'teacher'  # train.objective=distill: teacher (its targets) | hard (the data's)
 
 
 def parse_mixture(spec: str) -> list[MixtureSource]:
   """data.mixture -> its sources; '' -> []. Raises ConfigError naming data.mixture.
 
   Grammar: sources separated by ';' (or newlines); each is 'NAME:WEIGHT' followed by
-  space-separated key=value pairs with keys from KEYS. Weights are relative (>= 0,
-  not all 0); a weight-0 source is never read.
+  space-separated key=value pairs with keys from KEYS, or labels=teacher|hard. Weights are
+  relative (>= 0, not all 0); a weight-0 source is never read.
   """
   out = []
   for entry in (e.strip() for e in re.split(r'[;\n]', spec)):
@@ -42,15 +46,20 @@ def parse_mixture(spec: str) -> list[MixtureSource]:
       raise bad(f'weight {weight!r} is not a number') from None
     if not (w >= 0 and math.isfinite(w)):
       raise bad(f'weight {weight} is negative or not finite; expected >= 0')
-    fields = []
+    fields, labels = [], 'teacher'
     for pair in pairs:
       key, sep, value = pair.partition('=')
+      if sep and key == 'labels':
+        if value not in LABELS:
+          raise bad(f'{pair!r}: expected labels={" | ".join(LABELS)}')
+        labels = value
+        continue
       if not sep or key not in KEYS:
-        raise bad(f'{pair!r} is not key=value with a key in {", ".join(KEYS)}')
+        raise bad(f'{pair!r} is not key=value with a key in {", ".join(KEYS)}, labels')
       fields.append((key, value))
     if name in (m.name for m in out):
       raise bad(f'source name {name!r} is used twice')
-    out.append(MixtureSource(name, w, tuple(fields)))
+    out.append(MixtureSource(name, w, tuple(fields), labels))
   if out and not sum(m.weight for m in out) > 0:
     raise ConfigError(f'data.mixture={spec!r}: all weights are 0; expected one > 0')
   return out

@@ -213,6 +213,10 @@ def _validate_distill(c: Config) -> None:
   require(0 <= d.alpha <= 1, 'distill.alpha', d.alpha, 'in [0, 1]')
   require(not c.model.vision, 'model.vision', c.model.vision,
           'False for train.objective=distill (the teacher reads text only)')
+  hard = [m.name for m in mixture.parse_mixture(c.data.mixture) if m.labels == 'hard']
+  require(not (hard and d.loss == 'kl'), 'distill.loss', d.loss,
+          f'sampled or topk with labels=hard mixture sources ({", ".join(hard)}): the full '
+          'KL has no per-row switch to hard labels')
 
 
 def _validate_dpo(c: Config) -> None:

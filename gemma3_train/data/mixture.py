@@ -156,10 +156,10 @@ class _CountDataset(grain.IterDataset):
     return _CountIterator(self._parent.__iter__(), self._names, self._tokens_per_row)
 
 
-def make_rows(c: config_lib.Config, source_rows: Callable[[config_lib.Config, int | None],
-                                                           grain.IterDataset],
+def make_rows(c: config_lib.Config, source_rows: Callable[..., grain.IterDataset],
               *, batch_size: int, num_epochs: int | None) -> MixtureIterDataset:
-  """The mixed rows of data.mixture; source_rows(config, num_epochs) builds one source's rows.
+  """The mixed rows of data.mixture; source_rows(config, num_epochs, labels=) builds one
+  source's rows (labels: the source's labels=, for distillation).
 
   A source's ConfigError (a glob matching nothing, a missing field) names the source.
   """
@@ -170,7 +170,7 @@ def make_rows(c: config_lib.Config, source_rows: Callable[[config_lib.Config, in
   for m in parts:
     try:
       parents.append(source_rows(dataclasses.replace(c, data=config_lib.source_data(d, m)),
-                                 1 if stop else num_epochs))
+                                 1 if stop else num_epochs, labels=m.labels))
     except config_lib.ConfigError as e:
       raise config_lib.ConfigError(f'data.mixture source {m.name!r}: {e}') from None
   quota = tuple(int(q) for q in quotas([m.weight for m in parts], WINDOW_BATCHES * batch_size))

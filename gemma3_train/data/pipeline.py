@@ -153,8 +153,9 @@ def make_dataset(c: config_lib.Config, split: str = 'train', *, process_index: i
     raise config_lib.ConfigError(f'process_index={process_index}: expected 0 <= index < '
                                  f'process_count={process_count}')
   B = batch_size or local_batch_size(c, process_count)
+  # The distillation keys are the whole run's (a mixture's labels=hard adds one to every row).
   rows = functools.partial(_source_rows, split=split, process_index=process_index,
-                           process_count=process_count)
+                           process_count=process_count, keys=teacher.batch_keys(c))
   mixed = bool(d.mixture) and split == 'train'
   if mixed:
     ds = mixture.make_rows(c, rows, batch_size=B, num_epochs=num_epochs)
@@ -254,8 +255,12 @@ def _all_prepared(c: config_lib.Config, mixed: bool) -> bool:
 
 
 def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
-                 process_index: int, process_count: int) -> grain.IterDataset:
-  """One source's packed (or padded) rows for this process's shard of its documents."""
+                 process_index: int, process_count: int, keys: dict,
+                 labels: str | None = None) -> grain.IterDataset:
+  """One source's packed (or padded) rows for this process's shard of its documents.
+
+  keys: the run's teacher.batch_keys; labels: a mixture source's labels= (None: no mixture).
+  """
   c = select.resolve(c, warn=False)  # a mixture source's data.source, from its train_path
   d = c.data
   tok = _tokenizer(c)
@@ -263,6 +268,8 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
   field = d.messages_field if d.format == 'chat' else d.text_field
   image_spec = images_lib.spec(c)
   pairs = c.train.objective == 'dpo'
+  hard = labels == 'hard'
+  stored = 'teacher_ids' in keys and not hard  # this source's rows carry stored targets
   if pairs:  # one piece per preference pair, never split (data/preference.py)
     p = c.dpo
     table = None  # dpo.reference_logps=precompute: the reference's table of this shard
@@ -273,18 +280,17 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
                                p.max_prompt_len, p.max_len or d.seq_len // 2, reference=table,
                                images=image_spec)
   elif d.source == 'prepared':  # documents tokenized by gemma3-data prepare
-    keys = teacher.batch_keys(c)
-    if 'teacher_ids' in keys:  # distillation on stored targets: the shards must hold them
-      teacher.check(c, source.teacher, f'{source.field}={source.spec!r}')
-    to_doc = prepared.ToDocument(source, d.seq_len, record='record' in keys,
-                                 targets='teacher_ids' in keys)
+    if stored:  # distillation on stored targets: the shards must hold them
+      teacher.check(c, source.teacher, f'{source.field}={source.spec!r}', labels is not None)
+    to_doc = prepared.ToDocument(source, d.seq_len, record='record' in keys, targets=stored)
   else:
-    if 'teacher_ids' in teacher.batch_keys(c):
+    if stored:
+      hint = ', or give the mixture source labels=hard' if labels is not None else ''
       raise config_lib.ConfigError(
           f"distill.teacher='': data.source={d.source!r} has no stored teacher targets; "
-          'train on shards of gemma3-data prepare --teacher (data.source=prepared)')
+          f'train on shards of gemma3-data prepare --teacher (data.source=prepared){hint}')
     to_doc = documents.ToDocument(source, tok, d.format, field, d.seq_len, images=image_spec)
-    if 'record' in teacher.batch_keys(c):
+    if 'record' in keys:
       to_doc = _WithRecord(to_doc)
 
   # Each process sees only the documents i % process_count == process_index, shuffled
@@ -316,7 +322,24 @@ def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
                               max_images=image_spec.max_images if image_spec else 0)
   else:
     ds = ds.map(_PadRow(d.seq_len, d.max_images))
+  if ('teacher_ids' in keys and hard) or 'hard_labels' in keys:
+    ds = ds.map(_HardLabels(hard, keys, c.model.vocab_size))
   return ds
+
+
+class _HardLabels(grain.transforms.Map):
+  """A distillation mixture's rows (data/teacher.py): offline, a labels=hard source's rows get
+  their next tokens as targets; online, every row says whether its source is labels=hard."""
+
+  def __init__(self, hard: bool, keys: dict, vocab_size: int):
+    self.hard, self.vocab_size = hard, vocab_size
+    self.k = keys['teacher_ids'][0][0] if 'teacher_ids' in keys else 0
+
+  def map(self, row):
+    if self.k:
+      ids_LK, q_LK = teacher.hard_targets(row['targets'], self.k, self.vocab_size)
+      return {**row, 'teacher_ids': ids_LK, 'teacher_probs': np.ascontiguousarray(q_LK)}
+    return {**row, 'hard_labels': np.full(len(row['targets']), self.hard, np.int32)}
 
 
 def make_train_iterator(c: config_lib.Config, *, process_index: int = 0,

@@ -12,6 +12,11 @@ where position j (the target tokens[j + 1]) has counts[j] ids and their probabil
 distinct ids the teacher drew (or its top k) with p renormalized over them, as
 lm_head.teacher_targets puts them first. A batch gets them padded to k with id 0 and
 probability 0, which add nothing to the loss: the stored targets are the online ones.
+
+In a mixture, a source with labels=hard learns its hard labels: offline its rows carry
+hard_targets (the next token with probability 1), online the batch's 'hard_labels' marks its
+positions and the objective puts hard_targets in place of the teacher's there. Either way the
+distillation term of those positions is exactly their next-token cross-entropy.
 """
 
 from __future__ import annotations
@@ -33,26 +38,45 @@ PLAN_KEYS = ('path', 'loss', 'samples', 'temperature', 'seed', 'seq_len', 'dtype
 def batch_keys(c: config_lib.Config) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Per-token arrays a batch carries besides the token arrays, {key: (trailing shape, dtype)}:
   distillation's stored targets (distill.teacher='': offline) or, online with the sampled
-  loss, the draws' keys (the document's record index and the position in it). The pipeline
-  adds exactly these and the objective reads exactly these."""
+  loss, the draws' keys (the document's record index and the position in it), and online
+  'hard_labels' (1 on the rows of labels=hard mixture sources) when the mixture has one. The
+  pipeline adds exactly these and the objective reads exactly these."""
   if c.train.objective != 'distill':
     return {}
   d = c.distill
   if not d.teacher:
     return {'teacher_ids': ((d.samples,), np.int32), 'teacher_probs': ((d.samples,), np.float32)}
+  keys = {}
   if d.loss == 'sampled':
-    return {'record': ((), np.int32), 'record_pos': ((), np.int32)}
-  return {}
+    keys = {'record': ((), np.int32), 'record_pos': ((), np.int32)}
+  if any(m.labels == 'hard' for m in config_lib.parse_mixture(c.data.mixture)):
+    keys['hard_labels'] = ((), np.int32)
+  return keys
 
 
-def check(c: config_lib.Config, teacher: dict | None, where: str) -> None:
+def hard_targets(targets_BL, k: int, vocab_size: int, xp=np):
+  """(ids, q [..., k]): the next token with probability 1, then k - 1 other ids with 0: the
+  targets whose soft cross-entropy is exactly the hard one. The ids are distinct (the target
+  and the ids after it, mod the vocabulary; k <= vocab_size), so the zeros add nothing however
+  q is summed against the log-probabilities: by a gather, or by a scatter into the vocabulary.
+  xp: numpy (the pipeline) or jax.numpy (the online objective)."""
+  offsets = xp.arange(k, dtype=xp.int32).reshape((1,) * targets_BL.ndim + (k,))
+  ids = (targets_BL[..., None] + offsets) % vocab_size
+  q = xp.broadcast_to((offsets == 0).astype(xp.float32), ids.shape)
+  return ids.astype(xp.int32), q
+
+
+def check(c: config_lib.Config, teacher: dict | None, where: str, mixed: bool = False) -> None:
   """A run on stored targets (distill.teacher='') must read what was stored: one-line
-  ConfigErrors naming the field that differs from the prepared directory `where`."""
+  ConfigErrors naming the field that differs from the prepared directory `where` (mixed: a
+  mixture source's, whose name the caller adds). Every distilled source of a mixture is held
+  to the run's fields, so they all agree."""
   d = c.distill
   if not teacher:
     raise config_lib.ConfigError(
         f"distill.teacher='': {where} holds no teacher targets; prepare it with "
-        'gemma3-data prepare --teacher=PATH, or set distill.teacher')
+        'gemma3-data prepare --teacher=PATH, or set distill.teacher'
+        + (', or give the mixture source labels=hard' if mixed else ''))
   for field, ours, theirs in (('distill.loss', d.loss, teacher['loss']),
                               ('distill.samples', d.samples, teacher['samples']),
                               ('distill.temperature', d.temperature, teacher['temperature']),

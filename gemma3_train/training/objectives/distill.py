@@ -121,6 +121,11 @@ class Distill(base.Objective):
       ids, q = lm_head.teacher_targets(teacher_x_BLD, teacher.embedder.table(), k=d.samples,
                                        temperature=d.temperature,
                                        chunk_size=t.loss_chunk_size, **keys)
+      if 'hard_labels' in batch:  # rows of labels=hard mixture sources: their next tokens
+        hard_ids, hard_q = teacher_data.hard_targets(targets, d.samples, model.cfg.vocab_size,
+                                                     jnp)
+        hard_BL1 = batch['hard_labels'][..., None] > 0
+        ids, q = jnp.where(hard_BL1, hard_ids, ids), jnp.where(hard_BL1, hard_q, q)
     return lm_head.soft_target_sums(x_BLD, table_VD, ids, q, targets, weights,
                                     chunk_size=t.loss_chunk_size, z_loss=t.z_loss)
 
