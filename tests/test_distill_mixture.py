@@ -65,11 +65,17 @@ def _write(path, name, n=12):
   return str(path)
 
 
-def _prepare(src, dst, samples=0):
+def _prepare(src, dst, samples=0, *change):
+  """gemma3-data prepare, with the stand-in teacher's targets when samples; change: flags
+  that replace (or, --teacher_topk, add to) the run's."""
   argv = ['prepare', f'--src={src}', f'--dst={dst}', '--workers=1', '--rows_per_shard=5']
   if samples:
-    argv += ['--teacher=stand-in', f'--teacher_samples={samples}', f'--seq_len={SEQ_LEN}',
-             '--teacher_temperature=0.8', '--teacher_seed=3']
+    flags = {'--teacher': 'stand-in', '--teacher_samples': samples, '--seq_len': SEQ_LEN,
+             '--teacher_temperature': 0.8, '--teacher_seed': 3}
+    flags.update(f.split('=') for f in change)
+    if '--teacher_topk' in flags:
+      del flags['--teacher_samples']
+    argv += [f'{k}={v}' for k, v in flags.items()]
   data_cli.main(argv)
   return str(dst)
 
@@ -81,11 +87,13 @@ def corpora(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('corpora')
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(data_cli, '_labeler', lambda a: _StandInTeacher(teacher_labels.Spec(
-        a.teacher, 'sampled', a.teacher_samples, a.teacher_temperature, a.teacher_seed,
-        a.seq_len, a.teacher_dtype)) if a.teacher else None)
+        a.teacher, 'topk' if a.teacher_topk else 'sampled', a.teacher_topk or a.teacher_samples,
+        a.teacher_temperature, a.teacher_seed, a.seq_len, a.teacher_dtype)) if a.teacher else None)
     dist_src = _write(tmp / 'dist.jsonl', 'dist')
     return {'dist': _prepare(dist_src, tmp / 'dist', K),
             'dist8': _prepare(dist_src, tmp / 'dist8', 8),
+            'dist_topk': _prepare(dist_src, tmp / 'dist_topk', K, '--teacher_topk=16'),
+            'dist64': _prepare(dist_src, tmp / 'dist64', K, '--seq_len=64'),
             'plain': _write(tmp / 'plain.jsonl', 'plain'),
             'prep': _prepare(_write(tmp / 'prep.jsonl', 'prep'), tmp / 'prep'),
             'tmp': tmp}
@@ -232,10 +240,19 @@ def _one_line_error(c, *expected):
   assert all(x in str(e.value) for x in expected) and '\n' not in str(e.value), str(e.value)
 
 
-def test_sources_that_disagree_are_one_line_errors(corpora):
-  # A distilled source whose targets were stored with other samples than the run's.
-  _one_line_error(_config(_spec(corpora, dist='dist8')),
-                  "data.mixture source 'dist': distill.samples=16: ", 'made with 8')
+@pytest.mark.parametrize('other,expected', [
+    ('dist8', 'distill.samples=16: '), ('dist_topk', "distill.loss='sampled': "),
+    ('dist64', 'data.seq_len=32: ')])
+def test_distilled_sources_that_disagree_are_one_line_errors(corpora, other, expected):
+  """Two distilled sources, the second stored with other samples, loss or seq_len than the
+  first and the run: one line naming it, the field and what it stores."""
+  spec = (f"dist:1 source=prepared train_path={corpora['dist']}; "
+          f'{other}:1 source=prepared train_path={corpora[other]}')
+  _one_line_error(_config(spec), f"data.mixture source '{other}': {expected}",
+                  f'={corpora[other]!r} stores teacher targets made with')
+
+
+def test_sources_without_targets_are_one_line_errors(corpora):
   # Sources with no stored targets and not labels=hard: the error names them and the way out.
   _one_line_error(_config(_spec(corpora, plain_labels='teacher')),
                   "data.mixture source 'plain': distill.teacher='': data.source='jsonl' has no "
