@@ -105,7 +105,7 @@ def test_local_cache_is_a_window(sampler):
   tokens, pad = sample.left_pad(PROMPTS)
   prefill, _ = s._jitted(32 + NEW)  # pylint: disable=protected-access
   cache, _, _ = prefill(s.state, jnp.asarray(tokens), jnp.asarray(pad), jax.random.PRNGKey(0),
-                        sample._knobs(sample.Sampling()))  # pylint: disable=protected-access
+                        sample.sampling_knobs(sample.Sampling()))
   shapes = [c['k'].shape for c in cache['blocks']]
   assert shapes[:5] == [(1, 3, 5, 2, 16)] * 5 and shapes[5] == (1, 3, 56, 2, 16)
   assert [c['k'].shape for c in cache['tail']] == [(3, 5, 2, 16)] * 2

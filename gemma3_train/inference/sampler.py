@@ -13,6 +13,13 @@ Cache (per decoder layer, keys and values [B, C, K, H] in the compute dtype):
   local layers   C = min(sliding_window, S), a ring buffer: column c lives in slot c % C, so a
                  local layer's cache is O(window), not O(length). After column t is written,
                  slot s holds column t - ((t - s) mod C): exactly the window (t - W, t].
+Under context parallelism (the mesh's 'act_len' axes, mesh.context > 1) the prompt runs with its
+columns split over those axes, as training runs a row (models/context.py: global layers gather
+K/V, local layers take a halo), and the cache's columns are split by the same rule (CACHE_NAMES:
+'act_len' on the column axis, where the degree divides it); a decode step attends each shard's
+columns and combines them by log-sum-exp (context.decode_attend). Prompts are then padded to a
+multiple of the layout's chunk count too (prompt_bucket) and the global layers' C rounded up to a
+multiple of the degree (the extra columns are never valid). At degree 1 none of this applies.
 The scanned blocks of six keep their stacked parameters (as trained): the cache of each of the
 six layers of a block carries the same leading [num_blocks] axis, and both steps scan over
 blocks. Attention goes through the modules' own code (Attention.qkv / output, the MLP, the
@@ -44,13 +51,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from gemma3_train import config as config_lib
 from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.inference import draws
 from gemma3_train.inference import image_prompts
 from gemma3_train.models import attention
+from gemma3_train.models import context
 from gemma3_train.models import decoder
 from gemma3_train import sharding
 
@@ -64,7 +72,8 @@ STOP_CHUNK = 16
 # The context length of the released models (HF max_position_embeddings, docs/gemma3.md
 # section 1): 32k for the sizes without global RoPE scaling (270m, 1b), 128k with it (4b+).
 CONTEXT_UNSCALED, CONTEXT_SCALED = 32_768, 131_072
-_CACHE_NAMES = ('act_batch', None, 'act_kv_heads', None)
+# Logical names of a layer's cache [B, C, K, H]; scanned blocks stack it on a leading axis.
+CACHE_NAMES = ('act_batch', 'act_len', 'act_kv_heads', None)
 
 
 PromptError = image_prompts.PromptError  # empty, too long, or with images that do not fit
@@ -95,7 +104,7 @@ class Sampling:
 RECOMMENDED = Sampling(temperature=1.0, top_k=64, top_p=0.95)
 
 
-def _knobs(s: Sampling) -> dict[str, jax.Array]:
+def sampling_knobs(s: Sampling) -> dict[str, jax.Array]:
   """The sampling settings as traced scalars (one compiled step serves every setting;
   top_k 0 and top_p 1 mean off)."""
   return {'temperature': jnp.float32(s.temperature), 'top_k': jnp.int32(s.top_k or 0),
@@ -111,9 +120,55 @@ def filter_logits(logits_BV: jax.Array, knobs: dict[str, jax.Array]) -> jax.Arra
 def sample_logits(logits_BV: jax.Array, key: jax.Array, s: Sampling | dict) -> jax.Array:
   """Next token ids [B] (int32): the first largest logit at temperature 0, else a draw from
   filter_logits."""
-  knobs = _knobs(s) if isinstance(s, Sampling) else s
+  knobs = sampling_knobs(s) if isinstance(s, Sampling) else s
   return jax.lax.cond(knobs['temperature'] == 0, lambda: draws.argmax(logits_BV),
                       lambda: draws.categorical(filter_logits(logits_BV, knobs), key))
+
+
+# --- the cache's layout --------------------------------------------------------
+
+
+def context_degree(mesh: Mesh | None, rules: dict[str, tuple[str, ...]]) -> int:
+  """How many shards the mesh's 'act_len' axes (the context axis) split a sequence into."""
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in rules.get('act_len', ())]))
+
+
+def prompt_bucket(degree: int, layout: str) -> int:
+  """Prompt columns are a multiple of this: PROMPT_BUCKET, and at context degree > 1 also of
+  the layout's chunk count (2 per shard balanced, 1 contiguous), so the prompt splits."""
+  if degree == 1:
+    return PROMPT_BUCKET
+  return int(np.lcm(PROMPT_BUCKET, degree * (2 if layout == 'balanced' else 1)))
+
+
+def cache_sharding(shape, mesh: Mesh, rules: dict[str, tuple[str, ...]]) -> NamedSharding:
+  """How the sampler lays out one cache array of this shape: [B, C, K, H] by CACHE_NAMES, any
+  leading (stacked block) axes replicated."""
+  names = (None,) * (len(shape) - len(CACHE_NAMES)) + CACHE_NAMES
+  return NamedSharding(mesh, sharding.logical_to_spec(names, rules, shape, mesh))
+
+
+def _columns_split(shape) -> bool:
+  """Whether the active mesh splits a [B, C, K, H] cache's columns (CACHE_NAMES)."""
+  active = sharding.active()
+  if active is None:
+    return False
+  mesh, rules = active
+  return sharding.logical_to_spec(CACHE_NAMES, rules, shape, mesh)[1] is not None
+
+
+def _to_cache(x_BPKH, C: int):
+  """The prompt's keys or values [B, P, K, H] as a cache of C columns: column c in slot c % C,
+  the last min(P, C) columns kept. Static pads and rolls, which the partitioner moves between
+  shards without gathering the row."""
+  P = x_BPKH.shape[1]
+  n = min(P, C)
+  last_BnKH = x_BPKH[:, P - n:]
+  if n < C:  # P < C: columns 0 .. P - 1 in slots 0 .. P - 1
+    return jnp.pad(last_BnKH, ((0, 0), (0, C - n), (0, 0), (0, 0)))
+  return jnp.roll(last_BnKH, (P - n) % C, axis=1)
 
 
 # --- one layer over the cache --------------------------------------------------
@@ -126,28 +181,31 @@ def _ring_columns(t, size: int):
 
 
 def _prefill_attend(positions_BP, segment_ids_BP, blocks_BP, cache_sizes: dict[bool, int],
-                    new_cache: list):
+                    layout: str | None, new_cache: list):
   """attend(attn, h) for the prompt: the training kernel over the prompt itself (with its image
   blocks, or None), and the prompt's keys and values written to a fresh cache (appended to
-  new_cache)."""
+  new_cache). layout: the context layout the prompt runs in (its columns split over the
+  context axis, in that order), or None (whole)."""
   def attend(attn, h_BPD):
     q_BPNH, k_BPKH, v_BPKH = attn.qkv(h_BPD, positions_BP)
     impl = attention.resolve(attn.impl, q_BPNH.dtype, images=blocks_BP is not None)
     P = h_BPD.shape[1]
-    if impl == 'splash' and not attention.splash_fits(P, attn.block_size):
+    chunks = 1 if layout is None else context.chunk_ids(sharding.sequence_shards(P), layout).size
+    if impl == 'splash' and not attention.splash_fits(P // chunks, attn.block_size):
       impl = 'reference'  # a prompt bucket (a multiple of 16) the kernel's blocks can't tile
-    out_BPNH = attention.attend(q_BPNH, k_BPKH, v_BPKH, positions_BP, segment_ids_BP,
-                                window=attn.window, impl=impl, block_size=attn.block_size,
-                                image_blocks_BL=blocks_BP)
+    if layout is None:
+      out_BPNH = attention.attend(q_BPNH, k_BPKH, v_BPKH, positions_BP, segment_ids_BP,
+                                  window=attn.window, impl=impl, block_size=attn.block_size,
+                                  image_blocks_BL=blocks_BP)
+    else:
+      out_BPNH = context.attend(q_BPNH, k_BPKH, v_BPKH, positions_BP, segment_ids_BP, blocks_BP,
+                                window=attn.window, lookahead=attn.lookahead, layout=layout,
+                                impl=impl, block_size=attn.block_size)
+    if layout == 'balanced':  # the cache holds columns in their own order
+      k_BPKH, v_BPKH = context.from_balanced(k_BPKH, v_BPKH)
     C = cache_sizes[attn.is_global]
-    n = min(P, C)
-    slots = np.arange(P - n, P) % C  # static: the last n prompt columns
-    cache = {}
-    for name, x_BPKH in (('k', k_BPKH), ('v', v_BPKH)):
-      B, _, K, H = x_BPKH.shape
-      buf = jnp.zeros((B, C, K, H), x_BPKH.dtype).at[:, slots].set(x_BPKH[:, P - n:])
-      cache[name] = sharding.constrain(buf, _CACHE_NAMES)
-    new_cache.append(cache)
+    new_cache.append({name: sharding.constrain(_to_cache(x_BPKH, C), CACHE_NAMES)
+                      for name, x_BPKH in (('k', k_BPKH), ('v', v_BPKH))})
     return attn.output(out_BPNH)
   return attend
 
@@ -162,16 +220,20 @@ def _decode_attend(t, pad_B, caches: list[dict], new_cache: list):
     q_B1NH, k_B1KH, v_B1KH = attn.qkv(h_B1D, positions_B1, swapped=True)
     C = cache['k'].shape[1]
     slot = t if attn.is_global else jnp.mod(t, C)
-    k_BCKH = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_B1KH, slot, axis=1)
-    v_BCKH = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_B1KH, slot, axis=1)
-    k_BCKH = sharding.constrain(k_BCKH, _CACHE_NAMES)
-    v_BCKH = sharding.constrain(v_BCKH, _CACHE_NAMES)
     if attn.is_global:
       cols_C = jnp.arange(C, dtype=jnp.int32)
       valid_BC = (cols_C[None, :] <= t) & (cols_C[None, :] >= pad_B[:, None])
     else:  # the ring holds the window (t - C, t]; C <= W
       valid_BC = _ring_columns(t, C)[None, :] >= pad_B[:, None]
-    out_B1NH = attention.reference(q_B1NH, k_BCKH, v_BCKH, valid_BC[:, None, :])
+    if _columns_split(cache['k'].shape):  # each shard attends its columns (context axis)
+      out_B1NH, k_BCKH, v_BCKH = context.decode_attend(
+          q_B1NH, k_B1KH, v_B1KH, cache['k'], cache['v'], slot, valid_BC, CACHE_NAMES)
+    else:
+      k_BCKH = jax.lax.dynamic_update_slice_in_dim(cache['k'], k_B1KH, slot, axis=1)
+      v_BCKH = jax.lax.dynamic_update_slice_in_dim(cache['v'], v_B1KH, slot, axis=1)
+      k_BCKH = sharding.constrain(k_BCKH, CACHE_NAMES)
+      v_BCKH = sharding.constrain(v_BCKH, CACHE_NAMES)
+      out_B1NH = attention.reference(q_B1NH, k_BCKH, v_BCKH, valid_BC[:, None, :])
     new_cache.append({'k': k_BCKH, 'v': v_BCKH})
     return attn.output(out_B1NH, swapped=True)
   return attend
@@ -214,10 +276,13 @@ def _logits_last(model, x_BTD):
 # --- the jitted steps ------------------------------------------------------------
 
 
-def _prefill(graphdef, state, tokens_BP, pad_B, key, s, images=None, *, total: int, mesh,
-             rules):
-  """(cache, first new token [B], its logits [B, V]) for left-padded prompts; images float32
-  [B, N, S, S, 3] or None."""
+def prefill(graphdef, state, tokens_BP, pad_B, key, knobs, images=None, *, total: int, mesh,
+            rules):
+  """(cache, first new token [B], its logits [B, V]) for left-padded prompts (left_pad; under
+  context parallelism a multiple of prompt_bucket columns): the model's graphdef and state,
+  tokens [B, P], pad counts [B], the PRNG key, sampling_knobs, images float32
+  [B, N, S, S, 3] or None; total: P + max_new_tokens; mesh and rules: the sharded run's, or
+  None. The cache is {'blocks' | 'tail' | 'layers': [{'k', 'v'}]} laid out by cache_sharding."""
   with _maybe_mesh(mesh, rules):
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
@@ -225,22 +290,40 @@ def _prefill(graphdef, state, tokens_BP, pad_B, key, s, images=None, *, total: i
     cols_P = jnp.arange(P, dtype=jnp.int32)
     positions_BP = jnp.maximum(cols_P[None, :] - pad_B[:, None], 0)
     segment_ids_BP = (cols_P[None, :] >= pad_B[:, None]).astype(jnp.int32)
-    sizes = {True: total, False: min(cfg.sliding_window, total)}
+    # Global layers' columns: total rounded up so that the context degree splits them.
+    degree = context_degree(mesh, rules)
+    S = -(-total // degree) * degree
+    sizes = {True: S, False: min(cfg.sliding_window, S)}
     if images is None:
       x_BPD, blocks_BP = model.embedder.encode(tokens_BP), None
     else:  # the model's own merge of the soft tokens, and the image blocks of the mask
       x_BPD, blocks_BP = model._embed(tokens_BP, images)  # pylint: disable=protected-access
-    x_BPD = sharding.constrain(x_BPD, ('act_batch', 'act_len', 'act_embed'))
+    x_BPD = sharding.constrain(x_BPD, decoder.ACT)
+    # Under context parallelism the layers run in the model's layout, as in training.
+    layout = context.active_layout(cfg.context_layout, P)
+    if layout is not None and P % prompt_bucket(degree, layout):
+      raise ValueError(f'tokens_BP: {P} columns; expected a multiple of '
+                       f'{prompt_bucket(degree, layout)} (prompt_bucket) at context degree '
+                       f'{degree}, model.context_layout={layout}')
+    if layout == 'balanced':
+      x_BPD, positions_BP, segment_ids_BP = context.to_balanced(x_BPD, positions_BP,
+                                                                segment_ids_BP)
+      if blocks_BP is not None:
+        blocks_BP, = context.to_balanced(blocks_BP)
     x_BPD, cache = _layers(
         model, x_BPD,
-        lambda _, out: _prefill_attend(positions_BP, segment_ids_BP, blocks_BP, sizes, out), None)
+        lambda _, out: _prefill_attend(positions_BP, segment_ids_BP, blocks_BP, sizes, layout,
+                                       out), None)
+    if layout == 'balanced':
+      x_BPD, = context.from_balanced(x_BPD)
     logits_BV = _logits_last(model, x_BPD)
-    return cache, sample_logits(logits_BV, jax.random.fold_in(key, 0), s), logits_BV
+    return cache, sample_logits(logits_BV, jax.random.fold_in(key, 0), knobs), logits_BV
 
 
-def _decode_loop(graphdef, state, carry, end, P, pad_B, key, s, stops, *, mesh, rules):
+def decode_loop(graphdef, state, carry, end, P, pad_B, key, knobs, stops, *, mesh, rules):
   """Decode steps carry['step'] .. end - 1 inside one compiled loop (no host round trip per
-  token), ending early once every row has produced a stop token.
+  token), ending early once every row has produced a stop token. P: the prompt's columns;
+  stops: the stop token ids; the rest as prefill's.
 
   carry: 'cache'; 'tokens' [B] the latest new token (index step, at column P + step);
   'done' [B] whether a row has produced a stop token; 'step'; 'out' [N, B] the new tokens so
@@ -259,7 +342,7 @@ def _decode_loop(graphdef, state, carry, end, P, pad_B, key, s, stops, *, mesh, 
       x_B1D, cache = _layers(model, x_B1D, lambda cc, out: _decode_attend(t, pad_B, cc, out),
                              c['cache'])
       logits_BV = _logits_last(model, x_B1D)
-      tokens_B = sample_logits(logits_BV, jax.random.fold_in(key, t + 1), s)
+      tokens_B = sample_logits(logits_BV, jax.random.fold_in(key, t + 1), knobs)
       new = dict(c, cache=cache, tokens=tokens_B, step=j + 1,
                  done=c['done'] | jnp.any(tokens_B[:, None] == stops[None, :], axis=-1),
                  out=c['out'].at[j + 1].set(tokens_B))
@@ -348,7 +431,7 @@ class Sampler:
   sample its current state) or from the model given at construction.
 
   mesh/rules: run sharded as training does (sharding.make_mesh / parse_rules); params are then
-  placed by their logical axes, the cache by ('act_batch', -, 'act_kv_heads', -).
+  placed by their logical axes, the cache by CACHE_NAMES (its columns over the context axis).
   """
 
   def __init__(self, model, mesh: Mesh | None = None,
@@ -357,6 +440,7 @@ class Sampler:
     self.cfg = model.cfg
     self.mesh = mesh
     self.rules = rules if rules is not None else dict(sharding.DEFAULT_RULES)
+    self.bucket = prompt_bucket(context_degree(mesh, self.rules), self.cfg.context_layout)
     self.state = self.place(state)
     self._steps: dict[int, tuple[Callable, Callable]] = {}
 
@@ -372,10 +456,10 @@ class Sampler:
     (and per carry with / without logits)."""
     if total not in self._steps:
       common = dict(mesh=self.mesh, rules=self.rules)
-      prefill = jax.jit(functools.partial(_prefill, self.graphdef, total=total, **common))
-      decode = jax.jit(functools.partial(_decode_loop, self.graphdef, **common),
-                       donate_argnums=(1,))  # the carry: cache and buffers updated in place
-      self._steps[total] = (prefill, decode)
+      first = jax.jit(functools.partial(prefill, self.graphdef, total=total, **common))
+      loop = jax.jit(functools.partial(decode_loop, self.graphdef, **common),
+                     donate_argnums=(1,))  # the carry: cache and buffers updated in place
+      self._steps[total] = (first, loop)
     return self._steps[total]
 
   def check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -414,11 +498,11 @@ class Sampler:
     if max_new_tokens <= 0:
       return ([[] for _ in prompts], np.zeros((0, len(prompts), self.cfg.vocab_size))
               ) if return_logits else [[] for _ in prompts]
-    tokens_BP, pad_B = left_pad(prompts)
+    tokens_BP, pad_B = left_pad(prompts, self.bucket)
     B, P = tokens_BP.shape
     N = max_new_tokens
     prefill, decode = self._jitted(P + N)
-    knobs = _knobs(sampling)
+    knobs = sampling_knobs(sampling)
     state = self.state if params is None else params
     key = jax.random.PRNGKey(seed)
     pad_B = jnp.asarray(pad_B)

@@ -26,6 +26,11 @@ same mask: the same attention. Keys before the sequence's start are masked out.
 Inside the shard the kernel is the splash kernel where attention.resolve picks splash (TPU,
 text rows: models/context_splash.py), else attention.reference: cudnn under context
 parallelism is not built (docs/long_context.md).
+
+Sampling (inference/sampler.py) runs the prompt through attend as training does, and keeps a
+KV cache whose columns are split over the same axes; decode_attend adds one token per row to
+such a cache and attends it: each shard over its own columns, the partial softmaxes combined
+exactly by log-sum-exp (one pmax and two psums of [B, N, H]-sized values per layer).
 """
 
 from __future__ import annotations
@@ -246,3 +251,48 @@ def to_balanced(*arrays_BL):
 def from_balanced(*arrays_BL):
   """Inverse of to_balanced."""
   return _relayout(arrays_BL, 'balanced', 'contiguous')
+
+
+def decode_attend(q_B1NH, k_B1KH, v_B1KH, k_BCKH, v_BCKH, slot, valid_BC, names):
+  """One new query per row against a KV cache whose columns are split over the active mesh
+  (the sampler's cache, laid out by the logical `names` of its [B, C, K, H] dimensions): k and
+  v written at column `slot` by the shard that holds it, then attention over the valid columns
+  (valid_BC), each shard over its own, combined by log-sum-exp. Returns (out [B, 1, N, H], the
+  updated k and v caches)."""
+  mesh, rules = sharding.active()
+  B, C, K, H = k_BCKH.shape
+  N = q_B1NH.shape[2]
+  cache = sharding.logical_to_spec(names, rules, k_BCKH.shape, mesh)
+  batch, seq, heads = cache[0], cache[1], cache[2]
+  axes = (seq,) if isinstance(seq, str) else tuple(seq)
+  Cs = C // int(np.prod([mesh.shape[a] for a in axes]))  # columns per shard
+  new, head = P(batch, None, heads, None), P(batch, heads, None, None)
+
+  def run(q_BKGH, k_B1KH, v_B1KH, k_BCKH, v_BCKH, slot, valid_BC):
+    local = slot - jax.lax.axis_index(axes) * Cs
+    here = (local >= 0) & (local < Cs)
+    at = jnp.clip(local, 0, Cs - 1)
+
+    def write(buf_BCKH, x_B1KH):  # other shards write back what they hold
+      old_B1KH = jax.lax.dynamic_slice_in_dim(buf_BCKH, at, 1, axis=1)
+      return jax.lax.dynamic_update_slice_in_dim(buf_BCKH, jnp.where(here, x_B1KH, old_B1KH),
+                                                 at, axis=1)
+    k_BCKH, v_BCKH = write(k_BCKH, k_B1KH), write(v_BCKH, v_B1KH)
+    logits_BKGC = jnp.einsum('BKGH,BCKH->BKGC', q_BKGH, k_BCKH,
+                             preferred_element_type=jnp.float32)
+    logits_BKGC = jnp.where(valid_BC[:, None, None, :], logits_BKGC, attention.MASK_VALUE)
+    # The row's maximum over all shards: masked columns (a whole shard of them, past t) get
+    # exp(MASK_VALUE - max) = 0; the query's own column is always valid.
+    max_BKG1 = jax.lax.pmax(jnp.max(logits_BKGC, axis=-1, keepdims=True), axes)
+    probs_BKGC = jnp.exp(logits_BKGC - max_BKG1)
+    sum_BKG = jax.lax.psum(jnp.sum(probs_BKGC, axis=-1), axes)
+    out_BKGH = jax.lax.psum(jnp.einsum('BKGC,BCKH->BKGH', probs_BKGC.astype(v_BCKH.dtype),
+                                       v_BCKH, preferred_element_type=jnp.float32), axes)
+    return (out_BKGH / sum_BKG[..., None]).astype(v_BCKH.dtype), k_BCKH, v_BCKH
+
+  q_BKGH = q_B1NH.reshape(B, K, N // K, H)
+  out_BKGH, k_BCKH, v_BCKH = jax.shard_map(
+      run, mesh=mesh, in_specs=(head, new, new, cache, cache, P(), P(batch, seq)),
+      out_specs=(head, cache, cache), check_vma=False)(q_BKGH, k_B1KH, v_B1KH, k_BCKH,
+                                                       v_BCKH, slot, valid_BC)
+  return out_BKGH.reshape(B, 1, N, H), k_BCKH, v_BCKH

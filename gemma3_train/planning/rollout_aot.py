@@ -4,11 +4,13 @@ A rollout (training/rollout.py) runs on the training mesh while the whole train 
 HBM: the sampler's prefill and decode loop (inference/sampler.py), then, with rl.beta or
 rl.updates_per_batch > 1, the scoring forward (objectives/grpo.py: score_fn). Each is compiled
 here as the run compiles it, at its largest shapes: rl.prompts_per_step x rl.group_size rows,
-prompts of data.seq_len - rl.max_completion_len tokens (rounded up to the sampler's bucket),
-rl.max_completion_len new tokens. Each program also takes the rest of the train state
-(optimizer state, frozen models) as an argument it keeps but does not read, so the compiler's
-per-chip memory is the state that stays resident plus what the program adds: the KV cache
-over rows x columns, the logits, the swapped projections. aot.compile_report compiles and
+prompts of data.seq_len - rl.max_completion_len tokens (rounded up to the sampler's bucket for
+the mesh's context degree), rl.max_completion_len new tokens; under context parallelism the
+prompt's columns and the cache's are split over the context axis, as the sampler splits them.
+Each program also takes the rest of the train state (optimizer state, frozen models) as an
+argument it keeps but does not read, so the compiler's per-chip memory is the state that stays
+resident plus what the program adds: the KV cache over rows x columns, the logits, the swapped
+projections. aot.compile_report compiles and
 measures; its time estimates are the train step's and are dropped here.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import jax
@@ -48,12 +51,24 @@ class Shapes:
     return self.prompt + self.new
 
 
-def shapes(c: config_lib.Config) -> Shapes:
+def shapes(c: config_lib.Config, degree: int = 1) -> Shapes:
+  """The rollout's largest shapes; degree: the mesh's context degree (1 without context
+  parallelism), which pads the prompt to the sampler's bucket for it (sampler.prompt_bucket)."""
   r = c.rl
   longest = c.data.seq_len - r.max_completion_len
-  bucket = sampler_lib.PROMPT_BUCKET
+  bucket = sampler_lib.prompt_bucket(degree, c.model.context_layout)
   return Shapes(r.prompts_per_step * r.group_size, -(-longest // bucket) * bucket,
                 r.max_completion_len)
+
+
+def _mesh_shapes(c: config_lib.Config, mesh) -> Shapes:
+  return shapes(c, sampler_lib.context_degree(mesh, sharding.parse_rules(c.mesh.rules)))
+
+
+def _report_shapes(c: config_lib.Config, r: aot.Report) -> Shapes:
+  """shapes at the context degree of the mesh a report was compiled on."""
+  rules = sharding.parse_rules(c.mesh.rules)
+  return shapes(c, math.prod(r.mesh[a] * r.mesh[f'dcn_{a}'] for a in rules.get('act_len', ())))
 
 
 def _replicated(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
@@ -70,7 +85,7 @@ def _sampler_params(graphdef, state):
 def _sampling_args(c: config_lib.Config, mesh, rows: int) -> tuple[Any, ...]:
   """(pad [B], key, knobs, stop tokens), replicated as the sampler's host inputs are."""
   r = c.rl
-  knobs = sampler_lib._knobs(  # pylint: disable=protected-access
+  knobs = sampler_lib.sampling_knobs(
       sampler_lib.Sampling(r.temperature, r.top_k or None, r.top_p if r.top_p < 1 else None))
   like = lambda x: _replicated(mesh, x.shape, x.dtype)
   return (_replicated(mesh, (rows,), jnp.int32), like(jax.random.PRNGKey(0)),
@@ -81,43 +96,37 @@ def _sampling_args(c: config_lib.Config, mesh, rows: int) -> tuple[Any, ...]:
 def prefill_builder(c: config_lib.Config, mesh):
   """The sampler's jitted prefill over every rollout row (aot.StepBuilder)."""
   s = train_state.setup(c, mesh, abstract=True)
-  sh = shapes(c)
+  sh = _mesh_shapes(c, mesh)
   pad_B, key, knobs, _ = _sampling_args(c, mesh, sh.rows)
   tokens_BP = _replicated(mesh, (sh.rows, sh.prompt), jnp.int32)
 
   def prefill(state, tokens_BP, pad_B, key, knobs):
     graphdef, params = _sampler_params(s.graphdef, state)
-    return sampler_lib._prefill(  # pylint: disable=protected-access
-        graphdef, params, tokens_BP, pad_B, key, knobs, None, total=sh.columns, mesh=mesh,
-        rules=s.rules)
+    return sampler_lib.prefill(graphdef, params, tokens_BP, pad_B, key, knobs, None,
+                               total=sh.columns, mesh=mesh, rules=s.rules)
   step = jax.jit(prefill, keep_unused=True)
   return step, (s.abstract_state, tokens_BP, pad_B, key, knobs), s.abstract_state
 
 
 def _abstract_cache(c: config_lib.Config, mesh, s, state) -> Any:
-  """The prefill's cache as abstract arrays, sharded as the sampler constrains them: keys and
-  values [B, C, K, H] by ('act_batch', -, 'act_kv_heads', -), scanned blocks stacked ahead."""
-  sh = shapes(c)
+  """The prefill's cache as abstract arrays, sharded as the sampler lays them out
+  (sampler.cache_sharding: the columns over the context axis), scanned blocks stacked ahead."""
+  sh = _mesh_shapes(c, mesh)
   pad_B, key, knobs, _ = _sampling_args(c, mesh, sh.rows)
   graphdef, params = _sampler_params(s.graphdef, state)
   cache, _, _ = jax.eval_shape(
-      lambda p, t, pad, k, kn: sampler_lib._prefill(  # pylint: disable=protected-access
+      lambda p, t, pad, k, kn: sampler_lib.prefill(
           graphdef, p, t, pad, k, kn, None, total=sh.columns, mesh=mesh, rules=s.rules),
       params, _replicated(mesh, (sh.rows, sh.prompt), jnp.int32), pad_B, key, knobs)
-  names = sampler_lib._CACHE_NAMES  # pylint: disable=protected-access
-
-  def place(x):
-    spec = sharding.logical_to_spec((None,) * (x.ndim - len(names)) + names, s.rules, x.shape,
-                                    mesh)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-  return jax.tree.map(place, cache)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sampler_lib.cache_sharding(x.shape, mesh, s.rules)), cache)
 
 
 def decode_builder(c: config_lib.Config, mesh):
   """The sampler's jitted decode loop for rl.max_completion_len - 1 steps over every rollout
   row, its carry (the cache included) donated as the sampler donates it (aot.StepBuilder)."""
   s = train_state.setup(c, mesh, abstract=True)
-  sh = shapes(c)
+  sh = _mesh_shapes(c, mesh)
   pad_B, key, knobs, stops = _sampling_args(c, mesh, sh.rows)
   scalar = _replicated(mesh, (), jnp.int32)
   carry = {'cache': _abstract_cache(c, mesh, s, s.abstract_state),
@@ -127,8 +136,8 @@ def decode_builder(c: config_lib.Config, mesh):
 
   def decode(state, carry, end, P, pad_B, key, knobs, stops):
     graphdef, params = _sampler_params(s.graphdef, state)
-    return sampler_lib._decode_loop(  # pylint: disable=protected-access
-        graphdef, params, carry, end, P, pad_B, key, knobs, stops, mesh=mesh, rules=s.rules)
+    return sampler_lib.decode_loop(graphdef, params, carry, end, P, pad_B, key, knobs, stops,
+                                   mesh=mesh, rules=s.rules)
   step = jax.jit(decode, donate_argnums=(1,), keep_unused=True)
   args = (s.abstract_state, carry, scalar, scalar, pad_B, key, knobs, stops)
   return step, args, s.abstract_state
@@ -169,8 +178,8 @@ def compile_reports(c: config_lib.Config, topology: str) -> dict[str, aot.Report
 
 
 def format_reports(c: config_lib.Config, reports: dict[str, aot.Report]) -> str:
-  sh = shapes(c)
   first = next(iter(reports.values()))
+  sh = _report_shapes(c, first)
   lines = [f'AOT compile of the {first.config} rollout for {first.topology}: {sh.rows} rows, '
            f'prompts padded to {sh.prompt} + {sh.new} new tokens, the train state resident']
   for name, r in reports.items():
@@ -188,7 +197,7 @@ def format_reports(c: config_lib.Config, reports: dict[str, aot.Report]) -> str:
 
 
 def write_reports(path: str, c: config_lib.Config, reports: dict[str, aot.Report]) -> None:
-  sh = shapes(c)
+  sh = _report_shapes(c, next(iter(reports.values())))
   payload = {'rows': sh.rows, 'prompt_columns': sh.prompt, 'new_tokens': sh.new,
              **{name: dataclasses.asdict(r) for name, r in reports.items()}}
   epath.Path(path).write_text(json.dumps(payload, indent=2))
