@@ -12,11 +12,14 @@ import pytest
 from flax import nnx
 
 from gemma3_train import config as config_lib
+from gemma3_train import data as data_lib
 from gemma3_train import sharding
 from gemma3_train.convert import layout
 from gemma3_train.convert import ours
+from gemma3_train.data import images as images_lib
 from gemma3_train.models import decoder
 from gemma3_train.models import lm_head
+from gemma3_train.training import loop
 from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import state as train_state
 from gemma3_train.training.objectives import distill
@@ -108,6 +111,48 @@ def test_sampled_and_topk_loss_and_gradient_equal_numpy(loss):
   _close(sums['loss_sum'], want_hard, 1e-6, 'hard loss')
   _close(dx, want_dx, 1e-6, 'dx')
   _close(dtable, want_dtable, 1e-6, 'dtable')
+
+
+@pytest.mark.parametrize('coefs', [(1.0, 0.0, 0.0), (0.7, 0.3, 0.0), (0.6, 0.4, 1e-2),
+                                    (0.0, 1.0, 0.0)])
+def test_fused_objective_and_gradient_equal_numpy(coefs):
+  """soft_target_loss (the objective's fused gradient): soft * soft_sum + hard * loss_sum +
+  z_loss * z_loss_sum and its gradient equal the float64 formula on full logits, with
+  repeated ids (q 0), a position without targets (the stored ones' padding), a ragged chunk."""
+  soft, hard, z = coefs
+  x, table, tx, ttable, targets, weights = _head(seed=2)
+  keys = _keys(*targets.shape)
+  ids, q = lm_head.teacher_targets(tx, ttable, k=16, temperature=1.0, chunk_size=4, seed=5,
+                                   record_BL=keys['record'], pos_BL=keys['record_pos'])
+  ids, q = np.asarray(ids), np.array(q)
+  q[0, 1] = 0.0  # no targets here (its weight stays)
+  weights[0, 1] = 1.0
+
+  def objective(x, table):
+    return lm_head.soft_target_loss(x, table, ids, q, targets, weights, soft=soft, hard=hard,
+                                    z_loss=z, chunk_size=4)
+  (value, sums), (dx, dtable) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1),
+                                                           has_aux=True))(x, table)
+  x64, t64, q64 = x.astype(np.float64), table.astype(np.float64), q.astype(np.float64)
+  logits = x64 @ t64.T
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  logq = logits - lse[..., None]
+  soft_sum = -(weights * (q64 * np.take_along_axis(logq, ids, -1)).sum(-1)).sum()
+  hard_sum = -(weights * np.take_along_axis(logq, targets[..., None], -1)[..., 0]).sum()
+  z_sum = (weights * lse ** 2).sum()
+  p = np.exp(logq)
+  dense = np.zeros_like(p)  # q scattered onto their ids, and the targets' one-hot
+  onehot = np.zeros_like(p)
+  for b, l in np.ndindex(*targets.shape):
+    np.add.at(dense[b, l], ids[b, l], q64[b, l])
+    onehot[b, l, targets[b, l]] = 1.0
+  dlogits = weights[..., None] * (soft * (q64.sum(-1, keepdims=True) * p - dense)
+                                  + hard * (p - onehot) + z * 2 * lse[..., None] * p)
+  _close(value, soft * soft_sum + hard * hard_sum + z * z_sum, 1e-6, 'objective')
+  _close(sums['soft_sum'], soft_sum, 1e-6, 'soft')
+  _close(sums['loss_sum'], hard_sum, 1e-6, 'hard')
+  _close(dx, np.einsum('blv,vd->bld', dlogits, t64), 1e-6, 'dx')
+  _close(dtable, np.einsum('blv,bld->vd', dlogits, x64), 1e-6, 'dtable')
 
 
 def test_draws_follow_the_teacher_and_depend_on_seed_record_position_only():
@@ -207,6 +252,118 @@ def test_objective_with_a_larger_teacher_equals_full_logits(tmp_path, loss):
   _close(total / w.sum(), want / w.sum(), 1e-5, 'total')
 
 
+# A small vision student: 16 x 16 images, 4 x 4 patches pooled 2 x 2 -> 4 soft tokens each.
+_VISION = dict(num_layers=2, vision=True, vision_image_size=16, vision_patch_size=4,
+               vision_width=16, vision_depth=2, vision_mlp_dim=32, vision_num_heads=2,
+               vision_pool=2)
+
+
+def _vision_student_and_teacher(tmp_path, **distill_fields):
+  """A 2-layer vision student whose distill.teacher is a saved 3-layer vision teacher of
+  another width and tower width (its random init, seed 7), and that teacher."""
+  c = helpers.small_config(model=_VISION, data=dict(max_images=2),
+                           train=dict(objective='distill', seed=0),
+                           distill=dict(teacher=str(tmp_path / 'vteacher'),
+                                        teacher_dtype='float32', **distill_fields))
+  tcfg = dataclasses.replace(c.model, num_layers=3, embed_dim=48, mlp_dim=96, num_heads=2,
+                             num_kv_heads=1, head_dim=24, query_pre_attn_scalar=24.0,
+                             vision_width=24, vision_mlp_dim=48)
+  teacher = decoder.Gemma3(tcfg, rngs=nnx.Rngs(7))
+  params = nnx.state(teacher, nnx.Param)
+  top, layers = layout.state_to_canonical(tcfg, params)
+  ours.save_params(tmp_path / 'vteacher', tcfg, top, enumerate(layers),
+                   vision=layout.vision_state_to_canonical(tcfg, params))
+  return c, teacher
+
+
+def _vision_batch(c):
+  """Text rows with two runs of placeholders (the images) each; every target weighs 1, the
+  placeholders' too (the objective must mask them)."""
+  rng = np.random.default_rng(0)
+  B, L, T, V = (c.train.global_batch_size, c.data.seq_len, c.model.tokens_per_image,
+                c.model.vocab_size)
+  tokens = rng.integers(3, V, size=(B, L + 1)).astype(np.int32)
+  for start in (3, 15):
+    tokens[:, start:start + T] = V
+  S, N = c.model.vision_image_size, c.data.max_images
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+           'segment_ids': np.ones((B, L), np.int32), 'weights': np.ones((B, L), np.float32),
+           'images': rng.integers(0, 256, size=(B, N, S, S, 3)).astype(np.uint8),
+           'image_counts': np.full((B,), N, np.int32), **_keys(B, L)}
+  return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.slow  # (fast-lane budget: ~10 s each)
+@pytest.mark.parametrize('loss', ['kl', 'sampled'])
+def test_vision_student_distils_from_a_vision_teacher_that_sees_the_images(tmp_path, loss):
+  """A vision teacher read from its checkpoint (tower included) and the student both see the
+  batch's images: the objective equals the formula on both models' full logits with the
+  images, the placeholder targets masked, and not the formula with the teacher's images
+  blanked; blanking the batch's images changes the loss."""
+  c, teacher = _vision_student_and_teacher(tmp_path, loss=loss, samples=24, temperature=1.3)
+  objective = distill.Distill(c)
+  tcfg = objective.frozen_model_config(distill.TEACHER)
+  assert tcfg.vision and (tcfg.num_layers, tcfg.vision_width) == (3, 24)
+  s = train_state.setup(c, sharding.make_mesh(c, jax.devices()[:1]), abstract=True)
+  loaded = nnx.merge(s.frozen_model_graphdef[distill.TEACHER],
+                     restore_lib._load_frozen_model(s, distill.TEACHER, c.distill.teacher))
+  student = decoder.build(c, nnx.Rngs(0))
+  batch = _vision_batch(c)
+  run = jax.jit(lambda b: objective.loss_sums(student, b, {distill.TEACHER: loaded}))
+  total, sums = run(batch)
+  args = batch['inputs'], batch['positions'], batch['segment_ids']
+  V = c.model.vocab_size
+  targets = np.asarray(batch['targets'])
+  w = (targets < V).astype(np.float64)  # the placeholders weigh nothing
+  targets = np.where(targets < V, targets, 0)
+  images = images_lib.to_model_input(batch['images'])
+  logq = _log_softmax(np.asarray(student.embedder.decode(student.hidden(*args, images=images)),
+                                 np.float64))
+
+  def soft(teacher_images):
+    tx = teacher.hidden(*args, images=teacher_images)
+    if loss == 'kl':
+      logp = _log_softmax(np.asarray(teacher.embedder.decode(tx), np.float64) / 1.3)
+      return (w * (np.exp(logp) * (logp - logq)).sum(-1)).sum()
+    ids, q = lm_head.teacher_targets(tx, teacher.embedder.table(), k=24, temperature=1.3,
+                                     chunk_size=c.train.loss_chunk_size, seed=0,
+                                     record_BL=batch['record'], pos_BL=batch['record_pos'])
+    return -(w * (np.asarray(q) * np.take_along_axis(logq, np.asarray(ids), -1)).sum(-1)).sum()
+  want = soft(images)
+  hard = -(w * np.take_along_axis(logq, targets[..., None], -1)[..., 0]).sum()
+  assert float(sums['weight_sum']) == w.sum()
+  _close(sums['distill_sum'] / w.sum(), want / w.sum(), 1e-5, 'distill')
+  _close(sums['hard_sum'] / w.sum(), hard / w.sum(), 1e-5, 'hard')
+  blind = soft(images_lib.to_model_input(jnp.zeros_like(batch['images'])))
+  assert abs(blind - want) / w.sum() > 1e-3, (blind, want)  # the teacher's images count
+  _, blank = run({**batch, 'images': jnp.zeros_like(batch['images'])})
+  assert abs(float(blank['distill_sum'] - sums['distill_sum'])) / w.sum() > 1e-3
+
+
+def test_vision_student_needs_a_teacher_with_a_matching_tower(tmp_path):
+  """A text-only teacher cannot see what a vision student's text refers to: one line; nor can
+  a tower of another image size; stored (text) targets are refused for a vision student."""
+  text, _ = _student_and_teacher(tmp_path)
+  vision = text.replace(model=_VISION)
+  with pytest.raises(config_lib.ConfigError, match=r"^distill.teacher='[^']*/teacher': has no "
+                     r'vision tower; model.vision=True needs a teacher that sees the images'):
+    distill.Distill(vision).frozen_model_config(distill.TEACHER)
+  c, _ = _vision_student_and_teacher(tmp_path)
+  with pytest.raises(config_lib.ConfigError, match=r'its tower reads 16-pixel images, '
+                     r'model.vision_image_size is 32 \(both read'):
+    distill.Distill(c.replace(model=dict(vision_image_size=32, vision_pool=4))
+                    ).frozen_model_config(distill.TEACHER)
+  with pytest.raises(config_lib.ConfigError, match=r'its tower gives 4 soft tokens per image, '
+                     r'model.vision_patch_size=4 and model.vision_pool=1 give 16'):
+    distill.Distill(c.replace(model=dict(vision_pool=1))).frozen_model_config(distill.TEACHER)
+  assert distill.Distill(text).frozen_model_config(distill.TEACHER).vision is False
+  config_lib.validate(c)
+  with pytest.raises(config_lib.ConfigError, match=r"^model.vision=True: expected False for "
+                     r"train.objective=distill with distill.teacher=''"):
+    config_lib.validate(c.replace(distill=dict(teacher='')))
+
+
 def test_setup_and_restore_hold_the_teacher_of_its_own_shape_in_its_dtype(tmp_path):
   c, teacher = _student_and_teacher(tmp_path, teacher_dtype='bfloat16')
   mesh = sharding.make_mesh(c, jax.devices()[:1])
@@ -242,6 +399,37 @@ def test_config_checks(tmp_path):
     config_lib.validate(c.replace(distill=dict(teacher='t', loss='hard')))
   with pytest.raises(config_lib.ConfigError, match=r'^distill.alpha=1.5: expected in \[0, 1\]$'):
     config_lib.validate(c.replace(distill=dict(teacher='t', alpha=1.5)))
+
+
+@pytest.mark.slow  # (two in-process runs)
+def test_teacher_eval_loss_is_logged_once_at_a_fresh_start(tmp_path):
+  """Online, a fresh run logs the teacher's own next-token loss and accuracy on the run's eval
+  batches at step 0 (numpy on the teacher's full logits over the same rows); a resume does not
+  log it again."""
+  c, teacher = _student_and_teacher(tmp_path, teacher_dtype='float32')
+  c = c.replace(data=dict(source='synthetic'), logging=dict(tensorboard=False),
+                train=dict(num_steps=1, eval_every=10, eval_steps=2))  # (no student eval)
+  work = str(tmp_path / 'student')
+  loop.train_and_evaluate(c, work)
+  loop.train_and_evaluate(c.replace(train=dict(num_steps=2)), work)  # resumed at step 1
+  rows = [json.loads(line) for line in (tmp_path / 'student' / 'metrics.jsonl').read_text()
+          .splitlines()]
+  logged = [row for row in rows if 'distill/teacher_eval_loss' in row]
+  assert [row['step'] for row in logged] == [0], rows
+  nll = correct = weight = 0.0
+  batches = data_lib.make_eval_iterator(c)
+  for _ in range(c.train.eval_steps):
+    b = next(batches)
+    logits = np.asarray(teacher.embedder.decode(teacher.hidden(
+        b['inputs'], b['positions'], b['segment_ids'])), np.float64)
+    at_target = np.take_along_axis(logits, b['targets'][..., None], -1)[..., 0]
+    w = b['weights'].astype(np.float64)
+    nll -= (w * (at_target - logits.max(-1) - np.log(np.exp(
+        logits - logits.max(-1, keepdims=True)).sum(-1)))).sum()
+    correct += (w * (at_target >= logits.max(-1))).sum()
+    weight += w.sum()
+  _close(logged[0]['distill/teacher_eval_loss'], nll / weight, 1e-5, 'teacher loss')
+  assert logged[0]['distill/teacher_eval_accuracy'] == pytest.approx(correct / weight, abs=1e-9)
 
 
 # --- the train step: sharded and one device ------------------------------------------------

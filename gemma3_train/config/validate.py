@@ -211,8 +211,9 @@ def _validate_distill(c: Config) -> None:
           f'in [1, model.vocab_size = {c.model.vocab_size}]')
   require(d.temperature > 0, 'distill.temperature', d.temperature, '> 0')
   require(0 <= d.alpha <= 1, 'distill.alpha', d.alpha, 'in [0, 1]')
-  require(not c.model.vision, 'model.vision', c.model.vision,
-          'False for train.objective=distill (the teacher reads text only)')
+  require(bool(d.teacher) or not c.model.vision, 'model.vision', c.model.vision,
+          "False for train.objective=distill with distill.teacher='' (the stored targets are "
+          "a text teacher's)")
   hard = [m.name for m in mixture.parse_mixture(c.data.mixture) if m.labels == 'hard']
   require(not (hard and d.loss == 'kl'), 'distill.loss', d.loss,
           f'sampled or topk with labels=hard mixture sources ({", ".join(hard)}): the full '

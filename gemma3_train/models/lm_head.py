@@ -421,7 +421,10 @@ def soft_target_sums(x_BLD, embedding_VD, ids_BLK, q_BLK, targets_BL, weights_BL
                      chunk_size: int, z_loss: float = 0.0) -> dict[str, jax.Array]:
   """chunked_cross_entropy's sums of the hard targets plus soft_sum = sum over positions of
   w * -sum_k q_k log p(ids_k): the cross-entropy to soft targets on k ids per position, from
-  the log-softmax over the whole vocabulary. Gradients flow to x_BLD and embedding_VD."""
+  the log-softmax over the whole vocabulary. Gradients flow to x_BLD and embedding_VD, for any
+  combination of the sums, by plain autodiff under jax.checkpoint (the backward pass
+  recomputes each chunk's logits); the distill objective differentiates soft_target_loss, the
+  fused form of its one combination, instead."""
   def chunk(x_BCD, ids_BCK, q_BCK, targets_BC, weights_BC):
     logits_BCV = _chunk_logits(x_BCD, embedding_VD)
     sums, lse_BC = _hard_sums(logits_BCV, targets_BC, weights_BC, z_loss)
@@ -429,6 +432,140 @@ def soft_target_sums(x_BLD, embedding_VD, ids_BLK, q_BLK, targets_BL, weights_BL
     soft_BC = jnp.sum(q_BCK * (lse_BC[..., None] - at_ids_BCK), axis=-1)
     return {**sums, 'soft_sum': jnp.sum(weights_BC.astype(jnp.float32) * soft_BC)}
   return _soft_scan(chunk, (x_BLD, ids_BLK, q_BLK, targets_BL, weights_BL), chunk_size)
+
+
+_SOFT_KEYS = _SUM_KEYS + ('soft_sum',)
+
+
+def _soft_chunk(x_BCD, table_VD, ids_BCK, q_BCK, targets_BC, weights_BC, z_loss: float):
+  """A chunk's logits, e = exp(logits - max) in the compute dtype, sum(e), and its sums
+  (soft_target_sums')."""
+  logits_BCV = _chunk_logits(x_BCD, table_VD)
+  max_BC = jnp.max(logits_BCV, axis=-1)
+  # As in _sums_fwd: e is written once and read by the sum and the matmuls.
+  e_BCV = jax.lax.optimization_barrier(
+      jnp.exp(logits_BCV - max_BC[..., None]).astype(x_BCD.dtype))
+  e_BCV = sharding.constrain(e_BCV, _LOGITS)
+  sum_BC = jnp.sum(e_BCV.astype(jnp.float32), axis=-1)
+  lse_BC = max_BC + jnp.log(sum_BC)
+  sums = _chunk_sums(lse_BC, _target_logit(logits_BCV, targets_BC), max_BC, weights_BC, z_loss)
+  at_ids_BCK = jnp.take_along_axis(logits_BCV, ids_BCK, axis=-1)
+  soft_BC = jnp.sum(q_BCK * (lse_BC[..., None] - at_ids_BCK), axis=-1)
+  sums['soft_sum'] = jnp.sum(weights_BC.astype(jnp.float32) * soft_BC)
+  return e_BCV, sum_BC, lse_BC, sums
+
+
+def _objective(sums, coefs):
+  soft, hard, z = coefs
+  return soft * sums['soft_sum'] + hard * sums['loss_sum'] + z * sums['z_loss_sum']
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _soft_objective_nBC(x_nBCD, table_VD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC, coefs):
+  """(objective, sums) over chunks [n, B, C]; no gradient work (eval, or the primal)."""
+  def body(totals, chunk):
+    x_BCD, ids_BCK, q_BCK, targets_BC, weights_BC = chunk
+    sums = _soft_chunk(x_BCD, table_VD, ids_BCK, q_BCK, targets_BC, weights_BC, coefs[2])[3]
+    return jax.tree.map(jnp.add, totals, sums), None
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in _SOFT_KEYS}
+  totals, _ = _scan_chunks(body, zeros, (x_nBCD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC),
+                           x_nBCD.shape[0])
+  return _objective(totals, coefs), totals
+
+
+def _soft_objective_fwd(x_nBCD, table_VD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC, coefs):
+  """The objective's dlogits, per position, are
+      m p - c_soft w Q - c_hard w onehot(target) + z_s p,
+  m = w (c_soft sum(q) + c_hard), z_s = 2 c_z w lse, Q the q scattered onto their ids.
+  With p = e / sum(e), m p - c_soft w Q = (m / sum(e)) e', e' = e - sum(e) (c_soft w / m) Q:
+  the q go into e by a scatter of k values per position (where m = 0, c_soft w q is 0 too:
+  q >= 0), and the two gradient matmuls on e' are ce's (_sums_fwd), with its one-hot part.
+  z_s p, where wanted, takes two more matmuls on e before the scatter. bfloat16 compute rounds
+  the q in e' as it rounds e."""
+  c_soft, c_hard, c_z = coefs
+  n, D = x_nBCD.shape[0], x_nBCD.shape[-1]
+  dt = x_nBCD.dtype
+  table_c = table_VD.astype(dt)
+
+  def body(carry, chunk):
+    totals, dE_VD = carry
+    x_BCD, ids_BCK, q_BCK, targets_BC, weights_BC = chunk
+    e_BCV, sum_BC, lse_BC, sums = _soft_chunk(x_BCD, table_VD, ids_BCK, q_BCK, targets_BC,
+                                              weights_BC, c_z)
+    w_BC = weights_BC.astype(jnp.float32)
+    inv_BC = 1.0 / sum_BC
+    m_BC = w_BC * (c_soft * jnp.sum(q_BCK, axis=-1) + c_hard)
+    dx_BCD = -c_hard * w_BC[..., None] * jnp.take(table_c, targets_BC, axis=0).astype(
+        jnp.float32)
+    contrib_KV = None
+    if c_z:
+      z_BC = 2.0 * c_z * w_BC * lse_BC * inv_BC
+      dx_BCD += z_BC[..., None] * jnp.einsum('BCV,VD->BCD', e_BCV, table_c,
+                                             preferred_element_type=jnp.float32)
+      contrib_KV = jnp.einsum('BCK,BCV->KV', (x_BCD.astype(jnp.float32) * z_BC[..., None]
+                                              ).astype(dt), e_BCV,
+                              preferred_element_type=jnp.float32)
+    rho_BC = jnp.where(m_BC > 0, c_soft * w_BC * sum_BC / jnp.where(m_BC > 0, m_BC, 1.0), 0.0)
+    B, C, K = ids_BCK.shape
+    b_BCK = jax.lax.broadcasted_iota(jnp.int32, (B, C, K), 0)
+    c_BCK = jax.lax.broadcasted_iota(jnp.int32, (B, C, K), 1)
+    e_BCV = e_BCV.at[b_BCK, c_BCK, ids_BCK].add((-rho_BC[..., None] * q_BCK).astype(dt))
+    e_BCV = sharding.constrain(e_BCV, _LOGITS)
+    a_BC = m_BC * inv_BC
+    dx_BCD += a_BC[..., None] * jnp.einsum('BCV,VD->BCD', e_BCV, table_c,
+                                           preferred_element_type=jnp.float32)
+    # (x^T e')^T, as in _sums_fwd: the [D, V] result is transposed, not the [B, C, V] operand.
+    ax_BCD = (x_BCD.astype(jnp.float32) * a_BC[..., None]).astype(dt)
+    own_KV = jnp.einsum('BCK,BCV->KV', ax_BCD, e_BCV, preferred_element_type=jnp.float32)
+    contrib_KV = own_KV if contrib_KV is None else contrib_KV + own_KV
+    contrib_VD = jax.lax.optimization_barrier(contrib_KV).T
+    dE_VD = contrib_VD if dE_VD is None else dE_VD + contrib_VD
+    return (jax.tree.map(jnp.add, totals, sums), dE_VD), dx_BCD
+
+  xs = (x_nBCD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC)
+  zeros = {k: jnp.zeros((), jnp.float32) for k in _SOFT_KEYS}
+  dE_VD = None
+  if n > 1:
+    dE_VD = sharding.constrain(jnp.zeros((table_VD.shape[0], D), jnp.float32), ('vocab', None))
+  (totals, dE_VD), dx_nBCD = _scan_chunks(body, (zeros, dE_VD), xs, n)
+  res = (dx_nBCD, dE_VD, x_nBCD, targets_nBC, weights_nBC, jnp.zeros((0,), table_VD.dtype))
+  return (_objective(totals, coefs), totals), res
+
+
+def _soft_objective_bwd(coefs, res, g):
+  """g: the objective's cotangent (the sums are values: soft_target_loss stops their
+  gradient)."""
+  dx_nBCD, dE_VD, x_nBCD, targets_nBC, weights_nBC, table_dtype = res
+  g_obj = g[0]
+  D = x_nBCD.shape[-1]
+  if coefs[1]:  # the hard term's one-hot part: row target of dE loses c_hard w x (_sums_bwd)
+    w_nBC = weights_nBC.astype(jnp.float32) * coefs[1]
+    rows_TD = (x_nBCD.astype(jnp.float32) * w_nBC[..., None]).reshape(-1, D)
+    dE_VD = dE_VD.at[targets_nBC.reshape(-1)].add(-rows_TD)
+  return ((g_obj * dx_nBCD).astype(x_nBCD.dtype), (g_obj * dE_VD).astype(table_dtype.dtype),
+          None, None, None, None)
+
+
+_soft_objective_nBC.defvjp(_soft_objective_fwd, _soft_objective_bwd)
+
+
+def soft_target_loss(x_BLD, embedding_VD, ids_BLK, q_BLK, targets_BL, weights_BL, *,
+                     soft: float, hard: float = 0.0, z_loss: float = 0.0, chunk_size: int
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(objective, sums): soft_target_sums' sums as values (no gradient) and objective = soft *
+  soft_sum + hard * loss_sum + z_loss * z_loss_sum, differentiated with a fused gradient: the
+  forward pass under differentiation writes each chunk's e = exp(logits - max) once, folds
+  the soft targets into it with a scatter and runs ce's two gradient matmuls on it (no
+  recompute of the logits, no [B, C, V] gradient of a log-softmax). soft, hard >= 0 (a
+  distillation loss's weights). Gradients flow to x_BLD and embedding_VD."""
+  if soft < 0 or hard < 0:
+    raise ValueError(f'soft_target_loss: soft={soft}, hard={hard}: expected >= 0')
+  x_nBCD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC = _chunks(
+      chunk_size, x_BLD, ids_BLK, q_BLK, targets_BL, weights_BL)
+  objective, sums = _soft_objective_nBC(x_nBCD, embedding_VD, ids_nBCK, q_nBCK, targets_nBC,
+                                        weights_nBC, (float(soft), float(hard), float(z_loss)))
+  return objective, jax.lax.stop_gradient(sums)
 
 
 def kl_sums(x_BLD, embedding_VD, teacher_x_BLD, teacher_VD, targets_BL, weights_BL, *,

@@ -339,6 +339,12 @@ def train_and_evaluate(c: config_lib.Config, workdir: str) -> dict[str, float]:
     log.info('Training steps %d..%d: %d tokens/step, %.3g model FLOPs/step', start_step,
              c.train.num_steps, tokens, flops)
 
+    if start_step == 0:  # a fresh run: what the objective logs once (a teacher's eval loss)
+      eval_batches = functools.partial(data_lib.make_eval_iterator, c,
+                                       process_index=group.index, process_count=group.count)
+      record = s.objective.start_metrics(s, state, eval_batches)
+      if record:
+        writer.write_scalars(0, record, 'at start')
     train_step = compile_train_step(s)
     last = _loop(s, state, start_step, train_step, train_iter, ckpt, writer, profiler, flush)
   # Here the checkpointer is closed: its background writes are complete (or raised).

@@ -20,7 +20,9 @@ The step (training/step.py) never branches on the objective. It asks the Objecti
   train_iterator   the checkpointed iterator the loop reads (the data's batches by default; RL:
                    prompt rows, data/prompts.py);
   resolve, prepare the run's config with workdir-relative defaults, and one pass before training
-                   (both do nothing by default).
+                   (both do nothing by default);
+  start_metrics    values logged once at step 0 of a fresh run, e.g. a teacher's own eval loss
+                   (none by default).
 Objectives differ in what they prepare and how they score, not in the loop (docs/architecture.md).
 """
 
@@ -69,6 +71,13 @@ class Objective:
     """One pass before training (after the workdir lease, before the first batch is read):
     e.g. DPO's precomputed reference log-probabilities. s is the Setup; initial_state() builds
     the state the run would start from. Nothing by default."""
+
+  def start_metrics(self, s, state, eval_batches) -> dict[str, float]:
+    """Values to log once before the first step of a fresh run (not on a resume): s is the
+    Setup, state the step-0 state with its frozen models, eval_batches() a new iterator over
+    the run's eval batches (the ones its evals read). None by default."""
+    del s, state, eval_batches
+    return {}
 
   def frozen_param_dtype(self) -> str:
     """The storage dtype of the frozen models ('' = model.param_dtype)."""
