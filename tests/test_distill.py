@@ -408,7 +408,7 @@ def test_teacher_eval_loss_is_logged_once_at_a_fresh_start(tmp_path):
   log it again."""
   c, teacher = _student_and_teacher(tmp_path, teacher_dtype='float32')
   c = c.replace(data=dict(source='synthetic'), logging=dict(tensorboard=False),
-                train=dict(num_steps=1, eval_every=10, eval_steps=2))  # (no student eval)
+                train=dict(num_steps=1, eval_every=1, eval_steps=2))
   work = str(tmp_path / 'student')
   loop.train_and_evaluate(c, work)
   loop.train_and_evaluate(c.replace(train=dict(num_steps=2)), work)  # resumed at step 1

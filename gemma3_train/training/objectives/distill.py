@@ -204,9 +204,10 @@ class Distill(base.Objective):
 
   def start_metrics(self, s, state, eval_batches):
     """Online: the teacher's own next-token loss and accuracy on the run's eval batches
-    (train.eval_steps of them, with their images), as it is held (distill.teacher_dtype)."""
-    c = self.config
-    if not (self.online and c.train.eval_every and c.train.eval_steps):
+    (train.eval_steps of them, with their images), as it is held (distill.teacher_dtype); only
+    in a run that evaluates (loop.preflight checked its eval data then)."""
+    t = self.config.train
+    if not (self.online and t.eval_every and t.eval_steps and t.eval_every <= t.num_steps):
       return {}
     graphdef = s.frozen_model_graphdef[TEACHER]
 
@@ -215,11 +216,11 @@ class Distill(base.Objective):
       with sharding.use_mesh(s.mesh, s.rules):
         return lm_head.next_token_sums(nnx.merge(graphdef, part), batch,
                                        images_lib.from_batch(batch),
-                                       chunk_size=c.train.loss_chunk_size)
+                                       chunk_size=t.loss_chunk_size)
     part = state['frozen_models'][TEACHER]
     step = lambda local: sums(part, data_lib.global_batch(local, s.batch_sharding))
     with contextlib.closing(eval_batches()) as batches:
-      totals, _ = scoring.sum_batches(step, batches, max_batches=c.train.eval_steps)
+      totals, _ = scoring.sum_batches(step, batches, max_batches=t.eval_steps)
     r = lm_head.summarize(totals)
     return {'distill/teacher_eval_loss': r['loss'], 'distill/teacher_eval_accuracy': r['accuracy']}
 
