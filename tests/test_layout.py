@@ -13,7 +13,7 @@ ALLOWED = {
     'infra': set(),
     'sharding': {'config'},
     'models': {'config', 'sharding'},
-    'data': {'config', 'infra'},
+    'data': {'config', 'sharding', 'infra'},
     'convert': {'config', 'sharding', 'models', 'data', 'infra'},
     'inference': {'config', 'sharding', 'models', 'data', 'convert', 'infra'},
     'training': {'config', 'sharding', 'models', 'data', 'convert', 'inference', 'infra'},

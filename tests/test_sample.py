@@ -66,7 +66,7 @@ def test_cached_logits_equal_full_forward(scan_layers, sampler):
 
 @pytest.mark.slow  # (fast-lane budget: 19 s)
 def test_cached_logits_equal_full_forward_with_adapters_on_an_int8_base():
-  """The decode loop reads q and the output projection relaid out (sample.swap_projections):
+  """The decode loop reads q and the output projection relaid out (kv_cache.swap_projections):
   their int8 scales and LoRA adapters (non-zero B) must come along."""
   from gemma3_train.models import lora  # pylint: disable=g-import-not-at-top
   c = config_lib.Config(lora=config_lib.LoraConfig(rank=4, base_dtype='int8'))

@@ -1,6 +1,6 @@
-"""Token draws for the sampler (sampler.py: sample_logits, filter_logits), each a pass or a few
-over the [B, V] logits with neither a sort of the vocabulary nor [B, V] random numbers: on a
-CPU those were most of a small model's decode step.
+"""The sampling settings (Sampling, and as traced scalars sampling_knobs) and the token draws
+behind sample_logits, each a pass or a few over the [B, V] logits with neither a sort of the
+vocabulary nor [B, V] random numbers: on a CPU those were most of a small model's decode step.
 
   categorical   a draw from softmax(z) by inverse CDF in two stages (block, then token);
   cutoffs       the top-k and nucleus cutoffs by bisection over the values' bits;
@@ -9,6 +9,7 @@ CPU those were most of a small model's decode step.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 
 def cutoffs(z_BV: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
-  """z with the tokens outside top-k and top-p at -inf (knobs: sampler._knobs); both off (RL's
+  """z with the tokens outside top-k and top-p at -inf (knobs: sampling_knobs); both off (RL's
   default): z as is, no pass over the vocabulary."""
   return jax.lax.cond((knobs['top_k'] <= 0) & (knobs['top_p'] >= 1.0), lambda: z_BV,
                       lambda: top_k_top_p(z_BV, knobs))
@@ -97,3 +98,44 @@ def argmax(x_BV: jax.Array) -> jax.Array:
   top_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
   first_B = jnp.min(jnp.where(x_BV == top_B1, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
   return jnp.minimum(first_B, V - 1)  # a NaN row: in range
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy; top_k / top_p None = off. The released models recommend
+  temperature 1.0, top_k 64, top_p 0.95 (RECOMMENDED)."""
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f'temperature={self.temperature}: expected >= 0')
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f'top_k={self.top_k}: expected >= 1 (or None)')
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p={self.top_p}: expected in (0, 1] (or None)')
+
+
+RECOMMENDED = Sampling(temperature=1.0, top_k=64, top_p=0.95)
+
+
+def sampling_knobs(s: Sampling) -> dict[str, jax.Array]:
+  """The sampling settings as traced scalars (one compiled step serves every setting;
+  top_k 0 and top_p 1 mean off)."""
+  return {'temperature': jnp.float32(s.temperature), 'top_k': jnp.int32(s.top_k or 0),
+          'top_p': jnp.float32(1.0 if s.top_p is None else s.top_p)}
+
+
+def filter_logits(logits_BV: jax.Array, knobs: dict[str, jax.Array]) -> jax.Array:
+  """float32 logits / temperature with everything outside top-k and top-p set to -inf."""
+  z_BV = logits_BV.astype(jnp.float32) / jnp.maximum(knobs['temperature'], 1e-6)
+  return cutoffs(z_BV, knobs)
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, s: Sampling | dict) -> jax.Array:
+  """Next token ids [B] (int32): the first largest logit at temperature 0, else a draw from
+  filter_logits."""
+  knobs = sampling_knobs(s) if isinstance(s, Sampling) else s
+  return jax.lax.cond(knobs['temperature'] == 0, lambda: argmax(logits_BV),
+                      lambda: categorical(filter_logits(logits_BV, knobs), key))

@@ -88,7 +88,7 @@ def apply_rope(x_BLNH, positions_BL, inv_freq):
 class Attention(nnx.Module):
   """GQA with QK-norm before RoPE, per-layer RoPE and window, query_pre_attn_scalar scaling.
 
-  swapped=True (the sampler's decode loop, sample.swap_projections): q_einsum and
+  swapped=True (the sampler's decode loop, kv_cache.swap_projections): q_einsum and
   attn_vec_einsum (and their int8 scales) come with their two per-layer leading axes swapped,
   [D, N, H] and [H, N, D], the layouts XLA's CPU dot reads them in.
 
