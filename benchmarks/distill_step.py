@@ -11,7 +11,7 @@ Jitted and timed, each the median of --steps calls after --warmup (compilation e
   online    the distill train step with a teacher of the student's shape (its checkpoint in a
             temporary directory): teacher forward + sampling + loss;
   teacher   the teacher's forward alone (its final hidden states);
-  sampling  lm_head.teacher_targets alone (the teacher's head, softmax, CDF, draws) on those;
+  sampling  soft_targets.teacher_targets alone (the teacher's head, softmax, CDF, draws) on those;
   heads     the gradient of the LM head's loss alone on the student's hidden states: ce's
             (chunked_cross_entropy), the fused sampled loss the objective runs
             (soft_target_loss) and its plain jax.checkpoint form (soft_target_sums).
@@ -98,6 +98,7 @@ def main(argv):
   from gemma3_train.convert import layout, ours  # pylint: disable=g-import-not-at-top
   from gemma3_train.infra import cpu_peak  # pylint: disable=g-import-not-at-top
   from gemma3_train.models import decoder, lm_head  # pylint: disable=g-import-not-at-top
+  from gemma3_train.models import soft_targets  # pylint: disable=g-import-not-at-top
   from gemma3_train.training import restore as restore_lib  # pylint: disable=g-import-not-at-top
   from gemma3_train.training import state as train_state  # pylint: disable=g-import-not-at-top
   from gemma3_train.training.objectives import distill  # pylint: disable=g-import-not-at-top
@@ -151,20 +152,20 @@ def main(argv):
 
   @jax.jit
   def sampling(part, x_BLD, record_BL, pos_BL):
-    return lm_head.teacher_targets(x_BLD, nnx.merge(graphdef, part).embedder.table(),
-                                   k=args.samples, temperature=1.0,
-                                   chunk_size=t.loss_chunk_size, seed=t.seed,
-                                   record_BL=record_BL, pos_BL=pos_BL)
+    return soft_targets.teacher_targets(x_BLD, nnx.merge(graphdef, part).embedder.table(),
+                                        k=args.samples, temperature=1.0,
+                                        chunk_size=t.loss_chunk_size, seed=t.seed,
+                                        record_BL=record_BL, pos_BL=pos_BL)
   # The heads alone, on the student's hidden states: their gradients' cost without the model.
   table_VD = np.asarray(nnx.merge(graphdef, teacher_part()).embedder.table())  # a copy
   ids, q = off_batch['teacher_ids'], off_batch['teacher_probs']
   heads = {
       'ce head': lambda x, E: lm_head.chunked_cross_entropy(
           x, E, batch['targets'], batch['weights'], chunk_size=t.loss_chunk_size)['loss_sum'],
-      'sampled head, fused': lambda x, E: lm_head.soft_target_loss(
+      'sampled head, fused': lambda x, E: soft_targets.soft_target_loss(
           x, E, ids, q, batch['targets'], batch['weights'], soft=1.0,
           chunk_size=t.loss_chunk_size)[0],
-      'sampled head, jax.checkpoint': lambda x, E: lm_head.soft_target_sums(
+      'sampled head, jax.checkpoint': lambda x, E: soft_targets.soft_target_sums(
           x, E, ids, q, batch['targets'], batch['weights'],
           chunk_size=t.loss_chunk_size)['soft_sum']}
   with sharding.use_mesh(mesh, s.rules):

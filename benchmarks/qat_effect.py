@@ -78,7 +78,7 @@ class Scorer:
     import jax  # pylint: disable=g-import-not-at-top
     from gemma3_train import convert  # pylint: disable=g-import-not-at-top
     from gemma3_train import data as data_lib  # pylint: disable=g-import-not-at-top
-    from gemma3_train.models import lm_head  # pylint: disable=g-import-not-at-top
+    from gemma3_train.models import soft_targets  # pylint: disable=g-import-not-at-top
     self.c = _config(eval_steps)
     ds = data_lib.make_dataset(self.c.replace(data=dict(num_workers=0, shuffle=False)), 'eval',
                                num_epochs=1)
@@ -90,8 +90,8 @@ class Scorer:
     def sums(model, teacher, b):
       x = model.hidden(b['inputs'], b['positions'], b['segment_ids'])
       tx = teacher.hidden(b['inputs'], b['positions'], b['segment_ids'])
-      return lm_head.kl_sums(x, model.embedder.table(), tx, teacher.embedder.table(),
-                             b['targets'], b['weights'], temperature=1.0, chunk_size=chunk)
+      return soft_targets.kl_sums(x, model.embedder.table(), tx, teacher.embedder.table(),
+                                  b['targets'], b['weights'], temperature=1.0, chunk_size=chunk)
     from flax import nnx  # pylint: disable=g-import-not-at-top
     self._sums = nnx.jit(sums)
     self._jnp = jax.numpy

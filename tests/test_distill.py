@@ -18,7 +18,7 @@ from gemma3_train.convert import layout
 from gemma3_train.convert import ours
 from gemma3_train.data import images as images_lib
 from gemma3_train.models import decoder
-from gemma3_train.models import lm_head
+from gemma3_train.models import soft_targets
 from gemma3_train.training import loop
 from gemma3_train.training import restore as restore_lib
 from gemma3_train.training import state as train_state
@@ -83,7 +83,7 @@ def test_sampled_and_topk_loss_and_gradient_equal_numpy(loss):
   keys = _keys(*targets.shape)
   draws = dict(seed=3, record_BL=keys['record'], pos_BL=keys['record_pos'])
   draws = draws if loss == 'sampled' else {}
-  ids, q = lm_head.teacher_targets(tx, ttable, k=K, temperature=T, chunk_size=4, **draws)
+  ids, q = soft_targets.teacher_targets(tx, ttable, k=K, temperature=T, chunk_size=4, **draws)
   ids, q = np.asarray(ids), np.asarray(q)
   p = np.exp(_log_softmax(tx.astype(np.float64) @ ttable.T.astype(np.float64) / T))
   t = np.zeros(ids.shape)
@@ -103,7 +103,7 @@ def test_sampled_and_topk_loss_and_gradient_equal_numpy(loss):
   _close(q, t, 1e-6, 'targets')
 
   def soft(x, table):
-    sums = lm_head.soft_target_sums(x, table, ids, q, targets, weights, chunk_size=4)
+    sums = soft_targets.soft_target_sums(x, table, ids, q, targets, weights, chunk_size=4)
     return sums['soft_sum'], sums
   (value, sums), (dx, dtable) = jax.value_and_grad(soft, argnums=(0, 1), has_aux=True)(x, table)
   want, want_hard, want_dx, want_dtable = _numpy_soft_ce(x, table, ids, t, targets, weights)
@@ -122,15 +122,15 @@ def test_fused_objective_and_gradient_equal_numpy(coefs):
   soft, hard, z = coefs
   x, table, tx, ttable, targets, weights = _head(seed=2)
   keys = _keys(*targets.shape)
-  ids, q = lm_head.teacher_targets(tx, ttable, k=16, temperature=1.0, chunk_size=4, seed=5,
-                                   record_BL=keys['record'], pos_BL=keys['record_pos'])
+  ids, q = soft_targets.teacher_targets(tx, ttable, k=16, temperature=1.0, chunk_size=4, seed=5,
+                                        record_BL=keys['record'], pos_BL=keys['record_pos'])
   ids, q = np.asarray(ids), np.array(q)
   q[0, 1] = 0.0  # no targets here (its weight stays)
   weights[0, 1] = 1.0
 
   def objective(x, table):
-    return lm_head.soft_target_loss(x, table, ids, q, targets, weights, soft=soft, hard=hard,
-                                    z_loss=z, chunk_size=4)
+    return soft_targets.soft_target_loss(x, table, ids, q, targets, weights, soft=soft, hard=hard,
+                                         z_loss=z, chunk_size=4)
   (value, sums), (dx, dtable) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1),
                                                            has_aux=True))(x, table)
   x64, t64, q64 = x.astype(np.float64), table.astype(np.float64), q.astype(np.float64)
@@ -160,14 +160,14 @@ def test_draws_follow_the_teacher_and_depend_on_seed_record_position_only():
   p = np.exp(_log_softmax(logits.astype(np.float64)))
   n = 200_000
   u = jax.random.uniform(jax.random.key(0), (1, 1, n))
-  ids = np.asarray(lm_head.draw_ids(jnp.asarray(p, jnp.float32)[None, None], u))[0, 0]
+  ids = np.asarray(soft_targets.draw_ids(jnp.asarray(p, jnp.float32)[None, None], u))[0, 0]
   freq = np.bincount(ids, minlength=8) / n
   assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n) + 1e-9), (freq, p)
 
   def values(seed, records, start, L):
     record = jnp.asarray(np.repeat(np.asarray(records, np.int32)[:, None], L, 1))
     pos = jnp.broadcast_to(jnp.arange(start, start + L, dtype=jnp.int32), record.shape)
-    return np.asarray(lm_head.position_uniforms(seed, record, pos, 4))
+    return np.asarray(soft_targets.position_uniforms(seed, record, pos, 4))
   base = values(0, [0, 1, 2], 0, 12)
   np.testing.assert_array_equal(values(0, [2], 0, 12)[0], base[2])  # other rows
   np.testing.assert_array_equal(values(0, [1, 0], 5, 7)[1], base[0, 5:])  # other columns
@@ -181,8 +181,8 @@ def test_kl_equals_the_full_logits_kl_and_is_zero_for_the_student_itself():
   T = 0.8
 
   def kl(x, table):
-    return lm_head.kl_sums(x, table, tx, ttable, targets, weights, temperature=T,
-                           chunk_size=3)['soft_sum']
+    return soft_targets.kl_sums(x, table, tx, ttable, targets, weights, temperature=T,
+                                chunk_size=3)['soft_sum']
 
   def full(x, table):  # jax on the full [B, L, V] logits
     logp = jax.nn.log_softmax(tx @ ttable.T / T)
@@ -196,7 +196,7 @@ def test_kl_equals_the_full_logits_kl_and_is_zero_for_the_student_itself():
   _close(value, want, 1e-5, 'kl')
   for g, w in zip(grads, want_grads):
     _close(g, w, 1e-5, 'grad')
-  same = lm_head.kl_sums(x, table, x, table, targets, weights, temperature=1.0, chunk_size=3)
+  same = soft_targets.kl_sums(x, table, x, table, targets, weights, temperature=1.0, chunk_size=3)
   assert abs(float(same['soft_sum'])) <= 1e-6 * float(weights.sum())
 
 
@@ -241,7 +241,7 @@ def test_objective_with_a_larger_teacher_equals_full_logits(tmp_path, loss):
   if loss == 'kl':
     soft = (w * (np.exp(logp) * (logp - logq)).sum(-1)).sum()
   else:  # the targets on the ids the objective drew (checked against the formula above)
-    ids, q = lm_head.teacher_targets(
+    ids, q = soft_targets.teacher_targets(
         teacher.hidden(*args), teacher.embedder.table(), k=24, temperature=1.3,
         chunk_size=c.train.loss_chunk_size,
         seed=0, record_BL=batch['record'], pos_BL=batch['record_pos'])
@@ -326,9 +326,9 @@ def test_vision_student_distils_from_a_vision_teacher_that_sees_the_images(tmp_p
     if loss == 'kl':
       logp = _log_softmax(np.asarray(teacher.embedder.decode(tx), np.float64) / 1.3)
       return (w * (np.exp(logp) * (logp - logq)).sum(-1)).sum()
-    ids, q = lm_head.teacher_targets(tx, teacher.embedder.table(), k=24, temperature=1.3,
-                                     chunk_size=c.train.loss_chunk_size, seed=0,
-                                     record_BL=batch['record'], pos_BL=batch['record_pos'])
+    ids, q = soft_targets.teacher_targets(tx, teacher.embedder.table(), k=24, temperature=1.3,
+                                          chunk_size=c.train.loss_chunk_size, seed=0,
+                                          record_BL=batch['record'], pos_BL=batch['record_pos'])
     return -(w * (np.asarray(q) * np.take_along_axis(logq, np.asarray(ids), -1)).sum(-1)).sum()
   want = soft(images)
   hard = -(w * np.take_along_axis(logq, targets[..., None], -1)[..., 0]).sum()

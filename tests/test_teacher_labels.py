@@ -6,9 +6,11 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from gemma3_train import config as config_lib
 from gemma3_train import convert
@@ -18,7 +20,9 @@ from gemma3_train.convert import layout
 from gemma3_train.convert import ours
 from gemma3_train.data import teacher as teacher_data
 from gemma3_train.models import decoder
-from gemma3_train.models import lm_head
+from gemma3_train.models import lora
+from gemma3_train.models import soft_targets
+from gemma3_train.training import teacher_labels
 from gemma3_train.training.objectives import distill
 from tests import helpers
 
@@ -144,12 +148,85 @@ def test_stored_ids_are_the_online_draws():
   record = np.array([[4] * 12, [9] * 6 + [4] * 6], np.int32)
   pos = np.array([list(range(12)), list(range(6)) + list(range(12, 18))], np.int32)
   args = dict(k=8, temperature=1.0, seed=1, record_BL=record)
-  ids, q = lm_head.teacher_targets(x, table, chunk_size=5, pos_BL=pos, **args)
-  ids2, q2 = lm_head.teacher_targets(x[::-1], table, chunk_size=12, pos_BL=pos[::-1],
-                                     k=8, temperature=1.0, seed=1, record_BL=record[::-1])
+  ids, q = soft_targets.teacher_targets(x, table, chunk_size=5, pos_BL=pos, **args)
+  ids2, q2 = soft_targets.teacher_targets(x[::-1], table, chunk_size=12, pos_BL=pos[::-1],
+                                          k=8, temperature=1.0, seed=1, record_BL=record[::-1])
   np.testing.assert_array_equal(np.asarray(ids2)[::-1], ids)
   np.testing.assert_allclose(np.asarray(q2)[::-1], q, rtol=1e-6)
   q = np.asarray(q)
   kept = q > 0
   assert np.all(kept[..., :-1] >= kept[..., 1:])  # the distinct ids first
   np.testing.assert_allclose(q.sum(-1), 1.0, rtol=1e-6)
+
+
+def _docs(n=5):
+  """Token documents around seq_len 32 (some split, several packed into a row)."""
+  rng = np.random.default_rng(1)
+  lengths = [6 + 17 * i for i in range(n)]
+  return [(i, {'tokens': rng.integers(3, 262144, size=n).astype(np.int32),
+               'mask': np.ones(n, np.uint8)}) for i, n in enumerate(lengths)]
+
+
+def _spec(path, dtype='float32', loss='sampled'):
+  # Temperature 0.25: a random teacher's distribution over 262144 ids is so flat that float32
+  # rounding of its CDF (which differs with the reduction order) moves ~1 draw in 1,000 to the
+  # neighbouring id (_setup); a sharper one is a trained teacher's case.
+  return teacher_labels.Spec(path=str(path), loss=loss, samples=16, temperature=0.25,
+                             seed=3, seq_len=32, dtype=dtype)
+
+
+def _assert_same_targets(got, want):
+  for (ids, q), (ids2, q2) in zip(got, want, strict=True):
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(q, q2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow  # (two teacher compiles: ~15 s)
+def test_teacher_sharded_over_the_local_devices_gives_the_one_device_targets(tmp_path):
+  c, _ = _setup(tmp_path)
+  spec = _spec(c.distill.teacher)
+  with pytest.raises(config_lib.ConfigError, match=r'^--teacher_rows=4: expected a multiple '
+                     'of the 8 local devices'):
+    teacher_labels.Labeler(spec, rows=4)
+  sharded = teacher_labels.Labeler(spec, rows=8)
+  assert dict(sharded.mesh.shape) == {'data': 1, 'fsdp': 8, 'context': 1, 'tensor': 1}
+  table = sharded.state['embedder']['embedding'].get_value()  # [vocab, embed]: embed on fsdp
+  assert table.sharding.spec == P(None, 'fsdp') and len(table.sharding.device_set) == 8
+  assert table.addressable_shards[0].data.shape == (262144, 32 // 8)
+  one = teacher_labels.Labeler(spec, rows=8, devices=jax.local_devices()[:1])
+  docs = _docs()
+  _assert_same_targets(sharded(docs), one(docs))
+
+
+@pytest.mark.slow  # (two teacher compiles: ~15 s)
+def test_int8_teacher_is_the_float_teacher_of_its_dequantized_weights(tmp_path):
+  """--teacher_dtype=int8 holds the seven projections as int8 with absmax / 127 scales per
+  output channel (of the weights read in bfloat16) and the rest in bfloat16; its targets are
+  those of a float32 teacher holding the dequantized weights (numpy), computed alike."""
+  c, teacher = _setup(tmp_path)
+  int8 = teacher_labels.Labeler(_spec(c.distill.teacher, 'int8'), rows=8,
+                                compute_dtype='float32')
+  original = {k: np.asarray(v.get_value()) for k, v in
+              nnx.to_flat_state(nnx.state(teacher, nnx.Param))}
+  held = {k: v.get_value() for k, v in nnx.to_flat_state(int8.state)}
+  m = teacher_labels.teacher_model_config(_spec(c.distill.teacher))  # float32
+  reference = decoder.Gemma3(m, rngs=nnx.Rngs(0))
+  flat = []
+  for k, var in nnx.to_flat_state(nnx.state(reference, nnx.Param)):
+    if k[-1] in lora.WEIGHT_TARGET:
+      w = np.asarray(jnp.asarray(original[k]).astype(jnp.bfloat16).astype(jnp.float32))
+      q, scale = np.asarray(held[k]), np.asarray(held[k[:-1] + (f'{k[-1]}_scale',)])
+      assert q.dtype == np.int8 and scale.dtype == np.float32, k
+      assert held[k].sharding.spec != P(), k  # quantized in its shardings
+      np.testing.assert_allclose(scale, np.abs(w).max(axis=lora.weight_in_axes(k),
+                                                      keepdims=True) / 127, rtol=2.4e-7)
+      value = q.astype(np.float32) * scale
+    else:
+      assert held[k].dtype == jnp.bfloat16, k
+      value = np.asarray(held[k].astype(jnp.float32))
+    flat.append((k, var.replace(jnp.asarray(value))))
+  top, layers = layout.state_to_canonical(m, nnx.from_flat_state(flat))
+  ours.save_params(tmp_path / 'dequantized', m, top, enumerate(layers))
+  want = teacher_labels.Labeler(_spec(tmp_path / 'dequantized'), rows=8)
+  docs = _docs()
+  _assert_same_targets(int8(docs), want(docs))

@@ -10,7 +10,7 @@ per token), and each non-empty record is
 
 where position j (the target tokens[j + 1]) has counts[j] ids and their probabilities: the
 distinct ids the teacher drew (or its top k) with p renormalized over them, as
-lm_head.teacher_targets puts them first. A batch gets them padded to k with id 0 and
+soft_targets.teacher_targets puts them first. A batch gets them padded to k with id 0 and
 probability 0, which add nothing to the loss: the stored targets are the online ones.
 
 In a mixture, a source with labels=hard learns its hard labels: offline its rows carry

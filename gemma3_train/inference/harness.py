@@ -83,15 +83,15 @@ def _continuation_scores(graphdef, state, inputs_BL, starts_B, targets_BK, *, ch
     # lm_head.token_logprobs' chunks, keeping the max logit too (is_greedy: the harness's acc
     # on loglikelihood tasks); no gradients here, so no checkpoint.
     # pylint: disable=protected-access
-    x_nBCD, targets_nBC = lm_head._chunks(chunk_size, x_BKD, targets_BK)
+    x_nBCD, targets_nBC = lm_head.chunks(chunk_size, x_BKD, targets_BK)
 
     def body(_, xs):
       x_BCD, t_BC = xs
-      logits_BCV = lm_head._chunk_logits(x_BCD, table_VD)
-      lse_BC, target_BC, max_BC = lm_head._chunk_stats(logits_BCV, t_BC)
+      logits_BCV = lm_head.chunk_logits(x_BCD, table_VD)
+      lse_BC, target_BC, max_BC = lm_head.chunk_stats(logits_BCV, t_BC)
       return None, (target_BC - lse_BC, target_BC >= max_BC)
 
-    _, (logp_nBC, greedy_nBC) = lm_head._scan_chunks(body, None, (x_nBCD, targets_nBC),
+    _, (logp_nBC, greedy_nBC) = lm_head.scan_chunks(body, None, (x_nBCD, targets_nBC),
                                                      targets_nBC.shape[0])
     # pylint: enable=protected-access
     B = targets_BK.shape[0]

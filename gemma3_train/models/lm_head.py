@@ -37,33 +37,33 @@ import jax.numpy as jnp
 
 from gemma3_train import sharding
 
-_LOGITS = ('act_batch', 'act_len', 'act_vocab')
+LOGITS = ('act_batch', 'act_len', 'act_vocab')
 # vocab_parallel: the vocabulary split over the batch axes, the chunk's rows on every chip
 _VP_LOGITS = (None, None, 'act_batch')
 _VP_TABLE = ('act_batch', None)
 _ROWS = ('act_batch', None, None)
-_SUM_KEYS = ('loss_sum', 'z_loss_sum', 'weight_sum', 'correct_sum')
+SUM_KEYS = ('loss_sum', 'z_loss_sum', 'weight_sum', 'correct_sum')
 
 
-def _chunk_logits(x_BCD, table_VD, names=_LOGITS):
+def chunk_logits(x_BCD, table_VD, names=LOGITS):
   logits_BCV = jnp.einsum('BCD,VD->BCV', x_BCD, table_VD.astype(x_BCD.dtype),
                           preferred_element_type=jnp.float32)
   return sharding.constrain(logits_BCV, names)
 
 
-def _chunk_stats(logits_BCV, targets_BC):
+def chunk_stats(logits_BCV, targets_BC):
   """(logsumexp, target logit, max logit) per position, float32."""
   max_BC = jnp.max(logits_BCV, axis=-1)
   lse_BC = max_BC + jnp.log(jnp.sum(jnp.exp(logits_BCV - max_BC[..., None]), axis=-1))
-  return lse_BC, _target_logit(logits_BCV, targets_BC), max_BC
+  return lse_BC, target_logit(logits_BCV, targets_BC), max_BC
 
 
-def _target_logit(logits_BCV, targets_BC):
+def target_logit(logits_BCV, targets_BC):
   # A gather of B*C values; a masked sum over the vocabulary would be one more full pass.
   return jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
 
 
-def _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss: float) -> dict[str, jax.Array]:
+def chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss: float) -> dict[str, jax.Array]:
   w_BC = weights_BC.astype(jnp.float32)
   # Correct when the target's logit is the largest; a tie with another token counts as correct
   # (argmax would pick the lower index). Reusing the max saves an argmax pass over the logits.
@@ -73,7 +73,7 @@ def _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss: float) -> dict[st
           'weight_sum': jnp.sum(w_BC), 'correct_sum': jnp.sum(w_BC * correct_BC)}
 
 
-def _scan_chunks(body, init, xs, num_chunks: int):
+def scan_chunks(body, init, xs, num_chunks: int):
   """lax.scan, or one direct call when there is one chunk (no loop-carried copies)."""
   if num_chunks == 1:
     carry, ys = body(init, jax.tree.map(lambda a: a[0], xs))
@@ -81,18 +81,18 @@ def _scan_chunks(body, init, xs, num_chunks: int):
   return jax.lax.scan(body, init, xs)
 
 
-def _zero_sums():
-  return {k: jnp.zeros((), jnp.float32) for k in _SUM_KEYS}
+def zero_sums():
+  return {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
 
 
-def _chunks(chunk_size: int, *arrays_BL):
+def chunks(chunk_size: int, *arrays_BL):
   """[B, L, ...] arrays -> [n, B, C, ...] (C = min(chunk_size, L)), a ragged last chunk padded
   with zeros: the scan axis leads and rows stay where they are (the batch keeps its sharding).
 
   With the sequence split over s context shards (sharding.sequence_shards), a chunk takes C / s
   positions from each shard's slice instead of C consecutive ones, so that every chunk keeps
   the sequence's sharding and all shards work on every step of the scan (sums do not depend on
-  the order; _unchunk undoes it for per-position results)."""
+  the order; unchunk undoes it for per-position results)."""
   if chunk_size < 1:
     raise ValueError(f'train.loss_chunk_size={chunk_size}: expected >= 1')
   B, L = arrays_BL[0].shape[:2]
@@ -113,8 +113,8 @@ def _chunks(chunk_size: int, *arrays_BL):
   return out
 
 
-def _unchunk(a_nBC, L: int):
-  """_chunks' inverse for one [n, B, C, ...] array of per-position results: [B, L, ...]."""
+def unchunk(a_nBC, L: int):
+  """chunks' inverse for one [n, B, C, ...] array of per-position results: [B, L, ...]."""
   n, B, C = a_nBC.shape[:3]
   s = sharding.sequence_shards(L)
   a = a_nBC.reshape(n, B, s, C // s, *a_nBC.shape[3:])
@@ -130,12 +130,12 @@ def _sums_nBC(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float,
 
   def body(totals, chunk):
     x_BCD, targets_BC, weights_BC = chunk
-    logits_BCV = _chunk_logits(x_BCD, table_VD)
-    sums = _chunk_sums(*_chunk_stats(logits_BCV, targets_BC), weights_BC, z_loss)
+    logits_BCV = chunk_logits(x_BCD, table_VD)
+    sums = chunk_sums(*chunk_stats(logits_BCV, targets_BC), weights_BC, z_loss)
     return jax.tree.map(jnp.add, totals, sums), None
 
-  totals, _ = _scan_chunks(body, _zero_sums(), (x_nBCD, targets_nBC, weights_nBC),
-                           x_nBCD.shape[0])
+  totals, _ = scan_chunks(body, zero_sums(), (x_nBCD, targets_nBC, weights_nBC),
+                          x_nBCD.shape[0])
   return totals
 
 
@@ -155,16 +155,16 @@ def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float, vocab_p
       x_BCD = sharding.constrain(x_BCD, (None, None, None))  # this chunk's rows, all of them
       targets_BC = sharding.constrain(targets_BC, (None, None))
       weights_BC = sharding.constrain(weights_BC, (None, None))
-      logits_BCV = _chunk_logits(x_BCD, table_l, _VP_LOGITS)
+      logits_BCV = chunk_logits(x_BCD, table_l, _VP_LOGITS)
     else:
-      logits_BCV = _chunk_logits(x_BCD, table_VD)
+      logits_BCV = chunk_logits(x_BCD, table_VD)
     max_BC = jnp.max(logits_BCV, axis=-1)
     # e = exp(logits - max) is written once, in the matmul dtype, and both the normalizer and
     # the matmuls read it; p = e / sum(e) is never formed: 1/sum(e) scales the [B, C, D]
     # operands and results instead of a [B, C, V] array. The barrier keeps XLA from fusing the
     # exp into the sum's reduction (on CPU that recomputed it in a slow reduction kernel).
     e_BCV = jax.lax.optimization_barrier(jnp.exp(logits_BCV - max_BC[..., None]).astype(dt))
-    e_BCV = sharding.constrain(e_BCV, _VP_LOGITS if vocab_parallel else _LOGITS)
+    e_BCV = sharding.constrain(e_BCV, _VP_LOGITS if vocab_parallel else LOGITS)
     sum_BC = jnp.sum(e_BCV.astype(jnp.float32), axis=-1)
     lse_BC = max_BC + jnp.log(sum_BC)
     if vocab_parallel:  # a masked sum, local to each slice (a gather would collect the logits)
@@ -172,8 +172,8 @@ def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float, vocab_p
       hit_BCV = jax.lax.broadcasted_iota(jnp.int32, (1, 1, V), 2) == targets_BC[..., None]
       target_BC = jnp.sum(jnp.where(hit_BCV, logits_BCV, 0.0), axis=-1)
     else:
-      target_BC = _target_logit(logits_BCV, targets_BC)
-    sums = _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss)
+      target_BC = target_logit(logits_BCV, targets_BC)
+    sums = chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss)
     inv_BC = 1.0 / sum_BC
     eE_BCD = jnp.einsum('BCV,VD->BCD', e_BCV, table_l, preferred_element_type=jnp.float32)
     if vocab_parallel:  # summed over the slices and handed back to the rows' chips
@@ -203,12 +203,12 @@ def _sums_fwd(x_nBCD, table_VD, targets_nBC, weights_nBC, z_loss: float, vocab_p
   n = x_nBCD.shape[0]
   xs = (x_nBCD, targets_nBC, weights_nBC)
   if n == 1:
-    (totals, pX_VK), ys = _scan_chunks(body, (_zero_sums(), None), xs, 1)
+    (totals, pX_VK), ys = scan_chunks(body, (zero_sums(), None), xs, 1)
   else:
     K = 2 * D if z_loss else D
     pX_VK = sharding.constrain(jnp.zeros((table_VD.shape[0], K), jnp.float32),
                                _VP_TABLE if vocab_parallel else ('vocab', None))
-    (totals, pX_VK), ys = _scan_chunks(body, (_zero_sums(), pX_VK), xs, n)
+    (totals, pX_VK), ys = scan_chunks(body, (zero_sums(), pX_VK), xs, n)
   # A zero-size array carries the table's dtype (residuals must be arrays).
   return totals, (ys, pX_VK, x_nBCD, targets_nBC, weights_nBC, jnp.zeros((0,), table_VD.dtype))
 
@@ -247,7 +247,7 @@ def chunked_cross_entropy(x_BLD, embedding_VD, targets_BL, weights_BL, *, chunk_
   the maximum logit (ties count as correct). Gradients flow to x_BLD and embedding_VD.
   vocab_parallel: the gradient pass splits the vocabulary over the batch axes (module doc).
   """
-  x_nBCD, targets_nBC, weights_nBC = _chunks(chunk_size, x_BLD, targets_BL, weights_BL)
+  x_nBCD, targets_nBC, weights_nBC = chunks(chunk_size, x_BLD, targets_BL, weights_BL)
   return _sums_nBC(x_nBCD, embedding_VD, targets_nBC, weights_nBC, float(z_loss),
                    bool(vocab_parallel))
 
@@ -303,284 +303,17 @@ def token_logprobs(x_BLD, embedding_VD, targets_BL, *, chunk_size: int) -> jax.A
   the [B, L, V] array again). Gradients flow to x_BLD and embedding_VD.
   """
   L = x_BLD.shape[1]
-  x_nBCD, targets_nBC = _chunks(chunk_size, x_BLD, targets_BL)
+  x_nBCD, targets_nBC = chunks(chunk_size, x_BLD, targets_BL)
   n = targets_nBC.shape[0]
 
   @jax.checkpoint
   def chunk(x_BCD, targets_BC):
-    logits_BCV = _chunk_logits(x_BCD, embedding_VD)
-    lse_BC, target_BC, _ = _chunk_stats(logits_BCV, targets_BC)
+    logits_BCV = chunk_logits(x_BCD, embedding_VD)
+    lse_BC, target_BC, _ = chunk_stats(logits_BCV, targets_BC)
     return target_BC - lse_BC
 
   def body(_, xs):
     return None, chunk(*xs)
 
-  _, logp_nBC = _scan_chunks(body, None, (x_nBCD, targets_nBC), n)
-  return _unchunk(logp_nBC, L)
-
-
-# --- soft targets: a teacher's distribution (distillation) ---------------------------------
-
-
-def draw_ids(p_BCV, u_BCK):
-  """Ids drawn from p by inverse CDF: per position the first id whose cumulative probability
-  exceeds u * total (an id of probability 0 is never drawn). Memory [B, C, V], where
-  jax.random.categorical's Gumbel noise would be [B, C, K, V]."""
-  cdf_BCV = jnp.cumsum(p_BCV, axis=-1)
-  search = jax.vmap(jax.vmap(functools.partial(jnp.searchsorted, side='right')))
-  ids = search(cdf_BCV, u_BCK * cdf_BCV[..., -1:])
-  return jnp.minimum(ids, p_BCV.shape[-1] - 1).astype(jnp.int32)
-
-
-_DRAW_TAG = 0xD157  # folded into the seed's key: draws of their own, not dropout's
-
-
-def position_uniforms(seed: int, record_BC, pos_BC, k: int):
-  """[B, C, k] values in [0, 1): a position's come from the key fold_in(key(seed), tag,
-  record, pos) alone (its document's record index, its place in the document), so the online
-  loss and `gemma3-data prepare --teacher` draw the same ids whatever the packing, chunking,
-  step, microbatches or mesh."""
-  key = jax.random.fold_in(jax.random.key(seed), _DRAW_TAG)
-
-  def position(record, pos):
-    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, record), pos), (k,))
-  return jax.vmap(jax.vmap(position))(record_BC, pos_BC)
-
-
-def _distinct_first(ids_BCK, p_BCK):
-  """Sorted ids -> (ids, p) with each distinct id once, in order, at the front; repeats (p 0)
-  after them. Stored targets keep the front only (data/teacher.py)."""
-  B, C, _ = ids_BCK.shape
-  first_BCK = jnp.concatenate([jnp.ones((B, C, 1), bool),
-                               ids_BCK[..., 1:] != ids_BCK[..., :-1]], axis=-1)
-  order_BCK = jnp.argsort(~first_BCK, axis=-1, stable=True)
-  ids_BCK = jnp.take_along_axis(ids_BCK, order_BCK, axis=-1)
-  first_BCK = jnp.take_along_axis(first_BCK, order_BCK, axis=-1)
-  return ids_BCK, jnp.where(first_BCK, jnp.take_along_axis(p_BCK, order_BCK, axis=-1), 0.0)
-
-
-def teacher_targets(x_BLD, embedding_VD, *, k: int, temperature: float, chunk_size: int,
-                    seed: int | None = None, record_BL=None, pos_BL=None
-                    ) -> tuple[jax.Array, jax.Array]:
-  """A teacher's targets per position: (ids [B, L, k] int32, q [B, L, k] float32, q summing
-  to 1 over a position's ids), p = softmax(logits / temperature), chunk by chunk. Not
-  differentiated (the teacher is frozen).
-
-  seed None: the k most probable ids, q their p renormalized (top-k). Else k ids drawn from p
-  with replacement, with position_uniforms(seed, record, pos); q is p on the distinct drawn
-  ids renormalized (the Gemma 3 report's targets): the distinct ids first, ascending, then the
-  repeats with q 0.
-  """
-  x_nBCD, = _chunks(chunk_size, jax.lax.stop_gradient(x_BLD))
-  table_VD = jax.lax.stop_gradient(embedding_VD)
-  n, B, C, _ = x_nBCD.shape
-  if seed is None:
-    keys = (jnp.zeros((n, B, C), jnp.int32),) * 2  # (unused)
-  else:
-    keys = tuple(_chunks(chunk_size, record_BL, pos_BL))
-
-  def body(_, xs):
-    x_BCD, record_BC, pos_BC = xs
-    logp_BCV = jax.nn.log_softmax(_chunk_logits(x_BCD, table_VD) / temperature, axis=-1)
-    if seed is None:
-      logp_BCK, ids_BCK = jax.lax.top_k(logp_BCV, k)
-      p_BCK = jnp.exp(logp_BCK)
-    else:
-      p_BCV = jnp.exp(logp_BCV)
-      ids_BCK = jnp.sort(draw_ids(p_BCV, position_uniforms(seed, record_BC, pos_BC, k)),
-                         axis=-1)
-      ids_BCK, p_BCK = _distinct_first(ids_BCK, jnp.take_along_axis(p_BCV, ids_BCK, axis=-1))
-    return None, (ids_BCK.astype(jnp.int32), p_BCK / jnp.sum(p_BCK, axis=-1, keepdims=True))
-
-  _, (ids_nBCK, q_nBCK) = _scan_chunks(body, None, (x_nBCD, *keys), n)
-  L = x_BLD.shape[1]
-  return _unchunk(ids_nBCK, L), _unchunk(q_nBCK, L)
-
-
-def _soft_scan(chunk, arrays_BL, chunk_size: int) -> dict[str, jax.Array]:
-  """Sums of chunk(*chunk's arrays) over the chunks; chunk runs under jax.checkpoint, so the
-  backward pass recomputes each chunk's [B, C, V] logits instead of keeping them."""
-  chunk = jax.checkpoint(chunk)
-
-  def body(totals, xs):
-    return jax.tree.map(jnp.add, totals, chunk(*xs)), None
-
-  xs = _chunks(chunk_size, *arrays_BL)
-  zeros = {**_zero_sums(), 'soft_sum': jnp.zeros((), jnp.float32)}
-  totals, _ = _scan_chunks(body, zeros, tuple(xs), xs[0].shape[0])
-  return totals
-
-
-def _hard_sums(logits_BCV, targets_BC, weights_BC, z_loss: float):
-  """(the ce sums of a chunk, logsumexp [B, C])."""
-  lse_BC, target_BC, max_BC = _chunk_stats(logits_BCV, targets_BC)
-  return _chunk_sums(lse_BC, target_BC, max_BC, weights_BC, z_loss), lse_BC
-
-
-def soft_target_sums(x_BLD, embedding_VD, ids_BLK, q_BLK, targets_BL, weights_BL, *,
-                     chunk_size: int, z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """chunked_cross_entropy's sums of the hard targets plus soft_sum = sum over positions of
-  w * -sum_k q_k log p(ids_k): the cross-entropy to soft targets on k ids per position, from
-  the log-softmax over the whole vocabulary. Gradients flow to x_BLD and embedding_VD, for any
-  combination of the sums, by plain autodiff under jax.checkpoint (the backward pass
-  recomputes each chunk's logits); the distill objective differentiates soft_target_loss, the
-  fused form of its one combination, instead."""
-  def chunk(x_BCD, ids_BCK, q_BCK, targets_BC, weights_BC):
-    logits_BCV = _chunk_logits(x_BCD, embedding_VD)
-    sums, lse_BC = _hard_sums(logits_BCV, targets_BC, weights_BC, z_loss)
-    at_ids_BCK = jnp.take_along_axis(logits_BCV, ids_BCK, axis=-1)
-    soft_BC = jnp.sum(q_BCK * (lse_BC[..., None] - at_ids_BCK), axis=-1)
-    return {**sums, 'soft_sum': jnp.sum(weights_BC.astype(jnp.float32) * soft_BC)}
-  return _soft_scan(chunk, (x_BLD, ids_BLK, q_BLK, targets_BL, weights_BL), chunk_size)
-
-
-_SOFT_KEYS = _SUM_KEYS + ('soft_sum',)
-
-
-def _soft_chunk(x_BCD, table_VD, ids_BCK, q_BCK, targets_BC, weights_BC, z_loss: float):
-  """A chunk's logits, e = exp(logits - max) in the compute dtype, sum(e), and its sums
-  (soft_target_sums')."""
-  logits_BCV = _chunk_logits(x_BCD, table_VD)
-  max_BC = jnp.max(logits_BCV, axis=-1)
-  # As in _sums_fwd: e is written once and read by the sum and the matmuls.
-  e_BCV = jax.lax.optimization_barrier(
-      jnp.exp(logits_BCV - max_BC[..., None]).astype(x_BCD.dtype))
-  e_BCV = sharding.constrain(e_BCV, _LOGITS)
-  sum_BC = jnp.sum(e_BCV.astype(jnp.float32), axis=-1)
-  lse_BC = max_BC + jnp.log(sum_BC)
-  sums = _chunk_sums(lse_BC, _target_logit(logits_BCV, targets_BC), max_BC, weights_BC, z_loss)
-  at_ids_BCK = jnp.take_along_axis(logits_BCV, ids_BCK, axis=-1)
-  soft_BC = jnp.sum(q_BCK * (lse_BC[..., None] - at_ids_BCK), axis=-1)
-  sums['soft_sum'] = jnp.sum(weights_BC.astype(jnp.float32) * soft_BC)
-  return e_BCV, sum_BC, lse_BC, sums
-
-
-def _objective(sums, coefs):
-  soft, hard, z = coefs
-  return soft * sums['soft_sum'] + hard * sums['loss_sum'] + z * sums['z_loss_sum']
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _soft_objective_nBC(x_nBCD, table_VD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC, coefs):
-  """(objective, sums) over chunks [n, B, C]; no gradient work (eval, or the primal)."""
-  def body(totals, chunk):
-    x_BCD, ids_BCK, q_BCK, targets_BC, weights_BC = chunk
-    sums = _soft_chunk(x_BCD, table_VD, ids_BCK, q_BCK, targets_BC, weights_BC, coefs[2])[3]
-    return jax.tree.map(jnp.add, totals, sums), None
-
-  zeros = {k: jnp.zeros((), jnp.float32) for k in _SOFT_KEYS}
-  totals, _ = _scan_chunks(body, zeros, (x_nBCD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC),
-                           x_nBCD.shape[0])
-  return _objective(totals, coefs), totals
-
-
-def _soft_objective_fwd(x_nBCD, table_VD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC, coefs):
-  """The objective's dlogits, per position, are
-      m p - c_soft w Q - c_hard w onehot(target) + z_s p,
-  m = w (c_soft sum(q) + c_hard), z_s = 2 c_z w lse, Q the q scattered onto their ids.
-  With p = e / sum(e), m p - c_soft w Q = (m / sum(e)) e', e' = e - sum(e) (c_soft w / m) Q:
-  the q go into e by a scatter of k values per position (where m = 0, c_soft w q is 0 too:
-  q >= 0), and the two gradient matmuls on e' are ce's (_sums_fwd), with its one-hot part.
-  z_s p, where wanted, takes two more matmuls on e before the scatter. bfloat16 compute rounds
-  the q in e' as it rounds e."""
-  c_soft, c_hard, c_z = coefs
-  n, D = x_nBCD.shape[0], x_nBCD.shape[-1]
-  dt = x_nBCD.dtype
-  table_c = table_VD.astype(dt)
-
-  def body(carry, chunk):
-    totals, dE_VD = carry
-    x_BCD, ids_BCK, q_BCK, targets_BC, weights_BC = chunk
-    e_BCV, sum_BC, lse_BC, sums = _soft_chunk(x_BCD, table_VD, ids_BCK, q_BCK, targets_BC,
-                                              weights_BC, c_z)
-    w_BC = weights_BC.astype(jnp.float32)
-    inv_BC = 1.0 / sum_BC
-    m_BC = w_BC * (c_soft * jnp.sum(q_BCK, axis=-1) + c_hard)
-    dx_BCD = -c_hard * w_BC[..., None] * jnp.take(table_c, targets_BC, axis=0).astype(
-        jnp.float32)
-    contrib_KV = None
-    if c_z:
-      z_BC = 2.0 * c_z * w_BC * lse_BC * inv_BC
-      dx_BCD += z_BC[..., None] * jnp.einsum('BCV,VD->BCD', e_BCV, table_c,
-                                             preferred_element_type=jnp.float32)
-      contrib_KV = jnp.einsum('BCK,BCV->KV', (x_BCD.astype(jnp.float32) * z_BC[..., None]
-                                              ).astype(dt), e_BCV,
-                              preferred_element_type=jnp.float32)
-    rho_BC = jnp.where(m_BC > 0, c_soft * w_BC * sum_BC / jnp.where(m_BC > 0, m_BC, 1.0), 0.0)
-    B, C, K = ids_BCK.shape
-    b_BCK = jax.lax.broadcasted_iota(jnp.int32, (B, C, K), 0)
-    c_BCK = jax.lax.broadcasted_iota(jnp.int32, (B, C, K), 1)
-    e_BCV = e_BCV.at[b_BCK, c_BCK, ids_BCK].add((-rho_BC[..., None] * q_BCK).astype(dt))
-    e_BCV = sharding.constrain(e_BCV, _LOGITS)
-    a_BC = m_BC * inv_BC
-    dx_BCD += a_BC[..., None] * jnp.einsum('BCV,VD->BCD', e_BCV, table_c,
-                                           preferred_element_type=jnp.float32)
-    # (x^T e')^T, as in _sums_fwd: the [D, V] result is transposed, not the [B, C, V] operand.
-    ax_BCD = (x_BCD.astype(jnp.float32) * a_BC[..., None]).astype(dt)
-    own_KV = jnp.einsum('BCK,BCV->KV', ax_BCD, e_BCV, preferred_element_type=jnp.float32)
-    contrib_KV = own_KV if contrib_KV is None else contrib_KV + own_KV
-    contrib_VD = jax.lax.optimization_barrier(contrib_KV).T
-    dE_VD = contrib_VD if dE_VD is None else dE_VD + contrib_VD
-    return (jax.tree.map(jnp.add, totals, sums), dE_VD), dx_BCD
-
-  xs = (x_nBCD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC)
-  zeros = {k: jnp.zeros((), jnp.float32) for k in _SOFT_KEYS}
-  dE_VD = None
-  if n > 1:
-    dE_VD = sharding.constrain(jnp.zeros((table_VD.shape[0], D), jnp.float32), ('vocab', None))
-  (totals, dE_VD), dx_nBCD = _scan_chunks(body, (zeros, dE_VD), xs, n)
-  res = (dx_nBCD, dE_VD, x_nBCD, targets_nBC, weights_nBC, jnp.zeros((0,), table_VD.dtype))
-  return (_objective(totals, coefs), totals), res
-
-
-def _soft_objective_bwd(coefs, res, g):
-  """g: the objective's cotangent (the sums are values: soft_target_loss stops their
-  gradient)."""
-  dx_nBCD, dE_VD, x_nBCD, targets_nBC, weights_nBC, table_dtype = res
-  g_obj = g[0]
-  D = x_nBCD.shape[-1]
-  if coefs[1]:  # the hard term's one-hot part: row target of dE loses c_hard w x (_sums_bwd)
-    w_nBC = weights_nBC.astype(jnp.float32) * coefs[1]
-    rows_TD = (x_nBCD.astype(jnp.float32) * w_nBC[..., None]).reshape(-1, D)
-    dE_VD = dE_VD.at[targets_nBC.reshape(-1)].add(-rows_TD)
-  return ((g_obj * dx_nBCD).astype(x_nBCD.dtype), (g_obj * dE_VD).astype(table_dtype.dtype),
-          None, None, None, None)
-
-
-_soft_objective_nBC.defvjp(_soft_objective_fwd, _soft_objective_bwd)
-
-
-def soft_target_loss(x_BLD, embedding_VD, ids_BLK, q_BLK, targets_BL, weights_BL, *,
-                     soft: float, hard: float = 0.0, z_loss: float = 0.0, chunk_size: int
-                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(objective, sums): soft_target_sums' sums as values (no gradient) and objective = soft *
-  soft_sum + hard * loss_sum + z_loss * z_loss_sum, differentiated with a fused gradient: the
-  forward pass under differentiation writes each chunk's e = exp(logits - max) once, folds
-  the soft targets into it with a scatter and runs ce's two gradient matmuls on it (no
-  recompute of the logits, no [B, C, V] gradient of a log-softmax). soft, hard >= 0 (a
-  distillation loss's weights). Gradients flow to x_BLD and embedding_VD."""
-  if soft < 0 or hard < 0:
-    raise ValueError(f'soft_target_loss: soft={soft}, hard={hard}: expected >= 0')
-  x_nBCD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC = _chunks(
-      chunk_size, x_BLD, ids_BLK, q_BLK, targets_BL, weights_BL)
-  objective, sums = _soft_objective_nBC(x_nBCD, embedding_VD, ids_nBCK, q_nBCK, targets_nBC,
-                                        weights_nBC, (float(soft), float(hard), float(z_loss)))
-  return objective, jax.lax.stop_gradient(sums)
-
-
-def kl_sums(x_BLD, embedding_VD, teacher_x_BLD, teacher_VD, targets_BL, weights_BL, *,
-            temperature: float, chunk_size: int, z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """chunked_cross_entropy's sums of the hard targets plus soft_sum = sum over positions of
-  w * KL(p_teacher || p) over the whole vocabulary (p_teacher = softmax(teacher logits /
-  temperature)), chunk by chunk: no [B, L, V] logits of either model. The teacher's inputs
-  are not differentiated; gradients flow to x_BLD and embedding_VD."""
-  teacher_x_BLD = jax.lax.stop_gradient(teacher_x_BLD)
-  teacher_VD = jax.lax.stop_gradient(teacher_VD)
-
-  def chunk(x_BCD, tx_BCD, targets_BC, weights_BC):
-    logits_BCV = _chunk_logits(x_BCD, embedding_VD)
-    sums, lse_BC = _hard_sums(logits_BCV, targets_BC, weights_BC, z_loss)
-    logp_BCV = jax.nn.log_softmax(_chunk_logits(tx_BCD, teacher_VD) / temperature, axis=-1)
-    kl_BC = jnp.sum(jnp.exp(logp_BCV) * (logp_BCV - logits_BCV + lse_BC[..., None]), axis=-1)
-    return {**sums, 'soft_sum': jnp.sum(weights_BC.astype(jnp.float32) * kl_BC)}
-  return _soft_scan(chunk, (x_BLD, teacher_x_BLD, targets_BL, weights_BL), chunk_size)
+  _, logp_nBC = scan_chunks(body, None, (x_nBCD, targets_nBC), n)
+  return unchunk(logp_nBC, L)

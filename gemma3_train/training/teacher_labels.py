@@ -4,26 +4,37 @@ train.objective=distill with distill.teacher='' holds and runs no teacher.
 
 Documents are split at --seq_len as the trainer splits them (pipeline.SplitRows) and packed
 into rows as it packs them (segment ids and positions: each piece sees only itself), and the
-targets are lm_head.teacher_targets of the teacher's hidden states, the function the online
+targets are soft_targets.teacher_targets of the teacher's hidden states, the function the online
 loss calls, with the draws keyed by (seed, record index, position in the document). A run on
 the stored targets with train.seed = --teacher_seed therefore trains on the online run's
 targets (tests/test_teacher_labels.py). The teacher is jitted once for [rows, seq_len].
+
+The teacher is held as an online frozen teacher is (training/frozen.py): sharded over every
+local device (mesh fsdp = the device count, the trainer's rules; the rows split over it),
+streamed from its checkpoint one layer at a time into those shardings (init_from), and with
+--teacher_dtype=int8 its seven projections quantized per output channel on their devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemma3_train import config as config_lib
 from gemma3_train import convert
+from gemma3_train import sharding
 from gemma3_train.data import packing
 from gemma3_train.data import pipeline
-from gemma3_train.models import lm_head
+from gemma3_train.models import soft_targets
+from gemma3_train.training import frozen
+from gemma3_train.training import init_from
+
+_ROW_KEYS = ('inputs', 'positions', 'segment_ids', 'record', 'record_pos')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,29 +46,64 @@ class Spec:
   temperature: float
   seed: int
   seq_len: int
-  dtype: str  # the teacher's params and compute: bfloat16 | float32
+  dtype: str  # the teacher's storage: bfloat16 | float32 | int8 (projections; the rest bf16)
+
+
+def teacher_model_config(spec: Spec, compute_dtype: str = '') -> config_lib.ModelConfig:
+  """The teacher's ModelConfig: its checkpoint's (no weights read), text only, computing in
+  compute_dtype ('': the storage dtype's; bfloat16 for int8)."""
+  try:
+    src = convert.open_source(spec.path)
+  except convert.ConversionError as e:
+    raise config_lib.ConfigError(f'--teacher={spec.path!r}: {e}') from e
+  storage = 'bfloat16' if spec.dtype == 'int8' else spec.dtype
+  return dataclasses.replace(src.cfg, param_dtype=storage, dtype=compute_dtype or storage,
+                             vision=False)
 
 
 class Labeler:
   """docs [(record index, document)] -> per document (ids, q [n - 1, k]); counts its tokens
-  and seconds (the teacher's rate)."""
+  and seconds (the teacher's rate).
 
-  def __init__(self, spec: Spec, *, rows: int = 8, chunk_size: int = 256):
+  devices: the mesh's (default: every local device); rows must divide over them.
+  compute_dtype: the teacher's activations ('': its storage dtype's, bfloat16 for int8).
+  """
+
+  def __init__(self, spec: Spec, *, rows: int = 8, chunk_size: int = 256,
+               devices: Sequence[Any] | None = None, compute_dtype: str = ''):
+    devices = list(jax.local_devices() if devices is None else devices)
+    if rows % len(devices):
+      raise config_lib.ConfigError(f'--teacher_rows={rows}: expected a multiple of the '
+                                   f'{len(devices)} local devices the teacher is sharded over')
     self.spec, self.rows = spec, rows
-    model = convert.load(spec.path, param_dtype=spec.dtype, dtype=spec.dtype, vision=False)
-    self.vocab_size = model.cfg.vocab_size
-    graphdef, state = nnx.split(model)
+    m = teacher_model_config(spec, compute_dtype)
+    self.vocab_size = m.vocab_size
+    c = config_lib.Config()  # mesh: fsdp = -1, every device
+    c = dataclasses.replace(c, model=m, train=dataclasses.replace(c.train, global_batch_size=rows))
+    self.mesh = sharding.make_mesh(c, devices)
+    self.rules = sharding.DEFAULT_RULES
+    model = frozen.abstract_model(m, spec.dtype)
+    graphdef = nnx.graphdef(model)
+    abstract = nnx.state(model, frozen.MODEL_VARIABLES)
+    shardings = sharding.state_shardings(abstract, self.mesh, self.rules)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    # Streamed into the shardings (no device holds the whole teacher), int8 quantized there.
+    loaded = init_from.load_init_params(spec.path, c,
+                                        {'params': frozen.float_abstract(abstract)})
+    self.state = frozen.stored(loaded, abstract)
     keys = spec.loss == 'sampled'
 
     def targets(state, inputs, positions, segment_ids, record, record_pos):
       teacher = nnx.merge(graphdef, state)
       x_BLD = teacher.hidden(inputs, positions, segment_ids)
       draws = dict(seed=spec.seed, record_BL=record, pos_BL=record_pos) if keys else {}
-      return lm_head.teacher_targets(x_BLD, teacher.embedder.table(), k=spec.samples,
-                                     temperature=spec.temperature, chunk_size=chunk_size,
-                                     **draws)
-    self._state = state
-    self._targets = jax.jit(targets)
+      return soft_targets.teacher_targets(x_BLD, teacher.embedder.table(), k=spec.samples,
+                                          temperature=spec.temperature, chunk_size=chunk_size,
+                                          **draws)
+    rows_BL = sharding.batch_sharding(self.mesh, (rows, spec.seq_len), self.rules)
+    self._targets = jax.jit(targets, in_shardings=(shardings,) + (rows_BL,) * len(_ROW_KEYS),
+                            out_shardings=sharding.batch_sharding(self.mesh))
     self._split = pipeline.SplitRows(spec.seq_len)
     self.tokens, self.seconds = 0, 0.0
 
@@ -71,12 +117,12 @@ class Labeler:
     rows = packing.pack_group(pieces, L) if pieces else []
     for start_row in range(0, len(rows), self.rows):
       batch = rows[start_row:start_row + self.rows]
-      arrays = {key: np.stack([r[key] for r in batch]) for key in (
-          'inputs', 'positions', 'segment_ids', 'record', 'record_pos')}
+      arrays = {key: np.stack([r[key] for r in batch]) for key in _ROW_KEYS}
       real = len(batch)
       if real < self.rows:  # one compiled shape: empty rows (segment 0) fill the batch
         arrays = {key: np.pad(a, ((0, self.rows - real), (0, 0))) for key, a in arrays.items()}
-      ids, q = jax.device_get(self._targets(self._state, *arrays.values()))
+      with sharding.use_mesh(self.mesh, self.rules):  # the model's constraints, as in training
+        ids, q = jax.device_get(self._targets(self.state, *arrays.values()))
       for r in range(real):  # each segment is a piece: one document's positions
         seg = arrays['segment_ids'][r]
         for s in np.unique(seg[seg > 0]):

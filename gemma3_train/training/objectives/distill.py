@@ -39,6 +39,7 @@ from gemma3_train.data import images as images_lib
 from gemma3_train.data import teacher as teacher_data
 from gemma3_train.inference import scoring
 from gemma3_train.models import lm_head
+from gemma3_train.models import soft_targets
 from gemma3_train.training.objectives import base
 from gemma3_train.training.objectives import ce
 
@@ -148,9 +149,9 @@ class Distill(base.Objective):
     table_VD = model.embedder.table()
     a = d.alpha
     if teacher is not None and d.loss == 'kl':
-      sums = lm_head.kl_sums(x_BLD, table_VD, teacher_x_BLD, teacher.embedder.table(), targets,
-                             weights, temperature=d.temperature, chunk_size=t.loss_chunk_size,
-                             z_loss=t.z_loss)
+      sums = soft_targets.kl_sums(x_BLD, table_VD, teacher_x_BLD, teacher.embedder.table(), targets,
+                                  weights, temperature=d.temperature, chunk_size=t.loss_chunk_size,
+                                  z_loss=t.z_loss)
       total = (1.0 - a) * sums['soft_sum'] + a * sums['loss_sum']
       if t.z_loss:
         total = total + t.z_loss * sums['z_loss_sum']
@@ -161,18 +162,18 @@ class Distill(base.Objective):
         keys = {}
         if d.loss == 'sampled':
           keys = dict(seed=t.seed, record_BL=batch['record'], pos_BL=batch['record_pos'])
-        ids, q = lm_head.teacher_targets(teacher_x_BLD, teacher.embedder.table(), k=d.samples,
-                                         temperature=d.temperature,
-                                         chunk_size=t.loss_chunk_size, **keys)
+        ids, q = soft_targets.teacher_targets(teacher_x_BLD, teacher.embedder.table(), k=d.samples,
+                                              temperature=d.temperature,
+                                              chunk_size=t.loss_chunk_size, **keys)
         if 'hard_labels' in batch:  # rows of labels=hard mixture sources: their next tokens
           hard_ids, hard_q = teacher_data.hard_targets(targets, d.samples,
                                                        model.cfg.vocab_size, jnp)
           hard_BL1 = batch['hard_labels'][..., None] > 0
           ids, q = jnp.where(hard_BL1, hard_ids, ids), jnp.where(hard_BL1, hard_q, q)
       # The fused gradient of the mixed objective: ce's cost plus a scatter (lm_head).
-      total, sums = lm_head.soft_target_loss(x_BLD, table_VD, ids, q, targets, weights,
-                                             soft=1.0 - a, hard=a, z_loss=t.z_loss,
-                                             chunk_size=t.loss_chunk_size)
+      total, sums = soft_targets.soft_target_loss(x_BLD, table_VD, ids, q, targets, weights,
+                                                  soft=1.0 - a, hard=a, z_loss=t.z_loss,
+                                                  chunk_size=t.loss_chunk_size)
     sums = {'objective_sum': total, 'distill_sum': sums.pop('soft_sum'),
             'hard_sum': sums.pop('loss_sum'), **sums}
     return total, sums
@@ -197,9 +198,9 @@ class Distill(base.Objective):
       kl = sums['distill_sum']
     else:
       x_BLD, teacher_x_BLD, targets, weights = inputs
-      kl = lm_head.kl_sums(x_BLD, model.embedder.table(), teacher_x_BLD,
-                           teacher.embedder.table(), targets, weights, temperature=1.0,
-                           chunk_size=c.train.loss_chunk_size)['soft_sum']
+      kl = soft_targets.kl_sums(x_BLD, model.embedder.table(), teacher_x_BLD,
+                                teacher.embedder.table(), targets, weights, temperature=1.0,
+                                chunk_size=c.train.loss_chunk_size)['soft_sum']
     return {**sums, 'kl_to_teacher_sum': kl}
 
   def start_metrics(self, s, state, eval_batches):
