@@ -6,6 +6,7 @@ Gemma-3-shaped model with synthetic data, and reads the per-step losses from met
 
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 
@@ -20,6 +21,21 @@ from gemma3_train.training import state as train_state
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """trained(steps, dest): dest holds a copy of the small model's workdir after `steps` steps
+  (checkpoints every 5), each trained once per module and worker (a CLI run is ~20 s)."""
+  made = {}
+
+  def copy(steps, dest):
+    if steps not in made:
+      made[steps] = tmp_path_factory.mktemp(f'trained_{steps}')
+      helpers.train_ok(made[steps], steps)
+    shutil.copytree(made[steps], dest, dirs_exist_ok=True)
+    return dest
+  return copy
 
 
 # SIGKILL, then a rerun that resumes bitwise (every loss and the final params against an
@@ -52,8 +68,8 @@ def _corrupt(step_dir: pathlib.Path):
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
-  helpers.train_ok(tmp_path, 10)
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, trained):
+  trained(10, tmp_path)
   _corrupt(tmp_path / 'checkpoints' / '10')
   r = helpers.train_ok(tmp_path, 12)
   assert 'checkpoints/10 is unreadable' in r.stderr
@@ -77,8 +93,8 @@ def test_resume_on_fewer_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_other_model_shape_refuses_to_resume(tmp_path):
-  helpers.train_ok(tmp_path, 5)
+def test_other_model_shape_refuses_to_resume(tmp_path, trained):
+  trained(5, tmp_path)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
   r = helpers.run_train(tmp_path, 10, '--config.model.embed_dim=32')
   assert r.returncode == 2
@@ -87,9 +103,8 @@ def test_other_model_shape_refuses_to_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_init_from_our_workdir_takes_params_only(tmp_path):
-  first, tuned = tmp_path / 'first', tmp_path / 'tuned'
-  helpers.train_ok(first, 10)
+def test_init_from_our_workdir_takes_params_only(tmp_path, trained):
+  first, tuned = trained(10, tmp_path / 'first'), tmp_path / 'tuned'
   r = helpers.train_ok(tuned, 2, f'--config.checkpoint.init_from={first}')
   assert 'Took params from step 10' in r.stderr
   a, b = helpers.logged_losses(first), helpers.logged_losses(tuned)
@@ -99,8 +114,8 @@ def test_init_from_our_workdir_takes_params_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  helpers.train_ok(tmp_path, 5)
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, trained):
+  trained(5, tmp_path)
   r = helpers.run_train(tmp_path, 10, '--config.optim.lr=1e30')
   assert r.returncode == 1
   assert 'is not finite; stopping' in r.stderr and 'checkpoints is intact' in r.stderr
@@ -126,8 +141,8 @@ def test_other_shape_or_layout_is_a_config_error_in_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path):
-  helpers.train_ok(tmp_path, 5)
+def test_changed_state_layout_is_a_config_error_and_touches_nothing(tmp_path, trained):
+  trained(5, tmp_path)
   before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
   r = helpers.run_train(tmp_path, 10, '--config.optim.clip_norm=0')
   assert r.returncode == 2
