@@ -119,3 +119,20 @@ def test_distill_counts_the_online_teachers_forward_of_its_own_shape():
   assert teacher / 3 > student  # the 27b's forward outweighs the 4b's whole step
   offline = c.replace(distill=dict(teacher='', teacher_preset=''))
   assert flops.train_flops_per_step(offline) == student
+
+
+def test_distill_counts_a_vision_teachers_tower_over_every_image_slot():
+  """A vision student's online teacher also runs its tower on every image slot (global batch x
+  data.max_images): its encoder and projector forward, once, beside the student's own."""
+  c = config_lib.Config().replace(
+      model=dict(config_lib.PRESETS['4b'], vision=True), data=dict(seq_len=4096, max_images=2),
+      train=dict(objective='distill', global_batch_size=8),
+      distill=dict(teacher='/path/to/27b', teacher_preset='27b'))
+  T, B = 4096, 8
+  text = c.replace(model=dict(vision=False), data=dict(max_images=0))
+  teacher_cfg = c.replace(model=config_lib.PRESETS['27b']).model
+  encoder, projector = flops.vision_forward_flops(teacher_cfg)
+  want = (flops.model_flops_per_step(text.model, T, B) + flops.vision_flops_per_step(c)
+          + flops.model_flops_per_step(teacher_cfg, T, B) / 3 + (encoder + projector) * B * 2)
+  assert encoder > 0 and projector > 0
+  assert flops.train_flops_per_step(c) == pytest.approx(want, rel=1e-12)

@@ -123,12 +123,15 @@ def frozen_forward_flops_per_step(c: config_lib.Config) -> float:
   """The forward passes of frozen models an objective runs on the step's rows (each a third
   of its model's 3x-forward step count): DPO's reference of the model's shape (with
   dpo.reference_logps=online and a loss that has one) and distillation's online teacher, of
-  its own shape (distill.teacher set; the stored targets of distill.teacher='' need none)."""
+  its own shape (distill.teacher set; the stored targets of distill.teacher='' need none),
+  with its vision tower's forward over every image slot when it has one."""
   T, B = c.data.seq_len, c.train.global_batch_size
   p = c.dpo
   if (c.train.objective == 'dpo' and p.loss not in config_lib.DPO_REFERENCE_FREE
       and p.reference_logps == 'online'):
     return model_flops_per_step(c.model, T, B) / 3
   if c.train.objective == 'distill' and c.distill.teacher:
-    return model_flops_per_step(distill.teacher_config(c), T, B) / 3
+    teacher = distill.teacher_config(c)
+    tower = sum(vision_forward_flops(teacher)) * B * c.data.max_images if teacher.vision else 0
+    return model_flops_per_step(teacher, T, B) / 3 + tower
   return 0.0
