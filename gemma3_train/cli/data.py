@@ -58,11 +58,15 @@ def _parser() -> argparse.ArgumentParser:
                  help='As distill.temperature.')
   t.add_argument('--teacher_seed', type=int, default=0, help='The draws\' seed: train.seed of '
                  'the online run that would draw the same ids.')
-  t.add_argument('--teacher_dtype', default='bfloat16', choices=('bfloat16', 'float32'),
-                 help="The teacher's params and compute.")
+  t.add_argument('--teacher_dtype', default='bfloat16', choices=('bfloat16', 'float32', 'int8'),
+                 help="The teacher's params and compute; int8: the seven projections int8 "
+                 'per output channel, the rest bfloat16 (held as distill.teacher_dtype=int8 '
+                 'holds it), computing in bfloat16.')
   t.add_argument('--seq_len', type=int, default=0, help='data.seq_len of the runs that read '
                  'the targets (documents are split at it, as training splits them).')
-  t.add_argument('--teacher_rows', type=int, default=8, help='Rows of --seq_len per forward.')
+  t.add_argument('--teacher_rows', type=int, default=8, help='Rows of --seq_len per forward, '
+                 'split over the local devices the teacher is sharded over (a multiple of '
+                 'their count).')
   return p
 
 
