@@ -152,6 +152,7 @@ def _lease_pair(workdir, hold_s):
                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_multi_process_run_holds_one_lease_and_all_processes_stop_when_held(tmp_path):
   first = _lease_pair(tmp_path, 30)
   deadline = time.time() + 120

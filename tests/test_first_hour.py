@@ -126,6 +126,7 @@ def _write_chat(path, n, bad_row=None):
   return path
 
 
+@pytest.mark.slow
 def test_bad_eval_path_fails_before_the_workdir_is_touched(tmp_path):
   train_path = _write_chat(tmp_path / 'train.jsonl', 8)
   data = ['--config.data.source=jsonl', f'--config.data.train_path={train_path}',

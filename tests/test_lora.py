@@ -93,6 +93,7 @@ def tiny_steps():
   return runs
 
 
+@pytest.mark.slow
 def test_only_adapters_train_and_the_optimizer_holds_only_them(tiny_steps):
   _, _, before, state = tiny_steps['plain']
   jax.tree.map(np.testing.assert_array_equal,
@@ -106,6 +107,7 @@ def test_only_adapters_train_and_the_optimizer_holds_only_them(tiny_steps):
   assert moments == sorted(adapter_shapes * 2)  # Adam's mu and nu of the adapters, nothing else
 
 
+@pytest.mark.slow
 def test_dropout_changes_training_reproducibly_and_not_eval(tiny_steps):
   c0, s0, before0, plain = tiny_steps['plain']
   c1, s1, before1, drop = tiny_steps['dropout']

@@ -107,6 +107,7 @@ class _Anchored(ce.CrossEntropy):
     return {**super().metrics(sums), 'reference_loss': sums['reference_loss_sum'] / weight}
 
 
+@pytest.mark.slow
 def test_an_objectives_frozen_model_is_loaded_passed_and_never_trained_or_saved(
     tmp_path, monkeypatch):
   """objective.frozen_models() names a checkpoint: it is loaded at the start, handed to

@@ -118,6 +118,7 @@ def test_forward_is_the_dequantized_model(qat, embedding):
   assert np.abs(plain - ours_logits).max() > 1e-4  # the quantization shows
 
 
+@pytest.mark.slow
 def test_gradient_is_straight_through():
   """d loss / d W of a QAT model is the float model's at the dequantized W (the fake quant's
   own derivative, zero almost everywhere, is replaced by the identity); the code is one for
