@@ -5,7 +5,8 @@ Test modules import these from here, never from one another.
   the small CLI model     train_cmd / run_train / train_ok drive `gemma3_train.cli.train` in a
                           subprocess on a 7-layer, 512-piece model with synthetic data;
                           logged_losses, wait_for_step and final_params read what it left
-  in-process training     small_config, packed_batch (the same model, for train.setup), free_port
+  in-process training     small_config, packed_batch (the same model, for train.setup), free_port,
+                          save_peaked_teacher (a small distillation teacher on disk)
   transformers models     the random HF models the converters and the reference checks use
                           (torch and transformers are imported only when these are called)
   data iterators          assert_same_batches, assert_resumes
@@ -150,6 +151,25 @@ def free_port():
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     return sock.getsockname()[1]
+
+
+def save_peaked_teacher(path, student_cfg):
+  """A 2-layer distillation teacher of the student's vocabulary (width 32), saved with our
+  writer at `path`; returns the model. Its embedding is scaled by 4, peaked as a trained
+  teacher is: a random init's distribution over 262144 ids is so flat that float32 rounding of
+  its CDF (which differs with the batch shape) moves ~1 draw in 1,000 to the neighbouring id."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gemma3_train.convert import layout, ours  # pylint: disable=g-import-not-at-top
+  from gemma3_train.models import decoder  # pylint: disable=g-import-not-at-top
+  tcfg = dataclasses.replace(student_cfg, num_layers=2, embed_dim=32, head_dim=16,
+                             query_pre_attn_scalar=16.0)
+  teacher = decoder.Gemma3(tcfg, rngs=nnx.Rngs(7))
+  table = teacher.embedder.embedding
+  table.set_value(table.get_value() * 4.0)
+  top, layers = layout.state_to_canonical(tcfg, nnx.state(teacher, nnx.Param))
+  ours.save_params(path, tcfg, top, enumerate(layers))
+  return teacher
 
 
 # --- random transformers models --------------------------------------------------------------

@@ -3,7 +3,6 @@
 what a run on it alone learns; the proportions and the resume are the mixture's; sources that
 disagree with the run are one-line errors naming them. Online, labels=hard does the same."""
 
-import dataclasses
 import json
 
 import jax
@@ -15,8 +14,6 @@ from gemma3_train import config as config_lib
 from gemma3_train import convert
 from gemma3_train import data as data_lib
 from gemma3_train.cli import data as data_cli
-from gemma3_train.convert import layout
-from gemma3_train.convert import ours
 from gemma3_train.data import mixture
 from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.models import decoder
@@ -277,13 +274,7 @@ def _online(corpora, mixture_spec='', **data_fields):
   c = _config(mixture_spec, **data_fields).replace(distill=dict(
       teacher=str(path), teacher_dtype='float32'))
   if not path.exists():
-    tcfg = dataclasses.replace(c.model, num_layers=2, embed_dim=32, head_dim=16,
-                               query_pre_attn_scalar=16.0)
-    teacher = decoder.Gemma3(tcfg, rngs=nnx.Rngs(7))
-    table = teacher.embedder.embedding
-    table.set_value(table.get_value() * 4.0)
-    top, layers = layout.state_to_canonical(tcfg, nnx.state(teacher, nnx.Param))
-    ours.save_params(path, tcfg, top, enumerate(layers))
+    helpers.save_peaked_teacher(path, c.model)
   return c
 
 

@@ -2,7 +2,6 @@
 online loss's (same draws, same losses), the record layout round-trips, the manifest reports
 bytes per token and the teacher's rate, and a run on them is checked against what was stored."""
 
-import dataclasses
 import functools
 import json
 
@@ -49,17 +48,7 @@ def _setup(tmp_path, **distill_fields):
       distill={'teacher': str(tmp_path / 'teacher'), 'teacher_dtype': 'float32', 'samples': 16,
                'temperature': 0.8, 'alpha': 0.25, **distill_fields})
   _corpus(tmp_path / 'c.jsonl')
-  tcfg = dataclasses.replace(c.model, num_layers=2, embed_dim=32, head_dim=16,
-                             query_pre_attn_scalar=16.0)
-  teacher = decoder.Gemma3(tcfg, rngs=nnx.Rngs(7))
-  # Peaked, as a trained teacher is: a random init's distribution over 262144 ids is so flat
-  # that float32 rounding of its CDF (which differs with the batch shape) moves ~1 draw in
-  # 1,000 to the neighbouring id.
-  table = teacher.embedder.embedding
-  table.set_value(table.get_value() * 4.0)
-  top, layers = layout.state_to_canonical(tcfg, nnx.state(teacher, nnx.Param))
-  ours.save_params(tmp_path / 'teacher', tcfg, top, enumerate(layers))
-  return c, teacher
+  return c, helpers.save_peaked_teacher(tmp_path / 'teacher', c.model)
 
 
 def _prepare(tmp_path, c, *extra):
