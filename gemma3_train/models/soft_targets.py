@@ -153,7 +153,9 @@ def _soft_chunk(x_BCD, table_VD, ids_BCK, q_BCK, targets_BC, weights_BC, z_loss:
   return e_BCV, sum_BC, lse_BC, sums
 
 
-def _objective(sums, coefs):
+def weighted_objective(sums, coefs):
+  """soft * soft_sum + hard * loss_sum + z * z_loss_sum, coefs = (soft, hard, z): the mixed
+  distillation objective, whichever loss gave the sums."""
   soft, hard, z = coefs
   return soft * sums['soft_sum'] + hard * sums['loss_sum'] + z * sums['z_loss_sum']
 
@@ -169,7 +171,7 @@ def _soft_objective_nBC(x_nBCD, table_VD, ids_nBCK, q_nBCK, targets_nBC, weights
   zeros = {k: jnp.zeros((), jnp.float32) for k in _SOFT_KEYS}
   totals, _ = lm_head.scan_chunks(
       body, zeros, (x_nBCD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC), x_nBCD.shape[0])
-  return _objective(totals, coefs), totals
+  return weighted_objective(totals, coefs), totals
 
 
 def _soft_objective_fwd(x_nBCD, table_VD, ids_nBCK, q_nBCK, targets_nBC, weights_nBC, coefs):
@@ -230,7 +232,7 @@ def _soft_objective_fwd(x_nBCD, table_VD, ids_nBCK, q_nBCK, targets_nBC, weights
     dE_VD = sharding.constrain(jnp.zeros((table_VD.shape[0], D), jnp.float32), ('vocab', None))
   (totals, dE_VD), dx_nBCD = lm_head.scan_chunks(body, (zeros, dE_VD), xs, n)
   res = (dx_nBCD, dE_VD, x_nBCD, targets_nBC, weights_nBC, jnp.zeros((0,), table_VD.dtype))
-  return (_objective(totals, coefs), totals), res
+  return (weighted_objective(totals, coefs), totals), res
 
 
 def _soft_objective_bwd(coefs, res, g):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import jax
@@ -24,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemma3_train import config as config_lib
 from gemma3_train.models import attention
+from gemma3_train.models import context
 from gemma3_train.models import decoder
 from gemma3_train.models import layers
 from gemma3_train import sharding
@@ -88,10 +88,9 @@ def _check_splash_blocks(c: config_lib.Config, mesh: Mesh, rules) -> None:
   m, L = c.model, c.data.seq_len
   if attention.resolve(m.attention_impl, m.dtype, images=m.vision) != 'splash':
     return
-  spec = sharding.logical_to_spec(('act_len',), rules, (L,), mesh)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  shards = math.prod(mesh.shape[a] for a in axes)
-  chunks = shards * (2 if shards > 1 and m.context_layout == 'balanced' else 1)
+  with sharding.use_mesh(mesh, rules):
+    shards = sharding.sequence_shards(L)
+  chunks = 1 if shards == 1 else context.chunk_ids(shards, m.context_layout).size
   T = L // chunks
   if not attention.splash_fits(T, m.attention_block_size):
     what = f'data.seq_len={L}' + (f' in {chunks} context chunks of {T}' if chunks > 1 else '')

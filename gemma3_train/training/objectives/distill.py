@@ -152,9 +152,7 @@ class Distill(base.Objective):
       sums = soft_targets.kl_sums(x_BLD, table_VD, teacher_x_BLD, teacher.embedder.table(), targets,
                                   weights, temperature=d.temperature, chunk_size=t.loss_chunk_size,
                                   z_loss=t.z_loss)
-      total = (1.0 - a) * sums['soft_sum'] + a * sums['loss_sum']
-      if t.z_loss:
-        total = total + t.z_loss * sums['z_loss_sum']
+      total = soft_targets.weighted_objective(sums, (1.0 - a, a, t.z_loss))
     else:
       if teacher is None:  # offline: the stored targets
         ids, q = batch['teacher_ids'], batch['teacher_probs']
