@@ -25,6 +25,7 @@ from gemma3_train import config as config_lib
 from gemma3_train.models import decoder
 from gemma3_train.models import lora
 from gemma3_train.models import vision
+from gemma3_train.training import init_from
 
 State = nnx.State
 
@@ -144,3 +145,11 @@ def stored(loaded: State, abstract: State) -> State:
   """A frozen model as `abstract` holds it, from its loaded float params (int8 projections
   quantized on their devices)."""
   return lora.base_from_params(loaded, abstract) if _quantized(abstract) else loaded
+
+
+def load(path: str, c: config_lib.Config, abstract: State) -> State:
+  """A frozen model of c.model's shapes from the checkpoint at path (any that convert reads),
+  streamed a layer at a time into abstract's shardings and held as abstract holds it (stored).
+  restore.py's frozen models and the offline teacher labeler load this way."""
+  return stored(init_from.load_init_params(path, c, {'params': float_abstract(abstract)}),
+                abstract)

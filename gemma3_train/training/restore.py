@@ -53,8 +53,7 @@ def _load_frozen_model(s: state_lib.Setup, name: str, path: str) -> nnx.State:
   m = s.objective.frozen_model_config(name)
   if m != c.model:  # another model's shapes (a larger teacher)
     c = dataclasses.replace(c, model=m)
-  loaded = init_from.load_init_params(path, c, {'params': frozen_lib.float_abstract(abstract)})
-  return frozen_lib.stored(loaded, abstract)
+  return frozen_lib.load(path, c, abstract)
 
 
 def _restore_or_init(s: state_lib.Setup, ckpt: checkpoint_lib.Checkpointer,

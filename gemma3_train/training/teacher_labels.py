@@ -32,7 +32,6 @@ from gemma3_train.data import packing
 from gemma3_train.data import pipeline
 from gemma3_train.models import soft_targets
 from gemma3_train.training import frozen
-from gemma3_train.training import init_from
 
 _ROW_KEYS = ('inputs', 'positions', 'segment_ids', 'record', 'record_pos')
 
@@ -89,9 +88,7 @@ class Labeler:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     # Streamed into the shardings (no device holds the whole teacher), int8 quantized there.
-    loaded = init_from.load_init_params(spec.path, c,
-                                        {'params': frozen.float_abstract(abstract)})
-    self.state = frozen.stored(loaded, abstract)
+    self.state = frozen.load(spec.path, c, abstract)
     keys = spec.loss == 'sampled'
 
     def targets(state, inputs, positions, segment_ids, record, record_pos):
