@@ -4,6 +4,7 @@ windows shorter and longer than a chunk, and image blocks straddling a shard bou
 
 import dataclasses
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -49,19 +50,19 @@ def _blocks(B, L, width, starts):
   return blocks
 
 
-def _split_attend(mesh, layout, q, k, v, pos, seg, blk, window, lookahead):
+def _split_attend(mesh, layout, q, k, v, pos, seg, blk, window, lookahead, impl='reference'):
   def f(q, k, v, pos, seg, blk):
     if layout == 'balanced':
       q, k, v, pos, seg = context.to_balanced(q, k, v, pos, seg)
       blk = None if blk is None else context.to_balanced(blk)[0]
     out = context.attend(q, k, v, pos, seg, blk, window=window, lookahead=lookahead,
-                         layout=layout)
+                         layout=layout, impl=impl)
     return context.from_balanced(out)[0] if layout == 'balanced' else out
   with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
     return jax.jit(f)(q, k, v, pos, seg, blk)
 
 
-@pytest.mark.parametrize('degree,layout,window,image', [
+_SPLITS = [
     (2, 'contiguous', None, False),
     (2, 'contiguous', 5, False),
     (4, 'balanced', None, False),
@@ -69,8 +70,14 @@ def _split_attend(mesh, layout, q, k, v, pos, seg, blk, window, lookahead):
     (4, 'balanced', 20, False),   # W - 1 > a chunk of 8: halos from two chunks back
     (2, 'balanced', 3, True),     # an image block straddling a shard boundary
     (4, 'contiguous', 12, True),
-])
-def test_split_attention_equals_whole_rows(degree, layout, window, image):
+]
+
+
+@pytest.mark.parametrize('impl', ['reference', 'cudnn'])
+@pytest.mark.parametrize('degree,layout,window,image', _SPLITS)
+def test_split_attention_equals_whole_rows(degree, layout, window, image, impl):
+  """impl cudnn: off GPU the shard runs jax.nn.dot_product_attention's xla implementation with
+  the arguments cuDNN gets (models/context_cudnn.py), so this checks their index arithmetic."""
   B, L, N, K, H = 2, 64, 4, 2, 8
   rng = np.random.default_rng(degree * 7 + (window or 0))
   q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32)
@@ -79,8 +86,18 @@ def test_split_attention_equals_whole_rows(degree, layout, window, image):
   # A block of 10 across position 32 (a shard boundary for both degrees), one of 6 at 13.
   blk = _blocks(B, L, 10, [27, 13 - 6]) if image else None
   want = attention.reference(q, k, v, attention.make_mask(pos, seg, window, blk))
-  got = _split_attend(_mesh(degree), layout, q, k, v, jnp.asarray(pos), jnp.asarray(seg),
-                      None if blk is None else jnp.asarray(blk), window, 9 if image else 0)
+  with mock.patch.object(jax.nn, 'dot_product_attention',
+                         wraps=jax.nn.dot_product_attention) as kernel:
+    got = _split_attend(_mesh(degree), layout, q, k, v, jnp.asarray(pos), jnp.asarray(seg),
+                        None if blk is None else jnp.asarray(blk), window, 9 if image else 0,
+                        impl)
+  # the cudnn path's kernel, once per chunk of a local layer, once for a global one
+  chunks = 2 if layout == 'balanced' else 1
+  calls = 0 if impl == 'reference' else 1 if window is None else chunks
+  assert kernel.call_count == calls
+  if calls:
+    assert kernel.call_args.kwargs['implementation'] == 'xla'
+    assert kernel.call_args.kwargs.get('is_causal', False) == (window is not None and not image)
   real = seg > 0  # padded queries attend differently (to padding only): the loss ignores them
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5,
                              atol=1e-5)
@@ -149,6 +166,15 @@ def test_loss_and_grads_equal_context_1(degree, layout):
   batch = _packed(_config(1))
   want = _loss_and_grads(_config(1), batch)
   _assert_same(_loss_and_grads(_config(degree, layout), batch), want)
+
+
+@pytest.mark.slow
+def test_cudnn_loss_and_grads_equal_context_1():
+  """attention_impl=cudnn under context 4 (off GPU: the same kernel arguments, xla
+  implementation; models/context_cudnn.py) against the reference on whole rows."""
+  batch = _packed(_config(1))
+  want = _loss_and_grads(_config(1), batch)
+  _assert_same(_loss_and_grads(_config(4, model=dict(attention_impl='cudnn')), batch), want)
 
 
 @pytest.mark.slow

@@ -23,9 +23,8 @@ the data pipeline produces, and what the cudnn and splash kernels assume too), e
 full-row mask shows a query lies inside these halos, so each query sees the same keys with the
 same mask: the same attention. Keys before the sequence's start are masked out.
 
-Inside the shard the kernel is the splash kernel where attention.resolve picks splash (TPU,
-text rows: models/context_splash.py), else attention.reference: cudnn under context
-parallelism is not built (docs/long_context.md).
+Inside the shard the kernel is the one attention.resolve picks: splash (TPU, text rows:
+models/context_splash.py), cudnn (GPU: models/context_cudnn.py), else attention.reference.
 
 Sampling (inference/sampler.py) runs the prompt through attend as training does, and keeps a
 KV cache whose columns are split over the same axes; decode_attend adds one token per row to
@@ -44,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from gemma3_train import sharding
 from gemma3_train.models import attention
+from gemma3_train.models import context_cudnn
 from gemma3_train.models import context_splash
 
 
@@ -127,10 +127,11 @@ def _natural_order(x_BL, ids_SM: np.ndarray):
 
 
 def _shard_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, blk_BT, *, window, lookahead,
-                     ids_SM, axes, splash=None):
+                     ids_SM, axes, splash=None, cudnn=None):
   """One shard's attention: global layers against the gathered keys, local ones against each
-  chunk's halo keys (module doc). splash: None (the reference), or a dict with the global
-  kernel (a shard_map argument), block and interpret."""
+  chunk's halo keys (module doc). splash: None, or a dict with the global kernel (a shard_map
+  argument), block and interpret; cudnn: None, or jax.nn.dot_product_attention's
+  implementation; neither: the reference."""
   if window is None:
     gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
     k_BLKH, v_BLKH, pos_BL, seg_BL = map(gather, (k_BTKH, v_BTKH, pos_BT, seg_BT))
@@ -139,6 +140,8 @@ def _shard_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, blk_BT, *, window, 
       return context_splash.run(splash['kernel'], q_BTNH, k_BLKH, v_BLKH, seg_BT, seg_BL)
     blk_BL = None if blk_BT is None else gather(blk_BT)
     mask_BTL = attention.cross_mask(pos_BT, seg_BT, pos_BL, seg_BL, None, blk_BT, blk_BL)
+    if cudnn is not None:
+      return context_cudnn.masked(q_BTNH, k_BLKH, v_BLKH, mask_BTL, cudnn)
     return attention.reference(q_BTNH, k_BLKH, v_BLKH, mask_BTL)
   m = ids_SM.shape[1]
   keys = (k_BTKH, v_BTKH, pos_BT, seg_BT) + (() if blk_BT is None else (blk_BT,))
@@ -158,10 +161,17 @@ def _shard_attention(q_BTNH, k_BTKH, v_BTKH, pos_BT, seg_BT, blk_BT, *, window, 
       k_BSKH, v_BSKH = (context_splash.pad_keys(x, pad) for x in (k_BSKH, v_BSKH))
       outs.append(context_splash.run(kernel, q_BCNH, k_BSKH, v_BSKH, qseg_BC, kseg_BS))
       continue
+    if cudnn is not None and blk_BT is None:
+      outs.append(context_cudnn.local(q_BCNH, k_BSKH, v_BSKH, qseg_BC, kseg_BS, valid[b],
+                                      window, cudnn))
+      continue
     qblk_BC = None if blk_BT is None else _slots(blk_BT, m)[b]
     kblk_BS = None if blk_BT is None else merged[b][4]
     mask_BCS = attention.cross_mask(qpos_BC, qseg_BC, kpos_BS, kseg_BS, window, qblk_BC,
                                     kblk_BS) & valid[b][:, None, :]
+    if cudnn is not None:
+      outs.append(context_cudnn.masked(q_BCNH, k_BSKH, v_BSKH, mask_BCS, cudnn))
+      continue
     outs.append(attention.reference(q_BCNH, k_BSKH, v_BSKH, mask_BCS))
   return jnp.concatenate(outs, axis=1)
 
@@ -172,8 +182,8 @@ def attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL, image_blocks_BL
   """attention.attend's result with the sequence split over the active mesh's 'act_len' axes:
   one shard_map over the mesh, rows on the batch axes, kv heads on the tensor axis.
   lookahead: the longest image block - 1 (keys a local layer needs after a chunk).
-  impl: model.attention_impl; splash (as attention.resolve picks it) runs the splash kernel
-  in the shard, anything else the reference."""
+  impl: model.attention_impl; splash or cudnn (as attention.resolve picks them) run in the
+  shard (context_splash, context_cudnn), the reference otherwise."""
   mesh, rules = sharding.active()
   B, L, N, H = q_BLNH.shape
   K = k_BLKH.shape[2]
@@ -187,7 +197,10 @@ def attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL, image_blocks_BL
   q_spec = P(batch, seq, heads, None, None)
 
   images = image_blocks_BL is not None
-  use_splash = attention.resolve(impl, q_BLNH.dtype, images=images) == 'splash'
+  resolved = attention.resolve(impl, q_BLNH.dtype, images=images)
+  use_splash = resolved == 'splash'
+  cudnn = (context_cudnn.implementation(attention.target_platform())
+           if resolved == 'cudnn' else None)
   splash = None
   if use_splash:
     C = L // ids_SM.size
@@ -200,7 +213,7 @@ def attend(q_BLNH, k_BLKH, v_BLKH, positions_BL, segment_ids_BL, image_blocks_BL
     Bs, T, Ks, G, _ = q_BTKGH.shape
     out_BTNH = _shard_attention(q_BTKGH.reshape(Bs, T, Ks * G, H), k_BTKH, v_BTKH, pos_BT,
                                 seg_BT, blk_BT, window=window, lookahead=lookahead,
-                                ids_SM=ids_SM, axes=axes, splash=kernel)
+                                ids_SM=ids_SM, axes=axes, splash=kernel, cudnn=cudnn)
     return out_BTNH.reshape(Bs, T, Ks, G, H)
 
   args = (q_BLNH.reshape(B, L, K, N // K, H), k_BLKH, v_BLKH, positions_BL, segment_ids_BL)
