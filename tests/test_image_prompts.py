@@ -21,7 +21,9 @@ from PIL import Image
 from transformers.models.gemma3 import image_processing_pil_gemma3
 
 import gemma3_train
+from gemma3_train import config as config_lib
 from gemma3_train import convert
+from gemma3_train import sharding
 from gemma3_train.cli import sample as sample_cli
 from gemma3_train.data import tokenizer as tokenizer_lib
 from gemma3_train.inference import image_prompts
@@ -339,3 +341,26 @@ def test_harness_multimodal_generate_until_matches_hf_multimodal(ours, export, v
   with pytest.raises(harness.HarnessError, match='log-likelihoods with images'):
     lm.loglikelihood([Instance('loglikelihood', {}, ('<image>Is it', ' red', {'visual': images}),
                                0)])
+
+
+@pytest.mark.slow
+def test_greedy_with_images_under_context_2_equals_context_1(ours):
+  """The sampler with the prompt's columns and the KV cache split over context 2 (balanced,
+  rows over fsdp), an image block across a shard boundary: the same greedy tokens as context 1
+  and every step's logits within 1e-5."""
+  prompts = [[2, 651, BOI, 108, 1000, 2000, BOI, 3000], [2, 4000, 5000, BOI, 6000, 7000, 8000,
+                                                       9000]]
+  images = [[_image(1), _image(2, (20, 50))], [_image(3)]]
+  want = sample.Sampler(ours).generate(prompts, 12, images=images, return_logits=True,
+                                       stop_tokens=())
+  c = config_lib.Config(model=ours.cfg, mesh=config_lib.MeshConfig(context=2, fsdp=-1))
+  s = sample.Sampler(ours, sharding.make_mesh(c), dict(sharding.DEFAULT_RULES))
+  got = s.generate(prompts, 12, images=images, return_logits=True, stop_tokens=())
+  assert got[0] == want[0]
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+  # The balanced layout's shard boundaries of the padded prompt are at P / 4 and 3 P / 4: an
+  # image block crosses one of them.
+  tokens, _ = sample.left_pad(image_prompts.prepare(prompts, images, ours.cfg)[0], s.bucket)
+  P = tokens.shape[1]
+  crosses = [(tokens[:, b - 1] == V) & (tokens[:, b] == V) for b in (P // 4, 3 * P // 4)]
+  assert np.any(crosses), (P, tokens)
