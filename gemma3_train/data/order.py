@@ -1,6 +1,9 @@
-"""The order in which a process reads its documents: its shard, shuffled per epoch, repeated.
+"""The order in which a data group reads its documents: its shard, shuffled per epoch, repeated.
 
-A process owns the documents i % process_count == process_index (n of them). Position k of
+A data group (sharding.data_group: one process, unless a context group spans processes; the
+processes of a group read the same documents) owns the documents
+i % process_count == process_index (process_index / process_count: the group and the number
+of groups; n documents). Position k of
 the order is epoch e = k // n, place j = k % n, and reads document
 
     process_index + process_count * perm_e(j),   perm_e: a bijection of [0, n) keyed by (seed, e)
@@ -72,7 +75,7 @@ def permute_one(j: int, n: int, seed: int, epoch: int) -> int:
 
 
 class DocumentOrder(grain.MapDataset):
-  """Position k -> the document id this process reads k-th (see the module docstring).
+  """Position k -> the document id this data group reads k-th (see the module docstring).
 
   num_epochs None repeats endlessly. doc_ids(positions) computes a chunk at once.
   """

@@ -257,7 +257,8 @@ def _all_prepared(c: config_lib.Config, mixed: bool) -> bool:
 def _source_rows(c: config_lib.Config, num_epochs: int | None, *, split: str,
                  process_index: int, process_count: int, keys: dict,
                  labels: str | None = None) -> grain.IterDataset:
-  """One source's packed (or padded) rows for this process's shard of its documents.
+  """One source's packed (or padded) rows for this data group's shard of its documents
+  (process_index / process_count: the group and the number of groups, sharding.data_group).
 
   keys: the run's teacher.batch_keys; labels: a mixture source's labels= (None: no mixture).
   """
