@@ -3,8 +3,8 @@
 A data group (sharding.data_group: one process, unless a context group spans processes; the
 processes of a group read the same documents) owns the documents
 i % process_count == process_index (process_index / process_count: the group and the number
-of groups; n documents). Position k of
-the order is epoch e = k // n, place j = k % n, and reads document
+of groups; n documents). Position k of the order is epoch e = k // n, place j = k % n, and
+reads document
 
     process_index + process_count * perm_e(j),   perm_e: a bijection of [0, n) keyed by (seed, e)
 
