@@ -184,3 +184,18 @@ def test_setup_refuses_splash_blocks_that_do_not_tile_a_row(seq_len, block, cont
   else:
     with pytest.raises(config_lib.ConfigError, match=r'^model\.attention_block_size=\d+: splash'):
       check()
+
+
+@pytest.mark.parametrize('dtype,message', [
+    ('float32', r'needs model\.dtype bfloat16 or float16, got float32'),
+    ('bfloat16', r'needs a GPU; this run compiles for cpu')])
+def test_setup_refuses_cudnn_off_gpu_or_in_float32(dtype, message):
+  """attention_impl=cudnn, named: one line naming the field before tracing (JAX's own error
+  comes from inside the step, as a traceback)."""
+  from gemma3_train.training import state  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  c = helpers.small_config(model=dict(attention_impl='cudnn', dtype=dtype))
+  mesh = sharding.make_mesh(c)
+  with pytest.raises(config_lib.ConfigError, match=r'^model\.attention_impl=cudnn: cuDNN '
+                     r'attention ' + message):
+    state.setup(c, mesh, abstract=True)

@@ -105,8 +105,9 @@ class ModelConfig:
   scan_unit: str = _f('block', 'block: a scanned block runs its six layers unrolled | layer: as an '
                       'inner scan over single layers (local/global as data), so FSDP gathers one '
                       "layer's weights at a time (needs scan_layers; docs/memory.md)")
-  attention_impl: str = _f('auto', 'auto (splash on TPU, cudnn on GPU, else reference) | '
-                           'reference | cudnn | splash')
+  attention_impl: str = _f('auto', 'auto (splash on TPU, cudnn on GPU in bfloat16/float16, '
+                           'else reference) | reference | cudnn (GPU, 16-bit model.dtype) | '
+                           'splash')
   attention_block_size: int = _f(512, 'splash attention q/kv block size (TPU)')
   context_layout: str = _f('balanced', 'with mesh.context > 1: balanced (each shard holds two '
                            'chunks from opposite ends of the sequence, so the causal work is '

@@ -99,9 +99,27 @@ def _check_splash_blocks(c: config_lib.Config, mesh: Mesh, rules) -> None:
         f'that divides {what} and is a multiple of {attention.SPLASH_ALIGN}')
 
 
+def _check_cudnn(c: config_lib.Config, mesh: Mesh) -> None:
+  """attention_impl=cudnn, named: cuDNN's flash attention takes 16-bit inputs on a GPU. Checked
+  before tracing so that either is one line, not JAX's error from inside the step."""
+  m = c.model
+  if m.attention_impl != 'cudnn':
+    return
+  if jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
+    raise config_lib.ConfigError(
+        f'model.attention_impl=cudnn: cuDNN attention needs model.dtype bfloat16 or float16, '
+        f'got {m.dtype} (or use attention_impl=auto: the reference in float32)')
+  platform = mesh.devices.flat[0].platform
+  if platform != 'gpu':
+    raise config_lib.ConfigError(
+        f'model.attention_impl=cudnn: cuDNN attention needs a GPU; this run compiles for '
+        f'{platform} (use auto: splash on TPU, the reference elsewhere)')
+
+
 def setup(c: config_lib.Config, mesh: Mesh, *, abstract: bool = False) -> Setup:
   """Builds the jitted steps and (unless abstract) the initialized, sharded state."""
   rules = sharding.parse_rules(c.mesh.rules)
+  _check_cudnn(c, mesh)
   _check_splash_blocks(c, mesh, rules)
   objective = objectives.get(c)
   tx, schedule = optimizer_lib.make_optimizer(c)
