@@ -285,3 +285,19 @@ def test_cli_streams_a_continuation_and_rejects_a_long_prompt(tmp_path):
                        timeout=300, check=False)
   assert run.returncode == 2 and run.stdout == ''
   assert run.stderr.count('\n') == 1 and 'exceeds the model context of 32768' in run.stderr
+
+
+def test_checkpoint_trained_with_a_named_kernel_samples_on_any_backend(tmp_path):
+  """A run trained with attention_impl=cudnn (GPU) loads with 'auto', so it samples here with
+  the reference (cuDNN would fail off a GPU); an explicit override still wins."""
+  from gemma3_train import convert  # pylint: disable=g-import-not-at-top
+  from gemma3_train.convert import layout, ours  # pylint: disable=g-import-not-at-top
+  m = _model(attention_impl='cudnn', num_layers=2)
+  top, layers = layout.state_to_canonical(m.cfg, nnx.state(m, nnx.Param))
+  ours.save_params(tmp_path / 'ckpt', m.cfg, top, enumerate(layers))
+  loaded = convert.load(tmp_path / 'ckpt')
+  assert loaded.cfg.attention_impl == 'auto'
+  assert convert.load(tmp_path / 'ckpt', attention_impl='splash').cfg.attention_impl == 'splash'
+  tokens = np.asarray(_prompts([7])[0])[None]
+  want = _model(num_layers=2)(tokens)
+  np.testing.assert_allclose(np.asarray(loaded(tokens)), np.asarray(want), rtol=TOL, atol=TOL)

@@ -211,8 +211,11 @@ def load(path, model_cls: type[model_lib.Gemma3] = model_lib.Gemma3,
   gives a model.vision model: model(tokens, images=images). gemma3_train.load passes the
   inference class, which adds generate().
 
-  `model_overrides` change non-shape ModelConfig fields, e.g. dtype='bfloat16'.
+  `model_overrides` change non-shape ModelConfig fields, e.g. dtype='bfloat16'. The attention
+  kernel is the machine's choice, not the checkpoint's: attention_impl is 'auto' unless
+  overridden (a run trained with cudnn or splash named is sampled on any backend).
   """
+  model_overrides = {'attention_impl': 'auto', **model_overrides}
   if peft.lora_run_config(path) is not None:  # a LoRA run: base + adapters, as trained
     return peft.load_adapted(path, open_source, model_cls, **model_overrides)
   src = open_source(path)
