@@ -26,6 +26,15 @@ def test_chip_table_and_device_kinds():
   assert hardware.peak_tflops(jax.devices('cpu')[0], override=0.07) == 0.07
 
 
+def test_interconnect_per_chip():
+  # GB/s into one chip: half the docs' bidirectional ICI figures (v4: the pod's all-reduce
+  # bandwidth over its chips); DCN only where a page states it
+  ici = {k: spec.ici_gbps for k, spec in hardware.TPU_KINDS.items()}
+  assert ici == pytest.approx({'v4': 268.55, 'v5e': 200.0, 'v5p': 600.0, 'v6e': 400.0}, rel=1e-4)
+  dcn = {k: spec.dcn_gbps for k, spec in hardware.TPU_KINDS.items()}
+  assert dcn == {'v4': None, 'v5e': 3.125, 'v5p': 6.25, 'v6e': None}
+
+
 @pytest.mark.parametrize('name,kind,chips', [
     ('v4-8', 'v4', 4), ('v5p-128', 'v5p', 64), ('v5p-8', 'v5p', 4), ('v5e-16', 'v5e', 16),
     ('v5e-1', 'v5e', 1), ('v6e-256', 'v6e', 256), ('V6E-8', 'v6e', 8)])

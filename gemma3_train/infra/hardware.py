@@ -1,4 +1,4 @@
-"""Accelerator facts: peak FLOP/s and HBM per chip, TPU slice names and topologies.
+"""Accelerator facts: peak FLOP/s, HBM and interconnect per chip, TPU slice names and topologies.
 
 The one table that metrics (MFU), aot (fit and step time) and the launch scripts read. Standard
 library only, so that the launchers can ask it on a workstation without jax:
@@ -80,6 +80,8 @@ class TpuKind:
   chip_config: str  # libtpu chip_config_name: 'megacore' makes one device per v4/v5p chip
   gke_accelerator: str  # GKE node label cloud.google.com/gke-tpu-accelerator
   type_prefix: str  # Cloud TPU accelerator type / xpk --tpu-type spelling (v5e: 'v5litepod')
+  ici_gbps: float = 0.0  # GB/s into one chip over ICI, all its links, one direction (below)
+  dcn_gbps: float | None = None  # GB/s into one chip over DCN (between slices); None: unstated
 
 
 # Slice sizes GKE offers: v5e/v6e are 2-D tori, v4/v5p 3-D (cloud.google.com/kubernetes-engine/
@@ -89,11 +91,23 @@ _PLANAR = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '
 _CUBE = {4: '2x2x1', 8: '2x2x2', 16: '2x2x4', 32: '2x4x4', 64: '4x4x4', 128: '4x4x8',
          256: '4x8x8', 512: '8x8x8', 1024: '8x8x16', 2048: '8x16x16', 4096: '16x16x16'}
 
+# Interconnect per chip (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}, checked 2026-12): the v5e,
+# v5p and v6e tables state "Bidirectional inter-chip interconnect (ICI) bandwidth (per chip)"
+# 400, 1200 and 800 GBps; into a chip (one direction) that is half: 200, 600, 400 GB/s (v5p's
+# older page says 4,800 Gbps = 600 GB/s). The v4 page gives no per-chip figure, only "All-reduce
+# bandwidth per Pod 1.1 PB/s" over 4,096 chips: 268.6 GB/s a chip, the same ratio as v5e's
+# (51.2 TB/s over 256 chips = 200) and v6e's (102.4 TB/s over 256 = 400) to their one-direction
+# figures. DCN: v5p "Data center network (DCN) bandwidth per chip" 50 Gbps = 6.25 GB/s; v5e
+# "2 x 100 Gbps NIC" per host of 8 chips = 3.125 GB/s a chip; v4 and v6e state none.
 TPU_KINDS: dict[str, TpuKind] = {
-    'v4': TpuKind('v4', 2, 1200.0, _CUBE, 'megacore', 'tpu-v4-podslice', 'v4'),
-    'v5e': TpuKind('v5e', 1, 819.0, _PLANAR, 'default', 'tpu-v5-lite-podslice', 'v5litepod'),
-    'v5p': TpuKind('v5p', 2, 2765.0, _CUBE, 'megacore', 'tpu-v5p-slice', 'v5p'),
-    'v6e': TpuKind('v6e', 1, 1640.0, _PLANAR, 'default', 'tpu-v6e-slice', 'v6e'),
+    'v4': TpuKind('v4', 2, 1200.0, _CUBE, 'megacore', 'tpu-v4-podslice', 'v4',
+                  ici_gbps=1.1e6 / 4096),
+    'v5e': TpuKind('v5e', 1, 819.0, _PLANAR, 'default', 'tpu-v5-lite-podslice', 'v5litepod',
+                   ici_gbps=400.0 / 2, dcn_gbps=2 * 100 / 8 / 8),
+    'v5p': TpuKind('v5p', 2, 2765.0, _CUBE, 'megacore', 'tpu-v5p-slice', 'v5p',
+                   ici_gbps=1200.0 / 2, dcn_gbps=50 / 8),
+    'v6e': TpuKind('v6e', 1, 1640.0, _PLANAR, 'default', 'tpu-v6e-slice', 'v6e',
+                   ici_gbps=800.0 / 2),
 }
 
 
