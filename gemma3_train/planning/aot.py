@@ -17,8 +17,18 @@ Figures and where they come from:
                 compiler sees one block of six and the count from the shapes rules;
   splash time   cost analysis does not see Pallas kernels, so the splash attention FLOPs are
                 counted here from the kernel's block grid (forward, dq and dkv kernels, plus the
-                remat replay of the forward) and added at the chip's peak.
-The estimate ignores collective time that XLA does not overlap with compute.
+                remat replay of the forward) and added at the chip's peak;
+  context time  with mesh.context > 1, the bytes the busiest chip receives over the context
+                axis in a step (comms.context_traffic: global layers' K/V gathers, local
+                layers' halos, the balanced relayout) over the chip's ICI bandwidth
+                (hardware.TpuKind.ici_gbps; DCN's when the axis crosses slices).
+The step is XLA + splash + context time: a sum, not max(compute, comms). A global layer's kernel
+needs its gathered K/V before it starts, so the gather sits on the critical path; XLA overlaps
+the halos' and gathers' ppermutes with other work only partly; the sum never promises more
+than a run can give, and the stated ICI bandwidth (every link of the chip, where a ring over one
+mesh axis uses some) errs the other way. The other collectives (FSDP gathers, gradient
+reductions, tensor-parallel ones) are not counted: they cost the same for every split of the
+chips between fsdp and context, which is what the context term ranks.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from gemma3_train import config as config_lib
 from gemma3_train.infra import hardware
 from gemma3_train.models import attention
 from gemma3_train.models import layers
+from gemma3_train.planning import comms
 from gemma3_train import sharding
 from gemma3_train.training import flops
 from gemma3_train.training import state as train_state
@@ -224,6 +235,8 @@ class Report:
   splash_flops: float | None = None  # per chip, counted here
   xla_seconds: float | None = None
   splash_seconds: float | None = None
+  context_bytes: float | None = None  # per step, received by the busiest chip of the context axis
+  context_seconds: float | None = None  # context_bytes over the chip's ICI (or DCN) bandwidth
   step_seconds: float | None = None
   step_source: str = ''
   tokens_per_sec: float | None = None
@@ -407,16 +420,36 @@ def _fill_time(r: Report, c: config_lib.Config, topo: hardware.Topology,
     source = (f'XLA: executed matmul FLOPs from the shapes at peak (the {how}, {compiler:.3g} s, '
               'counts each scanned loop body once)')
   r.splash_seconds = r.splash_flops / peak
-  r.step_seconds = r.xla_seconds + r.splash_seconds
-  r.step_source = source + '; splash: kernel FLOPs from its block grid at peak'
+  r.context_bytes, r.context_seconds, context_note = _context_time(c, topo, r.mesh)
+  r.step_seconds = r.xla_seconds + r.splash_seconds + r.context_seconds
+  r.step_source = source + '; splash: kernel FLOPs from its block grid at peak' + context_note
   r.tokens_per_sec = c.train.global_batch_size * c.data.seq_len / r.step_seconds
   r.mfu = r.model_flops_per_step / r.chips / r.step_seconds / peak
+
+
+def _context_time(c: config_lib.Config, topo: hardware.Topology, mesh_shape: dict[str, int]
+                  ) -> tuple[float, float, str]:
+  """(bytes, seconds, a note for step_source) of the context axis in one step: the busiest
+  chip's bytes (comms.context_traffic) over its ICI bandwidth, or DCN's when the axis crosses
+  slices (a ring over the axis then waits on its slowest links)."""
+  traffic = comms.context_traffic(c, mesh_shape)
+  if not traffic.total:
+    return 0.0, 0.0, ''
+  dcn = mesh_shape.get('dcn_context', 1) > 1
+  gbps = topo.spec.dcn_gbps if dcn else topo.spec.ici_gbps
+  if not gbps:
+    return traffic.total, 0.0, (f'; context: {traffic.total:.3g} bytes, not timed (no stated '
+                                f'DCN bandwidth for {topo.kind})')
+  return traffic.total, traffic.total / (gbps * 1e9), (
+      f'; context: {traffic.total:.3g} bytes at {gbps:g} GB/s {"DCN" if dcn else "ICI"}, '
+      'added (not overlapped)')
 
 
 def throughput_bound(c: config_lib.Config, topo: hardware.Topology) -> float:
   """The highest tokens/s compile_report can estimate for c, without compiling: _fill_time's
   step time with the compiler's cost analysis at zero (it takes the larger of that and the
-  executed FLOPs from the shapes at peak, plus the splash kernels')."""
+  executed FLOPs from the shapes at peak, plus the splash kernels' and the context axis's
+  transfers, both from the shapes alone, as in the estimate)."""
   c = tpu_run_config(c)
   r = _base_report(c, topo, sharding.mesh_shape(c, topo.total_chips, topo.num_slices))
   r.model_flops_per_step = flops.train_flops_per_step(c)
@@ -457,8 +490,9 @@ def format_report(r: Report) -> str:
       f'    {r.executed_flops:.3e} (from the shapes, with remat replay), splash attention '
       f'{r.splash_flops:.3e} (from the kernel block grid)',
       f'  estimated step {r.step_seconds:.3f} s = XLA {r.xla_seconds:.3f} s + splash '
-      f'{r.splash_seconds:.3f} s -> {r.tokens_per_sec:,.0f} tokens/s, MFU {100 * r.mfu:.1f}%',
-      f'    ({r.step_source}; collectives not overlapped with compute are not included)',
+      f'{r.splash_seconds:.3f} s + context {r.context_seconds or 0:.3f} s -> '
+      f'{r.tokens_per_sec:,.0f} tokens/s, MFU {100 * r.mfu:.1f}%',
+      f'    ({r.step_source}; other collectives are not included)',
       f'  compiled in {r.compile_seconds:.1f} s, {r.tpu_kernels} Pallas TPU kernel calls',
   ]
   if r.error:
