@@ -8,8 +8,9 @@ batch stops growing at its first misfit; a model whose parameters and optimizer 
 even fully sharded is refused before any compile.
 
 By default the search is best first: a candidate's estimate can never exceed its bound, the
-executed FLOPs from its shapes at the chip's peak (aot._fill_time takes the larger of that and the
-compiler's figures), which needs no compile. Candidates are compiled in order of that bound and
+executed FLOPs from its shapes at the chip's peak plus the context axis's transfers at the chip's
+ICI bandwidth (aot._fill_time takes the larger of the former and the compiler's figures, and adds
+the same transfers), which needs no compile. Candidates are compiled in order of that bound and
 the search stops once the best plan with aot.HEADROOM free outranks every bound left: its top
 plan is the one the full search would rank first. --aot_plan_all compiles every candidate.
 
@@ -253,7 +254,8 @@ def search_plans(c: config_lib.Config, topo: hardware.Topology,
   candidates = _candidates(c, topo, space)
   blocks = c.model.num_layers // config_lib.GLOBAL_EVERY
   stage = ('best first: in order of the throughput bound (executed FLOPs from the shapes at '
-           'peak), stopping once the best plan outranks every bound left'
+           'peak, plus the context axis\'s transfers), stopping once the best plan outranks '
+           'every bound left'
            if not (space.every or space.confirm) else
            'one full compile each' if not space.confirm or blocks <= PROBE_BLOCKS[-1] else
            f'predicted from {len(PROBE_BLOCKS)} compiles each of the model shortened to '
@@ -406,11 +408,11 @@ def _describe(r: PlanReport) -> str:
 
 def _rank(r: PlanReport) -> tuple[bool, float, int, int, int, float]:
   """Sort key, best first: plans that leave aot.HEADROOM of HBM free before those that do not
-  (a shipped config must), then estimated tokens/s. The estimate is compute-bound per token, so
-  batch sizes and tensor degrees often tie (to rounding, hence 6 digits); then the smaller
-  tensor degree (less traffic, which the estimate does not count), the smaller batch (more
-  headroom, for the same split), the most headroom. The smaller context degree comes right after
-  the tensor degree (its K/V traffic is not counted either)."""
+  (a shipped config must), then estimated tokens/s. The estimate is compute-bound per token plus
+  the context axis's transfers (comms.py), so batch sizes and tensor degrees often tie (to
+  rounding, hence 6 digits); then the smaller tensor degree (less traffic, which the estimate does
+  not count), the smaller context degree (the estimate counts its traffic, so this breaks only
+  exact ties), the smaller batch (more headroom, for the same split), the most headroom."""
   return (r.headroom < aot.HEADROOM, -_six_digits(r.tokens_per_sec), r.mesh['tensor'],
           r.mesh.get('context', 1), r.global_batch, -r.headroom)
 
