@@ -23,15 +23,21 @@ remat policy saves. The halo and relayout counts follow the layout's chunk place
 (a chunk already on its chip is not sent), and a step takes as long as its busiest chip, so the
 figures are the busiest chip's.
 
-Checked against the bytes of the collectives in a compiled train step on the 8-device CPU mesh
-(tests/test_comms.py): K/V and embeddings to the byte. The positions and segment ids are counted
-per forward run of each layer; XLA moves them once for all the layers of a loop body (they are
-the same for every layer), so the count is an upper bound there, 4 to 8 bytes a key against 2 K H
-b (8,192 for 27b: under 0.1%).
+Checked against the collectives of models/context.py in train steps compiled for the 8-device
+CPU mesh (tests/test_plan.py::test_context_traffic_equals_the_compiled_train_step): K, V and the
+activations to the byte, but for the tail layers (those after the last block of six): their
+checkpoint is not in a scan, and XLA may merge a tail layer's replay with its forward, which the
+count keeps (27b's two tail layers' replays: 0.08% of its bytes). The positions and segment ids
+are counted per forward run of each layer; XLA moves them once for all the layers of a loop body
+(they are the same for every layer), so the count is an upper bound there: 4 to 12 bytes a key
+against 2 K H b (8,192 for 27b).
 
 Not counted: the parameters' FSDP gathers and gradient reductions, which run over fsdp x
-context as one group (the same bytes per chip whatever the split between the two), a DPO
-reference's or a distillation teacher's extra forward, and sampling.
+context as one group (the same bytes per chip whatever the split between the two); what the
+SPMD partitioner adds around the embedding lookup for a sequence split over context (on the
+CPU mesh the lookup's backward all-gathers each row's [L, D] over the axis; not looked into on
+TPU, where for 27b at 128k that would be 2.6 GB a step in float32, 6% of the count here);
+a DPO reference's or a distillation teacher's extra forward; sampling.
 """
 
 from __future__ import annotations
