@@ -4,6 +4,7 @@ corrupt-checkpoint fallback and `gemma3-convert export` there; and the emulator 
 checkpoint write (retried with backoff and logged, not fatal)."""
 
 import json
+import os
 import pathlib
 import re
 import signal
@@ -216,18 +217,23 @@ def test_gcs_outage_during_a_save_is_retried_and_logged(gcs, tmp_path):
 
 @pytest.mark.slow
 def test_gcs_outage_past_gcsfs_retries_is_retried_by_the_checkpointer(gcs, tmp_path):
-  """Two outages, each past gcsfs's own retries (about 35 s per request, and a bucket check
+  """Two outages, each past gcsfs's own retries (its 6 tries of a request, and a bucket check
   that fails falls back to a listing: twice that). The first, during the async write of step
   4, fails that write, so the Checkpointer's retry takes over at the next save; the second,
   right after its retry WARNING, fails the reopening of the CheckpointManager (a closed one
   must not be used). The retry reopens it and writes the next step's checkpoint, and the run
-  ends with an uninterrupted run's final loss and params, bitwise."""
+  ends with an uninterrupted run's final loss and params, bitwise. gcsfs's backoff sleeps are
+  divided by 10 in the run (tests/gcsfs_fast_backoff: about 3.5 s to run out of retries, not
+  35 s; the same retry loop and tries), or the outages alone would take 2 to 3 minutes."""
   workdir = 'gs://run/long_outage'
   # A logged step rewrites metrics.jsonl on gs:// (gcsfs's retries only): none in the outage.
   quiet = ['--config.checkpoint.every=2', '--config.logging.log_every=1000']
   log_path = tmp_path / 'run.log'
+  env = helpers.cli_env()
+  env['PYTHONPATH'] = os.pathsep.join(
+      [str(ROOT / 'tests' / 'gcsfs_fast_backoff'), *filter(None, [env.get('PYTHONPATH')])])
   with open(log_path, 'w') as err:
-    proc = subprocess.Popen(helpers.train_cmd(workdir, 12, *quiet), cwd=ROOT, env=helpers.cli_env(),
+    proc = subprocess.Popen(helpers.train_cmd(workdir, 12, *quiet), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=err)
     try:
       _wait_for(lambda t: 'Checkpoint for step 4 being written' in t, log_path, proc)
