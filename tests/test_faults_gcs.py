@@ -222,9 +222,10 @@ def test_gcs_outage_past_gcsfs_retries_is_retried_by_the_checkpointer(gcs, tmp_p
   4, fails that write, so the Checkpointer's retry takes over at the next save; the second,
   right after its retry WARNING, fails the reopening of the CheckpointManager (a closed one
   must not be used). The retry reopens it and writes the next step's checkpoint, and the run
-  ends with an uninterrupted run's final loss and params, bitwise. gcsfs's backoff sleeps are
-  divided by 10 in the run (tests/gcsfs_fast_backoff: about 3.5 s to run out of retries, not
-  35 s; the same retry loop and tries), or the outages alone would take 2 to 3 minutes."""
+  ends with an uninterrupted run's final loss and params, bitwise. The run's storage clients
+  back off a tenth as long (tests/gcsfs_fast_backoff: gcsfs out of retries after ~3.5 s, not
+  ~35 s; google-cloud-storage's deadline 12 s, not 120 s; the same retry loops), or the outages
+  alone would take 2 to 4 minutes."""
   workdir = 'gs://run/long_outage'
   # A logged step rewrites metrics.jsonl on gs:// (gcsfs's retries only): none in the outage.
   quiet = ['--config.checkpoint.every=2', '--config.logging.log_every=1000']
