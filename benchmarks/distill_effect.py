@@ -2,12 +2,14 @@
 
   python benchmarks/distill_effect.py [--workdir=/tmp/gemma3_distill_effect] [--teacher_steps=400]
       [--steps=200] [--eval_every=25] [--eval_steps=4] [--loss=kl] [--alpha=0] [--temperature=1]
-      [--plot=docs/distill_effect.png]
+      [--plot=docs/distill_effect.png] [--seed=0]
 
 Runs the real CLI on one CPU device: the teacher is configs/tiny.py (8 layers) trained
 --teacher_steps steps; the students are configs/tiny_distill.py (2 layers, the same width), once
 on hard labels (train.objective=ce) and once distilled from that teacher (distill.loss, alpha,
-temperature), with the same init, data order, steps, tokens and eval batches. Each workdir
+temperature), with the same init, data order, steps, tokens and eval batches. --seed sets
+both students' init and data-order seeds (train.seed, data.seed; their workdirs get a _s<seed>
+suffix when it is not 0); the teacher is the same for every seed. Each workdir
 resumes when it already holds a run, so an interrupted benchmark continues. Prints the held-out
 next-token loss of both students at every eval, the distilled student's KL to the teacher, the
 teacher's own held-out loss, the machine and its load, and writes the curves to --plot (needs
@@ -81,6 +83,7 @@ def main() -> None:
   p.add_argument('--alpha', type=float, default=0.0)
   p.add_argument('--temperature', type=float, default=1.0)
   p.add_argument('--plot', default=str(ROOT / 'docs' / 'distill_effect.png'))
+  p.add_argument('--seed', type=int, default=0)
   args = p.parse_args()
   out = pathlib.Path(args.workdir)
   out.mkdir(parents=True, exist_ok=True)
@@ -96,21 +99,26 @@ def main() -> None:
         f'{teacher_loss:.3f} ({seconds:.0f} s this run)', flush=True)
 
   common = [f'--config.train.num_steps={args.steps}', f'--config.train.eval_every={args.eval_every}',
-            f'--config.train.eval_steps={args.eval_steps}', '--config.checkpoint.every=0']
+            f'--config.train.eval_steps={args.eval_steps}', '--config.checkpoint.every=0',
+            f'--config.train.seed={args.seed}', f'--config.data.seed={args.seed}']
+  suffix = f'_s{args.seed}' if args.seed else ''
+  # a loss other than kl gets its own workdir (each one resumes whatever run it holds)
+  distilled = 'distilled' if args.loss == 'kl' else f'distilled_{args.loss}'
   arms = {'hard': ['--config.train.objective=ce'],
-          'distilled': [f'--config.distill.teacher={teacher}', f'--config.distill.loss={args.loss}',
+          distilled: [f'--config.distill.teacher={teacher}', f'--config.distill.loss={args.loss}',
                         f'--config.distill.alpha={args.alpha}',
                         f'--config.distill.temperature={args.temperature}']}
   evals = {}
   for name, flags in arms.items():
-    seconds = _train('configs/tiny_distill.py', out / name, common + flags, out / f'{name}.log')
-    evals[name] = _evals(out / name)
-    rates = sorted(_rates(out / name))
+    run = out / f'{name}{suffix}'
+    seconds = _train('configs/tiny_distill.py', run, common + flags, out / f'{name}{suffix}.log')
+    evals[name] = _evals(run)
+    rates = sorted(_rates(run))
     median = rates[len(rates) // 2] if rates else float('nan')
     print(f'{name}: {seconds:.0f} s this run, median {median:.0f} tokens/s; load '
           f'{" ".join(f"{x:.2f}" for x in os.getloadavg())}', flush=True)
 
-  hard, distilled = evals['hard'], evals['distilled']
+  hard, distilled = evals['hard'], evals[distilled]
   print(f'\nstep  hard-label loss  distilled loss  gap (hard - distilled)  KL to teacher')
   for s in sorted(set(hard) & set(distilled)):
     h, d = hard[s]['eval_loss'], distilled[s]['eval_loss/hard']
