@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from gemma3_train import config as config_lib
 from gemma3_train.infra import hardware
 from gemma3_train.planning import aot
+from gemma3_train.planning import estimate
 from gemma3_train.planning import plan
 from gemma3_train import sharding
 from gemma3_train.training import flops
@@ -72,7 +73,7 @@ def _visited_blocks_brute(T, b, window):
 @pytest.mark.parametrize('T,b,window', [(1024, 128, None), (1024, 128, 300), (2048, 512, 1024),
                                         (512, 128, 512), (4096, 512, 512), (256, 256, 32)])
 def test_kernel_blocks_match_the_mask(T, b, window):
-  assert aot._kernel_blocks(T, b, window) == _visited_blocks_brute(T, b, window)
+  assert estimate._kernel_blocks(T, b, window) == _visited_blocks_brute(T, b, window)
 
 
 def test_splash_flops_equal_model_attention_flops_at_block_one():
@@ -84,11 +85,11 @@ def test_splash_flops_equal_model_attention_flops_at_block_one():
   pairs = sum(_visited_blocks_brute(64, 1, None if m.is_global(i) else m.sliding_window)
               for i in range(m.num_layers))
   forward = 4 * m.num_heads * m.head_dim * pairs * 2
-  assert aot.splash_flops_per_step(c) == pytest.approx(forward * 9 / 2)  # fwd 2 + dq 3 + dkv 4
+  assert estimate.splash_flops_per_step(c) == pytest.approx(forward * 9 / 2)  # fwd 2 + dq 3 + dkv 4
   replay = dataclasses.replace(c, model=dataclasses.replace(m, remat_policy='full'))
-  assert aot.splash_flops_per_step(replay) == pytest.approx(forward * 11 / 2)
+  assert estimate.splash_flops_per_step(replay) == pytest.approx(forward * 11 / 2)
   minimal = dataclasses.replace(c, model=dataclasses.replace(m, remat_policy='minimal'))
-  assert aot.splash_flops_per_step(minimal) == pytest.approx(forward * 9 / 2)
+  assert estimate.splash_flops_per_step(minimal) == pytest.approx(forward * 9 / 2)
 
 
 @pytest.mark.parametrize('policy,replayed', [
@@ -108,10 +109,10 @@ def test_executed_flops_from_the_shapes(policy, replayed):
   attention = 3 * 4 * n * h * pairs * B
   replay = m.num_layers * sum(per_token[p] for p in replayed) * T * B
   model_flops = flops.model_flops_per_step(m, T, B)
-  xla, splash = aot.executed_flops_per_step(c)
+  xla, splash = estimate.executed_flops_per_step(c)
   assert xla == pytest.approx(model_flops - attention + replay, rel=1e-12)
-  assert splash == (aot.splash_flops_per_step(c) if m.attention_impl == 'splash' else 0)
-  assert aot.executed_flops_per_step(aot.tpu_run_config(c))[1] == aot.splash_flops_per_step(c)
+  assert splash == (estimate.splash_flops_per_step(c) if m.attention_impl == 'splash' else 0)
+  assert estimate.executed_flops_per_step(aot.tpu_run_config(c))[1] == estimate.splash_flops_per_step(c)
 
 
 def test_parse_oom_messages():
@@ -243,10 +244,10 @@ def _check_tiny_report(r: dict, c: config_lib.Config):
   # The compiler sees every matmul but the splash kernels: at least the model's non-attention
   # FLOPs per chip, and not wildly more (the chunked loss recomputes its logits).
   model = flops.model_flops_per_step(c.model, c.data.seq_len, c.train.global_batch_size)
-  attention = aot.splash_flops_per_step(
+  attention = estimate.splash_flops_per_step(
       dataclasses.replace(c, model=dataclasses.replace(c.model, attention_block_size=1))) * 6 / 9
   assert (model - attention) / 4 <= r['compiler_flops'] <= 2 * model / 4
-  assert r['splash_flops'] == pytest.approx(aot.splash_flops_per_step(c) / 4)
+  assert r['splash_flops'] == pytest.approx(estimate.splash_flops_per_step(c) / 4)
   assert r['step_seconds'] == pytest.approx(r['xla_seconds'] + r['splash_seconds'])
   assert 0 < r['mfu'] < 1
 
@@ -424,9 +425,9 @@ def test_shipped_config_is_the_one_its_proof_compiled(name, topology):
   _, _, state = aot.train_step_builder(ac, sharding.make_mesh(ac, aot.devices(topo)))
   assert r['state_gib'] == pytest.approx(aot._state_bytes(state) / aot.GIB, rel=1e-9)
   # The step-time estimate is recomputed from the recorded compiler figures.
-  xla, splash = aot.executed_flops_per_step(ac)
+  xla, splash = estimate.executed_flops_per_step(ac)
   assert r['executed_flops'] == pytest.approx(xla / r['chips'], rel=1e-9)
-  assert r['splash_flops'] == pytest.approx(splash / aot._attention_shards(ac, r['mesh']),
+  assert r['splash_flops'] == pytest.approx(splash / estimate._attention_shards(ac, r['mesh']),
                                             rel=1e-9)
 
 

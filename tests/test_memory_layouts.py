@@ -172,7 +172,7 @@ def test_aot_counts_the_second_replay():
   """The AOT step-time estimate counts what 'layer' costs: with 'full', each layer of a block
   of six runs its forward projections once more (its own replay after the block's); the tail
   layers and the splash kernels' block counts follow the same rule."""
-  from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top  (libtpu-free part)
+  from gemma3_train.planning import estimate  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file('configs/tiny.py')  # 8 layers: one block of six + 2 tail
   c = dataclasses.replace(c, model=dataclasses.replace(c.model, remat_policy='full',
                                                        attention_impl='splash'))
@@ -182,7 +182,7 @@ def test_aot_counts_the_second_replay():
   units = {}
   for unit in config_lib.REMAT_UNITS:
     cu = dataclasses.replace(c, model=dataclasses.replace(m, remat_unit=unit))
-    units[unit] = aot.executed_flops_per_step(cu)
+    units[unit] = estimate.executed_flops_per_step(cu)
   (xla_b, splash_b), (xla_l, splash_l) = units['block'], units['layer']
   assert xla_l - xla_b == 6 * per_token * T * B
   # Splash: the forward kernel (2 of the 2 + 3 + 4 matmuls per block, + 2 replayed) once more.

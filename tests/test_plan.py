@@ -16,6 +16,7 @@ import pytest
 
 from gemma3_train import config as config_lib
 from gemma3_train.planning import aot
+from gemma3_train.planning import estimate
 from gemma3_train.planning import comms
 from gemma3_train.planning import plan
 from gemma3_train import sharding
@@ -63,7 +64,7 @@ def _stand_in(calls: list, full_depth: int, extra: dict | None = None):
     aot._fill_memory(r, types.SimpleNamespace(**{
         f'{k}_size_in_bytes': gib[k] * aot.GIB for k in ('argument', 'output', 'alias', 'temp')},
         generated_code_size_in_bytes=gib['code'] * aot.GIB))
-    aot._fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
+    estimate.fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
     return r
   return compile_report
 
@@ -191,7 +192,7 @@ def _layout_stand_in(calls: list, temp_per_row: dict[str, float]):
         argument_size_in_bytes=aot.GIB, output_size_in_bytes=0, alias_size_in_bytes=0,
         temp_size_in_bytes=temp_per_row[layout] * rows * aot.GIB,
         generated_code_size_in_bytes=0))
-    aot._fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
+    estimate.fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
     return r
   return compile_report
 
@@ -256,7 +257,7 @@ def _timed_stand_in(calls: list, extra: dict, slow: dict):
     if key in slow:
       cost['optimal_seconds'] = 10 * batch * trial.data.seq_len / aot.throughput_bound(
           trial, topo)
-    aot._fill_time(r, aot.tpu_run_config(trial), topo, cost)
+    estimate.fill_time(r, aot.tpu_run_config(trial), topo, cost)
     return r
   return compile_report
 
@@ -509,7 +510,7 @@ def _positions_stand_in(calls: list, gib_per_position: float):
         argument_size_in_bytes=aot.GIB, output_size_in_bytes=0, alias_size_in_bytes=0,
         temp_size_in_bytes=gib_per_position * rows * trial.data.seq_len / trial.mesh.context
         * aot.GIB, generated_code_size_in_bytes=0))
-    aot._fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
+    estimate.fill_time(r, aot.tpu_run_config(trial), topo, {'flops': 1.0, 'bytes accessed': 1.0})
     return r
   return compile_report
 

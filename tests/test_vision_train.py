@@ -245,6 +245,7 @@ def test_vision_configs_and_their_tpu_attention_path(size):
   attention is the reference (splash cannot take image blocks), so the AOT report counts no
   splash FLOPs for them and a text config still runs splash."""
   from gemma3_train.planning import aot  # pylint: disable=g-import-not-at-top
+  from gemma3_train.planning import estimate  # pylint: disable=g-import-not-at-top
   c = config_lib.load_config_file(str(ROOT / 'configs' / f'vision_{size}.py'))
   m = c.model
   assert m.vision and not m.vision_trainable and m.dtype == 'bfloat16'
@@ -254,9 +255,9 @@ def test_vision_configs_and_their_tpu_attention_path(size):
   tpu = aot.tpu_run_config(c)
   assert aot.attention_path(tpu) == 'reference'
   assert 'reference' in aot._attention_note(tpu) and 'splash' in aot._attention_note(tpu)
-  assert aot.executed_flops_per_step(tpu)[1] == 0
+  assert estimate.executed_flops_per_step(tpu)[1] == 0
   text = aot.tpu_run_config(c.replace(model=dict(vision=False)))
-  assert aot.attention_path(text) == 'splash' and aot.executed_flops_per_step(text)[1] > 0
+  assert aot.attention_path(text) == 'splash' and estimate.executed_flops_per_step(text)[1] > 0
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ even fully sharded is refused before any compile.
 
 By default the search is best first: a candidate's estimate can never exceed its bound, the
 executed FLOPs from its shapes at the chip's peak plus the context axis's transfers at the chip's
-ICI bandwidth (aot._fill_time takes the larger of the former and the compiler's figures, and adds
+ICI bandwidth (estimate.fill_time takes the larger of the former and the compiler's figures, and adds
 the same transfers), which needs no compile. Candidates are compiled in order of that bound and
 the search stops once the best plan with aot.HEADROOM free outranks every bound left: its top
 plan is the one the full search would rank first. --aot_plan_all compiles every candidate.
@@ -37,6 +37,7 @@ import numpy as np
 from gemma3_train import config as config_lib
 from gemma3_train.infra import hardware
 from gemma3_train.planning import aot
+from gemma3_train.planning import estimate
 from gemma3_train import sharding
 from gemma3_train.training import flops
 from gemma3_train.training import state as train_state
@@ -205,7 +206,7 @@ def predict_report(c: config_lib.Config, topo: hardware.Topology, device_list: S
   and residuals are all that grows with depth (the block's working set is the same whatever the
   depth); XLA's schedule of the loop can still change with its trip count. A probe that does not
   fit predicts a misfit (the full model is larger). Step time is the full config's:
-  aot._fill_time counts the executed FLOPs from the shapes.
+  estimate.fill_time counts the executed FLOPs from the shapes.
   """
   blocks = c.model.num_layers // config_lib.GLOBAL_EVERY
   if blocks <= PROBE_BLOCKS[-1]:
@@ -234,7 +235,7 @@ def predict_report(c: config_lib.Config, topo: hardware.Topology, device_list: S
   r.model_flops_per_step = flops.train_flops_per_step(full)
   # The compiler's cost analysis counts a scanned loop body once, so the probe's figures stand
   # for the full model's; the executed FLOPs come from the full config's shapes.
-  aot._fill_time(r, full, topo, {'flops': two.compiler_flops, 'bytes accessed': two.compiler_bytes,
+  estimate.fill_time(r, full, topo, {'flops': two.compiler_flops, 'bytes accessed': two.compiler_bytes,
                                  'optimal_seconds': two.compiler_seconds or -1.0})
   return r
 
