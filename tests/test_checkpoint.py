@@ -6,6 +6,7 @@ Gemma-3-shaped model with synthetic data, and reads the per-step losses from met
 
 import json
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -197,3 +198,32 @@ def test_two_processes_preempt_save_and_resume_together(tmp_path):
   a, b = helpers.logged_losses(straight), helpers.logged_losses(run)
   assert sorted(a) == sorted(b) == list(range(1, stop + 4))
   assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]  # bitwise: float equality
+
+
+def test_a_write_into_a_shut_down_orbax_executor_is_retried_with_a_fresh_manager(tmp_path, caplog):
+  """A background write that submits to an orbax executor already shut down (a close of the
+  manager racing its own async save) fails with 'cannot schedule new futures after shutdown':
+  the Checkpointer retries it through a fresh manager instead of ending the run. The race is
+  forced here: the manager's metadata store is closed just before the save's final metadata
+  update, which then meets the real, shut-down executor."""
+  c = helpers.small_config(model=dict(num_layers=1))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), c)
+  first = ckpt.manager
+  store = first._non_blocking_metadata_store  # pylint: disable=protected-access
+  update = store.update
+
+  def closed_first(*args, **kwargs):
+    store.close()
+    return update(*args, **kwargs)
+
+  store.update = closed_first
+  state = {'params': {'w': jax.numpy.arange(8.0)}}
+  try:
+    assert ckpt.save(2, state, None, force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  assert ckpt.manager is not first  # the retry's, with live executors
+  assert checkpoint.latest_step(str(tmp_path)) == 2
+  assert re.search(r'Checkpoint write to \S+ failed \(RuntimeError: cannot schedule new futures '
+                   r'after shutdown\); retry 1 of 6', caplog.text), caplog.text

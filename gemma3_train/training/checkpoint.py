@@ -11,7 +11,8 @@ Restore order (restore.py `restore_or_init` follows it):
       checkpoint, streamed into the current mesh's shardings (init_from.py); the optimizer
       starts fresh.
   (3) random init, born sharded.
-Saves: a failed write is retried with backoff on transient storage errors (logged); a full
+Saves: a failed write is retried with backoff on transient storage errors, and on a write that
+met an orbax executor already shut down (logged; each retry through a fresh manager); a full
 disk raises StorageError (one line: the path, the space needed and free) and the partial write
 is deleted, so earlier checkpoints stay the resume point. training/loop.py takes the workdir lease
 (lease.py) before the Checkpointer is created.
@@ -51,6 +52,14 @@ StorageError, _first_line, _is_disk_full, _is_transient = (
     storage.StorageError, storage.first_line, storage.is_disk_full, storage.is_transient)
 
 
+def _hit_a_shut_down_executor(e: BaseException) -> bool:
+  """orbax's write submitted work to one of its executors after a close had shut it down (its
+  metadata store's, when a manager is closed while a save of its own still runs): that manager
+  is spent, but the fresh one a retry opens has live executors."""
+  return any(isinstance(x, RuntimeError) and 'cannot schedule new futures after shutdown' in str(x)
+             for x in storage.chain(e))
+
+
 def _quiet_closed_loop_callbacks() -> None:
   """When a write fails, orbax closes that save's event loop while tensorstore's threads still
   finish its other writes; each completion callback then raises 'Event loop is closed', which
@@ -81,6 +90,7 @@ class _OneLineStorageFaults(logging.Filter):
     e = record.exc_info[1] if record.exc_info else None
     if e is not None and (record.name == 'asyncio' or 'orbax' in record.pathname) and (
         _is_disk_full(e) or _is_transient(e) or isinstance(e, FileNotFoundError)
+        or _hit_a_shut_down_executor(e)
         or '.orbax-checkpoint-tmp' in str(e)):  # the abandoned write's leftovers, deleted
       first = (record.getMessage().splitlines() or [''])[0]
       record.msg, record.args = f'{first} ({type(e).__name__})', ()
@@ -316,15 +326,15 @@ class Checkpointer:
 
   def _recover(self, e: Exception, step: int, attempt: int, delay: float = 0.0) -> None:
     """After a failed write: raises StorageError (a full disk, or SAVE_RETRIES used up) or e
-    itself (not a storage fault); else logs the retry and starts a fresh CheckpointManager
-    (orbax's keeps raising a failed background write), which lists only complete steps and
-    deletes the failed write's temporary directory."""
+    itself (not a storage fault, nor a write into a shut-down orbax executor); else logs the
+    retry and starts a fresh CheckpointManager (orbax's keeps raising a failed background
+    write), which lists only complete steps and deletes the failed write's temporary directory."""
     if self._in_flight is not None:
       step, self._in_flight = self._in_flight, None  # the background write that failed
     if _is_disk_full(e):
       self._reset_manager(delete_partial_writes=True)
       raise StorageError(_disk_full_message(self.directory, step, self._last)) from e
-    if not _is_transient(e):
+    if not _is_transient(e) and not _hit_a_shut_down_executor(e):
       raise e
     if attempt >= SAVE_RETRIES:
       raise StorageError(f'{self.directory}: the checkpoint for step {step} failed '
