@@ -45,12 +45,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 from gemma3_train import config as config_lib
 from gemma3_train.models import attention
+from gemma3_train.models import context
+from gemma3_train import sharding
 
-DTYPE_BYTES = {'float32': 4, 'bfloat16': 2, 'float16': 2}
 INDEX_BYTES = 4  # an int32 position, segment id or image block per key
 
 
@@ -72,6 +74,18 @@ def context_degree(mesh_shape: dict[str, int]) -> int:
   return mesh_shape.get('context', 1) * mesh_shape.get('dcn_context', 1)
 
 
+def batch_shards(mesh_shape: dict[str, int]) -> int:
+  """Chips a step's rows are split over (sharding.BATCH_AXES, ICI x DCN)."""
+  return math.prod(mesh_shape[a] * mesh_shape[f'dcn_{a}'] for a in sharding.BATCH_AXES)
+
+
+def kv_head_shards(m: config_lib.ModelConfig, mesh_shape: dict[str, int]) -> int:
+  """Chips the kv heads are split over: the tensor degree, or 1 where it does not divide them
+  (sharding.logical_to_spec then leaves them whole)."""
+  heads = mesh_shape['tensor'] * mesh_shape['dcn_tensor']
+  return 1 if m.num_kv_heads % heads else heads
+
+
 def forward_runs(m: config_lib.ModelConfig, layer: int) -> int:
   """How often layer's forward (and so its gather or halo) runs in a train step: once, plus
   one replay under a remat policy, plus one more for a layer nested in its block's checkpoint
@@ -88,17 +102,11 @@ def forward_runs(m: config_lib.ModelConfig, layer: int) -> int:
   return 2 if last and m.scan_unit == 'block' else 3
 
 
-def _held(c: int, layout: str) -> np.ndarray:
-  """[c, m] the chunk slot j of shard s holds (models/context.chunk_ids)."""
-  s = np.arange(c)
-  return np.stack([s, 2 * c - 1 - s], axis=1) if layout == 'balanced' else s[:, None]
-
-
 def halo_keys(c: int, layout: str, chunk: int, before: int, after: int = 0) -> np.ndarray:
   """[c] keys each shard receives for one local layer's halo: per slot, `before` keys of the
   chunks before it and `after` of those after it, r chunks away for r = 1, 2, ..., the
   farthest cut to what is left; none off either end of the sequence or already on the shard."""
-  held = _held(c, layout)
+  held = context.chunk_ids(c, layout)
   owner = {int(g): s for (s, _), g in np.ndenumerate(held)}
   keys = np.zeros(c, np.int64)
   for sign, count in ((1, before), (-1, after)):
@@ -114,7 +122,7 @@ def halo_keys(c: int, layout: str, chunk: int, before: int, after: int = 0) -> n
 def relayout_chunks(c: int) -> tuple[np.ndarray, np.ndarray]:
   """([c], [c]): chunks of L / 2c each shard receives in to_balanced and in from_balanced
   (context._relayout views contiguous shard s as holding chunks 2s and 2s + 1)."""
-  contiguous, balanced = np.arange(2 * c).reshape(c, 2), _held(c, 'balanced')
+  contiguous, balanced = np.arange(2 * c).reshape(c, 2), context.chunk_ids(c, 'balanced')
 
   def moved(src, dst):
     owner = {int(g): s for (s, _), g in np.ndenumerate(src)}
@@ -131,11 +139,9 @@ def context_traffic(c: config_lib.Config, mesh_shape: dict[str, int]) -> Context
   m, L = c.model, c.data.seq_len
   layout = m.context_layout
   chunks = 2 if layout == 'balanced' else 1
-  rows = c.train.global_batch_size / math.prod(
-      mesh_shape[a] * mesh_shape[f'dcn_{a}'] for a in ('data', 'fsdp'))
-  tensor = mesh_shape['tensor'] * mesh_shape['dcn_tensor']
-  kv_heads = m.num_kv_heads // tensor if m.num_kv_heads % tensor == 0 else m.num_kv_heads
-  b = DTYPE_BYTES[m.dtype]
+  rows = c.train.global_batch_size / batch_shards(mesh_shape)
+  kv_heads = m.num_kv_heads // kv_head_shards(m, mesh_shape)
+  b = jnp.dtype(m.dtype).itemsize
   kv = 2 * kv_heads * m.head_dim * b  # K and V of one key
   # ids per key: splash reads only the segment ids (the positions are static in its masks);
   # the reference path's mask takes positions and segment ids, and image blocks with images

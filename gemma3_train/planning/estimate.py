@@ -24,13 +24,11 @@ chips between fsdp and context, which is what the context term ranks.
 
 from __future__ import annotations
 
-import math
 
 from gemma3_train import config as config_lib
 from gemma3_train.infra import hardware
 from gemma3_train.models import layers
 from gemma3_train.planning import comms
-from gemma3_train import sharding
 from gemma3_train.training import flops
 
 
@@ -75,12 +73,8 @@ def _replays_attention(policy: str) -> bool:
 def _attention_shards(c: config_lib.Config, mesh_shape: dict[str, int]) -> int:
   """Chips sharing the attention work: batch rows over data/fsdp, positions over context, kv
   heads over tensor."""
-  rows = math.prod(mesh_shape[a] * mesh_shape[f'dcn_{a}'] for a in sharding.BATCH_AXES)
-  rows *= mesh_shape.get('context', 1) * mesh_shape.get('dcn_context', 1)
-  heads = mesh_shape['tensor'] * mesh_shape['dcn_tensor']
-  if c.model.num_kv_heads % heads:
-    heads = 1  # sharding.logical_to_spec leaves kv heads unsplit when the degree does not divide
-  return rows * heads
+  return (comms.batch_shards(mesh_shape) * comms.context_degree(mesh_shape)
+          * comms.kv_head_shards(c.model, mesh_shape))
 
 
 # --- executed FLOPs and the step time ----------------------------------------

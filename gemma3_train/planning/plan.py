@@ -8,11 +8,11 @@ batch stops growing at its first misfit; a model whose parameters and optimizer 
 even fully sharded is refused before any compile.
 
 By default the search is best first: a candidate's estimate can never exceed its bound, the
-executed FLOPs from its shapes at the chip's peak plus the context axis's transfers at the chip's
-ICI bandwidth (estimate.fill_time takes the larger of the former and the compiler's figures, and adds
-the same transfers), which needs no compile. Candidates are compiled in order of that bound and
-the search stops once the best plan with aot.HEADROOM free outranks every bound left: its top
-plan is the one the full search would rank first. --aot_plan_all compiles every candidate.
+executed FLOPs from its shapes at the chip's peak plus the context axis's transfers at the
+chip's ICI bandwidth (estimate.fill_time takes the larger of the former and the compiler's
+figures, and adds the same transfers), which needs no compile. Candidates are compiled in
+order of that bound and the search stops once the best plan with aot.HEADROOM free outranks
+every bound left: its top plan is the one the full search would rank first. --aot_plan_all compiles every candidate.
 
 With --aot_plan_confirm=N the search has two stages: (1) predict each candidate's per-chip
 memory, extrapolated per scanned block from compiles of the model shortened to PROBE_BLOCKS
@@ -235,8 +235,9 @@ def predict_report(c: config_lib.Config, topo: hardware.Topology, device_list: S
   r.model_flops_per_step = flops.train_flops_per_step(full)
   # The compiler's cost analysis counts a scanned loop body once, so the probe's figures stand
   # for the full model's; the executed FLOPs come from the full config's shapes.
-  estimate.fill_time(r, full, topo, {'flops': two.compiler_flops, 'bytes accessed': two.compiler_bytes,
-                                 'optimal_seconds': two.compiler_seconds or -1.0})
+  estimate.fill_time(r, full, topo, {'flops': two.compiler_flops,
+                                     'bytes accessed': two.compiler_bytes,
+                                     'optimal_seconds': two.compiler_seconds or -1.0})
   return r
 
 
