@@ -82,7 +82,6 @@ def _continuation_scores(graphdef, state, inputs_BL, starts_B, targets_BK, *, ch
     table_VD = model.embedder.table()
     # lm_head.token_logprobs' chunks, keeping the max logit too (is_greedy: the harness's acc
     # on loglikelihood tasks); no gradients here, so no checkpoint.
-    # pylint: disable=protected-access
     x_nBCD, targets_nBC = lm_head.chunks(chunk_size, x_BKD, targets_BK)
 
     def body(_, xs):
@@ -92,8 +91,7 @@ def _continuation_scores(graphdef, state, inputs_BL, starts_B, targets_BK, *, ch
       return None, (target_BC - lse_BC, target_BC >= max_BC)
 
     _, (logp_nBC, greedy_nBC) = lm_head.scan_chunks(body, None, (x_nBCD, targets_nBC),
-                                                     targets_nBC.shape[0])
-    # pylint: enable=protected-access
+                                                    targets_nBC.shape[0])
     B = targets_BK.shape[0]
     flat = lambda a: a.swapaxes(0, 1).reshape(B, -1)[:, :K]
     return flat(logp_nBC), flat(greedy_nBC)

@@ -35,6 +35,7 @@ from gemma3_train import sharding
 log = logging.getLogger(__name__)
 
 MASK_VALUE = -2.3819763e38  # the gemma library's K_MASK: large but finite, so no inf - inf NaNs
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's flash attention takes
 
 
 def image_blocks(tokens_BL: jax.Array, placeholder_id: int) -> jax.Array:
@@ -198,7 +199,7 @@ def resolve(impl: str, dtype, images: bool = False) -> str:
   backend = target_platform()
   if backend == 'tpu':
     return 'splash'
-  if backend == 'gpu' and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  if backend == 'gpu' and jnp.dtype(dtype) in CUDNN_DTYPES:
     return 'cudnn'
   return 'reference'
 

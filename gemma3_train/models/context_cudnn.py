@@ -10,8 +10,8 @@ C, and the queries are put in front of the same number of unused rows, so querie
 both have S = pad + W - 1 + C rows and query i of the chunk sits at index pad + W - 1 + i of
 both. Causal plus the window on those indices keep exactly its W keys (the off-by-one of
 docs/gemma3.md section 3), and no top-left/bottom-right alignment question arises. The mask is
-[S, S] same-segment, with NO_SEGMENT (-1) on the pad, the keys off the sequence's start and
-the unused query rows; those rows' outputs are dropped. cuDNN computes about S x W of the
+[S, S] same-segment, with context_splash.NO_SEGMENT (-1) on the pad, the keys off the
+sequence's start and the unused query rows; those rows' outputs are dropped. cuDNN computes about S x W of the
 [S, S] logits. `pad` makes S a multiple of ALIGN (training with a bias needs even lengths).
 
 Global layers, and local layers of rows with image blocks: the explicit mask of
@@ -29,7 +29,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NO_SEGMENT = -1  # segment of keys and query rows that nothing real may see
+from gemma3_train.models import context_splash
+
 ALIGN = 64  # S is rounded up to this: even for cuDNN's bias, and a whole number of tiles
 
 
@@ -38,15 +39,11 @@ def implementation(platform: str) -> str:
   return 'cudnn' if platform == 'gpu' else 'xla'
 
 
-def _pad_front(x_BS, pad: int, value=0):
-  return jnp.pad(x_BS, ((0, 0), (pad, 0)) + ((0, 0),) * (x_BS.ndim - 2), constant_values=value)
-
-
 def masked(q_BTNH, k_BSKH, v_BSKH, mask_BTS, impl: str):
   """Attention under an explicit [B, T, S] mask (no flags); S padded to ALIGN with unseen
   keys."""
   pad = -k_BSKH.shape[1] % ALIGN
-  k_BSKH, v_BSKH = _pad_front(k_BSKH, pad), _pad_front(v_BSKH, pad)
+  k_BSKH, v_BSKH = (context_splash.pad_keys(x, pad) for x in (k_BSKH, v_BSKH))
   mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, 0), (pad, 0)), constant_values=False)
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                       scale=1.0, implementation=impl)
@@ -59,10 +56,11 @@ def local(q_BCNH, k_BSKH, v_BSKH, qseg_BC, kseg_BS, valid_BS, window: int, impl:
   S = k_BSKH.shape[1]
   pad = -S % ALIGN
   front = pad + S - C  # unused query rows before the chunk's
-  kseg_BS = _pad_front(jnp.where(valid_BS, kseg_BS, NO_SEGMENT), pad, NO_SEGMENT)
-  qseg_BS = _pad_front(qseg_BC, front, NO_SEGMENT)
-  k_BSKH, v_BSKH = _pad_front(k_BSKH, pad), _pad_front(v_BSKH, pad)
-  q_BSNH = _pad_front(q_BCNH, front)
+  # the pad and the keys off the sequence get NO_SEGMENT, as for the splash kernel's halo
+  kseg_BS = context_splash.local_kv_segments(kseg_BS, valid_BS, pad)
+  qseg_BS = jnp.pad(qseg_BC, ((0, 0), (front, 0)), constant_values=context_splash.NO_SEGMENT)
+  k_BSKH, v_BSKH = (context_splash.pad_keys(x, pad) for x in (k_BSKH, v_BSKH))
+  q_BSNH = context_splash.pad_keys(q_BCNH, front)
   same_B1SS = qseg_BS[:, None, :, None] == kseg_BS[:, None, None, :]
   out_BSNH = jax.nn.dot_product_attention(
       q_BSNH, k_BSKH, v_BSKH, mask=same_B1SS, scale=1.0, is_causal=True,

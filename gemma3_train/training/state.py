@@ -105,7 +105,7 @@ def _check_cudnn(c: config_lib.Config, mesh: Mesh) -> None:
   m = c.model
   if m.attention_impl != 'cudnn':
     return
-  if jnp.dtype(m.dtype) not in (jnp.bfloat16, jnp.float16):
+  if jnp.dtype(m.dtype) not in attention.CUDNN_DTYPES:
     raise config_lib.ConfigError(
         f'model.attention_impl=cudnn: cuDNN attention needs model.dtype bfloat16 or float16, '
         f'got {m.dtype} (or use attention_impl=auto: the reference in float32)')
